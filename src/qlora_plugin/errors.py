@@ -1,0 +1,25 @@
+"""The error raised for bad recipe input."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
+
+class QLoRAConfigError(ValueError):
+    """A recipe field holds a value that cannot work.
+
+    The message names the field, the value and the fix; the three are also
+    kept as attributes for programs that report them their own way.
+    """
+
+    def __init__(self, field: str, value: Any, problem: str, fix: str) -> None:
+        self.field, self.value, self.problem, self.fix = field, value, problem, fix
+        super().__init__(f"{field}={value!r}: {problem}. Fix: {fix}")
+
+
+def nearest(word: str, choices: Iterable[str]) -> str:
+    """Return ' Did you mean ...?' for the closest choice, or ''."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""
