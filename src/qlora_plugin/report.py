@@ -1,0 +1,73 @@
+"""Plain, once-only reports of which parts of a recipe are in effect."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from qlora_plugin.recipe import QLoRARecipe
+
+logger = logging.getLogger("qlora_plugin")
+_said: set[str] = set()
+_hook_handle: Any = None
+
+
+def log_once(level: int, message: str) -> None:
+    """Log ``message`` the first time it comes up in this process."""
+    if message not in _said:
+        _said.add(message)
+        logger.log(level, message)
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
+    """The trainer's name for ``optimizer`` (``paged_adamw_32bit``, ...), or its class name."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    try:
+        from bitsandbytes.optim.optimizer import Optimizer2State
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        Optimizer2State = ()  # noqa: N806
+    if isinstance(optimizer, Optimizer2State) and optimizer.optimizer_name == "adam":
+        paged = "paged_" if optimizer.is_paged else ""
+        return f"{paged}adamw_{optimizer.args.optim_bits}bit"
+    if type(optimizer).__module__.startswith("torch.optim") and type(optimizer).__name__ == "AdamW":
+        return "adamw_torch"
+    return type(optimizer).__name__
+
+
+def watch_optimizer(layer: nn.Module, recipe: QLoRARecipe) -> None:
+    """Report, at the first optimizer step over ``layer``'s adapters, which optimizer runs.
+
+    A trainer may take its optimizer from arguments the recipe did not make
+    (``optimizers=``, ``optim=``); the first step is where that shows.
+    """
+    global _hook_handle
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    for name, param in layer.named_parameters():
+        if "lora_" in name:
+            param.qlora_recipe = recipe
+    if _hook_handle is None:
+        _hook_handle = register_optimizer_step_pre_hook(_report_optimizer)
+
+
+def _report_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    global _hook_handle
+    params = (p for group in optimizer.param_groups for p in group["params"])
+    recipe = next((p.qlora_recipe for p in params if hasattr(p, "qlora_recipe")), None)
+    if recipe is None:
+        return
+    _hook_handle.remove()
+    _hook_handle = None
+    used = describe_optimizer(optimizer)
+    if used == recipe.optimizer:
+        log_once(logging.INFO, f"optimizer: {used}, as the recipe asks")
+    else:
+        log_once(
+            logging.WARNING,
+            f"optimizer: the trainer runs {used}, not the recipe's {recipe.optimizer}: it came from the "
+            "trainer's own arguments. Pass args=recipe.sft_config(...) and no `optimizers=` to use it.",
+        )

@@ -1,0 +1,49 @@
+"""TRL integration: the recipe's trainer settings as an ``SFTConfig``.
+
+Use::
+
+    recipe = qlora_recipe()
+    trainer = SFTTrainer(model="path/or/id", args=recipe.sft_config(output_dir="out"),
+                         train_dataset=ds, peft_config=recipe)
+
+``peft_config=recipe`` puts the adapters on the discovered targets over a 4-bit
+base; ``args=recipe.sft_config(...)`` brings the rest: 4-bit loading of a model
+given by name, paged AdamW, non-reentrant gradient checkpointing, the clip
+norm, the schedule, and precision chosen for the device.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from trl import SFTConfig
+
+from qlora_plugin.report import log_once
+from qlora_plugin.training import describe_settings
+
+if TYPE_CHECKING:
+    from qlora_plugin.recipe import QLoRARecipe
+
+
+def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
+    """An ``SFTConfig`` holding the recipe's settings; ``overrides`` win and are reported."""
+    settings = recipe.training_args()
+    compute_dtype = recipe.resolved_compute_dtype()
+    loading = {"quantization_config": recipe.quantization_config(), "dtype": compute_dtype}
+    user_loading = dict(overrides.pop("model_init_kwargs", None) or {})
+
+    replaced = {key: value for key, value in overrides.items() if key in settings and settings[key] != value}
+    replaced.update({f"model_init_kwargs[{key!r}]": value for key, value in user_loading.items() if key in loading})
+    config = SFTConfig(**{**settings, **overrides, "model_init_kwargs": {**loading, **user_loading}})
+
+    active = {key: value for key, value in settings.items() if key not in replaced}
+    message = (
+        f"qlora recipe '{recipe.preset}' in SFTConfig: models given by name load as 4-bit "
+        f"{recipe.quant_type} (double quant {recipe.double_quant}, compute {str(compute_dtype).removeprefix('torch.')}); "
+        f"{describe_settings(active)}"
+    )
+    if replaced:
+        message += f". Not in effect, replaced by your arguments: {describe_settings(replaced)}"
+    log_once(logging.WARNING if replaced else logging.INFO, message)
+    return config
