@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny Llama with its own tokenizer, and a memorisable dataset."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A two-layer Llama (random init) and a word-level tokenizer, saved to a directory."""
+    from tiny import tiny_llama_with_tokenizer
+
+    return tiny_llama_with_tokenizer(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def memorisable_dataset():
+    """Eight sentences, repeated: a tiny model can learn them in a few dozen steps."""
+    from datasets import Dataset
+    from tiny import SENTENCES
+
+    return Dataset.from_dict({"text": SENTENCES * 4})
