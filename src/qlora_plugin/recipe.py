@@ -197,7 +197,7 @@ RECIPE_FIELDS = (
     "use_dora",
     *(f.name for f in dataclasses.fields(QLoRARecipe) if f.name not in LORA_FIELDS and f.name != "preset"),
 )
-ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "lora_r": "r"}
 
 
 def qlora_recipe(preset: str = "default", *, model: Any = None, **overrides: Any) -> QLoRARecipe:

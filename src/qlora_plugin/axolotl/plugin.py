@@ -1,0 +1,107 @@
+"""QLoRAPlugin: one ``qlora:`` section makes an Axolotl run QLoRA.
+
+``register`` (raw config, before Axolotl validates it) expands the section
+into Axolotl's own keys, so Axolotl's validation and loader do the work.
+``pre_lora_load`` (real model in hand) discovers the target modules through
+the plugin hooks, puts the base on the recipe's path, and saves the expanded
+config with the targets written out.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from axolotl.integrations.base import BasePlugin
+
+from qlora_plugin.axolotl.expand import (
+    SECTION,
+    apply_keys,
+    in_section,
+    keep_lora_kernels_on_cuda,
+    native_keys,
+    recipe_from_section,
+)
+
+LOG = logging.getLogger("qlora_plugin")
+EXPANDED_CONFIG = "qlora_expanded.yml"
+NOT_RERUN = (SECTION, "plugins", "axolotl_config_path")  # left out of the saved, plugin-free config
+
+
+class QLoRAPlugin(BasePlugin):
+    """Axolotl plugin for ``plugins: [qlora_plugin.axolotl.QLoRAPlugin]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.section_recipe: Any = None  # as the section says: targets may still be "auto"
+        self.expanded: dict[str, Any] = {}
+
+    def get_input_args(self) -> str:
+        return "qlora_plugin.axolotl.args.QLoRAArgs"
+
+    def register(self, cfg: dict[str, Any]) -> None:
+        """Check the section and write its native keys into ``cfg``."""
+        from qlora_plugin.device import training_device
+
+        device = training_device()
+        self.section_recipe = recipe_from_section(cfg.get(SECTION))
+        recipe = self._discover_from_config(cfg.get("base_model"))
+        for warning in apply_keys(cfg, native_keys(recipe, device)) + keep_lora_kernels_on_cuda(cfg, device):
+            LOG.warning(warning)
+        self.expanded = _plain(cfg)
+
+    def pre_lora_load(self, cfg: Any, model: Any) -> None:
+        """Discover the targets on the real model and ready the base for training."""
+        from qlora_plugin.prepare import prepare_for_training
+
+        recipe = self.section_recipe.resolve(model)
+        targets = sorted(recipe.target_modules)
+        LOG.warning("qlora: LoRA on %d modules: %s", len(targets), ", ".join(targets))
+        cfg.lora_target_modules = targets
+        cfg.lora_target_linear = False
+        if recipe.fast_path:
+            prepare_for_training(model, recipe)
+        self.expanded["lora_target_modules"] = targets
+        self._save_expanded(Path(cfg.output_dir))
+
+    def _discover_from_config(self, base_model: Any) -> Any:
+        """The section's recipe with targets found from the model's config (meta device).
+
+        The real model confirms them in ``pre_lora_load``; where the config
+        cannot be read now (a hub id while offline), discovery waits for it.
+        """
+        from qlora_plugin.errors import QLoRAConfigError
+        from qlora_plugin.models import meta_model
+
+        if not base_model:
+            return self.section_recipe
+        try:
+            model = meta_model(str(base_model))
+        except (OSError, QLoRAConfigError) as error:
+            LOG.info("qlora: target discovery waits for the loaded model (%s)", error)
+            return self.section_recipe
+        try:
+            return self.section_recipe.resolve(model)
+        except QLoRAConfigError as error:
+            raise in_section(error) from error
+
+    def _save_expanded(self, output_dir: Path) -> None:
+        """Write the config as plain Axolotl keys (no plugin needed to rerun it), atomically."""
+        plain = {key: value for key, value in self.expanded.items() if key not in NOT_RERUN}
+        plain = {key: value for key, value in plain.items() if value is not None}
+        output_dir.mkdir(parents=True, exist_ok=True)
+        partial = output_dir / f".{EXPANDED_CONFIG}.partial"
+        header = (f"# Written by qlora-plugin from the `{SECTION}:` section; targets as discovered on the model.\n"
+                  "# Runs without the plugin: `axolotl train` this file.\n")
+        partial.write_text(header + yaml.safe_dump(plain, sort_keys=True), encoding="utf-8")
+        os.replace(partial, output_dir / EXPANDED_CONFIG)
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    """A deep copy of the raw config as plain dicts and lists."""
+    to_dict = getattr(cfg, "to_dict", None)
+    return copy.deepcopy(to_dict() if callable(to_dict) else dict(cfg))
