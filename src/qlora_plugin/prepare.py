@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel
 
     from qlora_plugin.recipe import QLoRARecipe
@@ -28,12 +29,20 @@ def prepare_for_training(model: PreTrainedModel, recipe: QLoRARecipe) -> PreTrai
             gradient_checkpointing_kwargs=checkpointing_kwargs,
         )
     model.requires_grad_(False)
+    keep_in_compute_dtype(model, recipe.resolved_compute_dtype(model.device.type))
     if recipe.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
         model.enable_input_require_grads()
     return model
 
 
-def autocast_adapters(recipe: QLoRARecipe) -> bool:
-    """Whether PEFT should upcast the adapters to fp32 (``get_peft_model``'s flag)."""
-    return not recipe.fast_path
+def keep_in_compute_dtype(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    """Cast every floating, non-quantized parameter to ``dtype`` (buffers such as RoPE tables stay).
+
+    Undoes fp32 upcasts a trainer's own preparation may have made (Axolotl
+    runs PEFT's ``prepare_model_for_kbit_training`` before the plugin sees the
+    model); a no-op on a model loaded in ``dtype``.
+    """
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype and type(param).__name__ != "Params4bit":
+            param.data = param.data.to(dtype)
