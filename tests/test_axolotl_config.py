@@ -11,14 +11,26 @@ import yaml
 from qlora_plugin import QLoRAConfigError
 
 pytest.importorskip("axolotl")
+AXOLOTL_LOGGER = "axolotl.integrations.qlora_plugin"
 PLUGIN = "qlora_plugin.axolotl.QLoRAPlugin"
 ALL_LINEAR = {f"model.layers.{i}.{part}" for i in range(2) for part in (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
 
 
+class Collect(logging.Handler):
+    """Keeps the records it is handed."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.seen: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append(record)
+
+
 @pytest.fixture
-def load(tiny_model_dir, tmp_path, caplog):
+def load(tiny_model_dir, tmp_path):
     """Write a config (base keys + ``extra``), run Axolotl's load_cfg on it, return (cfg, warnings)."""
     from axolotl.cli.config import load_cfg
 
@@ -38,10 +50,14 @@ def load(tiny_model_dir, tmp_path, caplog):
         }
         path = tmp_path / "config.yml"
         path.write_text(yaml.safe_dump(config))
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="qlora_plugin"):
+        shown = logging.getLogger(AXOLOTL_LOGGER)  # Axolotl's loggers do not propagate to pytest's root handler
+        records = Collect(logging.WARNING)
+        shown.addHandler(records)
+        try:
             cfg = load_cfg(str(path))
-        return cfg, [r.getMessage() for r in caplog.records if r.name == "qlora_plugin"]
+        finally:
+            shown.removeHandler(records)
+        return cfg, [record.getMessage() for record in records.seen]
 
     return run
 

@@ -49,6 +49,7 @@ def make_lora_layer(target: nn.Module, adapter_name: str, config: QLoRARecipe, *
             "the base model was not loaded in 4 bits: its target layers are quantized to "
             f"{config.quant_type} now (double quant {config.double_quant}). Loading it through "
             "args=recipe.sft_config(...) or recipe.load_model(...) avoids holding a 16-bit copy first.",
+            config,
         )
     kwargs["fan_in_fan_out"] = False  # the 4-bit base stores (out, in) even for Conv1D
     layer = LoraLinear4bit(target, adapter_name, config=config, **kwargs)

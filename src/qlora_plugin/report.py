@@ -11,16 +11,27 @@ if TYPE_CHECKING:
 
     from qlora_plugin.recipe import QLoRARecipe
 
-logger = logging.getLogger("qlora_plugin")
-_said: set[str] = set()
+_logger = logging.getLogger("qlora_plugin")
 _hook_handle: Any = None
 
 
-def log_once(level: int, message: str) -> None:
-    """Log ``message`` the first time it comes up in this process."""
-    if message not in _said:
-        _said.add(message)
-        logger.log(level, message)
+def use_logger(name: str) -> None:
+    """Send the package's reports to the logger ``name`` (a host tool's own namespace)."""
+    global _logger
+    _logger = logging.getLogger(name)
+
+
+def report(level: int, message: str, *args: Any) -> None:
+    """Log ``message`` through the package's current logger."""
+    _logger.log(level, message, *args)
+
+
+def log_once(level: int, message: str, recipe: QLoRARecipe) -> None:
+    """Log ``message`` the first time it comes up for ``recipe`` (so once per run, not per layer)."""
+    said = recipe.__dict__.setdefault("_qlora_said", set())
+    if message not in said:
+        said.add(message)
+        _logger.log(level, message)
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
@@ -64,10 +75,11 @@ def _report_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) 
     _hook_handle = None
     used = describe_optimizer(optimizer)
     if used == recipe.optimizer:
-        log_once(logging.INFO, f"optimizer: {used}, as the recipe asks")
+        log_once(logging.INFO, f"optimizer: {used}, as the recipe asks", recipe)
     else:
         log_once(
             logging.WARNING,
             f"optimizer: the trainer runs {used}, not the recipe's {recipe.optimizer}: it came from the "
             "trainer's own arguments. Pass args=recipe.sft_config(...) and no `optimizers=` to use it.",
+            recipe,
         )

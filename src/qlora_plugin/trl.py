@@ -45,5 +45,5 @@ def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
     )
     if replaced:
         message += f". Not in effect, replaced by your arguments: {describe_settings(replaced)}"
-    log_once(logging.WARNING if replaced else logging.INFO, message)
+    log_once(logging.WARNING if replaced else logging.INFO, message, recipe)
     return config

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from qlora_plugin.recipe import QLoRARecipe
 
 SECTION = "qlora"
-LORA_KERNELS = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel")
+LORA_KERNELS = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel", "lora_embedding_kernel")
 # Native keys that say something the recipe says too, but differently.
 DROPPED_IF_SET = ("warmup_steps", "lora_target_linear", "lora_exclude_modules")
 DTYPE_NAMES = {"bfloat16", "float16", "float32"}

@@ -26,8 +26,9 @@ from qlora_plugin.axolotl.expand import (
     native_keys,
     recipe_from_section,
 )
+from qlora_plugin.report import report, use_logger
 
-LOG = logging.getLogger("qlora_plugin")
+AXOLOTL_LOGGER = "axolotl.integrations.qlora_plugin"  # Axolotl shows INFO only under its own namespace
 EXPANDED_CONFIG = "qlora_expanded.yml"
 NOT_RERUN = (SECTION, "plugins", "axolotl_config_path")  # left out of the saved, plugin-free config
 
@@ -47,11 +48,12 @@ class QLoRAPlugin(BasePlugin):
         """Check the section and write its native keys into ``cfg``."""
         from qlora_plugin.device import training_device
 
+        use_logger(AXOLOTL_LOGGER)
         device = training_device()
         self.section_recipe = recipe_from_section(cfg.get(SECTION))
         recipe = self._discover_from_config(cfg.get("base_model"))
         for warning in apply_keys(cfg, native_keys(recipe, device)) + keep_lora_kernels_on_cuda(cfg, device):
-            LOG.warning(warning)
+            report(logging.WARNING, warning)
         self.expanded = _plain(cfg)
 
     def pre_lora_load(self, cfg: Any, model: Any) -> None:
@@ -60,7 +62,7 @@ class QLoRAPlugin(BasePlugin):
 
         recipe = self.section_recipe.resolve(model)
         targets = sorted(recipe.target_modules)
-        LOG.warning("qlora: LoRA on %d modules: %s", len(targets), ", ".join(targets))
+        report(logging.INFO, "qlora: LoRA on %d modules: %s", len(targets), ", ".join(targets))
         cfg.lora_target_modules = targets
         cfg.lora_target_linear = False
         if recipe.fast_path:
@@ -82,7 +84,7 @@ class QLoRAPlugin(BasePlugin):
         try:
             model = meta_model(str(base_model))
         except (OSError, QLoRAConfigError) as error:
-            LOG.info("qlora: target discovery waits for the loaded model (%s)", error)
+            report(logging.INFO, "qlora: target discovery waits for the loaded model (%s)", error)
             return self.section_recipe
         try:
             return self.section_recipe.resolve(model)
