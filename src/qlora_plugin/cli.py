@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     estimate = _command(
         commands, "estimate", "predict the peak GPU memory of a QLoRA training step and the GPUs it fits",
-        "qlora estimate ./Llama-3.1-8B --seq 2048 --batch 4 --gpu h100-80gb",
+        "qlora estimate ./Llama-3.1-8B --seq 2048 --batch 4 --gpu h100-80gb --recompute offload",
     )
     estimate.add_argument("model", help="a local model directory (only config.json is read) or a hub id")
     estimate.add_argument("--seq", type=int, required=True, help="tokens per sequence")
@@ -56,6 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--gpu", action="append", default=None, metavar="NAME",
                           help="only this GPU in the fit table (repeatable); names: see the table")
     _recipe_options(estimate)
+    path = estimate.add_argument_group("training path (defaults follow the recipe: fast_path, gradient_checkpointing)")
+    path.add_argument("--path", choices=["stock", "fast"], default=None,
+                      help="stock: PEFT's fp32 upcasts; fast: the base in the compute dtype")
+    path.add_argument("--recompute", choices=["none", "full", "offload"], default=None,
+                      help="decoder-layer recompute in backward; offload parks layer inputs in host memory")
+    path.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=None,
+                      help="fast path: chunked loss without full logits (default on)")
+    path.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,
+                      help="fast path: fused LoRA over NF4, fused RMSNorm/SwiGLU, fully paged AdamW (default on)")
+    path.add_argument("--adapter-dtype", choices=["float32", "bfloat16"], default=None,
+                      help="fast path: dtype of the LoRA weights (default float32 masters)")
+    path.add_argument("--cached-constants", action="store_true", default=None,
+                      help="fast path: the 4-bit block constants kept decoded in float32")
     estimate.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
     merge = _command(

@@ -1,56 +1,73 @@
 """``qlora estimate``: the peak GPU memory of one QLoRA training step, from the config.
 
-Everything is derived from the model's shapes (built on the meta device) and
-the recipe's dtypes; nothing is fitted to measurements. ``T`` is the number of
-tokens in a micro-batch (batch x sequence length), ``c`` the compute dtype's
-bytes (2 for bf16), and the step is what transformers' ``Trainer`` runs with the
-recipe's arguments: forward and loss under bf16 autocast, backward, clipping,
-the optimizer step, gradients set to ``None``.
+Everything is derived from the model's shapes (built on the meta device), the
+recipe and a :class:`TrainingPath`; nothing is fitted to measurements. ``T`` is
+the number of tokens in a micro-batch (batch x sequence length), ``c`` the
+compute dtype's bytes (2 for bf16). A step is: forward and loss under bf16
+autocast, backward, clipping, the optimizer step, gradients set to ``None``.
+
+The path (:class:`TrainingPath`) says how the step runs:
+  * ``stock``: PEFT's ``prepare_model_for_kbit_training``: embeddings, norms and
+    an untied head upcast to float32, float32 adapters; the residual stream and
+    MLP activations are float32 (bitsandbytes returns the dtype of its input).
+  * ``fast``: the base stays in the compute dtype. Parameters: ``recompute``
+    (``none``, ``full``: every decoder layer recomputed in backward, ``offload``:
+    recomputed with its input parked in host memory), ``fused_loss`` (a chunked
+    loss that never holds the full logits), ``kernels`` (fused LoRA over NF4,
+    fused RMSNorm and SwiGLU that save less, and a paged AdamW that pages every
+    state), ``adapter_dtype`` (float32 masters, or the compute dtype) and
+    ``cached_constants`` (the 4-bit block constants kept decoded in float32).
 
 Resident for the whole step
   * 4-bit weights: every linear layer but the output head, packed two per byte,
     plus the blockwise constants (see :func:`qlora_plugin.inspection.nf4_bytes`).
-  * Unquantized parameters (embeddings, untied head, norms, biases): ``c`` bytes
-    each on the fast path; 4 on the stock path, whose
-    ``prepare_model_for_kbit_training`` casts them to float32.
-  * Adapters (and, from the first step on, the optimizer states): float32 on the
-    stock path, ``c`` on the fast path. ``paged_adamw_32bit`` keeps two float32
-    states per parameter; bitsandbytes pages (CUDA managed memory, outside
-    PyTorch's allocator) the states of tensors of at least 100k elements.
+  * Unquantized parameters (embeddings, untied head, norms, biases): 4 bytes
+    each on the stock path, ``c`` on the fast path.
+  * Adapters, and once the step runs their gradients and optimizer states.
+    ``paged_adamw_32bit`` keeps two float32 states per parameter; bitsandbytes
+    pages (CUDA managed memory, outside PyTorch's allocator) the states of
+    tensors of at least 100k elements, the kernels' optimizer pages all.
 
 Activations, per token and decoder layer, counted as the tensors autograd saves
-(bitsandbytes' 4-bit matmul saves none of its input):
-  * each adapted layer with input width ``d``: the dropout mask (1 byte x ``d``),
-    the dropped input in the compute dtype (``c`` x ``d``) and the LoRA rank
-    activation (``c`` x ``r``); without dropout the fast path's shared input is
-    saved once per group (q/k/v, gate/up);
-  * each norm: its input in float32 (4 x hidden);
+(the 4-bit matmul saves none of its input beyond what LoRA saves):
+  * each adapted layer with input width ``d``: with dropout the mask (1 byte x
+    ``d``) and the dropped input (``c`` x ``d``); without dropout the input
+    itself, shared by the layers that read the same tensor (q/k/v, gate/up,
+    and o_proj with attention's output on the fast path); the rank-``r``
+    product (``c`` x ``r``);
+  * each norm: its input in float32 (4 x hidden), or with the fused kernel in
+    ``c`` plus one float32 per token;
   * attention through SDPA's flash / memory-efficient kernels (no padding mask):
     q, k, v and the output in ``c`` bytes plus one float32 log-sum-exp per head;
-  * the MLP: for a gated MLP the gate output, its activation and the up output
-    (3 x intermediate), else the activation's input, in ``m`` bytes: ``c`` on the
-    fast path, 4 on the stock path (bitsandbytes returns its output in the dtype
-    of its input, float32 there);
-  * the residual stream between layers is ``a`` bytes wide: ``c`` fast, 4 stock.
-  With gradient checkpointing only each layer's input (``a`` x hidden) stays,
-  and one layer's activations come back during its backward.
+  * a gated MLP: the gate output, its activation and the up output (3 x
+    intermediate; 2 with the fused SwiGLU, which recomputes the activation),
+    ``m`` bytes each: ``c`` fast, 4 stock;
+  * compute-dtype copies of float32 adapters (autocast's, or the kernels'
+    casts kept for backward): ``c`` x the trainable parameters.
+  With ``full`` recompute only each layer's input (``a`` x hidden, ``a`` = 4
+  stock, ``c`` fast) stays; with ``offload`` only the two layers in flight;
+  one layer's activations come back during its backward.
 
-Logits: the loss takes the bf16 logits to float32 and saves float32
+Loss: transformers' loss takes the logits to float32 and saves float32
 log-probabilities; its backward holds those, their gradient and the logits'
-gradient at once: 12 bytes x vocabulary per token, the largest single moment for
-vocabularies like Llama 3's. The stock path also holds a bf16 copy of its
-float32 output head for the head's backward.
+gradient at once: 12 bytes x vocabulary per token (the stock path also keeps a
+bf16 copy of its float32 head). The fused loss computes the input gradient
+during forward in chunks of ``next_pow2(T / ceil(vocab / hidden))`` rows: one
+chunk of logits in ``c`` plus the hidden-size input gradient.
 
-The peak is the largest of three moments: the loss's backward, the backward of
-the last decoder layer, and the optimizer step.
+The allocator's peak is the largest of three moments: the loss's backward, the
+backward of the last decoder layer, and the optimizer step. Paged optimizer
+states come on top (:attr:`MemoryEstimate.peak`).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from qlora_plugin.errors import QLoRAConfigError, nearest
 
 if TYPE_CHECKING:
     from qlora_plugin.inspection import ModelReport
@@ -62,7 +79,15 @@ PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages optimizer states of tensors at l
 EIGHT_BIT_MIN_NUMEL = 4096  # bitsandbytes keeps smaller tensors' states in 32 bits
 LOGIT_BYTES = 12  # float32 log-probabilities + their gradient + the logits' gradient
 SHARED_INPUTS = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+ATTENTION_OUTPUT_READERS = {"o_proj", "out_proj", "dense"}
 GATED_LEAVES = {"gate_proj", "gate_up_proj", "w1", "w3"}
+PATHS = ("stock", "fast")
+RECOMPUTE_MODES = ("none", "full", "offload")
+ADAPTER_DTYPES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+# What `fast_path=True` does on CUDA once the kernels are in: fused LoRA over NF4,
+# the fused loss, float32 adapter masters.
+FAST_PATH_DEFAULTS: dict[str, Any] = {"kernels": True, "fused_loss": True, "adapter_dtype": "float32"}
+IN_FLIGHT_OFFLOADED = 2  # layer inputs on the GPU with offloaded recompute: the one copied out, the one prefetched
 # GPUs and the memory their drivers report (MiB, nvidia-smi's total).
 GPUS: dict[str, tuple[str, int]] = {
     "t4-16gb": ("NVIDIA T4 16 GB", 15360),
@@ -79,6 +104,68 @@ GPUS: dict[str, tuple[str, int]] = {
 }
 # Kept free on the card for the CUDA context, library handles and allocator slack.
 RESERVE_BYTES = 1 * GIB
+
+
+@dataclass(frozen=True)
+class TrainingPath:
+    """How a training step runs, as far as memory is concerned (see the module docstring)."""
+
+    name: str = "fast"
+    recompute: str = "full"
+    fused_loss: bool = True
+    kernels: bool = True
+    adapter_dtype: str = "float32"
+    cached_constants: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in PATHS:
+            raise QLoRAConfigError("--path", self.name, "is not a path" + nearest(self.name, PATHS),
+                                   f"use one of {list(PATHS)}")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise QLoRAConfigError("--recompute", self.recompute, "is not a recompute mode"
+                                   + nearest(self.recompute, RECOMPUTE_MODES), f"use one of {list(RECOMPUTE_MODES)}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise QLoRAConfigError("--adapter-dtype", self.adapter_dtype, "is not a dtype this estimate knows",
+                                   "use float32 or bfloat16")
+        if self.name == "stock":
+            wrong = {"recompute": self.recompute == "offload", "fused_loss": self.fused_loss,
+                     "kernels": self.kernels, "cached_constants": self.cached_constants,
+                     "adapter_dtype": ADAPTER_DTYPES[self.adapter_dtype] != 4}
+            for option, bad in wrong.items():
+                if bad:
+                    raise QLoRAConfigError(f"--{option.replace('_', '-')}", getattr(self, option),
+                                           "is a fast-path option; the stock path has float32 adapters, "
+                                           "transformers' loss and at most full recompute",
+                                           "drop it, or estimate --path fast")
+
+    @property
+    def adapter_bytes(self) -> int:
+        return ADAPTER_DTYPES[self.adapter_dtype]
+
+    def describe(self) -> str:
+        if self.name == "stock":
+            return f"stock path (PEFT's fp32 upcasts), recompute {self.recompute}"
+        parts = [f"recompute {self.recompute}", "fused loss" if self.fused_loss else "full logits",
+                 "kernels" if self.kernels else "no kernels", f"{self.adapter_dtype} adapters"]
+        if self.cached_constants:
+            parts.append("cached block constants")
+        return "fast path: " + ", ".join(parts)
+
+
+def training_path(recipe: QLoRARecipe, name: str | None = None, **options: Any) -> TrainingPath:
+    """The path ``recipe`` trains on (``name`` and ``options`` override; ``None`` values are ignored).
+
+    ``recompute`` follows ``gradient_checkpointing`` (``full`` or ``none``); the
+    fast path's other options default to :data:`FAST_PATH_DEFAULTS`.
+    """
+    name = name or ("fast" if recipe.fast_path else "stock")
+    values: dict[str, Any] = {"recompute": "full" if recipe.gradient_checkpointing else "none"}
+    if name == "fast":
+        values.update(FAST_PATH_DEFAULTS)
+    else:
+        values.update(fused_loss=False, kernels=False, adapter_dtype="float32")
+    values.update({key: value for key, value in options.items() if value is not None})
+    return TrainingPath(name=name, **values)
 
 
 @dataclass
@@ -131,8 +218,7 @@ class MemoryEstimate:
     model: str
     seq: int
     batch: int
-    path: str
-    gradient_checkpointing: bool
+    path: TrainingPath
     optimizer: str
     components: dict[str, int]
     activations: dict[str, int]
@@ -159,59 +245,66 @@ class MemoryEstimate:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model, "seq": self.seq, "batch": self.batch, "path": self.path,
-            "gradient_checkpointing": self.gradient_checkpointing, "optimizer": self.optimizer,
-            "components": self.components, "activations": self.activations, "moments": self.moments,
-            "paged_optimizer": self.paged_optimizer, "allocator_peak": self.allocator_peak,
-            "peak_moment": self.peak_moment, "peak": self.peak, "notes": self.notes,
+            "model": self.model, "seq": self.seq, "batch": self.batch, "path": asdict(self.path),
+            "optimizer": self.optimizer, "components": self.components, "activations": self.activations,
+            "moments": self.moments, "paged_optimizer": self.paged_optimizer,
+            "allocator_peak": self.allocator_peak, "peak_moment": self.peak_moment, "peak": self.peak,
+            "notes": self.notes,
         }
 
 
-def estimate_memory(report: ModelReport, seq: int, batch: int) -> MemoryEstimate:
+def estimate_memory(report: ModelReport, seq: int, batch: int, path: TrainingPath | None = None) -> MemoryEstimate:
     """The memory model of the module docstring, applied to ``report`` at ``batch`` x ``seq``."""
     recipe = report.recipe
+    path = path or training_path(recipe)
     dims = Dimensions.from_config(report.config)
-    stock = not recipe.fast_path
+    stock = path.name == "stock"
     c = 4 if recipe.compute_dtype == "float32" else 2
     a = m = 4 if stock else c  # residual stream and MLP activations
-    param_bytes = 4 if stock else c
+    frozen_bytes = 4 if stock else c
+    adapter_bytes = path.adapter_bytes
     tokens = seq * batch
 
     trainable = report.trainable_params
-    optimizer_torch, optimizer_paged = optimizer_bytes(report.lora_tensor_sizes(), recipe.optimizer, param_bytes)
+    optimizer_torch, optimizer_paged = optimizer_bytes(report.lora_tensor_sizes(), recipe.optimizer, adapter_bytes,
+                                                       page_all=path.kernels)
+    quantized_params = sum(t.in_features * t.out_features for t in report.quantized_linears)
     components = {
-        "weights_4bit": report.quantized_bytes(),
-        "unquantized_params": report.unquantized_params() * param_bytes,
-        "adapters": trainable * param_bytes,
-        "gradients": trainable * param_bytes,
+        "weights_4bit": report.quantized_bytes() + (4 * math.ceil(quantized_params / 64)
+                                                    if path.cached_constants else 0),
+        "unquantized_params": report.unquantized_params() * frozen_bytes,
+        "adapters": trainable * adapter_bytes,
+        "gradients": trainable * adapter_bytes,
         "optimizer_states": optimizer_torch + optimizer_paged,
     }
     resident = components["weights_4bit"] + components["unquantized_params"] + components["adapters"]
 
-    per_layer = layer_activation_bytes(report, dims, c=c, a=a, m=m)
-    final_norm = 4 * dims.hidden
+    per_layer = layer_activation_bytes(report, dims, path, c=c, a=a, m=m)
+    adapter_copies = trainable * c if adapter_bytes > c else 0  # compute-dtype copies kept for backward
+    final_norm = c * dims.hidden + 4 if path.kernels else 4 * dims.hidden
     rope = 2 * a * dims.head_dim
     inputs = 3 * 8  # input ids, labels, shifted labels (int64)
-    autocast_copies = trainable * 2 if stock else 0  # bf16 copies of fp32 adapters, saved for backward
-    head_copy = 2 * dims.vocab * dims.hidden if stock else 0
-    checkpointed = (dims.layers * a * dims.hidden + final_norm + rope + inputs) * tokens
-    full = (dims.layers * per_layer + final_norm + rope + inputs) * tokens + autocast_copies
-    logits = LOGIT_BYTES * dims.vocab * tokens + head_copy
+    kept_inputs = {"none": 0, "full": dims.layers, "offload": min(IN_FLIGHT_OFFLOADED, dims.layers)}
+    recomputed = (kept_inputs[path.recompute] * a * dims.hidden + final_norm + rope + inputs) * tokens
+    full = (dims.layers * per_layer + final_norm + rope + inputs) * tokens + adapter_copies
+    logits = loss_bytes(dims, path, tokens, c)
     activations = {
         "per_layer_per_token": per_layer,
-        "with_checkpointing": checkpointed,
-        "without_checkpointing": full,
-        "logits": logits,
+        "with_full_recompute": (dims.layers * a * dims.hidden + final_norm + rope + inputs) * tokens,
+        "with_offloaded_recompute": (kept_inputs["offload"] * a * dims.hidden + final_norm + rope + inputs) * tokens,
+        "without_recompute": full,
+        "loss": logits,
     }
-    components["activations"] = checkpointed if recipe.gradient_checkpointing else full
-    components["logits"] = logits
+    components["activations"] = full if path.recompute == "none" else recomputed
+    components["loss"] = logits
 
     largest_weight = max((t.in_features * t.out_features for t in report.quantized_linears), default=0)
-    working = (2 * a * dims.hidden + 3 * m * dims.intermediate) * tokens + c * largest_weight
-    if recipe.gradient_checkpointing:
-        layer_backward = checkpointed + per_layer * tokens + working
-    else:
+    mlp_gradients = (1 if path.kernels else 3) * m * dims.intermediate  # the fused SwiGLU works in place
+    working = (2 * a * dims.hidden + mlp_gradients) * tokens + c * largest_weight
+    if path.recompute == "none":
         layer_backward = full + working
+    else:
+        layer_backward = recomputed + per_layer * tokens + adapter_copies // max(dims.layers, 1) + working
     moments = {
         "loss backward": resident + optimizer_torch + components["activations"] + logits,
         "layer backward": resident + optimizer_torch + components["gradients"] + layer_backward,
@@ -223,37 +316,57 @@ def estimate_memory(report: ModelReport, seq: int, batch: int) -> MemoryEstimate
     if not report.linears or not dims.layers:
         notes.append("no decoder layers found; activations may be far off")
     return MemoryEstimate(
-        model=report.source, seq=seq, batch=batch, path="stock" if stock else "fast",
-        gradient_checkpointing=recipe.gradient_checkpointing, optimizer=recipe.optimizer,
+        model=report.source, seq=seq, batch=batch, path=path, optimizer=recipe.optimizer,
         components=components, activations=activations, moments=moments, paged_optimizer=optimizer_paged,
         notes=notes,
     )
 
 
-def layer_activation_bytes(report: ModelReport, dims: Dimensions, *, c: int, a: int, m: int) -> int:
-    """Bytes autograd saves per token in one decoder layer without checkpointing."""
+def loss_bytes(dims: Dimensions, path: TrainingPath, tokens: int, c: int) -> int:
+    """Bytes of the loss at its largest: full float32 logits, or one chunk with the fused loss."""
+    if not path.fused_loss:
+        head_copy = 2 * dims.vocab * dims.hidden if path.name == "stock" else 0
+        return LOGIT_BYTES * dims.vocab * tokens + head_copy
+    chunk = fused_loss_chunk(tokens, dims.vocab, dims.hidden)
+    return c * chunk * dims.vocab + c * dims.hidden * tokens + 4 * tokens
+
+
+def fused_loss_chunk(tokens: int, vocab: int, hidden: int) -> int:
+    """Rows per chunk of the fused linear cross-entropy (Liger's rule: logits no larger than the input)."""
+    rows = math.ceil(tokens / math.ceil(vocab / max(hidden, 1)))
+    return min(1 << max(rows - 1, 0).bit_length(), tokens)
+
+
+def layer_activation_bytes(report: ModelReport, dims: Dimensions, path: TrainingPath, *, c: int, a: int,
+                           m: int) -> int:
+    """Bytes autograd saves per token in one decoder layer without recompute."""
     recipe = report.recipe
     layers = max(dims.layers, 1)
-    mask = 1 if recipe.lora_dropout > 0 else 0
-    shared_once = recipe.fast_path and not mask
+    dropout = recipe.lora_dropout > 0
+    fast = path.name == "fast"
     lora = 0
     counted: set[tuple[str, int]] = set()
     for target in report.target_linears:
         parent, leaf = target.name.rsplit(".", 1) if "." in target.name else ("", target.name)
-        key = (parent, target.in_features)
-        saves_input = not (shared_once and leaf in SHARED_INPUTS and key in counted)
-        counted.add(key)
-        lora += mask * target.in_features + c * target.in_features * saves_input + c * recipe.r
+        if dropout:
+            lora += (1 + c) * target.in_features  # mask and dropped input
+        else:
+            key = (parent, target.in_features)
+            shared = (fast and leaf in SHARED_INPUTS and key in counted) or (fast and leaf in ATTENTION_OUTPUT_READERS)
+            counted.add(key)
+            lora += 0 if shared else c * target.in_features
+        lora += c * recipe.r
     lora /= layers
-    norms = 4 * dims.hidden * max(report.norm_count - 1, 0) / layers
+    per_norm = c * dims.hidden + 4 if path.kernels else 4 * dims.hidden
+    norms = per_norm * max(report.norm_count - 1, 0) / layers
     q, kv = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
     attention = c * (2 * q + 2 * kv) + 4 * dims.heads
     gated = any(t.name.rsplit(".", 1)[-1] in GATED_LEAVES for t in report.linears)
-    mlp = (3 if gated else 1) * m * dims.intermediate
+    mlp = ((2 if path.kernels else 3) if gated else 1) * m * dims.intermediate
     return int(lora + norms + attention + mlp)
 
 
-def optimizer_bytes(sizes: list[int], optimizer: str, param_bytes: int) -> tuple[int, int]:
+def optimizer_bytes(sizes: list[int], optimizer: str, param_bytes: int, page_all: bool = False) -> tuple[int, int]:
     """(bytes in PyTorch's allocator, bytes paged) of the optimizer states for tensors of ``sizes``."""
     in_torch = paged = 0
     for numel in sizes:
@@ -264,42 +377,44 @@ def optimizer_bytes(sizes: list[int], optimizer: str, param_bytes: int) -> tuple
             nbytes = 2 * numel + 2 * math.ceil(numel / 256) * 4 + 2 * 256 * 4
         else:
             nbytes = 2 * numel * 4
-        if optimizer.startswith("paged_") and numel >= PAGED_MIN_NUMEL:
+        if optimizer.startswith("paged_") and (page_all or numel >= PAGED_MIN_NUMEL):
             paged += nbytes
         else:
             in_torch += nbytes
     return in_torch, paged
 
 
-def estimate(model: str | os.PathLike[str], recipe: QLoRARecipe, seq: int, batch: int) -> MemoryEstimate:
+def estimate(model: str | os.PathLike[str], recipe: QLoRARecipe, seq: int, batch: int,
+             path: TrainingPath | None = None) -> MemoryEstimate:
     """Analyze ``model`` (config only) under ``recipe`` and estimate a step at ``batch`` x ``seq``."""
     from qlora_plugin.inspection import analyze
 
-    return estimate_memory(analyze(model, recipe), seq, batch)
+    return estimate_memory(analyze(model, recipe), seq, batch, path)
 
 
-def largest_batch(report: ModelReport, seq: int, gpu_mib: int, limit: int = 1024) -> int:
+def largest_batch(report: ModelReport, seq: int, gpu_mib: int, path: TrainingPath, limit: int = 1024) -> int:
     """The largest micro-batch at ``seq`` whose estimate fits in ``gpu_mib`` (0 if none)."""
     low, high = 0, limit
     while low < high:
         middle = (low + high + 1) // 2
-        if estimate_memory(report, seq, middle).fits(gpu_mib):
+        if estimate_memory(report, seq, middle, path).fits(gpu_mib):
             low = middle
         else:
             high = middle - 1
     return low
 
 
-def gpu_table(report: ModelReport, seq: int, batch: int, gpus: list[str] | None = None) -> list[dict[str, Any]]:
+def gpu_table(report: ModelReport, seq: int, batch: int, path: TrainingPath,
+              gpus: list[str] | None = None) -> list[dict[str, Any]]:
     """For each GPU: whether the step fits, the headroom, and the largest micro-batch that fits."""
-    result = estimate_memory(report, seq, batch)
+    result = estimate_memory(report, seq, batch, path)
     rows = []
     for key in gpus or list(GPUS):
         label, mib = GPUS[key]
         rows.append({
             "gpu": key, "name": label, "memory_gib": round(mib * MIB / GIB, 1),
             "fits": result.fits(mib), "headroom_gib": round((mib * MIB - RESERVE_BYTES - result.peak) / GIB, 2),
-            "largest_batch": largest_batch(report, seq, mib),
+            "largest_batch": largest_batch(report, seq, mib, path),
         })
     return rows
 
@@ -311,14 +426,12 @@ COMPONENT_LABELS = {
     "gradients": "adapter gradients",
     "optimizer_states": "optimizer states",
     "activations": "activations",
-    "logits": "logits and loss",
+    "loss": "logits and loss",
 }
 
 
 def check_gpus(names: list[str] | None) -> list[str] | None:
     """Validate ``--gpu`` names."""
-    from qlora_plugin.errors import QLoRAConfigError, nearest
-
     for name in names or []:
         if name not in GPUS:
             raise QLoRAConfigError("--gpu", name, "is not a GPU this table knows" + nearest(name, GPUS),
@@ -326,43 +439,50 @@ def check_gpus(names: list[str] | None) -> list[str] | None:
     return names
 
 
+def path_from_args(args: Any, recipe: QLoRARecipe) -> TrainingPath:
+    """The :class:`TrainingPath` the ``estimate`` options describe (recipe defaults for the rest)."""
+    return training_path(recipe, args.path, recompute=args.recompute, fused_loss=args.fused_loss,
+                         kernels=args.kernels, adapter_dtype=args.adapter_dtype,
+                         cached_constants=args.cached_constants)
+
+
 def command(args: Any) -> int:
     """``qlora estimate``."""
     from qlora_plugin.cli import recipe_from_args
     from qlora_plugin.console import console, count, gib, print_json, table
-    from qlora_plugin.errors import QLoRAConfigError
     from qlora_plugin.inspection import analyze
 
     for name in ("seq", "batch"):
         if getattr(args, name) < 1:
             raise QLoRAConfigError(f"--{name}", getattr(args, name), "must be at least 1", f"pass --{name} 1 or more")
     gpus = check_gpus(args.gpu)
-    report = analyze(args.model, recipe_from_args(args))
-    result = estimate_memory(report, args.seq, args.batch)
-    fits = gpu_table(report, args.seq, args.batch, gpus)
+    recipe = recipe_from_args(args)
+    path = path_from_args(args, recipe)
+    report = analyze(args.model, recipe)
+    result = estimate_memory(report, args.seq, args.batch, path)
+    fits = gpu_table(report, args.seq, args.batch, path, gpus)
     if args.json:
         print_json(result.to_dict() | {"gpus": fits})
         return 0
     out = console()
+    dims = Dimensions.from_config(report.config)
     tokens = args.seq * args.batch
-    checkpointing = "on" if result.gradient_checkpointing else "off"
     out.print(f"[bold]{report.source}[/bold]  batch {args.batch} x {args.seq} tokens = {tokens:,} tokens per step; "
-              f"{result.path} path, gradient checkpointing {checkpointing}, {result.optimizer}")
-    c = result.components
+              f"{path.describe()}; {result.optimizer}")
     notes = {
-        "weights_4bit": f"{count(sum(t.in_features * t.out_features for t in report.quantized_linears))} params in NF4",
+        "weights_4bit": f"{count(sum(t.in_features * t.out_features for t in report.quantized_linears))} params in NF4"
+                        + (" + decoded fp32 constants" if path.cached_constants else ""),
         "unquantized_params": f"{count(report.unquantized_params())} params in "
-                              f"{'fp32 (stock path upcast)' if result.path == 'stock' else 'the compute dtype'}",
-        "adapters": f"{count(report.trainable_params)} params",
-        "gradients": "same dtype as the adapters",
+                              f"{'fp32 (stock path upcast)' if path.name == 'stock' else 'the compute dtype'}",
+        "adapters": f"{count(report.trainable_params)} params in {path.adapter_dtype}",
+        "gradients": "same dtype as the adapters; not yet alive at the loss",
         "optimizer_states": f"{gib(result.paged_optimizer)} GiB of it paged (CUDA managed memory)",
-        "activations": f"checkpointed; {gib(result.activations['without_checkpointing'])} GiB without"
-                       if result.gradient_checkpointing else
-                       f"no checkpointing; {gib(result.activations['with_checkpointing'])} GiB with",
-        "logits": f"{LOGIT_BYTES} bytes x {report.config.get_text_config().vocab_size:,} vocabulary per token"
-                  if hasattr(report.config, "get_text_config") else "",
+        "activations": (f"recompute {path.recompute}; {gib(result.activations['without_recompute'])} GiB without, "
+                        f"{gib(result.activations['with_full_recompute'])} GiB with full recompute"),
+        "loss": (f"fused, {fused_loss_chunk(tokens, dims.vocab, dims.hidden)}-row chunks" if path.fused_loss else
+                 f"{LOGIT_BYTES} bytes x {dims.vocab:,} vocabulary per token"),
     }
-    rows = [[COMPONENT_LABELS[key], gib(value), notes.get(key, "")] for key, value in c.items()]
+    rows = [[COMPONENT_LABELS[key], gib(value), notes.get(key, "")] for key, value in result.components.items()]
     rows.append(["", "", ""])
     rows += [[f"at {moment}", gib(value), "peak" if moment == result.peak_moment else ""]
              for moment, value in result.moments.items()]
