@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     finlora.add_argument("name", metavar="NAME", help="the entry to convert")
     finlora.add_argument("--out", default=None, help="the YAML to write (default configs/NAME.yml)")
     finlora.add_argument("--preset", default=None, help="add `preset: NAME` to the qlora section")
+    finlora.add_argument("--base-model", default=None, help="use this model instead of the entry's (e.g. a local copy)")
     finlora.add_argument("--force-4bit", action="store_true",
                          help="convert an 8- or 16-bit entry as a 4-bit QLoRA run instead of refusing it")
     finlora.add_argument("--dataset-type", default="finlora",

@@ -132,7 +132,7 @@ def nf4_bytes(numel: int, double_quant: bool, blocksize: int = 64) -> int:
     """
     blocks = math.ceil(numel / blocksize)
     tensors = [math.ceil(numel / 2), 16 * 4]
-    tensors += [blocks, math.ceil(blocks / 256) * 4, 4] if double_quant else [blocks * 4]
+    tensors += [blocks, math.ceil(blocks / 256) * 4, 256 * 4, 4] if double_quant else [blocks * 4]
     return sum(_allocated(size) for size in tensors)
 
 
