@@ -7,6 +7,7 @@ imported by the subcommand that needs them, so ``qlora --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -151,13 +152,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``qlora``; returns the exit status (2 for bad input, with the fix on stderr)."""
+    """Run ``qlora``; returns the exit status (2 for bad input, with the fix on stderr; 1 if the work failed)."""
     args = build_parser().parse_args(argv)
     try:
         return run(args)
     except (QLoRAConfigError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
         print(f"qlora {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # noqa: BLE001 - one line for people; QLORA_TRACEBACK=1 for the whole story
+        if os.environ.get("QLORA_TRACEBACK"):
+            raise
+        print(f"qlora {args.command}: failed: {type(error).__name__}: {error} "
+              "(nothing was written; set QLORA_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
