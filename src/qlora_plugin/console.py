@@ -1,0 +1,45 @@
+"""Output helpers of the ``qlora`` command: rich tables for people, JSON for programs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+GIB = 1024**3
+
+
+def console(stderr: bool = False) -> Any:
+    """A rich console; wide enough for the tables when output is not a terminal."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(file=stream, width=None if stream.isatty() else 120, highlight=False)
+
+
+def table(title: str | None, columns: list[str], rows: list[list[Any]], right: set[int] | None = None) -> Any:
+    """A rich table with ``columns``; the columns at ``right`` are right-aligned (numbers)."""
+    from rich.table import Table
+
+    result = Table(title=title, title_justify="left", show_edge=False)
+    for index, name in enumerate(columns):
+        result.add_column(name, justify="right" if right and index in right else "left")
+    for row in rows:
+        result.add_row(*(str(value) for value in row))
+    return result
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f}"
+
+
+def count(number: int) -> str:
+    """``11272192`` -> ``11.27M``."""
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(number) >= size:
+            return f"{number / size:.2f}{suffix}"
+    return str(number)

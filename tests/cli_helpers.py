@@ -1,0 +1,33 @@
+"""Running the real ``qlora`` command in a subprocess, as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def qlora_command() -> list[str]:
+    """The installed ``qlora`` console script beside this Python, else ``python -m qlora_plugin.cli``."""
+    script = Path(sys.executable).parent / "qlora"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "qlora_plugin.cli"]
+
+
+def run_qlora(*args: Any, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``qlora ARGS`` with this checkout's package first on the path."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", COLUMNS="160")
+    return subprocess.run([*qlora_command(), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=600)
+
+
+def run_json(*args: Any) -> Any:
+    """Run ``qlora ARGS --json``; fail with its stderr if it fails."""
+    result = run_qlora(*args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
