@@ -45,7 +45,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bf16-lora": dict(quant=False, prepare=False, dropout=0.05, optim="torch-adamw", grad_ckpt=True),
     "stock-qlora": dict(quant=True, prepare=True, dropout=0.05, optim="bnb-paged", grad_ckpt=True),
     "trl-qlora": dict(quant=True, trl=True, dropout=0.05, optim="paged_adamw_32bit", grad_ckpt=True),
-    "qlora-plugin": dict(quant=True, prepare=False, dropout=0.0, optim="plugin-paged", plugin=dict(recompute="none")),
+    "qlora-plugin": dict(quant=True, prepare=False, dropout=0.0, optim="plugin-paged",
+                         plugin=dict(recompute="none", cache_block_constants=True)),
     "qlora-plugin-memory": dict(quant=True, prepare=False, dropout=0.0, optim="plugin-paged",
                                 plugin=dict(recompute="offload")),
 }
@@ -193,7 +194,7 @@ def build(shape: str, variant: str, model_root: Path, *, dropout: float | None =
 
 
 _GEMM = re.compile(r"gemm|nvjet|cutlass|xmma|sm90_|cublas", re.I)
-_FP32_GEMM = re.compile(r"sgemm|f32f32_f32f32|_sss_|nvjet_s|gemm_f32", re.I)
+_FP32_GEMM = re.compile(r"sgemm|f32f32_f32f32|_sss_|nvjet_sm\d+_sss|gemm_f32", re.I)
 
 
 def kernel_category(name: str) -> str:
@@ -212,7 +213,7 @@ def kernel_category(name: str) -> str:
         return "silu*mul"
     if _GEMM.search(name):
         return "gemm fp32" if _FP32_GEMM.search(name) else "gemm bf16"
-    if "memcpy" in n or "copy" in n or "cast" in n:
+    if "memcpy" in n or "copy" in n:
         return "copy/cast"
     if "reduce" in n or "norm" in n:
         return "reduce"
@@ -605,8 +606,13 @@ def cmd_all(a: argparse.Namespace) -> None:
             if rc:
                 print(f"make-model {shape} failed\n{_tail(log)}", flush=True)
                 continue
-        for v in [x for x in a.variants.split(",") if x]:
-            name, _, extra = v.partition(":")  # e.g. qlora-plugin:{"recompute":"full"}@tag
+        for v in [x for x in a.variants.split(";") if x]:
+            # entry: [shape/]variant[:{FastPathConfig overrides as JSON}][@tag]
+            only, _, rest = v.rpartition("/") if "/" in v.split(":")[0] else ("", "", v)
+            if only and only != shape:
+                continue
+            v = rest
+            name, _, extra = v.partition(":")
             plugin, _, tag = extra.partition("@")
             left = deadline - time.time()
             if left < 30:
@@ -677,7 +683,7 @@ def main() -> None:
     al.add_argument("--out", required=True)
     al.add_argument("--model-root", default="")
     al.add_argument("--shapes", default="1b,8b")
-    al.add_argument("--variants", default=",".join(VARIANTS))
+    al.add_argument("--variants", default=";".join(VARIANTS), help="';'-separated entries")
     al.add_argument("--steps", type=int, default=8)
     al.add_argument("--steps-8b", type=int, default=6)
     al.add_argument("--warmup", type=int, default=2)

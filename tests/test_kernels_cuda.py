@@ -20,7 +20,7 @@ import bitsandbytes.functional as bnbf  # noqa: E402
 
 from qlora_plugin.kernels import FastPathConfig, PagedAdamW, apply_fast_path  # noqa: E402
 from qlora_plugin.kernels.dequant import dequantize_4bit_reference  # noqa: E402
-from qlora_plugin.kernels.layers import rms_norm, rms_norm_reference, silu_mul  # noqa: E402
+from qlora_plugin.kernels.layers import rms_norm, rms_norm_reference, rotary, rotary_reference, silu_mul  # noqa: E402
 from qlora_plugin.kernels.lora_linear import lora_4bit_linear  # noqa: E402
 from qlora_plugin.kernels.losses import linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
 from qlora_plugin.kernels.triton_nf4 import dequantize_4bit_triton  # noqa: E402
@@ -99,11 +99,31 @@ def test_liger_norm_and_swiglu_match_reference(shape) -> None:
     assert rel_err(y, yr) < 1e-2 and rel_err(gx, gxr) < 1e-2 and rel_err(gw, gwr) < 2e-2
     a = torch.randn(shape, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(shape, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-    z = silu_mul(a, b)
+    # Liger's SiLU-mul runs in place on its inputs' buffers: compare on copies.
+    zr = torch.nn.functional.silu(a.detach().float()) * b.detach().float()
+    ar, br = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+    gar, gbr = torch.autograd.grad(torch.nn.functional.silu(ar) * br, (ar, br), g.float())
+    z = silu_mul(a.clone(), b.clone())
     ga, gb = torch.autograd.grad(z, (a, b), g)
-    zr = torch.nn.functional.silu(a.float()) * b.float()
-    gar, gbr = torch.autograd.grad(zr, (a, b), g.float())
     assert rel_err(z, zr) < 1e-2 and rel_err(ga, gar) < 1e-2 and rel_err(gb, gbr) < 1e-2
+
+
+@pytest.mark.parametrize("b,hq,hk,s,d", [(4, 32, 8, 2048, 64), (3, 5, 1, 17, 32)])
+def test_liger_rope_matches_reference(b, hq, hk, s, d) -> None:
+    q = torch.randn(b, s, hq, d, device=DEV, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, s, hk, d, device=DEV, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    pos = torch.arange(s, device=DEV, dtype=torch.float32)
+    freqs = pos[:, None] / (10000 ** (torch.arange(0, d, 2, device=DEV) / d))[None]
+    emb = torch.cat((freqs, freqs), -1)[None].expand(b, s, d)
+    cos, sin = emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
+    qr, kr = rotary_reference(q, k, cos, sin)
+    gq, gk = torch.randn_like(qr), torch.randn_like(kr)
+    want = torch.autograd.grad((qr, kr), (q, k), (gq, gk))
+    qo, ko = rotary(q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_(), cos, sin)
+    assert rel_err(qo, qr) < 1e-2 and rel_err(ko, kr) < 1e-2
+    q2, k2 = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    got = torch.autograd.grad(rotary(q2, k2, cos, sin), (q2, k2), (gq, gk))
+    assert rel_err(got[0], want[0]) < 1e-2 and rel_err(got[1], want[1]) < 1e-2
 
 
 def test_paged_adamw_matches_bitsandbytes_paged_adamw() -> None:
@@ -130,12 +150,15 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory):
     return tiny_llama_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", hidden=256, inter=704, layers=3)
 
 
-@pytest.mark.parametrize("recompute", ["none", "full", "offload"])
-@pytest.mark.parametrize("triton_dequant", [False, True])
-def test_fast_path_cuda_matches_stock(checkpoint, recompute, triton_dequant) -> None:
+@pytest.mark.parametrize(
+    "recompute,triton_dequant,cache",
+    [("none", False, True), ("none", True, False), ("full", False, False), ("offload", False, False), ("offload", True, True)],
+)
+def test_fast_path_cuda_matches_stock(checkpoint, recompute, triton_dequant, cache) -> None:
     stock = lora(load_4bit(checkpoint, DEV), stock=True)
     fast = lora(load_4bit(checkpoint, DEV), stock=False)
-    rep = apply_fast_path(fast, config=FastPathConfig(recompute=recompute, triton_dequant=triton_dequant))
+    cfg = FastPathConfig(recompute=recompute, triton_dequant=triton_dequant, cache_block_constants=cache)
+    rep = apply_fast_path(fast, config=cfg)
     assert rep.lora_layers_fused == 21 and rep.loss_fused
     g = torch.Generator().manual_seed(11)
     batches = [torch.randint(0, VOCAB, (2, 64), generator=g).to(DEV) for _ in range(5)]
@@ -162,3 +185,4 @@ def test_fast_path_cuda_matches_stock(checkpoint, recompute, triton_dequant) -> 
     from qlora_plugin.kernels import dequant
 
     dequant.set_triton_dequant(False)
+    dequant.set_cache_block_constants(False)

@@ -19,7 +19,7 @@ pytest.importorskip("peft")
 
 from qlora_plugin.kernels import FastPathConfig, PagedAdamW, apply_fast_path  # noqa: E402
 from qlora_plugin.kernels.dequant import dequantize_4bit, dequantize_4bit_reference  # noqa: E402
-from qlora_plugin.kernels.layers import rms_norm, silu_mul  # noqa: E402
+from qlora_plugin.kernels.layers import rms_norm, rotary, silu_mul  # noqa: E402
 from qlora_plugin.kernels.lora_linear import lora_4bit_linear  # noqa: E402
 from qlora_plugin.kernels.losses import linear_cross_entropy, linear_cross_entropy_reference, shift_labels  # noqa: E402
 
@@ -149,6 +149,15 @@ def test_norm_and_swiglu_references_match_transformers() -> None:
     assert torch.equal(rms_norm(x, norm.weight, norm.variance_epsilon), norm(x))
     a, b = torch.randn(5, 33), torch.randn(5, 33)
     assert torch.equal(silu_mul(a, b), torch.nn.functional.silu(a) * b)
+
+
+def test_rotary_reference_matches_transformers() -> None:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_rope
+
+    q, k = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16)
+    cos, sin = torch.randn(2, 9, 16), torch.randn(2, 9, 16)
+    for got, want in zip(rotary(q, k, cos, sin), hf_rope(q, k, cos, sin)):
+        assert torch.allclose(got, want, atol=1e-6)
 
 
 def _batches(n: int, seed: int = 7) -> list[torch.Tensor]:

@@ -15,12 +15,24 @@ import torch
 from qlora_plugin.kernels._backend import use_gpu_kernels
 
 _TRITON_DEQUANT = False
+_CACHE_CONSTANTS = False
+_CACHE_ATTR = "_qlora_fp32_absmax"
 
 
 def set_triton_dequant(enabled: bool) -> None:
     """Choose the Triton dequant kernel (True) or bitsandbytes' kernels (False) on CUDA."""
     global _TRITON_DEQUANT
     _TRITON_DEQUANT = bool(enabled)
+
+
+def set_cache_block_constants(enabled: bool) -> None:
+    """Keep each weight's decoded fp32 block constants (1/16 of the bf16 weight's size).
+
+    Saves two launches and bitsandbytes' Python wrapper per dequantization; costs
+    4 bytes per 64 weights of GPU memory (about 0.44 GB for an 8B model).
+    """
+    global _CACHE_CONSTANTS
+    _CACHE_CONSTANTS = bool(enabled)
 
 
 def block_constants(quant_state: Any) -> torch.Tensor:
@@ -56,6 +68,15 @@ def dequantize_4bit(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype) 
         from qlora_plugin.kernels.triton_nf4 import dequantize_4bit_triton
 
         return dequantize_4bit_triton(weight, quant_state, dtype)
+    if _CACHE_CONSTANTS and weight.is_cuda:
+        absmax = getattr(quant_state, _CACHE_ATTR, None)
+        if absmax is None:
+            absmax = block_constants(quant_state).contiguous()
+            setattr(quant_state, _CACHE_ATTR, absmax)
+        shape = [int(d) for d in quant_state.shape]
+        return torch.ops.bitsandbytes.dequantize_4bit.default(
+            weight, absmax, quant_state.blocksize, quant_state.quant_type, shape, dtype
+        )
     import bitsandbytes.functional as bnbf
 
     out = bnbf.dequantize_4bit(weight, quant_state)

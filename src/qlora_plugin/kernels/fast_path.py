@@ -9,7 +9,7 @@ from torch import nn
 
 from qlora_plugin.kernels import dequant
 from qlora_plugin.kernels.casting import cast_adapters, cast_frozen_params
-from qlora_plugin.kernels.layers import patch_norms_and_mlps
+from qlora_plugin.kernels.layers import patch_norms_and_mlps, patch_rope
 from qlora_plugin.kernels.lora_linear import patch_lora_4bit_layers
 from qlora_plugin.kernels.losses import patch_causal_lm_loss
 from qlora_plugin.kernels.recompute import set_recompute
@@ -26,7 +26,11 @@ class FastPathConfig:
     fused_norm_mlp: Liger RMSNorm / SwiGLU (on CUDA) that save less for backward.
     recompute: "none", "full" or "offload" (see ``recompute.set_recompute``).
     recompute_every: checkpoint every k-th decoder layer only (with "full"/"offload").
+    fused_rope: Liger's rotary embedding on CUDA (swaps the modeling module's
+        ``apply_rotary_pos_emb`` for a dispatching function with the same math).
     triton_dequant: one-launch Triton NF4 dequantization instead of bitsandbytes' (CUDA).
+    cache_block_constants: keep decoded fp32 block constants per weight (+1/16 of the
+        bf16 weight size in memory, fewer launches per dequantization).
     """
 
     compute_dtype: torch.dtype = torch.bfloat16
@@ -36,7 +40,9 @@ class FastPathConfig:
     fused_norm_mlp: bool = True
     recompute: str = "none"
     recompute_every: int = 1
+    fused_rope: bool = True
     triton_dequant: bool = False
+    cache_block_constants: bool = False
 
 
 @dataclass
@@ -47,6 +53,7 @@ class FastPathReport:
     adapters_cast: int = 0
     lora_layers_fused: int = 0
     norms_patched: int = 0
+    rope_patched: int = 0
     mlps_patched: int = 0
     loss_fused: bool = False
     layers_recomputed: int = 0
@@ -83,10 +90,13 @@ def apply_fast_path(
         if hasattr(module, "compute_dtype") and type(module).__name__ == "Linear4bit":
             module.compute_dtype = cfg.compute_dtype
     dequant.set_triton_dequant(cfg.triton_dequant)
+    dequant.set_cache_block_constants(cfg.cache_block_constants)
     if cfg.fused_lora:
         report.lora_layers_fused = patch_lora_4bit_layers(lm)
     if cfg.fused_norm_mlp:
         report.norms_patched, report.mlps_patched = patch_norms_and_mlps(lm)
+    if cfg.fused_rope:
+        report.rope_patched = patch_rope(lm)
     if cfg.fused_loss:
         report.loss_fused = patch_causal_lm_loss(lm)
         if not report.loss_fused:

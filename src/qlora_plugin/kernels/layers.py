@@ -50,6 +50,50 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding of q and k (HF layout [B, H, S, D]); Liger's kernel on CUDA."""
+    if use_liger(q) and unsqueeze_dim == 1:
+        from liger_kernel.ops.rope import LigerRopeFunction
+
+        return LigerRopeFunction.apply(q, k, cos, sin, None, unsqueeze_dim)
+    return rotary_reference(q, k, cos, sin, unsqueeze_dim)
+
+
+def rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch rotary embedding (rotate-half convention, as Llama)."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        h = x.shape[-1] // 2
+        return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+_ROPE_MODULES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def patch_rope(model: nn.Module) -> int:
+    """Route the rotary embedding of Llama-family attention through :func:`rotary`.
+
+    transformers calls a module-level ``apply_rotary_pos_emb`` inside the attention
+    forward, so this swaps that function in the model's modeling module (once; same
+    math, and non-CUDA tensors take the reference path). Returns modules patched.
+    """
+    import sys
+
+    n = 0
+    for module in model.modules():
+        modname = type(module).__module__
+        if not type(module).__name__.endswith("Attention") or modname.rsplit(".", 1)[-1].replace("modeling_", "") not in _ROPE_MODULES:
+            continue
+        mod = sys.modules.get(modname)
+        if mod is not None and hasattr(mod, "apply_rotary_pos_emb") and getattr(mod.apply_rotary_pos_emb, "__name__", "") != "rotary":
+            mod.apply_rotary_pos_emb = rotary
+            n += 1
+    return n
+
+
 def _norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 

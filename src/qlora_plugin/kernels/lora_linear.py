@@ -68,29 +68,30 @@ class LoRA4bitFunction(torch.autograd.Function):
         w = dequant(weight, quant_state, dtype)
         out = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         del w
-        a = lora_a.to(dtype)
-        b = lora_b.to(dtype)
+        a = lora_a.detach().to(dtype)
+        b = lora_b.detach().to(dtype)
         u = torch.mm(xl2, a.t())
         out.addmm_(u, b.t(), alpha=scaling)
-        ctx.save_for_backward(xl2 if lora_a.requires_grad else None, u, lora_a, lora_b)
+        # The compute-dtype copies of A and B (r x (in + out) elements) are kept for
+        # backward rather than cast again there.
+        ctx.save_for_backward(xl2 if lora_a.requires_grad else None, u, a, b)
         ctx.weight, ctx.quant_state, ctx.dequant = weight, quant_state, dequant
         ctx.scaling, ctx.shared, ctx.x_shape = scaling, x_lora is None, x.shape
+        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
         return out.view(*lead, out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        xl2, u, lora_a, lora_b = ctx.saved_tensors
+        xl2, u, a, b = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
         dtype = g2.dtype
-        a = lora_a.to(dtype)
-        b = lora_b.to(dtype)
         s = ctx.scaling
         gu = torch.mm(g2, b).mul_(s)  # dL/du, [T, r]
         grad_a = grad_b = grad_x = grad_xl = None
         if ctx.needs_input_grad[3]:
-            grad_b = _mm_fp32(g2.t(), u).mul_(s).to(lora_b.dtype)
+            grad_b = _mm_fp32(g2.t(), u).mul_(s).to(ctx.b_dtype)
         if ctx.needs_input_grad[2]:
-            grad_a = _mm_fp32(gu.t(), xl2).to(lora_a.dtype)
+            grad_a = _mm_fp32(gu.t(), xl2).to(ctx.a_dtype)
         if ctx.needs_input_grad[0]:
             w = ctx.dequant(ctx.weight, ctx.quant_state, dtype)
             grad_x = torch.mm(g2, w)

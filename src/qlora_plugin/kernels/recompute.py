@@ -96,6 +96,8 @@ def _offloaded_checkpoint(stash: _HostStash, run: Callable[..., Any], hidden: to
     if not torch.is_grad_enabled():
         return run(hidden, *rest)
     fn = run if not rest else (lambda h: run(h, *rest))
+    if not hidden.requires_grad:  # e.g. the first layer under a frozen embedding: stay on the graph
+        hidden = hidden.detach().requires_grad_(True)
     return _OffloadedCheckpoint.apply(fn, stash, hidden)
 
 
