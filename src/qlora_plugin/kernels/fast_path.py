@@ -24,6 +24,9 @@ class FastPathConfig:
     fused_lora: route LoRA-over-4-bit layers through one autograd function.
     fused_loss: compute the training loss without materialising logits.
     fused_norm_mlp: Liger RMSNorm / SwiGLU (on CUDA) that save less for backward.
+    fused_mlp: with ``fused_norm_mlp``, also the SwiGLU MLPs (False leaves them to another patch).
+    skip_lora: names of projections (``q_proj``, ...) whose LoRA layers stay PEFT's
+        (another library's kernels compute them).
     recompute: "none", "full" or "offload" (see ``recompute.set_recompute``).
     recompute_every: checkpoint every k-th decoder layer only (with "full"/"offload").
     fused_rope: Liger's rotary embedding on CUDA (swaps the modeling module's
@@ -38,6 +41,8 @@ class FastPathConfig:
     fused_lora: bool = True
     fused_loss: bool = True
     fused_norm_mlp: bool = True
+    fused_mlp: bool = True
+    skip_lora: tuple[str, ...] = ()
     recompute: str = "none"
     recompute_every: int = 1
     fused_rope: bool = True
@@ -92,9 +97,9 @@ def apply_fast_path(
     dequant.set_triton_dequant(cfg.triton_dequant)
     dequant.set_cache_block_constants(cfg.cache_block_constants)
     if cfg.fused_lora:
-        report.lora_layers_fused = patch_lora_4bit_layers(lm)
+        report.lora_layers_fused = patch_lora_4bit_layers(lm, skip=cfg.skip_lora)
     if cfg.fused_norm_mlp:
-        report.norms_patched, report.mlps_patched = patch_norms_and_mlps(lm)
+        report.norms_patched, report.mlps_patched = patch_norms_and_mlps(lm, mlps=cfg.fused_mlp)
     if cfg.fused_rope:
         report.rope_patched = patch_rope(lm)
     if cfg.fused_loss:

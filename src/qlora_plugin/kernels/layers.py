@@ -109,8 +109,9 @@ def _is_swiglu_mlp(module: nn.Module) -> bool:
     return has_proj and is_silu and type(module).__name__.endswith("MLP")
 
 
-def patch_norms_and_mlps(model: nn.Module) -> tuple[int, int]:
-    """Patch Llama-style RMSNorm and SwiGLU MLP modules; returns (norms, mlps) patched."""
+def patch_norms_and_mlps(model: nn.Module, mlps: bool = True) -> tuple[int, int]:
+    """Patch Llama-style RMSNorm and (with ``mlps``) SwiGLU MLP modules; returns (norms, mlps) patched."""
+    do_mlps = mlps
     norms = mlps = 0
     for module in model.modules():
         if hasattr(module, _ORIG_FORWARD):
@@ -119,7 +120,7 @@ def patch_norms_and_mlps(model: nn.Module) -> tuple[int, int]:
             setattr(module, _ORIG_FORWARD, module.forward)
             module.forward = types.MethodType(_norm_forward, module)
             norms += 1
-        elif _is_swiglu_mlp(module):
+        elif do_mlps and _is_swiglu_mlp(module):
             setattr(module, _ORIG_FORWARD, module.forward)
             module.forward = types.MethodType(_swiglu_forward, module)
             mlps += 1

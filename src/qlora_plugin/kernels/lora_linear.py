@@ -172,14 +172,17 @@ def is_lora_4bit_layer(module: nn.Module) -> bool:
     return isinstance(module, LoraLinear4bit)
 
 
-def patch_lora_4bit_layers(model: nn.Module) -> int:
+def patch_lora_4bit_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
     """Route every PEFT LoRA-over-4-bit layer of ``model`` through the fused function.
 
-    Returns how many layers were patched. Layers that use DoRA, several adapters,
-    merged weights or mixed-adapter batches fall back to PEFT's forward per call.
+    Returns how many layers were patched. Layers whose name ends in one of ``skip``
+    are left alone. Layers that use DoRA, several adapters, merged weights or
+    mixed-adapter batches fall back to PEFT's forward per call.
     """
     n = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if skip and name.rsplit(".", 1)[-1] in skip:
+            continue
         if is_lora_4bit_layer(module) and not hasattr(module, _ORIG_FORWARD):
             setattr(module, _ORIG_FORWARD, module.forward)
             module.forward = types.MethodType(_fused_forward, module)

@@ -86,7 +86,8 @@ def _fused_loss_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     labels = kwargs.pop("labels")
     targets = kwargs.pop("shift_labels", None)
     num_items = kwargs.pop("num_items_in_batch", None)
-    kwargs.pop("logits_to_keep", None)
+    for unused in ("logits_to_keep", "skip_logits", "return_token_accuracy", "use_token_scaling"):
+        kwargs.pop(unused, None)  # the last three: TRL's requests to Liger's forward
     kwargs["use_cache"] = False
     outputs = self.model(**kwargs)
     hidden = outputs.last_hidden_state

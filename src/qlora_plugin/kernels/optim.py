@@ -61,8 +61,9 @@ def prefetch_to_device(t: torch.Tensor) -> None:
 class PagedAdamW(torch.optim.AdamW):
     """AdamW with fp32 moments in paged (unified) memory and a fused multi-tensor step.
 
-    Parameters must be fp32 on CUDA for the paged, fused path (keep LoRA master weights
-    in fp32 and compute in bf16, as ``apply_fast_path`` does); on CPU any float dtype works.
+    Parameters must be fp32 on CUDA for the paged, fused path by the first step (keep
+    LoRA master weights in fp32 and compute in bf16, as ``apply_fast_path`` does; a
+    trainer may build the optimizer before that cast); on CPU any float dtype works.
     """
 
     def __init__(
@@ -78,8 +79,6 @@ class PagedAdamW(torch.optim.AdamW):
         params = list(params)
         tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
         on_cuda = bool(tensors) and all(p.is_cuda for p in tensors)
-        if on_cuda and any(p.dtype != torch.float32 for p in tensors):
-            raise ValueError("PagedAdamW keeps 32-bit moments only for fp32 parameters; keep LoRA master weights in fp32")
         if on_cuda:
             super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
         else:
@@ -90,6 +89,8 @@ class PagedAdamW(torch.optim.AdamW):
     def _page_states(self) -> None:
         """Place every parameter's moments in one unified-memory buffer (keeping any values)."""
         params = [p for g in self.param_groups for p in g["params"]]
+        if any(p.dtype != torch.float32 for p in params):
+            raise ValueError("PagedAdamW keeps 32-bit moments only for fp32 parameters; keep LoRA master weights in fp32")
         pages = managed_zeros(2 * sum(p.numel() for p in params), params[0].device)
         offset = 0
         for p in params:
