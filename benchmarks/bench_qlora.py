@@ -28,11 +28,14 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-BATCH, SEQ = 4, 2048
+DEVICE = "cuda" if os.environ.get("BENCH_DEVICE", "cuda") == "cuda" else "cpu"
+BATCH, SEQ = 4, int(os.environ.get("BENCH_SEQ", 2048))
 RANK, ALPHA = 16, 32
 LR = 2e-4
 
 SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, tie_word_embeddings=False),  # CPU dry runs
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -40,15 +43,25 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 VOCAB = 128256
 
-# name -> settings; "plugin" keys go to FastPathConfig.
+# name -> settings. "recipe": qlora_recipe overrides, run the way a user would (SFTTrainer for the
+# table, recipe -> PEFT -> the recipe's hooks for numerics and the memory sweep); "fused_optim":
+# pass optimizer_cls_and_kwargs=recipe.optimizer_cls_and_kwargs(args). "plugin": FastPathConfig
+# applied directly (the earlier standalone rows, kept for comparison).
 VARIANTS: dict[str, dict[str, Any]] = {
     "bf16-lora": dict(quant=False, prepare=False, dropout=0.05, optim="torch-adamw", grad_ckpt=True),
     "stock-qlora": dict(quant=True, prepare=True, dropout=0.05, optim="bnb-paged", grad_ckpt=True),
     "trl-qlora": dict(quant=True, trl=True, dropout=0.05, optim="paged_adamw_32bit", grad_ckpt=True),
-    "qlora-plugin": dict(quant=True, prepare=False, dropout=0.0, optim="plugin-paged",
-                         plugin=dict(recompute="none", cache_block_constants=True)),
-    "qlora-plugin-memory": dict(quant=True, prepare=False, dropout=0.0, optim="plugin-paged",
-                                plugin=dict(recompute="offload")),
+    "qlora-plugin": dict(quant=True, trl=True, dropout=0.05, recipe=dict(gradient_checkpointing=False),
+                         fused_optim=True),
+    "qlora-plugin-memory": dict(quant=True, trl=True, dropout=0.05, recipe=dict(gradient_checkpointing="offload"),
+                                fused_optim=True),
+    "qlora-plugin-default": dict(quant=True, trl=True, dropout=0.05, recipe={}, fused_optim=True),
+    "qlora-plugin-bnb-optim": dict(quant=True, trl=True, dropout=0.05, recipe=dict(gradient_checkpointing=False),
+                                   fused_optim=False),
+    # recipe -> PEFT -> the recipe's hooks, without a trainer (numerics: dropout forced to 0 there)
+    "qlora-plugin-numerics": dict(quant=True, dropout=0.0, recipe=dict(gradient_checkpointing=False)),
+    "kernels-direct": dict(quant=True, prepare=False, dropout=0.0, optim="plugin-paged",
+                           plugin=dict(recompute="none", cache_block_constants=True)),
 }
 
 
@@ -65,6 +78,73 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[name] = "-"
     return out
+
+
+def _sync() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _empty_cache() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _reset_peak() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> int:
+    import torch
+
+    return torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
+
+
+def _gpu() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
+
+
+class _Events:
+    """Paired timing marks: CUDA events on the GPU, perf_counter on a CPU dry run."""
+
+    def __init__(self) -> None:
+        self.pairs: list[Any] = []
+        self._open: Any = None
+
+    def start(self) -> None:
+        self._open = self._mark()
+
+    def stop(self) -> None:
+        if self._open is not None:
+            self.pairs.append((self._open, self._mark()))
+            self._open = None
+
+    @staticmethod
+    def _mark() -> Any:
+        import torch
+
+        if DEVICE == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def mean_ms(self, skip: int = 0) -> float:
+        pairs = self.pairs[skip:] or self.pairs
+        if not pairs:
+            return 0.0
+        if DEVICE == "cuda":
+            return sum(s.elapsed_time(e) for s, e in pairs) / len(pairs)
+        return 1e3 * sum(e - s for s, e in pairs) / len(pairs)
 
 
 def _gib(n: float) -> float:
@@ -121,15 +201,15 @@ def cmd_make_model(a: argparse.Namespace) -> None:
     if not (bf16_dir / "config.json").exists():
         torch.manual_seed(1234)
         cfg = llama_config(a.shape)
-        with torch.device("cuda"):
+        with torch.device(DEVICE):
             model = LlamaForCausalLM(cfg).to(torch.bfloat16)
         model.save_pretrained(bf16_dir, max_shard_size="4GB")
         del model
-        torch.cuda.empty_cache()
+        _empty_cache()
     t1 = time.time()
     if not (nf4_dir / "config.json").exists():
         q = AutoModelForCausalLM.from_pretrained(bf16_dir, quantization_config=bnb_config(), dtype=torch.bfloat16,
-                                                 device_map="cuda", attn_implementation="sdpa")
+                                                 device_map=DEVICE, attn_implementation="sdpa")
         q.save_pretrained(nf4_dir)
     print(f"make-model {a.shape}: bf16 {t1 - t0:.0f}s, nf4 {time.time() - t1:.0f}s", flush=True)
 
@@ -150,7 +230,9 @@ def build(shape: str, variant: str, model_root: Path, *, dropout: float | None =
     if optim is not None:
         spec["optim"] = optim
     bf16_dir, nf4_dir = model_dirs(model_root, shape)
-    kw = dict(dtype=torch.bfloat16, device_map="cuda", attn_implementation="sdpa")
+    kw = dict(dtype=torch.bfloat16, device_map=DEVICE, attn_implementation="sdpa")
+    if "recipe" in spec:
+        return build_recipe(nf4_dir, spec, kw)
     model = AutoModelForCausalLM.from_pretrained(nf4_dir if spec["quant"] else bf16_dir, **kw)
     model.config.use_cache = False
     info: dict[str, Any] = {"lora_dropout": spec["dropout"], "optimizer": spec["optim"]}
@@ -187,6 +269,39 @@ def build(shape: str, variant: str, model_root: Path, *, dropout: float | None =
     else:
         opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     model.train()
+    return model, opt, info
+
+
+def make_recipe(spec: dict[str, Any]) -> Any:
+    from qlora_plugin import qlora_recipe
+
+    return qlora_recipe(r=RANK, lora_alpha=ALPHA, lora_dropout=spec["dropout"], learning_rate=LR, **spec["recipe"])
+
+
+def build_recipe(nf4_dir: Path, spec: dict[str, Any], kw: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """recipe.load_model -> get_peft_model(model, recipe) -> the recipe's optimizer; the fast path goes
+    on by itself at the first training forward (on CUDA)."""
+    import torch
+    from peft import get_peft_model
+
+    recipe = make_recipe(spec)
+    model = recipe.load_model(nf4_dir, **kw)
+    torch.manual_seed(0)
+    model = get_peft_model(model, recipe)
+    params = [p for p in model.parameters() if p.requires_grad]
+    chosen = recipe.optimizer_cls_and_kwargs()
+    if chosen is not None:
+        cls, okw = chosen
+        opt = cls(params, **{**okw, "weight_decay": 0.0})
+    else:
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.PagedAdamW32bit(params, lr=LR, weight_decay=0.0)
+    model.train()
+    from qlora_plugin.speed import recompute_mode
+
+    info = {"lora_dropout": spec["dropout"], "optimizer": type(opt).__name__, "grad_ckpt": recompute_mode(recipe),
+            "adapter_dtype": "float32 (after the first forward)", "recipe": recipe.recipe_fields()}
     return model, opt, info
 
 
@@ -280,14 +395,10 @@ def profile_step(step_fn: Any, trace_path: Path | None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- run one variant
 
 
-def _optimizer_step_timed(opt: Any, events: list[Any]) -> None:
-    import torch
-
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
+def _optimizer_step_timed(opt: Any, events: Any) -> None:
+    events.start()
     opt.step()
-    e.record()
-    events.append((s, e))
+    events.stop()
 
 
 def cmd_run(a: argparse.Namespace) -> None:
@@ -300,11 +411,11 @@ def cmd_run(a: argparse.Namespace) -> None:
     model, opt, info = build(a.shape, a.variant, Path(a.model_dir), plugin_overrides=overrides, optim=a.optim,
                              dropout=a.dropout)
     load_s = time.time() - t0
-    load_peak = torch.cuda.max_memory_allocated()
-    batches = [b.cuda() for b in synthetic_batches(min(a.warmup + a.steps, 4))]
-    torch.cuda.reset_peak_memory_stats()
+    load_peak = _peak()
+    batches = [b.to(DEVICE) for b in synthetic_batches(min(a.warmup + a.steps, 4))]
+    _reset_peak()
     losses: list[Any] = []
-    opt_events: list[Any] = []
+    opt_events = _Events()
 
     def step(i: int, timed: bool) -> None:
         x = batches[i % len(batches)]
@@ -319,15 +430,15 @@ def cmd_run(a: argparse.Namespace) -> None:
 
     for i in range(a.warmup):
         step(i, False)
-    torch.cuda.synchronize()
+    _sync()
     t1 = time.perf_counter()
     for i in range(a.warmup, a.warmup + a.steps):
         step(i, True)
-    torch.cuda.synchronize()
+    _sync()
     elapsed = time.perf_counter() - t1
-    peak = torch.cuda.max_memory_allocated()
-    peak_reserved = torch.cuda.max_memory_reserved()
-    opt_ms = sum(s.elapsed_time(e) for s, e in opt_events) / max(len(opt_events), 1)
+    peak = _peak()
+    peak_reserved = torch.cuda.max_memory_reserved() if DEVICE == "cuda" else 0
+    opt_ms = opt_events.mean_ms()
     step_s = elapsed / a.steps
     row = dict(
         shape=a.shape, variant=a.tag or a.variant, tok_s=round(BATCH * SEQ / step_s), step_s=round(step_s, 4),
@@ -336,7 +447,7 @@ def cmd_run(a: argparse.Namespace) -> None:
         losses=[round(float(x), 4) for x in losses], batch=BATCH, seq=SEQ, rank=RANK, alpha=ALPHA,
         grad_ckpt=info.pop("grad_ckpt"), optimizer_ms=round(opt_ms, 2), optimizer_pct=round(100 * opt_ms / 1e3 / step_s, 2),
         paged_gib=_gib(opt.paged_bytes()) if hasattr(opt, "paged_bytes") else None,
-        warmup=a.warmup, steps=a.steps, load_s=round(load_s, 1), gpu=torch.cuda.get_device_name(),
+        warmup=a.warmup, steps=a.steps, load_s=round(load_s, 1), gpu=_gpu(),
         versions=_versions(), **info,
     )
     if a.profile:
@@ -347,7 +458,9 @@ def cmd_run(a: argparse.Namespace) -> None:
 
 
 def run_trl(a: argparse.Namespace) -> None:
-    """TRL's own QLoRA path: SFTTrainer over a 4-bit model with a LoRA peft_config."""
+    """SFTTrainer over a 4-bit model: TRL's own QLoRA (LoraConfig), or the recipe as a user writes it:
+    ``SFTTrainer(model, args=recipe.sft_config(...), peft_config=recipe[, optimizer_cls_and_kwargs=...])``."""
+    import logging
     import tempfile
 
     import torch
@@ -360,8 +473,20 @@ def run_trl(a: argparse.Namespace) -> None:
     spec = VARIANTS[a.variant]
     _, nf4_dir = model_dirs(Path(a.model_dir), a.shape)
     t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(nf4_dir, dtype=torch.bfloat16, device_map="cuda",
-                                                 attn_implementation="sdpa")
+    kw = dict(dtype=torch.bfloat16, device_map=DEVICE, attn_implementation="sdpa")
+    recipe = make_recipe(spec) if "recipe" in spec else None
+    reports: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            reports.append(record.getMessage())
+
+    logging.getLogger("qlora_plugin").addHandler(Keep())
+    logging.getLogger("qlora_plugin").setLevel(logging.INFO)
+    if recipe is not None:
+        model = recipe.load_model(nf4_dir, **kw)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(nf4_dir, **kw)
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
                                   pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
@@ -371,51 +496,78 @@ def run_trl(a: argparse.Namespace) -> None:
     ds = Dataset.from_dict({"input_ids": rows})
     times: list[float] = []
     logged: list[float] = []
+    opt_events = _Events()
 
     class Timer(TrainerCallback):
         def on_train_begin(self, *args: Any, **kw: Any) -> None:
-            torch.cuda.reset_peak_memory_stats()
+            _reset_peak()
 
         def on_step_begin(self, *args: Any, **kw: Any) -> None:
-            torch.cuda.synchronize()
+            _sync()
             times.append(time.perf_counter())
 
+        def on_pre_optimizer_step(self, *args: Any, **kw: Any) -> None:
+            opt_events.start()
+
+        def on_optimizer_step(self, *args: Any, **kw: Any) -> None:
+            opt_events.stop()
+
         def on_step_end(self, *args: Any, **kw: Any) -> None:
-            torch.cuda.synchronize()
+            _sync()
             times.append(time.perf_counter())
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
             if logs and "loss" in logs:
                 logged.append(float(logs["loss"]))
 
+    common = dict(per_device_train_batch_size=BATCH, max_steps=n, learning_rate=LR, weight_decay=0.0,
+                  lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no",
+                  report_to="none", max_length=SEQ, packing=False, seed=0,
+                  dataset_kwargs={"skip_prepare_dataset": True}, dataloader_num_workers=0)
     with tempfile.TemporaryDirectory() as out:
-        cfg = SFTConfig(output_dir=out, per_device_train_batch_size=BATCH, max_steps=n, learning_rate=LR,
-                        weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
-                        save_strategy="no", report_to="none", bf16=True, gradient_checkpointing=spec["grad_ckpt"],
-                        optim=spec["optim"], max_length=SEQ, packing=False, seed=0,
-                        dataset_kwargs={"skip_prepare_dataset": True}, dataloader_num_workers=0)
-        lcfg = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=spec["dropout"], target_modules="all-linear",
-                          task_type="CAUSAL_LM")
-        trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lcfg,
-                             callbacks=[Timer()])
+        extra: dict[str, Any] = {}
+        if recipe is not None:
+            cfg = recipe.sft_config(output_dir=out, **common)
+            peft_config: Any = recipe
+            if spec.get("fused_optim"):
+                extra["optimizer_cls_and_kwargs"] = recipe.optimizer_cls_and_kwargs(cfg)
+        else:
+            cfg = SFTConfig(output_dir=out, bf16=DEVICE == "cuda", gradient_checkpointing=spec["grad_ckpt"],
+                            optim=spec["optim"], **common)
+            peft_config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=spec["dropout"],
+                                     target_modules="all-linear", task_type="CAUSAL_LM")
+        trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
+                             callbacks=[Timer()], **extra)
         load_s = time.time() - t0
         trainer.train()
-    peak = torch.cuda.max_memory_allocated()
+    peak = _peak()
     starts, ends = times[0::2], times[1::2]
     timed = ends[-1] - starts[a.warmup]  # includes data loading and logging between steps, as in real use
     step_s = timed / a.steps
+    opt_ms = opt_events.mean_ms(skip=a.warmup)
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     adapter_dtype = str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad))
+    if recipe is not None:
+        from qlora_plugin.speed import recompute_mode
+
+        grad_ckpt = recompute_mode(recipe) if DEVICE == "cuda" else str(recipe.gradient_checkpointing)
+    else:
+        grad_ckpt = "full" if spec["grad_ckpt"] else "none"
+    paged = optimizer.paged_bytes() if hasattr(optimizer, "paged_bytes") else None
     row = dict(
         shape=a.shape, variant=a.tag or a.variant, tok_s=round(BATCH * SEQ / step_s), step_s=round(step_s, 4),
-        peak_gib=_gib(peak), peak_reserved_gib=_gib(torch.cuda.max_memory_reserved()),
-        loss_first=round(logged[0], 4) if logged else None, loss_last=round(logged[-1], 4) if logged else None,
-        losses=[round(x, 4) for x in logged], batch=BATCH, seq=SEQ, rank=RANK, alpha=ALPHA, grad_ckpt="full",
-        optimizer=spec["optim"], lora_dropout=spec["dropout"], adapter_dtype=adapter_dtype, warmup=a.warmup,
-        steps=a.steps, load_s=round(load_s, 1), gpu=torch.cuda.get_device_name(), versions=_versions(),
+        peak_gib=_gib(peak), loss_first=round(logged[0], 4) if logged else None,
+        loss_last=round(logged[-1], 4) if logged else None, losses=[round(x, 4) for x in logged], batch=BATCH,
+        seq=SEQ, rank=RANK, alpha=ALPHA, grad_ckpt=grad_ckpt, optimizer=type(optimizer).__name__,
+        optimizer_ms=round(opt_ms, 2), optimizer_pct=round(100 * opt_ms / 1e3 / step_s, 2),
+        paged_gib=_gib(paged) if paged else None, lora_dropout=spec["dropout"], adapter_dtype=adapter_dtype,
+        warmup=a.warmup, steps=a.steps, load_s=round(load_s, 1), gpu=_gpu(), versions=_versions(),
+        path="SFTTrainer + recipe" if recipe is not None else "SFTTrainer + LoraConfig",
+        plugin_reports=reports,
     )
     append_row(Path(a.json), row)
-    print(json.dumps({k: row[k] for k in ("shape", "variant", "tok_s", "peak_gib", "loss_first", "loss_last")}),
-          flush=True)
+    print(json.dumps({k: row[k] for k in ("shape", "variant", "tok_s", "peak_gib", "loss_first", "loss_last",
+                                         "optimizer_pct")}), flush=True)
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
@@ -442,7 +594,7 @@ def cmd_numerics(a: argparse.Namespace) -> None:
             p.data.copy_(saved[n])
     else:
         torch.save({n: p.detach().float().cpu() for n, p in lora.items()}, init)
-    batches = [b.cuda() for b in synthetic_batches(a.steps, seed=1)]
+    batches = [b.to(DEVICE) for b in synthetic_batches(a.steps, seed=1)]
     # 1) gradients at a point with non-zero B (at PEFT's init B = 0 and A's gradient is zero).
     g = torch.Generator().manual_seed(5)
     backup = {n: p.detach().clone() for n, p in lora.items()}
@@ -479,6 +631,58 @@ def compare_numerics(state_dir: Path, ref: str, other: str, shape: str) -> dict[
                 max_rel_loss_diff=max(rel), all_within_1pct=max(rel) < 0.01,
                 grad_rel_err_median=sorted(errs.values())[len(errs) // 2], grad_rel_err_max=errs[worst],
                 grad_rel_err_worst_param=worst, grad_cos_min=min(cos.values()), n_grad_tensors=len(errs))
+
+
+# ----------------------------------------------------------------------------- memory sweep
+
+SWEEP_POINTS = ((1024, 1), (1024, 4), (2048, 1), (2048, 4))
+SWEEP_NAMES = {"1b": "llama-3.2-1b", "8b": "llama-3.1-8b", "tiny": "tiny"}
+
+
+def cmd_sweep(a: argparse.Namespace) -> None:
+    """Peak allocated memory over 3 steps at each (seq, batch), one model load per (shape, path).
+
+    path "stock": prepare_model_for_kbit_training (HF gradient checkpointing on), PEFT LoRA, bitsandbytes
+    PagedAdamW32bit; path "fast": the recipe's defaults (recipe -> PEFT -> the recipe's own hooks)."""
+    import torch
+
+    if a.path == "stock":
+        model, opt, info = build(a.shape, "stock-qlora", Path(a.model_dir))
+        recompute, fused_loss = "full", False
+    else:
+        spec = dict(quant=True, dropout=0.05, recipe={})
+        model, opt, info = build_recipe(model_dirs(Path(a.model_dir), a.shape)[1], spec,
+                                        dict(dtype=torch.bfloat16, device_map=DEVICE, attn_implementation="sdpa"))
+        recompute, fused_loss = info["grad_ckpt"], None
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for seq, batch in SWEEP_POINTS:
+        if seq > a.max_seq:
+            continue
+        _empty_cache()
+        _reset_peak()
+        for _ in range(3):
+            x = torch.randint(0, VOCAB, (batch, seq), generator=g).to(DEVICE)
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        _sync()
+        if fused_loss is None:  # what the hook actually did
+            base = model.get_base_model()
+            fused_loss = hasattr(base, "_qlora_fast_orig_forward")
+        if hasattr(opt, "paged_bytes"):
+            paged = opt.paged_bytes()
+        else:
+            paged = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items()
+                        if torch.is_tensor(t) and getattr(t, "is_paged", False))
+        rows.append(dict(model=SWEEP_NAMES[a.shape], path=a.path, recompute=recompute, fused_loss=bool(fused_loss),
+                         seq=seq, batch=batch, peak_allocated_bytes=int(_peak()), paged_state_bytes=int(paged),
+                         loss=round(float(loss), 4), gpu=_gpu()))
+        print(json.dumps(rows[-1]), flush=True)
+    out = Path(a.json)
+    old = json.loads(out.read_text()) if out.exists() else []
+    out.write_text(json.dumps(old + rows, indent=1))
 
 
 # ----------------------------------------------------------------------------- micro
@@ -590,18 +794,11 @@ def cmd_all(a: argparse.Namespace) -> None:
     deadline = time.time() + a.budget_s
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = out / f"bench-{stamp}.json"
-    if a.kernel_tests:
-        tests = Path(a.tests_dir) / "test_kernels_cuda.py"
-        t = time.time()
-        with log.open("a") as fh:
-            rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(tests)],
-                                stdout=fh, stderr=subprocess.STDOUT, timeout=300).returncode
-        print(f"kernel tests rc={rc} ({time.time() - t:.0f}s)\n{_tail(log, 4)}", flush=True)
     if a.micro:
         rc = _sub(["micro", "--json", str(out / "micro.json")], log, 240)
         print(f"micro rc={rc}\n{_tail(log, 5)}", flush=True)
     for shape in a.shapes.split(","):
-        if a.variants or a.numerics:
+        if a.variants or a.numerics or a.sweep:
             rc = _sub(["make-model", "--shape", shape, "--dir", str(root)], log, 600)
             if rc:
                 print(f"make-model {shape} failed\n{_tail(log)}", flush=True)
@@ -633,18 +830,39 @@ def cmd_all(a: argparse.Namespace) -> None:
         if shape in a.numerics.split(","):
             sd = out / f"numerics-{shape}"
             sd.mkdir(exist_ok=True)
-            for v in ("stock-qlora", "qlora-plugin"):
+            for v in ("stock-qlora", "qlora-plugin-numerics"):
                 rc = _sub(["numerics", "--shape", shape, "--variant", v, "--model-dir", str(root), "--state-dir", str(sd),
                            "--steps", str(a.numerics_steps)], log, max(60, min(deadline - time.time(), 400)))
                 print(f"  numerics {shape}/{v} rc={rc}", flush=True)
             try:
-                cmp_ = compare_numerics(sd, "stock-qlora", "qlora-plugin", shape)
+                cmp_ = compare_numerics(sd, "stock-qlora", "qlora-plugin-numerics", shape)
                 (out / f"numerics-{shape}.json").write_text(json.dumps(cmp_, indent=1))
                 print(json.dumps({k: v for k, v in cmp_.items() if not k.startswith("loss_")}), flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"numerics compare failed: {e}", flush=True)
             for f in sd.glob("*.pt"):
                 f.unlink()
+        if shape in a.sweep.split(","):
+            for path in ("fast", "stock"):
+                left = deadline - time.time()
+                if left < 40:
+                    print(f"skip sweep {shape}/{path}: budget", flush=True)
+                    continue
+                rc = _sub(["sweep", "--shape", shape, "--path", path, "--model-dir", str(root),
+                           "--json", str(out / "memory_sweep.json")], log, min(left, 300))
+                print(f"  sweep {shape}/{path} rc={rc}\n{_tail(log, 2) if rc == 0 else _tail(log)}", flush=True)
+    if a.kernel_tests and deadline - time.time() > 45:
+        tests = Path(a.tests_dir) / "test_kernels_cuda.py"
+        t = time.time()
+        with log.open("a") as fh:
+            fh.write("\n+ pytest test_kernels_cuda.py\n")
+            fh.flush()
+            try:
+                rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
+                                    stdout=fh, stderr=subprocess.STDOUT, timeout=deadline - time.time()).returncode
+            except subprocess.TimeoutExpired:
+                rc = 124
+        print(f"kernel tests rc={rc} ({time.time() - t:.0f}s)\n{_tail(log, 4)}", flush=True)
     if results.exists():
         table = markdown_table(json.loads(results.read_text()))
         (out / f"bench-{stamp}.md").write_text(table + "\n")
@@ -675,6 +893,12 @@ def main() -> None:
     n.add_argument("--model-dir", required=True)
     n.add_argument("--state-dir", required=True)
     n.add_argument("--steps", type=int, default=30)
+    sw = sub.add_parser("sweep")
+    sw.add_argument("--shape", choices=SHAPES, required=True)
+    sw.add_argument("--path", choices=("stock", "fast"), required=True)
+    sw.add_argument("--model-dir", required=True)
+    sw.add_argument("--json", required=True)
+    sw.add_argument("--max-seq", type=int, default=2048)
     mi = sub.add_parser("micro")
     mi.add_argument("--json", required=True)
     t = sub.add_parser("table")
@@ -691,6 +915,7 @@ def main() -> None:
     al.add_argument("--numerics", default="", help="comma list of shapes for the 30-step comparison")
     al.add_argument("--numerics-steps", type=int, default=30)
     al.add_argument("--kernel-tests", action="store_true")
+    al.add_argument("--sweep", default="", help="comma list of shapes for the memory sweep")
     al.add_argument("--micro", action="store_true")
     al.add_argument("--tests-dir", default=str(HERE.parent / "tests"))
     al.add_argument("--budget-s", type=float, default=540)
@@ -698,7 +923,8 @@ def main() -> None:
     if a.cmd == "all" and not a.model_root:
         shm = Path("/dev/shm")
         a.model_root = str(shm / "qlora-models") if shm.exists() and shutil.disk_usage(shm).free > 30e9 else "/tmp/qlora-models"
-    {"make-model": cmd_make_model, "run": cmd_run, "micro": cmd_micro, "numerics": cmd_numerics, "table": cmd_table, "all": cmd_all}[a.cmd](a)
+    {"make-model": cmd_make_model, "run": cmd_run, "micro": cmd_micro, "numerics": cmd_numerics, "table": cmd_table, "all": cmd_all,
+     "sweep": cmd_sweep}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 # Run the QLoRA benchmark on a CUDA machine, from the repository root.
 #   bash benchmarks/run_device.sh [bench_qlora.py "all" options...]
 # Installs the wheels in .whl/ (if any) into /tmp/site first. Results go to $OUT if set,
-# else benchmarks/results/run-<time>/. A staged copy (this script beside a kernels/ and a
-# tests/ folder, e.g. under .bench/) runs the staged kernels through a package overlay.
+# else benchmarks/results/run-<time>/. A staged copy (this script beside a qlora_plugin/ package and
+# a tests/ folder, e.g. under .bench/) runs the staged package.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$PWD/benchmarks/results/run-$(date +%Y%m%d-%H%M%S)}
@@ -11,7 +11,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-if [ -d "$here/kernels" ]; then
+if [ -d "$here/qlora_plugin" ]; then  # staged package beside this script (e.g. under .bench/)
+  export PYTHONPATH=$here:$PYTHONPATH
+  tests=$here/tests
+elif [ -d "$here/kernels" ]; then
   mkdir -p /tmp/pkg/qlora_plugin && : >/tmp/pkg/qlora_plugin/__init__.py
   rm -rf /tmp/pkg/qlora_plugin/kernels && cp -r "$here/kernels" /tmp/pkg/qlora_plugin/kernels
   export PYTHONPATH=/tmp/pkg:$PYTHONPATH

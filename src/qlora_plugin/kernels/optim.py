@@ -118,7 +118,7 @@ class PagedAdamW(torch.optim.AdamW):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         if self.paged:
-            self._page_states()
+            self._pages = None  # re-paged, values kept, at the next step (accelerate loads before any cast)
 
     def paged_bytes(self) -> int:
         """Bytes of moments held in unified memory (0 before the first step or off CUDA)."""
