@@ -4,7 +4,8 @@ The recipe registers :func:`make_lora_layer` with PEFT's custom-module dispatch
 for ``nn.Linear`` and ``Conv1D``. A base layer that is already a bitsandbytes
 4-bit layer gets PEFT's own 4-bit LoRA layer; a plain layer (a model loaded in
 bf16 or fp32) is quantized with the recipe first, so the frozen base is 4-bit
-however the model was loaded.
+however the model was loaded. On CUDA with ``fast_path`` it also arms the
+recipe's fast path for the model's first training forward (:mod:`qlora_plugin.speed`).
 """
 
 from __future__ import annotations
@@ -54,4 +55,8 @@ def make_lora_layer(target: nn.Module, adapter_name: str, config: QLoRARecipe, *
     kwargs["fan_in_fan_out"] = False  # the 4-bit base stores (out, in) even for Conv1D
     layer = LoraLinear4bit(target, adapter_name, config=config, **kwargs)
     watch_optimizer(layer, config)
+    from qlora_plugin.speed import arm, wants_fast_path
+
+    if wants_fast_path(config, layer.base_layer.weight.device.type):
+        arm()
     return layer

@@ -25,7 +25,7 @@ def prepare_for_training(model: PreTrainedModel, recipe: QLoRARecipe) -> PreTrai
 
         return prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=recipe.gradient_checkpointing,
+            use_gradient_checkpointing=bool(recipe.gradient_checkpointing),
             gradient_checkpointing_kwargs=checkpointing_kwargs,
         )
     model.requires_grad_(False)

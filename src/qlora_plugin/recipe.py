@@ -33,6 +33,7 @@ STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
 AUTO_TARGETS = ("auto", "all-linear")
+CHECKPOINTING_CHOICES = (True, False, "offload")
 RECIPE_FILE = "qlora_recipe.json"
 
 
@@ -62,13 +63,18 @@ class QLoRARecipe(LoraConfig):
     max_grad_norm: float = 0.3
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.03
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | str = field(
+        default=True,
+        metadata={"help": "True: recompute each decoder layer in backward; False: keep activations (fastest, "
+                          "most memory); 'offload': recompute, with layer inputs parked in pinned host memory"},
+    )
     num_train_epochs: float | None = None
     per_device_train_batch_size: int | None = None
     gradient_accumulation_steps: int | None = None
     fast_path: bool = field(
         default=True,
-        metadata={"help": "keep the base in the compute dtype (no fp32 upcasts); False: PEFT's stock preparation"},
+        metadata={"help": "keep the base in the compute dtype (no fp32 upcasts) and, on CUDA, train through the "
+                          "fused kernels of qlora_plugin.kernels; False: PEFT's stock preparation"},
     )
 
     def __post_init__(self) -> None:
@@ -145,6 +151,15 @@ class QLoRARecipe(LoraConfig):
         from qlora_plugin.training import training_args
 
         return training_args(self, device)
+
+    def optimizer_cls_and_kwargs(self, args: Any = None) -> tuple[type, dict[str, Any]] | None:
+        """The fused paged AdamW for a trainer's ``optimizer_cls_and_kwargs=`` (CUDA fast path), else None.
+
+        ``args``: the trainer's arguments (learning rate, betas, eps are read from them).
+        """
+        from qlora_plugin.speed import optimizer_cls_and_kwargs
+
+        return optimizer_cls_and_kwargs(self, args)
 
     def sft_config(self, **overrides: Any) -> SFTConfig:
         """A TRL ``SFTConfig`` with the recipe's settings; ``overrides`` win (and are logged)."""
@@ -260,7 +275,15 @@ def _validate(recipe: QLoRARecipe) -> None:
         if getattr(recipe, name) is not None:
             _number(recipe, name, integer=name != "num_train_epochs", low=0, open_low=True,
                     fix="a positive number, or None for the trainer's default")
-    for name in ("double_quant", "gradient_checkpointing", "fast_path", "use_rslora"):
+    if recipe.gradient_checkpointing not in CHECKPOINTING_CHOICES or not isinstance(
+        recipe.gradient_checkpointing, (bool, str)
+    ):
+        raise QLoRAConfigError(
+            "gradient_checkpointing", recipe.gradient_checkpointing,
+            "must be true, false or 'offload'" + nearest(str(recipe.gradient_checkpointing), ("offload",)),
+            "set gradient_checkpointing=True (recompute, less memory), False (fastest) or 'offload' (least memory)",
+        )
+    for name in ("double_quant", "fast_path", "use_rslora"):
         if not isinstance(getattr(recipe, name), bool):
             raise QLoRAConfigError(name, getattr(recipe, name), "must be true or false", f"set {name}=True or False")
     if not isinstance(recipe.use_dora, bool):

@@ -44,6 +44,8 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
     if isinstance(optimizer, Optimizer2State) and optimizer.optimizer_name == "adam":
         paged = "paged_" if optimizer.is_paged else ""
         return f"{paged}adamw_{optimizer.args.optim_bits}bit"
+    if type(optimizer).__module__ == "qlora_plugin.kernels.optim":
+        return "paged_adamw_32bit" if getattr(optimizer, "paged", False) else "adamw_torch"
     if type(optimizer).__module__.startswith("torch.optim") and type(optimizer).__name__ == "AdamW":
         return "adamw_torch"
     return type(optimizer).__name__
@@ -65,6 +67,10 @@ def watch_optimizer(layer: nn.Module, recipe: QLoRARecipe) -> None:
         _hook_handle = register_optimizer_step_pre_hook(_report_optimizer)
 
 
+def _on_cuda(optimizer: torch.optim.Optimizer) -> bool:
+    return any(p.is_cuda for group in optimizer.param_groups for p in group["params"])
+
+
 def _report_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     global _hook_handle
     params = (p for group in optimizer.param_groups for p in group["params"])
@@ -74,7 +80,16 @@ def _report_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) 
     _hook_handle.remove()
     _hook_handle = None
     used = describe_optimizer(optimizer)
-    if used == recipe.optimizer:
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if used == recipe.optimizer and type(inner).__module__.startswith("bitsandbytes") and _on_cuda(inner):
+        log_once(
+            logging.INFO,
+            f"optimizer: {used} (bitsandbytes), as the recipe asks. It steps one tensor at a time with a device "
+            "synchronisation after each; for the same update as one fused step pass "
+            "optimizer_cls_and_kwargs=recipe.optimizer_cls_and_kwargs(args) to the trainer",
+            recipe,
+        )
+    elif used == recipe.optimizer:
         log_once(logging.INFO, f"optimizer: {used}, as the recipe asks", recipe)
     else:
         log_once(

@@ -25,7 +25,7 @@ def training_args(recipe: QLoRARecipe, device: str | None = None) -> dict[str, A
         "max_grad_norm": recipe.max_grad_norm,
         "lr_scheduler_type": recipe.lr_scheduler_type,
         "warmup_steps": recipe.warmup_ratio,  # transformers 5: a float below 1 is a ratio
-        "gradient_checkpointing": recipe.gradient_checkpointing,
+        "gradient_checkpointing": bool(recipe.gradient_checkpointing),  # "offload" is recompute too
         "gradient_checkpointing_kwargs": {"use_reentrant": False} if recipe.gradient_checkpointing else None,
         **precision_flags(recipe.resolved_compute_dtype(device), device),
     }

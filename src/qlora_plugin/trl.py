@@ -9,7 +9,11 @@ Use::
 ``peft_config=recipe`` puts the adapters on the discovered targets over a 4-bit
 base; ``args=recipe.sft_config(...)`` brings the rest: 4-bit loading of a model
 given by name, paged AdamW, non-reentrant gradient checkpointing, the clip
-norm, the schedule, and precision chosen for the device.
+norm, the schedule, and precision chosen for the device. On CUDA with the
+recipe's ``fast_path``, the loss is computed without logits by Liger through
+TRL's own ``use_liger_kernel`` (the rest of the fast path goes on at the first
+training forward, see :mod:`qlora_plugin.speed`). For the fused paged AdamW,
+also pass ``optimizer_cls_and_kwargs=recipe.optimizer_cls_and_kwargs(args)``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ if TYPE_CHECKING:
 def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
     """An ``SFTConfig`` holding the recipe's settings; ``overrides`` win and are reported."""
     settings = recipe.training_args()
+    settings.update(liger_loss_settings(recipe))
     compute_dtype = recipe.resolved_compute_dtype()
     loading = {"quantization_config": recipe.quantization_config(), "dtype": compute_dtype}
     user_loading = dict(overrides.pop("model_init_kwargs", None) or {})
@@ -47,3 +52,19 @@ def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
         message += f". Not in effect, replaced by your arguments: {describe_settings(replaced)}"
     log_once(logging.WARNING if replaced else logging.INFO, message, recipe)
     return config
+
+
+def liger_loss_settings(recipe: QLoRARecipe, device: str | None = None) -> dict[str, Any]:
+    """On the CUDA fast path: Liger's fused linear cross-entropy through TRL's switch, nothing else of Liger's.
+
+    TRL reads full logits for its entropy and accuracy metrics unless
+    ``use_liger_kernel`` is on; with it, Liger's forward returns the loss and the
+    token accuracy without logits. Norms, SwiGLU and RoPE stay the fast path's.
+    """
+    from qlora_plugin.speed import wants_fast_path
+
+    if not wants_fast_path(recipe, device):
+        return {}
+    only_the_loss = {"fused_linear_cross_entropy": True, "cross_entropy": False, "rope": False,
+                     "rms_norm": False, "swiglu": False}
+    return {"use_liger_kernel": True, "liger_kernel_config": only_the_loss}

@@ -71,7 +71,7 @@ def native_keys(recipe: QLoRARecipe, device: str) -> dict[str, Any]:
         "max_grad_norm": recipe.max_grad_norm,
         "lr_scheduler": recipe.lr_scheduler_type,
         "warmup_ratio": recipe.warmup_ratio,
-        "gradient_checkpointing": recipe.gradient_checkpointing,
+        "gradient_checkpointing": bool(recipe.gradient_checkpointing),  # 'offload': the fast path's, on CUDA
         "gradient_checkpointing_kwargs": {"use_reentrant": False} if recipe.gradient_checkpointing else None,
         **precision_flags(compute_dtype, device),
     }

@@ -4,7 +4,15 @@
 into Axolotl's own keys, so Axolotl's validation and loader do the work.
 ``pre_lora_load`` (real model in hand) discovers the target modules through
 the plugin hooks, puts the base on the recipe's path, and saves the expanded
-config with the targets written out.
+config with the targets written out. On CUDA with the recipe's ``fast_path``,
+``post_lora_load`` arms the kernels for the first training forward and
+``post_trainer_create`` gives the trainer the fused paged AdamW.
+
+Axolotl's own LoRA kernels (``lora_qkv_kernel``, ``lora_o_kernel``,
+``lora_mlp_kernel``) stay as the config sets them on a GPU. The projections one
+of them computes are left to it (the plugin does not fuse those LoRA layers, nor
+patch the MLP under ``lora_mlp_kernel``), so no layer is patched twice; the rest
+of the fast path (loss, norms, RoPE, recompute, the other projections) still applies.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ class QLoRAPlugin(BasePlugin):
     def __init__(self) -> None:
         super().__init__()
         self.section_recipe: Any = None  # as the section says: targets may still be "auto"
+        self.recipe: Any = None  # with the targets found on the real model
         self.expanded: dict[str, Any] = {}
 
     def get_input_args(self) -> str:
@@ -60,7 +69,7 @@ class QLoRAPlugin(BasePlugin):
         """Discover the targets on the real model and ready the base for training."""
         from qlora_plugin.prepare import prepare_for_training
 
-        recipe = self.section_recipe.resolve(model)
+        recipe = self.recipe = self.section_recipe.resolve(model)
         targets = sorted(recipe.target_modules)
         report(logging.INFO, "qlora: LoRA on %d modules: %s", len(targets), ", ".join(targets))
         cfg.lora_target_modules = targets
@@ -69,6 +78,29 @@ class QLoRAPlugin(BasePlugin):
             prepare_for_training(model, recipe)
         self.expanded["lora_target_modules"] = targets
         self._save_expanded(Path(cfg.output_dir))
+
+    def post_lora_load(self, cfg: Any, model: Any) -> None:
+        """On CUDA with the fast path: put the kernels on at the model's first training forward."""
+        from qlora_plugin.axolotl.expand import LORA_KERNELS
+        from qlora_plugin.speed import arm, wants_fast_path
+
+        if self.recipe is None or not wants_fast_path(self.recipe):
+            return
+        arm(model, self.recipe, host_kernels=[key for key in LORA_KERNELS if cfg.get(key)])
+
+    def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
+        """Where the recipe asks for paged AdamW 32-bit on the CUDA fast path: the fused one.
+
+        Set as the trainer's ``optimizer_cls_and_kwargs`` (Axolotl 0.19 never calls
+        the plugins' ``create_optimizer``); the trainer still groups the parameters.
+        """
+        from qlora_plugin.speed import optimizer_cls_and_kwargs
+
+        if self.recipe is None or getattr(trainer, "optimizer", None) is not None:
+            return
+        chosen = optimizer_cls_and_kwargs(self.recipe, trainer.args)
+        if chosen is not None:
+            trainer.optimizer_cls_and_kwargs = chosen
 
     def _discover_from_config(self, base_model: Any) -> Any:
         """The section's recipe with targets found from the model's config (meta device).

@@ -1,0 +1,197 @@
+"""The recipe's fast path: which kernels it asks for, and the moment they go on a model.
+
+With ``fast_path=True`` on a CUDA machine, a PEFT model whose adapters the recipe
+made trains through :mod:`qlora_plugin.kernels` (fused LoRA over NF4, a loss without
+logits, Liger norms / SwiGLU / RoPE, the recipe's recompute mode). They are put on
+at the model's first training forward: by then the trainer has finished its own
+setup (gradient checkpointing, Liger's loss for TRL), which would otherwise undo
+them. The trigger is a one-shot global forward pre-hook, armed when PEFT builds the
+first 4-bit LoRA layer (:mod:`qlora_plugin.lora_layers`) or by the Axolotl plugin,
+and removed as soon as it has fired. On a machine without CUDA nothing is armed and
+the kernels are never imported.
+
+``gradient_checkpointing`` picks the point between speed and memory:
+``False`` -> recompute "none" (fastest), ``True`` -> "full" (each decoder layer
+recomputed in backward), ``"offload"`` -> "offload" (as "full", with the kept layer
+inputs in pinned host memory: least GPU memory).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from qlora_plugin.report import log_once
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from qlora_plugin.kernels import FastPathReport
+    from qlora_plugin.recipe import QLoRARecipe
+
+RECOMPUTE = {True: "full", False: "none", "offload": "offload"}
+# Axolotl's LoRA kernel switches, and the projections each one computes itself.
+HOST_KERNEL_LAYERS = {
+    "lora_qkv_kernel": ("q_proj", "k_proj", "v_proj"),
+    "lora_o_kernel": ("o_proj",),
+    "lora_mlp_kernel": ("gate_proj", "up_proj", "down_proj"),
+}
+_REQUEST = "_qlora_fast_path_request"
+_DONE = "_qlora_fast_path_applied"
+_hook_handle: Any = None
+_peft_model_class: Any = None
+
+
+def recompute_mode(recipe: QLoRARecipe) -> str:
+    """The kernels' recompute mode for the recipe's ``gradient_checkpointing``."""
+    return RECOMPUTE[recipe.gradient_checkpointing]
+
+
+def wants_fast_path(recipe: QLoRARecipe, device: str | None = None) -> bool:
+    """True when ``recipe`` trains through the kernels on ``device`` (default: the training device)."""
+    from qlora_plugin.device import training_device
+
+    return bool(recipe.fast_path) and (device or training_device()) == "cuda"
+
+
+def arm(model: nn.Module | None = None, recipe: QLoRARecipe | None = None, host_kernels: Iterable[str] = ()) -> None:
+    """Put the fast path on at the first training forward of a recipe's PEFT model.
+
+    Without ``model``: any PEFT model whose active adapter config is a fast-path
+    :class:`QLoRARecipe`. With ``model`` and ``recipe``: that model (a trainer that
+    builds its own ``LoraConfig``, as Axolotl does). ``host_kernels``: names of the
+    trainer's own LoRA kernels that are on (see :data:`HOST_KERNEL_LAYERS`); the
+    layers they compute are left to them.
+    """
+    global _hook_handle, _peft_model_class
+    from peft import PeftModel
+
+    _peft_model_class = PeftModel
+    if model is not None:
+        model.__dict__[_REQUEST] = (recipe, tuple(host_kernels))
+    if _hook_handle is None:
+        from torch.nn.modules.module import register_module_forward_pre_hook
+
+        _hook_handle = register_module_forward_pre_hook(_first_forward)
+
+
+def disarm() -> None:
+    """Remove the first-forward hook (a no-op when none is installed)."""
+    global _hook_handle
+    if _hook_handle is not None:
+        _hook_handle.remove()
+        _hook_handle = None
+
+
+def is_armed() -> bool:
+    """True while the first-forward hook is installed."""
+    return _hook_handle is not None
+
+
+def _request(module: nn.Module) -> tuple[QLoRARecipe, tuple[str, ...]] | None:
+    """The (recipe, host kernels) a module asks the fast path for, or None."""
+    explicit = module.__dict__.get(_REQUEST)
+    if explicit is not None:
+        return explicit
+    if _peft_model_class is None or not isinstance(module, _peft_model_class):
+        return None
+    from qlora_plugin.recipe import QLoRARecipe
+
+    config = module.peft_config.get(module.active_adapter)
+    if isinstance(config, QLoRARecipe) and config.fast_path:
+        return config, ()
+    return None
+
+
+def _first_forward(module: nn.Module, args: Any) -> None:
+    if not module.training or module.__dict__.get(_DONE):
+        return
+    request = _request(module)
+    if request is None:
+        return
+    disarm()
+    recipe, host_kernels = request
+    apply_recipe_fast_path(module, recipe, host_kernels=host_kernels)
+
+
+def kernel_config(recipe: QLoRARecipe, device: str, *, loss_owned: bool = False,
+                  host_kernels: Iterable[str] = ()) -> Any:
+    """The :class:`qlora_plugin.kernels.FastPathConfig` the recipe asks for on ``device``.
+
+    ``loss_owned``: the model's forward already computes the loss without logits
+    (Liger's, installed by TRL's ``use_liger_kernel``); ``host_kernels``: the
+    trainer's own LoRA kernels that are on.
+    """
+    from qlora_plugin.kernels import FastPathConfig
+
+    host_kernels = tuple(host_kernels)
+    mode = recompute_mode(recipe)
+    if mode == "offload" and device != "cuda":
+        mode = "full"  # host offload needs CUDA streams; recomputing alone still saves the memory
+    return FastPathConfig(
+        compute_dtype=recipe.resolved_compute_dtype(device),
+        fused_loss=not loss_owned,
+        fused_mlp="lora_mlp_kernel" not in host_kernels,
+        recompute=mode,
+        cache_block_constants=mode == "none",  # +1/16 of the bf16 weight size: the speed point only
+        skip_lora=tuple(name for key in host_kernels for name in HOST_KERNEL_LAYERS.get(key, ())),
+    )
+
+
+def apply_recipe_fast_path(model: nn.Module, recipe: QLoRARecipe, *, host_kernels: Iterable[str] = ()) -> FastPathReport:
+    """Put the recipe's fast path on ``model`` (a PEFT model) now, and report it once."""
+    from qlora_plugin.kernels import apply_fast_path
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(base.parameters()).device.type
+    loss_owned = _forward_is_logit_free(base)
+    config = kernel_config(recipe, device, loss_owned=loss_owned, host_kernels=host_kernels)
+    result = apply_fast_path(model, config=config)
+    model.__dict__[_DONE] = True
+    log_once(logging.INFO, describe(result, config, recipe, loss_owned, tuple(host_kernels)), recipe)
+    return result
+
+
+def _forward_is_logit_free(causal_lm: nn.Module) -> bool:
+    """True when the model's forward was replaced by Liger's fused linear cross-entropy."""
+    func = getattr(causal_lm.forward, "__func__", causal_lm.forward)
+    return getattr(func, "__module__", "").startswith("liger_kernel")
+
+
+def describe(result: Any, config: Any, recipe: QLoRARecipe, loss_owned: bool, host_kernels: tuple[str, ...]) -> str:
+    """One line: which parts of the fast path are on."""
+    dropout = f", LoRA dropout {recipe.lora_dropout}" if recipe.lora_dropout else ""
+    if loss_owned:
+        loss = "loss without logits: Liger's, through the trainer's use_liger_kernel"
+    elif result.loss_fused:
+        loss = "loss without logits: the plugin's"
+    else:
+        loss = "loss from full logits (head not supported)"
+    parts = [
+        f"fused LoRA over {recipe.quant_type} on {result.lora_layers_fused} layers{dropout}",
+        loss,
+        f"RMSNorm on {result.norms_patched}, SwiGLU on {result.mlps_patched}, RoPE on {result.rope_patched} modules",
+        f"recompute '{config.recompute}' (gradient_checkpointing={recipe.gradient_checkpointing!r})",
+        f"frozen weights in {str(config.compute_dtype).removeprefix('torch.')}, adapters kept fp32",
+    ]
+    if host_kernels:
+        parts.append(f"left to the trainer's own kernels: {', '.join(host_kernels)}")
+    return "qlora fast path on: " + "; ".join(parts)
+
+
+def optimizer_cls_and_kwargs(recipe: QLoRARecipe, args: Any = None) -> tuple[type, dict[str, Any]] | None:
+    """``(PagedAdamW, kwargs)`` where the recipe's paged AdamW 32-bit runs fused, else None.
+
+    Same update and paged 32-bit moments as bitsandbytes' ``PagedAdamW32bit``, one
+    multi-tensor step instead of a kernel and a device synchronisation per tensor.
+    ``args``: a ``TrainingArguments`` whose learning rate, betas and eps are used.
+    """
+    if not wants_fast_path(recipe) or recipe.optimizer != "paged_adamw_32bit":
+        return None
+    from qlora_plugin.kernels import PagedAdamW
+
+    kwargs: dict[str, Any] = {"lr": recipe.learning_rate}
+    if args is not None:
+        kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    return PagedAdamW, kwargs

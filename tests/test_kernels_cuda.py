@@ -1,0 +1,188 @@
+"""CUDA tests of qlora_plugin.kernels' GPU paths (Triton dequant, Liger ops, paged AdamW,
+offloaded recompute) against the pure-PyTorch references and bitsandbytes.
+
+Skipped where no CUDA device is visible (CI); run on the GPU machine by
+benchmarks/run_device.sh. Fresh random inputs every time, odd shapes included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+from _tiny_qlora import VOCAB, load_4bit, lora, lora_grads, rel_err, tiny_llama_checkpoint  # noqa: E402
+
+import bitsandbytes as bnb  # noqa: E402
+import bitsandbytes.functional as bnbf  # noqa: E402
+
+from qlora_plugin.kernels import FastPathConfig, PagedAdamW, apply_fast_path  # noqa: E402
+from qlora_plugin.kernels.dequant import dequantize_4bit_reference  # noqa: E402
+from qlora_plugin.kernels.layers import rms_norm, rms_norm_reference, rotary, rotary_reference, silu_mul  # noqa: E402
+from qlora_plugin.kernels.lora_linear import lora_4bit_linear  # noqa: E402
+from qlora_plugin.kernels.losses import linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
+from qlora_plugin.kernels.triton_nf4 import dequantize_4bit_triton  # noqa: E402
+
+DEV = "cuda"
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (1024, 14336), (33, 70), (17, 31), (1, 1000), (3, 64)])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_dequant_matches_bitsandbytes(shape, nested, quant_type, dtype) -> None:
+    w = torch.randn(shape, device=DEV, dtype=dtype) * 2
+    q, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type=quant_type)
+    ref = bnbf.dequantize_4bit(q, state).to(dtype)
+    out = torch.full(shape, float("nan"), device=DEV, dtype=dtype)
+    dequantize_4bit_triton(q, state, dtype, out=out)
+    assert not out.isnan().any()
+    # fp32 FMA contraction may move the last bit of the fp32 block constant.
+    assert rel_err(out, ref) < 1e-3
+    assert (out.float() - ref.float()).abs().max() <= ref.float().abs().max() * 2e-2
+    assert rel_err(dequantize_4bit_reference(q, state, dtype), ref) < 1e-3
+
+
+@pytest.mark.parametrize("tokens,in_f,out_f", [(8192, 4096, 1024), (333, 200, 130), (1, 64, 64), (4096, 2048, 8192)])
+@pytest.mark.parametrize("triton_dequant", [False, True])
+def test_fused_lora_function_cuda_matches_float64(tokens, in_f, out_f, triton_dequant) -> None:
+    from qlora_plugin.kernels import dequant
+
+    dequant.set_triton_dequant(triton_dequant)
+    try:
+        w = torch.randn(out_f, in_f, device=DEV, dtype=torch.bfloat16) / in_f**0.5
+        q, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        x = torch.randn(1, tokens, in_f, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+        a = (torch.randn(16, in_f, device=DEV) / in_f**0.5).requires_grad_()
+        b = (torch.randn(out_f, 16, device=DEV) * 0.05).requires_grad_()
+        y = lora_4bit_linear(x, a, b, 2.0, q, state)
+        g = torch.randn_like(y)
+        y.backward(g)
+        w64 = bnbf.dequantize_4bit(q, state).double()
+        x64 = x.detach().double().requires_grad_()
+        a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+        (x64 @ w64.t() + 2.0 * (x64 @ a64.t()) @ b64.t()).backward(g.double())
+        for got, want in ((y, None), (x.grad, x64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
+            if want is None:
+                want = (x64 @ w64.t() + 2.0 * (x64 @ a64.t()) @ b64.t()).detach()
+            assert rel_err(got, want) < 1e-2
+    finally:
+        dequant.set_triton_dequant(False)
+
+
+@pytest.mark.parametrize("n,h,v", [(8192, 2048, 128256), (1000, 96, 5003)])
+@pytest.mark.parametrize("num_items", [None, 777])
+def test_liger_linear_cross_entropy_matches_reference(n, h, v, num_items) -> None:
+    hid = (torch.randn(n, h, device=DEV, dtype=torch.bfloat16)).requires_grad_()
+    w = torch.randn(v, h, device=DEV, dtype=torch.bfloat16) / h**0.5
+    y = torch.randint(0, v, (n,), device=DEV)
+    y[::7] = -100
+    loss = linear_cross_entropy(hid, w, y, num_items)
+    (gh,) = torch.autograd.grad(loss, hid)
+    ref = linear_cross_entropy_reference(hid, w, y, num_items, chunk_size=2048)
+    (gr,) = torch.autograd.grad(ref, hid)
+    assert rel_err(loss, ref) < 1e-3
+    assert rel_err(gh, gr) < 2e-2
+
+
+@pytest.mark.parametrize("shape", [(4, 2048, 4096), (3, 17, 96)])
+def test_liger_norm_and_swiglu_match_reference(shape) -> None:
+    x = torch.randn(shape, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.rand(shape[-1], device=DEV, dtype=torch.bfloat16) + 0.5).requires_grad_()
+    y = rms_norm(x, w, 1e-5)
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, w), g)
+    yr = rms_norm_reference(x, w, 1e-5)
+    gxr, gwr = torch.autograd.grad(yr, (x, w), g)
+    assert rel_err(y, yr) < 1e-2 and rel_err(gx, gxr) < 1e-2 and rel_err(gw, gwr) < 2e-2
+    a = torch.randn(shape, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(shape, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    # Liger's SiLU-mul runs in place on its inputs' buffers: compare on copies.
+    zr = torch.nn.functional.silu(a.detach().float()) * b.detach().float()
+    ar, br = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+    gar, gbr = torch.autograd.grad(torch.nn.functional.silu(ar) * br, (ar, br), g.float())
+    z = silu_mul(a.clone(), b.clone())
+    ga, gb = torch.autograd.grad(z, (a, b), g)
+    assert rel_err(z, zr) < 1e-2 and rel_err(ga, gar) < 1e-2 and rel_err(gb, gbr) < 1e-2
+
+
+@pytest.mark.parametrize("b,hq,hk,s,d", [(4, 32, 8, 2048, 64), (3, 5, 1, 17, 32)])
+def test_liger_rope_matches_reference(b, hq, hk, s, d) -> None:
+    q = torch.randn(b, s, hq, d, device=DEV, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, s, hk, d, device=DEV, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    pos = torch.arange(s, device=DEV, dtype=torch.float32)
+    freqs = pos[:, None] / (10000 ** (torch.arange(0, d, 2, device=DEV) / d))[None]
+    emb = torch.cat((freqs, freqs), -1)[None].expand(b, s, d)
+    cos, sin = emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
+    qr, kr = rotary_reference(q, k, cos, sin)
+    gq, gk = torch.randn_like(qr), torch.randn_like(kr)
+    want = torch.autograd.grad((qr, kr), (q, k), (gq, gk))
+    qo, ko = rotary(q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_(), cos, sin)
+    assert rel_err(qo, qr) < 1e-2 and rel_err(ko, kr) < 1e-2
+    q2, k2 = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    got = torch.autograd.grad(rotary(q2, k2, cos, sin), (q2, k2), (gq, gk))
+    assert rel_err(got[0], want[0]) < 1e-2 and rel_err(got[1], want[1]) < 1e-2
+
+
+def test_paged_adamw_matches_bitsandbytes_paged_adamw() -> None:
+    torch.manual_seed(0)
+    shapes = [(16, 4096), (14336, 16), (16, 333), (7,)]
+    init = [torch.randn(s, device=DEV) for s in shapes]
+    ours_p = [t.clone().requires_grad_() for t in init]
+    bnb_p = [t.clone().requires_grad_() for t in init]
+    ours = PagedAdamW(ours_p, lr=1e-3, weight_decay=0.01)
+    ref = bnb.optim.PagedAdamW32bit(bnb_p, lr=1e-3, weight_decay=0.01)
+    for _ in range(6):
+        grads = [torch.randn(s, device=DEV) for s in shapes]
+        for ps, opt in ((ours_p, ours), (bnb_p, ref)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    assert ours.paged_bytes() == 2 * 4 * sum(t.numel() for t in init)
+    for a, b in zip(ours_p, bnb_p):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    return tiny_llama_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", hidden=256, inter=704, layers=3)
+
+
+@pytest.mark.parametrize(
+    "recompute,triton_dequant,cache",
+    [("none", False, True), ("none", True, False), ("full", False, False), ("offload", False, False), ("offload", True, True)],
+)
+def test_fast_path_cuda_matches_stock(checkpoint, recompute, triton_dequant, cache) -> None:
+    stock = lora(load_4bit(checkpoint, DEV), stock=True)
+    fast = lora(load_4bit(checkpoint, DEV), stock=False)
+    cfg = FastPathConfig(recompute=recompute, triton_dequant=triton_dequant, cache_block_constants=cache)
+    rep = apply_fast_path(fast, config=cfg)
+    assert rep.lora_layers_fused == 21 and rep.loss_fused
+    g = torch.Generator().manual_seed(11)
+    batches = [torch.randint(0, VOCAB, (2, 64), generator=g).to(DEV) for _ in range(5)]
+    for m in (stock, fast):
+        m.train()
+        m(input_ids=batches[0], labels=batches[0]).loss.backward()
+    gs, gf = lora_grads(stock), lora_grads(fast)
+    for k in gs:
+        assert rel_err(gf[k], gs[k]) < 3e-2, k
+    opt_s = bnb.optim.PagedAdamW32bit([p for p in stock.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    opt_f = PagedAdamW([p for p in fast.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    opt_s.zero_grad(set_to_none=True)
+    opt_f.zero_grad(set_to_none=True)
+    for x in batches:
+        ls = stock(input_ids=x, labels=x).loss
+        ls.backward()
+        opt_s.step()
+        opt_s.zero_grad(set_to_none=True)
+        lf = fast(input_ids=x, labels=x).loss
+        lf.backward()
+        opt_f.step()
+        opt_f.zero_grad(set_to_none=True)
+        assert abs(float(lf) - float(ls)) / float(ls) < 0.01
+    from qlora_plugin.kernels import dequant
+
+    dequant.set_triton_dequant(False)
+    dequant.set_cache_block_constants(False)

@@ -1,0 +1,113 @@
+"""The recipe's fast-path switch and its first-forward hook, on CPU (the kernels' reference paths)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_plugin import QLoRAConfigError, qlora_recipe
+from qlora_plugin import speed
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from _tiny_qlora import tiny_llama_checkpoint
+
+    return tiny_llama_checkpoint(tmp_path_factory.mktemp("speed-llama"))
+
+
+@pytest.fixture(autouse=True)
+def no_hook_left_over():
+    speed.disarm()
+    yield
+    speed.disarm()
+
+
+def _peft(checkpoint, recipe):
+    from _tiny_qlora import load_4bit
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_4bit(checkpoint), recipe)
+    for name, p in model.named_parameters():  # non-zero B, so the adapters change the output
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    return model
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, 384, (2, 24), generator=g)
+
+
+@pytest.mark.parametrize(("value", "mode"), [(True, "full"), (False, "none"), ("offload", "offload")])
+def test_gradient_checkpointing_picks_the_recompute_mode(value, mode):
+    recipe = qlora_recipe(gradient_checkpointing=value)
+    assert speed.recompute_mode(recipe) == mode
+    assert recipe.training_args(device="cpu")["gradient_checkpointing"] is (value is not False)
+
+
+@pytest.mark.parametrize("value", ["full", 1, None, "Offload"])
+def test_other_checkpointing_values_are_clear_errors(value):
+    with pytest.raises(QLoRAConfigError) as error:
+        qlora_recipe(gradient_checkpointing=value)
+    assert error.value.field == "gradient_checkpointing"
+    assert "offload" in str(error.value)
+
+
+def test_kernel_config_follows_the_recipe_and_the_host_kernels():
+    fast = speed.kernel_config(qlora_recipe(gradient_checkpointing=False), "cpu")
+    assert (fast.recompute, fast.cache_block_constants, fast.fused_loss) == ("none", True, True)
+    low = speed.kernel_config(qlora_recipe(gradient_checkpointing="offload"), "cuda", loss_owned=True)
+    assert (low.recompute, low.cache_block_constants, low.fused_loss) == ("offload", False, False)
+    assert speed.kernel_config(qlora_recipe(gradient_checkpointing="offload"), "cpu").recompute == "full"
+    hosted = speed.kernel_config(qlora_recipe(), "cpu", host_kernels=["lora_qkv_kernel", "lora_mlp_kernel"])
+    assert set(hosted.skip_lora) == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}
+    assert hosted.fused_mlp is False
+
+
+def test_cpu_runs_are_unchanged(checkpoint):
+    """No CUDA: nothing is armed, TRL gets no Liger settings, the trainer keeps its own optimizer."""
+    recipe = qlora_recipe()
+    model = _peft(checkpoint, recipe)
+    assert not speed.is_armed()
+    assert not recipe.sft_config(output_dir="unused").use_liger_kernel
+    assert recipe.optimizer_cls_and_kwargs() is None
+    model.train()
+    model(input_ids=_batch(), labels=_batch())
+    assert not any(hasattr(m, "_qlora_fast_orig_forward") for m in model.modules())
+
+
+def test_first_training_forward_applies_the_fast_path_once(checkpoint, caplog):
+    recipe = qlora_recipe(lora_dropout=0.0, gradient_checkpointing=True)
+    model = _peft(checkpoint, recipe)
+    x = _batch()
+    model.train()
+    with torch.no_grad():
+        before = model(input_ids=x, labels=x).loss
+    speed.arm()  # what make_lora_layer does on a CUDA machine
+    model.eval()
+    model(input_ids=x)  # an eval forward leaves it armed
+    assert speed.is_armed()
+    model.train()
+    with caplog.at_level("INFO", logger="qlora_plugin"):
+        after = model(input_ids=x, labels=x)
+    assert not speed.is_armed()
+    lora_layers = [m for n, m in model.named_modules() if n.endswith("_proj") and hasattr(m, "lora_A")]
+    assert lora_layers and all(hasattr(m, "_qlora_fast_orig_forward") for m in lora_layers)
+    assert after.logits is None  # the loss came from hidden states
+    assert abs(after.loss.item() - before.item()) < 0.02 * before.item()
+    after.loss.backward()
+    assert all(p.grad is not None and p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert "recompute 'full'" in caplog.text and "fused LoRA over nf4 on 14 layers" in caplog.text
+
+
+def test_layers_of_the_trainers_own_kernels_are_left_to_them(checkpoint):
+    recipe = qlora_recipe(lora_dropout=0.0)
+    model = _peft(checkpoint, recipe.lora_config())  # a trainer's own LoraConfig, as Axolotl builds it
+    speed.arm(model, recipe, host_kernels=["lora_qkv_kernel", "lora_mlp_kernel"])
+    model.train()
+    model(input_ids=_batch(), labels=_batch())
+    patched = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "_qlora_fast_orig_forward")}
+    assert "o_proj" in patched
+    assert not patched & {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "mlp"}
