@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=REPO / "outputs/trl-default")
-    parser.add_argument("--max-steps", type=int, default=-1, help="stop early (default: 3 epochs)")
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop early (default: 2 epochs)")
     args = parser.parse_args(argv)
 
     # Alpaca rows as TRL prompt/completion pairs: the loss covers only the completion.
@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> Path:
     dataset = Dataset.from_list(
         [{"prompt": alpaca_prompt(row["input"], row["instruction"]), "completion": row["output"]} for row in rows]
     )
-    recipe = qlora_recipe(learning_rate=2e-3, num_train_epochs=3, per_device_train_batch_size=16, warmup_ratio=0.05)
+    # As configs/qlora.yml: float32 compute (CPUs without bf16 units run bf16 far slower).
+    recipe = qlora_recipe(compute_dtype="float32", learning_rate=2e-3, num_train_epochs=2,
+                          per_device_train_batch_size=16, warmup_ratio=0.05)
     config = recipe.sft_config(output_dir=str(args.output_dir), max_steps=args.max_steps, max_length=96,
                                logging_steps=5, save_strategy="no", report_to="none", seed=42)
     trainer = SFTTrainer(model=str(DEFAULT_BASE), args=config, train_dataset=dataset, peft_config=recipe)
