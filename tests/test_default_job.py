@@ -32,6 +32,17 @@ def test_the_default_config_leaves_qlora_to_the_plugin() -> None:
         assert not Path(path).is_absolute() and (REPO / path).exists(), path
 
 
+@pytest.fixture
+def one_torch_thread():
+    """The tiny model's many small ops run faster on one thread, and never stall on a busy CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory) -> tuple[Path, str]:
     """Run ``axolotl train configs/qlora.yml`` from the repository root, output redirected; (output dir, log)."""
@@ -73,7 +84,7 @@ def test_the_default_job_loss_falls(default_run) -> None:
 
 
 @pytest.mark.slow
-def test_the_adapter_clearly_beats_the_base_on_held_out_headlines(default_run) -> None:
+def test_the_adapter_clearly_beats_the_base_on_held_out_headlines(default_run, one_torch_thread) -> None:
     import evaluate_headlines as ev
 
     adapter, _ = default_run
@@ -85,7 +96,7 @@ def test_the_adapter_clearly_beats_the_base_on_held_out_headlines(default_run) -
 
 
 @pytest.mark.slow
-def test_generate_answers_with_the_label(default_run, capsys) -> None:
+def test_generate_answers_with_the_label(default_run, capsys, one_torch_thread) -> None:
     import evaluate_headlines as ev
     import generate
 
@@ -106,7 +117,7 @@ def test_evaluate_refuses_a_directory_without_an_adapter(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_the_trl_example_trains_an_adapter_that_reloads(tmp_path) -> None:
+def test_the_trl_example_trains_an_adapter_that_reloads(tmp_path, one_torch_thread) -> None:
     import torch
 
     import evaluate_headlines as ev
