@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[axolotl,dev]"
 	touch $(STAMP)
 
+# The embedded default job (CPU, ~1-2 min); axolotl execs `accelerate`, so .venv/bin goes on PATH.
 train: $(STAMP)
-	$(OFFLINE) $(BIN)/python examples/trl_sft.py
+	PATH=$(CURDIR)/$(BIN):$$PATH $(OFFLINE) $(BIN)/axolotl train configs/qlora.yml
 
 test: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest
