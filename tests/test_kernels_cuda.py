@@ -47,29 +47,38 @@ def test_triton_dequant_matches_bitsandbytes(shape, nested, quant_type, dtype) -
 
 @pytest.mark.parametrize("tokens,in_f,out_f", [(8192, 4096, 1024), (333, 200, 130), (1, 64, 64), (4096, 2048, 8192)])
 @pytest.mark.parametrize("triton_dequant", [False, True])
-def test_fused_lora_function_cuda_matches_float64(tokens, in_f, out_f, triton_dequant) -> None:
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("cache", [False, True])
+def test_fused_lora_function_cuda_matches_float64(tokens, in_f, out_f, triton_dequant, dropout, cache) -> None:
     from qlora_plugin.kernels import dequant
 
     dequant.set_triton_dequant(triton_dequant)
+    dequant.set_cache_block_constants(cache)
     try:
         w = torch.randn(out_f, in_f, device=DEV, dtype=torch.bfloat16) / in_f**0.5
         q, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
         x = torch.randn(1, tokens, in_f, device=DEV, dtype=torch.bfloat16, requires_grad=True)
         a = (torch.randn(16, in_f, device=DEV) / in_f**0.5).requires_grad_()
         b = (torch.randn(out_f, 16, device=DEV) * 0.05).requires_grad_()
-        y = lora_4bit_linear(x, a, b, 2.0, q, state)
+        torch.manual_seed(tokens)
+        y = lora_4bit_linear(x, a, b, 2.0, q, state, dropout=dropout)
         g = torch.randn_like(y)
         y.backward(g)
+        torch.manual_seed(tokens)  # the same draw gives the function's mask
+        _, mask = torch.native_dropout(x.detach().reshape(-1, in_f), dropout, True)
+        keep = mask.view(x.shape).double() / (1 - dropout)
         w64 = bnbf.dequantize_4bit(q, state).double()
         x64 = x.detach().double().requires_grad_()
         a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
-        (x64 @ w64.t() + 2.0 * (x64 @ a64.t()) @ b64.t()).backward(g.double())
-        for got, want in ((y, None), (x.grad, x64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
-            if want is None:
-                want = (x64 @ w64.t() + 2.0 * (x64 @ a64.t()) @ b64.t()).detach()
+        y64 = x64 @ w64.t() + 2.0 * ((x64 * keep) @ a64.t()) @ b64.t()
+        y64.backward(g.double())
+        for got, want in ((y, y64.detach()), (x.grad, x64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
             assert rel_err(got, want) < 1e-2
+        if not triton_dequant:  # the direct calls run bitsandbytes' own kernels: same bits
+            assert torch.equal(dequant.dequantize_4bit(q, state, torch.bfloat16), bnbf.dequantize_4bit(q, state))
     finally:
         dequant.set_triton_dequant(False)
+        dequant.set_cache_block_constants(False)
 
 
 @pytest.mark.parametrize("n,h,v", [(8192, 2048, 128256), (1000, 96, 5003)])
@@ -93,7 +102,7 @@ def test_liger_norm_and_swiglu_match_reference(shape) -> None:
     w = (torch.rand(shape[-1], device=DEV, dtype=torch.bfloat16) + 0.5).requires_grad_()
     y = rms_norm(x, w, 1e-5)
     g = torch.randn_like(y)
-    gx, gw = torch.autograd.grad(y, (x, w), g)
+    gx, gw = torch.autograd.grad(y, (x, w), g.clone())  # Liger writes dX into dY's buffer
     yr = rms_norm_reference(x, w, 1e-5)
     gxr, gwr = torch.autograd.grad(yr, (x, w), g)
     assert rel_err(y, yr) < 1e-2 and rel_err(gx, gxr) < 1e-2 and rel_err(gw, gwr) < 2e-2
@@ -186,3 +195,4 @@ def test_fast_path_cuda_matches_stock(checkpoint, recompute, triton_dequant, cac
 
     dequant.set_triton_dequant(False)
     dequant.set_cache_block_constants(False)
+

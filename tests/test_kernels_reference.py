@@ -52,32 +52,36 @@ def test_dequant_reference_matches_bitsandbytes(shape, nested, quant_type) -> No
 
 
 @pytest.mark.parametrize("tokens,in_f,out_f", [(7, 128, 96), (33, 200, 64), (1, 64, 130)])
-@pytest.mark.parametrize("dropout_input", [False, True])
-def test_fused_lora_function_matches_float64(tokens, in_f, out_f, dropout_input) -> None:
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("given_copies", [False, True])
+def test_fused_lora_function_matches_float64(tokens, in_f, out_f, dropout, given_copies) -> None:
     torch.manual_seed(tokens)
     w = torch.randn(out_f, in_f, dtype=torch.bfloat16) / in_f**0.5
     q, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     x = torch.randn(2, tokens, in_f, dtype=torch.bfloat16, requires_grad=True)
     a = (torch.randn(16, in_f) / in_f**0.5).requires_grad_()
     b = (torch.randn(out_f, 16) * 0.1).requires_grad_()
-    xl = (x.detach() * (torch.rand_like(x, dtype=torch.float32) > 0.3).to(x.dtype) / 0.7).requires_grad_() if dropout_input else None
-    y = lora_4bit_linear(x, a, b, 2.0, q, state, x_lora=xl)
+    copies = dict(a_copy=a.detach().bfloat16(), b_copy=b.detach().bfloat16()) if given_copies else {}
+    torch.manual_seed(100 + tokens)
+    y = lora_4bit_linear(x, a, b, 2.0, q, state, dropout=dropout, **copies)
     g = torch.randn_like(y)
     y.backward(g)
 
+    # the mask the function drew: same generator state, same draw
+    torch.manual_seed(100 + tokens)
+    _, mask = torch.native_dropout(x.detach().reshape(-1, in_f), dropout, True)
+    keep = mask.view(x.shape).double() / (1 - dropout)
+    assert dropout == 0.0 or 0 < int(mask.sum()) < mask.numel()
     w64 = bnbf.dequantize_4bit(q, state).double()
     x64 = x.detach().double().requires_grad_()
-    xl64 = x64 if xl is None else xl.detach().double().requires_grad_()
     a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
-    y64 = x64 @ w64.t() + 2.0 * (xl64 @ a64.t()) @ b64.t()
+    y64 = x64 @ w64.t() + 2.0 * ((x64 * keep) @ a64.t()) @ b64.t()
     y64.backward(g.double())
     assert y.dtype == torch.bfloat16 and a.grad.dtype == torch.float32
     assert rel_err(y, y64) < 1e-2
     assert rel_err(x.grad, x64.grad) < 1e-2
     assert rel_err(a.grad, a64.grad) < 1e-2
     assert rel_err(b.grad, b64.grad) < 1e-2
-    if xl is not None:
-        assert rel_err(xl.grad, xl64.grad) < 1e-2
 
 
 def test_fused_layers_match_peft_layers(checkpoint) -> None:
@@ -105,6 +109,37 @@ def test_fused_layers_match_peft_layers(checkpoint) -> None:
         assert rel_err(x.grad, gx0) < 2e-2
         assert rel_err(m.lora_A["default"].weight.grad, ga0) < 2e-2
         assert rel_err(m.lora_B["default"].weight.grad, gb0) < 2e-2
+
+
+def test_adapter_copies_are_made_per_forward_and_follow_the_masters(checkpoint) -> None:
+    from qlora_plugin.kernels.lora_linear import patch_lora_4bit_layers, unpatch_lora_4bit_layers
+
+    pm = lora(load_4bit(checkpoint), stock=False)
+    lm = pm.get_base_model()
+    layer = lm.model.layers[0].self_attn.q_proj
+    a = layer.lora_A["default"].weight
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16)
+    reference = layer(x).detach()
+    assert patch_lora_4bit_layers(lm, compute_dtype=torch.bfloat16) == 14
+    copies = layer.__dict__["_qlora_adapter_copies"]
+    assert len(copies.masters) == 28 and copies.get(a) is None  # nothing copied before a forward
+    cast_by_the_layer = layer(x).detach()
+    assert rel_err(cast_by_the_layer, reference) < 1e-2
+
+    pm(input_ids=torch.randint(0, VOCAB, (1, 6)))
+    assert torch.equal(copies.get(a), a.detach().bfloat16())
+    assert torch.equal(layer(x), cast_by_the_layer)
+
+    with torch.no_grad():  # changed in place after the copy: the layer casts again
+        a.mul_(2)
+    assert copies.get(a) is None
+    with torch.no_grad():
+        changed = layer(x)
+    unpatch_lora_4bit_layers(lm)
+    assert "_qlora_adapter_copies" not in layer.__dict__
+    assert rel_err(changed, layer(x).detach()) < 1e-2 and not torch.allclose(changed, reference)
 
 
 def test_fused_layer_defers_to_peft_when_adapters_disabled(checkpoint) -> None:

@@ -8,6 +8,7 @@ the format out in plain PyTorch and is what the tests hold both against.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -68,16 +69,54 @@ def dequantize_4bit(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype) 
         from qlora_plugin.kernels.triton_nf4 import dequantize_4bit_triton
 
         return dequantize_4bit_triton(weight, quant_state, dtype)
-    if _CACHE_CONSTANTS and weight.is_cuda:
-        absmax = getattr(quant_state, _CACHE_ATTR, None)
-        if absmax is None:
-            absmax = block_constants(quant_state).contiguous()
-            setattr(quant_state, _CACHE_ATTR, absmax)
-        shape = [int(d) for d in quant_state.shape]
-        return torch.ops.bitsandbytes.dequantize_4bit.default(
-            weight, absmax, quant_state.blocksize, quant_state.quant_type, shape, dtype
-        )
+    if weight.is_cuda and weight.is_contiguous() and weight.device.index == torch.cuda.current_device():
+        kernels = _cuda_kernels(quant_state.quant_type, dtype)
+        if kernels is not None:
+            return _dequantize_4bit_cuda(weight, quant_state, dtype, *kernels)
     import bitsandbytes.functional as bnbf
 
     out = bnbf.dequantize_4bit(weight, quant_state)
     return out if out.dtype == dtype else out.to(dtype)
+
+
+@functools.cache
+def _cuda_kernels(quant_type: str, dtype: torch.dtype) -> tuple[Any, Any] | None:
+    """bitsandbytes' CUDA entry points for (4-bit dequant to ``dtype``, blockwise fp32 dequant), or None."""
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    if dtype not in names or quant_type not in ("nf4", "fp4"):
+        return None
+    try:
+        from bitsandbytes.cextension import lib
+
+        return (getattr(lib, f"cdequantize_blockwise_{names[dtype]}_{quant_type}"),
+                getattr(lib, "cdequantize_blockwise_fp32"))
+    except (ImportError, AttributeError):
+        return None
+
+
+def _dequantize_4bit_cuda(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype,
+                          dequant_4bit: Any, dequant_blockwise: Any) -> torch.Tensor:
+    """The same CUDA kernels as ``bitsandbytes.functional.dequantize_4bit``, called directly.
+
+    bitsandbytes reaches them through its registered ``torch.ops`` (tens of microseconds
+    of host time per call); small models, whose steps are bound by the host, pay that on
+    every layer. With ``cache_block_constants`` the decoded fp32 block constants are
+    kept, so one launch remains.
+    """
+    stream = torch._C._cuda_getCurrentRawStream(weight.device.index)
+    absmax = getattr(quant_state, _CACHE_ATTR, None)
+    if absmax is None:
+        if quant_state.nested:
+            s2 = quant_state.state2
+            nested = quant_state.absmax.contiguous()
+            absmax = torch.empty(nested.shape, dtype=torch.float32, device=weight.device)
+            dequant_blockwise(s2.code.data_ptr(), nested.data_ptr(), s2.absmax.data_ptr(), absmax.data_ptr(),
+                              s2.blocksize, nested.numel(), stream)
+            absmax += quant_state.offset
+        else:
+            absmax = quant_state.absmax.float().contiguous()
+        if _CACHE_CONSTANTS:
+            setattr(quant_state, _CACHE_ATTR, absmax)
+    out = torch.empty(tuple(quant_state.shape), dtype=dtype, device=weight.device)
+    dequant_4bit(None, weight.data_ptr(), absmax.data_ptr(), out.data_ptr(), quant_state.blocksize, out.numel(), stream)
+    return out

@@ -97,7 +97,7 @@ def apply_fast_path(
     dequant.set_triton_dequant(cfg.triton_dequant)
     dequant.set_cache_block_constants(cfg.cache_block_constants)
     if cfg.fused_lora:
-        report.lora_layers_fused = patch_lora_4bit_layers(lm, skip=cfg.skip_lora)
+        report.lora_layers_fused = patch_lora_4bit_layers(lm, skip=cfg.skip_lora, compute_dtype=cfg.compute_dtype)
     if cfg.fused_norm_mlp:
         report.norms_patched, report.mlps_patched = patch_norms_and_mlps(lm, mlps=cfg.fused_mlp)
     if cfg.fused_rope:

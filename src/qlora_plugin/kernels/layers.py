@@ -30,7 +30,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if use_liger(x):
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
-        return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
+        # in place: dX is written into dY's buffer, which nothing else reads in these models
+        return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", True)
     return rms_norm_reference(x, weight, eps)
 
 
