@@ -362,13 +362,10 @@ class MatmulFlops:
         return _Mode()
 
 
-def profile_step(step_fn: Any, trace_path: Path | None) -> dict[str, Any]:
+def summarize_profile(prof: Any, trace_path: Path | None) -> dict[str, Any]:
+    """GPU time by kernel category and the top kernels of one profiled step; tables to ``trace_path``."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step_fn()
-        torch.cuda.synchronize()
     cats: dict[str, float] = {}
     kernels: dict[str, float] = {}
     for ev in prof.events():
@@ -379,17 +376,31 @@ def profile_step(step_fn: Any, trace_path: Path | None) -> dict[str, Any]:
     total = sum(cats.values()) or 1.0
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
     if trace_path is not None:
-        trace_path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60))
+        averages = prof.key_averages()
+        trace_path.write_text(averages.table(sort_by="self_cuda_time_total", row_limit=50) + "\n\n"
+                              + averages.table(sort_by="self_cpu_time_total", row_limit=50))
+    return {
+        "gpu_ms": round(total / 1e3, 1),
+        "kernel_launches": sum(1 for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA),
+        "categories_pct": {k: round(100 * v / total, 1) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+        "top_kernels_ms": [[k[:90], round(v / 1e3, 2)] for k, v in top],
+    }
+
+
+def profile_step(step_fn: Any, trace_path: Path | None) -> dict[str, Any]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step_fn()
+        torch.cuda.synchronize()
+    result = summarize_profile(prof, trace_path)
     mode = MatmulFlops()
     with mode:
         step_fn()
     torch.cuda.synchronize()
-    return {
-        "gpu_ms": round(total / 1e3, 1),
-        "categories_pct": {k: round(100 * v / total, 1) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
-        "top_kernels_ms": [[k[:90], round(v / 1e3, 2)] for k, v in top],
-        "matmul_tflop_by_dtype": {k: round(v / 1e12, 2) for k, v in mode.flops.items()},
-    }
+    result["matmul_tflop_by_dtype"] = {k: round(v / 1e12, 2) for k, v in mode.flops.items()}
+    return result
 
 
 # ----------------------------------------------------------------------------- run one variant
@@ -470,7 +481,16 @@ def run_trl(a: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    spec = VARIANTS[a.variant]
+    spec = dict(VARIANTS[a.variant])
+    if a.dropout is not None:
+        spec["dropout"] = a.dropout
+    if a.plugin:  # experiment: FastPathConfig fields over what the recipe asks for
+        import dataclasses
+
+        from qlora_plugin import speed
+
+        asked, overrides = speed.kernel_config, json.loads(a.plugin)
+        speed.kernel_config = lambda *args, **kws: dataclasses.replace(asked(*args, **kws), **overrides)
     _, nf4_dir = model_dirs(Path(a.model_dir), a.shape)
     t0 = time.time()
     kw = dict(dtype=torch.bfloat16, device_map=DEVICE, attn_implementation="sdpa")
@@ -498,30 +518,56 @@ def run_trl(a: argparse.Namespace) -> None:
     logged: list[float] = []
     opt_events = _Events()
 
+    # host-side phases of each step (no extra syncs: a phase that waits on the GPU shows it)
+    phases: dict[str, list[float]] = {}
+    marks: dict[str, float] = {}
+    profiler: list[Any] = []
+
+    def mark(name: str) -> None:
+        marks[name] = time.perf_counter()
+
+    def close(name: str, since: str) -> None:
+        phases.setdefault(name, []).append(1e3 * (time.perf_counter() - marks[since]))
+
     class Timer(TrainerCallback):
         def on_train_begin(self, *args: Any, **kw: Any) -> None:
             _reset_peak()
 
-        def on_step_begin(self, *args: Any, **kw: Any) -> None:
+        def on_step_begin(self, args: Any, state: Any, *rest: Any, **kw: Any) -> None:
             _sync()
+            if a.profile and state.global_step == a.warmup + 1:
+                from torch.profiler import ProfilerActivity, profile
+
+                profiler.append(profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]))
+                profiler[0].__enter__()
             times.append(time.perf_counter())
+            mark("step")
 
         def on_pre_optimizer_step(self, *args: Any, **kw: Any) -> None:
+            close("step_to_pre_optimizer", "step")
+            mark("pre_opt")
             opt_events.start()
 
         def on_optimizer_step(self, *args: Any, **kw: Any) -> None:
             opt_events.stop()
+            close("optimizer", "pre_opt")
+            mark("post_opt")
 
-        def on_step_end(self, *args: Any, **kw: Any) -> None:
+        def on_step_end(self, args: Any, state: Any, *rest: Any, **kw: Any) -> None:
+            close("after_optimizer", "post_opt")
             _sync()
             times.append(time.perf_counter())
+            close("step_synced", "step")
+            if profiler and len(profiler) == 1:
+                profiler[0].__exit__(None, None, None)
+                profiler.append(True)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
             if logs and "loss" in logs:
                 logged.append(float(logs["loss"]))
 
     common = dict(per_device_train_batch_size=BATCH, max_steps=n, learning_rate=LR, weight_decay=0.0,
-                  lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no",
+                  lr_scheduler_type="constant", warmup_steps=0, logging_steps=a.logging_steps, save_strategy="no",
                   report_to="none", max_length=SEQ, packing=False, seed=0,
                   dataset_kwargs={"skip_prepare_dataset": True}, dataloader_num_workers=0)
     with tempfile.TemporaryDirectory() as out:
@@ -536,8 +582,18 @@ def run_trl(a: argparse.Namespace) -> None:
                             optim=spec["optim"], **common)
             peft_config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=spec["dropout"],
                                      target_modules="all-linear", task_type="CAUSAL_LM")
-        trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
-                             callbacks=[Timer()], **extra)
+        trainer_cls = SFTTrainer
+        if a.profile:
+            class PhasedSFTTrainer(SFTTrainer):
+                def compute_loss(self, *args: Any, **kws: Any) -> Any:
+                    mark("loss")
+                    out = super().compute_loss(*args, **kws)
+                    close("compute_loss", "loss")
+                    return out
+
+            trainer_cls = PhasedSFTTrainer
+        trainer = trainer_cls(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
+                              callbacks=[Timer()], **extra)
         load_s = time.time() - t0
         trainer.train()
     peak = _peak()
@@ -563,8 +619,12 @@ def run_trl(a: argparse.Namespace) -> None:
         paged_gib=_gib(paged) if paged else None, lora_dropout=spec["dropout"], adapter_dtype=adapter_dtype,
         warmup=a.warmup, steps=a.steps, load_s=round(load_s, 1), gpu=_gpu(), versions=_versions(),
         path="SFTTrainer + recipe" if recipe is not None else "SFTTrainer + LoraConfig",
-        plugin_reports=reports,
+        plugin_reports=reports, logging_steps=a.logging_steps, plugin_overrides=a.plugin or None,
     )
+    if phases:
+        row["host_phases_ms"] = {k: round(sum(v[a.warmup:]) / max(1, len(v[a.warmup:])), 2) for k, v in phases.items()}
+    if profiler:
+        row["profile"] = summarize_profile(profiler[0], Path(a.profile))
     append_row(Path(a.json), row)
     print(json.dumps({k: row[k] for k in ("shape", "variant", "tok_s", "peak_gib", "loss_first", "loss_last",
                                          "optimizer_pct")}), flush=True)
@@ -885,6 +945,7 @@ def main() -> None:
     r.add_argument("--plugin", default="", help="JSON overrides of FastPathConfig")
     r.add_argument("--optim", default=None)
     r.add_argument("--dropout", type=float, default=None)
+    r.add_argument("--logging-steps", type=int, default=1)
     r.add_argument("--tag", default="")
     r.add_argument("--profile", default="")
     n = sub.add_parser("numerics")

@@ -1,0 +1,24 @@
+# Sourced by the device scripts: install the carried wheels, pick the package to run, set the env.
+# Sets $here (this folder), $out (results: $OUT, else benchmarks/results/run-<time>) and $tests.
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+out=${OUT:-$PWD/benchmarks/results/run-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ -d "$here/qlora_plugin" ]; then  # staged package beside this script (e.g. under .bench/)
+  export PYTHONPATH=$here:$PYTHONPATH
+  tests=$here/tests
+elif [ -d "$here/kernels" ]; then
+  mkdir -p /tmp/pkg/qlora_plugin && : >/tmp/pkg/qlora_plugin/__init__.py
+  rm -rf /tmp/pkg/qlora_plugin/kernels && cp -r "$here/kernels" /tmp/pkg/qlora_plugin/kernels
+  export PYTHONPATH=/tmp/pkg:$PYTHONPATH
+  tests=$here/tests
+else
+  export PYTHONPATH=$PWD/src:$PYTHONPATH
+  tests=$PWD/tests
+fi
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null || true
