@@ -3,20 +3,21 @@
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 out=${OUT:-$PWD/benchmarks/results/run-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+if [ -z "${SKIP_WHEELS:-}" ] && compgen -G ".whl/*.whl" >/dev/null; then  # one call: axolotl and axolotl-contribs-lgpl share a folder
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl $(compgen -G ".whl/axolotl/*.whl") || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ -d "$here/qlora_plugin" ]; then  # staged package beside this script (e.g. under .bench/)
-  export PYTHONPATH=$here:$PYTHONPATH
+  export PYTHONPATH=$here${PYTHONPATH:+:$PYTHONPATH}
   tests=$here/tests
 elif [ -d "$here/kernels" ]; then
   mkdir -p /tmp/pkg/qlora_plugin && : >/tmp/pkg/qlora_plugin/__init__.py
   rm -rf /tmp/pkg/qlora_plugin/kernels && cp -r "$here/kernels" /tmp/pkg/qlora_plugin/kernels
-  export PYTHONPATH=/tmp/pkg:$PYTHONPATH
+  export PYTHONPATH=/tmp/pkg${PYTHONPATH:+:$PYTHONPATH}
   tests=$here/tests
 else
-  export PYTHONPATH=$PWD/src:$PYTHONPATH
+  export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
   tests=$PWD/tests
 fi
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
