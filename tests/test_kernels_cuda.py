@@ -196,3 +196,89 @@ def test_fast_path_cuda_matches_stock(checkpoint, recompute, triton_dequant, cac
     dequant.set_triton_dequant(False)
     dequant.set_cache_block_constants(False)
 
+
+def _fast_model(checkpoint, graphs: bool, dropout: float = 0.0):
+    model = lora(load_4bit(checkpoint, DEV), stock=False, dropout=dropout)
+    rep = apply_fast_path(model, config=FastPathConfig(recompute="none", cache_block_constants=True, cuda_graphs=graphs))
+    assert rep.graphed_layers == (3 if graphs else 0)
+    model.train()
+    return model
+
+
+def test_decoder_graphs_train_like_eager_and_step_aside_for_other_shapes(checkpoint) -> None:
+    eager, graphed = _fast_model(checkpoint, False), _fast_model(checkpoint, True)
+    controller = graphed.get_base_model().model.layers[0].__dict__["_qlora_decoder_graphs"]
+    opts = [PagedAdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0) for m in (eager, graphed)]
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, VOCAB, (2, 64), generator=g).to(DEV) for _ in range(6)]
+    for step, x in enumerate(batches):
+        results = []
+        for m, opt in zip((eager, graphed), opts):
+            loss = m(input_ids=x, labels=x).loss
+            loss.backward()
+            results.append((float(loss), lora_grads(m)))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        (loss_e, grads_e), (loss_g, grads_g) = results
+        assert abs(loss_g - loss_e) / loss_e < 1e-2, (step, loss_e, loss_g)
+        for k in grads_e:
+            assert rel_err(grads_g[k], grads_e[k]) < 3e-2, (step, k)
+    assert controller.graphed is not None and controller.replays == len(batches) - 1  # captured at the 2nd batch
+
+    # Trainer hands its token count down to the layers (when the trainer owns the loss): still a replay
+    decoder = graphed.get_base_model().model
+    count = torch.tensor(7, device=DEV)
+    decoder(input_ids=batches[0], num_items_in_batch=count).last_hidden_state.float().sum().backward()
+    graphed.zero_grad(set_to_none=True)
+    assert controller.replays == len(batches), controller.eager_because
+
+    with torch.no_grad():  # inference runs eagerly
+        graphed.eval()
+        graphed(input_ids=batches[0])
+        graphed.train()
+    assert controller.replays == len(batches)
+
+    longer = torch.randint(0, VOCAB, (2, 96), generator=g).to(DEV)
+    loss = graphed(input_ids=longer, labels=longer).loss
+    loss.backward()
+    assert controller.graphed is None and "shapes" in controller.disabled_because
+    assert torch.isfinite(loss)
+
+
+def test_decoder_graphs_run_eagerly_when_two_forwards_share_one_backward(checkpoint) -> None:
+    eager, graphed = _fast_model(checkpoint, False), _fast_model(checkpoint, True)
+    controller = graphed.get_base_model().model.layers[0].__dict__["_qlora_decoder_graphs"]
+    g = torch.Generator().manual_seed(6)
+    x1, x2 = (torch.randint(0, VOCAB, (2, 64), generator=g).to(DEV) for _ in range(2))
+    for _ in range(2):  # the second forward captures
+        graphed(input_ids=x1, labels=x1).loss.backward()
+    graphed.zero_grad(set_to_none=True)
+    assert controller.graphed is not None
+    grads = []
+    for m in (eager, graphed):  # gradient accumulation over two forwards, one backward
+        (m(input_ids=x1, labels=x1).loss + m(input_ids=x2, labels=x2).loss).backward()
+        grads.append(lora_grads(m))
+        m.zero_grad(set_to_none=True)
+    assert "before the previous" in controller.eager_because
+    for k in grads[0]:
+        assert rel_err(grads[1][k], grads[0][k]) < 3e-2, k
+    replays = controller.replays
+    graphed(input_ids=x1, labels=x1).loss.backward()  # the usual order again: a replay
+    assert controller.replays == replays + 1
+
+
+def test_decoder_graphs_stay_off_with_dropout_and_training_goes_on(checkpoint) -> None:
+    model = _fast_model(checkpoint, True, dropout=0.2)
+    controller = model.get_base_model().model.layers[0].__dict__["_qlora_decoder_graphs"]
+    x = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(9)).to(DEV)
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    assert controller.graphed is None and controller.replays == 0
+    assert "dropout" in controller.disabled_because
+    assert len(set(losses)) == 4, losses  # same batch and weights: eager dropout draws new masks each step
+    with torch.no_grad():
+        assert torch.isfinite(torch.nn.functional.dropout(x.float(), 0.5)).all()  # the CUDA generator still works

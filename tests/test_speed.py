@@ -55,11 +55,23 @@ def test_other_checkpointing_values_are_clear_errors(value):
     assert "offload" in str(error.value)
 
 
+def test_cuda_graphs_can_be_switched_off_from_the_environment(monkeypatch):
+    recipe = qlora_recipe(gradient_checkpointing=False, lora_dropout=0)
+    assert speed.kernel_config(recipe, "cuda").cuda_graphs is True
+    monkeypatch.setenv("QLORA_CUDA_GRAPHS", "0")
+    assert speed.kernel_config(recipe, "cuda").cuda_graphs is False
+
+
 def test_kernel_config_follows_the_recipe_and_the_host_kernels():
-    fast = speed.kernel_config(qlora_recipe(gradient_checkpointing=False), "cpu")
-    assert (fast.recompute, fast.cache_block_constants, fast.fused_loss) == ("none", True, True)
+    fast = speed.kernel_config(qlora_recipe(gradient_checkpointing=False, lora_dropout=0), "cpu")
+    assert (fast.recompute, fast.cache_block_constants, fast.fused_loss, fast.cuda_graphs) == ("none", True, True, True)
+    with_dropout = speed.kernel_config(qlora_recipe(gradient_checkpointing=False), "cuda")
+    assert with_dropout.cuda_graphs is False  # the default dropout 0.05: layers with dropout are not captured
     low = speed.kernel_config(qlora_recipe(gradient_checkpointing="offload"), "cuda", loss_owned=True)
-    assert (low.recompute, low.cache_block_constants, low.fused_loss) == ("offload", False, False)
+    assert (low.recompute, low.cache_block_constants, low.fused_loss, low.cuda_graphs) == ("offload", False, False, False)
+    shared = speed.kernel_config(qlora_recipe(gradient_checkpointing=False, lora_dropout=0), "cuda",
+                                 host_kernels=["lora_o_kernel"])
+    assert shared.cuda_graphs is False  # Axolotl's kernels keep some layers: those run eagerly
     assert speed.kernel_config(qlora_recipe(gradient_checkpointing="offload"), "cpu").recompute == "full"
     hosted = speed.kernel_config(qlora_recipe(), "cpu", host_kernels=["lora_qkv_kernel", "lora_mlp_kernel"])
     assert set(hosted.skip_lora) == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}

@@ -19,6 +19,7 @@ inputs in pinned host memory: least GPU memory).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -121,7 +122,8 @@ def kernel_config(recipe: QLoRARecipe, device: str, *, loss_owned: bool = False,
 
     ``loss_owned``: the model's forward already computes the loss without logits
     (Liger's, installed by TRL's ``use_liger_kernel``); ``host_kernels``: the
-    trainer's own LoRA kernels that are on.
+    trainer's own LoRA kernels that are on. CUDA graphs go on at the speed point without
+    dropout, unless the environment sets ``QLORA_CUDA_GRAPHS=0``.
     """
     from qlora_plugin.kernels import FastPathConfig
 
@@ -135,6 +137,8 @@ def kernel_config(recipe: QLoRARecipe, device: str, *, loss_owned: bool = False,
         fused_mlp="lora_mlp_kernel" not in host_kernels,
         recompute=mode,
         cache_block_constants=mode == "none",  # +1/16 of the bf16 weight size: the speed point only
+        cuda_graphs=(mode == "none" and not host_kernels and not recipe.lora_dropout
+                     and os.environ.get("QLORA_CUDA_GRAPHS", "1") != "0"),
         skip_lora=tuple(name for key in host_kernels for name in HOST_KERNEL_LAYERS.get(key, ())),
     )
 
@@ -173,6 +177,8 @@ def describe(result: Any, config: Any, recipe: QLoRARecipe, loss_owned: bool, ho
         loss,
         f"RMSNorm on {result.norms_patched}, SwiGLU on {result.mlps_patched}, RoPE on {result.rope_patched} modules",
         f"recompute '{config.recompute}' (gradient_checkpointing={recipe.gradient_checkpointing!r})",
+        *([f"CUDA graphs over {result.graphed_layers} decoder layers once batches repeat a shape"]
+          if result.graphed_layers else []),
         f"frozen weights in {str(config.compute_dtype).removeprefix('torch.')}, adapters kept fp32",
     ]
     if host_kernels:

@@ -31,6 +31,8 @@ class FastPathConfig:
     recompute_every: checkpoint every k-th decoder layer only (with "full"/"offload").
     fused_rope: Liger's rotary embedding on CUDA (swaps the modeling module's
         ``apply_rotary_pos_emb`` for a dispatching function with the same math).
+    cuda_graphs: replay the decoder layers as CUDA graphs when batches keep one shape
+        (CUDA, recompute "none" only; see ``graphs.DecoderGraphs``).
     triton_dequant: one-launch Triton NF4 dequantization instead of bitsandbytes' (CUDA).
     cache_block_constants: keep decoded fp32 block constants per weight (+1/16 of the
         bf16 weight size in memory, fewer launches per dequantization).
@@ -46,6 +48,7 @@ class FastPathConfig:
     recompute: str = "none"
     recompute_every: int = 1
     fused_rope: bool = True
+    cuda_graphs: bool = False
     triton_dequant: bool = False
     cache_block_constants: bool = False
 
@@ -62,6 +65,7 @@ class FastPathReport:
     mlps_patched: int = 0
     loss_fused: bool = False
     layers_recomputed: int = 0
+    graphed_layers: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -107,6 +111,11 @@ def apply_fast_path(
         if not report.loss_fused:
             report.notes.append("loss not fused: model head or config not supported")
     report.layers_recomputed = set_recompute(lm, cfg.recompute, every=cfg.recompute_every)
+    if cfg.cuda_graphs and cfg.recompute == "none":
+        from qlora_plugin.kernels.graphs import enable_decoder_graphs
+
+        graphs = enable_decoder_graphs(lm, lm.__dict__.get("_qlora_adapter_copies"))
+        report.graphed_layers = 0 if graphs is None else len(graphs.layers)
     if hasattr(lm, "config"):
         lm.config.use_cache = False
     return report

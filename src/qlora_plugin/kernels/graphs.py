@@ -1,0 +1,222 @@
+"""CUDA graphs over the decoder layers, for steps whose time goes to launching kernels.
+
+A small model's step is bound by the host: with the kernels of the fast path, a 1B
+Llama spends about as long launching its ~2,800 kernels per step as the GPU spends
+running them, and a trainer that reads a scalar back in the middle of the step (TRL
+does, for its token count) lays the two end to end. Replaying each decoder layer's
+forward and backward as one CUDA graph takes the launches off the host.
+
+``DecoderGraphs`` wraps the layers of one decoder. A training forward whose inputs
+have the same shape as the previous one (fixed-length batches: packing, padding to a
+fixed length, a benchmark) is captured once with
+``torch.cuda.make_graphed_callables`` (all layers in one memory pool) and replayed
+from then on. Anything else runs eagerly: inference, no-grad, caches, attention
+masks or extra tensor arguments, hooks on the layers, a second forward before the
+first one's backward (a replay would overwrite what that backward still needs), and
+layers with dropout (LoRA or attention): capturing those failed on torch 2.11, and a
+failed capture leaves the CUDA generator unusable. The first batch of a different
+shape drops the graphs for good (a dataset of varying lengths would otherwise hold
+one set of activations per shape), so graphs never cost more than one step's
+activations.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+_EAGER_FORWARD = "_qlora_eager_forward"
+_GRAPHS = "_qlora_decoder_graphs"
+# Tensor arguments a decoder layer call may carry without changing what the layer computes:
+# positions are already in the position embeddings, and Trainer's token count is for the loss.
+_LAYER_NEUTRAL_KWARGS = ("position_ids", "cache_position", "num_items_in_batch")
+_log = logging.getLogger("qlora_plugin")
+
+
+class _LayerCall(nn.Module):
+    """A decoder layer as a function of tensors only (what make_graphed_callables takes)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return getattr(self.layer, _EAGER_FORWARD)(hidden, attention_mask=None, position_embeddings=(cos, sin))
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in module.modules())
+
+
+def _draws_random_numbers(layers: list[nn.Module]) -> bool:
+    """Whether a training forward of ``layers`` uses dropout (LoRA dropout or attention dropout)."""
+    for module in nn.ModuleList(layers).modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            return True
+        if float(getattr(module, "attention_dropout", 0.0) or 0.0) > 0:
+            return True
+    return False
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
+
+
+class DecoderGraphs:
+    """Captures and replays the decoder layers of one model (see the module docstring)."""
+
+    def __init__(self, layers: list[nn.Module], adapter_copies: Any = None) -> None:
+        self.layers = layers
+        self.adapter_copies = adapter_copies
+        self.graphed: list[Any] | None = None
+        self.key: tuple[Any, ...] | None = None
+        self.last_key: tuple[Any, ...] | None = None
+        self.disabled_because = ""
+        self.eager_because = ""
+        self.replays = 0
+        self._replaying = False
+        self._pending: weakref.ref[Any] | None = None  # layer 0's backward node of the last replay
+        self._backward_done = True
+
+    def _key(self, hidden: torch.Tensor, mask: Any, kwargs: dict[str, Any], emb: Any) -> tuple[Any, ...] | None:
+        """The graph key of a layer-0 call, or None (and ``eager_because``) when it must run eagerly."""
+        if not (hidden.is_cuda and torch.is_grad_enabled() and self.layers[0].training):
+            self.eager_because = "not a CUDA training forward with grad"
+        elif mask is not None:
+            self.eager_because = "an attention mask"
+        elif emb is None or kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+            self.eager_because = "a cache or no position embeddings"
+        else:
+            extra = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in _LAYER_NEUTRAL_KWARGS]
+            self.eager_because = f"tensor arguments {extra}" if extra else ""
+        if self.eager_because:
+            return None
+        cos, sin = emb
+        return (tuple(hidden.shape), hidden.dtype, hidden.requires_grad, tuple(cos.shape), cos.dtype)
+
+    def _capture(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        if _has_hooks(nn.ModuleList(self.layers)) or _global_hooks():
+            self.disabled_because = "hooks on the decoder layers"
+            return
+        if _draws_random_numbers(self.layers):
+            # Capturing these layers with dropout failed on torch 2.11 (H100, benchmarks/NOTES.md
+            # run 5), and a failed capture leaves the CUDA generator unusable for the process.
+            self.disabled_because = "dropout in the decoder layers"
+            _log.info("qlora fast path: CUDA graphs off (LoRA or attention dropout > 0); the layers run eagerly")
+            return
+        calls = tuple(_LayerCall(layer) for layer in self.layers)
+        samples = []
+        for i in range(len(calls)):
+            h = hidden.detach().clone().requires_grad_(hidden.requires_grad if i == 0 else True)
+            samples.append((h, cos.detach().clone(), sin.detach().clone()))
+        saved_copies = None
+        if self.adapter_copies is not None:  # a graph must cast the live adapters, not one forward's copies
+            saved_copies, self.adapter_copies.copies = self.adapter_copies.copies, {}
+        try:
+            with torch.autocast("cuda", enabled=False):
+                self.graphed = list(torch.cuda.make_graphed_callables(calls, tuple(samples)))
+        except Exception as error:  # noqa: BLE001 - any capture failure leaves the eager path in place
+            self.graphed = None
+            self.disabled_because = f"capture failed: {type(error).__name__}: {error}"
+            _log.warning("qlora fast path: CUDA graphs off (%s); the layers run eagerly", self.disabled_because)
+        finally:
+            if saved_copies is not None:
+                self.adapter_copies.copies = saved_copies
+
+    def drop(self, reason: str) -> None:
+        """Free the graphs and run eagerly from now on."""
+        self.graphed, self.key, self.disabled_because = None, None, reason
+        torch.cuda.empty_cache()
+
+    def layer_forward(self, index: int, layer: nn.Module, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Forward of decoder layer ``index``: a graph replay when this forward is graphed, else eager."""
+        eager = getattr(layer, _EAGER_FORWARD)
+        if self.disabled_because or args:
+            return eager(hidden, *args, **kwargs)
+        if index == 0:
+            self._replaying = False
+            mask = kwargs.get("attention_mask")
+            emb = kwargs.get("position_embeddings")
+            key = self._key(hidden, mask, kwargs, emb)
+            if key is None:
+                return eager(hidden, *args, **kwargs)
+            if self.graphed is not None and key != self.key:
+                self.drop("batches of different shapes")
+                return eager(hidden, *args, **kwargs)
+            if self.graphed is not None and self._backward_pending():
+                # a replay would overwrite the activations the pending backward still needs
+                self.eager_because = "a forward before the previous forward's backward"
+                return eager(hidden, *args, **kwargs)
+            if self.graphed is None:
+                seen_twice = key == self.last_key
+                self.last_key = key
+                if not seen_twice:
+                    return eager(hidden, *args, **kwargs)
+                self._capture(hidden, *emb)
+                if self.graphed is None:
+                    return eager(hidden, *args, **kwargs)
+                self.key = key
+            self._replaying = True
+            self.replays += 1
+        if not self._replaying or _global_hooks():
+            return eager(hidden, *args, **kwargs)
+        cos, sin = kwargs["position_embeddings"]
+        out = self.graphed[index](hidden, cos, sin)
+        if index == 0:
+            self._watch_backward(out)
+        return out
+
+    def _watch_backward(self, out: Any) -> None:
+        """Remember the replayed forward until layer 0's backward has run (or its graph is freed)."""
+        node = (out[0] if isinstance(out, tuple) else out).grad_fn
+        self._pending, self._backward_done = (None, True) if node is None else (weakref.ref(node), False)
+        if node is not None:
+            node.register_hook(self._mark_backward_done)
+
+    def _mark_backward_done(self, *_: Any) -> None:
+        self._backward_done = True
+
+    def _backward_pending(self) -> bool:
+        return self._pending is not None and not self._backward_done and self._pending() is not None
+
+
+def _graphed_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    graphs: DecoderGraphs = self.__dict__[_GRAPHS]
+    return graphs.layer_forward(self.__dict__["_qlora_layer_index"], self, hidden_states, *args, **kwargs)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module] | None:
+    """The decoder layers of a Llama-family causal LM, or None."""
+    decoder = getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    return list(layers) if isinstance(layers, nn.ModuleList) and len(layers) else None
+
+
+def enable_decoder_graphs(model: nn.Module, adapter_copies: Any = None) -> DecoderGraphs | None:
+    """Route the decoder layers of ``model`` (a causal LM) through :class:`DecoderGraphs`.
+
+    Returns the controller, or None when the model is not a supported decoder (Llama
+    family with SDPA attention) or is not on CUDA.
+    """
+    layers = decoder_layers(model)
+    config = getattr(model, "config", None)
+    if layers is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return None
+    if not next(layers[0].parameters()).is_cuda or any(hasattr(layer, _EAGER_FORWARD) for layer in layers):
+        return None
+    graphs = DecoderGraphs(layers, adapter_copies)
+    for i, layer in enumerate(layers):
+        setattr(layer, _EAGER_FORWARD, layer.forward)
+        layer.__dict__[_GRAPHS] = graphs
+        layer.__dict__["_qlora_layer_index"] = i
+        layer.forward = types.MethodType(_graphed_layer_forward, layer)
+    return graphs
