@@ -459,13 +459,13 @@ def cmd_run(a: argparse.Namespace) -> None:
         grad_ckpt=info.pop("grad_ckpt"), optimizer_ms=round(opt_ms, 2), optimizer_pct=round(100 * opt_ms / 1e3 / step_s, 2),
         paged_gib=_gib(opt.paged_bytes()) if hasattr(opt, "paged_bytes") else None,
         warmup=a.warmup, steps=a.steps, load_s=round(load_s, 1), gpu=_gpu(),
-        versions=_versions(), **info,
+        versions=_versions(), cuda_graphs=graphs_state(model), **info,
     )
     if a.profile:
         row["profile"] = profile_step(lambda: step(0, False), Path(a.profile))
     append_row(Path(a.json), row)
     print(json.dumps({k: row[k] for k in ("shape", "variant", "tok_s", "peak_gib", "loss_first", "loss_last",
-                                         "optimizer_pct")}), flush=True)
+                                         "optimizer_pct", "cuda_graphs")}), flush=True)
 
 
 def run_trl(a: argparse.Namespace) -> None:
@@ -620,6 +620,7 @@ def run_trl(a: argparse.Namespace) -> None:
         warmup=a.warmup, steps=a.steps, load_s=round(load_s, 1), gpu=_gpu(), versions=_versions(),
         path="SFTTrainer + recipe" if recipe is not None else "SFTTrainer + LoraConfig",
         plugin_reports=reports, logging_steps=a.logging_steps, plugin_overrides=a.plugin or None,
+        cuda_graphs=graphs_state(trainer.model),
     )
     if phases:
         row["host_phases_ms"] = {k: round(sum(v[a.warmup:]) / max(1, len(v[a.warmup:])), 2) for k, v in phases.items()}
@@ -627,7 +628,17 @@ def run_trl(a: argparse.Namespace) -> None:
         row["profile"] = summarize_profile(profiler[0], Path(a.profile))
     append_row(Path(a.json), row)
     print(json.dumps({k: row[k] for k in ("shape", "variant", "tok_s", "peak_gib", "loss_first", "loss_last",
-                                         "optimizer_pct")}), flush=True)
+                                         "optimizer_pct", "cuda_graphs")}), flush=True)
+
+
+def graphs_state(model: Any) -> dict[str, Any] | None:
+    """Whether the decoder layers ran as CUDA graphs: replays, and why not when they did not."""
+    for module in model.modules():
+        graphs = module.__dict__.get("_qlora_decoder_graphs")
+        if graphs is not None:
+            return dict(captured=graphs.graphed is not None, replays=graphs.replays, off=graphs.disabled_because,
+                        eager=graphs.eager_because, last_key=str(graphs.last_key))
+    return None
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:

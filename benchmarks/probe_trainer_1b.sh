@@ -19,6 +19,22 @@ if [ "$rows" = all ]; then  # run 4, call 1: separate the causes
   bench run --shape 1b --variant kernels-direct --tag bare-d0 --profile "$out/profile-bare-d0.txt"
   bench run --shape 1b --variant kernels-direct --tag bare-d05 --dropout 0.05
   bench run --shape 1b --variant qlora-plugin-default --tag trainer-default-full-recompute
+elif [ "$rows" = graphs ]; then  # run 5: main before graphs (.bench/old) against this tree, one machine
+  echo "+ pytest test_kernels_cuda.py -k decoder_graphs" >>"$log"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider "$tests/test_kernels_cuda.py" -k decoder_graphs >>"$log" 2>&1; echo "graph tests rc=$?"; tail -2 "$log"
+  old() { PYTHONPATH=$PWD/.bench/old:$PYTHONPATH bench "$@"; }
+  nographs='{"cuda_graphs": false}'
+  for i in 1 2; do
+    old run --shape 1b --variant qlora-plugin --tag before-graphs-d0 --dropout 0
+    bench run --shape 1b --variant qlora-plugin --tag graphs-d0 --dropout 0
+  done
+  bench run --shape 1b --variant qlora-plugin --tag graphs-off-d0 --dropout 0 --plugin "$nographs"
+  bench run --shape 1b --variant kernels-direct --tag bare-d0
+  python3 "$here/bench_qlora.py" make-model --shape 8b --dir $models >>"$log" 2>&1
+  bench8() { echo "+ $*" >>"$log"; timeout 200 python3 "$here/bench_qlora.py" "$@" --model-dir $models --json "$out/probe.json" \
+               --steps 5 --warmup 2 >>"$log" 2>&1; echo "$* rc=$?"; tail -1 "$log"; }
+  bench8 run --shape 8b --variant qlora-plugin --tag graphs-d0 --dropout 0
+  bench8 run --shape 8b --variant qlora-plugin --tag graphs-off-d0 --dropout 0 --plugin "$nographs"
 else  # run 4, call 2: after the host-time changes, each trainer row twice (the host's noise)
   for i in 1 2; do
     bench run --shape 1b --variant qlora-plugin --tag trainer-d05 --profile "$out/profile-trainer-d05-$i.txt"
