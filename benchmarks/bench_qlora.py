@@ -484,6 +484,8 @@ def run_trl(a: argparse.Namespace) -> None:
     spec = dict(VARIANTS[a.variant])
     if a.dropout is not None:
         spec["dropout"] = a.dropout
+    if a.recipe and "recipe" in spec:
+        spec["recipe"] = {**spec["recipe"], **json.loads(a.recipe)}
     if a.plugin:  # experiment: FastPathConfig fields over what the recipe asks for
         import dataclasses
 
@@ -954,6 +956,7 @@ def main() -> None:
     r.add_argument("--steps", type=int, default=6)
     r.add_argument("--warmup", type=int, default=2)
     r.add_argument("--plugin", default="", help="JSON overrides of FastPathConfig")
+    r.add_argument("--recipe", default="", help="JSON overrides of the recipe (recipe variants)")
     r.add_argument("--optim", default=None)
     r.add_argument("--dropout", type=float, default=None)
     r.add_argument("--logging-steps", type=int, default=1)
