@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 _EAGER_FORWARD = "_qlora_eager_forward"
 _GRAPHS = "_qlora_decoder_graphs"
@@ -65,8 +66,6 @@ def _draws_random_numbers(layers: list[nn.Module]) -> bool:
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as torch_module
-
     return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
                 or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
 
@@ -194,8 +193,12 @@ def _graphed_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args: 
     return graphs.layer_forward(self.__dict__["_qlora_layer_index"], self, hidden_states, *args, **kwargs)
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module] | None:
-    """The decoder layers of a Llama-family causal LM, or None."""
+def _text_decoder_layers(model: nn.Module) -> list[nn.Module] | None:
+    """The layers of ``model.model.layers`` (Llama family), or None.
+
+    Not ``recompute.decoder_layers``: that one returns every checkpointable block,
+    vision towers included, and the graphs need exactly the text decoder's loop.
+    """
     decoder = getattr(model, "model", None)
     layers = getattr(decoder, "layers", None)
     return list(layers) if isinstance(layers, nn.ModuleList) and len(layers) else None
@@ -207,7 +210,7 @@ def enable_decoder_graphs(model: nn.Module, adapter_copies: Any = None) -> Decod
     Returns the controller, or None when the model is not a supported decoder (Llama
     family with SDPA attention) or is not on CUDA.
     """
-    layers = decoder_layers(model)
+    layers = _text_decoder_layers(model)
     config = getattr(model, "config", None)
     if layers is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return None
