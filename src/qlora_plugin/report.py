@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger("qlora_plugin")
 _hook_handle: Any = None
+_seen_optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def use_logger(name: str) -> None:
@@ -55,7 +57,10 @@ def watch_optimizer(layer: nn.Module, recipe: QLoRARecipe) -> None:
     """Report, at the first optimizer step over ``layer``'s adapters, which optimizer runs.
 
     A trainer may take its optimizer from arguments the recipe did not make
-    (``optimizers=``, ``optim=``); the first step is where that shows.
+    (``optimizers=``, ``optim=``); the first step is where that shows. The global
+    step hook stays installed and looks at each optimizer once: removing it from
+    inside itself would break torch's loop over the global hooks whenever another
+    library has registered one too.
     """
     global _hook_handle
     from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -72,13 +77,13 @@ def _on_cuda(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def _report_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    global _hook_handle
+    if optimizer in _seen_optimizers:
+        return
+    _seen_optimizers.add(optimizer)
     params = (p for group in optimizer.param_groups for p in group["params"])
     recipe = next((p.qlora_recipe for p in params if hasattr(p, "qlora_recipe")), None)
     if recipe is None:
         return
-    _hook_handle.remove()
-    _hook_handle = None
     used = describe_optimizer(optimizer)
     inner = getattr(optimizer, "optimizer", optimizer)
     if used == recipe.optimizer and type(inner).__module__.startswith("bitsandbytes") and _on_cuda(inner):
