@@ -520,7 +520,11 @@ def run_trl(a: argparse.Namespace) -> None:
     logged: list[float] = []
     opt_events = _Events()
 
-    # host-side phases of each step (no extra syncs: a phase that waits on the GPU shows it)
+    # host-side phases of each step (no extra syncs: a phase that waits on the GPU shows it). With
+    # --profile, the GPU is also drained at each step's start and end; otherwise only around the timed
+    # steps, so the host may run ahead into the next step as it does in real use.
+    step_sync = bool(a.profile)
+    profiled_steps = 1 if a.profile else 3  # --timeline: three steps, two full cycles between them
     phases: dict[str, list[float]] = {}
     marks: dict[str, float] = {}
     profiler: list[Any] = []
@@ -536,8 +540,9 @@ def run_trl(a: argparse.Namespace) -> None:
             _reset_peak()
 
         def on_step_begin(self, args: Any, state: Any, *rest: Any, **kw: Any) -> None:
-            _sync()
-            if a.profile and state.global_step == a.warmup + 1:
+            if step_sync or state.global_step == a.warmup:
+                _sync()
+            if (a.profile or a.timeline) and state.global_step == a.warmup:
                 from torch.profiler import ProfilerActivity, profile
 
                 profiler.append(profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]))
@@ -557,10 +562,11 @@ def run_trl(a: argparse.Namespace) -> None:
 
         def on_step_end(self, args: Any, state: Any, *rest: Any, **kw: Any) -> None:
             close("after_optimizer", "post_opt")
-            _sync()
+            if step_sync or state.global_step == n:
+                _sync()
+                close("step_synced", "step")
             times.append(time.perf_counter())
-            close("step_synced", "step")
-            if profiler and len(profiler) == 1:
+            if profiler and len(profiler) == 1 and state.global_step == a.warmup + profiled_steps:
                 profiler[0].__exit__(None, None, None)
                 profiler.append(True)
 
@@ -572,6 +578,20 @@ def run_trl(a: argparse.Namespace) -> None:
                   lr_scheduler_type="constant", warmup_steps=0, logging_steps=a.logging_steps, save_strategy="no",
                   report_to="none", max_length=SEQ, packing=False, seed=0,
                   dataset_kwargs={"skip_prepare_dataset": True}, dataloader_num_workers=0)
+    common.update(json.loads(a.trainer_args) if a.trainer_args else {})
+
+    class SFTTrainerWithoutMetrics(SFTTrainer):
+        """TRL's loss without its per-step metrics (token count, accuracy): no read-backs after the forward."""
+
+        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+            from transformers import Trainer
+
+            inputs["use_cache"] = False
+            if self.args.use_liger_kernel:
+                inputs["skip_logits"] = self.model.training
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
     with tempfile.TemporaryDirectory() as out:
         extra: dict[str, Any] = {}
         if recipe is not None:
@@ -584,9 +604,9 @@ def run_trl(a: argparse.Namespace) -> None:
                             optim=spec["optim"], **common)
             peft_config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=spec["dropout"],
                                      target_modules="all-linear", task_type="CAUSAL_LM")
-        trainer_cls = SFTTrainer
+        trainer_cls = SFTTrainer if a.trl_metrics == "on" else SFTTrainerWithoutMetrics
         if a.profile:
-            class PhasedSFTTrainer(SFTTrainer):
+            class PhasedSFTTrainer(trainer_cls):  # type: ignore[valid-type,misc]
                 def compute_loss(self, *args: Any, **kws: Any) -> Any:
                     mark("loss")
                     out = super().compute_loss(*args, **kws)
@@ -596,6 +616,10 @@ def run_trl(a: argparse.Namespace) -> None:
             trainer_cls = PhasedSFTTrainer
         trainer = trainer_cls(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
                               callbacks=[Timer()], **extra)
+        if a.timeline:
+            from timeline import annotate_trainer
+
+            annotate_trainer(trainer)
         load_s = time.time() - t0
         trainer.train()
     peak = _peak()
@@ -626,8 +650,19 @@ def run_trl(a: argparse.Namespace) -> None:
     )
     if phases:
         row["host_phases_ms"] = {k: round(sum(v[a.warmup:]) / max(1, len(v[a.warmup:])), 2) for k, v in phases.items()}
-    if profiler:
+    if profiler and a.profile:
         row["profile"] = summarize_profile(profiler[0], Path(a.profile))
+    if profiler and a.timeline:
+        from timeline import gpu_gaps
+
+        trace = Path(a.timeline).with_suffix(".trace.json")
+        profiler[0].export_chrome_trace(str(trace))
+        row["timeline"] = gpu_gaps(trace)
+        Path(a.timeline).write_text(json.dumps(row["timeline"], indent=1))
+        trace.unlink()  # tens of MB; the gaps are what is kept
+    row["profiled"] = bool(profiler)
+    row["trainer_args"] = a.trainer_args or None
+    row["trl_metrics"] = a.trl_metrics
     append_row(Path(a.json), row)
     print(json.dumps({k: row[k] for k in ("shape", "variant", "tok_s", "peak_gib", "loss_first", "loss_last",
                                          "optimizer_pct", "cuda_graphs")}), flush=True)
@@ -962,6 +997,10 @@ def main() -> None:
     r.add_argument("--logging-steps", type=int, default=1)
     r.add_argument("--tag", default="")
     r.add_argument("--profile", default="")
+    r.add_argument("--timeline", default="", help="SFTTrainer rows: GPU idle gaps of 3 profiled steps, to this JSON")
+    r.add_argument("--trainer-args", default="", help="JSON overrides of the SFTConfig (SFTTrainer rows)")
+    r.add_argument("--trl-metrics", choices=("on", "off"), default="on",
+                   help="off: skip TRL's per-step metrics and their read-backs (an experiment, SFTTrainer rows)")
     n = sub.add_parser("numerics")
     n.add_argument("--shape", choices=SHAPES, required=True)
     n.add_argument("--variant", choices=VARIANTS, required=True)

@@ -35,6 +35,59 @@ elif [ "$rows" = graphs ]; then  # run 5: main before graphs (.bench/old) agains
                --steps 5 --warmup 2 >>"$log" 2>&1; echo "$* rc=$?"; tail -1 "$log"; }
   bench8 run --shape 8b --variant qlora-plugin --tag graphs-d0 --dropout 0
   bench8 run --shape 8b --variant qlora-plugin --tag graphs-off-d0 --dropout 0 --plugin "$nographs"
+elif [ "$rows" = sync ]; then  # run 6: the trainer's read-backs (NOTES section 9)
+  nonan='{"logging_nan_inf_filter": false}'
+  quiet='{"logging_nan_inf_filter": false, "logging_steps": 1000}'
+  for i in 1 2; do
+    bench run --shape 1b --variant qlora-plugin --tag graphs-d0 --dropout 0
+    bench run --shape 1b --variant qlora-plugin --tag graphs-d0-nonan --dropout 0 --trainer-args "$nonan"
+  done
+  bench run --shape 1b --variant qlora-plugin --tag graphs-d0-nonan-nometrics --dropout 0 --trainer-args "$nonan" --trl-metrics off
+  bench run --shape 1b --variant qlora-plugin --tag graphs-d0-nonan-nometrics-log1000 --dropout 0 --trainer-args "$quiet" --trl-metrics off
+  bench run --shape 1b --variant qlora-plugin --tag d05 --dropout 0.05
+  bench run --shape 1b --variant qlora-plugin --tag d05-nonan --dropout 0.05 --trainer-args "$nonan"
+  bench run --shape 1b --variant kernels-direct --tag bare-d0
+  bench run --shape 1b --variant kernels-direct --tag bare-d0-graphs --plugin '{"cuda_graphs": true}'
+  bench run --shape 1b --variant qlora-plugin --tag timeline-graphs-d0 --dropout 0 --timeline "$out/timeline-graphs-d0.json"
+  bench run --shape 1b --variant qlora-plugin --tag timeline-graphs-d0-nonan --dropout 0 --trainer-args "$nonan" \
+    --timeline "$out/timeline-graphs-d0-nonan.json"
+  for case in lora02 two-callables one-callable two-calls-pool tiny-1-layer tiny-2-layers tiny-2-layers-per-layer-capture; do
+    echo "+ graph_dropout_capture.py $case" >>"$out/dropout_capture.txt"
+    timeout 120 python3 "$here/graph_dropout_capture.py" "$case" >>"$out/dropout_capture.txt" 2>&1
+    grep -a "^$case " "$out/dropout_capture.txt" | tail -1
+  done
+elif [ "$rows" = confirm ]; then  # run 6, call 2: the recipe with the filter off, against it on (NOTES section 9)
+  filter='{"logging_nan_inf_filter": true}'
+  for i in 1 2 3; do
+    bench run --shape 1b --variant qlora-plugin --tag recipe-d0 --dropout 0
+    bench run --shape 1b --variant qlora-plugin --tag recipe-d0-filter-on --dropout 0 --trainer-args "$filter"
+  done
+  bench run --shape 1b --variant qlora-plugin --tag recipe-d0-workers2 --dropout 0 --trainer-args '{"dataloader_num_workers": 2}'
+  bench run --shape 1b --variant qlora-plugin --tag recipe-d05 --dropout 0.05
+  bench run --shape 1b --variant kernels-direct --tag bare-d0-graphs --plugin '{"cuda_graphs": true}'
+  for case in tiny-1-layer-p0 tiny-1-layer-syncdebug tiny-1-layer-capture-first tiny-1-layer-bernoulli; do
+    echo "+ graph_dropout_capture.py $case" >>"$out/dropout_capture.txt"
+    timeout 120 python3 "$here/graph_dropout_capture.py" "$case" >>"$out/dropout_capture.txt" 2>&1
+    grep -a "^$case " "$out/dropout_capture.txt" | tail -1
+  done
+elif [ "$rows" = dropout-graphs ]; then  # run 6, call 3: graphs with the recipe's default dropout
+  echo "+ pytest test_kernels_cuda.py -k graphs" >>"$log"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider "$tests/test_kernels_cuda.py" -k graphs >>"$log" 2>&1; echo "graph tests rc=$?"; tail -2 "$log"
+  for i in 1 2; do
+    bench run --shape 1b --variant qlora-plugin --tag recipe-d05-graphs
+  done
+  export QLORA_CUDA_GRAPHS=0; bench run --shape 1b --variant qlora-plugin --tag recipe-d05-graphs-off; unset QLORA_CUDA_GRAPHS
+  bench run --shape 1b --variant qlora-plugin --tag recipe-d0-graphs --dropout 0
+  bench run --shape 1b --variant kernels-direct --tag bare-d05-graphs --dropout 0.05 --plugin '{"cuda_graphs": true}'
+  python3 "$here/bench_qlora.py" make-model --shape 8b --dir $models >>"$log" 2>&1
+  bench8() { echo "+ $*" >>"$log"; timeout 200 python3 "$here/bench_qlora.py" "$@" --model-dir $models --json "$out/probe.json" \
+               --steps 5 --warmup 2 >>"$log" 2>&1; echo "$* rc=$?"; tail -1 "$log"; }
+  bench8 run --shape 8b --variant qlora-plugin --tag recipe-d05-graphs
+elif [ "$rows" = suite ]; then  # run 6, call 4: the whole CUDA suite after the change, and the 1B rows again
+  echo "+ pytest test_kernels_cuda.py" >>"$log"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider "$tests/test_kernels_cuda.py" >"$out/cuda-tests.txt" 2>&1; echo "kernel tests rc=$?"; tail -2 "$out/cuda-tests.txt"
+  bench run --shape 1b --variant qlora-plugin --tag recipe-d05-graphs
+  bench run --shape 1b --variant qlora-plugin --tag recipe-d0-graphs --dropout 0
 else  # run 4, call 2: after the host-time changes, each trainer row twice (the host's noise)
   for i in 1 2; do
     bench run --shape 1b --variant qlora-plugin --tag trainer-d05 --profile "$out/profile-trainer-d05-$i.txt"
