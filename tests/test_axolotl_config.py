@@ -153,3 +153,22 @@ def test_a_malformed_section_is_rejected_before_any_model_loads(load, section, f
     with pytest.raises(QLoRAConfigError) as error:
         load(section)
     assert error.value.field == field and hint in str(error.value)
+
+
+@pytest.mark.parametrize("device,expected", [("cuda", False), ("cpu", True)])
+def test_the_trainer_gets_the_fast_paths_settings_on_cuda_only(monkeypatch, tmp_path, device, expected) -> None:
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    import qlora_plugin.device
+    from qlora_plugin import qlora_recipe
+    from qlora_plugin.axolotl.plugin import QLoRAPlugin
+
+    monkeypatch.setattr(qlora_plugin.device, "training_device", lambda: device)
+    plugin = QLoRAPlugin()
+    plugin.recipe = qlora_recipe()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    trainer = SimpleNamespace(args=args, optimizer=object())  # an optimizer already made: only the settings change
+    plugin.post_trainer_create(None, trainer)
+    assert trainer.args.logging_nan_inf_filter is expected

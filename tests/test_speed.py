@@ -123,3 +123,15 @@ def test_layers_of_the_trainers_own_kernels_are_left_to_them(checkpoint):
     patched = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "_qlora_fast_orig_forward")}
     assert "o_proj" in patched
     assert not patched & {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "mlp"}
+
+
+def test_fast_path_trainer_settings_are_training_arguments_on_cuda_only():
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    assert set(speed.FAST_TRAINER_SETTINGS) <= fields
+    assert qlora_recipe().training_args(device="cuda")["logging_nan_inf_filter"] is False
+    assert "logging_nan_inf_filter" not in qlora_recipe().training_args(device="cpu")
+    assert "logging_nan_inf_filter" not in qlora_recipe(fast_path=False).training_args(device="cuda")

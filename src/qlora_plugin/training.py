@@ -16,8 +16,11 @@ def training_args(recipe: QLoRARecipe, device: str | None = None) -> dict[str, A
     """Keyword arguments for ``TrainingArguments`` (and TRL's configs) from ``recipe``.
 
     Precision follows the device: bf16/fp16 mixed precision on a GPU, neither
-    on a CPU (where the trainers refuse them).
+    on a CPU (where the trainers refuse them). On the CUDA fast path, also the
+    settings of :data:`qlora_plugin.speed.FAST_TRAINER_SETTINGS`.
     """
+    from qlora_plugin.speed import trainer_settings
+
     device = device or training_device()
     settings: dict[str, Any] = {
         "optim": recipe.optimizer,
@@ -30,6 +33,7 @@ def training_args(recipe: QLoRARecipe, device: str | None = None) -> dict[str, A
         **precision_flags(recipe.resolved_compute_dtype(device), device),
     }
     settings.update({name: getattr(recipe, name) for name in OPTIONAL_SETTINGS if getattr(recipe, name) is not None})
+    settings.update(trainer_settings(recipe, device))
     return settings
 
 

@@ -89,14 +89,25 @@ class QLoRAPlugin(BasePlugin):
         arm(model, self.recipe, host_kernels=[key for key in LORA_KERNELS if cfg.get(key)])
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
-        """Where the recipe asks for paged AdamW 32-bit on the CUDA fast path: the fused one.
+        """On the CUDA fast path: the fast path's trainer settings, and the fused paged AdamW.
 
-        Set as the trainer's ``optimizer_cls_and_kwargs`` (Axolotl 0.19 never calls
-        the plugins' ``create_optimizer``); the trainer still groups the parameters.
+        The settings (:data:`qlora_plugin.speed.FAST_TRAINER_SETTINGS`) have no Axolotl
+        key, so they go on the trainer's arguments here. The optimizer is set as the
+        trainer's ``optimizer_cls_and_kwargs`` where the recipe asks for paged AdamW
+        32-bit (Axolotl 0.19 never calls the plugins' ``create_optimizer``); the
+        trainer still groups the parameters.
         """
-        from qlora_plugin.speed import optimizer_cls_and_kwargs
+        from qlora_plugin.speed import optimizer_cls_and_kwargs, trainer_settings
 
-        if self.recipe is None or getattr(trainer, "optimizer", None) is not None:
+        if self.recipe is None:
+            return
+        settings = trainer_settings(self.recipe)
+        for key, value in settings.items():
+            setattr(trainer.args, key, value)
+        if settings:
+            report(logging.INFO, "qlora: trainer settings of the fast path: %s",
+                   ", ".join(f"{k}={v}" for k, v in settings.items()))
+        if getattr(trainer, "optimizer", None) is not None:
             return
         chosen = optimizer_cls_and_kwargs(self.recipe, trainer.args)
         if chosen is not None:
