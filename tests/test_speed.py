@@ -66,7 +66,7 @@ def test_kernel_config_follows_the_recipe_and_the_host_kernels():
     fast = speed.kernel_config(qlora_recipe(gradient_checkpointing=False, lora_dropout=0), "cpu")
     assert (fast.recompute, fast.cache_block_constants, fast.fused_loss, fast.cuda_graphs) == ("none", True, True, True)
     with_dropout = speed.kernel_config(qlora_recipe(gradient_checkpointing=False), "cuda")
-    assert with_dropout.cuda_graphs is False  # the default dropout 0.05: layers with dropout are not captured
+    assert with_dropout.cuda_graphs is True  # the default dropout 0.05 is captured too
     low = speed.kernel_config(qlora_recipe(gradient_checkpointing="offload"), "cuda", loss_owned=True)
     assert (low.recompute, low.cache_block_constants, low.fused_loss, low.cuda_graphs) == ("offload", False, False, False)
     shared = speed.kernel_config(qlora_recipe(gradient_checkpointing=False, lora_dropout=0), "cuda",

@@ -136,8 +136,8 @@ def kernel_config(recipe: QLoRARecipe, device: str, *, loss_owned: bool = False,
 
     ``loss_owned``: the model's forward already computes the loss without logits
     (Liger's, installed by TRL's ``use_liger_kernel``); ``host_kernels``: the
-    trainer's own LoRA kernels that are on. CUDA graphs go on at the speed point without
-    dropout, unless the environment sets ``QLORA_CUDA_GRAPHS=0``.
+    trainer's own LoRA kernels that are on. CUDA graphs go on at the speed point (the
+    recompute mode "none") unless the environment sets ``QLORA_CUDA_GRAPHS=0``.
     """
     from qlora_plugin.kernels import FastPathConfig
 
@@ -151,8 +151,7 @@ def kernel_config(recipe: QLoRARecipe, device: str, *, loss_owned: bool = False,
         fused_mlp="lora_mlp_kernel" not in host_kernels,
         recompute=mode,
         cache_block_constants=mode == "none",  # +1/16 of the bf16 weight size: the speed point only
-        cuda_graphs=(mode == "none" and not host_kernels and not recipe.lora_dropout
-                     and os.environ.get("QLORA_CUDA_GRAPHS", "1") != "0"),
+        cuda_graphs=mode == "none" and not host_kernels and os.environ.get("QLORA_CUDA_GRAPHS", "1") != "0",
         skip_lora=tuple(name for key in host_kernels for name in HOST_KERNEL_LAYERS.get(key, ())),
     )
 

@@ -11,10 +11,14 @@ have the same shape as the previous one (fixed-length batches: packing, padding 
 fixed length, a benchmark) is captured once with
 ``torch.cuda.make_graphed_callables`` (all layers in one memory pool) and replayed
 from then on. Anything else runs eagerly: inference, no-grad, caches, attention
-masks or extra tensor arguments, hooks on the layers, a second forward before the
-first one's backward (a replay would overwrite what that backward still needs), and
-layers with dropout (LoRA or attention): capturing those failed on torch 2.11, and a
-failed capture leaves the CUDA generator unusable. The first batch of a different
+masks or extra tensor arguments, hooks on the layers, and a second forward before the
+first one's backward (a replay would overwrite what that backward still needs).
+Dropout (LoRA or attention) is captured too: each replay draws new masks. The
+capture differentiates with respect to stand-ins of the trainable parameters (see
+:class:`_LayerCall`), so a loss of an earlier step kept alive does not invalidate it.
+A capture that fails anyway leaves the layers eager, or, where it left the CUDA
+random number generator unusable and the layers need it, stops with an error that
+names the switch (``QLORA_CUDA_GRAPHS=0``). The first batch of a different
 shape drops the graphs for good (a dataset of varying lengths would otherwise hold
 one set of activations per shape), so graphs never cost more than one step's
 activations.
@@ -40,14 +44,34 @@ _log = logging.getLogger("qlora_plugin")
 
 
 class _LayerCall(nn.Module):
-    """A decoder layer as a function of tensors only (what make_graphed_callables takes)."""
+    """A decoder layer as a function of tensors only, its trainable parameters passed in.
+
+    ``make_graphed_callables`` is given :meth:`function`, not the module: the capture then
+    differentiates with respect to stand-ins for the trainable parameters (new leaves on
+    the same storage), not the parameters themselves. A parameter's own gradient
+    accumulator may still belong to an earlier forward's graph (a loss kept alive, a
+    wrapper that holds the accumulators), made on the default stream: using it inside the
+    capture would tie the default stream to the capturing one, which invalidates the
+    capture. On replay the real parameters are passed; their gradients are accumulated
+    outside the graph.
+    """
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.layer = layer
+        self.names = [f"layer.{name}" for name, p in layer.named_parameters() if p.requires_grad]
+        self.params = [p for p in layer.parameters() if p.requires_grad]
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return getattr(self.layer, _EAGER_FORWARD)(hidden, attention_mask=None, position_embeddings=(cos, sin))
+
+    def function(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        """The layer with ``params`` in place of its trainable parameters."""
+        return torch.func.functional_call(self, dict(zip(self.names, params)), (hidden, cos, sin))
+
+    def stand_ins(self) -> list[torch.Tensor]:
+        """New leaves sharing the trainable parameters' storage (replays then copy nothing)."""
+        return [p.detach().requires_grad_(True) for p in self.params]
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -65,6 +89,15 @@ def _draws_random_numbers(layers: list[nn.Module]) -> bool:
     return False
 
 
+def _generator_works(device: torch.device) -> bool:
+    """Whether the CUDA generator still draws outside a capture (a failed capture can leave it broken)."""
+    try:
+        torch.empty(1, device=device).bernoulli_(0.5)
+        return True
+    except RuntimeError:
+        return False
+
+
 def _global_hooks() -> bool:
     return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
                 or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
@@ -77,6 +110,7 @@ class DecoderGraphs:
         self.layers = layers
         self.adapter_copies = adapter_copies
         self.graphed: list[Any] | None = None
+        self.calls: list[_LayerCall] = []
         self.key: tuple[Any, ...] | None = None
         self.last_key: tuple[Any, ...] | None = None
         self.disabled_because = ""
@@ -106,27 +140,28 @@ class DecoderGraphs:
         if _has_hooks(nn.ModuleList(self.layers)) or _global_hooks():
             self.disabled_because = "hooks on the decoder layers"
             return
-        if _draws_random_numbers(self.layers):
-            # Capturing these layers with dropout failed on torch 2.11 (H100, benchmarks/NOTES.md
-            # run 5), and a failed capture leaves the CUDA generator unusable for the process.
-            self.disabled_because = "dropout in the decoder layers"
-            _log.info("qlora fast path: CUDA graphs off (LoRA or attention dropout > 0); the layers run eagerly")
-            return
-        calls = tuple(_LayerCall(layer) for layer in self.layers)
+        self.calls = [_LayerCall(layer) for layer in self.layers]
         samples = []
-        for i in range(len(calls)):
+        for i, call in enumerate(self.calls):
             h = hidden.detach().clone().requires_grad_(hidden.requires_grad if i == 0 else True)
-            samples.append((h, cos.detach().clone(), sin.detach().clone()))
+            samples.append((h, cos.detach().clone(), sin.detach().clone(), *call.stand_ins()))
         saved_copies = None
         if self.adapter_copies is not None:  # a graph must cast the live adapters, not one forward's copies
             saved_copies, self.adapter_copies.copies = self.adapter_copies.copies, {}
         try:
             with torch.autocast("cuda", enabled=False):
-                self.graphed = list(torch.cuda.make_graphed_callables(calls, tuple(samples)))
+                functions = tuple(call.function for call in self.calls)
+                self.graphed = list(torch.cuda.make_graphed_callables(functions, tuple(samples)))
         except Exception as error:  # noqa: BLE001 - any capture failure leaves the eager path in place
             self.graphed = None
             self.disabled_because = f"capture failed: {type(error).__name__}: {error}"
             _log.warning("qlora fast path: CUDA graphs off (%s); the layers run eagerly", self.disabled_because)
+            if _draws_random_numbers(self.layers) and not _generator_works(hidden.device):
+                raise RuntimeError(
+                    "qlora fast path: capturing the decoder layers as CUDA graphs failed and left the CUDA "
+                    f"random number generator unusable, so dropout cannot run ({self.disabled_because}). "
+                    "Set QLORA_CUDA_GRAPHS=0 to train without CUDA graphs."
+                ) from error
         finally:
             if saved_copies is not None:
                 self.adapter_copies.copies = saved_copies
@@ -169,7 +204,7 @@ class DecoderGraphs:
         if not self._replaying or _global_hooks():
             return eager(hidden, *args, **kwargs)
         cos, sin = kwargs["position_embeddings"]
-        out = self.graphed[index](hidden, cos, sin)
+        out = self.graphed[index](hidden, cos, sin, *self.calls[index].params)
         if index == 0:
             self._watch_backward(out)
         return out
