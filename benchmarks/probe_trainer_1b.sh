@@ -9,6 +9,15 @@ models=/dev/shm/qlora-models
 log=$out/log.txt
 bench() { echo "+ $*" >>"$log"; timeout 300 python3 "$here/bench_qlora.py" "$@" --model-dir $models --json "$out/probe.json" \
             --steps 10 --warmup 3 >>"$log" 2>&1; echo "$* rc=$?"; tail -1 "$log"; }
+bench8() { echo "+ $*" >>"$log"; timeout 200 python3 "$here/bench_qlora.py" "$@" --model-dir $models --json "$out/probe.json" \
+             --steps 5 --warmup 2 >>"$log" 2>&1; echo "$* rc=$?"; tail -1 "$log"; }
+capture_cases() {  # graph_dropout_capture.py cases, one process each, into $out/dropout_capture.txt
+  for case in "$@"; do
+    echo "+ graph_dropout_capture.py $case" >>"$out/dropout_capture.txt"
+    timeout 120 python3 "$here/graph_dropout_capture.py" "$case" >>"$out/dropout_capture.txt" 2>&1
+    grep -a "^$case " "$out/dropout_capture.txt" | tail -1
+  done
+}
 python3 "$here/bench_qlora.py" make-model --shape 1b --dir $models >>"$log" 2>&1 || { tail -20 "$log"; exit 1; }
 rows=${PROBE_ROWS:-all}
 if [ "$rows" = all ]; then  # run 4, call 1: separate the causes
@@ -31,8 +40,6 @@ elif [ "$rows" = graphs ]; then  # run 5: main before graphs (.bench/old) agains
   bench run --shape 1b --variant qlora-plugin --tag graphs-off-d0 --dropout 0 --plugin "$nographs"
   bench run --shape 1b --variant kernels-direct --tag bare-d0
   python3 "$here/bench_qlora.py" make-model --shape 8b --dir $models >>"$log" 2>&1
-  bench8() { echo "+ $*" >>"$log"; timeout 200 python3 "$here/bench_qlora.py" "$@" --model-dir $models --json "$out/probe.json" \
-               --steps 5 --warmup 2 >>"$log" 2>&1; echo "$* rc=$?"; tail -1 "$log"; }
   bench8 run --shape 8b --variant qlora-plugin --tag graphs-d0 --dropout 0
   bench8 run --shape 8b --variant qlora-plugin --tag graphs-off-d0 --dropout 0 --plugin "$nographs"
 elif [ "$rows" = sync ]; then  # run 6: the trainer's read-backs (NOTES section 9)
@@ -51,11 +58,7 @@ elif [ "$rows" = sync ]; then  # run 6: the trainer's read-backs (NOTES section 
   bench run --shape 1b --variant qlora-plugin --tag timeline-graphs-d0 --dropout 0 --timeline "$out/timeline-graphs-d0.json"
   bench run --shape 1b --variant qlora-plugin --tag timeline-graphs-d0-nonan --dropout 0 --trainer-args "$nonan" \
     --timeline "$out/timeline-graphs-d0-nonan.json"
-  for case in lora02 two-callables one-callable two-calls-pool tiny-1-layer tiny-2-layers tiny-2-layers-per-layer-capture; do
-    echo "+ graph_dropout_capture.py $case" >>"$out/dropout_capture.txt"
-    timeout 120 python3 "$here/graph_dropout_capture.py" "$case" >>"$out/dropout_capture.txt" 2>&1
-    grep -a "^$case " "$out/dropout_capture.txt" | tail -1
-  done
+  capture_cases lora02 two-callables one-callable two-calls-pool tiny-1-layer tiny-2-layers tiny-2-layers-per-layer-capture
 elif [ "$rows" = confirm ]; then  # run 6, call 2: the recipe with the filter off, against it on (NOTES section 9)
   filter='{"logging_nan_inf_filter": true}'
   for i in 1 2 3; do
@@ -65,11 +68,7 @@ elif [ "$rows" = confirm ]; then  # run 6, call 2: the recipe with the filter of
   bench run --shape 1b --variant qlora-plugin --tag recipe-d0-workers2 --dropout 0 --trainer-args '{"dataloader_num_workers": 2}'
   bench run --shape 1b --variant qlora-plugin --tag recipe-d05 --dropout 0.05
   bench run --shape 1b --variant kernels-direct --tag bare-d0-graphs --plugin '{"cuda_graphs": true}'
-  for case in tiny-1-layer-p0 tiny-1-layer-syncdebug tiny-1-layer-capture-first tiny-1-layer-bernoulli; do
-    echo "+ graph_dropout_capture.py $case" >>"$out/dropout_capture.txt"
-    timeout 120 python3 "$here/graph_dropout_capture.py" "$case" >>"$out/dropout_capture.txt" 2>&1
-    grep -a "^$case " "$out/dropout_capture.txt" | tail -1
-  done
+  capture_cases tiny-1-layer-p0 tiny-1-layer-syncdebug tiny-1-layer-capture-first tiny-1-layer-bernoulli
 elif [ "$rows" = dropout-graphs ]; then  # run 6, call 3: graphs with the recipe's default dropout
   echo "+ pytest test_kernels_cuda.py -k graphs" >>"$log"
   timeout 150 python3 -m pytest -q -p no:cacheprovider "$tests/test_kernels_cuda.py" -k graphs >>"$log" 2>&1; echo "graph tests rc=$?"; tail -2 "$log"
@@ -80,8 +79,6 @@ elif [ "$rows" = dropout-graphs ]; then  # run 6, call 3: graphs with the recipe
   bench run --shape 1b --variant qlora-plugin --tag recipe-d0-graphs --dropout 0
   bench run --shape 1b --variant kernels-direct --tag bare-d05-graphs --dropout 0.05 --plugin '{"cuda_graphs": true}'
   python3 "$here/bench_qlora.py" make-model --shape 8b --dir $models >>"$log" 2>&1
-  bench8() { echo "+ $*" >>"$log"; timeout 200 python3 "$here/bench_qlora.py" "$@" --model-dir $models --json "$out/probe.json" \
-               --steps 5 --warmup 2 >>"$log" 2>&1; echo "$* rc=$?"; tail -1 "$log"; }
   bench8 run --shape 8b --variant qlora-plugin --tag recipe-d05-graphs
 elif [ "$rows" = suite ]; then  # run 6, call 4: the whole CUDA suite after the change, and the 1B rows again
   echo "+ pytest test_kernels_cuda.py" >>"$log"
