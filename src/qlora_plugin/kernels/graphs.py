@@ -153,7 +153,7 @@ class DecoderGraphs:
                 functions = tuple(call.function for call in self.calls)
                 self.graphed = list(torch.cuda.make_graphed_callables(functions, tuple(samples)))
         except Exception as error:  # noqa: BLE001 - any capture failure leaves the eager path in place
-            self.graphed = None
+            self.graphed, self.calls = None, []
             self.disabled_because = f"capture failed: {type(error).__name__}: {error}"
             _log.warning("qlora fast path: CUDA graphs off (%s); the layers run eagerly", self.disabled_because)
             if _draws_random_numbers(self.layers) and not _generator_works(hidden.device):
@@ -168,7 +168,7 @@ class DecoderGraphs:
 
     def drop(self, reason: str) -> None:
         """Free the graphs and run eagerly from now on."""
-        self.graphed, self.key, self.disabled_because = None, None, reason
+        self.graphed, self.calls, self.key, self.disabled_because = None, [], None, reason
         torch.cuda.empty_cache()
 
     def layer_forward(self, index: int, layer: nn.Module, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
