@@ -85,6 +85,16 @@ elif [ "$rows" = suite ]; then  # run 6, call 4: the whole CUDA suite after the 
   timeout 200 python3 -m pytest -q -p no:cacheprovider "$tests/test_kernels_cuda.py" >"$out/cuda-tests.txt" 2>&1; echo "kernel tests rc=$?"; tail -2 "$out/cuda-tests.txt"
   bench run --shape 1b --variant qlora-plugin --tag recipe-d05-graphs
   bench run --shape 1b --variant qlora-plugin --tag recipe-d0-graphs --dropout 0
+elif [ "$rows" = fused-dropout ]; then  # run 7, call 1: LoRA dropout drawn in Triton kernels, mask kept as bits
+  echo "+ pytest test_kernels_cuda.py -k 'dropout or fused_lora or graphs'" >>"$log"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider "$tests/test_kernels_cuda.py" -k "dropout or fused_lora or graphs" \
+    >"$out/cuda-tests.txt" 2>&1; echo "kernel tests rc=$?"; tail -2 "$out/cuda-tests.txt"
+  bench run --shape 1b --variant qlora-plugin --tag recipe-d05-graphs-bits
+  bench run --shape 1b --variant qlora-plugin --tag recipe-d05-graphs-torch-dropout --plugin '{"triton_dropout": false}'
+  bench run --shape 1b --variant qlora-plugin --tag recipe-d0-graphs --dropout 0
+  bench run --shape 1b --variant qlora-plugin --tag recipe-d05-graphs-bits
+  python3 "$here/bench_qlora.py" make-model --shape 8b --dir $models >>"$log" 2>&1
+  bench8 run --shape 8b --variant qlora-plugin --tag recipe-d05-graphs-bits
 else  # run 4, call 2: after the host-time changes, each trainer row twice (the host's noise)
   for i in 1 2; do
     bench run --shape 1b --variant qlora-plugin --tag trainer-d05 --profile "$out/profile-trainer-d05-$i.txt"

@@ -50,22 +50,22 @@ def test_triton_dequant_matches_bitsandbytes(shape, nested, quant_type, dtype) -
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("cache", [False, True])
 def test_fused_lora_function_cuda_matches_float64(tokens, in_f, out_f, triton_dequant, dropout, cache) -> None:
-    from qlora_plugin.kernels import dequant
+    from qlora_plugin.kernels import dequant, lora_dropout
 
     dequant.set_triton_dequant(triton_dequant)
     dequant.set_cache_block_constants(cache)
+    lora_dropout.set_triton_dropout(cache)  # torch's dropout with one half of the cases, the kernels' with the other
     try:
         w = torch.randn(out_f, in_f, device=DEV, dtype=torch.bfloat16) / in_f**0.5
         q, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
         x = torch.randn(1, tokens, in_f, device=DEV, dtype=torch.bfloat16, requires_grad=True)
         a = (torch.randn(16, in_f, device=DEV) / in_f**0.5).requires_grad_()
         b = (torch.randn(out_f, 16, device=DEV) * 0.05).requires_grad_()
-        torch.manual_seed(tokens)
         y = lora_4bit_linear(x, a, b, 2.0, q, state, dropout=dropout)
+        mask = _drawn_keep_mask(y, in_f)
         g = torch.randn_like(y)
         y.backward(g)
-        torch.manual_seed(tokens)  # the same draw gives the function's mask
-        _, mask = torch.native_dropout(x.detach().reshape(-1, in_f), dropout, True)
+        assert dropout == 0.0 or 0 < int(mask.sum()) < mask.numel()
         keep = mask.view(x.shape).double() / (1 - dropout)
         w64 = bnbf.dequantize_4bit(q, state).double()
         x64 = x.detach().double().requires_grad_()
@@ -79,6 +79,66 @@ def test_fused_lora_function_cuda_matches_float64(tokens, in_f, out_f, triton_de
     finally:
         dequant.set_triton_dequant(False)
         dequant.set_cache_block_constants(False)
+        lora_dropout.set_triton_dropout(True)
+
+
+def _drawn_keep_mask(y: torch.Tensor, in_f: int) -> torch.Tensor:
+    """The keep-mask the fused function saved for ``y``'s backward (bool [T, in_f]; all True without dropout)."""
+    from qlora_plugin.kernels.lora_dropout import unpack_keep_mask
+
+    node = y.grad_fn
+    while "LoRA4bitFunction" not in type(node).__name__:
+        node = node.next_functions[0][0]
+    mask = node.saved_tensors[4]
+    if mask is None:
+        return torch.ones(y.numel() // y.shape[-1], in_f, dtype=torch.bool, device=y.device)
+    return unpack_keep_mask(mask, in_f) if mask.dtype == torch.int32 else mask
+
+
+@pytest.mark.parametrize("t,k,r", [(8192, 2048, 16), (8192, 8192, 16), (4096, 4096, 64), (333, 200, 20), (1, 64, 16)])
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_triton_dropout_kernels_match_reference(t, k, r, p) -> None:
+    from qlora_plugin.kernels import triton_lora_dropout as kernels
+    from qlora_plugin.kernels.lora_dropout import (
+        dropout_add_grad_x_reference,
+        dropout_down_reference,
+        dropout_grad_a_reference,
+        unpack_keep_mask,
+    )
+
+    x = torch.randn(t, k, device=DEV, dtype=torch.bfloat16)
+    a = (torch.randn(r, k, device=DEV) / k**0.5).bfloat16()
+    gu = torch.randn(t, r, device=DEV, dtype=torch.bfloat16)
+    grad_x = torch.randn(t, k, device=DEV, dtype=torch.bfloat16)
+    u, bits = kernels.dropout_down(x, a, p)
+    keep = unpack_keep_mask(bits, k)
+    u_ref, bits_ref = dropout_down_reference(x, a, p, keep)
+    assert torch.equal(bits, bits_ref)  # nothing set beyond column k
+    assert abs((1 - keep.float().mean().item()) - p) < 5 * (p * (1 - p) / (t * k)) ** 0.5 + 1e-3
+    if t * k >= 4096:
+        assert all(bool((keep[:, i::4] != keep[:, j::4]).any()) for i in range(4) for j in range(i + 1, 4))
+    assert rel_err(u, u_ref) < 1e-2
+    assert rel_err(kernels.dropout_grad_a(gu, x, bits, p), dropout_grad_a_reference(gu, x, bits, p)) < 1e-3
+    got = kernels.dropout_add_grad_x(grad_x.clone(), gu, a, bits, p)
+    assert rel_err(got, dropout_add_grad_x_reference(grad_x.clone(), gu, a, bits, p)) < 1e-2
+    assert not torch.equal(kernels.dropout_down(x, a, p)[1], bits)  # a new seed at each call
+
+
+def test_triton_dropout_draws_a_new_mask_at_each_graph_replay() -> None:
+    from qlora_plugin.kernels import triton_lora_dropout as kernels
+
+    x = torch.randn(512, 256, device=DEV, dtype=torch.bfloat16)
+    a = torch.randn(16, 256, device=DEV, dtype=torch.bfloat16)
+    kernels.dropout_down(x, a, 0.1)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, bits = kernels.dropout_down(x, a, 0.1)
+    masks = []
+    for _ in range(3):
+        graph.replay()
+        masks.append(bits.clone())
+    torch.cuda.synchronize()
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
 
 
 @pytest.mark.parametrize("n,h,v", [(8192, 2048, 128256), (1000, 96, 5003)])

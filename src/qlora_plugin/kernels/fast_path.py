@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qlora_plugin.kernels import dequant
+from qlora_plugin.kernels import dequant, lora_dropout
 from qlora_plugin.kernels.casting import cast_adapters, cast_frozen_params
 from qlora_plugin.kernels.layers import patch_norms_and_mlps, patch_rope
 from qlora_plugin.kernels.lora_linear import patch_lora_4bit_layers
@@ -34,6 +34,8 @@ class FastPathConfig:
     cuda_graphs: replay the decoder layers as CUDA graphs when batches keep one shape
         (CUDA, recompute "none" only; see ``graphs.DecoderGraphs``).
     triton_dequant: one-launch Triton NF4 dequantization instead of bitsandbytes' (CUDA).
+    triton_dropout: LoRA dropout drawn inside Triton kernels that keep the mask as bits
+        (CUDA; False: torch's dropout, which saves the dropped input and a byte mask).
     cache_block_constants: keep decoded fp32 block constants per weight (+1/16 of the
         bf16 weight size in memory, fewer launches per dequantization).
     """
@@ -50,6 +52,7 @@ class FastPathConfig:
     fused_rope: bool = True
     cuda_graphs: bool = False
     triton_dequant: bool = False
+    triton_dropout: bool = True
     cache_block_constants: bool = False
 
 
@@ -100,6 +103,7 @@ def apply_fast_path(
             module.compute_dtype = cfg.compute_dtype
     dequant.set_triton_dequant(cfg.triton_dequant)
     dequant.set_cache_block_constants(cfg.cache_block_constants)
+    lora_dropout.set_triton_dropout(cfg.triton_dropout)
     if cfg.fused_lora:
         report.lora_layers_fused = patch_lora_4bit_layers(lm, skip=cfg.skip_lora, compute_dtype=cfg.compute_dtype)
     if cfg.fused_norm_mlp:

@@ -8,7 +8,8 @@ elementwise passes, each saved for backward. Here the adapter product is added i
 the base GEMM's output in place, every GEMM runs in the compute dtype, dropout is
 drawn inside the function (its gradient is added into the input gradient in one
 pass), and only ``x_d`` (with the dropout mask) and the rank-r product ``x_d A^T``
-are saved. The adapters' master weights keep their own dtype (fp32 by default):
+are saved. On CUDA the dropout is drawn inside Triton kernels that keep the mask as
+bits and never write ``x_d`` (:mod:`lora_dropout`); the input ``x`` is saved instead. The adapters' master weights keep their own dtype (fp32 by default):
 their compute-dtype copies are made for all layers at once, in one batched copy per
 model forward (:class:`AdapterCopies`), and their gradients come back in the master
 dtype.
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from qlora_plugin.kernels.dequant import dequantize_4bit
+from qlora_plugin.kernels.lora_dropout import use_triton_dropout
 
 DequantFn = Callable[[torch.Tensor, Any, torch.dtype], torch.Tensor]
 
@@ -71,23 +73,26 @@ class LoRA4bitFunction(torch.autograd.Function):
         dtype = x.dtype
         lead, in_features = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, in_features)
-        mask = None
-        if p > 0.0:
-            xl2, mask = torch.native_dropout(x2, p, True)
-        else:
+        a = a_copy if a_copy is not None and a_copy.dtype == dtype else lora_a.detach().to(dtype)
+        b = b_copy if b_copy is not None and b_copy.dtype == dtype else lora_b.detach().to(dtype)
+        packed = p > 0.0 and use_triton_dropout(x2)
+        if packed:  # the mask is drawn in-kernel and kept as bits; backward reads x and the bits
+            from qlora_plugin.kernels.triton_lora_dropout import dropout_down
+
+            u, mask = dropout_down(x2, a, p)
             xl2 = x2
+        else:
+            xl2, mask = torch.native_dropout(x2, p, True) if p > 0.0 else (x2, None)
+            u = torch.mm(xl2, a.t())
         w = dequant(weight, quant_state, dtype)
         out = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         del w
-        a = a_copy if a_copy is not None and a_copy.dtype == dtype else lora_a.detach().to(dtype)
-        b = b_copy if b_copy is not None and b_copy.dtype == dtype else lora_b.detach().to(dtype)
-        u = torch.mm(xl2, a.t())
         out.addmm_(u, b.t(), alpha=scaling)
         # The compute-dtype copies of A and B (r x (in + out) elements) are kept for
         # backward rather than cast again there.
         ctx.save_for_backward(xl2 if lora_a.requires_grad else None, u, a, b, mask)
         ctx.weight, ctx.quant_state, ctx.dequant = weight, quant_state, dequant
-        ctx.scaling, ctx.p, ctx.x_shape = scaling, p, x.shape
+        ctx.scaling, ctx.p, ctx.x_shape, ctx.packed = scaling, p, x.shape, packed
         ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
         return out.view(*lead, out.shape[-1])
 
@@ -101,14 +106,21 @@ class LoRA4bitFunction(torch.autograd.Function):
         grad_a = grad_b = grad_x = None
         if ctx.needs_input_grad[3]:
             grad_b = _mm_fp32(g2.t(), u).mul_(s).to(ctx.b_dtype)
+        if ctx.packed:
+            from qlora_plugin.kernels.triton_lora_dropout import dropout_add_grad_x, dropout_grad_a
         if ctx.needs_input_grad[2]:
-            grad_a = _mm_fp32(gu.t(), xl2).to(ctx.a_dtype)
+            if ctx.packed:
+                grad_a = dropout_grad_a(gu, xl2, mask, ctx.p).to(ctx.a_dtype)
+            else:
+                grad_a = _mm_fp32(gu.t(), xl2).to(ctx.a_dtype)
         if ctx.needs_input_grad[0]:
             w = ctx.dequant(ctx.weight, ctx.quant_state, dtype)
             grad_x = torch.mm(g2, w)
             del w
             if mask is None:
                 grad_x.addmm_(gu, a)
+            elif ctx.packed:
+                dropout_add_grad_x(grad_x, gu, a, mask, ctx.p)
             else:  # through the dropout: the kept elements, scaled by 1 / (1 - p)
                 grad_x.addcmul_(torch.mm(gu, a), mask, value=1.0 / (1.0 - ctx.p))
             grad_x = grad_x.view(ctx.x_shape)
