@@ -159,6 +159,8 @@ def test_a_malformed_section_is_rejected_before_any_model_loads(load, section, f
 def test_the_trainer_gets_the_fast_paths_settings_on_cuda_only(monkeypatch, tmp_path, device, expected) -> None:
     from types import SimpleNamespace
 
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
     from transformers import TrainingArguments
 
     import qlora_plugin.device
@@ -169,6 +171,10 @@ def test_the_trainer_gets_the_fast_paths_settings_on_cuda_only(monkeypatch, tmp_
     plugin = QLoRAPlugin()
     plugin.recipe = qlora_recipe()
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
-    trainer = SimpleNamespace(args=args, optimizer=object())  # an optimizer already made: only the settings change
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration())
+    # an optimizer already made: only the settings change
+    trainer = SimpleNamespace(args=args, accelerator=accelerator, optimizer=object())
     plugin.post_trainer_create(None, trainer)
     assert trainer.args.logging_nan_inf_filter is expected
+    # the accelerator was made before the hook: the batch's copy setting goes on it too
+    assert accelerator.non_blocking is (not expected) and args.accelerator_config.non_blocking is (not expected)

@@ -132,6 +132,11 @@ def test_fast_path_trainer_settings_are_training_arguments_on_cuda_only():
 
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     assert set(speed.FAST_TRAINER_SETTINGS) <= fields
-    assert qlora_recipe().training_args(device="cuda")["logging_nan_inf_filter"] is False
+    on_cuda = qlora_recipe().training_args(device="cuda")
+    assert on_cuda["logging_nan_inf_filter"] is False
+    assert on_cuda["accelerator_config"] == {"non_blocking": True}
+    args = TrainingArguments(output_dir="unused", report_to="none", **speed.trainer_settings(qlora_recipe(), "cuda"))
+    assert args.accelerator_config.non_blocking is True and args.dataloader_pin_memory is True
+    assert speed.FAST_TRAINER_SETTINGS["accelerator_config"] == {"non_blocking": True}  # the copy was used, not the original
     assert "logging_nan_inf_filter" not in qlora_recipe().training_args(device="cpu")
     assert "logging_nan_inf_filter" not in qlora_recipe(fast_path=False).training_args(device="cuda")

@@ -18,6 +18,7 @@ inputs in pinned host memory: least GPU memory).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Iterable
@@ -44,18 +45,36 @@ _hook_handle: Any = None
 _peft_model_class: Any = None
 
 
-# Trainer settings of the fast path. Trainer's NaN/Inf loss filter reads each step's loss back
-# (``torch.isnan(loss) or torch.isinf(loss)``) just after the backward is queued, so the host
-# waits for the GPU there and the GPU then idles while the host does the optimizer step and
-# the next batch: 7-21 % of the 1B throughput on an H100 (benchmarks/NOTES.md, section 9). The
-# filter only changes what is logged: a NaN or Inf loss is logged as such instead of being
-# replaced by the running average; gradients and updates are the same either way.
-FAST_TRAINER_SETTINGS: dict[str, Any] = {"logging_nan_inf_filter": False}
+# Trainer settings of the fast path; each removes a point where the host waits for the GPU,
+# after which the GPU idles while the host prepares the next step (benchmarks/NOTES.md,
+# sections 9-10, 1B on an H100):
+# - Trainer's NaN/Inf loss filter reads each step's loss back just after the backward is
+#   queued (7-21 % of the throughput). It only changes what is logged: a NaN or Inf loss is
+#   logged as such instead of being replaced by the running average.
+# - The batch's copy to the GPU: from pinned memory (Trainer's default) but blocking, it
+#   waits for the previous step's backward and optimizer step (7-10 % with logging every 10
+#   steps). ``non_blocking`` lets it queue behind them.
+FAST_TRAINER_SETTINGS: dict[str, Any] = {"logging_nan_inf_filter": False, "accelerator_config": {"non_blocking": True}}
 
 
 def trainer_settings(recipe: QLoRARecipe, device: str | None = None) -> dict[str, Any]:
     """``TrainingArguments`` fields the fast path sets on ``device`` (none off the fast path)."""
-    return dict(FAST_TRAINER_SETTINGS) if wants_fast_path(recipe, device) else {}
+    return copy.deepcopy(FAST_TRAINER_SETTINGS) if wants_fast_path(recipe, device) else {}
+
+
+def apply_trainer_settings(trainer: Any, settings: dict[str, Any]) -> None:
+    """Put trainer ``settings`` on a trainer that already exists (Axolotl's hook comes after ``__init__``).
+
+    ``accelerator_config`` fields also go on the trainer's accelerator, which read
+    them when it was made; the train dataloader is prepared with them later, in ``train()``.
+    """
+    for key, value in settings.items():
+        if key != "accelerator_config":
+            setattr(trainer.args, key, value)
+            continue
+        for name, field_value in value.items():
+            setattr(trainer.args.accelerator_config, name, field_value)
+            setattr(trainer.accelerator.dataloader_config, name, field_value)
 
 
 def recompute_mode(recipe: QLoRARecipe) -> str:

@@ -92,18 +92,18 @@ class QLoRAPlugin(BasePlugin):
         """On the CUDA fast path: the fast path's trainer settings, and the fused paged AdamW.
 
         The settings (:data:`qlora_plugin.speed.FAST_TRAINER_SETTINGS`) have no Axolotl
-        key, so they go on the trainer's arguments here. The optimizer is set as the
+        key, so they go on the trainer here (its arguments, and its accelerator's
+        dataloader configuration for the batch's copy). The optimizer is set as the
         trainer's ``optimizer_cls_and_kwargs`` where the recipe asks for paged AdamW
         32-bit (Axolotl 0.19 never calls the plugins' ``create_optimizer``); the
         trainer still groups the parameters.
         """
-        from qlora_plugin.speed import optimizer_cls_and_kwargs, trainer_settings
+        from qlora_plugin.speed import apply_trainer_settings, optimizer_cls_and_kwargs, trainer_settings
 
         if self.recipe is None:
             return
         settings = trainer_settings(self.recipe)
-        for key, value in settings.items():
-            setattr(trainer.args, key, value)
+        apply_trainer_settings(trainer, settings)
         if settings:
             report(logging.INFO, "qlora: trainer settings of the fast path: %s",
                    ", ".join(f"{k}={v}" for k, v in settings.items()))
