@@ -926,7 +926,8 @@ def cmd_all(a: argparse.Namespace) -> None:
             steps = a.steps_8b if shape == "8b" else a.steps
             slow = name in ("stock-qlora", "bf16-lora") and shape == "8b"
             args = ["run", "--shape", shape, "--variant", name, "--model-dir", str(root), "--json", str(results),
-                    "--steps", str(max(2, steps // 2) if slow else steps), "--warmup", str(1 if slow else a.warmup)]
+                    "--steps", str(max(2, steps // 2) if slow else steps), "--warmup", str(1 if slow else a.warmup),
+                    "--logging-steps", str(a.logging_steps)]
             if plugin:
                 args += ["--plugin", plugin]
             if tag:
@@ -994,7 +995,7 @@ def main() -> None:
     r.add_argument("--recipe", default="", help="JSON overrides of the recipe (recipe variants)")
     r.add_argument("--optim", default=None)
     r.add_argument("--dropout", type=float, default=None)
-    r.add_argument("--logging-steps", type=int, default=1)
+    r.add_argument("--logging-steps", type=int, default=10, help="trainer rows; 10 is TRL's default")
     r.add_argument("--tag", default="")
     r.add_argument("--profile", default="")
     r.add_argument("--timeline", default="", help="SFTTrainer rows: GPU idle gaps of 3 profiled steps, to this JSON")
@@ -1025,6 +1026,7 @@ def main() -> None:
     al.add_argument("--steps", type=int, default=8)
     al.add_argument("--steps-8b", type=int, default=6)
     al.add_argument("--warmup", type=int, default=2)
+    al.add_argument("--logging-steps", type=int, default=10, help="trainer rows; 10 is TRL's default")
     al.add_argument("--profile", default="", help="comma list of shape/variant to profile")
     al.add_argument("--numerics", default="", help="comma list of shapes for the 30-step comparison")
     al.add_argument("--numerics-steps", type=int, default=30)

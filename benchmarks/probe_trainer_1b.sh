@@ -2,7 +2,8 @@
 # Where the 1B step goes under SFTTrainer + recipe, against the bare loop (benchmarks/NOTES.md, run 4).
 #   bash benchmarks/probe_trainer_1b.sh        (on the CUDA machine, from the repository root)
 # Each row: 10 timed steps after 3 warm-up steps; "--profile" rows also profile one step and record
-# the host time of each trainer phase. Results: $out/probe.json, $out/profile-*.txt, $out/log.txt.
+# the host time of each trainer phase. Trainer rows log every 10 steps (TRL's default) unless a row says
+# otherwise; before run 7 the default was every step. Results: $out/probe.json, $out/profile-*.txt, $out/log.txt.
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 models=/dev/shm/qlora-models
@@ -95,6 +96,27 @@ elif [ "$rows" = fused-dropout ]; then  # run 7, call 1: LoRA dropout drawn in T
   bench run --shape 1b --variant qlora-plugin --tag recipe-d05-graphs-bits
   python3 "$here/bench_qlora.py" make-model --shape 8b --dir $models >>"$log" 2>&1
   bench8 run --shape 8b --variant qlora-plugin --tag recipe-d05-graphs-bits
+elif [ "$rows" = logging ]; then  # run 7, call 4: the default recipe, logging every step against TRL's default 10
+  for i in 1 2; do
+    bench run --shape 1b --variant qlora-plugin --tag recipe-d05-bits-log1 --logging-steps 1
+    bench run --shape 1b --variant qlora-plugin --tag recipe-d05-bits-log10 --logging-steps 10
+  done
+  bench run --shape 1b --variant qlora-plugin --tag timeline-d05-bits-log1 --logging-steps 1 --timeline "$out/timeline-d05-bits-log1.json"
+elif [ "$rows" = non-blocking ]; then  # run 7, call 5: the batch's copy to the GPU without a stream sync
+  nb='{"accelerator_config": {"non_blocking": true}}'
+  for i in 1 2; do
+    bench run --shape 1b --variant qlora-plugin --tag recipe-d05-log10 --logging-steps 10
+    bench run --shape 1b --variant qlora-plugin --tag recipe-d05-log10-nonblocking --logging-steps 10 --trainer-args "$nb"
+  done
+  bench run --shape 1b --variant qlora-plugin --tag recipe-d05-log1-nonblocking --logging-steps 1 --trainer-args "$nb"
+  bench run --shape 1b --variant qlora-plugin --tag timeline-d05-log10-nonblocking --logging-steps 10 --trainer-args "$nb" \
+    --timeline "$out/timeline-d05-log10-nonblocking.json"
+elif [ "$rows" = recipe-nonblocking ]; then  # run 7, call 6: the recipe now sets non_blocking itself; the CUDA suite
+  bench run --shape 1b --variant qlora-plugin --tag recipe-d05-log10 --logging-steps 10
+  bench run --shape 1b --variant qlora-plugin --tag recipe-d05-log1 --logging-steps 1
+  bench run --shape 1b --variant qlora-plugin --tag recipe-d05-log10 --logging-steps 10
+  echo "+ pytest test_kernels_cuda.py" >>"$log"
+  timeout 170 python3 -m pytest -q -p no:cacheprovider "$tests/test_kernels_cuda.py" >"$out/cuda-tests.txt" 2>&1; echo "kernel tests rc=$?"; tail -2 "$out/cuda-tests.txt"
 else  # run 4, call 2: after the host-time changes, each trainer row twice (the host's noise)
   for i in 1 2; do
     bench run --shape 1b --variant qlora-plugin --tag trainer-d05 --profile "$out/profile-trainer-d05-$i.txt"
