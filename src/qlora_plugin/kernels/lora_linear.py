@@ -9,10 +9,10 @@ the base GEMM's output in place, every GEMM runs in the compute dtype, dropout i
 drawn inside the function (its gradient is added into the input gradient in one
 pass), and only ``x_d`` (with the dropout mask) and the rank-r product ``x_d A^T``
 are saved. On CUDA the dropout is drawn inside Triton kernels that keep the mask as
-bits and never write ``x_d`` (:mod:`lora_dropout`); the input ``x`` is saved instead. The adapters' master weights keep their own dtype (fp32 by default):
-their compute-dtype copies are made for all layers at once, in one batched copy per
-model forward (:class:`AdapterCopies`), and their gradients come back in the master
-dtype.
+bits and never write ``x_d`` (:mod:`lora_dropout`); ``x`` itself is saved instead.
+The adapters' master weights keep their own dtype (fp32 by default): their
+compute-dtype copies are made for all layers at once, in one batched copy per model
+forward (:class:`AdapterCopies`), and their gradients come back in the master dtype.
 
 ``patch_lora_4bit_layers`` swaps this in as the ``forward`` of every PEFT
 ``lora.bnb.Linear4bit`` that uses plain LoRA; other cases keep PEFT's forward.
