@@ -11,9 +11,10 @@ base; ``args=recipe.sft_config(...)`` brings the rest: 4-bit loading of a model
 given by name, paged AdamW, non-reentrant gradient checkpointing, the clip
 norm, the schedule, and precision chosen for the device. On CUDA with the
 recipe's ``fast_path``, the loss is computed without logits by Liger through
-TRL's own ``use_liger_kernel`` and Trainer's NaN/Inf loss filter is off (its
-per-step read-back stalls the GPU; see :data:`qlora_plugin.speed.FAST_TRAINER_SETTINGS`);
-the rest of the fast path goes on at the first training forward. For the fused paged AdamW,
+TRL's own ``use_liger_kernel``, Trainer's NaN/Inf loss filter is off and the
+batch's copy to the GPU is non-blocking (both kept the host waiting for the GPU; see
+:data:`qlora_plugin.speed.FAST_TRAINER_SETTINGS`); the rest of the fast path goes on
+at the first training forward. For the fused paged AdamW,
 also pass ``optimizer_cls_and_kwargs=recipe.optimizer_cls_and_kwargs(args)``.
 """
 

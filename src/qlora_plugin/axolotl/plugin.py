@@ -99,14 +99,14 @@ class QLoRAPlugin(BasePlugin):
         trainer still groups the parameters.
         """
         from qlora_plugin.speed import apply_trainer_settings, optimizer_cls_and_kwargs, trainer_settings
+        from qlora_plugin.training import describe_settings
 
         if self.recipe is None:
             return
         settings = trainer_settings(self.recipe)
         apply_trainer_settings(trainer, settings)
         if settings:
-            report(logging.INFO, "qlora: trainer settings of the fast path: %s",
-                   ", ".join(f"{k}={v}" for k, v in settings.items()))
+            report(logging.INFO, "qlora: trainer settings of the fast path: %s", describe_settings(settings))
         if getattr(trainer, "optimizer", None) is not None:
             return
         chosen = optimizer_cls_and_kwargs(self.recipe, trainer.args)
