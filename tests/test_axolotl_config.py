@@ -159,19 +159,21 @@ def test_a_malformed_section_is_rejected_before_any_model_loads(load, section, f
 def test_the_trainer_gets_the_fast_paths_settings_on_cuda_only(monkeypatch, tmp_path, device, expected) -> None:
     from types import SimpleNamespace
 
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
     from transformers import TrainingArguments
 
-    import qlora_plugin.device
     from qlora_plugin import qlora_recipe
     from qlora_plugin.axolotl.plugin import QLoRAPlugin
 
-    monkeypatch.setattr(qlora_plugin.device, "training_device", lambda: device)
     plugin = QLoRAPlugin()
     plugin.recipe = qlora_recipe()
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
     accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration())
+    # what training_device() reads: a patched training_device would stay bound in any
+    # module that first imports it during this test
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
     # an optimizer already made: only the settings change
     trainer = SimpleNamespace(args=args, accelerator=accelerator, optimizer=object())
     plugin.post_trainer_create(None, trainer)
