@@ -3,9 +3,11 @@
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 out=${OUT:-$PWD/benchmarks/results/run-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
-if [ -z "${SKIP_WHEELS:-}" ] && compgen -G ".whl/*.whl" >/dev/null; then  # one call: axolotl and axolotl-contribs-lgpl share a folder
+wheels=.whl/${WHEELS:-pinned}  # benchmarks/fetch_wheels.sh SET
+if [ -z "${SKIP_WHEELS:-}" ] && compgen -G "$wheels/*.whl" >/dev/null; then  # one call: axolotl and axolotl-contribs-lgpl share a folder
+  rm -rf /tmp/site
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl $(compgen -G ".whl/axolotl/*.whl") || exit 1
+    "$wheels"/*.whl $(compgen -G ".whl/axolotl/*.whl") || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ -d "$here/qlora_plugin" ]; then  # staged package beside this script (e.g. under .bench/)

@@ -267,3 +267,44 @@ def test_paged_adamw_reference_matches_torch_and_bitsandbytes() -> None:
     again = PagedAdamW([t.clone().requires_grad_() for t in init], lr=1e-2, weight_decay=0.1)
     again.load_state_dict(state)
     assert torch.equal(again.state_dict()["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
+
+
+@pytest.mark.parametrize("lengths", [[5, 9, 5, 3], [16], [1, 7, 2, 2], [6, 6, 6]])
+def test_packed_rows_attend_per_sequence_like_separate_sequences(lengths) -> None:
+    """A packed row through the packed-batch attention equals each sequence run on its own."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora_plugin.kernels.attention import IMPLEMENTATION, use_packed_attention
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).train()
+    ids = torch.randint(0, 100, (1, sum(lengths)))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        separate = torch.cat([model(input_ids=part).logits for part in ids.split(lengths, dim=1)], dim=1)
+        assert use_packed_attention(model) == 2 and model.config._attn_implementation == IMPLEMENTATION
+        packed = model(input_ids=ids, position_ids=positions).logits
+        unpacked = model(input_ids=ids[:, : lengths[0]]).logits  # an ordinary batch: transformers' sdpa path
+    assert (packed - separate).abs().max() < 1e-5
+    assert (unpacked - separate[:, : lengths[0]]).abs().max() < 1e-5
+
+
+def test_padded_batches_keep_transformers_sdpa_masking() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora_plugin.kernels.attention import use_packed_attention
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        use_packed_attention(model)
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(got[mask.bool()], expected[mask.bool()])

@@ -157,3 +157,17 @@ def test_fast_path_trainer_settings_are_training_arguments_on_cuda_only():
     assert speed.FAST_TRAINER_SETTINGS["accelerator_config"] == {"non_blocking": True}  # the copy was used, not the original
     assert "logging_nan_inf_filter" not in qlora_recipe().training_args(device="cpu")
     assert "logging_nan_inf_filter" not in qlora_recipe(fast_path=False).training_args(device="cuda")
+
+
+def test_a_forward_trl_made_logit_free_is_recognised_as_trls(checkpoint):
+    """Whichever way this TRL release makes the loss logit-free, the fast path leaves it to TRL."""
+    from _tiny_qlora import load_4bit
+    from trl.trainer import sft_trainer, utils
+
+    model = load_4bit(checkpoint)
+    assert speed.loss_forward_owner(model) is None
+    if hasattr(utils, "add_fused_lm_head"):  # TRL releases with a fused LM head
+        utils.add_fused_lm_head(model)
+    else:  # TRL 1.9's chunked_nll
+        sft_trainer._patch_chunked_ce_lm_head(model, chunk_size=256)
+    assert speed.loss_forward_owner(model) == "trl"

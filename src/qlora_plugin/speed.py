@@ -170,7 +170,8 @@ def kernel_config(recipe: QLoRARecipe, device: str, *, fuse_loss: bool = False,
     ``fuse_loss``: compute the training loss without logits (only where the trainer
     reads nothing else and the model's forward is still its own); ``host_kernels``:
     the trainer's own LoRA kernels that are on. CUDA graphs go on at the speed point
-    (the recompute mode "none") unless the environment sets ``QLORA_CUDA_GRAPHS=0``.
+    (the recompute mode "none") unless the environment sets ``QLORA_CUDA_GRAPHS=0``;
+    ``QLORA_PACKED_ATTENTION=0`` leaves packed rows to transformers' masked attention.
     """
     from qlora_plugin.kernels import FastPathConfig
 
@@ -185,6 +186,7 @@ def kernel_config(recipe: QLoRARecipe, device: str, *, fuse_loss: bool = False,
         recompute=mode,
         cache_block_constants=mode == "none",  # +1/16 of the bf16 weight size: the speed point only
         cuda_graphs=mode == "none" and not host_kernels and os.environ.get("QLORA_CUDA_GRAPHS", "1") != "0",
+        packed_attention=os.environ.get("QLORA_PACKED_ATTENTION", "1") != "0",
         skip_lora=tuple(name for key in host_kernels for name in HOST_KERNEL_LAYERS.get(key, ())),
     )
 
@@ -209,12 +211,17 @@ def apply_recipe_fast_path(model: nn.Module, recipe: QLoRARecipe, *, host_kernel
 
 
 def loss_forward_owner(causal_lm: nn.Module) -> str | None:
-    """Who replaced the model's forward with a logit-free loss: ``"liger"``, ``"trl"``, or None (its own forward)."""
+    """Whose logit-free loss replaced the model's forward: ``"liger"``, ``"trl"``, or None (its own forward).
+
+    Told by where the forward's code lives: TRL's replacement copies the model's name and
+    module onto itself (``functools.wraps``), its code object keeps TRL's file.
+    """
     func = getattr(causal_lm.forward, "__func__", causal_lm.forward)
-    module = getattr(func, "__module__", "") or ""
-    if module.startswith("liger_kernel"):
+    code = getattr(func, "__code__", None)
+    path = code.co_filename.replace("\\", "/") if code is not None else ""
+    if "/liger_kernel/" in path:
         return "liger"
-    if module.startswith("trl.") and "chunked" in getattr(func, "__qualname__", ""):
+    if "/trl/" in path:
         return "trl"
     return None
 
@@ -224,7 +231,7 @@ def loss_description(result: Any, forward_owner: str | None, own_loss: bool) -> 
     if forward_owner == "liger":
         return "loss without logits: Liger's fused linear cross-entropy (the trainer's use_liger_kernel)"
     if forward_owner == "trl":
-        return "loss without logits: TRL's chunked_nll"
+        return "loss without logits: TRL's own (chunked_nll, or its fused LM head)"
     if result.loss_fused:
         return "loss without logits: the plugin's"
     if own_loss:

@@ -56,14 +56,24 @@ def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
     return config
 
 
+def trl_computes_loss_without_logits() -> bool:
+    """True for TRL releases whose SFTTrainer always projects through its own fused LM head (1.1x and later)."""
+    try:
+        from trl.trainer import utils
+    except ImportError:  # pragma: no cover - TRL is a dependency
+        return False
+    return hasattr(utils, "add_fused_lm_head")
+
+
 def liger_loss_settings(recipe: QLoRARecipe, device: str | None = None,
                         overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """On the CUDA fast path with Liger installed: Liger's fused linear cross-entropy through TRL's switch.
 
     With it, Liger's forward returns the loss and the token accuracy without logits
-    (TRL's ``nll`` and ``dft`` losses read full logits). Norms, SwiGLU and RoPE stay the
+    (TRL 1.9's ``nll`` and ``dft`` losses read full logits). Norms, SwiGLU and RoPE stay the
     fast path's. Without Liger, or where the user picks ``loss_type="chunked_nll"``
-    (which TRL refuses beside Liger), TRL's own chunked loss is logit-free too.
+    (which TRL refuses beside Liger), TRL's own chunked loss is logit-free too; TRL
+    releases with a fused LM head compute every loss without logits and refuse Liger's.
     """
     import importlib.util
 
@@ -73,6 +83,8 @@ def liger_loss_settings(recipe: QLoRARecipe, device: str | None = None,
     device = device or training_device()
     overrides = overrides or {}
     if not wants_fast_path(recipe, device) or device != "cuda" or importlib.util.find_spec("liger_kernel") is None:
+        return {}
+    if trl_computes_loss_without_logits():
         return {}
     if overrides.get("loss_type") == "chunked_nll" or overrides.get("use_liger_kernel") is False:
         return {}

@@ -5,9 +5,11 @@ several sequences in one row and mark where each starts through ``position_ids``
 transformers' ``sdpa`` attention then builds a [rows, 1, T, T] mask for the whole row,
 and PyTorch's SDPA runs a masked kernel over all T x T scores: for four 2,048-token
 sequences in one row, four times the scores of the same sequences unpacked. Here each
-sequence is attended to on its own, causally, with a flash kernel:
-``torch.nn.attention.varlen.varlen_attn`` where this PyTorch has it (one launch for
-the row), else one ``scaled_dot_product_attention`` call per sequence length.
+sequence is attended to on its own, causally, with a flash kernel: sequences of one
+length (rows cut into equal pieces) as a batch through ``scaled_dot_product_attention``,
+exactly as if they had never been packed; mixed lengths through
+``torch.nn.attention.varlen.varlen_attn`` where this PyTorch has it (one launch for the
+row), else one ``scaled_dot_product_attention`` call per sequence length.
 
 :func:`use_packed_attention` selects this for one model (its config's attention
 implementation becomes :data:`IMPLEMENTATION`); batches that are not packed run
@@ -48,13 +50,12 @@ def find_segments(position_ids: torch.Tensor) -> Segments | None:
     rows, length = position_ids.shape
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    flat_starts = starts.reshape(-1).nonzero().flatten()
-    if flat_starts.numel() == rows:
+    bounds = starts.reshape(-1).nonzero().flatten().tolist()
+    if len(bounds) == rows:
         return None
-    total = rows * length
-    cu = torch.cat([flat_starts, flat_starts.new_tensor([total])]).to(torch.int32)
-    bounds = cu.tolist()
+    bounds.append(rows * length)
     lengths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    cu = torch.tensor(bounds, dtype=torch.int32).to(position_ids.device, non_blocking=True)
     return Segments(cu_seqlens=cu, lengths=lengths, max_length=max(lengths))
 
 
@@ -100,6 +101,11 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     rows, heads, length, _ = query.shape
+    if len(set(segments.lengths)) == 1:  # equal sequences tile the rows: a batch of them, as if never packed
+        size = segments.lengths[0]
+        split = [t.transpose(1, 2).reshape(-1, size, t.shape[1], t.shape[-1]).transpose(1, 2) for t in (query, key, value)]
+        out, _ = sdpa_attention_forward(module, *split, None, dropout=dropout, scaling=scaling, is_causal=True)
+        return out.reshape(rows, length, heads, out.shape[-1]), None
     varlen, grouped_heads = _varlen_function() if dropout == 0.0 and query.is_cuda else (None, False)
     kv_heads = key.shape[1] if varlen is not None and grouped_heads else heads
     q, k, v = (_tokens_first(t, kv_heads if t is not query else heads) for t in (query, key, value))
