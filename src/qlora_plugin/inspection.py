@@ -217,9 +217,9 @@ def analyze(model: str | os.PathLike[str] | nn.Module, recipe: QLoRARecipe) -> M
 
 
 def _user_excluded(name: str, recipe: QLoRARecipe) -> bool:
-    from qlora_plugin.targets import _excluded_by_user
+    from qlora_plugin.targets import user_excluded
 
-    return _excluded_by_user(name, getattr(recipe, "_user_exclude_modules", None))
+    return user_excluded(name, getattr(recipe, "_user_exclude_modules", recipe.exclude_modules))
 
 
 def group_targets(report: ModelReport) -> list[dict[str, Any]]:

@@ -3,6 +3,9 @@
 Policy for native keys that contradict the section: the section wins. Each
 such key is replaced and named in a warning with its old and new value, so an
 existing LoRA or full fine-tune config becomes QLoRA by adding the section.
+``lora_target_modules`` follows the same rule, whether or not its names exist
+in the model: targets are chosen in the section (``qlora.target_modules``),
+where names that match no linear layer are an error listing those that exist.
 Malformed sections (unknown key, wrong type, unknown preset) are errors raised
 before any model is loaded.
 """
@@ -78,8 +81,9 @@ def native_keys(recipe: QLoRARecipe, device: str) -> dict[str, Any]:
     optional = {"num_epochs": recipe.num_train_epochs, "micro_batch_size": recipe.per_device_train_batch_size,
                 "gradient_accumulation_steps": recipe.gradient_accumulation_steps}
     keys.update({key: value for key, value in optional.items() if value is not None})
-    if not recipe.targets_are_auto:
-        keys["lora_target_modules"] = sorted(recipe.target_modules)
+    if not recipe.targets_are_auto:  # names (sorted), or a pattern the loaded model resolves
+        targets = recipe.target_modules
+        keys["lora_target_modules"] = targets if isinstance(targets, str) else sorted(targets)
     return keys
 
 
@@ -125,4 +129,7 @@ def _agrees(native: Any, ours: Any) -> bool:
 
 
 def _replaced(key: str, old: Any, new: Any) -> str:
-    return f"qlora section: `{key}: {old!r}` in the config is replaced by {new!r}"
+    message = f"qlora section: `{key}: {old!r}` in the config is replaced by {new!r}"
+    if key == "lora_target_modules":
+        message += " (the section's targets win; to choose them, set qlora.target_modules)"
+    return message
