@@ -22,8 +22,8 @@ from qlora_plugin.fields import NUMBERS, NumberRule, number
 
 # Arguments older transformers / TRL versions had, and what replaces each one now.
 RENAMED = {
-    "warmup_ratio": ("warmup_steps", "transformers 5 folded it into warmup_steps: pass warmup_steps={value} "
-                                     "(below 1 it is a fraction of the steps), or set the recipe's warmup_ratio"),
+    "warmup_ratio": ("warmup_steps", ("transformers 5 folded it into warmup_steps: pass warmup_steps={value} "
+                                      "(below 1 it is a fraction of the steps), or set the recipe's warmup_ratio")),
     "evaluation_strategy": ("eval_strategy", "pass eval_strategy={value!r}"),
     "max_seq_length": ("max_length", "pass max_length={value!r}"),
     "no_cuda": ("use_cpu", "pass use_cpu={value!r}"),
