@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qlora_plugin.errors import QLoRAConfigError
+from qlora_plugin.section import SECTION, in_section, spec_from_section  # noqa: F401 - in_section used by plugin.py
 
 if TYPE_CHECKING:
     from qlora_plugin.recipe import QLoRARecipe
 
-SECTION = "qlora"
 LORA_KERNELS = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel", "lora_embedding_kernel")
 # Native keys that say something the recipe says too, but differently.
 DROPPED_IF_SET = ("warmup_steps", "lora_target_linear", "lora_exclude_modules")
@@ -28,24 +27,7 @@ DTYPE_NAMES = {"bfloat16", "float16", "float32"}
 
 def recipe_from_section(section: Any) -> QLoRARecipe:
     """Build the recipe a ``qlora:`` section describes; errors name ``qlora.<key>``."""
-    from qlora_plugin.recipe import qlora_recipe
-
-    if section is None:
-        section = {}
-    if not isinstance(section, dict):
-        raise QLoRAConfigError(SECTION, section, "must be a mapping of recipe fields",
-                               "write e.g. `qlora: {preset: paper, r: 32}`")
-    fields = dict(section)
-    preset = fields.pop("preset", "default")
-    try:
-        return qlora_recipe(preset, **fields)
-    except QLoRAConfigError as error:
-        raise in_section(error) from error
-
-
-def in_section(error: QLoRAConfigError) -> QLoRAConfigError:
-    """The same error, with the field named as the YAML spells it: ``qlora.<field>``."""
-    return QLoRAConfigError(f"{SECTION}.{error.field}", error.value, error.problem, error.fix)
+    return spec_from_section(section).to_recipe()
 
 
 def native_keys(recipe: QLoRARecipe, device: str) -> dict[str, Any]:
