@@ -37,6 +37,8 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
               "warmup_stable_decay", "greedy")
 
+RECIPE_FILE = "qlora_recipe.json"  # the recipe as saved beside an adapter and in every checkpoint
+
 # Every field a user sets, with its default, in the order the recipe reports them.
 DEFAULTS: dict[str, Any] = {
     "preset": "default",

@@ -27,6 +27,7 @@ from qlora_plugin.fields import (  # noqa: F401 - the names recipe users import 
     OPTIMIZERS,
     QUANT_TYPES,
     RECIPE_FIELDS,
+    RECIPE_FILE,
     STORAGE_DTYPES,
     check_fields,
     field_overrides,
@@ -38,9 +39,6 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedModel
     from trl import SFTConfig
-
-RECIPE_FILE = "qlora_recipe.json"
-
 
 @dataclass
 class QLoRARecipe(LoraConfig):
@@ -172,6 +170,14 @@ class QLoRARecipe(LoraConfig):
         from qlora_plugin.trl import sft_config
 
         return sft_config(self, **overrides)
+
+    def callbacks(self) -> list[Any]:
+        """Trainer callbacks for ``SFTTrainer(..., callbacks=recipe.callbacks())``: checkpoints complete or
+        absent, each with ``qlora_recipe.json``, and a resume that skips an incomplete one
+        (:class:`qlora_plugin.checkpoints.CheckpointGuard`)."""
+        from qlora_plugin.checkpoints import CheckpointGuard
+
+        return [CheckpointGuard(self)]
 
     # -- models ------------------------------------------------------------------
 
