@@ -125,6 +125,13 @@ def _from_recipe(file: Path, adapter_config: dict[str, Any]) -> Record | None:
                 f"does not describe this adapter (its adapter_config.json has {adapter_key}={adapter_config[adapter_key]})",
                 "merge with the recipe file of the run that trained this adapter, or pass --quant-type",
             )
+    from qlora_plugin.fields import RECIPE_FIELDS, RecipeSpec
+
+    try:
+        RecipeSpec(**{key: value for key, value in data.items() if key in RECIPE_FIELDS})
+    except QLoRAConfigError as error:
+        raise QLoRAConfigError(f"{file}: {error.field}", error.value, error.problem,
+                               "restore the file from the run, or delete it and pass --quant-type") from None
     return Record(file, data["quant_type"], bool(data.get("double_quant", True)), fields=data)
 
 
