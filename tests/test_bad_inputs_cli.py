@@ -119,8 +119,8 @@ def test_check_names_what_a_config_gets_wrong(project, change, names, value) -> 
 
 
 @pytest.mark.parametrize(("content", "names", "value"), [
-    ("", ("train.jsonl",), "''"),
-    ("[]", ("train.jsonl",), "'[]'"),
+    ("", ("datasets[0].path", "empty file"), "train.jsonl"),
+    ("[]", ("datasets[0].path", "empty file"), "train.jsonl"),
     ("\n".join(json.dumps(row) for row in ROWS[:4]) + '\n{"instruction": "cut', ("train.jsonl line 5",),
      '\'{"instruction": "cut\''),
     ('{"instruction": "a", "output": "b"}\n["not", "an", "object"]\n', ("train.jsonl line 2",),

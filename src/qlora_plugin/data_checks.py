@@ -87,7 +87,7 @@ def _check_entry(index: int, entry: Any, sequence_len: int, tokenizer: Any, repo
         return
     wanted = fields_of(entry)
     for file in files:
-        rows = list(read_rows(file))
+        rows = list(read_rows(file, f"{name}.path"))
         if wanted is not None:
             _check_fields(name, file, rows, wanted)
         summary = f"{name} {file.name}: {len(rows)} rows"
@@ -113,12 +113,15 @@ def fields_of(entry: Mapping[str, Any]) -> Fields | None:
     return None
 
 
-def read_rows(file: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) for each row of a JSON-lines file or a JSON array; one clear error for a bad file."""
+def read_rows(file: Path, field: str = "path") -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) for each row of a JSON-lines file or a JSON array; one clear error for a bad file.
+
+    ``field`` names the config key that points at the file, for the error of an empty one.
+    """
     text = file.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise QLoRAConfigError(str(file), "", "is empty (no rows)",
-                               "point the dataset at a file with one JSON object per line")
+    if not text.strip() or text.strip() == "[]":
+        raise QLoRAConfigError(field, os.fspath(file), "is an empty file (no rows), so there is nothing to train on",
+                               "point it at the training file, one JSON object per line")
     if text.lstrip().startswith("["):
         yield from _array_rows(file, text)
         return
@@ -146,8 +149,6 @@ def _array_rows(file: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
     except json.JSONDecodeError as error:
         raise QLoRAConfigError(f"{file} line {error.lineno}", _clip(text.splitlines()[error.lineno - 1]),
                                f"is not valid JSON ({error.msg})", f"repair the file at line {error.lineno}") from None
-    if not rows:
-        raise QLoRAConfigError(str(file), "[]", "is empty (no rows)", "put the training examples in the array")
     for number, row in enumerate(rows[:MAX_ROWS], start=1):
         if not isinstance(row, dict):
             raise QLoRAConfigError(f"{file} item {number}", _clip(json.dumps(row)), "is not a JSON object",

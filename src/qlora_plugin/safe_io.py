@@ -3,7 +3,8 @@
 Everything is built beside its destination under a hidden temporary name and
 renamed into place at the end; a failure or an interruption removes the
 temporary copy. Results get the permissions ``mkdir`` and ``open`` would give
-(the process umask), not the 0700/0600 of Python's ``tempfile``.
+(the process umask), not the 0700/0600 of Python's ``tempfile`` (or of the
+safetensors writer).
 """
 
 from __future__ import annotations
@@ -104,6 +105,17 @@ def directory_mode(out: Path) -> int:
     return 0o777 & ~current_umask()
 
 
+def give_normal_permissions(directory: Path, mode: int) -> None:
+    """``directory`` gets ``mode``; what is inside gets the umask's modes (some writers create files 0600)."""
+    mask = current_umask()
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    os.chmod(directory, mode)
+
+
 @contextlib.contextmanager
 def staged_directory(out: Path) -> Iterator[Path]:
     """A temporary directory beside ``out`` that becomes ``out`` if the block completes.
@@ -119,7 +131,7 @@ def staged_directory(out: Path) -> Iterator[Path]:
     previous = staging.with_name(staging.name.removesuffix(".partial") + ".old")
     try:
         yield staging
-        os.chmod(staging, mode)
+        give_normal_permissions(staging, mode)
         with signals_held():
             moved_aside = False
             try:
