@@ -1,4 +1,4 @@
-"""``qlora merge`` under faults: real SIGINT and SIGTERM mid-merge, a full disk (a file-size limit and a
+"""``qlora merge`` under faults: real SIGINT, SIGTERM and SIGKILL mid-merge, a full disk (a file-size limit and a
 full tmpfs), a rename that fails at the very end, and the permissions of what it writes. Whatever
 happens, ``--out`` is the complete new model or exactly what it was, and nothing else is left."""
 
@@ -62,8 +62,8 @@ def assert_untouched(tmp_path: Path, previous: Path, before: dict) -> None:
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_mid_merge_leaves_out_as_it_was_and_prints_one_line(adapter_dir, tmp_path, previous, signum) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["SIGTERM", "SIGINT", "SIGKILL"])
+def test_a_signal_mid_merge_leaves_out_as_it_was(adapter_dir, tmp_path, previous, signum, capsys) -> None:
     before = snapshot(tmp_path)
     process = subprocess.Popen([*qlora_command(), "merge", str(adapter_dir), "--out", str(previous), "--force"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
@@ -73,6 +73,13 @@ def test_a_signal_mid_merge_leaves_out_as_it_was_and_prints_one_line(adapter_dir
         time.sleep(0.01)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=300)
+    if signum == signal.SIGKILL:  # nothing runs in a killed process: the next merge removes what it left
+        assert process.returncode == -signum
+        assert (previous / "keep.txt").read_text() == "the previous model"
+        assert main(["merge", str(adapter_dir), "--out", str(tmp_path / "other")]) == 0, capsys.readouterr().err
+        assert main(["merge", str(adapter_dir), "--out", str(previous), "--force"]) == 0, capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "other"]
+        return
     assert process.returncode == 128 + signum, stderr
     lines = stderr_lines(stderr)
     assert lines[-1] == f"qlora merge: stopped by {signal.Signals(signum).name}; nothing was written " \

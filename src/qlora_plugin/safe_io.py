@@ -116,18 +116,49 @@ def give_normal_permissions(directory: Path, mode: int) -> None:
     os.chmod(directory, mode)
 
 
+def remove_abandoned_copies(out: Path) -> list[Path]:
+    """Remove temporary copies of ``out`` whose process is gone (SIGKILL leaves them; nothing else can).
+
+    The copies are named ``.<name>.<pid>.<random>.partial``/``.old``; one whose
+    process still runs (another merge into the same place) is left alone.
+    """
+    removed = []
+    for path in out.parent.glob(f".{glob_escape(out.name)}.*"):
+        parts = path.name[len(out.name) + 2:].split(".")
+        if len(parts) == 3 and parts[0].isdigit() and parts[2] in ("partial", "old") and not _alive(int(parts[0])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 @contextlib.contextmanager
 def staged_directory(out: Path) -> Iterator[Path]:
     """A temporary directory beside ``out`` that becomes ``out`` if the block completes.
 
     Nothing is left behind whatever happens: on an exception (an interruption
-    included) the temporary directory is removed; an existing ``out`` is moved
+    included) the temporary directory is removed, and one a killed process left
+    is removed by the next call for the same ``out``; an existing ``out`` is moved
     aside and back if the final rename fails, and deleted once it succeeds.
     The two renames run with SIGINT and SIGTERM held, so a signal cannot fall between them.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_copies(out)
     mode = directory_mode(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
     previous = staging.with_name(staging.name.removesuffix(".partial") + ".old")
     try:
         yield staging
