@@ -238,6 +238,7 @@ def test_merge_refuses_records_that_disagree(adapter, tmp_path) -> None:
      ("peft_type",), "'IA3'"),
     (lambda d: (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"})),
      ("base_model_name_or_path", "--base"), "None"),
+    (lambda d: (d / "adapter_config.json").write_text('{"peft_type": "LO'), ("adapter_config.json",), None),
 ])
 def test_merge_refuses_a_broken_adapter_directory(adapter, tmp_path, write, names, value) -> None:
     write(adapter)

@@ -104,7 +104,7 @@ def fields_of(entry: Mapping[str, Any]) -> Fields | None:
     if isinstance(kind, Mapping):  # a user-defined prompt format
         return Fields((kind.get("field_instruction") or "instruction", kind.get("field_output") or "output"),
                       (kind.get("field_input") or "input",))
-    if kind in ("alpaca", "alpaca_chat", "alpaca_w_system.load_open_orca"):
+    if kind == "alpaca":
         return Fields(("instruction", "output"), ("input",))
     if kind == "completion":
         return Fields((entry.get("field") or "text",))

@@ -47,7 +47,14 @@ def read_adapter(adapter_dir: str | os.PathLike[str], base: str | None = None) -
     if not config_file.is_file():
         raise QLoRAConfigError("ADAPTER_DIR", os.fspath(path), f"holds no {ADAPTER_CONFIG}",
                                "pass a directory with adapter_config.json and adapter_model.safetensors")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise QLoRAConfigError(os.fspath(config_file), None, f"is not valid JSON ({error})",
+                               "restore the adapter directory from the run that trained it") from None
+    if not isinstance(config, dict):
+        raise QLoRAConfigError(os.fspath(config_file), config, "is not a JSON object",
+                               "restore the adapter directory from the run that trained it")
     if config.get("peft_type", "LORA") != "LORA":
         raise QLoRAConfigError("peft_type", config.get("peft_type"), "is not a LoRA adapter",
                                "merge LoRA / QLoRA adapters only")

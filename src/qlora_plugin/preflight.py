@@ -12,6 +12,7 @@ file, the value and the fix. Nothing here imports torch, PEFT or Axolotl.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,8 +152,6 @@ def command(args: Any) -> int:
     if args.json:
         print_json(result.to_dict())
         return 0 if result.ok else 2
-    import sys
-
     for line in result.checked:
         print(f"ok: {line}")
     for note in result.notes:

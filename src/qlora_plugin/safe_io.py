@@ -81,8 +81,7 @@ def check_writable_destination(out: Path, field: str) -> None:
     ``out`` must not be a mount point (a rename onto one fails with "Device or
     resource busy" only at the very end).
     """
-    parent = out.parent if out.parent != Path("") else Path(".")
-    existing = parent
+    existing = out.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():

@@ -43,7 +43,9 @@ NOT_WITH_A_4BIT_BASE = ("load_in_8bit", "load_in_4bit")
 def check_sft_overrides(overrides: dict[str, Any], config_class: type | None = None) -> None:
     """Raise for the first override ``config_class`` (TRL's ``SFTConfig``) would take wrongly or not at all."""
     if config_class is None:
-        from trl import SFTConfig as config_class
+        from trl import SFTConfig
+
+        config_class = SFTConfig
     known, hints = _arguments(config_class)
     for key, value in overrides.items():
         if key not in known:
