@@ -805,7 +805,7 @@ def cmd_micro(a: argparse.Namespace) -> None:
     from triton.testing import do_bench
 
     from qlora_plugin.kernels import dequant
-    from qlora_plugin.kernels.lora_linear import patch_lora_4bit_layers
+    from qlora_plugin.kernels.lora_linear import LayerOptions, patch_lora_4bit_layers, unpatch_lora_4bit_layers
     from qlora_plugin.kernels.triton_nf4 import dequantize_4bit_triton
 
     rows = []
@@ -837,9 +837,9 @@ def cmd_micro(a: argparse.Namespace) -> None:
         t_peft = do_bench(fwd_bwd, return_mode="median", grad_to_none=[x, *layer.parameters()])
         patch_lora_4bit_layers(pm)
         t_fused = do_bench(fwd_bwd, return_mode="median", grad_to_none=[x, *layer.parameters()])
-        dequant.set_triton_dequant(True)
+        unpatch_lora_4bit_layers(pm)
+        patch_lora_4bit_layers(pm, options=LayerOptions(dequant=dequant.make_dequantizer(triton=True)))
         t_fused_tri = do_bench(fwd_bwd, return_mode="median", grad_to_none=[x, *layer.parameters()])
-        dequant.set_triton_dequant(False)
         xw = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
         t_gemm = do_bench(lambda: torch.mm(x.detach(), xw.t()), return_mode="median")
         rows.append(dict(layer=name, out_f=out_f, in_f=in_f, dequant_bnb_ms=round(t_bnb, 4),

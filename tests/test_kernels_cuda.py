@@ -50,36 +50,30 @@ def test_triton_dequant_matches_bitsandbytes(shape, nested, quant_type, dtype) -
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("cache", [False, True])
 def test_fused_lora_function_cuda_matches_float64(tokens, in_f, out_f, triton_dequant, dropout, cache) -> None:
-    from qlora_plugin.kernels import dequant, lora_dropout
+    from qlora_plugin.kernels import dequant
 
-    dequant.set_triton_dequant(triton_dequant)
-    dequant.set_cache_block_constants(cache)
-    lora_dropout.set_triton_dropout(cache)  # torch's dropout with one half of the cases, the kernels' with the other
-    try:
-        w = torch.randn(out_f, in_f, device=DEV, dtype=torch.bfloat16) / in_f**0.5
-        q, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        x = torch.randn(1, tokens, in_f, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-        a = (torch.randn(16, in_f, device=DEV) / in_f**0.5).requires_grad_()
-        b = (torch.randn(out_f, 16, device=DEV) * 0.05).requires_grad_()
-        y = lora_4bit_linear(x, a, b, 2.0, q, state, dropout=dropout)
-        mask = _drawn_keep_mask(y, in_f)
-        g = torch.randn_like(y)
-        y.backward(g)
-        assert dropout == 0.0 or 0 < int(mask.sum()) < mask.numel()
-        keep = mask.view(x.shape).double() / (1 - dropout)
-        w64 = bnbf.dequantize_4bit(q, state).double()
-        x64 = x.detach().double().requires_grad_()
-        a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
-        y64 = x64 @ w64.t() + 2.0 * ((x64 * keep) @ a64.t()) @ b64.t()
-        y64.backward(g.double())
-        for got, want in ((y, y64.detach()), (x.grad, x64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
-            assert rel_err(got, want) < 1e-2
-        if not triton_dequant:  # the direct calls run bitsandbytes' own kernels: same bits
-            assert torch.equal(dequant.dequantize_4bit(q, state, torch.bfloat16), bnbf.dequantize_4bit(q, state))
-    finally:
-        dequant.set_triton_dequant(False)
-        dequant.set_cache_block_constants(False)
-        lora_dropout.set_triton_dropout(True)
+    dequantize = dequant.make_dequantizer(triton=triton_dequant, cache_block_constants=cache)
+    # torch's dropout with one half of the cases (cache off), the kernels' with the other
+    w = torch.randn(out_f, in_f, device=DEV, dtype=torch.bfloat16) / in_f**0.5
+    q, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    x = torch.randn(1, tokens, in_f, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    a = (torch.randn(16, in_f, device=DEV) / in_f**0.5).requires_grad_()
+    b = (torch.randn(out_f, 16, device=DEV) * 0.05).requires_grad_()
+    y = lora_4bit_linear(x, a, b, 2.0, q, state, dropout=dropout, dequant=dequantize, triton_dropout=cache)
+    mask = _drawn_keep_mask(y, in_f)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert dropout == 0.0 or 0 < int(mask.sum()) < mask.numel()
+    keep = mask.view(x.shape).double() / (1 - dropout)
+    w64 = bnbf.dequantize_4bit(q, state).double()
+    x64 = x.detach().double().requires_grad_()
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    y64 = x64 @ w64.t() + 2.0 * ((x64 * keep) @ a64.t()) @ b64.t()
+    y64.backward(g.double())
+    for got, want in ((y, y64.detach()), (x.grad, x64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
+        assert rel_err(got, want) < 1e-2
+    if not triton_dequant:  # the direct calls run bitsandbytes' own kernels: same bits
+        assert torch.equal(dequantize(q, state, torch.bfloat16), bnbf.dequantize_4bit(q, state))
 
 
 def _drawn_keep_mask(y: torch.Tensor, in_f: int) -> torch.Tensor:
@@ -251,10 +245,6 @@ def test_fast_path_cuda_matches_stock(checkpoint, recompute, triton_dequant, cac
         opt_f.step()
         opt_f.zero_grad(set_to_none=True)
         assert abs(float(lf) - float(ls)) / float(ls) < 0.01
-    from qlora_plugin.kernels import dequant
-
-    dequant.set_triton_dequant(False)
-    dequant.set_cache_block_constants(False)
 
 
 def _fast_model(checkpoint, graphs: bool, dropout: float = 0.0):

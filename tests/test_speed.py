@@ -63,11 +63,11 @@ def test_cuda_graphs_can_be_switched_off_from_the_environment(monkeypatch):
 
 
 def test_kernel_config_follows_the_recipe_and_the_host_kernels():
-    fast = speed.kernel_config(qlora_recipe(gradient_checkpointing=False, lora_dropout=0), "cpu")
+    fast = speed.kernel_config(qlora_recipe(gradient_checkpointing=False, lora_dropout=0), "cpu", fuse_loss=True)
     assert (fast.recompute, fast.cache_block_constants, fast.fused_loss, fast.cuda_graphs) == ("none", True, True, True)
     with_dropout = speed.kernel_config(qlora_recipe(gradient_checkpointing=False), "cuda")
     assert with_dropout.cuda_graphs is True  # the default dropout 0.05 is captured too
-    low = speed.kernel_config(qlora_recipe(gradient_checkpointing="offload"), "cuda", loss_owned=True)
+    low = speed.kernel_config(qlora_recipe(gradient_checkpointing="offload"), "cuda")
     assert (low.recompute, low.cache_block_constants, low.fused_loss, low.cuda_graphs) == ("offload", False, False, False)
     shared = speed.kernel_config(qlora_recipe(gradient_checkpointing=False, lora_dropout=0), "cuda",
                                  host_kernels=["lora_o_kernel"])
@@ -96,7 +96,7 @@ def test_first_training_forward_applies_the_fast_path_once(checkpoint, caplog):
     x = _batch()
     model.train()
     with torch.no_grad():
-        before = model(input_ids=x, labels=x).loss
+        before = model(input_ids=x, labels=x)
     speed.arm()  # what make_lora_layer does on a CUDA machine
     model.eval()
     model(input_ids=x)  # an eval forward leaves it armed
@@ -107,11 +107,28 @@ def test_first_training_forward_applies_the_fast_path_once(checkpoint, caplog):
     assert not speed.is_armed()
     lora_layers = [m for n, m in model.named_modules() if n.endswith("_proj") and hasattr(m, "lora_A")]
     assert lora_layers and all(hasattr(m, "_qlora_fast_orig_forward") for m in lora_layers)
-    assert after.logits is None  # the loss came from hidden states
-    assert abs(after.loss.item() - before.item()) < 0.02 * before.item()
+    # armed by PEFT's layers, the trainer is unknown: its loss and logits stay as the model makes them
+    assert after.logits is not None and after.logits.shape == before.logits.shape
+    assert abs(after.loss.item() - before.loss.item()) < 0.02 * before.loss.item()
     after.loss.backward()
     assert all(p.grad is not None and p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     assert "recompute 'full'" in caplog.text and "fused LoRA over nf4 on 14 layers" in caplog.text
+    assert "loss from full logits: left to the trainer" in caplog.text
+
+
+def test_a_trainer_that_reads_only_the_loss_gets_it_without_logits(checkpoint, caplog):
+    recipe = qlora_recipe(lora_dropout=0.0)
+    model = _peft(checkpoint, recipe.lora_config())
+    x = _batch()
+    model.train()
+    with torch.no_grad():
+        before = model(input_ids=x, labels=x).loss
+    speed.arm(model, recipe, own_loss=True)  # what the Axolotl plugin does for supervised training
+    with caplog.at_level("INFO", logger="qlora_plugin"):
+        after = model(input_ids=x, labels=x)
+    assert after.logits is None  # the loss came from hidden states
+    assert abs(after.loss.item() - before.item()) < 0.02 * before.item()
+    assert "loss without logits: the plugin's" in caplog.text
 
 
 def test_layers_of_the_trainers_own_kernels_are_left_to_them(checkpoint):

@@ -43,7 +43,11 @@ def plugin_error(error: BaseException | None) -> QLoRAConfigError | None:
 
 def close_progress_bars() -> None:
     """Close open tqdm bars now, so their last redraw at shutdown does not land after the plugin's line."""
+    from qlora_plugin.patches import allowed
+
     tqdm = sys.modules.get("tqdm.std")
+    if tqdm is None or not allowed("tqdm-open-bars"):
+        return
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
         bar.close()
 

@@ -28,7 +28,7 @@ def make_lora_layer(target: nn.Module, adapter_name: str, config: QLoRARecipe, *
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
     from transformers.pytorch_utils import Conv1D
 
-    from qlora_plugin.quantization import is_4bit, quantize_linear
+    from qlora_plugin.quantization import is_4bit, keep_nf4_layout, quantize_linear
 
     if getattr(config, "_resolved_by_peft", False) and config.target_parameters:
         raise QLoRAConfigError(
@@ -52,6 +52,7 @@ def make_lora_layer(target: nn.Module, adapter_name: str, config: QLoRARecipe, *
             "args=recipe.sft_config(...) or recipe.load_model(...) avoids holding a 16-bit copy first.",
             config,
         )
+    keep_nf4_layout(target)
     kwargs["fan_in_fan_out"] = False  # the 4-bit base stores (out, in) even for Conv1D
     from qlora_plugin.seeding import seeded_layer_init
 

@@ -64,9 +64,11 @@ def meta_model(path: str | os.PathLike[str]) -> nn.Module:
 def load_quantized(path: str | os.PathLike[str], recipe: QLoRARecipe, **kwargs: Any) -> PreTrainedModel:
     """Load ``path`` with its linear layers in 4 bits, prepared for training on the recipe's path."""
     from qlora_plugin.prepare import prepare_for_training
+    from qlora_plugin.quantization import keep_nf4_layout
 
     config = load_config(path)
     kwargs.setdefault("quantization_config", recipe.quantization_config())
     kwargs.setdefault("dtype", recipe.resolved_compute_dtype())
     model = auto_class(config).from_pretrained(os.fspath(path), **kwargs)
+    keep_nf4_layout(model)
     return prepare_for_training(model, recipe)

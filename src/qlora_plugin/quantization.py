@@ -80,3 +80,39 @@ def is_4bit(layer: nn.Module) -> bool:
     import bitsandbytes as bnb
 
     return isinstance(layer, bnb.nn.Linear4bit)
+
+
+def keep_nf4_layout(model: nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit layer of ``model`` (or ``model`` itself) in its NF4/FP4 layout.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit``'s weight in place the
+    first time the layer runs in eval mode without grad. A repacked layer then computes
+    without an input gradient in training, and everything that reads the weight as 4-bit
+    data (the fast path's kernels, merging) sees another layout. This turns the repacking
+    off on each layer and converts back, through bitsandbytes' own inverse, a layer that
+    was already repacked. Returns the number of 4-bit layers seen.
+    """
+    from qlora_plugin.patches import allowed
+
+    if not allowed("bnb-cpu-weight-repack"):
+        return 0
+    layers = [model] if is_4bit(model) else [m for m in model.modules() if is_4bit(m)]
+    for layer in layers:
+        restore_nf4_layout(layer)
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def restore_nf4_layout(layer: nn.Module) -> bool:
+    """Convert a weight bitsandbytes repacked for its CPU kernel back to the 4-bit layout; True if it was."""
+    weight = layer.weight
+    state = getattr(weight, "quant_state", None)
+    if not getattr(state, "packing_format_for_cpu", False):
+        return False
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    if getattr(layer, "quant_state", None) is not None:
+        layer.quant_state = weight.quant_state
+    return True

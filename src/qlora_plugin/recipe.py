@@ -204,6 +204,10 @@ class QLoRARecipe(LoraConfig):
         return load_quantized(path, self, **kwargs)
 
     def _register_lora_layer_factory(self) -> None:
+        from qlora_plugin.patches import allowed
+
+        if not allowed("peft-lora-layer-factory"):
+            return
         import torch
         from transformers.pytorch_utils import Conv1D
 

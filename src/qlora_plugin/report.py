@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 _logger = logging.getLogger("qlora_plugin")
 _hook_handle: Any = None
 _seen_optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
+_watched_layers: weakref.WeakKeyDictionary[Any, QLoRARecipe] = weakref.WeakKeyDictionary()
 
 
 def use_logger(name: str) -> None:
@@ -57,19 +58,28 @@ def watch_optimizer(layer: nn.Module, recipe: QLoRARecipe) -> None:
     """Report, at the first optimizer step over ``layer``'s adapters, which optimizer runs.
 
     A trainer may take its optimizer from arguments the recipe did not make
-    (``optimizers=``, ``optim=``); the first step is where that shows. The global
-    step hook stays installed and looks at each optimizer once: removing it from
-    inside itself would break torch's loop over the global hooks whenever another
-    library has registered one too.
+    (``optimizers=``, ``optim=``); the first step is where that shows. The layer is
+    remembered, not its parameters: PEFT may replace the parameter objects after the
+    layer is built (its adapter dtype cast does since 0.21.1). torch offers only a
+    process-wide step hook; it stays installed and looks at each optimizer once
+    (removing it from inside itself would break torch's loop over the global hooks
+    whenever another library has registered one too).
     """
     global _hook_handle
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    for name, param in layer.named_parameters():
-        if "lora_" in name:
-            param.qlora_recipe = recipe
+    _watched_layers[layer] = recipe
     if _hook_handle is None:
         _hook_handle = register_optimizer_step_pre_hook(_report_optimizer)
+
+
+def _recipe_of(optimizer: torch.optim.Optimizer) -> QLoRARecipe | None:
+    """The recipe of a watched LoRA layer whose adapter weights ``optimizer`` updates, or None."""
+    updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for layer, recipe in list(_watched_layers.items()):
+        if any(id(p) in updated for name, p in layer.named_parameters() if "lora_" in name):
+            return recipe
+    return None
 
 
 def _on_cuda(optimizer: torch.optim.Optimizer) -> bool:
@@ -80,8 +90,7 @@ def _report_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) 
     if optimizer in _seen_optimizers:
         return
     _seen_optimizers.add(optimizer)
-    params = (p for group in optimizer.param_groups for p in group["params"])
-    recipe = next((p.qlora_recipe for p in params if hasattr(p, "qlora_recipe")), None)
+    recipe = _recipe_of(optimizer)
     if recipe is None:
         return
     used = describe_optimizer(optimizer)

@@ -68,9 +68,13 @@ def apply_trainer_settings(trainer: Any, settings: dict[str, Any]) -> None:
     ``accelerator_config`` fields also go on the trainer's accelerator, which read
     them when it was made; the train dataloader is prepared with them later, in ``train()``.
     """
+    from qlora_plugin.patches import allowed
+
     for key, value in settings.items():
         if key != "accelerator_config":
             setattr(trainer.args, key, value)
+            continue
+        if not allowed("trainer-dataloader-config"):
             continue
         for name, field_value in value.items():
             setattr(trainer.args.accelerator_config, name, field_value)
@@ -82,28 +86,38 @@ def recompute_mode(recipe: QLoRARecipe) -> str:
     return RECOMPUTE[recipe.gradient_checkpointing]
 
 
+# Runs the fast path's pure-PyTorch reference implementations on a CPU: for testing how the
+# fast path meets a trainer on machines without a GPU (slower than the stock path there).
+CPU_ENV = "QLORA_FAST_PATH_ON_CPU"
+
+
 def wants_fast_path(recipe: QLoRARecipe, device: str | None = None) -> bool:
     """True when ``recipe`` trains through the kernels on ``device`` (default: the training device)."""
     from qlora_plugin.device import training_device
 
-    return bool(recipe.fast_path) and (device or training_device()) == "cuda"
+    device = device or training_device()
+    return bool(recipe.fast_path) and (device == "cuda" or (device == "cpu" and os.environ.get(CPU_ENV) == "1"))
 
 
-def arm(model: nn.Module | None = None, recipe: QLoRARecipe | None = None, host_kernels: Iterable[str] = ()) -> None:
+def arm(model: nn.Module | None = None, recipe: QLoRARecipe | None = None, host_kernels: Iterable[str] = (),
+        own_loss: bool = False) -> None:
     """Put the fast path on at the first training forward of a recipe's PEFT model.
 
     Without ``model``: any PEFT model whose active adapter config is a fast-path
     :class:`QLoRARecipe`. With ``model`` and ``recipe``: that model (a trainer that
     builds its own ``LoraConfig``, as Axolotl does). ``host_kernels``: names of the
     trainer's own LoRA kernels that are on (see :data:`HOST_KERNEL_LAYERS`); the
-    layers they compute are left to them.
+    layers they compute are left to them. ``own_loss``: the trainer reads only the
+    model's ``loss`` in training (never ``logits``), so the fast path may compute it
+    without logits; otherwise the loss stays the trainer's (TRL's ``chunked_nll`` and
+    Liger's are already logit-free; ``nll``/``dft`` read the logits).
     """
     global _hook_handle, _peft_model_class
     from peft import PeftModel
 
     _peft_model_class = PeftModel
     if model is not None:
-        model.__dict__[_REQUEST] = (recipe, tuple(host_kernels))
+        model.__dict__[_REQUEST] = (recipe, tuple(host_kernels), own_loss)
     if _hook_handle is None:
         from torch.nn.modules.module import register_module_forward_pre_hook
 
@@ -123,8 +137,8 @@ def is_armed() -> bool:
     return _hook_handle is not None
 
 
-def _request(module: nn.Module) -> tuple[QLoRARecipe, tuple[str, ...]] | None:
-    """The (recipe, host kernels) a module asks the fast path for, or None."""
+def _request(module: nn.Module) -> tuple[QLoRARecipe, tuple[str, ...], bool] | None:
+    """The (recipe, host kernels, own loss) a module asks the fast path for, or None."""
     explicit = module.__dict__.get(_REQUEST)
     if explicit is not None:
         return explicit
@@ -134,7 +148,7 @@ def _request(module: nn.Module) -> tuple[QLoRARecipe, tuple[str, ...]] | None:
 
     config = module.peft_config.get(module.active_adapter)
     if isinstance(config, QLoRARecipe) and config.fast_path:
-        return config, ()
+        return config, (), False
     return None
 
 
@@ -145,18 +159,18 @@ def _first_forward(module: nn.Module, args: Any) -> None:
     if request is None:
         return
     disarm()
-    recipe, host_kernels = request
-    apply_recipe_fast_path(module, recipe, host_kernels=host_kernels)
+    recipe, host_kernels, own_loss = request
+    apply_recipe_fast_path(module, recipe, host_kernels=host_kernels, own_loss=own_loss)
 
 
-def kernel_config(recipe: QLoRARecipe, device: str, *, loss_owned: bool = False,
+def kernel_config(recipe: QLoRARecipe, device: str, *, fuse_loss: bool = False,
                   host_kernels: Iterable[str] = ()) -> Any:
     """The :class:`qlora_plugin.kernels.FastPathConfig` the recipe asks for on ``device``.
 
-    ``loss_owned``: the model's forward already computes the loss without logits
-    (Liger's, installed by TRL's ``use_liger_kernel``); ``host_kernels``: the
-    trainer's own LoRA kernels that are on. CUDA graphs go on at the speed point (the
-    recompute mode "none") unless the environment sets ``QLORA_CUDA_GRAPHS=0``.
+    ``fuse_loss``: compute the training loss without logits (only where the trainer
+    reads nothing else and the model's forward is still its own); ``host_kernels``:
+    the trainer's own LoRA kernels that are on. CUDA graphs go on at the speed point
+    (the recompute mode "none") unless the environment sets ``QLORA_CUDA_GRAPHS=0``.
     """
     from qlora_plugin.kernels import FastPathConfig
 
@@ -166,7 +180,7 @@ def kernel_config(recipe: QLoRARecipe, device: str, *, loss_owned: bool = False,
         mode = "full"  # host offload needs CUDA streams; recomputing alone still saves the memory
     return FastPathConfig(
         compute_dtype=recipe.resolved_compute_dtype(device),
-        fused_loss=not loss_owned,
+        fused_loss=fuse_loss,
         fused_mlp="lora_mlp_kernel" not in host_kernels,
         recompute=mode,
         cache_block_constants=mode == "none",  # +1/16 of the bf16 weight size: the speed point only
@@ -175,35 +189,52 @@ def kernel_config(recipe: QLoRARecipe, device: str, *, loss_owned: bool = False,
     )
 
 
-def apply_recipe_fast_path(model: nn.Module, recipe: QLoRARecipe, *, host_kernels: Iterable[str] = ()) -> FastPathReport:
-    """Put the recipe's fast path on ``model`` (a PEFT model) now, and report it once."""
+def apply_recipe_fast_path(model: nn.Module, recipe: QLoRARecipe, *, host_kernels: Iterable[str] = (),
+                           own_loss: bool = False) -> FastPathReport:
+    """Put the recipe's fast path on ``model`` (a PEFT model) now, and report it once.
+
+    ``own_loss``: see :func:`arm`.
+    """
     from qlora_plugin.kernels import apply_fast_path
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(base.parameters()).device.type
-    loss_owned = _forward_is_logit_free(base)
-    config = kernel_config(recipe, device, loss_owned=loss_owned, host_kernels=host_kernels)
+    forward_owner = loss_forward_owner(base)
+    config = kernel_config(recipe, device, fuse_loss=own_loss and forward_owner is None, host_kernels=host_kernels)
     result = apply_fast_path(model, config=config)
     model.__dict__[_DONE] = True
-    log_once(logging.INFO, describe(result, config, recipe, loss_owned, tuple(host_kernels)), recipe)
+    log_once(logging.INFO, describe(result, config, recipe, loss_description(result, forward_owner, own_loss),
+                                    tuple(host_kernels)), recipe)
     return result
 
 
-def _forward_is_logit_free(causal_lm: nn.Module) -> bool:
-    """True when the model's forward was replaced by Liger's fused linear cross-entropy."""
+def loss_forward_owner(causal_lm: nn.Module) -> str | None:
+    """Who replaced the model's forward with a logit-free loss: ``"liger"``, ``"trl"``, or None (its own forward)."""
     func = getattr(causal_lm.forward, "__func__", causal_lm.forward)
-    return getattr(func, "__module__", "").startswith("liger_kernel")
+    module = getattr(func, "__module__", "") or ""
+    if module.startswith("liger_kernel"):
+        return "liger"
+    if module.startswith("trl.") and "chunked" in getattr(func, "__qualname__", ""):
+        return "trl"
+    return None
 
 
-def describe(result: Any, config: Any, recipe: QLoRARecipe, loss_owned: bool, host_kernels: tuple[str, ...]) -> str:
+def loss_description(result: Any, forward_owner: str | None, own_loss: bool) -> str:
+    """Where the training loss comes from, for the fast path's log line."""
+    if forward_owner == "liger":
+        return "loss without logits: Liger's fused linear cross-entropy (the trainer's use_liger_kernel)"
+    if forward_owner == "trl":
+        return "loss without logits: TRL's chunked_nll"
+    if result.loss_fused:
+        return "loss without logits: the plugin's"
+    if own_loss:
+        return "loss from full logits (this model's output head is not supported without them)"
+    return "loss from full logits: left to the trainer, which reads them (TRL loss_type 'nll'/'dft', or your own loop)"
+
+
+def describe(result: Any, config: Any, recipe: QLoRARecipe, loss: str, host_kernels: tuple[str, ...]) -> str:
     """One line: which parts of the fast path are on."""
     dropout = f", LoRA dropout {recipe.lora_dropout}" if recipe.lora_dropout else ""
-    if loss_owned:
-        loss = "loss without logits: Liger's, through the trainer's use_liger_kernel"
-    elif result.loss_fused:
-        loss = "loss without logits: the plugin's"
-    else:
-        loss = "loss from full logits (head not supported)"
     parts = [
         f"fused LoRA over {recipe.quant_type} on {result.lora_layers_fused} layers{dropout}",
         loss,
@@ -211,6 +242,7 @@ def describe(result: Any, config: Any, recipe: QLoRARecipe, loss_owned: bool, ho
         f"recompute '{config.recompute}' (gradient_checkpointing={recipe.gradient_checkpointing!r})",
         *([f"CUDA graphs over {result.graphed_layers} decoder layers once batches repeat a shape"]
           if result.graphed_layers else []),
+        *(["packed rows attended per sequence (no block-diagonal mask)"] if result.packed_attention else []),
         f"frozen weights in {str(config.compute_dtype).removeprefix('torch.')}, adapters kept fp32",
     ]
     if host_kernels:
@@ -227,7 +259,12 @@ def optimizer_cls_and_kwargs(recipe: QLoRARecipe, args: Any = None) -> tuple[typ
     """
     if not wants_fast_path(recipe) or recipe.optimizer != "paged_adamw_32bit":
         return None
+    from qlora_plugin.device import training_device
     from qlora_plugin.kernels import PagedAdamW
+    from qlora_plugin.kernels.optim import paged_states_available
+
+    if training_device() == "cuda" and not paged_states_available():
+        return None
 
     kwargs: dict[str, Any] = {"lr": recipe.learning_rate}
     if args is not None:

@@ -43,7 +43,7 @@ def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
 
     check_sft_overrides(overrides, SFTConfig)
     settings = recipe.training_args()
-    settings.update(liger_loss_settings(recipe))
+    settings.update(liger_loss_settings(recipe, overrides=overrides))
     compute_dtype = recipe.resolved_compute_dtype()
     loading = {"quantization_config": recipe.quantization_config(), "dtype": compute_dtype}
     user_loading = dict(overrides.pop("model_init_kwargs", None) or {})
@@ -65,16 +65,25 @@ def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
     return config
 
 
-def liger_loss_settings(recipe: QLoRARecipe, device: str | None = None) -> dict[str, Any]:
-    """On the CUDA fast path: Liger's fused linear cross-entropy through TRL's switch, nothing else of Liger's.
+def liger_loss_settings(recipe: QLoRARecipe, device: str | None = None,
+                        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """On the CUDA fast path with Liger installed: Liger's fused linear cross-entropy through TRL's switch.
 
-    TRL reads full logits for its entropy and accuracy metrics unless
-    ``use_liger_kernel`` is on; with it, Liger's forward returns the loss and the
-    token accuracy without logits. Norms, SwiGLU and RoPE stay the fast path's.
+    With it, Liger's forward returns the loss and the token accuracy without logits
+    (TRL's ``nll`` and ``dft`` losses read full logits). Norms, SwiGLU and RoPE stay the
+    fast path's. Without Liger, or where the user picks ``loss_type="chunked_nll"``
+    (which TRL refuses beside Liger), TRL's own chunked loss is logit-free too.
     """
+    import importlib.util
+
+    from qlora_plugin.device import training_device
     from qlora_plugin.speed import wants_fast_path
 
-    if not wants_fast_path(recipe, device):
+    device = device or training_device()
+    overrides = overrides or {}
+    if not wants_fast_path(recipe, device) or device != "cuda" or importlib.util.find_spec("liger_kernel") is None:
+        return {}
+    if overrides.get("loss_type") == "chunked_nll" or overrides.get("use_liger_kernel") is False:
         return {}
     only_the_loss = {"fused_linear_cross_entropy": True, "cross_entropy": False, "rope": False,
                      "rms_norm": False, "swiglu": False}

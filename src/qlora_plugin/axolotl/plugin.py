@@ -84,8 +84,10 @@ class QLoRAPlugin(BasePlugin):
     def pre_lora_load(self, cfg: Any, model: Any) -> None:
         """Discover the targets on the real model, seed the adapters and ready the base for training."""
         from qlora_plugin.prepare import prepare_for_training
+        from qlora_plugin.quantization import keep_nf4_layout
         from qlora_plugin.seeding import seed_before_adapters
 
+        keep_nf4_layout(model)
         recipe = self.recipe = self.section_recipe.resolve(model)
         targets = sorted(recipe.target_modules)
         report(logging.INFO, "qlora: LoRA on %d modules: %s", len(targets), ", ".join(targets))
@@ -115,13 +117,19 @@ class QLoRAPlugin(BasePlugin):
             write_recipe_file(self.recipe, cfg.output_dir)
 
     def post_lora_load(self, cfg: Any, model: Any) -> None:
-        """On CUDA with the fast path: put the kernels on at the model's first training forward."""
+        """On CUDA with the fast path: put the kernels on at the model's first training forward.
+
+        Axolotl's supervised trainer reads only the model's loss in training, so the fast
+        path may compute it without logits; preference training (``rl``) and ORPO read
+        logits and keep the model's own loss.
+        """
         from qlora_plugin.axolotl.expand import LORA_KERNELS
         from qlora_plugin.speed import arm, wants_fast_path
 
         if self.recipe is None or not wants_fast_path(self.recipe):
             return
-        arm(model, self.recipe, host_kernels=[key for key in LORA_KERNELS if cfg.get(key)])
+        own_loss = not cfg.get("rl") and not cfg.get("orpo_alpha")
+        arm(model, self.recipe, host_kernels=[key for key in LORA_KERNELS if cfg.get(key)], own_loss=own_loss)
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
         """On the CUDA fast path: the fast path's trainer settings, and the fused paged AdamW.

@@ -19,8 +19,12 @@ def triton_available() -> bool:
 
 @functools.cache
 def liger_available() -> bool:
-    """True when Liger Kernel is installed and a CUDA device is visible."""
-    return triton_available() and importlib.util.find_spec("liger_kernel") is not None
+    """True when Liger Kernel is installed in a tested version and a CUDA device is visible."""
+    if not (triton_available() and importlib.util.find_spec("liger_kernel") is not None):
+        return False
+    from qlora_plugin.patches import allowed
+
+    return allowed("liger-autograd-functions")
 
 
 def use_gpu_kernels(t: torch.Tensor) -> bool:

@@ -9,31 +9,26 @@ the format out in plain PyTorch and is what the tests hold both against.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from qlora_plugin.kernels._backend import use_gpu_kernels
 
-_TRITON_DEQUANT = False
-_CACHE_CONSTANTS = False
 _CACHE_ATTR = "_qlora_fp32_absmax"
+DequantFn = Callable[[torch.Tensor, Any, torch.dtype], torch.Tensor]
 
 
-def set_triton_dequant(enabled: bool) -> None:
-    """Choose the Triton dequant kernel (True) or bitsandbytes' kernels (False) on CUDA."""
-    global _TRITON_DEQUANT
-    _TRITON_DEQUANT = bool(enabled)
+def make_dequantizer(*, triton: bool = False, cache_block_constants: bool = False) -> DequantFn:
+    """A dequantize function with one model's choices (they never change another model's layers).
 
-
-def set_cache_block_constants(enabled: bool) -> None:
-    """Keep each weight's decoded fp32 block constants (1/16 of the bf16 weight's size).
-
-    Saves two launches and bitsandbytes' Python wrapper per dequantization; costs
-    4 bytes per 64 weights of GPU memory (about 0.44 GB for an 8B model).
+    ``triton``: one-launch Triton kernel on CUDA instead of bitsandbytes' kernels.
+    ``cache_block_constants``: keep each weight's decoded fp32 block constants on its
+    quant state (1/16 of the bf16 weight's size, about 0.44 GB for an 8B model) to save
+    two launches and bitsandbytes' Python wrapper per dequantization.
     """
-    global _CACHE_CONSTANTS
-    _CACHE_CONSTANTS = bool(enabled)
+    return functools.partial(dequantize_4bit, triton=triton, cache_block_constants=cache_block_constants)
 
 
 def block_constants(quant_state: Any) -> torch.Tensor:
@@ -63,16 +58,17 @@ def dequantize_4bit_reference(weight: torch.Tensor, quant_state: Any, dtype: tor
     return (code[nibbles] * scale).to(dtype).reshape(quant_state.shape)
 
 
-def dequantize_4bit(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
-    """Dequantize ``weight`` to ``dtype`` with the fastest implementation for its device."""
-    if _TRITON_DEQUANT and use_gpu_kernels(weight):
+def dequantize_4bit(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype, *, triton: bool = False,
+                    cache_block_constants: bool = False) -> torch.Tensor:
+    """Dequantize ``weight`` to ``dtype`` with the fastest implementation for its device (see :func:`make_dequantizer`)."""
+    if triton and use_gpu_kernels(weight):
         from qlora_plugin.kernels.triton_nf4 import dequantize_4bit_triton
 
         return dequantize_4bit_triton(weight, quant_state, dtype)
     if weight.is_cuda and weight.is_contiguous() and weight.device.index == torch.cuda.current_device():
         kernels = _cuda_kernels(quant_state.quant_type, dtype)
         if kernels is not None:
-            return _dequantize_4bit_cuda(weight, quant_state, dtype, *kernels)
+            return _dequantize_4bit_cuda(weight, quant_state, dtype, *kernels, cache=cache_block_constants)
     import bitsandbytes.functional as bnbf
 
     out = bnbf.dequantize_4bit(weight, quant_state)
@@ -85,23 +81,28 @@ def _cuda_kernels(quant_type: str, dtype: torch.dtype) -> tuple[Any, Any] | None
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     if dtype not in names or quant_type not in ("nf4", "fp4"):
         return None
-    try:
-        from bitsandbytes.cextension import lib
+    import ctypes
 
-        return (getattr(lib, f"cdequantize_blockwise_{names[dtype]}_{quant_type}"),
-                getattr(lib, "cdequantize_blockwise_fp32"))
-    except (ImportError, AttributeError):
+    from qlora_plugin.patches import c_function
+
+    # bitsandbytes declares (code, A, absmax, out, blocksize, numel, stream) for both
+    signature = [ctypes.c_void_p] * 4 + [ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
+    dequant_4bit = c_function("bnb-dequantize-c-calls", f"cdequantize_blockwise_{names[dtype]}_{quant_type}",
+                              signature, None)
+    dequant_blockwise = c_function("bnb-dequantize-c-calls", "cdequantize_blockwise_fp32", signature, None)
+    if dequant_4bit is None or dequant_blockwise is None:
         return None
+    return dequant_4bit, dequant_blockwise
 
 
 def _dequantize_4bit_cuda(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype,
-                          dequant_4bit: Any, dequant_blockwise: Any) -> torch.Tensor:
+                          dequant_4bit: Any, dequant_blockwise: Any, *, cache: bool = False) -> torch.Tensor:
     """The same CUDA kernels as ``bitsandbytes.functional.dequantize_4bit``, called directly.
 
     bitsandbytes reaches them through its registered ``torch.ops`` (tens of microseconds
     of host time per call); small models, whose steps are bound by the host, pay that on
-    every layer. With ``cache_block_constants`` the decoded fp32 block constants are
-    kept, so one launch remains.
+    every layer. With ``cache`` the decoded fp32 block constants are kept, so one
+    launch remains.
     """
     stream = torch._C._cuda_getCurrentRawStream(weight.device.index)
     absmax = getattr(quant_state, _CACHE_ATTR, None)
@@ -115,7 +116,7 @@ def _dequantize_4bit_cuda(weight: torch.Tensor, quant_state: Any, dtype: torch.d
             absmax += quant_state.offset
         else:
             absmax = quant_state.absmax.float().contiguous()
-        if _CACHE_CONSTANTS:
+        if cache:
             setattr(quant_state, _CACHE_ATTR, absmax)
     out = torch.empty(tuple(quant_state.shape), dtype=dtype, device=weight.device)
     dequant_4bit(None, weight.data_ptr(), absmax.data_ptr(), out.data_ptr(), quant_state.blocksize, out.numel(), stream)

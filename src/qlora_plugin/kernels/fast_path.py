@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qlora_plugin.kernels import dequant, lora_dropout
+from qlora_plugin.kernels.attention import use_packed_attention
 from qlora_plugin.kernels.casting import cast_adapters, cast_frozen_params
 from qlora_plugin.kernels.layers import patch_norms_and_mlps, patch_rope
-from qlora_plugin.kernels.lora_linear import patch_lora_4bit_layers
+from qlora_plugin.kernels.dequant import make_dequantizer
+from qlora_plugin.kernels.lora_linear import LayerOptions, patch_lora_4bit_layers
 from qlora_plugin.kernels.losses import patch_causal_lm_loss
 from qlora_plugin.kernels.recompute import set_recompute
 
@@ -38,6 +39,8 @@ class FastPathConfig:
         (CUDA; False: torch's dropout, which saves the dropped input and a byte mask).
     cache_block_constants: keep decoded fp32 block constants per weight (+1/16 of the
         bf16 weight size in memory, fewer launches per dequantization).
+    packed_attention: attend to each sequence of a packed (padding-free) row on its own
+        instead of through a block-diagonal mask (see ``attention``).
     """
 
     compute_dtype: torch.dtype = torch.bfloat16
@@ -54,6 +57,7 @@ class FastPathConfig:
     triton_dequant: bool = False
     triton_dropout: bool = True
     cache_block_constants: bool = False
+    packed_attention: bool = True
 
 
 @dataclass
@@ -69,6 +73,7 @@ class FastPathReport:
     loss_fused: bool = False
     layers_recomputed: int = 0
     graphed_layers: int = 0
+    packed_attention: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -101,11 +106,13 @@ def apply_fast_path(
     for module in lm.modules():  # bitsandbytes layers compute in this dtype
         if hasattr(module, "compute_dtype") and type(module).__name__ == "Linear4bit":
             module.compute_dtype = cfg.compute_dtype
-    dequant.set_triton_dequant(cfg.triton_dequant)
-    dequant.set_cache_block_constants(cfg.cache_block_constants)
-    lora_dropout.set_triton_dropout(cfg.triton_dropout)
     if cfg.fused_lora:
-        report.lora_layers_fused = patch_lora_4bit_layers(lm, skip=cfg.skip_lora, compute_dtype=cfg.compute_dtype)
+        options = LayerOptions(
+            dequant=make_dequantizer(triton=cfg.triton_dequant, cache_block_constants=cfg.cache_block_constants),
+            triton_dropout=cfg.triton_dropout,
+        )
+        report.lora_layers_fused = patch_lora_4bit_layers(lm, skip=cfg.skip_lora, compute_dtype=cfg.compute_dtype,
+                                                          options=options)
     if cfg.fused_norm_mlp:
         report.norms_patched, report.mlps_patched = patch_norms_and_mlps(lm, mlps=cfg.fused_mlp)
     if cfg.fused_rope:
@@ -114,6 +121,8 @@ def apply_fast_path(
         report.loss_fused = patch_causal_lm_loss(lm)
         if not report.loss_fused:
             report.notes.append("loss not fused: model head or config not supported")
+    if cfg.packed_attention:
+        report.packed_attention = use_packed_attention(lm)
     report.layers_recomputed = set_recompute(lm, cfg.recompute, every=cfg.recompute_every)
     if cfg.cuda_graphs and cfg.recompute == "none":
         from qlora_plugin.kernels.graphs import enable_decoder_graphs

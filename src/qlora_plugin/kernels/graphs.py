@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
+from qlora_plugin.kernels.attention import SDPA_IMPLEMENTATIONS, batch_is_packed
+
 _EAGER_FORWARD = "_qlora_eager_forward"
 _GRAPHS = "_qlora_decoder_graphs"
 # Tensor arguments a decoder layer call may carry without changing what the layer computes:
@@ -106,8 +108,9 @@ def _global_hooks() -> bool:
 class DecoderGraphs:
     """Captures and replays the decoder layers of one model (see the module docstring)."""
 
-    def __init__(self, layers: list[nn.Module], adapter_copies: Any = None) -> None:
+    def __init__(self, layers: list[nn.Module], adapter_copies: Any = None, model: nn.Module | None = None) -> None:
         self.layers = layers
+        self.model = weakref.ref(model) if model is not None else None
         self.adapter_copies = adapter_copies
         self.graphed: list[Any] | None = None
         self.calls: list[_LayerCall] = []
@@ -128,6 +131,9 @@ class DecoderGraphs:
             self.eager_because = "an attention mask"
         elif emb is None or kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
             self.eager_because = "a cache or no position embeddings"
+        elif (model := self.model() if self.model is not None else None) is not None and batch_is_packed(
+                model, kwargs.get("position_ids")):
+            self.eager_because = "packed sequences (their boundaries change from batch to batch)"
         else:
             extra = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in _LAYER_NEUTRAL_KWARGS]
             self.eager_because = f"tensor arguments {extra}" if extra else ""
@@ -245,13 +251,17 @@ def enable_decoder_graphs(model: nn.Module, adapter_copies: Any = None) -> Decod
     Returns the controller, or None when the model is not a supported decoder (Llama
     family with SDPA attention) or is not on CUDA.
     """
+    from qlora_plugin.patches import allowed
+
     layers = _text_decoder_layers(model)
     config = getattr(model, "config", None)
-    if layers is None or getattr(config, "_attn_implementation", None) != "sdpa":
+    if layers is None or getattr(config, "_attn_implementation", None) not in SDPA_IMPLEMENTATIONS:
+        return None
+    if not allowed("transformers-decoder-layer-call"):
         return None
     if not next(layers[0].parameters()).is_cuda or any(hasattr(layer, _EAGER_FORWARD) for layer in layers):
         return None
-    graphs = DecoderGraphs(layers, adapter_copies)
+    graphs = DecoderGraphs(layers, adapter_copies, model)
     for i, layer in enumerate(layers):
         setattr(layer, _EAGER_FORWARD, layer.forward)
         layer.__dict__[_GRAPHS] = graphs

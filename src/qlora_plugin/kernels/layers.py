@@ -72,27 +72,54 @@ def rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
 
 
 _ROPE_MODULES = ("llama", "mistral", "qwen2", "qwen3")
+_ROPE_FORWARD = "_qlora_rope_forward"
 
 
 def patch_rope(model: nn.Module) -> int:
-    """Route the rotary embedding of Llama-family attention through :func:`rotary`.
+    """Route the rotary embedding of ``model``'s Llama-family attention modules through :func:`rotary`.
 
-    transformers calls a module-level ``apply_rotary_pos_emb`` inside the attention
-    forward, so this swaps that function in the model's modeling module (once; same
-    math, and non-CUDA tensors take the reference path). Returns modules patched.
+    transformers' attention forward looks ``apply_rotary_pos_emb`` up in its modeling
+    module's globals at call time. Each attention module of ``model`` gets, as its own
+    ``forward``, the class's forward code bound to a copy of those globals in which that
+    name is :func:`rotary` (same math; non-CUDA tensors take the reference path). The
+    modeling module itself and every other model are untouched. Returns modules patched.
     """
-    import sys
+    from qlora_plugin.patches import allowed
 
+    if not allowed("transformers-rope-function"):
+        return 0
     n = 0
     for module in model.modules():
-        modname = type(module).__module__
-        if not type(module).__name__.endswith("Attention") or modname.rsplit(".", 1)[-1].replace("modeling_", "") not in _ROPE_MODULES:
+        cls = type(module)
+        family = cls.__module__.rsplit(".", 1)[-1].replace("modeling_", "")
+        if not cls.__name__.endswith("Attention") or family not in _ROPE_MODULES or _ROPE_FORWARD in module.__dict__:
             continue
-        mod = sys.modules.get(modname)
-        if mod is not None and hasattr(mod, "apply_rotary_pos_emb") and getattr(mod.apply_rotary_pos_emb, "__name__", "") != "rotary":
-            mod.apply_rotary_pos_emb = rotary
-            n += 1
+        forward = _forward_with_rotary(cls)
+        if forward is None:
+            continue
+        module.__dict__[_ROPE_FORWARD] = True
+        module.forward = types.MethodType(forward, module)
+        n += 1
     return n
+
+
+_ROPE_FORWARDS: dict[type, Any] = {}
+
+
+def _forward_with_rotary(cls: type) -> Any:
+    """``cls.forward`` with ``apply_rotary_pos_emb`` resolved to :func:`rotary`, or None if it uses no such name."""
+    if cls not in _ROPE_FORWARDS:
+        original = cls.forward
+        code = getattr(original, "__code__", None)
+        if code is None or "apply_rotary_pos_emb" not in code.co_names:
+            _ROPE_FORWARDS[cls] = None
+        else:
+            scope = {**original.__globals__, "apply_rotary_pos_emb": rotary}
+            forward = types.FunctionType(code, scope, original.__name__, original.__defaults__, original.__closure__)
+            forward.__kwdefaults__ = original.__kwdefaults__
+            forward.__qualname__ = original.__qualname__
+            _ROPE_FORWARDS[cls] = forward
+    return _ROPE_FORWARDS[cls]
 
 
 def _norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -112,6 +139,10 @@ def _is_swiglu_mlp(module: nn.Module) -> bool:
 
 def patch_norms_and_mlps(model: nn.Module, mlps: bool = True) -> tuple[int, int]:
     """Patch Llama-style RMSNorm and (with ``mlps``) SwiGLU MLP modules; returns (norms, mlps) patched."""
+    from qlora_plugin.patches import allowed
+
+    if not allowed("transformers-norm-mlp-forward"):
+        return 0, 0
     do_mlps = mlps
     norms = mlps = 0
     for module in model.modules():

@@ -17,18 +17,9 @@ import torch
 
 from qlora_plugin.kernels._backend import use_gpu_kernels
 
-_TRITON_DROPOUT = True
-
-
-def set_triton_dropout(enabled: bool) -> None:
-    """Draw LoRA dropout inside the Triton kernels on CUDA (True) or with torch's dropout (False)."""
-    global _TRITON_DROPOUT
-    _TRITON_DROPOUT = bool(enabled)
-
-
-def use_triton_dropout(x: torch.Tensor) -> bool:
-    """True when the bit-mask kernels serve ``x`` (CUDA, Triton, 16-bit, switched on)."""
-    return _TRITON_DROPOUT and x.dtype in (torch.bfloat16, torch.float16) and use_gpu_kernels(x)
+def use_triton_dropout(x: torch.Tensor, enabled: bool = True) -> bool:
+    """True when the bit-mask kernels serve ``x`` (CUDA, Triton, 16-bit) and the model's choice ``enabled`` allows."""
+    return enabled and x.dtype in (torch.bfloat16, torch.float16) and use_gpu_kernels(x)
 
 
 def pack_keep_mask(keep: torch.Tensor) -> torch.Tensor:

@@ -21,19 +21,31 @@ forward (:class:`AdapterCopies`), and their gradients come back in the master dt
 from __future__ import annotations
 
 import types
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from qlora_plugin.kernels.dequant import dequantize_4bit
+from qlora_plugin.kernels.dequant import DequantFn, dequantize_4bit
 from qlora_plugin.kernels.lora_dropout import use_triton_dropout
-
-DequantFn = Callable[[torch.Tensor, Any, torch.dtype], torch.Tensor]
 
 _ORIG_FORWARD = "_qlora_fast_orig_forward"
 _COPIES = "_qlora_adapter_copies"
 _COPIES_HOOK = "_qlora_adapter_copies_hook"
+_OPTIONS = "_qlora_layer_options"
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """How the fused layers of one model compute (kept per model, never process-wide).
+
+    dequant: the function that turns a 4-bit weight into the compute dtype.
+    triton_dropout: draw LoRA dropout inside the Triton kernels on CUDA (False: torch's dropout).
+    """
+
+    dequant: DequantFn = field(default=dequantize_4bit)
+    triton_dropout: bool = True
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -52,7 +64,8 @@ class LoRA4bitFunction(torch.autograd.Function):
     Inputs: ``x`` (compute dtype), the dropout probability ``p`` (``x_d`` is ``x``
     when 0), ``lora_a`` [r, in] and ``lora_b`` [out, r] (any float dtype) with
     optional compute-dtype copies of them, ``scaling``, the packed ``weight`` with
-    its ``quant_state``, an optional frozen ``bias`` and the dequantize function.
+    its ``quant_state``, an optional frozen ``bias``, the dequantize function and
+    whether dropout may be drawn inside the Triton kernels.
     """
 
     @staticmethod
@@ -69,13 +82,14 @@ class LoRA4bitFunction(torch.autograd.Function):
         quant_state: Any,
         bias: torch.Tensor | None,
         dequant: DequantFn,
+        triton_dropout: bool,
     ) -> torch.Tensor:
         dtype = x.dtype
         lead, in_features = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, in_features)
         a = a_copy if a_copy is not None and a_copy.dtype == dtype else lora_a.detach().to(dtype)
         b = b_copy if b_copy is not None and b_copy.dtype == dtype else lora_b.detach().to(dtype)
-        packed = p > 0.0 and use_triton_dropout(x2)
+        packed = p > 0.0 and use_triton_dropout(x2, triton_dropout)
         if packed:  # the mask is drawn in-kernel and kept as bits; backward reads x and the bits
             from qlora_plugin.kernels.triton_lora_dropout import dropout_down
 
@@ -124,7 +138,7 @@ class LoRA4bitFunction(torch.autograd.Function):
             else:  # through the dropout: the kept elements, scaled by 1 / (1 - p)
                 grad_x.addcmul_(torch.mm(gu, a), mask, value=1.0 / (1.0 - ctx.p))
             grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, None, grad_a, grad_b, None, None, None, None, None, None, None
+        return grad_x, None, grad_a, grad_b, None, None, None, None, None, None, None, None
 
 
 def lora_4bit_linear(
@@ -140,13 +154,15 @@ def lora_4bit_linear(
     a_copy: torch.Tensor | None = None,
     b_copy: torch.Tensor | None = None,
     dequant: DequantFn = dequantize_4bit,
+    triton_dropout: bool = True,
 ) -> torch.Tensor:
     """Functional form of :class:`LoRA4bitFunction` (autocast off inside).
 
     ``dropout``: probability of LoRA dropout on the adapter's input (training only:
     pass 0 in eval). ``a_copy``/``b_copy``: ready compute-dtype copies of the adapters.
     """
-    args = (x, float(dropout), lora_a, lora_b, a_copy, b_copy, scaling, weight, quant_state, bias, dequant)
+    args = (x, float(dropout), lora_a, lora_b, a_copy, b_copy, scaling, weight, quant_state, bias, dequant,
+            triton_dropout)
     if torch.is_autocast_enabled(x.device.type):
         with torch.autocast(device_type=x.device.type, enabled=False):
             return LoRA4bitFunction.apply(*args)
@@ -204,8 +220,13 @@ def _plain_lora_adapter(layer: nn.Module) -> str | None:
         return None
     if layer.lora_A[name].bias is not None or layer.lora_B[name].bias is not None:
         return None
-    if getattr(layer.base_layer.weight, "quant_state", None) is None:
+    state = getattr(layer.base_layer.weight, "quant_state", None)
+    if state is None:
         return None
+    if getattr(state, "packing_format_for_cpu", False):  # repacked by bitsandbytes before the fast path met it
+        from qlora_plugin.quantization import restore_nf4_layout
+
+        restore_nf4_layout(layer.base_layer)
     return name
 
 
@@ -220,6 +241,7 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
     p = float(dropout.p) if (self.training and isinstance(dropout, nn.Dropout)) else 0.0
     lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
     copies: AdapterCopies | None = self.__dict__.get(_COPIES)
+    options: LayerOptions = self.__dict__.get(_OPTIONS) or LayerOptions()
     bias = base.bias
     out = lora_4bit_linear(
         xc,
@@ -232,6 +254,8 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
         dropout=p,
         a_copy=None if copies is None else copies.get(lora_a),
         b_copy=None if copies is None else copies.get(lora_b),
+        dequant=options.dequant,
+        triton_dropout=options.triton_dropout,
     )
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
@@ -246,22 +270,32 @@ def is_lora_4bit_layer(module: nn.Module) -> bool:
 
 
 def patch_lora_4bit_layers(model: nn.Module, skip: tuple[str, ...] = (),
-                           compute_dtype: torch.dtype | None = None) -> int:
+                           compute_dtype: torch.dtype | None = None, options: LayerOptions | None = None) -> int:
     """Route every PEFT LoRA-over-4-bit layer of ``model`` through the fused function.
 
-    Returns how many layers were patched. Layers whose name ends in one of ``skip``
-    are left alone. Layers that use DoRA, several adapters, merged weights or
-    mixed-adapter batches fall back to PEFT's forward per call. With
-    ``compute_dtype``, the adapters' copies in that dtype are made once per forward
-    of the model's decoder (:class:`AdapterCopies`).
+    Returns how many layers were patched (0 where PEFT or bitsandbytes is outside the
+    versions this was tested on, see :mod:`qlora_plugin.patches`). Layers whose name
+    ends in one of ``skip`` are left alone. Layers that use DoRA, several adapters,
+    merged weights or mixed-adapter batches fall back to PEFT's forward per call. With
+    ``compute_dtype``, the adapters' copies in that dtype are made once per forward of
+    the model's decoder (:class:`AdapterCopies`). ``options``: this model's
+    :class:`LayerOptions`. The 4-bit base layers keep their NF4 layout on any CPU.
     """
+    from qlora_plugin.patches import allowed
+    from qlora_plugin.quantization import keep_nf4_layout
+
+    if not (allowed("peft-lora-4bit-forward") and allowed("bnb-quant-state")):
+        return 0
     patched = []
     for name, module in model.named_modules():
         if skip and name.rsplit(".", 1)[-1] in skip:
             continue
         if is_lora_4bit_layer(module) and not hasattr(module, _ORIG_FORWARD):
+            keep_nf4_layout(module.base_layer)
             setattr(module, _ORIG_FORWARD, module.forward)
             module.forward = types.MethodType(_fused_forward, module)
+            if options is not None:
+                module.__dict__[_OPTIONS] = options
             patched.append(module)
     if patched and compute_dtype is not None:
         masters = [p for m in patched for d in (m.lora_A, m.lora_B) for lin in d.values() for p in lin.parameters()]
@@ -284,6 +318,7 @@ def unpatch_lora_4bit_layers(model: nn.Module) -> int:
         hook.remove()
     for module in model.modules():
         module.__dict__.pop(_COPIES, None)
+        module.__dict__.pop(_OPTIONS, None)
         if hasattr(module, _ORIG_FORWARD):
             del module.forward
             delattr(module, _ORIG_FORWARD)

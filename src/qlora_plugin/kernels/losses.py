@@ -106,6 +106,10 @@ def patch_causal_lm_loss(causal_lm: nn.Module) -> bool:
     """
     if hasattr(causal_lm, _ORIG_FORWARD):
         return True
+    from qlora_plugin.patches import allowed
+
+    if not allowed("transformers-causal-lm-forward"):
+        return False
     head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
     cfg = getattr(causal_lm, "config", None)
     ok = (

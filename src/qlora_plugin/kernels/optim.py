@@ -41,9 +41,8 @@ def managed_zeros(numel: int, device: torch.device) -> torch.Tensor:
     Allocated with bitsandbytes' ``cget_managed_ptr`` (``cudaMallocManaged``), like the
     states of its paged optimizers; never freed, as there.
     """
-    from bitsandbytes.cextension import lib
-
-    ptr = lib.cget_managed_ptr(ctypes.c_size_t(numel * 4))
+    get_managed_ptr = managed_memory_functions()[0]
+    ptr = get_managed_ptr(ctypes.c_size_t(numel * 4))
     if not ptr:
         raise RuntimeError("cudaMallocManaged failed")
     t = torch.as_tensor(_ManagedArray(int(ptr), numel), device=device)
@@ -51,11 +50,34 @@ def managed_zeros(numel: int, device: torch.device) -> torch.Tensor:
     return t
 
 
+def managed_memory_functions() -> tuple[Any, Any]:
+    """bitsandbytes' ``cget_managed_ptr`` and ``cprefetch``, checked against the declarations this code relies on.
+
+    Raises RuntimeError where they are missing, declared otherwise, or bitsandbytes is
+    outside the tested versions (see :mod:`qlora_plugin.patches`);
+    :func:`paged_states_available` asks first.
+    """
+    from qlora_plugin.patches import c_function
+
+    get_managed_ptr = c_function("bnb-managed-memory-c-calls", "cget_managed_ptr", None, ctypes.c_void_p)
+    prefetch = c_function("bnb-managed-memory-c-calls", "cprefetch", None)
+    if get_managed_ptr is None or prefetch is None:
+        raise RuntimeError("bitsandbytes' managed-memory functions are not usable here")
+    return get_managed_ptr, prefetch
+
+
+def paged_states_available() -> bool:
+    """True where :class:`PagedAdamW` can page its moments through bitsandbytes on this install."""
+    try:
+        managed_memory_functions()
+    except RuntimeError:
+        return False
+    return True
+
+
 def prefetch_to_device(t: torch.Tensor) -> None:
     """Ask the driver to move a unified-memory tensor's pages to its GPU (asynchronous)."""
-    from bitsandbytes.cextension import lib
-
-    lib.cprefetch(ctypes.c_void_p(t.data_ptr()), ctypes.c_size_t(t.numel() * t.element_size()), ctypes.c_int32(t.device.index or 0))
+    managed_memory_functions()[1](ctypes.c_void_p(t.data_ptr()), ctypes.c_size_t(t.numel() * t.element_size()), ctypes.c_int32(t.device.index or 0))
 
 
 class PagedAdamW(torch.optim.AdamW):

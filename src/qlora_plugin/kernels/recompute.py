@@ -116,7 +116,11 @@ def set_recompute(model: nn.Module, mode: str = "none", *, every: int = 1) -> in
     """
     if mode not in MODES:
         raise ValueError(f"recompute mode must be one of {MODES}, got {mode!r}")
+    from qlora_plugin.patches import allowed
+
     layers = decoder_layers(model)
+    if not allowed("transformers-checkpointing-layers"):
+        return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
     if mode == "offload":
         device = next(p.device for p in model.parameters() if p.is_cuda) if torch.cuda.is_available() else None
         if device is None:
