@@ -136,6 +136,14 @@ def test_check_names_what_a_dataset_gets_wrong(project, content, names, value) -
     rejected("check", "config.yml", cwd=project, names=names, value=value)
 
 
+def test_check_warns_when_some_rows_are_longer_than_sequence_len(project) -> None:
+    long = {"instruction": " ".join(["the cat sat on the mat"] * 8), "input": "", "output": "positive"}
+    write_rows(project / "data" / "train.jsonl", ROWS[:6] + [long] * 3)
+    result = run_qlora("check", "config.yml", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "warning: datasets[0] train.jsonl: 3 of 9 rows checked are longer than sequence_len=64" in result.stdout
+
+
 def test_check_refuses_what_is_not_a_config(tmp_path) -> None:
     rejected("check", "nowhere.yml", cwd=tmp_path, names=("CONFIG",), value="'nowhere.yml'")
     (tmp_path / "broken.yml").write_text("base_model: ./m\nqlora: {r: 8\nplugins: []\n")

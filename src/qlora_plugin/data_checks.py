@@ -33,9 +33,10 @@ SHOWN_LINES = 5
 
 @dataclass
 class DataReport:
-    """What the preflight found: errors (each one line), notes, and what it checked."""
+    """What the preflight found: errors (each one line), warnings, notes on what it left out, what it checked."""
 
     errors: list[QLoRAConfigError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)
 
@@ -193,7 +194,7 @@ def _check_lengths(name: str, file: Path, rows: list[tuple[int, dict[str, Any]]]
             f"raise sequence_len to well above {shortest}, e.g. sequence_len: {_round_up(shortest * 2)}",
         )
     if too_long:
-        report.notes.append(f"{name} {file.name}: {too_long} of {len(lengths)} rows checked are longer than "
+        report.warnings.append(f"{name} {file.name}: {too_long} of {len(lengths)} rows checked are longer than "
                             f"sequence_len={sequence_len} and will be dropped")
     return f", the longest at least {max(lengths)} tokens (sequence_len {sequence_len})" if lengths else ""
 

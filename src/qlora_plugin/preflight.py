@@ -24,10 +24,11 @@ LOCAL_PREFIXES = ("/", "./", "../", "~")
 
 @dataclass
 class Preflight:
-    """The findings on one config: errors (each one line), notes, and what passed."""
+    """The findings on one config: errors (each one line), warnings, notes, and what passed."""
 
     config: str
     errors: list[QLoRAConfigError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)
 
@@ -38,7 +39,8 @@ class Preflight:
     def to_dict(self) -> dict[str, Any]:
         errors = [{"field": e.field, "value": e.value, "problem": e.problem, "fix": e.fix, "message": str(e)}
                   for e in self.errors]
-        return {"config": self.config, "ok": self.ok, "errors": errors, "notes": self.notes, "checked": self.checked}
+        return {"config": self.config, "ok": self.ok, "errors": errors, "warnings": self.warnings,
+                "notes": self.notes, "checked": self.checked}
 
 
 def check_config(path: str | os.PathLike[str]) -> Preflight:
@@ -57,6 +59,7 @@ def check_config(path: str | os.PathLike[str]) -> Preflight:
 
     data = check_datasets(config)
     result.errors += data.errors
+    result.warnings += data.warnings
     result.notes += data.notes
     result.checked += data.checked
     return result
@@ -156,6 +159,8 @@ def command(args: Any) -> int:
         print(f"ok: {line}")
     for note in result.notes:
         print(f"note: {note}")
+    for warning in result.warnings:
+        print(f"warning: {warning}")
     for error in result.errors:
         print(f"qlora check: error: {error}", file=sys.stderr)
     if result.ok:

@@ -76,8 +76,10 @@ class QLoRAPlugin(BasePlugin):
         from qlora_plugin.data_checks import check_datasets
 
         found = check_datasets(cfg)
+        for warning in found.warnings:
+            report(logging.WARNING, "qlora: %s", warning)
         for note in found.notes:
-            report(logging.WARNING, "qlora: %s", note)
+            report(logging.INFO, "qlora: %s", note)
         if found.errors:
             raise found.errors[0]
 
