@@ -137,7 +137,7 @@ def test_check_names_what_a_dataset_gets_wrong(project, content, names, value) -
 
 
 def test_check_warns_when_some_rows_are_longer_than_sequence_len(project) -> None:
-    long = {"instruction": " ".join(["the cat sat on the mat"] * 8), "input": "", "output": "positive"}
+    long = {"instruction": " ".join(["the cat sat on the mat"] * 12), "input": "", "output": "positive"}
     write_rows(project / "data" / "train.jsonl", ROWS[:6] + [long] * 3)
     result = run_qlora("check", "config.yml", cwd=project)
     assert result.returncode == 0, result.stderr
