@@ -7,7 +7,7 @@ with one line, ``qlora: error: <field>=<value>: <problem>. Fix: <fix>``, printed
 as the process ends; ``QLORA_TRACEBACK=1`` shows the traceback as well. Other
 errors keep their traceback. (Axolotl's default launcher, ``accelerate launch``,
 prints its own ``CalledProcessError`` after the training process has ended;
-``axolotl train CONFIG --launcher python`` leaves this line last.)
+``axolotl train CONFIG -- --quiet`` or ``--launcher python`` leaves this line last.)
 """
 
 from __future__ import annotations
