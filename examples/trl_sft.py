@@ -3,7 +3,8 @@
 
 ``peft_config=recipe`` puts LoRA on the discovered targets over a 4-bit base;
 ``args=recipe.sft_config(...)`` adds 4-bit loading of the model named by path,
-paged AdamW and the precision for the device. Runs on a CPU in about a minute.
+paged AdamW and the precision for the device; ``callbacks=recipe.callbacks()``
+keeps checkpoints complete or absent. Runs on a CPU in about a minute.
 
 Usage, from the repository root::
 
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> Path:
                           per_device_train_batch_size=16, warmup_ratio=0.05)
     config = recipe.sft_config(output_dir=str(args.output_dir), max_steps=args.max_steps, max_length=96,
                                logging_steps=5, save_strategy="no", report_to="none", seed=42)
-    trainer = SFTTrainer(model=str(DEFAULT_BASE), args=config, train_dataset=dataset, peft_config=recipe)
+    trainer = SFTTrainer(model=str(DEFAULT_BASE), args=config, train_dataset=dataset, peft_config=recipe,
+                         callbacks=recipe.callbacks())
     trainer.train()
     trainer.save_model(str(args.output_dir))
     print(f"adapter saved to {args.output_dir}")

@@ -1,30 +1,36 @@
 """The ``qlora`` command: a thin dispatcher over one module per subcommand.
 
 Only argparse runs at start-up; torch, transformers and bitsandbytes are
-imported by the subcommand that needs them, so ``qlora --help`` is instant.
+imported by the subcommand that needs them (``presets``, ``check``,
+``convert-finlora`` and ``inspect``/``estimate`` on a common decoder's config
+never import them). Third-party warnings stay out of the output unless
+``--verbose``. Bad input exits 2 and a failed run 1, each with one line on
+stderr; SIGINT, SIGTERM and SIGHUP end a run with one line too, after its
+temporary files are removed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Any
 
+from qlora_plugin.command_options import add_recipe_options as _recipe_options
 from qlora_plugin.errors import QLoRAConfigError
+
+EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
 
 def _command(commands: Any, name: str, help: str, example: str) -> argparse.ArgumentParser:
-    return commands.add_parser(
+    parser = commands.add_parser(
         name, help=help, description=help[0].upper() + help[1:] + ".", epilog=f"example:\n  {example}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-
-
-def _recipe_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="default", help="the preset the recipe starts from (see `qlora presets`)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override one recipe field, e.g. --set r=32 --set fast_path=false (repeatable)")
+    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show the warnings of torch, transformers, bitsandbytes and other libraries")
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="qlora", description="QLoRA recipes for TRL and Axolotl.")
     parser.add_argument("--version", action="version", version=f"qlora-plugin {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the warnings of torch, transformers, bitsandbytes and other libraries")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     presets = _command(commands, "presets", "list the named presets of every installed plugin",
@@ -72,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fast path: the 4-bit block constants kept decoded in float32")
     estimate.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
+    check = _command(
+        commands, "check", "check an Axolotl config before training: the plugin line, the qlora section, the data",
+        "qlora check configs/qlora.yml",
+    )
+    check.add_argument("config", metavar="CONFIG", help="an Axolotl YAML with a qlora: section")
+    check.add_argument("--json", action="store_true", help="print the findings as JSON")
+
     merge = _command(
         commands, "merge", "merge a QLoRA adapter into its dequantized base and save a plain model",
         "qlora merge ./out/checkpoint-500 --out ./merged --dtype bf16",
@@ -81,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="saved dtype (default bf16)")
     merge.add_argument("--base", default=None, help="the base model (default: the adapter's base_model_name_or_path)")
     merge.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    trained = merge.add_argument_group(
+        "the 4-bit base the adapter was trained against (read from qlora_recipe.json, qlora_expanded.yml or the run's "
+        "config.json; needed only where none of them says)")
+    trained.add_argument("--quant-type", choices=["nf4", "fp4"], default=None, help="the 4-bit data type of training")
+    trained.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None,
+                         help="whether training quantized the block constants too")
+    trained.add_argument("--assume-default-recipe", action="store_true",
+                         help="no record says: take the recipe's defaults (NF4 with double quant)")
     merge.add_argument("--json", action="store_true", help="print a JSON summary at the end")
 
     finlora = _command(
@@ -117,24 +140,6 @@ def show_presets(as_json: bool) -> None:
         print(f"{name:<14} {settings}")
 
 
-def recipe_from_args(args: argparse.Namespace) -> Any:
-    """The recipe ``--preset`` and ``--set`` describe."""
-    import yaml
-
-    from qlora_plugin.recipe import qlora_recipe
-
-    overrides: dict[str, Any] = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise QLoRAConfigError("--set", item, "is not FIELD=VALUE", "write e.g. --set r=32")
-        try:
-            overrides[key.strip()] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError as error:
-            raise QLoRAConfigError(key, value, "cannot be read as a value", "quote it or fix its syntax") from error
-    return qlora_recipe(args.preset, **overrides)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the parsed subcommand."""
     if args.command == "presets":
@@ -144,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
         from qlora_plugin.inspection import command
     elif args.command == "estimate":
         from qlora_plugin.estimate import command
+    elif args.command == "check":
+        from qlora_plugin.preflight import command
     elif args.command == "merge":
         from qlora_plugin.merge import command
     else:
@@ -153,18 +160,37 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``qlora``; returns the exit status (2 for bad input, with the fix on stderr; 1 if the work failed)."""
+    from qlora_plugin.console import quiet_third_party
+    from qlora_plugin.safe_io import Interrupted, is_disk_full, stop_signals_raise
+
     args = build_parser().parse_args(argv)
+    quiet_third_party(verbose=args.verbose)
+    name = f"qlora {args.command}"
     try:
-        return run(args)
+        with stop_signals_raise():
+            return run(args)
     except (QLoRAConfigError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
-        print(f"qlora {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:  # noqa: BLE001 - one line for people; QLORA_TRACEBACK=1 for the whole story
+        print(f"{name}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (KeyboardInterrupt, Interrupted) as stop:
+        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        print(f"{name}: stopped by {signal.Signals(signum).name}; nothing was written (temporary files removed)",
+              file=sys.stderr)
+        return 128 + signum
+    except Exception as error:
         if os.environ.get("QLORA_TRACEBACK"):
             raise
-        print(f"qlora {args.command}: failed: {type(error).__name__}: {error} "
-              "(nothing was written; set QLORA_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        return 1
+        if is_disk_full(error):
+            print(f"{name}: failed: the disk is full, or a file-size limit was reached ({_one_line(error)}); "
+                  "nothing was written. Fix: free space where the output goes, or write it elsewhere", file=sys.stderr)
+        else:
+            print(f"{name}: failed: {type(error).__name__}: {_one_line(error)} "
+                  "(nothing was written; set QLORA_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

@@ -3,10 +3,38 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
+import warnings
 from typing import Any
 
 GIB = 1024**3
+# Environment switches that keep libraries from printing banners, notices and progress bars.
+QUIET_ENVIRONMENT = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "BITSANDBYTES_NOWELCOME": "1"}
+# Loggers that libraries give a level of their own (so the root's does not reach them), or that
+# print notices at import: torch's pytree deprecations, torchao's optional libraries, bitsandbytes'
+# offline kernel notice.
+QUIET_LOGGERS = ("torch.utils._pytree", "torchao", "bitsandbytes", "transformers", "accelerate", "peft", "datasets",
+                 "huggingface_hub")
+
+
+def quiet_third_party(verbose: bool = False) -> None:
+    """Keep other libraries' warnings and notices out of the command's output (all of them with ``verbose``).
+
+    Runs before any of them is imported: Python warnings are ignored, loggers
+    without a level of their own (torchao, bitsandbytes, torch's pytree notices,
+    transformers) show errors only, and transformers / the hub are asked not to
+    draw progress bars. The command's own messages are printed, not logged.
+    """
+    if verbose:
+        return
+    warnings.simplefilter("ignore")
+    for name in ("", *QUIET_LOGGERS):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for key, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
 
 
 def console(stderr: bool = False) -> Any:

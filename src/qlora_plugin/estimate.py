@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any
 from qlora_plugin.errors import QLoRAConfigError, nearest
 
 if TYPE_CHECKING:
+    from qlora_plugin.fields import RecipeSpec
     from qlora_plugin.inspection import ModelReport
     from qlora_plugin.recipe import QLoRARecipe
 
@@ -152,7 +153,7 @@ class TrainingPath:
         return "fast path: " + ", ".join(parts)
 
 
-def training_path(recipe: QLoRARecipe, name: str | None = None, **options: Any) -> TrainingPath:
+def training_path(recipe: QLoRARecipe | RecipeSpec, name: str | None = None, **options: Any) -> TrainingPath:
     """The path ``recipe`` trains on (``name`` and ``options`` override; ``None`` values are ignored).
 
     ``recompute`` follows ``gradient_checkpointing`` (``full`` or ``none``); the
@@ -384,7 +385,7 @@ def optimizer_bytes(sizes: list[int], optimizer: str, param_bytes: int, page_all
     return in_torch, paged
 
 
-def estimate(model: str | os.PathLike[str], recipe: QLoRARecipe, seq: int, batch: int,
+def estimate(model: str | os.PathLike[str], recipe: QLoRARecipe | RecipeSpec, seq: int, batch: int,
              path: TrainingPath | None = None) -> MemoryEstimate:
     """Analyze ``model`` (config only) under ``recipe`` and estimate a step at ``batch`` x ``seq``."""
     from qlora_plugin.inspection import analyze
@@ -439,7 +440,7 @@ def check_gpus(names: list[str] | None) -> list[str] | None:
     return names
 
 
-def path_from_args(args: Any, recipe: QLoRARecipe) -> TrainingPath:
+def path_from_args(args: Any, recipe: QLoRARecipe | RecipeSpec) -> TrainingPath:
     """The :class:`TrainingPath` the ``estimate`` options describe (recipe defaults for the rest)."""
     return training_path(recipe, args.path, recompute=args.recompute, fused_loss=args.fused_loss,
                          kernels=args.kernels, adapter_dtype=args.adapter_dtype,
@@ -448,7 +449,7 @@ def path_from_args(args: Any, recipe: QLoRARecipe) -> TrainingPath:
 
 def command(args: Any) -> int:
     """``qlora estimate``."""
-    from qlora_plugin.cli import recipe_from_args
+    from qlora_plugin.command_options import recipe_from_args
     from qlora_plugin.console import console, count, gib, print_json, table
     from qlora_plugin.inspection import analyze
 

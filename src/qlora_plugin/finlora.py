@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from qlora_plugin.errors import QLoRAConfigError, nearest
+from qlora_plugin.section import PLUGIN
 
-PLUGIN = "qlora_plugin.axolotl.QLoRAPlugin"
 REQUIRED = ("base_model", "dataset_path", "lora_r", "quant_bits", "learning_rate", "num_epochs", "batch_size",
             "gradient_accumulation_steps")
 # FinLoRA key -> recipe field of the qlora: section.
@@ -91,7 +90,7 @@ def axolotl_config(entry: dict[str, Any], name: str, *, preset: str | None = Non
                    dataset_type: str = "finlora", sequence_len: int = 4096,
                    force_4bit: bool = False) -> tuple[dict[str, Any], list[str]]:
     """The Axolotl config for ``entry`` and notes on what was mapped or ignored."""
-    from qlora_plugin.recipe import qlora_recipe
+    from qlora_plugin.fields import recipe_spec
 
     notes = quant_bits(entry, name, force_4bit)
     section: dict[str, Any] = {"preset": preset} if preset else {}
@@ -99,7 +98,7 @@ def axolotl_config(entry: dict[str, Any], name: str, *, preset: str | None = Non
         if key in entry and not (key == "peft_use_dora" and entry[key] is False):
             section[field] = entry[key]
     try:
-        qlora_recipe(preset or "default", **{k: v for k, v in section.items() if k != "preset"})
+        recipe_spec(preset or "default", **{k: v for k, v in section.items() if k != "preset"})
     except QLoRAConfigError as error:
         finlora_key = {v: k for k, v in RECIPE_KEYS.items()}.get(error.field, error.field)
         raise QLoRAConfigError(f"{name}.{finlora_key}", error.value, error.problem, error.fix) from error
@@ -122,19 +121,14 @@ def axolotl_config(entry: dict[str, Any], name: str, *, preset: str | None = Non
 
 def write_atomically(path: Path, text: str, force: bool) -> None:
     """Write ``text`` to ``path`` through a temporary file beside it; refuse to overwrite without ``force``."""
+    from qlora_plugin.safe_io import write_text_atomically
+
     if path.is_dir():
         raise QLoRAConfigError("--out", os.fspath(path), "is a directory", "name the YAML file to write")
     if path.exists() and not force:
         raise QLoRAConfigError("--out", os.fspath(path), "already exists", "choose another path, or pass --force")
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, text)
 
 
 def convert(configs: str | os.PathLike[str], name: str, out: str | os.PathLike[str] | None = None, *,

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
+    from qlora_plugin.fields import RecipeSpec
     from qlora_plugin.recipe import QLoRARecipe
 
 ALLOCATION = 512  # PyTorch's CUDA caching allocator rounds every block up to this
@@ -44,7 +45,7 @@ class ModelReport:
     architecture: str
     model_type: str
     config: Any
-    recipe: QLoRARecipe
+    recipe: QLoRARecipe | RecipeSpec
     linears: list[Linear]
     targets: list[str]
     skipped: dict[str, str]
@@ -140,7 +141,7 @@ def _allocated(nbytes: int) -> int:
     return math.ceil(nbytes / ALLOCATION) * ALLOCATION
 
 
-def skip_reason(name: str, heads: set[str], recipe: QLoRARecipe, user_excluded: bool) -> str:
+def skip_reason(name: str, heads: set[str], recipe: QLoRARecipe | RecipeSpec, user_excluded: bool) -> str:
     """Why the linear layer ``name`` gets no adapter, in words."""
     from qlora_plugin.targets import ROUTER_NAMES, VISION_PARTS
 
@@ -158,11 +159,29 @@ def skip_reason(name: str, heads: set[str], recipe: QLoRARecipe, user_excluded: 
     return "left out by a plugin's target rule"
 
 
-def analyze(model: str | os.PathLike[str] | nn.Module, recipe: QLoRARecipe) -> ModelReport:
-    """Resolve ``recipe`` on ``model`` (a path or hub id, read as config only; or a module)."""
+def analyze(model: str | os.PathLike[str] | nn.Module, recipe: QLoRARecipe | RecipeSpec) -> ModelReport:
+    """Resolve ``recipe`` on ``model`` (a path or hub id, read as config only; or a module).
+
+    A local config of a common decoder family is read without torch
+    (:mod:`qlora_plugin.config_layers`); anything else is built on the meta device.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        from qlora_plugin.config_layers import report_from_config
+
+        quick = report_from_config(model, recipe)
+        if quick is not None:
+            return quick
+    return analyze_module(model, recipe)
+
+
+def analyze_module(model: str | os.PathLike[str] | nn.Module, recipe: QLoRARecipe | RecipeSpec) -> ModelReport:
+    """:func:`analyze` on the model itself (a path is built on the meta device, no weights)."""
+    from qlora_plugin.fields import RecipeSpec
     from qlora_plugin.models import as_model, auto_class, load_config
     from qlora_plugin.targets import is_linear, output_head_names
 
+    if isinstance(recipe, RecipeSpec):
+        recipe = recipe.to_recipe()
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     if isinstance(model, (str, os.PathLike)):
         auto_class(load_config(model))  # a clear error for configs that are no causal LM
@@ -185,41 +204,60 @@ def analyze(model: str | os.PathLike[str] | nn.Module, recipe: QLoRARecipe) -> M
     other = {name: p.numel() for name, p in module.named_parameters() if name not in linear_params}
     head, embeddings = module.get_output_embeddings(), module.get_input_embeddings()
     tied = head is not None and embeddings is not None and head.weight is embeddings.weight
-    targets = list(resolved.target_modules)
-    target_set = set(targets)
-    skipped = {
-        layer.name: skip_reason(layer.name, heads, recipe, _user_excluded(layer.name, recipe))
-        for layer in linears if layer.name not in target_set
-    }
+    targets = adapted_names(linears, resolved)
+    fused = {}
     from qlora_plugin.targets import VISION_PARTS
 
     for name, param in module.named_parameters():
         if param.dim() >= 3 and not any(part in VISION_PARTS for part in name.split(".")):
-            skipped[name] = "fused expert weights (a 3-D parameter, not a linear layer: LoRA adapts linear layers)"
-    config = getattr(module, "config", None)
+            fused[name] = "fused expert weights (a 3-D parameter, not a linear layer: LoRA adapts linear layers)"
+    norms = sum(1 for layer in module.modules() if "norm" in type(layer).__name__.lower())
+    return build_report(source=source, architecture=type(module).__name__, config=getattr(module, "config", None),
+                        recipe=resolved, user_recipe=recipe, linears=linears, targets=targets, heads=heads,
+                        other_params=other, tied_head=tied, norm_count=norms, extra_skipped=fused)
+
+
+def adapted_names(linears: list[Linear], recipe: QLoRARecipe | RecipeSpec) -> list[str]:
+    """The full names of the layers a resolved recipe adapts (its names may be last parts only)."""
+    wanted = set(recipe.target_modules)
+    return [layer.name for layer in linears
+            if layer.name in wanted or any(layer.name.endswith("." + name) for name in wanted)]
+
+
+def build_report(*, source: str, architecture: str, config: Any, recipe: QLoRARecipe | RecipeSpec,
+                 user_recipe: QLoRARecipe | RecipeSpec, linears: list[Linear], targets: list[str], heads: set[str],
+                 other_params: dict[str, int], tied_head: bool, norm_count: int,
+                 extra_skipped: dict[str, str] | None = None) -> ModelReport:
+    """A :class:`ModelReport` with the skipped layers explained and the targets grouped."""
+    target_set = set(targets)
+    skipped = {
+        layer.name: skip_reason(layer.name, heads, user_recipe, _user_excluded(layer.name, user_recipe))
+        for layer in linears if layer.name not in target_set
+    }
+    skipped.update(extra_skipped or {})
     report = ModelReport(
         source=source,
-        architecture=type(module).__name__,
+        architecture=architecture,
         model_type=getattr(config, "model_type", "?"),
         config=config,
-        recipe=resolved,
+        recipe=recipe,
         linears=linears,
         targets=targets,
         skipped=skipped,
         heads=heads,
-        other_params=other,
-        tied_head=tied,
+        other_params=other_params,
+        tied_head=tied_head,
     )
-    report.norm_count = sum(1 for layer in module.modules() if "norm" in type(layer).__name__.lower())
+    report.norm_count = norm_count
     report.groups = group_targets(report)
     report.layer_count = max((len(g["layers"]) for g in report.groups), default=0)
     return report
 
 
-def _user_excluded(name: str, recipe: QLoRARecipe) -> bool:
-    from qlora_plugin.targets import _excluded_by_user
+def _user_excluded(name: str, recipe: QLoRARecipe | RecipeSpec) -> bool:
+    from qlora_plugin.targets import user_excluded
 
-    return _excluded_by_user(name, getattr(recipe, "_user_exclude_modules", None))
+    return user_excluded(name, getattr(recipe, "_user_exclude_modules", recipe.exclude_modules))
 
 
 def group_targets(report: ModelReport) -> list[dict[str, Any]]:
@@ -284,7 +322,7 @@ def base_sizes(report: ModelReport) -> dict[str, int]:
     }
 
 
-def describe_recipe(recipe: QLoRARecipe) -> str:
+def describe_recipe(recipe: QLoRARecipe | RecipeSpec) -> str:
     """One line: the recipe's LoRA and quantization settings."""
     quant = f"{recipe.quant_type}{' + double quant' if recipe.double_quant else ''}"
     path = "fast path (bf16 throughout)" if recipe.fast_path else "stock path (PEFT's fp32 upcasts)"
@@ -295,7 +333,7 @@ def describe_recipe(recipe: QLoRARecipe) -> str:
 
 def command(args: Any) -> int:
     """``qlora inspect``."""
-    from qlora_plugin.cli import recipe_from_args
+    from qlora_plugin.command_options import recipe_from_args
     from qlora_plugin.console import console, count, gib, print_json, table
 
     report = analyze(args.model, recipe_from_args(args))

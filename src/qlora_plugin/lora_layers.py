@@ -54,7 +54,10 @@ def make_lora_layer(target: nn.Module, adapter_name: str, config: QLoRARecipe, *
         )
     keep_nf4_layout(target)
     kwargs["fan_in_fan_out"] = False  # the 4-bit base stores (out, in) even for Conv1D
-    layer = LoraLinear4bit(target, adapter_name, config=config, **kwargs)
+    from qlora_plugin.seeding import seeded_layer_init
+
+    with seeded_layer_init(config, kwargs.get("target_name")):
+        layer = LoraLinear4bit(target, adapter_name, config=config, **kwargs)
     watch_optimizer(layer, config)
     from qlora_plugin.speed import arm, wants_fast_path
 

@@ -1,15 +1,18 @@
 """``qlora merge``: a QLoRA adapter folded into its base, saved as a plain model.
 
 The adapter was trained against the 4-bit base, so that is what it is merged
-into: the base is loaded with the recipe's quantization (read from the
-adapter's ``qlora_recipe.json``; NF4 with double quant when there is none),
-dequantized to ``--dtype``, the LoRA weights are added to the dequantized
-weights, and the result is saved as safetensors with the tokenizer. It loads
-with ``AutoModelForCausalLM.from_pretrained`` alone: no PEFT, no bitsandbytes.
+into: the base is loaded with the quantization training used (read from the
+run's records, :mod:`qlora_plugin.provenance`; never guessed), dequantized to
+``--dtype``, the LoRA weights are added to the dequantized weights, and the
+result is saved as safetensors with the tokenizer. It loads with
+``AutoModelForCausalLM.from_pretrained`` alone: no PEFT, no bitsandbytes.
 
-Nothing half-written is ever left at ``--out``: everything goes to a hidden
-temporary directory beside it, which replaces ``--out`` in one rename at the end
-and is removed if the merge stops early.
+Nothing half-written is ever left at ``--out``: a destination that could not be
+replaced (an unwritable parent, a mount point) is refused before the merge
+starts; everything goes to a hidden temporary directory beside it, which
+replaces ``--out`` in one rename at the end and is removed if the merge stops
+early (an error, a full disk, SIGINT or SIGTERM). The result gets the
+permissions ``mkdir`` would give, or those of the ``--out`` it replaces.
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from qlora_plugin.errors import QLoRAConfigError
 if TYPE_CHECKING:
     import torch
 
+    from qlora_plugin.provenance import TrainedFormat
     from qlora_plugin.recipe import QLoRARecipe
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -45,7 +47,14 @@ def read_adapter(adapter_dir: str | os.PathLike[str], base: str | None = None) -
     if not config_file.is_file():
         raise QLoRAConfigError("ADAPTER_DIR", os.fspath(path), f"holds no {ADAPTER_CONFIG}",
                                "pass a directory with adapter_config.json and adapter_model.safetensors")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise QLoRAConfigError(os.fspath(config_file), None, f"is not valid JSON ({error})",
+                               "restore the adapter directory from the run that trained it") from None
+    if not isinstance(config, dict):
+        raise QLoRAConfigError(os.fspath(config_file), config, "is not a JSON object",
+                               "restore the adapter directory from the run that trained it")
     if config.get("peft_type", "LORA") != "LORA":
         raise QLoRAConfigError("peft_type", config.get("peft_type"), "is not a LoRA adapter",
                                "merge LoRA / QLoRA adapters only")
@@ -56,14 +65,24 @@ def read_adapter(adapter_dir: str | os.PathLike[str], base: str | None = None) -
     return config, base
 
 
-def adapter_recipe(adapter_dir: str | os.PathLike[str]) -> tuple[QLoRARecipe, bool]:
-    """The recipe saved with the adapter, and whether one was found."""
-    from qlora_plugin.recipe import RECIPE_FILE, QLoRARecipe, qlora_recipe
+def adapter_recipe(adapter_dir: str | os.PathLike[str], adapter_config: dict[str, Any], *,
+                   quant_type: str | None = None, double_quant: bool | None = None,
+                   assume_default: bool = False) -> tuple[QLoRARecipe, TrainedFormat]:
+    """The recipe to load the base with: the run's recorded one, with the 4-bit format training used."""
+    from qlora_plugin.provenance import trained_format
 
-    path = Path(adapter_dir) / RECIPE_FILE
-    if not path.is_file():
-        return qlora_recipe(), False
-    return QLoRARecipe(**json.loads(path.read_text(encoding="utf-8"))), True
+    trained = trained_format(adapter_dir, adapter_config, quant_type=quant_type, double_quant=double_quant,
+                             assume_default=assume_default)
+    from qlora_plugin.recipe import QLoRARecipe, qlora_recipe
+
+    fields = {"quant_type": trained.quant_type, "double_quant": trained.double_quant}
+    if trained.recipe_fields is None:
+        return qlora_recipe(**fields), trained
+    try:
+        return QLoRARecipe(**{**trained.recipe_fields, **fields}), trained
+    except QLoRAConfigError as error:
+        raise QLoRAConfigError(f"qlora_recipe.json: {error.field}", error.value, error.problem,
+                               "restore the file from the run, or delete it and pass --quant-type") from error
 
 
 def check_out(out: Path, force: bool, keep: list[Path]) -> None:
@@ -81,31 +100,6 @@ def check_out(out: Path, force: bool, keep: list[Path]) -> None:
                                "choose a new directory, or pass --force to replace it")
 
 
-@contextlib.contextmanager
-def staged_directory(out: Path) -> Iterator[Path]:
-    """A temporary directory beside ``out`` that becomes ``out`` if the block completes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.rename(out, old / "previous")
-    try:
-        os.rename(staging, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old / "previous", out)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def load_dequantized_base(base: str, recipe: QLoRARecipe, dtype: torch.dtype) -> Any:
     """The base as training saw it: loaded in 4 bits with the recipe, then dequantized to ``dtype``."""
     import torch
@@ -121,19 +115,28 @@ def load_dequantized_base(base: str, recipe: QLoRARecipe, dtype: torch.dtype) ->
 
 
 def merge_adapter(adapter_dir: str | os.PathLike[str], out: str | os.PathLike[str], dtype: str = "bf16",
-                  base: str | None = None, force: bool = False, show_progress: bool = True) -> dict[str, Any]:
-    """Merge the adapter at ``adapter_dir`` into its dequantized base and save it to ``out``."""
+                  base: str | None = None, force: bool = False, show_progress: bool = True, *,
+                  quant_type: str | None = None, double_quant: bool | None = None,
+                  assume_default_recipe: bool = False) -> dict[str, Any]:
+    """Merge the adapter at ``adapter_dir`` into its dequantized base and save it to ``out``.
+
+    Every check (the adapter, its 4-bit format, ``out``) runs before the base is loaded.
+    """
+    from qlora_plugin.safe_io import check_writable_destination, staged_directory
+
+    if dtype not in DTYPES:
+        raise QLoRAConfigError("--dtype", dtype, "is not supported", f"use one of {list(DTYPES)}")
+    config, base = read_adapter(adapter_dir, base)
+    out_path = Path(out)
+    keep = [Path(adapter_dir)] + ([Path(base)] if Path(base).exists() else [])
+    check_out(out_path, force, keep)
+    check_writable_destination(out_path, "--out")
+    recipe, trained = adapter_recipe(adapter_dir, config, quant_type=quant_type, double_quant=double_quant,
+                                     assume_default=assume_default_recipe)
     import torch
 
     from qlora_plugin.device import torch_dtype
 
-    if dtype not in DTYPES:
-        raise QLoRAConfigError("--dtype", dtype, "is not supported", f"use one of {list(DTYPES)}")
-    _, base = read_adapter(adapter_dir, base)
-    out_path = Path(out)
-    keep = [Path(adapter_dir)] + ([Path(base)] if Path(base).exists() else [])
-    check_out(out_path, force, keep)
-    recipe, found = adapter_recipe(adapter_dir)
     target_dtype = torch_dtype(DTYPES[dtype])
 
     with _progress(show_progress) as progress, staged_directory(out_path) as staging:
@@ -163,7 +166,8 @@ def merge_adapter(adapter_dir: str | os.PathLike[str], out: str | os.PathLike[st
     return {
         "out": os.fspath(out_path), "base": base, "adapter": os.fspath(adapter_dir), "dtype": DTYPES[dtype],
         "merged_layers": len(layers), "quantization": f"{recipe.quant_type}, double quant {recipe.double_quant}",
-        "recipe_file_found": found, "tokenizer_from": tokenizer_from, "files": files,
+        "quantization_from": trained.source, "quantization_note": trained.note,
+        "tokenizer_from": tokenizer_from, "files": files,
     }
 
 
@@ -195,16 +199,18 @@ def command(args: Any) -> int:
     """``qlora merge``."""
     from qlora_plugin.console import console, print_json
 
-    summary = merge_adapter(args.adapter, args.out, args.dtype, args.base, args.force, show_progress=True)
+    summary = merge_adapter(args.adapter, args.out, args.dtype, args.base, args.force, show_progress=True,
+                            quant_type=args.quant_type, double_quant=args.double_quant,
+                            assume_default_recipe=args.assume_default_recipe)
     if args.json:
         print_json(summary)
         return 0
     out = console()
     out.print(f"merged {summary['merged_layers']} LoRA layers into {summary['base']} "
               f"(dequantized from {summary['quantization']}) -> [bold]{summary['out']}[/bold] ({summary['dtype']})")
-    if not summary["recipe_file_found"]:
-        out.print("[yellow]note:[/yellow] the adapter has no qlora_recipe.json; the base was quantized as NF4 "
-                  "with double quant, the recipe defaults")
+    out.print(f"4-bit format from {summary['quantization_from']}")
+    if summary["quantization_note"]:
+        out.print(f"[yellow]note:[/yellow] {summary['quantization_note']}")
     if summary["tokenizer_from"] is None:
         out.print("[yellow]note:[/yellow] no tokenizer found with the adapter or the base; none saved")
     out.print("load it with: AutoModelForCausalLM.from_pretrained(" + repr(summary["out"]) + ")")

@@ -112,6 +112,11 @@ PATCHES: dict[str, Patch] = {
         "positional arguments",
         "the plain PyTorch reference of each function",
     ),
+    "tqdm-open-bars": Patch(
+        "tqdm", ">=4.60,<5",
+        "tqdm.std.tqdm._instances: the open progress bars, closed before a failed run's last line",
+        "a bar's final redraw at shutdown may print after the plugin's last line",
+    ),
     "trainer-dataloader-config": Patch(
         "accelerate", ">=1.13,<1.16",
         "a built trainer's args.accelerator_config and accelerator.dataloader_config (non-blocking batch copy "

@@ -13,12 +13,25 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from numbers import Real
 from typing import TYPE_CHECKING, Any
 
 from peft import LoraConfig
 
-from qlora_plugin.errors import QLoRAConfigError, nearest
+from qlora_plugin.fields import (  # noqa: F401 - the names recipe users import from here
+    ALIASES,
+    AUTO_TARGETS,
+    CHECKPOINTING_CHOICES,
+    COMPUTE_DTYPES,
+    DEFAULTS,
+    DTYPE_ALIASES,
+    OPTIMIZERS,
+    QUANT_TYPES,
+    RECIPE_FIELDS,
+    RECIPE_FILE,
+    STORAGE_DTYPES,
+    check_fields,
+    field_overrides,
+)
 from qlora_plugin.targets import AUTO_EXCLUDE_PATTERN
 
 if TYPE_CHECKING:
@@ -26,16 +39,6 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedModel
     from trl import SFTConfig
-
-QUANT_TYPES = ("nf4", "fp4")
-COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
-OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch")
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
-AUTO_TARGETS = ("auto", "all-linear")
-CHECKPOINTING_CHOICES = (True, False, "offload")
-RECIPE_FILE = "qlora_recipe.json"
-
 
 @dataclass
 class QLoRARecipe(LoraConfig):
@@ -48,39 +51,41 @@ class QLoRARecipe(LoraConfig):
     :mod:`qlora_plugin.targets`).
     """
 
-    r: int = 16
-    lora_alpha: float = 32
-    lora_dropout: float = 0.05
-    target_modules: list[str] | str | None = "auto"
+    r: int = DEFAULTS["r"]
+    lora_alpha: float = DEFAULTS["lora_alpha"]
+    lora_dropout: float = DEFAULTS["lora_dropout"]
+    target_modules: list[str] | str | None = DEFAULTS["target_modules"]
     task_type: str | None = "CAUSAL_LM"
-    preset: str = field(default="default", metadata={"help": "the preset the recipe started from"})
-    quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4"})
-    double_quant: bool = field(default=True, metadata={"help": "quantize the block constants too"})
-    compute_dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16, float32"})
-    quant_storage: str = field(default="uint8", metadata={"help": "storage dtype; bfloat16 for FSDP"})
-    optimizer: str = field(default="paged_adamw_32bit", metadata={"help": "trainer optimizer name"})
-    learning_rate: float = 2e-4
-    max_grad_norm: float = 0.3
-    lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.03
+    preset: str = field(default=DEFAULTS["preset"], metadata={"help": "the preset the recipe started from"})
+    quant_type: str = field(default=DEFAULTS["quant_type"], metadata={"help": "4-bit data type: nf4 or fp4"})
+    double_quant: bool = field(default=DEFAULTS["double_quant"], metadata={"help": "quantize the block constants too"})
+    compute_dtype: str = field(default=DEFAULTS["compute_dtype"],
+                               metadata={"help": "auto, bfloat16, float16, float32"})
+    quant_storage: str = field(default=DEFAULTS["quant_storage"],
+                               metadata={"help": "storage dtype; bfloat16 for FSDP"})
+    optimizer: str = field(default=DEFAULTS["optimizer"], metadata={"help": "trainer optimizer name"})
+    learning_rate: float = DEFAULTS["learning_rate"]
+    max_grad_norm: float = DEFAULTS["max_grad_norm"]
+    lr_scheduler_type: str = DEFAULTS["lr_scheduler_type"]
+    warmup_ratio: float = DEFAULTS["warmup_ratio"]
     gradient_checkpointing: bool | str = field(
-        default=True,
+        default=DEFAULTS["gradient_checkpointing"],
         metadata={"help": "True: recompute each decoder layer in backward; False: keep activations (fastest, "
                           "most memory); 'offload': recompute, with layer inputs parked in pinned host memory"},
     )
-    num_train_epochs: float | None = None
-    per_device_train_batch_size: int | None = None
-    gradient_accumulation_steps: int | None = None
+    num_train_epochs: float | None = DEFAULTS["num_train_epochs"]
+    per_device_train_batch_size: int | None = DEFAULTS["per_device_train_batch_size"]
+    gradient_accumulation_steps: int | None = DEFAULTS["gradient_accumulation_steps"]
     fast_path: bool = field(
-        default=True,
+        default=DEFAULTS["fast_path"],
         metadata={"help": "keep the base in the compute dtype (no fp32 upcasts) and, on CUDA, train through the "
                           "fused kernels of qlora_plugin.kernels; False: PEFT's stock preparation"},
     )
 
     def __post_init__(self) -> None:
-        _validate(self)
-        self.compute_dtype = DTYPE_ALIASES.get(self.compute_dtype, self.compute_dtype)
-        self.quant_storage = DTYPE_ALIASES.get(self.quant_storage, self.quant_storage)
+        checked = check_fields({name: getattr(self, name) for name in RECIPE_FIELDS})
+        for name, value in checked.items():
+            setattr(self, name, value)
         self._user_exclude_modules = self.exclude_modules
         self._resolved_by_peft = self.targets_are_auto
         if self.targets_are_auto:
@@ -107,7 +112,7 @@ class QLoRARecipe(LoraConfig):
 
     def replace(self, **changes: Any) -> QLoRARecipe:
         """A new recipe with ``changes`` applied (validated like any other)."""
-        return QLoRARecipe(**{**self.recipe_fields(), **_field_overrides(changes)})
+        return QLoRARecipe(**{**self.recipe_fields(), **field_overrides(changes)})
 
     def to_dict(self) -> dict[str, Any]:
         """PEFT's view: only LoRA fields, so adapter_config.json loads anywhere."""
@@ -116,8 +121,7 @@ class QLoRARecipe(LoraConfig):
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write adapter_config.json (plain LoRA) and qlora_recipe.json beside it."""
         super().save_pretrained(save_directory, **kwargs)
-        with open(os.path.join(save_directory, RECIPE_FILE), "w", encoding="utf-8") as handle:
-            json.dump(self.recipe_fields(), handle, indent=2, sort_keys=True)
+        write_recipe_file(self, save_directory)
 
     # -- conversions -------------------------------------------------------------
 
@@ -167,23 +171,31 @@ class QLoRARecipe(LoraConfig):
 
         return sft_config(self, **overrides)
 
+    def callbacks(self) -> list[Any]:
+        """Trainer callbacks for ``SFTTrainer(..., callbacks=recipe.callbacks())``: checkpoints complete or
+        absent, each with ``qlora_recipe.json``, and a resume that skips an incomplete one
+        (:class:`qlora_plugin.checkpoints.CheckpointGuard`)."""
+        from qlora_plugin.checkpoints import CheckpointGuard
+
+        return [CheckpointGuard(self)]
+
     # -- models ------------------------------------------------------------------
 
     def resolve(self, model: nn.Module | str | os.PathLike[str]) -> QLoRARecipe:
         """A copy whose ``target_modules`` are the exact names found on ``model``.
 
         ``model`` is a loaded model, or a path / hub id whose config is built on
-        the meta device (no weights are read). Explicit targets are checked
-        against the model's linear layers instead.
+        the meta device (no weights are read). Explicit names are checked
+        against the model's linear layers; a pattern becomes the names it matches.
         """
         from qlora_plugin.models import as_model
         from qlora_plugin.targets import check_targets_exist, discover_targets
 
         module = as_model(model)
-        if not self.targets_are_auto:
-            check_targets_exist(module, self.target_modules)
-            return self
-        return self.replace(target_modules=discover_targets(module, self))
+        if self.targets_are_auto:
+            return self.replace(target_modules=discover_targets(module, self))
+        named = check_targets_exist(module, self.target_modules)
+        return self.replace(target_modules=named) if isinstance(self.target_modules, str) else self
 
     def load_model(self, path: str | os.PathLike[str], **kwargs: Any) -> PreTrainedModel:
         """Load a causal LM with its base in 4 bits, ready for the adapters."""
@@ -205,18 +217,6 @@ class QLoRARecipe(LoraConfig):
 
 
 LORA_FIELDS = frozenset(f.name for f in dataclasses.fields(LoraConfig))
-RECIPE_FIELDS = (
-    "preset",
-    "r",
-    "lora_alpha",
-    "lora_dropout",
-    "target_modules",
-    "exclude_modules",
-    "use_rslora",
-    "use_dora",
-    *(f.name for f in dataclasses.fields(QLoRARecipe) if f.name not in LORA_FIELDS and f.name != "preset"),
-)
-ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "lora_r": "r"}
 
 
 def qlora_recipe(preset: str = "default", *, model: Any = None, **overrides: Any) -> QLoRARecipe:
@@ -228,23 +228,17 @@ def qlora_recipe(preset: str = "default", *, model: Any = None, **overrides: Any
     """
     from qlora_plugin.presets import preset_fields
 
-    fields = {**preset_fields(preset), **_field_overrides(overrides), "preset": preset}
+    fields = {**preset_fields(preset), **field_overrides(overrides), "preset": preset}
     recipe = QLoRARecipe(**fields)
     return recipe.resolve(model) if model is not None else recipe
 
 
-def _field_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
-    """Map aliases to field names; reject unknown and doubly given fields."""
-    fields: dict[str, Any] = {}
-    for key, value in overrides.items():
-        name = ALIASES.get(key, key)
-        if name not in RECIPE_FIELDS:
-            known = sorted([*RECIPE_FIELDS, *ALIASES])
-            raise QLoRAConfigError(key, value, "not a recipe field" + nearest(key, known), f"use one of {known}")
-        if name != key and name in overrides:
-            raise QLoRAConfigError(key, value, f"given twice, also as {name!r}", f"keep only {name!r}")
-        fields[name] = value
-    return fields
+def write_recipe_file(recipe: QLoRARecipe, directory: str | os.PathLike[str]) -> None:
+    """Write ``qlora_recipe.json`` into ``directory`` through a temporary file, so it is whole or absent."""
+    from qlora_plugin.safe_io import write_text_atomically
+
+    text = json.dumps(recipe.recipe_fields(), indent=2, sort_keys=True)
+    write_text_atomically(os.path.join(os.fspath(directory), RECIPE_FILE), text)
 
 
 def _plain(value: Any) -> Any:
@@ -262,78 +256,3 @@ def _combine_exclusions(user: str | list[str] | set[str] | None) -> str:
 
     names = "|".join(re.escape(name) for name in sorted(user))
     return f"{AUTO_EXCLUDE_PATTERN}|(?:.*\\.)?(?:{names})"
-
-
-# -- validation ------------------------------------------------------------------
-
-
-def _validate(recipe: QLoRARecipe) -> None:
-    """Check every recipe field; raise QLoRAConfigError naming the first bad one."""
-    _number(recipe, "r", integer=True, low=1, fix="a positive integer such as 16")
-    _number(recipe, "lora_alpha", low=0, open_low=True, fix="a positive number such as 2 * r")
-    _number(recipe, "lora_dropout", low=0, high=1, fix="a number in [0, 1) such as 0.05")
-    _number(recipe, "learning_rate", low=0, open_low=True, fix="a positive number such as 2e-4")
-    _number(recipe, "max_grad_norm", low=0, fix="a number >= 0 such as 0.3 (0 turns clipping off)")
-    _number(recipe, "warmup_ratio", low=0, high=1, fix="a fraction of the steps in [0, 1) such as 0.03")
-    for name in ("num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps"):
-        if getattr(recipe, name) is not None:
-            _number(recipe, name, integer=name != "num_train_epochs", low=0, open_low=True,
-                    fix="a positive number, or None for the trainer's default")
-    if recipe.gradient_checkpointing not in CHECKPOINTING_CHOICES or not isinstance(
-        recipe.gradient_checkpointing, (bool, str)
-    ):
-        raise QLoRAConfigError(
-            "gradient_checkpointing", recipe.gradient_checkpointing,
-            "must be true, false or 'offload'" + nearest(str(recipe.gradient_checkpointing), ("offload",)),
-            "set gradient_checkpointing=True (recompute, less memory), False (fastest) or 'offload' (least memory)",
-        )
-    for name in ("double_quant", "fast_path", "use_rslora"):
-        if not isinstance(getattr(recipe, name), bool):
-            raise QLoRAConfigError(name, getattr(recipe, name), "must be true or false", f"set {name}=True or False")
-    if not isinstance(recipe.use_dora, bool):
-        raise QLoRAConfigError("use_dora", recipe.use_dora, "must be true or false", "set use_dora=True or False")
-    _choice(recipe, "quant_type", QUANT_TYPES)
-    _choice(recipe, "compute_dtype", COMPUTE_DTYPES, DTYPE_ALIASES)
-    _choice(recipe, "quant_storage", STORAGE_DTYPES, DTYPE_ALIASES)
-    _choice(recipe, "optimizer", OPTIMIZERS)
-    from transformers.trainer_utils import SchedulerType
-
-    _choice(recipe, "lr_scheduler_type", tuple(kind.value for kind in SchedulerType))
-    _check_modules(recipe)
-
-
-def _number(recipe: QLoRARecipe, name: str, *, fix: str, integer: bool = False, low: float | None = None,
-            high: float | None = None, open_low: bool = False) -> None:
-    value = getattr(recipe, name)
-    kind_ok = isinstance(value, int) if integer else isinstance(value, Real)
-    if isinstance(value, bool) or not kind_ok:
-        kind = "an integer" if integer else "a number"
-        raise QLoRAConfigError(name, value, f"must be {kind}, not {type(value).__name__}", f"set {name} to {fix}")
-    too_low = low is not None and (value <= low if open_low else value < low)
-    too_high = high is not None and value >= high
-    if too_low or too_high:
-        raise QLoRAConfigError(name, value, "is out of range", f"set {name} to {fix}")
-
-
-def _choice(recipe: QLoRARecipe, name: str, choices: tuple[str, ...], aliases: dict[str, str] | None = None) -> None:
-    value = getattr(recipe, name)
-    if value in choices or (aliases and value in aliases and aliases[value] in choices):
-        return
-    raise QLoRAConfigError(
-        name, value, "is not supported" + nearest(str(value), choices), f"use one of {list(choices)}"
-    )
-
-
-def _check_modules(recipe: QLoRARecipe) -> None:
-    for name in ("target_modules", "exclude_modules"):
-        value = getattr(recipe, name)
-        if name == "exclude_modules" and not value:
-            continue
-        if isinstance(value, str) and value:
-            continue
-        if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) and v for v in value):
-            continue
-        raise QLoRAConfigError(
-            name, value, "must be 'auto', a module name pattern, or a non-empty list of module names",
-            f"e.g. {name}=['q_proj', 'v_proj']" if name == "target_modules" else f"e.g. {name}=['lm_head']",
-        )

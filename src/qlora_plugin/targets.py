@@ -15,7 +15,7 @@ two agree on every architecture they build.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qlora_plugin.errors import QLoRAConfigError
 from qlora_plugin.hookspecs import hookimpl
@@ -71,12 +71,12 @@ def output_head_names(model: nn.Module) -> set[str]:
 @hookimpl(trylast=True)
 def qlora_target_modules(model: nn.Module, recipe: QLoRARecipe) -> list[str]:
     """The generic rule: every linear layer but heads, routers and vision parts."""
-    heads = output_head_names(model)
-    return [
-        name
-        for name in linear_layer_names(model)
-        if name not in heads and not _AUTO_EXCLUDE.fullmatch(name)
-    ]
+    return rule_targets(linear_layer_names(model), output_head_names(model))
+
+
+def rule_targets(linear_names: list[str], heads: set[str]) -> list[str]:
+    """The generic rule on layer names: all of ``linear_names`` but ``heads``, routers and vision parts."""
+    return [name for name in linear_names if name not in heads and not _AUTO_EXCLUDE.fullmatch(name)]
 
 
 def discover_targets(model: nn.Module, recipe: QLoRARecipe) -> list[str]:
@@ -87,38 +87,65 @@ def discover_targets(model: nn.Module, recipe: QLoRARecipe) -> list[str]:
     from qlora_plugin.plugins import plugin_manager
 
     found = plugin_manager().hook.qlora_target_modules(model=model, recipe=recipe)
-    targets = [name for name in found if not _excluded_by_user(name, recipe.exclude_modules)]
+    return without_user_exclusions(found, recipe, type(model).__name__)
+
+
+def without_user_exclusions(found: list[str], recipe: Any, model_name: str) -> list[str]:
+    """``found`` less the recipe's ``exclude_modules``; an error if nothing is left."""
+    targets = [name for name in found if not user_excluded(name, recipe.exclude_modules)]
     if not targets:
         raise QLoRAConfigError(
             "target_modules",
             "auto",
-            f"found no linear layer to adapt in {type(model).__name__}",
+            f"found no linear layer to adapt in {model_name}",
             "name the modules yourself, e.g. target_modules=['q_proj', 'v_proj']",
         )
     return targets
 
 
-def check_targets_exist(model: nn.Module, target_modules: list[str] | set[str]) -> None:
-    """Raise if some named target matches no linear layer of ``model``."""
-    linear = linear_layer_names(model)
-    missing = sorted(
-        target
-        for target in target_modules
-        if not any(name == target or name.endswith("." + target) for name in linear)
-    )
+def check_targets_exist(model: nn.Module, target_modules: str | list[str] | set[str]) -> list[str]:
+    """The linear layers of ``model`` that explicit targets name; raise if a name (or the pattern) matches none."""
+    return named_targets(linear_layer_names(model), target_modules, type(model).__name__)
+
+
+def named_targets(linear: list[str], target_modules: str | list[str] | set[str], model_name: str) -> list[str]:
+    """The layers of ``linear`` that ``target_modules`` name, as PEFT matches them.
+
+    A list names modules by their last parts (``q_proj`` matches
+    ``model.layers.0.self_attn.q_proj``); a string is a regular expression
+    matched against the whole name. Every name, or the pattern, must match.
+    """
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in linear})
+    if isinstance(target_modules, str):
+        matched = [name for name in linear if re.fullmatch(target_modules, name)]
+        if not matched:
+            raise QLoRAConfigError(
+                "target_modules", target_modules,
+                f"as a regular expression matches no linear layer of {model_name} (it must match the whole "
+                "name, e.g. model.layers.0.self_attn.q_proj)",
+                f"use a list of the names it has, e.g. {leaves[:2]} (all: {leaves}), a pattern such as "
+                "'.*\\.(q_proj|v_proj)', or 'auto'",
+            )
+        return matched
+    missing = sorted(target for target in target_modules if not any(_names(name, target) for name in linear))
     if missing:
-        leaves = sorted({name.rsplit(".", 1)[-1] for name in linear})
         raise QLoRAConfigError(
             "target_modules",
             missing,
-            f"matches no linear layer of {type(model).__name__}",
+            f"matches no linear layer of {model_name}",
             f"use names from the linear layers it has: {leaves}, or target_modules='auto'",
         )
+    return [name for name in linear if any(_names(name, target) for target in target_modules)]
 
 
-def _excluded_by_user(name: str, exclude: str | list[str] | set[str] | None) -> bool:
+def _names(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def user_excluded(name: str, exclude: str | list[str] | set[str] | None) -> bool:
+    """True if the recipe's ``exclude_modules`` (names, or a pattern) leave ``name`` out."""
     if not exclude:
         return False
     if isinstance(exclude, str):
         return re.fullmatch(exclude, name) is not None
-    return any(name == item or name.endswith("." + item) for item in exclude)
+    return any(_names(name, item) for item in exclude)

@@ -33,7 +33,15 @@ if TYPE_CHECKING:
 
 
 def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
-    """An ``SFTConfig`` holding the recipe's settings; ``overrides`` win and are reported."""
+    """An ``SFTConfig`` holding the recipe's settings; ``overrides`` win and are reported.
+
+    ``overrides`` are checked first (:mod:`qlora_plugin.trainer_checks`), and the
+    config's ``seed`` seeds the adapters the recipe builds (:mod:`qlora_plugin.seeding`).
+    """
+    from qlora_plugin.seeding import remember_seed
+    from qlora_plugin.trainer_checks import check_sft_overrides
+
+    check_sft_overrides(overrides, SFTConfig)
     settings = recipe.training_args()
     settings.update(liger_loss_settings(recipe, overrides=overrides))
     compute_dtype = recipe.resolved_compute_dtype()
@@ -43,6 +51,7 @@ def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
     replaced = {key: value for key, value in overrides.items() if key in settings and settings[key] != value}
     replaced.update({f"model_init_kwargs[{key!r}]": value for key, value in user_loading.items() if key in loading})
     config = SFTConfig(**{**settings, **overrides, "model_init_kwargs": {**loading, **user_loading}})
+    remember_seed(recipe, config.seed)
 
     active = {key: value for key, value in settings.items() if key not in replaced}
     message = (

@@ -3,6 +3,9 @@
 Policy for native keys that contradict the section: the section wins. Each
 such key is replaced and named in a warning with its old and new value, so an
 existing LoRA or full fine-tune config becomes QLoRA by adding the section.
+``lora_target_modules`` follows the same rule, whether or not its names exist
+in the model: targets are chosen in the section (``qlora.target_modules``),
+where names that match no linear layer are an error listing those that exist.
 Malformed sections (unknown key, wrong type, unknown preset) are errors raised
 before any model is loaded.
 """
@@ -11,12 +14,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qlora_plugin.errors import QLoRAConfigError
+from qlora_plugin.section import SECTION, in_section, spec_from_section  # noqa: F401 - in_section used by plugin.py
 
 if TYPE_CHECKING:
     from qlora_plugin.recipe import QLoRARecipe
 
-SECTION = "qlora"
 LORA_KERNELS = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel", "lora_embedding_kernel")
 # Native keys that say something the recipe says too, but differently.
 DROPPED_IF_SET = ("warmup_steps", "lora_target_linear", "lora_exclude_modules")
@@ -25,24 +27,7 @@ DTYPE_NAMES = {"bfloat16", "float16", "float32"}
 
 def recipe_from_section(section: Any) -> QLoRARecipe:
     """Build the recipe a ``qlora:`` section describes; errors name ``qlora.<key>``."""
-    from qlora_plugin.recipe import qlora_recipe
-
-    if section is None:
-        section = {}
-    if not isinstance(section, dict):
-        raise QLoRAConfigError(SECTION, section, "must be a mapping of recipe fields",
-                               "write e.g. `qlora: {preset: paper, r: 32}`")
-    fields = dict(section)
-    preset = fields.pop("preset", "default")
-    try:
-        return qlora_recipe(preset, **fields)
-    except QLoRAConfigError as error:
-        raise in_section(error) from error
-
-
-def in_section(error: QLoRAConfigError) -> QLoRAConfigError:
-    """The same error, with the field named as the YAML spells it: ``qlora.<field>``."""
-    return QLoRAConfigError(f"{SECTION}.{error.field}", error.value, error.problem, error.fix)
+    return spec_from_section(section).to_recipe()
 
 
 def native_keys(recipe: QLoRARecipe, device: str) -> dict[str, Any]:
@@ -78,8 +63,9 @@ def native_keys(recipe: QLoRARecipe, device: str) -> dict[str, Any]:
     optional = {"num_epochs": recipe.num_train_epochs, "micro_batch_size": recipe.per_device_train_batch_size,
                 "gradient_accumulation_steps": recipe.gradient_accumulation_steps}
     keys.update({key: value for key, value in optional.items() if value is not None})
-    if not recipe.targets_are_auto:
-        keys["lora_target_modules"] = sorted(recipe.target_modules)
+    if not recipe.targets_are_auto:  # names (sorted), or a pattern the loaded model resolves
+        targets = recipe.target_modules
+        keys["lora_target_modules"] = targets if isinstance(targets, str) else sorted(targets)
     return keys
 
 
@@ -125,4 +111,7 @@ def _agrees(native: Any, ours: Any) -> bool:
 
 
 def _replaced(key: str, old: Any, new: Any) -> str:
-    return f"qlora section: `{key}: {old!r}` in the config is replaced by {new!r}"
+    message = f"qlora section: `{key}: {old!r}` in the config is replaced by {new!r}"
+    if key == "lora_target_modules":
+        message += " (the section's targets win; to choose them, set qlora.target_modules)"
+    return message

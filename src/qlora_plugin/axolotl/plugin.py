@@ -3,10 +3,15 @@
 ``register`` (raw config, before Axolotl validates it) expands the section
 into Axolotl's own keys, so Axolotl's validation and loader do the work.
 ``pre_lora_load`` (real model in hand) discovers the target modules through
-the plugin hooks, puts the base on the recipe's path, and saves the expanded
-config with the targets written out. On CUDA with the recipe's ``fast_path``,
-``post_lora_load`` arms the kernels for the first training forward and
-``post_trainer_create`` gives the trainer the fused paged AdamW.
+the plugin hooks, seeds the adapters' initialisation from ``seed``, puts the base
+on the recipe's path, and saves the expanded config with the targets written out
+and ``qlora_recipe.json`` beside it (and, through :class:`CheckpointGuard`, in
+every checkpoint, which is complete or absent). ``load_datasets`` runs the data
+preflight (:mod:`qlora_plugin.data_checks`) before Axolotl reads any data. On
+CUDA with the recipe's ``fast_path``, ``post_lora_load`` arms the kernels for the
+first training forward and ``post_trainer_create`` gives the trainer the fused
+paged AdamW. A rejected section or dataset ends the process with one line
+(:mod:`qlora_plugin.exit_summary`).
 
 Axolotl's own LoRA kernels (``lora_qkv_kernel``, ``lora_o_kernel``,
 ``lora_mlp_kernel``) stay as the config sets them on a GPU. The projections one
@@ -19,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +59,11 @@ class QLoRAPlugin(BasePlugin):
 
     def register(self, cfg: dict[str, Any]) -> None:
         """Check the section and write its native keys into ``cfg``."""
+        from qlora_plugin import exit_summary
         from qlora_plugin.device import training_device
 
         use_logger(AXOLOTL_LOGGER)
+        exit_summary.install()
         device = training_device()
         self.section_recipe = recipe_from_section(cfg.get(SECTION))
         recipe = self._discover_from_config(cfg.get("base_model"))
@@ -65,21 +71,52 @@ class QLoRAPlugin(BasePlugin):
             report(logging.WARNING, warning)
         self.expanded = _plain(cfg)
 
+    def load_datasets(self, cfg: Any, preprocess: bool = False) -> None:
+        """Check the configured data before Axolotl reads it; Axolotl then loads it as usual (None)."""
+        from qlora_plugin.data_checks import check_datasets
+
+        found = check_datasets(cfg)
+        for warning in found.warnings:
+            report(logging.WARNING, "qlora: %s", warning)
+        for note in found.notes:
+            report(logging.INFO, "qlora: %s", note)
+        if found.errors:
+            raise found.errors[0]
+
     def pre_lora_load(self, cfg: Any, model: Any) -> None:
-        """Discover the targets on the real model and ready the base for training."""
+        """Discover the targets on the real model, seed the adapters and ready the base for training."""
         from qlora_plugin.prepare import prepare_for_training
         from qlora_plugin.quantization import keep_nf4_layout
+        from qlora_plugin.seeding import seed_before_adapters
 
         keep_nf4_layout(model)
         recipe = self.recipe = self.section_recipe.resolve(model)
         targets = sorted(recipe.target_modules)
         report(logging.INFO, "qlora: LoRA on %d modules: %s", len(targets), ", ".join(targets))
+        native = cfg.get("lora_target_modules")
+        if native and sorted([native] if isinstance(native, str) else native) != targets:
+            report(logging.WARNING, "qlora section: `lora_target_modules: %r` in the config is replaced by the "
+                   "section's targets (to choose them, set qlora.target_modules)", native)
         cfg.lora_target_modules = targets
         cfg.lora_target_linear = False
         if recipe.fast_path:
             prepare_for_training(model, recipe)
+        seed_before_adapters(cfg.get("seed"))
         self.expanded["lora_target_modules"] = targets
-        self._save_expanded(Path(cfg.output_dir))
+        self._save_outputs(Path(cfg.output_dir))
+
+    def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list[Any]:
+        """The checkpoint guard: checkpoints complete or absent, each with the recipe; resume skips broken ones."""
+        from qlora_plugin.checkpoints import CheckpointGuard
+
+        return [CheckpointGuard(self.recipe)] if self.recipe is not None else []
+
+    def post_train(self, cfg: Any, model: Any) -> None:
+        """The recipe beside the final adapter too (Axolotl may have rewritten the output directory)."""
+        if self.recipe is not None and Path(cfg.output_dir).is_dir():
+            from qlora_plugin.recipe import write_recipe_file
+
+            write_recipe_file(self.recipe, cfg.output_dir)
 
     def post_lora_load(self, cfg: Any, model: Any) -> None:
         """On CUDA with the fast path: put the kernels on at the model's first training forward.
@@ -142,16 +179,18 @@ class QLoRAPlugin(BasePlugin):
         except QLoRAConfigError as error:
             raise in_section(error) from error
 
-    def _save_expanded(self, output_dir: Path) -> None:
-        """Write the config as plain Axolotl keys (no plugin needed to rerun it), atomically."""
+    def _save_outputs(self, output_dir: Path) -> None:
+        """Write the config as plain Axolotl keys (no plugin needed to rerun it) and the recipe, atomically."""
+        from qlora_plugin.recipe import write_recipe_file
+        from qlora_plugin.safe_io import write_text_atomically
+
         plain = {key: value for key, value in self.expanded.items() if key not in NOT_RERUN}
         plain = {key: value for key, value in plain.items() if value is not None}
         output_dir.mkdir(parents=True, exist_ok=True)
-        partial = output_dir / f".{EXPANDED_CONFIG}.partial"
         header = (f"# Written by qlora-plugin from the `{SECTION}:` section; targets as discovered on the model.\n"
                   "# Runs without the plugin: `axolotl train` this file.\n")
-        partial.write_text(header + yaml.safe_dump(plain, sort_keys=True), encoding="utf-8")
-        os.replace(partial, output_dir / EXPANDED_CONFIG)
+        write_text_atomically(output_dir / EXPANDED_CONFIG, header + yaml.safe_dump(plain, sort_keys=True))
+        write_recipe_file(self.recipe, output_dir)
 
 
 def _plain(cfg: Any) -> dict[str, Any]:

@@ -1,0 +1,99 @@
+"""A quiet, quick ``qlora``: no third-party warnings in its output, and the config-only subcommands
+never import torch; inspect/estimate read common decoder configs without it, and agree with the
+meta-device model they used to build."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_helpers import SRC, run_qlora
+
+FINLORA = Path(__file__).parent / "data" / "finlora_finetune_configs.json"
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "trl", "axolotl")
+
+
+def imports_of(*argv: str, cwd: Path = REPO) -> tuple[list[str], str, str]:
+    """Run ``qlora ARGV`` in a fresh interpreter; the heavy libraries it imported, its stdout and stderr."""
+    code = ("import sys; from qlora_plugin.cli import main; status = main(sys.argv[1:]); "
+            f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr); sys.exit(status)")
+    env = dict(os.environ, PYTHONPATH=str(SRC), HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, cwd=cwd,
+                          check=False, timeout=300)
+    assert done.returncode == 0, done.stderr
+    *rest, heavy = done.stderr.strip().splitlines()
+    return json.loads(heavy.removeprefix("HEAVY ").replace("'", '"')), done.stdout, "\n".join(rest)
+
+
+@pytest.mark.parametrize("argv", [
+    ["presets"],
+    ["convert-finlora", str(FINLORA), "sentiment_llama_3_1_8b_4bits_r4", "--out", "{tmp}/out.yml"],
+    ["estimate", "examples/assets/tiny-llama", "--seq", "96", "--batch", "4"],
+    ["inspect", "examples/assets/tiny-llama", "--preset", "paper", "--set", "target_modules=[q_proj,v_proj]"],
+    ["check", "configs/qlora.yml"],
+], ids=["presets", "convert-finlora", "estimate", "inspect", "check"])
+def test_config_only_subcommands_import_no_heavy_library_and_print_no_warnings(argv, tmp_path) -> None:
+    heavy, stdout, stderr = imports_of(*(arg.replace("{tmp}", str(tmp_path)) for arg in argv))
+    assert heavy == [] and stderr == "" and stdout
+
+
+def test_a_model_built_on_the_meta_device_prints_no_third_party_warnings(tmp_path) -> None:
+    from transformers import GPT2Config
+
+    GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=96).save_pretrained(tmp_path)
+    result = run_qlora("inspect", tmp_path)
+    assert result.returncode == 0 and "GPT2LMHeadModel" in result.stdout
+    assert result.stderr == ""
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def saved_config(name: str, directory: Path, drop: tuple[str, ...] = (), **changes) -> Path:
+    from architectures import configs
+
+    config = configs()[name]
+    for key, value in changes.items():
+        setattr(config, key, value)
+    config.save_pretrained(directory)
+    data = json.loads((directory / "config.json").read_text())
+    for key in drop:
+        data.pop(key, None)
+    (directory / "config.json").write_text(json.dumps(data))
+    return directory
+
+
+def same_report(directory: Path, **fields) -> None:
+    from qlora_plugin.config_layers import report_from_config
+    from qlora_plugin.fields import recipe_spec
+    from qlora_plugin.inspection import analyze_module
+
+    quick = report_from_config(directory, recipe_spec(**fields))
+    assert quick is not None
+    full = analyze_module(directory, recipe_spec(**fields))
+    assert quick.architecture == full.architecture and quick.targets == full.targets
+    assert quick.linears == full.linears and quick.other_params == full.other_params
+    assert (quick.tied_head, quick.norm_count, quick.heads) == (full.tied_head, full.norm_count, full.heads)
+    assert quick.skipped == full.skipped and quick.trainable_params == full.trainable_params
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_config_read_without_torch_gives_the_meta_models_report(name, tmp_path) -> None:
+    same_report(saved_config(name, tmp_path / "plain"))
+    same_report(saved_config(name, tmp_path / "variant", tie_word_embeddings=True, attention_bias=True,
+                             num_key_value_heads=1), exclude_modules=["o_proj"])
+    same_report(saved_config(name, tmp_path / "named"), target_modules=["q_proj", "down_proj"])
+
+
+@pytest.mark.parametrize(("name", "drop"), [("llama", ("num_key_value_heads",)), ("qwen3", ("head_dim",)),
+                                            ("llama", ("tie_word_embeddings",)), ("gpt2", ())])
+def test_a_config_that_leaves_sizes_to_defaults_goes_through_the_meta_model(name, drop, tmp_path) -> None:
+    from qlora_plugin.config_layers import report_from_config
+    from qlora_plugin.fields import recipe_spec
+
+    assert report_from_config(saved_config(name, tmp_path, drop=drop), recipe_spec()) is None
