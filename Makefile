@@ -1,12 +1,17 @@
 # Two commands on a fresh machine: `make train` (the embedded default job) and
 # `make test`. Both create .venv and install everything on first use.
+#   make test          the suite on the oldest supported set (Axolotl 0.19 and what it pins)
+#   make test-newest   the suite on the newest releases of TRL, transformers, PEFT, accelerate
+#                      and datasets (no Axolotl: its releases pin older ones) in .venv-newest
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NEWEST := .venv-newest
+NEWEST_STAMP := $(NEWEST)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install train test
+.PHONY: install train test test-newest
 
 install: $(STAMP)
 
@@ -18,9 +23,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[axolotl,dev]"
 	touch $(STAMP)
 
+$(NEWEST_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/pip install --quiet --upgrade pip
+	$(NEWEST)/bin/pip install --quiet torch==2.13.0
+	$(NEWEST)/bin/pip install --quiet --upgrade -e ".[dev]" transformers trl peft accelerate datasets
+	touch $(NEWEST_STAMP)
+
 # The embedded default job (CPU, ~1-2 min); axolotl execs `accelerate`, so .venv/bin goes on PATH.
 train: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(OFFLINE) $(BIN)/axolotl train configs/qlora.yml
 
 test: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest
+
+test-newest: $(NEWEST_STAMP)
+	$(NEWEST)/bin/pip list 2>/dev/null | grep -iE '^(transformers|trl|peft|accelerate|datasets|bitsandbytes) '
+	$(OFFLINE) $(NEWEST)/bin/python -m pytest
