@@ -243,7 +243,7 @@ def build(shape: str, variant: str, model_root: Path, *, dropout: float | None =
     torch.manual_seed(0)
     model = get_peft_model(model, lcfg)
     if "plugin" in spec:
-        from qlora_plugin.kernels import FastPathConfig, apply_fast_path
+        from qlora_plugin.fastpath.kernels import FastPathConfig, apply_fast_path
 
         pcfg = FastPathConfig(**{**spec["plugin"], **(plugin_overrides or {})})
         report = apply_fast_path(model, config=pcfg)
@@ -261,7 +261,7 @@ def build(shape: str, variant: str, model_root: Path, *, dropout: float | None =
 
         opt = bnb.optim.PagedAdamW32bit(params, lr=LR, weight_decay=0.0)
     elif spec["optim"] == "plugin-paged":
-        from qlora_plugin.kernels import PagedAdamW
+        from qlora_plugin.fastpath.kernels import PagedAdamW
 
         opt = PagedAdamW(params, lr=LR, weight_decay=0.0)
     elif spec["optim"] == "torch-fused":
@@ -298,7 +298,7 @@ def build_recipe(nf4_dir: Path, spec: dict[str, Any], kw: dict[str, Any]) -> tup
 
         opt = bnb.optim.PagedAdamW32bit(params, lr=LR, weight_decay=0.0)
     model.train()
-    from qlora_plugin.speed import recompute_mode
+    from qlora_plugin.fastpath.activation import recompute_mode
 
     info = {"lora_dropout": spec["dropout"], "optimizer": type(opt).__name__, "grad_ckpt": recompute_mode(recipe),
             "adapter_dtype": "float32 (after the first forward)", "recipe": recipe.recipe_fields()}
@@ -489,7 +489,7 @@ def run_trl(a: argparse.Namespace) -> None:
     if a.plugin:  # experiment: FastPathConfig fields over what the recipe asks for
         import dataclasses
 
-        from qlora_plugin import speed
+        from qlora_plugin.fastpath import activation as speed
 
         asked, overrides = speed.kernel_config, json.loads(a.plugin)
         speed.kernel_config = lambda *args, **kws: dataclasses.replace(asked(*args, **kws), **overrides)
@@ -630,7 +630,7 @@ def run_trl(a: argparse.Namespace) -> None:
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     adapter_dtype = str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad))
     if recipe is not None:
-        from qlora_plugin.speed import recompute_mode
+        from qlora_plugin.fastpath.activation import recompute_mode
 
         grad_ckpt = recompute_mode(recipe) if DEVICE == "cuda" else str(recipe.gradient_checkpointing)
     else:
@@ -804,9 +804,9 @@ def cmd_micro(a: argparse.Namespace) -> None:
     from peft import LoraConfig, get_peft_model
     from triton.testing import do_bench
 
-    from qlora_plugin.kernels import dequant
-    from qlora_plugin.kernels.lora_linear import LayerOptions, patch_lora_4bit_layers, unpatch_lora_4bit_layers
-    from qlora_plugin.kernels.triton_nf4 import dequantize_4bit_triton
+    from qlora_plugin.fastpath.kernels import dequant
+    from qlora_plugin.fastpath.kernels.lora_linear import LayerOptions, patch_lora_4bit_layers, unpatch_lora_4bit_layers
+    from qlora_plugin.fastpath.kernels.triton_nf4 import dequantize_4bit_triton
 
     rows = []
     for name, (out_f, in_f) in {"q_proj": (4096, 4096), "kv_proj": (1024, 4096), "gate_proj": (14336, 4096),

@@ -72,9 +72,9 @@ def compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from transformers import AutoModelForCausalLM
 
     from llama_shapes import llama_config
-    from qlora_plugin.estimate import estimate_memory, training_path
-    from qlora_plugin.inspection import analyze
-    from qlora_plugin.recipe import qlora_recipe
+    from qlora_plugin.tools.estimate import estimate_memory, training_path
+    from qlora_plugin.tools.inspection import analyze
+    from qlora_plugin.core.recipe import qlora_recipe
 
     models: dict[str, Any] = {}
     results = []

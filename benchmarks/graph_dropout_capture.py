@@ -37,7 +37,7 @@ class Lora(nn.Module):
         self.b = nn.Parameter(torch.randn(256, 8, device="cuda") * 0.01)
         self.p = p
     def forward(self, x):
-        from qlora_plugin.kernels.lora_linear import lora_4bit_linear
+        from qlora_plugin.fastpath.kernels.lora_linear import lora_4bit_linear
         w = self.base.weight
         return lora_4bit_linear(x, self.a, self.b, 2.0, w, w.quant_state, dropout=self.p)
 
@@ -108,8 +108,8 @@ def case_tiny(layers, per_layer, p=0.2, variant=""):
         from pathlib import Path
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from _tiny_qlora import VOCAB, load_4bit, lora, tiny_llama_checkpoint
-        from qlora_plugin.kernels import FastPathConfig, apply_fast_path
-        from qlora_plugin.kernels import graphs
+        from qlora_plugin.fastpath.kernels import FastPathConfig, apply_fast_path
+        from qlora_plugin.fastpath.kernels import graphs
         graphs._draws_random_numbers = lambda layers: False
         if per_layer:
             torch.cuda.make_graphed_callables = per_layer_capture

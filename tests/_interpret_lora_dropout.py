@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from qlora_plugin.kernels import triton_lora_dropout as kernels
-from qlora_plugin.kernels.lora_dropout import (
+from qlora_plugin.fastpath.kernels import triton_lora_dropout as kernels
+from qlora_plugin.fastpath.kernels.lora_dropout import (
     dropout_add_grad_x_reference,
     dropout_down_reference,
     dropout_grad_a_reference,

@@ -13,9 +13,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def qlora_command() -> list[str]:
-    """The installed ``qlora`` console script beside this Python, else ``python -m qlora_plugin.cli``."""
+    """The installed ``qlora`` console script beside this Python, else ``python -m qlora_plugin.commands.main``."""
     script = Path(sys.executable).parent / "qlora"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "qlora_plugin.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "qlora_plugin.commands.main"]
 
 
 def run_qlora(*args: Any, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -412,7 +412,7 @@ def _status(lines: list[str]) -> tuple[str, str]:
 
 def run_cell(cell: Cell, setting: Setting) -> Result:
     """Train ``cell`` with the plugin and with TRL's own path; compare."""
-    from qlora_plugin import speed
+    from qlora_plugin.fastpath import activation as speed
 
     path = setting.model_factory(cell.family, setting.workdir) if setting.model_factory else None
     assert path is not None, "Setting.model_factory is required"
@@ -471,7 +471,7 @@ def _run_axolotl_cell(cell: Cell, setting: Setting, path: Path, work: Path) -> R
 
 def fast_path_on_cpu() -> contextlib.AbstractContextManager[None]:
     """The environment the CPU cells run the fast path in."""
-    from qlora_plugin.speed import CPU_ENV
+    from qlora_plugin.fastpath.activation import CPU_ENV
 
     @contextlib.contextmanager
     def switched() -> Iterator[None]:

@@ -33,7 +33,7 @@ def memorisable_dataset():
 @pytest.fixture(autouse=True)
 def reports_to_the_package_logger():
     """The Axolotl plugin routes reports into Axolotl's namespace; other tests read them from ``qlora_plugin``."""
-    from qlora_plugin.report import use_logger
+    from qlora_plugin.core.notices import use_logger
 
     use_logger("qlora_plugin")
     yield

@@ -165,7 +165,7 @@ def test_the_trainer_gets_the_fast_paths_settings_on_cuda_only(monkeypatch, tmp_
     from transformers import TrainingArguments
 
     from qlora_plugin import qlora_recipe
-    from qlora_plugin.axolotl.plugin import QLoRAPlugin
+    from qlora_plugin.integrations.axolotl.plugin import QLoRAPlugin
 
     plugin = QLoRAPlugin()
     plugin.recipe = qlora_recipe()

@@ -19,8 +19,8 @@ import torch
 import yaml
 from bad_inputs import assert_one_line_error, stderr_lines
 
-from qlora_plugin.checkpoints import complete_checkpoints
-from qlora_plugin.cli import main
+from qlora_plugin.integrations.checkpoints import complete_checkpoints
+from qlora_plugin.commands.main import main
 
 pytest.importorskip("axolotl")
 pytestmark = pytest.mark.slow

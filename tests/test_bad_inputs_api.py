@@ -89,8 +89,8 @@ def test_the_light_field_table_matches_the_recipe_and_transformers() -> None:
 
     from transformers.trainer_utils import SchedulerType
 
-    from qlora_plugin.fields import DEFAULTS, SCHEDULERS
-    from qlora_plugin.recipe import QLoRARecipe
+    from qlora_plugin.core.fields import DEFAULTS, SCHEDULERS
+    from qlora_plugin.core.recipe import QLoRARecipe
 
     defaults = {f.name: f.default for f in dataclasses.fields(QLoRARecipe)}
     assert {name: defaults[name] for name in DEFAULTS} == DEFAULTS

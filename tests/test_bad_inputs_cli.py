@@ -214,7 +214,7 @@ def adapter(tmp_path, tiny_model_dir) -> Path:
 
 
 def recipe_file(directory: Path, **fields) -> None:
-    from qlora_plugin.fields import DEFAULTS
+    from qlora_plugin.core.fields import DEFAULTS
 
     (directory / "qlora_recipe.json").write_text(json.dumps({**DEFAULTS, "r": 8, "lora_alpha": 16, **fields}))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import SRC, run_json, run_qlora
 
-from qlora_plugin.cli import main
+from qlora_plugin.commands.main import main
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -42,7 +42,7 @@ def peft_trainable_and_targets(model_dir: Path, **fields) -> tuple[int, set[str]
 
 
 def test_the_command_imports_light_and_answers_help_fast() -> None:
-    code = ("import sys, qlora_plugin.cli; heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') "
+    code = ("import sys, qlora_plugin.commands.main; heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') "
             "if m in sys.modules]; print(heavy)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={"PYTHONPATH": str(SRC)})
@@ -73,7 +73,7 @@ def bitsandbytes_bytes(model_dir: Path) -> int:
     import torch
 
     from qlora_plugin import qlora_recipe
-    from qlora_plugin.quantization import is_4bit
+    from qlora_plugin.core.quantization import is_4bit
 
     model = qlora_recipe().load_model(model_dir)
     storages: dict[int, int] = {}  # shared tensors (bitsandbytes caches its code books) counted once

@@ -11,7 +11,7 @@ import torch
 import yaml
 from cli_helpers import run_qlora
 
-from qlora_plugin.cli import main
+from qlora_plugin.commands.main import main
 
 FINLORA = Path(__file__).parent / "data" / "finlora_finetune_configs.json"
 SENTIMENT = "sentiment_llama_3_1_8b_4bits_r4"

@@ -41,7 +41,7 @@ def test_a_real_model_config_passes_axolotls_validation(path: Path, tiny_model_d
     """Every key but the model and the data (offline here) goes through Axolotl's real load_cfg."""
     from axolotl.cli.config import load_cfg
 
-    from qlora_plugin.axolotl.expand import recipe_from_section
+    from qlora_plugin.integrations.axolotl.expand import recipe_from_section
 
     config = read(path)
     data = tmp_path / "data.jsonl"

@@ -1,4 +1,4 @@
-"""CUDA tests of qlora_plugin.kernels' GPU paths (Triton dequant, Liger ops, paged AdamW,
+"""CUDA tests of qlora_plugin.fastpath.kernels' GPU paths (Triton dequant, Liger ops, paged AdamW,
 offloaded recompute) against the pure-PyTorch references and bitsandbytes.
 
 Skipped where no CUDA device is visible (CI); run on the GPU machine by
@@ -18,12 +18,12 @@ from _tiny_qlora import VOCAB, load_4bit, lora, lora_grads, rel_err, tiny_llama_
 import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as bnbf  # noqa: E402
 
-from qlora_plugin.kernels import FastPathConfig, PagedAdamW, apply_fast_path  # noqa: E402
-from qlora_plugin.kernels.dequant import dequantize_4bit_reference  # noqa: E402
-from qlora_plugin.kernels.layers import rms_norm, rms_norm_reference, rotary, rotary_reference, silu_mul  # noqa: E402
-from qlora_plugin.kernels.lora_linear import lora_4bit_linear  # noqa: E402
-from qlora_plugin.kernels.losses import linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
-from qlora_plugin.kernels.triton_nf4 import dequantize_4bit_triton  # noqa: E402
+from qlora_plugin.fastpath.kernels import FastPathConfig, PagedAdamW, apply_fast_path  # noqa: E402
+from qlora_plugin.fastpath.kernels.dequant import dequantize_4bit_reference  # noqa: E402
+from qlora_plugin.fastpath.kernels.layers import rms_norm, rms_norm_reference, rotary, rotary_reference, silu_mul  # noqa: E402
+from qlora_plugin.fastpath.kernels.lora_linear import lora_4bit_linear  # noqa: E402
+from qlora_plugin.fastpath.kernels.losses import linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
+from qlora_plugin.fastpath.kernels.triton_nf4 import dequantize_4bit_triton  # noqa: E402
 
 DEV = "cuda"
 
@@ -50,7 +50,7 @@ def test_triton_dequant_matches_bitsandbytes(shape, nested, quant_type, dtype) -
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("cache", [False, True])
 def test_fused_lora_function_cuda_matches_float64(tokens, in_f, out_f, triton_dequant, dropout, cache) -> None:
-    from qlora_plugin.kernels import dequant
+    from qlora_plugin.fastpath.kernels import dequant
 
     dequantize = dequant.make_dequantizer(triton=triton_dequant, cache_block_constants=cache)
     # torch's dropout with one half of the cases (cache off), the kernels' with the other
@@ -78,7 +78,7 @@ def test_fused_lora_function_cuda_matches_float64(tokens, in_f, out_f, triton_de
 
 def _drawn_keep_mask(y: torch.Tensor, in_f: int) -> torch.Tensor:
     """The keep-mask the fused function saved for ``y``'s backward (bool [T, in_f]; all True without dropout)."""
-    from qlora_plugin.kernels.lora_dropout import unpack_keep_mask
+    from qlora_plugin.fastpath.kernels.lora_dropout import unpack_keep_mask
 
     node = y.grad_fn
     while "LoRA4bitFunction" not in type(node).__name__:
@@ -92,8 +92,8 @@ def _drawn_keep_mask(y: torch.Tensor, in_f: int) -> torch.Tensor:
 @pytest.mark.parametrize("t,k,r", [(8192, 2048, 16), (8192, 8192, 16), (4096, 4096, 64), (333, 200, 20), (1, 64, 16)])
 @pytest.mark.parametrize("p", [0.05, 0.3])
 def test_triton_dropout_kernels_match_reference(t, k, r, p) -> None:
-    from qlora_plugin.kernels import triton_lora_dropout as kernels
-    from qlora_plugin.kernels.lora_dropout import (
+    from qlora_plugin.fastpath.kernels import triton_lora_dropout as kernels
+    from qlora_plugin.fastpath.kernels.lora_dropout import (
         dropout_add_grad_x_reference,
         dropout_down_reference,
         dropout_grad_a_reference,
@@ -119,7 +119,7 @@ def test_triton_dropout_kernels_match_reference(t, k, r, p) -> None:
 
 
 def test_triton_dropout_draws_a_new_mask_at_each_graph_replay() -> None:
-    from qlora_plugin.kernels import triton_lora_dropout as kernels
+    from qlora_plugin.fastpath.kernels import triton_lora_dropout as kernels
 
     x = torch.randn(512, 256, device=DEV, dtype=torch.bfloat16)
     a = torch.randn(16, 256, device=DEV, dtype=torch.bfloat16)
@@ -360,7 +360,7 @@ def test_packed_attention_cuda_matches_separate_sequences(lengths) -> None:
     """bf16 on CUDA: varlen flash attention over a packed row against each sequence on its own."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora_plugin.kernels.attention import _varlen_function, use_packed_attention
+    from qlora_plugin.fastpath.kernels.attention import _varlen_function, use_packed_attention
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,

@@ -1,4 +1,4 @@
-"""CPU tests of qlora_plugin.kernels' reference paths against bitsandbytes, PEFT and PyTorch.
+"""CPU tests of qlora_plugin.fastpath.kernels' reference paths against bitsandbytes, PEFT and PyTorch.
 
 Real bitsandbytes NF4 layers and real PEFT LoRA layers throughout (no mocks). No speed
 thresholds here: speed is measured by benchmarks/bench_qlora.py on a GPU.
@@ -17,11 +17,11 @@ from _tiny_qlora import SRC, VOCAB, load_4bit, lora, lora_grads, rel_err, tiny_l
 bnbf = pytest.importorskip("bitsandbytes.functional")
 pytest.importorskip("peft")
 
-from qlora_plugin.kernels import FastPathConfig, PagedAdamW, apply_fast_path  # noqa: E402
-from qlora_plugin.kernels.dequant import dequantize_4bit, dequantize_4bit_reference  # noqa: E402
-from qlora_plugin.kernels.layers import rms_norm, rotary, silu_mul  # noqa: E402
-from qlora_plugin.kernels.lora_linear import lora_4bit_linear  # noqa: E402
-from qlora_plugin.kernels.losses import linear_cross_entropy, linear_cross_entropy_reference, shift_labels  # noqa: E402
+from qlora_plugin.fastpath.kernels import FastPathConfig, PagedAdamW, apply_fast_path  # noqa: E402
+from qlora_plugin.fastpath.kernels.dequant import dequantize_4bit, dequantize_4bit_reference  # noqa: E402
+from qlora_plugin.fastpath.kernels.layers import rms_norm, rotary, silu_mul  # noqa: E402
+from qlora_plugin.fastpath.kernels.lora_linear import lora_4bit_linear  # noqa: E402
+from qlora_plugin.fastpath.kernels.losses import linear_cross_entropy, linear_cross_entropy_reference, shift_labels  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory):
 
 def test_import_loads_no_gpu_code() -> None:
     code = (
-        f"import sys; sys.path.insert(0, {str(SRC)!r}); import qlora_plugin.kernels; "
+        f"import sys; sys.path.insert(0, {str(SRC)!r}); import qlora_plugin.fastpath.kernels; "
         "print(any(m.split('.')[0] in ('triton', 'liger_kernel') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -85,7 +85,7 @@ def test_fused_lora_function_matches_float64(tokens, in_f, out_f, dropout, given
 
 
 def test_fused_layers_match_peft_layers(checkpoint) -> None:
-    from qlora_plugin.kernels.lora_linear import is_lora_4bit_layer, patch_lora_4bit_layers
+    from qlora_plugin.fastpath.kernels.lora_linear import is_lora_4bit_layer, patch_lora_4bit_layers
 
     pm = lora(load_4bit(checkpoint), stock=False)
     layers = [m for m in pm.modules() if is_lora_4bit_layer(m)]
@@ -112,7 +112,7 @@ def test_fused_layers_match_peft_layers(checkpoint) -> None:
 
 
 def test_adapter_copies_are_made_per_forward_and_follow_the_masters(checkpoint) -> None:
-    from qlora_plugin.kernels.lora_linear import patch_lora_4bit_layers, unpatch_lora_4bit_layers
+    from qlora_plugin.fastpath.kernels.lora_linear import patch_lora_4bit_layers, unpatch_lora_4bit_layers
 
     pm = lora(load_4bit(checkpoint), stock=False)
     lm = pm.get_base_model()
@@ -143,7 +143,7 @@ def test_adapter_copies_are_made_per_forward_and_follow_the_masters(checkpoint) 
 
 
 def test_fused_layer_defers_to_peft_when_adapters_disabled(checkpoint) -> None:
-    from qlora_plugin.kernels.lora_linear import patch_lora_4bit_layers
+    from qlora_plugin.fastpath.kernels.lora_linear import patch_lora_4bit_layers
 
     pm = lora(load_4bit(checkpoint), stock=False)
     patch_lora_4bit_layers(pm)
@@ -274,7 +274,7 @@ def test_packed_rows_attend_per_sequence_like_separate_sequences(lengths) -> Non
     """A packed row through the packed-batch attention equals each sequence run on its own."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora_plugin.kernels.attention import IMPLEMENTATION, use_packed_attention
+    from qlora_plugin.fastpath.kernels.attention import IMPLEMENTATION, use_packed_attention
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -294,7 +294,7 @@ def test_packed_rows_attend_per_sequence_like_separate_sequences(lengths) -> Non
 def test_padded_batches_keep_transformers_sdpa_masking() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora_plugin.kernels.attention import use_packed_attention
+    from qlora_plugin.fastpath.kernels.attention import use_packed_attention
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -14,7 +14,7 @@ import torch
 
 from _tiny_qlora import SRC
 
-from qlora_plugin.kernels.lora_dropout import (
+from qlora_plugin.fastpath.kernels.lora_dropout import (
     dropout_add_grad_x_reference,
     dropout_down_reference,
     dropout_grad_a_reference,

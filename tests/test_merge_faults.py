@@ -17,7 +17,7 @@ import torch
 from bad_inputs import mount_tmpfs, snapshot, stderr_lines, unmount
 from cli_helpers import SRC, qlora_command
 
-from qlora_plugin.cli import main
+from qlora_plugin.commands.main import main
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +121,7 @@ def test_a_full_disk_mid_merge_leaves_out_as_it_was(adapter_dir, tmp_path, capsy
 
 def test_a_rename_that_fails_at_the_end_restores_out_and_leaves_nothing(tmp_path) -> None:
     """The issue's case: --out a mount point, so the rename that moves it aside fails (EBUSY) after the work."""
-    from qlora_plugin.safe_io import staged_directory
+    from qlora_plugin.core.safe_io import staged_directory
 
     out = tmp_path / "mnt"
     out.mkdir()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qlora_plugin import qlora_recipe
-from qlora_plugin.plugins import plugin_manager, reset_plugin_manager
+from qlora_plugin.core.plugins import plugin_manager, reset_plugin_manager
 
 ACME_PLUGIN = '''
 """A third-party plugin: a preset, and target discovery for its own architecture."""
@@ -110,7 +110,7 @@ def test_the_generic_rule_still_answers_for_other_architectures(site) -> None:
     install(site, "acme-qlora", "acme_qlora", ACME_PLUGIN)
     import acme_qlora
 
-    from qlora_plugin.targets import qlora_target_modules as generic_rule
+    from qlora_plugin.core.targets import qlora_target_modules as generic_rule
 
     model = acme_qlora.AcmeForCausalLM(acme_qlora.AcmeConfig())
     generic = set(generic_rule(model=model, recipe=qlora_recipe()))
@@ -120,5 +120,5 @@ def test_the_generic_rule_still_answers_for_other_architectures(site) -> None:
 
 def test_two_plugins_defining_one_preset_is_an_error_naming_both(site) -> None:
     install(site, "clash-qlora", "clash_qlora", CLASHING_PLUGIN)
-    with pytest.raises(ValueError, match=r"'qlora_plugin.presets'.*'clash_qlora'|'clash_qlora'.*'qlora_plugin.presets'"):
+    with pytest.raises(ValueError, match=r"'qlora_plugin.core.presets'.*'clash_qlora'|'clash_qlora'.*'qlora_plugin.core.presets'"):
         qlora_recipe("paper")

@@ -20,7 +20,7 @@ HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "trl", "axolotl")
 
 def imports_of(*argv: str, cwd: Path = REPO) -> tuple[list[str], str, str]:
     """Run ``qlora ARGV`` in a fresh interpreter; the heavy libraries it imported, its stdout and stderr."""
-    code = ("import sys; from qlora_plugin.cli import main; status = main(sys.argv[1:]); "
+    code = ("import sys; from qlora_plugin.commands.main import main; status = main(sys.argv[1:]); "
             f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr); sys.exit(status)")
     env = dict(os.environ, PYTHONPATH=str(SRC), HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, cwd=cwd,
@@ -69,9 +69,9 @@ def saved_config(name: str, directory: Path, drop: tuple[str, ...] = (), **chang
 
 
 def same_report(directory: Path, **fields) -> None:
-    from qlora_plugin.config_layers import report_from_config
-    from qlora_plugin.fields import recipe_spec
-    from qlora_plugin.inspection import analyze_module
+    from qlora_plugin.tools.config_layers import report_from_config
+    from qlora_plugin.core.fields import recipe_spec
+    from qlora_plugin.tools.inspection import analyze_module
 
     quick = report_from_config(directory, recipe_spec(**fields))
     assert quick is not None
@@ -93,7 +93,7 @@ def test_a_config_read_without_torch_gives_the_meta_models_report(name, tmp_path
 @pytest.mark.parametrize(("name", "drop"), [("llama", ("num_key_value_heads",)), ("qwen3", ("head_dim",)),
                                             ("llama", ("tie_word_embeddings",)), ("gpt2", ())])
 def test_a_config_that_leaves_sizes_to_defaults_goes_through_the_meta_model(name, drop, tmp_path) -> None:
-    from qlora_plugin.config_layers import report_from_config
-    from qlora_plugin.fields import recipe_spec
+    from qlora_plugin.tools.config_layers import report_from_config
+    from qlora_plugin.core.fields import recipe_spec
 
     assert report_from_config(saved_config(name, tmp_path, drop=drop), recipe_spec()) is None

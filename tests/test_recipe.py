@@ -150,7 +150,7 @@ def test_unknown_preset_suggests_the_nearest() -> None:
 
 
 def test_a_compute_dtype_the_gpu_cannot_run_is_refused(monkeypatch) -> None:
-    from qlora_plugin.device import resolve_compute_dtype
+    from qlora_plugin.core.device import resolve_compute_dtype
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100
     with pytest.raises(QLoRAConfigError, match="cannot compute in bfloat16"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qlora_plugin import QLoRAConfigError, qlora_recipe
-from qlora_plugin import speed
+from qlora_plugin.fastpath import activation as speed
 
 
 @pytest.fixture(scope="module")

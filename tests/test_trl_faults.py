@@ -18,7 +18,7 @@ import torch
 from _trl_job import losses, train
 from cli_helpers import SRC
 
-from qlora_plugin.checkpoints import CHECKPOINT, incomplete_reason
+from qlora_plugin.integrations.checkpoints import CHECKPOINT, incomplete_reason
 
 pytestmark = pytest.mark.slow
 JOB = Path(__file__).with_name("_trl_job.py")
@@ -28,7 +28,7 @@ def initial_adapters(tiny_model_dir: Path, global_seed: int, run_seed: int | Non
     from peft import get_peft_model
 
     from qlora_plugin import qlora_recipe
-    from qlora_plugin.seeding import remember_seed
+    from qlora_plugin.core.seeding import remember_seed
 
     recipe = qlora_recipe()
     if run_seed is not None:

@@ -1,0 +1,51 @@
+"""One table from the compatibility matrix's result files (pinned and newest package sets, Axolotl).
+
+    python benchmarks/compat_table.py benchmarks/results/run8-compat
+
+Reads ``compat-*.json`` in the folder and writes ``compat.md`` there: per cell, the status and
+the largest logged-loss deviation from TRL's own 4-bit path in each package set.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def describe(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "—"
+    if row["status"] == "crash":
+        return "crash"
+    dev = row.get("max_loss_dev_pct")
+    return row["status"] + ("" if dev is None else f", {dev:.2f} %")
+
+
+def main(folder: Path) -> None:
+    sets: dict[str, dict[str, dict[str, Any]]] = {}
+    versions: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.glob("compat-*.json")):
+        rows = json.loads(path.read_text())
+        label = path.stem.removeprefix("compat-")
+        sets[label] = {row["cell"]: row for row in rows}
+        versions[label] = rows[0].get("versions", {}) if rows else {}
+    cells = list(dict.fromkeys(cell for rows in sets.values() for cell in rows))
+    labels = list(sets)
+    lines = ["| cell | " + " | ".join(labels) + " | what the fast path leaves to the trainer |",
+             "|---|" + "---|" * len(labels) + "---|"]
+    for cell in cells:
+        rows = [sets[label].get(cell) for label in labels]
+        reason = next((r["reason"].splitlines()[0] for r in rows if r and r.get("reason") and r["status"] != "crash"), "")
+        lines.append(f"| {cell} | " + " | ".join(describe(r) for r in rows) + f" | {reason} |")
+    header = ["Status, and the largest deviation of a logged loss from TRL's own 4-bit path over 30 steps",
+              "(same seed, data and initial adapter; eval loss included where the cell evaluates).", ""]
+    for label, found in versions.items():
+        header.append(f"- {label}: " + ", ".join(f"{k} {v}" for k, v in found.items() if v))
+    (folder / "compat.md").write_text("\n".join(header) + "\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

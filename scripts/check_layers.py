@@ -1,0 +1,146 @@
+"""Check that qlora_plugin's imports flow one way: no import circle, no import from a higher layer.
+
+    python scripts/check_layers.py [--graph]
+
+Every ``import`` and ``from ... import`` of the package's own modules counts, at module
+level and inside functions alike (``if TYPE_CHECKING:`` blocks excepted: they never run).
+Layers, lowest first, are the subpackages named in :data:`LAYERS`; a module may import
+from its own layer or a lower one. The package's ``__init__`` and ``axolotl`` (the public
+facade) sit above every layer. Exits 1 with one line per violation.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = "qlora_plugin"
+LAYERS = ("core", "fastpath", "integrations", "tools", "commands")
+FACADE = 99
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in LAYERS:
+        return LAYERS.index(parts[1])
+    return FACADE
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """The package's own modules that ``path`` imports when it runs."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    this = module_name(path)
+    package = this if path.name == "__init__.py" else this.rsplit(".", 1)[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return {name for name in found if name in modules and name != this}
+
+
+def graph() -> dict[str, set[str]]:
+    paths = {module_name(p): p for p in (ROOT / PACKAGE).rglob("*.py")}
+    modules = set(paths)
+    return {name: imports_of(path, modules) for name, path in sorted(paths.items())}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    counter = [0]
+
+    def connect(node: str) -> None:
+        index[node] = low[node] = counter[0]
+        counter[0] += 1
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in edges.get(node, ()):
+            if nxt not in index:
+                connect(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    sys.setrecursionlimit(10000)
+    for node in edges:
+        if node not in index:
+            connect(node)
+    return found
+
+
+def is_package_parent(importer: str, imported: str) -> bool:
+    """A module importing its own package's ``__init__`` (Python runs it first anyway)."""
+    return importer.startswith(imported + ".")
+
+
+def main() -> int:
+    edges = graph()
+    problems = []
+    for module, targets in edges.items():
+        for target in sorted(targets):
+            if layer_of(target) > layer_of(module) and not is_package_parent(module, target):
+                problems.append(f"upward import: {module} ({_layer_name(module)}) imports {target} "
+                                f"({_layer_name(target)})")
+    for component in cycles({m: {t for t in ts if not is_package_parent(m, t)} for m, ts in edges.items()}):
+        problems.append("import circle: " + " <-> ".join(component))
+    if "--graph" in sys.argv:
+        for module, targets in edges.items():
+            print(f"{module} -> {', '.join(sorted(targets)) or '-'}")
+    for problem in problems:
+        print(problem)
+    print(f"{len(edges)} modules, {sum(len(t) for t in edges.values())} imports, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+def _layer_name(module: str) -> str:
+    layer = layer_of(module)
+    return "facade" if layer == FACADE else LAYERS[layer]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The recipe's fields as plain data: names, defaults and the checks every entry point shares.
+
+Light on purpose (no torch, PEFT or transformers), so the quick ``qlora`` subcommands,
+``qlora check`` and the Axolotl section validate exactly as :class:`QLoRARecipe` does:
+it calls :func:`check_fields` too.
+
+Input rules, the same on every path (Python, YAML, ``--set``):
+
+- numbers must be finite; a numeric string (PyYAML reads ``2e-4`` as text) counts as
+  the number it spells, as in Axolotl's own keys; a whole float (``16.0``) counts as
+  an integer where one is wanted;
+- ``target_modules`` / ``exclude_modules`` as a string: a bare module name
+  (``q_proj``) means that one name, as in a list; any other string is a regular
+  expression matched against each layer's full name, as PEFT treats a string.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any
+
+from qlora_plugin.core.errors import QLoRAConfigError, nearest
+
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
+OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch")
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
+AUTO_TARGETS = ("auto", "all-linear")
+CHECKPOINTING_CHOICES = (True, False, "offload")
+# transformers' SchedulerType values (a test keeps the two in step); listed here so
+# validating a recipe does not import transformers.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+              "warmup_stable_decay", "greedy")
+
+RECIPE_FILE = "qlora_recipe.json"  # the recipe as saved beside an adapter and in every checkpoint
+
+# Every field a user sets, with its default, in the order the recipe reports them.
+DEFAULTS: dict[str, Any] = {
+    "preset": "default",
+    "r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "target_modules": "auto",
+    "exclude_modules": None,
+    "use_rslora": False,
+    "use_dora": False,
+    "quant_type": "nf4",
+    "double_quant": True,
+    "compute_dtype": "auto",
+    "quant_storage": "uint8",
+    "optimizer": "paged_adamw_32bit",
+    "learning_rate": 2e-4,
+    "max_grad_norm": 0.3,
+    "lr_scheduler_type": "cosine",
+    "warmup_ratio": 0.03,
+    "gradient_checkpointing": True,
+    "num_train_epochs": None,
+    "per_device_train_batch_size": None,
+    "gradient_accumulation_steps": None,
+    "fast_path": True,
+}
+RECIPE_FIELDS = tuple(DEFAULTS)
+ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "lora_r": "r"}
+BOOLEANS = ("double_quant", "fast_path", "use_rslora", "use_dora")
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NAMES_IN_ONE_STRING = re.compile(r"\s*\w+(\s*[,\s]\s*\w+)+\s*")
+
+
+@dataclass(frozen=True)
+class NumberRule:
+    """What a numeric field accepts: kind, range, whether it may be unset, and an example fix."""
+
+    fix: str
+    integer: bool = False
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    optional: bool = False
+
+
+NUMBERS = {
+    "r": NumberRule("a positive integer such as 16", integer=True, low=1),
+    "lora_alpha": NumberRule("a positive number such as 32 (often 2 * r)", low=0, open_low=True),
+    "lora_dropout": NumberRule("a number in [0, 1) such as 0.05", low=0, high=1),
+    "learning_rate": NumberRule("a positive number such as 2e-4", low=0, open_low=True),
+    "max_grad_norm": NumberRule("a number >= 0 such as 0.3 (0 turns clipping off)", low=0),
+    "warmup_ratio": NumberRule("a fraction of the steps in [0, 1) such as 0.03", low=0, high=1),
+    "num_train_epochs": NumberRule("a positive number such as 3, or leave it unset for the trainer's default",
+                                   low=0, open_low=True, optional=True),
+    "per_device_train_batch_size": NumberRule("a positive integer such as 8, or leave it unset", integer=True,
+                                              low=0, open_low=True, optional=True),
+    "gradient_accumulation_steps": NumberRule("a positive integer such as 2, or leave it unset", integer=True,
+                                              low=0, open_low=True, optional=True),
+}
+
+
+def field_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Map aliases to field names; reject unknown and doubly given fields."""
+    fields: dict[str, Any] = {}
+    for key, value in overrides.items():
+        name = ALIASES.get(key, key)
+        if name not in RECIPE_FIELDS:
+            known = sorted([*RECIPE_FIELDS, *ALIASES])
+            raise QLoRAConfigError(key, value, "not a recipe field" + nearest(key, known), f"use one of {known}")
+        if name != key and name in overrides:
+            raise QLoRAConfigError(key, value, f"given twice, also as {name!r}", f"keep only {name!r}")
+        fields[name] = value
+    return fields
+
+
+def check_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """Return ``values`` (all recipe fields) checked and normalized; raise QLoRAConfigError at the first bad one."""
+    checked = dict(values)
+    for name, rule in NUMBERS.items():
+        checked[name] = number(name, checked[name], rule)
+    gradient_checkpointing = checked["gradient_checkpointing"]
+    if not isinstance(gradient_checkpointing, (bool, str)) or gradient_checkpointing not in CHECKPOINTING_CHOICES:
+        raise QLoRAConfigError(
+            "gradient_checkpointing", gradient_checkpointing,
+            "must be true, false or 'offload'" + nearest(str(gradient_checkpointing), ("offload",)),
+            "set gradient_checkpointing=True (recompute, less memory), False (fastest) or 'offload' (least memory)",
+        )
+    for name in BOOLEANS:
+        if not isinstance(checked[name], bool):
+            raise QLoRAConfigError(name, checked[name], f"must be true or false, not {type(checked[name]).__name__}",
+                                   f"set {name}=True or False (true / false in YAML)")
+    _choice("quant_type", checked["quant_type"], QUANT_TYPES)
+    checked["compute_dtype"] = _choice("compute_dtype", checked["compute_dtype"], COMPUTE_DTYPES, DTYPE_ALIASES)
+    checked["quant_storage"] = _choice("quant_storage", checked["quant_storage"], STORAGE_DTYPES, DTYPE_ALIASES)
+    _choice("optimizer", checked["optimizer"], OPTIMIZERS)
+    _choice("lr_scheduler_type", checked["lr_scheduler_type"], SCHEDULERS)
+    checked["target_modules"] = modules("target_modules", checked["target_modules"])
+    checked["exclude_modules"] = modules("exclude_modules", checked["exclude_modules"])
+    return checked
+
+
+def number(name: str, value: Any, rule: NumberRule) -> Any:
+    """``value`` as the number ``rule`` wants (numeric strings read, whole floats as integers), or raise."""
+    if value is None and rule.optional:
+        return None
+    kind = "an integer" if rule.integer else "a number"
+    if isinstance(value, str):
+        value = _parse_number(name, value, rule, kind)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise QLoRAConfigError(name, value, f"must be {kind}, not {type(value).__name__}", f"set {name} to {rule.fix}")
+    if not math.isfinite(value):
+        raise QLoRAConfigError(name, value, f"must be a finite number ({value} would poison every weight)",
+                               f"set {name} to {rule.fix}")
+    if rule.integer:
+        if not float(value).is_integer():
+            raise QLoRAConfigError(name, value, "must be a whole number", f"set {name} to {rule.fix}")
+        value = int(value)
+    too_low = rule.low is not None and (value <= rule.low if rule.open_low else value < rule.low)
+    too_high = rule.high is not None and value >= rule.high
+    if too_low or too_high:
+        raise QLoRAConfigError(name, value, "is out of range", f"set {name} to {rule.fix}")
+    return value
+
+
+def _parse_number(name: str, text: str, rule: NumberRule, kind: str) -> float | int:
+    try:
+        return int(text) if text.strip().lstrip("+-").isdigit() else float(text)
+    except ValueError:
+        raise QLoRAConfigError(name, text, f"must be {kind}, and this text is not one",
+                               f"set {name} to {rule.fix}") from None
+
+
+def modules(name: str, value: Any) -> list[str] | str | None:
+    """A target/exclude value normalized: bare names as a list, patterns checked, 'auto' kept."""
+    example = "['q_proj', 'v_proj']" if name == "target_modules" else "['lm_head']"
+    if name == "exclude_modules" and not value:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if name == "target_modules" and text in AUTO_TARGETS:
+            return text
+        if _MODULE_NAME.fullmatch(text):
+            return [text]
+        if _NAMES_IN_ONE_STRING.fullmatch(text):
+            names = re.split(r"[\s,]+", text.strip())
+            raise QLoRAConfigError(name, value, "is several module names in one string",
+                                   f"write them as a list: {name}={names} (YAML: {name}: [{', '.join(names)}])")
+        try:
+            re.compile(text)
+        except re.error as error:
+            raise QLoRAConfigError(name, value, f"is not a valid regular expression ({error})",
+                                   f"give a list of module names such as {example}, or a valid pattern") from None
+        return text
+    if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) and v.strip() for v in value):
+        return [v.strip() for v in (sorted(value) if isinstance(value, set) else value)]
+    raise QLoRAConfigError(
+        name, value,
+        "must be 'auto', a module name, a regular expression, or a non-empty list of module names"
+        if name == "target_modules" else "must be a module name, a regular expression, or a list of module names",
+        f"e.g. {name}={example}",
+    )
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...], aliases: dict[str, str] | None = None) -> Any:
+    """``value`` (an alias mapped to its name) if it is one of ``choices``; else raise."""
+    if isinstance(value, str) and aliases and aliases.get(value) in choices:
+        return aliases[value]
+    if isinstance(value, str) and value in choices:
+        return value
+    raise QLoRAConfigError(name, value, "is not supported" + nearest(str(value), choices), f"use one of {list(choices)}")
+
+
+class RecipeSpec:
+    """A checked recipe as plain values: what :class:`QLoRARecipe` holds, without PEFT.
+
+    The quick subcommands work from it; :func:`qlora_plugin.core.recipe.recipe_from_spec` gives the real recipe.
+    """
+
+    def __init__(self, **values: Any) -> None:
+        self.__dict__["_values"] = check_fields({**DEFAULTS, **field_overrides(values)})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def targets_are_auto(self) -> bool:
+        """True while the targets are still to be discovered on a model."""
+        return isinstance(self.target_modules, str) and self.target_modules in AUTO_TARGETS
+
+    def recipe_fields(self) -> dict[str, Any]:
+        """The fields as plain data, as :meth:`QLoRARecipe.recipe_fields` gives them."""
+        values = dict(self.__dict__["_values"])
+        values["target_modules"] = "auto" if self.targets_are_auto else values["target_modules"]
+        return values
+
+    def replace(self, **changes: Any) -> RecipeSpec:
+        """A new spec with ``changes`` applied (checked like any other)."""
+        return RecipeSpec(**{**self.recipe_fields(), **changes})
+
+
+def recipe_spec(preset: str = "default", **overrides: Any) -> RecipeSpec:
+    """The light twin of :func:`qlora_plugin.core.recipe.qlora_recipe`: a preset plus overrides, checked."""
+    from qlora_plugin.core.plugins import preset_fields
+
+    return RecipeSpec(**{**preset_fields(preset), **field_overrides(overrides), "preset": preset})

@@ -1,0 +1,52 @@
+"""The hooks through which plugins extend qlora-plugin.
+
+A plugin is a module or object with functions marked ``@qlora_plugin.hookimpl``
+and named like the specifications below. Plugins are found through the
+entry-point group ``qlora_plugin`` (see :mod:`qlora_plugin.core.plugins`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from qlora_plugin.core.recipe import QLoRARecipe
+
+PROJECT_NAME = "qlora_plugin"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def qlora_presets() -> dict[str, dict[str, Any]]:
+    """Return named presets: ``{name: {recipe field: value}}``.
+
+    Called once, when presets are first looked up. The results of all plugins
+    are merged; two plugins that define the same name are an error naming both.
+    """
+
+
+@hookspec(firstresult=True)
+def qlora_target_modules(model: nn.Module, recipe: QLoRARecipe) -> list[str] | None:
+    """Return the full names of the modules that get LoRA adapters, or ``None``.
+
+    Called when a recipe with ``target_modules="auto"`` meets a model (a real
+    one, or one built on the meta device from its config). The first non-None
+    answer wins; plugins run before the built-in generic rule, so a plugin
+    answers for the architectures it knows and returns ``None`` otherwise.
+    """
+
+
+@hookspec(firstresult=True)
+def qlora_quantization_config(recipe: QLoRARecipe, compute_dtype: Any) -> Any | None:
+    """Return the transformers quantization config that loads the base model.
+
+    ``compute_dtype`` is the resolved ``torch.dtype`` for the device in use.
+    The first non-None answer wins; the built-in answer is a 4-bit
+    ``transformers.BitsAndBytesConfig``. Another 4-bit backend plugs in here.
+    """

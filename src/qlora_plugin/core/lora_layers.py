@@ -1,0 +1,64 @@
+"""The LoRA layer PEFT puts on each target: always over a 4-bit base.
+
+The recipe registers :func:`make_lora_layer` with PEFT's custom-module dispatch
+for ``nn.Linear`` and ``Conv1D``. A base layer that is already a bitsandbytes
+4-bit layer gets PEFT's own 4-bit LoRA layer; a plain layer (a model loaded in
+bf16 or fp32) is quantized with the recipe first, so the frozen base is 4-bit
+however the model was loaded. Each layer built is handed to the ``lora_layer_built`` seam,
+where the fast path arms itself for the model's first training forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from qlora_plugin.core import seams
+from qlora_plugin.core.errors import QLoRAConfigError
+from qlora_plugin.core.notices import log_once, watch_optimizer
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from qlora_plugin.core.recipe import QLoRARecipe
+
+
+def make_lora_layer(target: nn.Module, adapter_name: str, config: QLoRARecipe, **kwargs: Any) -> nn.Module | None:
+    """Build the LoRA layer for ``target``; ``None`` leaves it to PEFT's dispatchers."""
+    import torch
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+    from transformers.pytorch_utils import Conv1D
+
+    from qlora_plugin.core.quantization import is_4bit, keep_nf4_layout, quantize_linear
+
+    if getattr(config, "_resolved_by_peft", False) and config.target_parameters:
+        raise QLoRAConfigError(
+            "target_modules",
+            "auto",
+            "on this mixture-of-experts model PEFT widens 'all-linear' to the fused expert and router "
+            f"parameters {sorted(config.target_parameters)} (its transformers-v4 compatibility), which the "
+            "built-in rule skips",
+            "discover the targets on the model first: qlora_recipe(..., model=<path or model>) or "
+            "recipe.resolve(model)",
+        )
+    if not is_4bit(target):
+        if type(target) not in (torch.nn.Linear, Conv1D):
+            return None  # another quantization backend's layer: PEFT knows it
+        device = target.weight.device.type
+        target = quantize_linear(target, config, config.resolved_compute_dtype(device))
+        log_once(
+            logging.WARNING,
+            "the base model was not loaded in 4 bits: its target layers are quantized to "
+            f"{config.quant_type} now (double quant {config.double_quant}). Loading it through "
+            "args=recipe.sft_config(...) or recipe.load_model(...) avoids holding a 16-bit copy first.",
+            config,
+        )
+    keep_nf4_layout(target)
+    kwargs["fan_in_fan_out"] = False  # the 4-bit base stores (out, in) even for Conv1D
+    from qlora_plugin.core.seeding import seeded_layer_init
+
+    with seeded_layer_init(config, kwargs.get("target_name")):
+        layer = LoraLinear4bit(target, adapter_name, config=config, **kwargs)
+    watch_optimizer(layer, config)
+    seams.call("lora_layer_built", layer, config)  # the fast path arms itself here (qlora_plugin.core.seams)
+    return layer

@@ -1,0 +1,114 @@
+"""Plain, once-only reports of which parts of a recipe are in effect."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from qlora_plugin.core.recipe import QLoRARecipe
+
+_logger = logging.getLogger("qlora_plugin")
+_hook_handle: Any = None
+_seen_optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
+_watched_layers: weakref.WeakKeyDictionary[Any, QLoRARecipe] = weakref.WeakKeyDictionary()
+
+
+def use_logger(name: str) -> None:
+    """Send the package's reports to the logger ``name`` (a host tool's own namespace)."""
+    global _logger
+    _logger = logging.getLogger(name)
+
+
+def report(level: int, message: str, *args: Any) -> None:
+    """Log ``message`` through the package's current logger."""
+    _logger.log(level, message, *args)
+
+
+def log_once(level: int, message: str, recipe: QLoRARecipe) -> None:
+    """Log ``message`` the first time it comes up for ``recipe`` (so once per run, not per layer)."""
+    said = recipe.__dict__.setdefault("_qlora_said", set())
+    if message not in said:
+        said.add(message)
+        _logger.log(level, message)
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
+    """The trainer's name for ``optimizer`` (``paged_adamw_32bit``, ...), or its class name."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    try:
+        from bitsandbytes.optim.optimizer import Optimizer2State
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        Optimizer2State = ()  # noqa: N806
+    if isinstance(optimizer, Optimizer2State) and optimizer.optimizer_name == "adam":
+        paged = "paged_" if optimizer.is_paged else ""
+        return f"{paged}adamw_{optimizer.args.optim_bits}bit"
+    if type(optimizer).__module__ == "qlora_plugin.fastpath.kernels.optim":
+        return "paged_adamw_32bit" if getattr(optimizer, "paged", False) else "adamw_torch"
+    if type(optimizer).__module__.startswith("torch.optim") and type(optimizer).__name__ == "AdamW":
+        return "adamw_torch"
+    return type(optimizer).__name__
+
+
+def watch_optimizer(layer: nn.Module, recipe: QLoRARecipe) -> None:
+    """Report, at the first optimizer step over ``layer``'s adapters, which optimizer runs.
+
+    A trainer may take its optimizer from arguments the recipe did not make
+    (``optimizers=``, ``optim=``); the first step is where that shows. The layer is
+    remembered, not its parameters: PEFT may replace the parameter objects after the
+    layer is built (its adapter dtype cast does since 0.21.1). torch offers only a
+    process-wide step hook; it stays installed and looks at each optimizer once
+    (removing it from inside itself would break torch's loop over the global hooks
+    whenever another library has registered one too).
+    """
+    global _hook_handle
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    _watched_layers[layer] = recipe
+    if _hook_handle is None:
+        _hook_handle = register_optimizer_step_pre_hook(_report_optimizer)
+
+
+def _recipe_of(optimizer: torch.optim.Optimizer) -> QLoRARecipe | None:
+    """The recipe of a watched LoRA layer whose adapter weights ``optimizer`` updates, or None."""
+    updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for layer, recipe in list(_watched_layers.items()):
+        if any(id(p) in updated for name, p in layer.named_parameters() if "lora_" in name):
+            return recipe
+    return None
+
+
+def _on_cuda(optimizer: torch.optim.Optimizer) -> bool:
+    return any(p.is_cuda for group in optimizer.param_groups for p in group["params"])
+
+
+def _report_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if optimizer in _seen_optimizers:
+        return
+    _seen_optimizers.add(optimizer)
+    recipe = _recipe_of(optimizer)
+    if recipe is None:
+        return
+    used = describe_optimizer(optimizer)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if used == recipe.optimizer and type(inner).__module__.startswith("bitsandbytes") and _on_cuda(inner):
+        log_once(
+            logging.INFO,
+            f"optimizer: {used} (bitsandbytes), as the recipe asks. It steps one tensor at a time with a device "
+            "synchronisation after each; for the same update as one fused step pass "
+            "optimizer_cls_and_kwargs=recipe.optimizer_cls_and_kwargs(args) to the trainer",
+            recipe,
+        )
+    elif used == recipe.optimizer:
+        log_once(logging.INFO, f"optimizer: {used}, as the recipe asks", recipe)
+    else:
+        log_once(
+            logging.WARNING,
+            f"optimizer: the trainer runs {used}, not the recipe's {recipe.optimizer}: it came from the "
+            "trainer's own arguments. Pass args=recipe.sft_config(...) and no `optimizers=` to use it.",
+            recipe,
+        )

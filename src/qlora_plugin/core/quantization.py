@@ -1,0 +1,118 @@
+"""4-bit quantization of the frozen base: the built-in bitsandbytes backend."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from qlora_plugin.core.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import BitsAndBytesConfig
+
+    from qlora_plugin.core.recipe import QLoRARecipe
+
+BLOCKSIZE = 64  # bitsandbytes' 4-bit block size; transformers does not expose it
+
+
+def bnb_config(recipe: QLoRARecipe, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """The recipe's quantization as a transformers ``BitsAndBytesConfig``."""
+    from transformers import BitsAndBytesConfig
+
+    from qlora_plugin.core.device import torch_dtype
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=recipe.quant_type,
+        bnb_4bit_use_double_quant=recipe.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch_dtype(recipe.quant_storage),
+    )
+
+
+@hookimpl(trylast=True)
+def qlora_quantization_config(recipe: QLoRARecipe, compute_dtype: Any) -> BitsAndBytesConfig:
+    """The built-in backend: bitsandbytes 4-bit."""
+    return bnb_config(recipe, compute_dtype)
+
+
+def quantize_linear(layer: nn.Module, recipe: QLoRARecipe, compute_dtype: torch.dtype) -> nn.Module:
+    """Return a bitsandbytes ``Linear4bit`` holding ``layer``'s weight in 4 bits.
+
+    ``layer`` is an ``nn.Linear`` or a GPT-2 ``Conv1D`` (whose weight is stored
+    transposed). The result lives on the device of ``layer``'s weight.
+    """
+    import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
+
+    from qlora_plugin.core.device import torch_dtype
+
+    weight = layer.weight.detach()
+    if isinstance(layer, Conv1D):
+        weight = weight.t()
+    out_features, in_features = weight.shape
+    quantized = bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=layer.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=recipe.double_quant,
+        quant_type=recipe.quant_type,
+        quant_storage=torch_dtype(recipe.quant_storage),
+        device="meta",
+    )
+    quantized.weight = bnb.nn.Params4bit(
+        weight.contiguous(),
+        requires_grad=False,
+        compress_statistics=recipe.double_quant,
+        quant_type=recipe.quant_type,
+        quant_storage=torch_dtype(recipe.quant_storage),
+        blocksize=BLOCKSIZE,
+    )
+    if layer.bias is not None:
+        quantized.bias = layer.bias
+    return quantized.to(layer.weight.device)
+
+
+def is_4bit(layer: nn.Module) -> bool:
+    """True if ``layer`` is a bitsandbytes 4-bit linear layer."""
+    import bitsandbytes as bnb
+
+    return isinstance(layer, bnb.nn.Linear4bit)
+
+
+def keep_nf4_layout(model: nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit layer of ``model`` (or ``model`` itself) in its NF4/FP4 layout.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit``'s weight in place the
+    first time the layer runs in eval mode without grad. A repacked layer then computes
+    without an input gradient in training, and everything that reads the weight as 4-bit
+    data (the fast path's kernels, merging) sees another layout. This turns the repacking
+    off on each layer and converts back, through bitsandbytes' own inverse, a layer that
+    was already repacked. Returns the number of 4-bit layers seen.
+    """
+    from qlora_plugin.core.patches import allowed
+
+    if not allowed("bnb-cpu-weight-repack"):
+        return 0
+    layers = [model] if is_4bit(model) else [m for m in model.modules() if is_4bit(m)]
+    for layer in layers:
+        restore_nf4_layout(layer)
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def restore_nf4_layout(layer: nn.Module) -> bool:
+    """Convert a weight bitsandbytes repacked for its CPU kernel back to the 4-bit layout; True if it was."""
+    weight = layer.weight
+    state = getattr(weight, "quant_state", None)
+    if not getattr(state, "packing_format_for_cpu", False):
+        return False
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    if getattr(layer, "quant_state", None) is not None:
+        layer.quant_state = weight.quant_state
+    return True

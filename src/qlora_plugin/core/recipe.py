@@ -1,0 +1,262 @@
+"""QLoRARecipe: the single source of truth for a QLoRA run.
+
+A recipe is a ``peft.LoraConfig`` (so TRL's ``SFTTrainer`` takes it as its
+``peft_config``) that also carries the quantization of the base and the
+training settings QLoRA depends on. It converts to each library's own objects:
+``bnb_config()`` -> transformers, ``lora_config()`` -> PEFT,
+``training_args()`` / ``sft_config()`` -> transformers / TRL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from peft import LoraConfig
+
+from qlora_plugin.core.fields import (  # noqa: F401 - the names recipe users import from here
+    ALIASES,
+    AUTO_TARGETS,
+    CHECKPOINTING_CHOICES,
+    COMPUTE_DTYPES,
+    DEFAULTS,
+    DTYPE_ALIASES,
+    OPTIMIZERS,
+    QUANT_TYPES,
+    RECIPE_FIELDS,
+    RECIPE_FILE,
+    STORAGE_DTYPES,
+    check_fields,
+    field_overrides,
+)
+from qlora_plugin.core import seams
+from qlora_plugin.core.targets import AUTO_EXCLUDE_PATTERN
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import PreTrainedModel
+    from trl import SFTConfig
+
+@dataclass
+class QLoRARecipe(LoraConfig):
+    """Everything that makes a run QLoRA, in one object.
+
+    LoRA fields keep PEFT's names (``r``, ``lora_alpha``, ``lora_dropout``,
+    ``target_modules``, ``exclude_modules``, ``use_rslora``, ``use_dora``);
+    :func:`qlora_recipe` also accepts ``alpha`` and ``dropout``.
+    ``target_modules="auto"`` means: discover them on the model (see
+    :mod:`qlora_plugin.core.targets`).
+    """
+
+    r: int = DEFAULTS["r"]
+    lora_alpha: float = DEFAULTS["lora_alpha"]
+    lora_dropout: float = DEFAULTS["lora_dropout"]
+    target_modules: list[str] | str | None = DEFAULTS["target_modules"]
+    task_type: str | None = "CAUSAL_LM"
+    preset: str = field(default=DEFAULTS["preset"], metadata={"help": "the preset the recipe started from"})
+    quant_type: str = field(default=DEFAULTS["quant_type"], metadata={"help": "4-bit data type: nf4 or fp4"})
+    double_quant: bool = field(default=DEFAULTS["double_quant"], metadata={"help": "quantize the block constants too"})
+    compute_dtype: str = field(default=DEFAULTS["compute_dtype"],
+                               metadata={"help": "auto, bfloat16, float16, float32"})
+    quant_storage: str = field(default=DEFAULTS["quant_storage"],
+                               metadata={"help": "storage dtype; bfloat16 for FSDP"})
+    optimizer: str = field(default=DEFAULTS["optimizer"], metadata={"help": "trainer optimizer name"})
+    learning_rate: float = DEFAULTS["learning_rate"]
+    max_grad_norm: float = DEFAULTS["max_grad_norm"]
+    lr_scheduler_type: str = DEFAULTS["lr_scheduler_type"]
+    warmup_ratio: float = DEFAULTS["warmup_ratio"]
+    gradient_checkpointing: bool | str = field(
+        default=DEFAULTS["gradient_checkpointing"],
+        metadata={"help": "True: recompute each decoder layer in backward; False: keep activations (fastest, "
+                          "most memory); 'offload': recompute, with layer inputs parked in pinned host memory"},
+    )
+    num_train_epochs: float | None = DEFAULTS["num_train_epochs"]
+    per_device_train_batch_size: int | None = DEFAULTS["per_device_train_batch_size"]
+    gradient_accumulation_steps: int | None = DEFAULTS["gradient_accumulation_steps"]
+    fast_path: bool = field(
+        default=DEFAULTS["fast_path"],
+        metadata={"help": "keep the base in the compute dtype (no fp32 upcasts) and, on CUDA, train through the "
+                          "fused kernels of qlora_plugin.fastpath.kernels; False: PEFT's stock preparation"},
+    )
+
+    def __post_init__(self) -> None:
+        checked = check_fields({name: getattr(self, name) for name in RECIPE_FIELDS})
+        for name, value in checked.items():
+            setattr(self, name, value)
+        self._user_exclude_modules = self.exclude_modules
+        self._resolved_by_peft = self.targets_are_auto
+        if self.targets_are_auto:
+            # PEFT resolves "all-linear" on the model it wraps; the pattern adds
+            # the rest of the built-in rule (routers, vision parts).
+            self.target_modules = "all-linear"
+            self.exclude_modules = _combine_exclusions(self.exclude_modules)
+        super().__post_init__()
+        self._register_lora_layer_factory()
+
+    # -- views -----------------------------------------------------------------
+
+    @property
+    def targets_are_auto(self) -> bool:
+        """True while the targets are still to be discovered on a model."""
+        return isinstance(self.target_modules, str) and self.target_modules in AUTO_TARGETS
+
+    def recipe_fields(self) -> dict[str, Any]:
+        """The recipe as plain data: the fields a user sets, as they set them."""
+        values = {name: getattr(self, name) for name in RECIPE_FIELDS}
+        values["target_modules"] = "auto" if self.targets_are_auto else _plain(self.target_modules)
+        values["exclude_modules"] = _plain(self._user_exclude_modules)
+        return values
+
+    def replace(self, **changes: Any) -> QLoRARecipe:
+        """A new recipe with ``changes`` applied (validated like any other)."""
+        return QLoRARecipe(**{**self.recipe_fields(), **field_overrides(changes)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """PEFT's view: only LoRA fields, so adapter_config.json loads anywhere."""
+        return {key: value for key, value in super().to_dict().items() if key in LORA_FIELDS}
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write adapter_config.json (plain LoRA) and qlora_recipe.json beside it."""
+        super().save_pretrained(save_directory, **kwargs)
+        write_recipe_file(self, save_directory)
+
+    # -- conversions -------------------------------------------------------------
+
+    def resolved_compute_dtype(self, device: str | None = None) -> torch.dtype:
+        """The compute dtype on ``device`` (default: the device training would use)."""
+        from qlora_plugin.core.device import resolve_compute_dtype
+
+        return resolve_compute_dtype(self.compute_dtype, device)
+
+    def bnb_config(self, device: str | None = None) -> Any:
+        """transformers' ``BitsAndBytesConfig`` for loading the base in 4 bits."""
+        from qlora_plugin.core.quantization import bnb_config
+
+        return bnb_config(self, self.resolved_compute_dtype(device))
+
+    def quantization_config(self, device: str | None = None) -> Any:
+        """The quantization config from the plugins (bitsandbytes unless one overrides it)."""
+        from qlora_plugin.core.plugins import quantization_config
+
+        return quantization_config(self, self.resolved_compute_dtype(device))
+
+    def lora_config(self) -> LoraConfig:
+        """The LoRA part as a plain ``peft.LoraConfig``."""
+        init_fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+        return LoraConfig(**{k: v for k, v in self.to_dict().items() if k in init_fields})
+
+    def training_args(self, device: str | None = None) -> dict[str, Any]:
+        """The recipe's trainer settings as ``TrainingArguments`` keyword arguments.
+
+        Made by :mod:`qlora_plugin.integrations.transformers` (through :mod:`qlora_plugin.core.seams`).
+        """
+        return seams.call("training_args", self, device)
+
+    def optimizer_cls_and_kwargs(self, args: Any = None) -> tuple[type, dict[str, Any]] | None:
+        """The fused paged AdamW for a trainer's ``optimizer_cls_and_kwargs=`` (CUDA fast path), else None.
+
+        ``args``: the trainer's arguments (learning rate, betas, eps are read from them). Made by
+        :mod:`qlora_plugin.fastpath.activation` (through :mod:`qlora_plugin.core.seams`).
+        """
+        return seams.call("optimizer_cls_and_kwargs", self, args)
+
+    def sft_config(self, **overrides: Any) -> SFTConfig:
+        """A TRL ``SFTConfig`` with the recipe's settings; ``overrides`` win (and are logged).
+
+        Made by :mod:`qlora_plugin.integrations.trl` (through :mod:`qlora_plugin.core.seams`).
+        """
+        return seams.call("sft_config", self, **overrides)
+
+    def callbacks(self) -> list[Any]:
+        """Trainer callbacks for ``SFTTrainer(..., callbacks=recipe.callbacks())``: checkpoints complete or
+        absent, each with ``qlora_recipe.json``, and a resume that skips an incomplete one
+        (:class:`qlora_plugin.integrations.checkpoints.CheckpointGuard`, through :mod:`qlora_plugin.core.seams`)."""
+        return list(seams.call("callbacks", self))
+
+    # -- models ------------------------------------------------------------------
+
+    def resolve(self, model: nn.Module | str | os.PathLike[str]) -> QLoRARecipe:
+        """A copy whose ``target_modules`` are the exact names found on ``model``.
+
+        ``model`` is a loaded model, or a path / hub id whose config is built on
+        the meta device (no weights are read). Explicit names are checked
+        against the model's linear layers; a pattern becomes the names it matches.
+        """
+        from qlora_plugin.core.models import as_model
+        from qlora_plugin.core.plugins import discover_targets
+        from qlora_plugin.core.targets import check_targets_exist
+
+        module = as_model(model)
+        if self.targets_are_auto:
+            return self.replace(target_modules=discover_targets(module, self))
+        named = check_targets_exist(module, self.target_modules)
+        return self.replace(target_modules=named) if isinstance(self.target_modules, str) else self
+
+    def load_model(self, path: str | os.PathLike[str], **kwargs: Any) -> PreTrainedModel:
+        """Load a causal LM with its base in 4 bits, ready for the adapters."""
+        from qlora_plugin.core.models import load_quantized
+
+        return load_quantized(path, self, **kwargs)
+
+    def _register_lora_layer_factory(self) -> None:
+        from qlora_plugin.core.patches import allowed
+
+        if not allowed("peft-lora-layer-factory"):
+            return
+        import torch
+        from transformers.pytorch_utils import Conv1D
+
+        from qlora_plugin.core.lora_layers import make_lora_layer
+
+        self._register_custom_module({torch.nn.Linear: make_lora_layer, Conv1D: make_lora_layer})
+
+
+LORA_FIELDS = frozenset(f.name for f in dataclasses.fields(LoraConfig))
+
+
+def recipe_from_spec(spec: Any) -> QLoRARecipe:
+    """The :class:`QLoRARecipe` with the fields of a checked :class:`~qlora_plugin.core.fields.RecipeSpec`."""
+    return QLoRARecipe(**spec.recipe_fields())
+
+
+def qlora_recipe(preset: str = "default", *, model: Any = None, **overrides: Any) -> QLoRARecipe:
+    """Make a recipe from a named preset plus keyword overrides.
+
+    ``qlora_recipe()``, ``qlora_recipe("paper", r=32)``. Presets come from the
+    plugins (see ``qlora_plugin.core.presets``). With ``model`` (a loaded model or a
+    path), the target modules are discovered on it now.
+    """
+    from qlora_plugin.core.plugins import preset_fields
+
+    fields = {**preset_fields(preset), **field_overrides(overrides), "preset": preset}
+    recipe = QLoRARecipe(**fields)
+    return recipe.resolve(model) if model is not None else recipe
+
+
+def write_recipe_file(recipe: QLoRARecipe, directory: str | os.PathLike[str]) -> None:
+    """Write ``qlora_recipe.json`` into ``directory`` through a temporary file, so it is whole or absent."""
+    from qlora_plugin.core.safe_io import write_text_atomically
+
+    text = json.dumps(recipe.recipe_fields(), indent=2, sort_keys=True)
+    write_text_atomically(os.path.join(os.fspath(directory), RECIPE_FILE), text)
+
+
+def _plain(value: Any) -> Any:
+    """Sets and tuples of names as sorted lists (JSON- and YAML-friendly)."""
+    return sorted(value) if isinstance(value, (set, list, tuple)) else value
+
+
+def _combine_exclusions(user: str | list[str] | set[str] | None) -> str:
+    """One regular expression: the built-in exclusions plus the user's."""
+    if not user:
+        return AUTO_EXCLUDE_PATTERN
+    if isinstance(user, str):
+        return f"{AUTO_EXCLUDE_PATTERN}|(?:{user})"
+    import re
+
+    names = "|".join(re.escape(name) for name in sorted(user))
+    return f"{AUTO_EXCLUDE_PATTERN}|(?:.*\\.)?(?:{names})"

@@ -1,0 +1,219 @@
+"""Writes that leave a whole result or nothing: files, directories, and the signals that stop them.
+
+Everything is built beside its destination under a hidden temporary name and
+renamed into place at the end; a failure or an interruption removes the
+temporary copy. Results get the permissions ``mkdir`` and ``open`` would give
+(the process umask), not the 0700/0600 of Python's ``tempfile`` (or of the
+safetensors writer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import stat
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from qlora_plugin.core.errors import QLoRAConfigError
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_DISK_FULL_WORDS = ("No space left", "File too large", "Disk quota exceeded", "StorageFull", "FileTooLarge")
+
+
+class Interrupted(BaseException):
+    """A stop signal (SIGTERM, SIGHUP) turned into an exception, so cleanup code runs."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for the errors a full disk or a file-size limit raises (also from Rust writers, by message)."""
+    for cause in _chain(error):
+        if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(words in str(cause) for words in _DISK_FULL_WORDS):
+            return True
+    return False
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it, with the umask's permissions."""
+    target = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.chmod(temporary, 0o666 & ~current_umask())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def check_writable_destination(out: Path, field: str) -> None:
+    """Refuse, before any work, a destination that cannot be replaced by a rename.
+
+    The parent must be a writable directory (the temporary copy goes there), and
+    ``out`` must not be a mount point (a rename onto one fails with "Device or
+    resource busy" only at the very end).
+    """
+    existing = out.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise QLoRAConfigError(field, os.fspath(out), f"lies under {os.fspath(existing)}, which is a file",
+                               "choose a path whose parents are directories")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise QLoRAConfigError(field, os.fspath(out), f"cannot be written: {os.fspath(existing)} is not writable",
+                               "choose a directory you can write to")
+    if out.is_dir() and os.path.ismount(out):
+        raise QLoRAConfigError(
+            field, os.fspath(out), "is a mount point, which cannot be replaced by the final rename",
+            f"write into a new directory inside it, e.g. {field} {os.fspath(out / 'merged')}",
+        )
+
+
+def directory_mode(out: Path) -> int:
+    """The mode a finished directory at ``out`` gets: the existing one's (replacing it), else mkdir's."""
+    if out.is_dir():
+        return stat.S_IMODE(out.stat().st_mode)
+    return 0o777 & ~current_umask()
+
+
+def give_normal_permissions(directory: Path, mode: int) -> None:
+    """``directory`` gets ``mode``; what is inside gets the umask's modes (some writers create files 0600)."""
+    mask = current_umask()
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    os.chmod(directory, mode)
+
+
+def remove_abandoned_copies(out: Path) -> list[Path]:
+    """Remove temporary copies of ``out`` whose process is gone (SIGKILL leaves them; nothing else can).
+
+    The copies are named ``.<name>.<pid>.<random>.partial``/``.old``; one whose
+    process still runs (another merge into the same place) is left alone.
+    """
+    removed = []
+    for path in out.parent.glob(f".{glob_escape(out.name)}.*"):
+        parts = path.name[len(out.name) + 2:].split(".")
+        if len(parts) == 3 and parts[0].isdigit() and parts[2] in ("partial", "old") and not _alive(int(parts[0])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+@contextlib.contextmanager
+def staged_directory(out: Path) -> Iterator[Path]:
+    """A temporary directory beside ``out`` that becomes ``out`` if the block completes.
+
+    Nothing is left behind whatever happens: on an exception (an interruption
+    included) the temporary directory is removed, and one a killed process left
+    is removed by the next call for the same ``out``; an existing ``out`` is moved
+    aside and back if the final rename fails, and deleted once it succeeds.
+    The two renames run with SIGINT and SIGTERM held, so a signal cannot fall between them.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_copies(out)
+    mode = directory_mode(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
+    previous = staging.with_name(staging.name.removesuffix(".partial") + ".old")
+    try:
+        yield staging
+        give_normal_permissions(staging, mode)
+        with signals_held():
+            moved_aside = False
+            try:
+                if out.exists():
+                    os.rename(out, previous)
+                    moved_aside = True
+                os.rename(staging, out)
+            except BaseException:
+                if moved_aside:
+                    os.rename(previous, out)
+                raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for a few system calls that must not be split; they arrive afterwards.
+
+    The handlers only note the signal meanwhile (Python runs handlers in the main
+    thread, whichever thread the kernel picked), and it is raised again on leaving.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; other threads' callers keep the default behaviour
+        return
+    arrived: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    before = {signum: signal.signal(signum, lambda signum, frame: arrived.append(signum)) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise :class:`Interrupted` (SIGINT already raises KeyboardInterrupt)."""
+    def stop(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = (signal.SIGTERM, signal.SIGHUP)
+    before = {signum: signal.signal(signum, stop) for signum in caught}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)

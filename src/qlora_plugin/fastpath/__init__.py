@@ -1,0 +1,1 @@
+"""The fast path: kernels for QLoRA training and the moment they go on a model (imports ``core`` only)."""

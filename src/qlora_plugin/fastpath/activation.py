@@ -1,0 +1,285 @@
+"""The recipe's fast path: which kernels it asks for, and the moment they go on a model.
+
+With ``fast_path=True`` on a CUDA machine, a PEFT model whose adapters the recipe
+made trains through :mod:`qlora_plugin.fastpath.kernels` (fused LoRA over NF4, a loss without
+logits, Liger norms / SwiGLU / RoPE, the recipe's recompute mode). They are put on
+at the model's first training forward: by then the trainer has finished its own
+setup (gradient checkpointing, Liger's loss for TRL), which would otherwise undo
+them. The trigger is a one-shot global forward pre-hook, armed when PEFT builds the
+first 4-bit LoRA layer (:mod:`qlora_plugin.core.lora_layers`) or by the Axolotl plugin,
+and removed as soon as it has fired. On a machine without CUDA nothing is armed and
+the kernels are never imported.
+
+``gradient_checkpointing`` picks the point between speed and memory:
+``False`` -> recompute "none" (fastest), ``True`` -> "full" (each decoder layer
+recomputed in backward), ``"offload"`` -> "offload" (as "full", with the kept layer
+inputs in pinned host memory: least GPU memory).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from qlora_plugin.core.notices import log_once
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from qlora_plugin.fastpath.kernels import FastPathReport
+    from qlora_plugin.core.recipe import QLoRARecipe
+
+RECOMPUTE = {True: "full", False: "none", "offload": "offload"}
+# Axolotl's LoRA kernel switches, and the projections each one computes itself.
+HOST_KERNEL_LAYERS = {
+    "lora_qkv_kernel": ("q_proj", "k_proj", "v_proj"),
+    "lora_o_kernel": ("o_proj",),
+    "lora_mlp_kernel": ("gate_proj", "up_proj", "down_proj"),
+}
+_REQUEST = "_qlora_fast_path_request"
+_DONE = "_qlora_fast_path_applied"
+_hook_handle: Any = None
+_peft_model_class: Any = None
+
+
+# Trainer settings of the fast path; each removes a point where the host waits for the GPU,
+# after which the GPU idles while the host prepares the next step (benchmarks/NOTES.md,
+# sections 9-10, 1B on an H100):
+# - Trainer's NaN/Inf loss filter reads each step's loss back just after the backward is
+#   queued (7-21 % of the throughput). It only changes what is logged: a NaN or Inf loss is
+#   logged as such instead of being replaced by the running average.
+# - The batch's copy to the GPU: from pinned memory (Trainer's default) but blocking, it
+#   waits for the previous step's backward and optimizer step (7-10 % with logging every 10
+#   steps). ``non_blocking`` lets it queue behind them.
+FAST_TRAINER_SETTINGS: dict[str, Any] = {"logging_nan_inf_filter": False, "accelerator_config": {"non_blocking": True}}
+
+
+def trainer_settings(recipe: QLoRARecipe, device: str | None = None) -> dict[str, Any]:
+    """``TrainingArguments`` fields the fast path sets on ``device`` (none off the fast path)."""
+    return copy.deepcopy(FAST_TRAINER_SETTINGS) if wants_fast_path(recipe, device) else {}
+
+
+def apply_trainer_settings(trainer: Any, settings: dict[str, Any]) -> None:
+    """Put trainer ``settings`` on a trainer that already exists (Axolotl's hook comes after ``__init__``).
+
+    ``accelerator_config`` fields also go on the trainer's accelerator, which read
+    them when it was made; the train dataloader is prepared with them later, in ``train()``.
+    """
+    from qlora_plugin.core.patches import allowed
+
+    for key, value in settings.items():
+        if key != "accelerator_config":
+            setattr(trainer.args, key, value)
+            continue
+        if not allowed("trainer-dataloader-config"):
+            continue
+        for name, field_value in value.items():
+            setattr(trainer.args.accelerator_config, name, field_value)
+            setattr(trainer.accelerator.dataloader_config, name, field_value)
+
+
+def recompute_mode(recipe: QLoRARecipe) -> str:
+    """The kernels' recompute mode for the recipe's ``gradient_checkpointing``."""
+    return RECOMPUTE[recipe.gradient_checkpointing]
+
+
+# Runs the fast path's pure-PyTorch reference implementations on a CPU: for testing how the
+# fast path meets a trainer on machines without a GPU (slower than the stock path there).
+CPU_ENV = "QLORA_FAST_PATH_ON_CPU"
+
+
+def wants_fast_path(recipe: QLoRARecipe, device: str | None = None) -> bool:
+    """True when ``recipe`` trains through the kernels on ``device`` (default: the training device)."""
+    from qlora_plugin.core.device import training_device
+
+    device = device or training_device()
+    return bool(recipe.fast_path) and (device == "cuda" or (device == "cpu" and os.environ.get(CPU_ENV) == "1"))
+
+
+def arm(model: nn.Module | None = None, recipe: QLoRARecipe | None = None, host_kernels: Iterable[str] = (),
+        own_loss: bool = False) -> None:
+    """Put the fast path on at the first training forward of a recipe's PEFT model.
+
+    Without ``model``: any PEFT model whose active adapter config is a fast-path
+    :class:`QLoRARecipe`. With ``model`` and ``recipe``: that model (a trainer that
+    builds its own ``LoraConfig``, as Axolotl does). ``host_kernels``: names of the
+    trainer's own LoRA kernels that are on (see :data:`HOST_KERNEL_LAYERS`); the
+    layers they compute are left to them. ``own_loss``: the trainer reads only the
+    model's ``loss`` in training (never ``logits``), so the fast path may compute it
+    without logits; otherwise the loss stays the trainer's (TRL's ``chunked_nll`` and
+    Liger's are already logit-free; ``nll``/``dft`` read the logits).
+    """
+    global _hook_handle, _peft_model_class
+    from peft import PeftModel
+
+    _peft_model_class = PeftModel
+    if model is not None:
+        model.__dict__[_REQUEST] = (recipe, tuple(host_kernels), own_loss)
+    if _hook_handle is None:
+        from torch.nn.modules.module import register_module_forward_pre_hook
+
+        _hook_handle = register_module_forward_pre_hook(_first_forward)
+
+
+def arm_for_layer(layer: nn.Module, recipe: QLoRARecipe) -> None:
+    """Arm the fast path when PEFT builds one of the recipe's LoRA layers on a device the fast path serves."""
+    if wants_fast_path(recipe, layer.base_layer.weight.device.type):
+        arm()
+
+
+def disarm() -> None:
+    """Remove the first-forward hook (a no-op when none is installed)."""
+    global _hook_handle
+    if _hook_handle is not None:
+        _hook_handle.remove()
+        _hook_handle = None
+
+
+def is_armed() -> bool:
+    """True while the first-forward hook is installed."""
+    return _hook_handle is not None
+
+
+def _request(module: nn.Module) -> tuple[QLoRARecipe, tuple[str, ...], bool] | None:
+    """The (recipe, host kernels, own loss) a module asks the fast path for, or None."""
+    explicit = module.__dict__.get(_REQUEST)
+    if explicit is not None:
+        return explicit
+    if _peft_model_class is None or not isinstance(module, _peft_model_class):
+        return None
+    from qlora_plugin.core.recipe import QLoRARecipe
+
+    config = module.peft_config.get(module.active_adapter)
+    if isinstance(config, QLoRARecipe) and config.fast_path:
+        return config, (), False
+    return None
+
+
+def _first_forward(module: nn.Module, args: Any) -> None:
+    if not module.training or module.__dict__.get(_DONE):
+        return
+    request = _request(module)
+    if request is None:
+        return
+    disarm()
+    recipe, host_kernels, own_loss = request
+    apply_recipe_fast_path(module, recipe, host_kernels=host_kernels, own_loss=own_loss)
+
+
+def kernel_config(recipe: QLoRARecipe, device: str, *, fuse_loss: bool = False,
+                  host_kernels: Iterable[str] = ()) -> Any:
+    """The :class:`qlora_plugin.fastpath.kernels.FastPathConfig` the recipe asks for on ``device``.
+
+    ``fuse_loss``: compute the training loss without logits (only where the trainer
+    reads nothing else and the model's forward is still its own); ``host_kernels``:
+    the trainer's own LoRA kernels that are on. CUDA graphs go on at the speed point
+    (the recompute mode "none") unless the environment sets ``QLORA_CUDA_GRAPHS=0``;
+    ``QLORA_PACKED_ATTENTION=0`` leaves packed rows to transformers' masked attention.
+    """
+    from qlora_plugin.fastpath.kernels import FastPathConfig
+
+    host_kernels = tuple(host_kernels)
+    mode = recompute_mode(recipe)
+    if mode == "offload" and device != "cuda":
+        mode = "full"  # host offload needs CUDA streams; recomputing alone still saves the memory
+    return FastPathConfig(
+        compute_dtype=recipe.resolved_compute_dtype(device),
+        fused_loss=fuse_loss,
+        fused_mlp="lora_mlp_kernel" not in host_kernels,
+        recompute=mode,
+        cache_block_constants=mode == "none",  # +1/16 of the bf16 weight size: the speed point only
+        cuda_graphs=mode == "none" and not host_kernels and os.environ.get("QLORA_CUDA_GRAPHS", "1") != "0",
+        packed_attention=os.environ.get("QLORA_PACKED_ATTENTION", "1") != "0",
+        skip_lora=tuple(name for key in host_kernels for name in HOST_KERNEL_LAYERS.get(key, ())),
+    )
+
+
+def apply_recipe_fast_path(model: nn.Module, recipe: QLoRARecipe, *, host_kernels: Iterable[str] = (),
+                           own_loss: bool = False) -> FastPathReport:
+    """Put the recipe's fast path on ``model`` (a PEFT model) now, and report it once.
+
+    ``own_loss``: see :func:`arm`.
+    """
+    from qlora_plugin.fastpath.kernels import apply_fast_path
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(base.parameters()).device.type
+    forward_owner = loss_forward_owner(base)
+    config = kernel_config(recipe, device, fuse_loss=own_loss and forward_owner is None, host_kernels=host_kernels)
+    result = apply_fast_path(model, config=config)
+    model.__dict__[_DONE] = True
+    log_once(logging.INFO, describe(result, config, recipe, loss_description(result, forward_owner, own_loss),
+                                    tuple(host_kernels)), recipe)
+    return result
+
+
+def loss_forward_owner(causal_lm: nn.Module) -> str | None:
+    """Whose logit-free loss replaced the model's forward: ``"liger"``, ``"trl"``, or None (its own forward).
+
+    Told by where the forward's code lives: TRL's replacement copies the model's name and
+    module onto itself (``functools.wraps``), its code object keeps TRL's file.
+    """
+    func = getattr(causal_lm.forward, "__func__", causal_lm.forward)
+    code = getattr(func, "__code__", None)
+    path = code.co_filename.replace("\\", "/") if code is not None else ""
+    if "/liger_kernel/" in path:
+        return "liger"
+    if "/trl/" in path:
+        return "trl"
+    return None
+
+
+def loss_description(result: Any, forward_owner: str | None, own_loss: bool) -> str:
+    """Where the training loss comes from, for the fast path's log line."""
+    if forward_owner == "liger":
+        return "loss without logits: Liger's fused linear cross-entropy (the trainer's use_liger_kernel)"
+    if forward_owner == "trl":
+        return "loss without logits: TRL's own (chunked_nll, or its fused LM head)"
+    if result.loss_fused:
+        return "loss without logits: the plugin's"
+    if own_loss:
+        return "loss from full logits (this model's output head is not supported without them)"
+    return "loss from full logits: left to the trainer, which reads them (TRL loss_type 'nll'/'dft', or your own loop)"
+
+
+def describe(result: Any, config: Any, recipe: QLoRARecipe, loss: str, host_kernels: tuple[str, ...]) -> str:
+    """One line: which parts of the fast path are on."""
+    dropout = f", LoRA dropout {recipe.lora_dropout}" if recipe.lora_dropout else ""
+    parts = [
+        f"fused LoRA over {recipe.quant_type} on {result.lora_layers_fused} layers{dropout}",
+        loss,
+        f"RMSNorm on {result.norms_patched}, SwiGLU on {result.mlps_patched}, RoPE on {result.rope_patched} modules",
+        f"recompute '{config.recompute}' (gradient_checkpointing={recipe.gradient_checkpointing!r})",
+        *([f"CUDA graphs over {result.graphed_layers} decoder layers once batches repeat a shape"]
+          if result.graphed_layers else []),
+        *(["packed rows attended per sequence (no block-diagonal mask)"] if result.packed_attention else []),
+        f"frozen weights in {str(config.compute_dtype).removeprefix('torch.')}, adapters kept fp32",
+    ]
+    if host_kernels:
+        parts.append(f"left to the trainer's own kernels: {', '.join(host_kernels)}")
+    return "qlora fast path on: " + "; ".join(parts)
+
+
+def optimizer_cls_and_kwargs(recipe: QLoRARecipe, args: Any = None) -> tuple[type, dict[str, Any]] | None:
+    """``(PagedAdamW, kwargs)`` where the recipe's paged AdamW 32-bit runs fused, else None.
+
+    Same update and paged 32-bit moments as bitsandbytes' ``PagedAdamW32bit``, one
+    multi-tensor step instead of a kernel and a device synchronisation per tensor.
+    ``args``: a ``TrainingArguments`` whose learning rate, betas and eps are used.
+    """
+    if not wants_fast_path(recipe) or recipe.optimizer != "paged_adamw_32bit":
+        return None
+    from qlora_plugin.core.device import training_device
+    from qlora_plugin.fastpath.kernels import PagedAdamW
+    from qlora_plugin.fastpath.kernels.optim import paged_states_available
+
+    if training_device() == "cuda" and not paged_states_available():
+        return None
+
+    kwargs: dict[str, Any] = {"lr": recipe.learning_rate}
+    if args is not None:
+        kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    return PagedAdamW, kwargs

@@ -1,0 +1,270 @@
+"""CUDA graphs over the decoder layers, for steps whose time goes to launching kernels.
+
+A small model's step is bound by the host: with the kernels of the fast path, a 1B
+Llama spends about as long launching its ~2,800 kernels per step as the GPU spends
+running them, and a trainer that reads a scalar back in the middle of the step (TRL
+does, for its token count) lays the two end to end. Replaying each decoder layer's
+forward and backward as one CUDA graph takes the launches off the host.
+
+``DecoderGraphs`` wraps the layers of one decoder. A training forward whose inputs
+have the same shape as the previous one (fixed-length batches: packing, padding to a
+fixed length, a benchmark) is captured once with
+``torch.cuda.make_graphed_callables`` (all layers in one memory pool) and replayed
+from then on. Anything else runs eagerly: inference, no-grad, caches, attention
+masks or extra tensor arguments, hooks on the layers, and a second forward before the
+first one's backward (a replay would overwrite what that backward still needs).
+Dropout (LoRA or attention) is captured too: each replay draws new masks. The
+capture differentiates with respect to stand-ins of the trainable parameters (see
+:class:`_LayerCall`), so a loss of an earlier step kept alive does not invalidate it.
+A capture that fails anyway leaves the layers eager, or, where it left the CUDA
+random number generator unusable and the layers need it, stops with an error that
+names the switch (``QLORA_CUDA_GRAPHS=0``). The first batch of a different
+shape drops the graphs for good (a dataset of varying lengths would otherwise hold
+one set of activations per shape), so graphs never cost more than one step's
+activations.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules import module as torch_module
+
+from qlora_plugin.fastpath.kernels.attention import SDPA_IMPLEMENTATIONS, batch_is_packed
+
+_EAGER_FORWARD = "_qlora_eager_forward"
+_GRAPHS = "_qlora_decoder_graphs"
+# Tensor arguments a decoder layer call may carry without changing what the layer computes:
+# positions are already in the position embeddings, and Trainer's token count is for the loss.
+_LAYER_NEUTRAL_KWARGS = ("position_ids", "cache_position", "num_items_in_batch")
+_log = logging.getLogger("qlora_plugin")
+
+
+class _LayerCall(nn.Module):
+    """A decoder layer as a function of tensors only, its trainable parameters passed in.
+
+    ``make_graphed_callables`` is given :meth:`function`, not the module: the capture then
+    differentiates with respect to stand-ins for the trainable parameters (new leaves on
+    the same storage), not the parameters themselves. A parameter's own gradient
+    accumulator may still belong to an earlier forward's graph (a loss kept alive, a
+    wrapper that holds the accumulators), made on the default stream: using it inside the
+    capture would tie the default stream to the capturing one, which invalidates the
+    capture. On replay the real parameters are passed; their gradients are accumulated
+    outside the graph.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.names = [f"layer.{name}" for name, p in layer.named_parameters() if p.requires_grad]
+        self.params = [p for p in layer.parameters() if p.requires_grad]
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return getattr(self.layer, _EAGER_FORWARD)(hidden, attention_mask=None, position_embeddings=(cos, sin))
+
+    def function(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        """The layer with ``params`` in place of its trainable parameters."""
+        return torch.func.functional_call(self, dict(zip(self.names, params)), (hidden, cos, sin))
+
+    def stand_ins(self) -> list[torch.Tensor]:
+        """New leaves sharing the trainable parameters' storage (replays then copy nothing)."""
+        return [p.detach().requires_grad_(True) for p in self.params]
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in module.modules())
+
+
+def _draws_random_numbers(layers: list[nn.Module]) -> bool:
+    """Whether a training forward of ``layers`` uses dropout (LoRA dropout or attention dropout)."""
+    for module in nn.ModuleList(layers).modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            return True
+        if float(getattr(module, "attention_dropout", 0.0) or 0.0) > 0:
+            return True
+    return False
+
+
+def _generator_works(device: torch.device) -> bool:
+    """Whether the CUDA generator still draws outside a capture (a failed capture can leave it broken)."""
+    try:
+        torch.empty(1, device=device).bernoulli_(0.5)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _global_hooks() -> bool:
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
+
+
+class DecoderGraphs:
+    """Captures and replays the decoder layers of one model (see the module docstring)."""
+
+    def __init__(self, layers: list[nn.Module], adapter_copies: Any = None, model: nn.Module | None = None) -> None:
+        self.layers = layers
+        self.model = weakref.ref(model) if model is not None else None
+        self.adapter_copies = adapter_copies
+        self.graphed: list[Any] | None = None
+        self.calls: list[_LayerCall] = []
+        self.key: tuple[Any, ...] | None = None
+        self.last_key: tuple[Any, ...] | None = None
+        self.disabled_because = ""
+        self.eager_because = ""
+        self.replays = 0
+        self._replaying = False
+        self._pending: weakref.ref[Any] | None = None  # layer 0's backward node of the last replay
+        self._backward_done = True
+
+    def _key(self, hidden: torch.Tensor, mask: Any, kwargs: dict[str, Any], emb: Any) -> tuple[Any, ...] | None:
+        """The graph key of a layer-0 call, or None (and ``eager_because``) when it must run eagerly."""
+        if not (hidden.is_cuda and torch.is_grad_enabled() and self.layers[0].training):
+            self.eager_because = "not a CUDA training forward with grad"
+        elif mask is not None:
+            self.eager_because = "an attention mask"
+        elif emb is None or kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+            self.eager_because = "a cache or no position embeddings"
+        elif (model := self.model() if self.model is not None else None) is not None and batch_is_packed(
+                model, kwargs.get("position_ids")):
+            self.eager_because = "packed sequences (their boundaries change from batch to batch)"
+        else:
+            extra = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in _LAYER_NEUTRAL_KWARGS]
+            self.eager_because = f"tensor arguments {extra}" if extra else ""
+        if self.eager_because:
+            return None
+        cos, sin = emb
+        return (tuple(hidden.shape), hidden.dtype, hidden.requires_grad, tuple(cos.shape), cos.dtype)
+
+    def _capture(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        if _has_hooks(nn.ModuleList(self.layers)) or _global_hooks():
+            self.disabled_because = "hooks on the decoder layers"
+            return
+        self.calls = [_LayerCall(layer) for layer in self.layers]
+        samples = []
+        for i, call in enumerate(self.calls):
+            h = hidden.detach().clone().requires_grad_(hidden.requires_grad if i == 0 else True)
+            samples.append((h, cos.detach().clone(), sin.detach().clone(), *call.stand_ins()))
+        saved_copies = None
+        if self.adapter_copies is not None:  # a graph must cast the live adapters, not one forward's copies
+            saved_copies, self.adapter_copies.copies = self.adapter_copies.copies, {}
+        try:
+            with torch.autocast("cuda", enabled=False):
+                functions = tuple(call.function for call in self.calls)
+                self.graphed = list(torch.cuda.make_graphed_callables(functions, tuple(samples)))
+        except Exception as error:  # noqa: BLE001 - any capture failure leaves the eager path in place
+            self.graphed, self.calls = None, []
+            self.disabled_because = f"capture failed: {type(error).__name__}: {error}"
+            _log.warning("qlora fast path: CUDA graphs off (%s); the layers run eagerly", self.disabled_because)
+            if _draws_random_numbers(self.layers) and not _generator_works(hidden.device):
+                raise RuntimeError(
+                    "qlora fast path: capturing the decoder layers as CUDA graphs failed and left the CUDA "
+                    f"random number generator unusable, so dropout cannot run ({self.disabled_because}). "
+                    "Set QLORA_CUDA_GRAPHS=0 to train without CUDA graphs."
+                ) from error
+        finally:
+            if saved_copies is not None:
+                self.adapter_copies.copies = saved_copies
+
+    def drop(self, reason: str) -> None:
+        """Free the graphs and run eagerly from now on."""
+        self.graphed, self.calls, self.key, self.disabled_because = None, [], None, reason
+        torch.cuda.empty_cache()
+
+    def layer_forward(self, index: int, layer: nn.Module, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Forward of decoder layer ``index``: a graph replay when this forward is graphed, else eager."""
+        eager = getattr(layer, _EAGER_FORWARD)
+        if self.disabled_because or args:
+            return eager(hidden, *args, **kwargs)
+        if index == 0:
+            self._replaying = False
+            mask = kwargs.get("attention_mask")
+            emb = kwargs.get("position_embeddings")
+            key = self._key(hidden, mask, kwargs, emb)
+            if key is None:
+                return eager(hidden, *args, **kwargs)
+            if self.graphed is not None and key != self.key:
+                self.drop("batches of different shapes")
+                return eager(hidden, *args, **kwargs)
+            if self.graphed is not None and self._backward_pending():
+                # a replay would overwrite the activations the pending backward still needs
+                self.eager_because = "a forward before the previous forward's backward"
+                return eager(hidden, *args, **kwargs)
+            if self.graphed is None:
+                seen_twice = key == self.last_key
+                self.last_key = key
+                if not seen_twice:
+                    return eager(hidden, *args, **kwargs)
+                self._capture(hidden, *emb)
+                if self.graphed is None:
+                    return eager(hidden, *args, **kwargs)
+                self.key = key
+            self._replaying = True
+            self.replays += 1
+        if not self._replaying or _global_hooks():
+            return eager(hidden, *args, **kwargs)
+        cos, sin = kwargs["position_embeddings"]
+        out = self.graphed[index](hidden, cos, sin, *self.calls[index].params)
+        if index == 0:
+            self._watch_backward(out)
+        return out
+
+    def _watch_backward(self, out: Any) -> None:
+        """Remember the replayed forward until layer 0's backward has run (or its graph is freed)."""
+        node = (out[0] if isinstance(out, tuple) else out).grad_fn
+        self._pending, self._backward_done = (None, True) if node is None else (weakref.ref(node), False)
+        if node is not None:
+            node.register_hook(self._mark_backward_done)
+
+    def _mark_backward_done(self, *_: Any) -> None:
+        self._backward_done = True
+
+    def _backward_pending(self) -> bool:
+        return self._pending is not None and not self._backward_done and self._pending() is not None
+
+
+def _graphed_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    graphs: DecoderGraphs = self.__dict__[_GRAPHS]
+    return graphs.layer_forward(self.__dict__["_qlora_layer_index"], self, hidden_states, *args, **kwargs)
+
+
+def _text_decoder_layers(model: nn.Module) -> list[nn.Module] | None:
+    """The layers of ``model.model.layers`` (Llama family), or None.
+
+    Not ``recompute.decoder_layers``: that one returns every checkpointable block,
+    vision towers included, and the graphs need exactly the text decoder's loop.
+    """
+    decoder = getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    return list(layers) if isinstance(layers, nn.ModuleList) and len(layers) else None
+
+
+def enable_decoder_graphs(model: nn.Module, adapter_copies: Any = None) -> DecoderGraphs | None:
+    """Route the decoder layers of ``model`` (a causal LM) through :class:`DecoderGraphs`.
+
+    Returns the controller, or None when the model is not a supported decoder (Llama
+    family with SDPA attention) or is not on CUDA.
+    """
+    from qlora_plugin.core.patches import allowed
+
+    layers = _text_decoder_layers(model)
+    config = getattr(model, "config", None)
+    if layers is None or getattr(config, "_attn_implementation", None) not in SDPA_IMPLEMENTATIONS:
+        return None
+    if not allowed("transformers-decoder-layer-call"):
+        return None
+    if not next(layers[0].parameters()).is_cuda or any(hasattr(layer, _EAGER_FORWARD) for layer in layers):
+        return None
+    graphs = DecoderGraphs(layers, adapter_copies, model)
+    for i, layer in enumerate(layers):
+        setattr(layer, _EAGER_FORWARD, layer.forward)
+        layer.__dict__[_GRAPHS] = graphs
+        layer.__dict__["_qlora_layer_index"] = i
+        layer.forward = types.MethodType(_graphed_layer_forward, layer)
+    return graphs

@@ -1,0 +1,141 @@
+"""What the decoder layers keep for backward: everything, only their inputs, or their
+inputs parked in pinned CPU memory.
+
+``set_recompute(model, "none" | "full" | "offload", every=1)`` drives transformers'
+``GradientCheckpointingLayer`` switches directly:
+* ``none``: no recompute (fastest; activations of every layer stay on the GPU);
+* ``full``: non-reentrant checkpoint of every ``every``-th layer (its input is kept,
+  the rest recomputed in backward);
+* ``offload``: like ``full``, but each kept input is copied to pinned host memory on a
+  side stream during forward and brought back, one layer ahead, during backward.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+MODES = ("none", "full", "offload")
+
+
+class _HostStash:
+    """Pinned-host copies of layer inputs, with one-ahead prefetch in backward."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device)
+        self.entries: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self.next_id = 0
+
+    def reset(self) -> None:
+        self.next_id = 0
+
+    def put(self, t: torch.Tensor) -> int:
+        key, self.next_id = self.next_id, self.next_id + 1
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(self.stream):
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        t.record_stream(self.stream)
+        self.entries[key] = (host, done)
+        return key
+
+    def _to_device(self, key: int, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event]:
+        host, copied = self.entries.pop(key)
+        self.stream.wait_event(copied)
+        with torch.cuda.stream(self.stream):
+            dev = host.to(device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        return dev, ready
+
+    def take(self, key: int, device: torch.device) -> torch.Tensor:
+        dev, ready = self.prefetched.pop(key) if key in self.prefetched else self._to_device(key, device)
+        current = torch.cuda.current_stream(device)
+        current.wait_event(ready)
+        dev.record_stream(current)
+        if key - 1 in self.entries:  # layers run backward in reverse order
+            self.prefetched[key - 1] = self._to_device(key - 1, device)
+        if key == 0:
+            self.reset()
+        return dev
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, run: Callable[[torch.Tensor], torch.Tensor], stash: _HostStash, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.run, ctx.stash, ctx.device = run, stash, hidden.device
+        ctx.key = stash.put(hidden.detach())
+        ctx.rng = torch.cuda.get_rng_state(hidden.device)
+        ctx.cpu_rng = torch.get_rng_state()
+        with torch.no_grad():
+            out = run(hidden)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError("offloaded recompute needs decoder layers that return a tensor")
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:  # type: ignore[override]
+        hidden = ctx.stash.take(ctx.key, ctx.device).detach().requires_grad_(True)
+        with torch.random.fork_rng(devices=[ctx.device]):
+            torch.cuda.set_rng_state(ctx.rng, ctx.device)
+            torch.set_rng_state(ctx.cpu_rng)
+            with torch.enable_grad():
+                out = ctx.run(hidden)
+        torch.autograd.backward(out, grad)
+        return None, None, hidden.grad
+
+
+def _offloaded_checkpoint(stash: _HostStash, run: Callable[..., Any], hidden: torch.Tensor, *rest: Any) -> Any:
+    if not torch.is_grad_enabled():
+        return run(hidden, *rest)
+    fn = run if not rest else (lambda h: run(h, *rest))
+    if not hidden.requires_grad:  # e.g. the first layer under a frozen embedding: stay on the graph
+        hidden = hidden.detach().requires_grad_(True)
+    return _OffloadedCheckpoint.apply(fn, stash, hidden)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks that transformers can checkpoint, in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_recompute(model: nn.Module, mode: str = "none", *, every: int = 1) -> int:
+    """Set what each decoder layer recomputes in backward; returns the layers checkpointed.
+
+    ``mode`` is one of :data:`MODES`; with ``every=k`` only every k-th layer (0, k, 2k,
+    ...) is checkpointed and the others keep their activations.
+    """
+    if mode not in MODES:
+        raise ValueError(f"recompute mode must be one of {MODES}, got {mode!r}")
+    from qlora_plugin.core.patches import allowed
+
+    layers = decoder_layers(model)
+    if not allowed("transformers-checkpointing-layers"):
+        return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
+    if mode == "offload":
+        device = next(p.device for p in model.parameters() if p.is_cuda) if torch.cuda.is_available() else None
+        if device is None:
+            raise ValueError("offloaded recompute needs the model on a CUDA device")
+        func: Callable[..., Any] = functools.partial(_offloaded_checkpoint, _HostStash(device))
+    else:
+        func = functools.partial(checkpoint, use_reentrant=False)
+    n = 0
+    for i, layer in enumerate(layers):
+        on = mode != "none" and i % every == 0
+        layer.gradient_checkpointing = on
+        layer._gradient_checkpointing_func = func
+        n += int(on)
+    # The top-level flags transformers also reads (e.g. to drop the KV cache in training).
+    for m in model.modules():
+        if hasattr(m, "gradient_checkpointing") and m not in layers:
+            m.gradient_checkpointing = n > 0
+    return n

@@ -1,0 +1,1 @@
+"""Thin adapters from the recipe to each trainer: TRL, transformers' Trainer, Axolotl."""

@@ -1,0 +1,199 @@
+"""QLoRAPlugin: one ``qlora:`` section makes an Axolotl run QLoRA.
+
+``register`` (raw config, before Axolotl validates it) expands the section
+into Axolotl's own keys, so Axolotl's validation and loader do the work.
+``pre_lora_load`` (real model in hand) discovers the target modules through
+the plugin hooks, seeds the adapters' initialisation from ``seed``, puts the base
+on the recipe's path, and saves the expanded config with the targets written out
+and ``qlora_recipe.json`` beside it (and, through :class:`CheckpointGuard`, in
+every checkpoint, which is complete or absent). ``load_datasets`` runs the data
+preflight (:mod:`qlora_plugin.core.data_checks`) before Axolotl reads any data. On
+CUDA with the recipe's ``fast_path``, ``post_lora_load`` arms the kernels for the
+first training forward and ``post_trainer_create`` gives the trainer the fused
+paged AdamW. A rejected section or dataset ends the process with one line
+(:mod:`qlora_plugin.integrations.exit_summary`).
+
+Axolotl's own LoRA kernels (``lora_qkv_kernel``, ``lora_o_kernel``,
+``lora_mlp_kernel``) stay as the config sets them on a GPU. The projections one
+of them computes are left to it (the plugin does not fuse those LoRA layers, nor
+patch the MLP under ``lora_mlp_kernel``), so no layer is patched twice; the rest
+of the fast path (loss, norms, RoPE, recompute, the other projections) still applies.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+from axolotl.integrations.base import BasePlugin
+
+from qlora_plugin.integrations.axolotl.expand import (
+    SECTION,
+    apply_keys,
+    in_section,
+    keep_lora_kernels_on_cuda,
+    native_keys,
+    recipe_from_section,
+)
+from qlora_plugin.core.notices import report, use_logger
+
+AXOLOTL_LOGGER = "axolotl.integrations.qlora_plugin"  # Axolotl shows INFO only under its own namespace
+EXPANDED_CONFIG = "qlora_expanded.yml"
+NOT_RERUN = (SECTION, "plugins", "axolotl_config_path")  # left out of the saved, plugin-free config
+
+
+class QLoRAPlugin(BasePlugin):
+    """Axolotl plugin for ``plugins: [qlora_plugin.axolotl.QLoRAPlugin]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.section_recipe: Any = None  # as the section says: targets may still be "auto"
+        self.recipe: Any = None  # with the targets found on the real model
+        self.expanded: dict[str, Any] = {}
+
+    def get_input_args(self) -> str:
+        return "qlora_plugin.integrations.axolotl.args.QLoRAArgs"
+
+    def register(self, cfg: dict[str, Any]) -> None:
+        """Check the section and write its native keys into ``cfg``."""
+        from qlora_plugin.integrations import exit_summary
+        from qlora_plugin.core.device import training_device
+
+        use_logger(AXOLOTL_LOGGER)
+        exit_summary.install()
+        device = training_device()
+        self.section_recipe = recipe_from_section(cfg.get(SECTION))
+        recipe = self._discover_from_config(cfg.get("base_model"))
+        for warning in apply_keys(cfg, native_keys(recipe, device)) + keep_lora_kernels_on_cuda(cfg, device):
+            report(logging.WARNING, warning)
+        self.expanded = _plain(cfg)
+
+    def load_datasets(self, cfg: Any, preprocess: bool = False) -> None:
+        """Check the configured data before Axolotl reads it; Axolotl then loads it as usual (None)."""
+        from qlora_plugin.core.data_checks import check_datasets
+
+        found = check_datasets(cfg)
+        for warning in found.warnings:
+            report(logging.WARNING, "qlora: %s", warning)
+        for note in found.notes:
+            report(logging.INFO, "qlora: %s", note)
+        if found.errors:
+            raise found.errors[0]
+
+    def pre_lora_load(self, cfg: Any, model: Any) -> None:
+        """Discover the targets on the real model, seed the adapters and ready the base for training."""
+        from qlora_plugin.core.prepare import prepare_for_training
+        from qlora_plugin.core.quantization import keep_nf4_layout
+        from qlora_plugin.core.seeding import seed_before_adapters
+
+        keep_nf4_layout(model)
+        recipe = self.recipe = self.section_recipe.resolve(model)
+        targets = sorted(recipe.target_modules)
+        report(logging.INFO, "qlora: LoRA on %d modules: %s", len(targets), ", ".join(targets))
+        native = cfg.get("lora_target_modules")
+        if native and sorted([native] if isinstance(native, str) else native) != targets:
+            report(logging.WARNING, "qlora section: `lora_target_modules: %r` in the config is replaced by the "
+                   "section's targets (to choose them, set qlora.target_modules)", native)
+        cfg.lora_target_modules = targets
+        cfg.lora_target_linear = False
+        if recipe.fast_path:
+            prepare_for_training(model, recipe)
+        seed_before_adapters(cfg.get("seed"))
+        self.expanded["lora_target_modules"] = targets
+        self._save_outputs(Path(cfg.output_dir))
+
+    def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list[Any]:
+        """The checkpoint guard: checkpoints complete or absent, each with the recipe; resume skips broken ones."""
+        from qlora_plugin.integrations.checkpoints import CheckpointGuard
+
+        return [CheckpointGuard(self.recipe)] if self.recipe is not None else []
+
+    def post_train(self, cfg: Any, model: Any) -> None:
+        """The recipe beside the final adapter too (Axolotl may have rewritten the output directory)."""
+        if self.recipe is not None and Path(cfg.output_dir).is_dir():
+            from qlora_plugin.core.recipe import write_recipe_file
+
+            write_recipe_file(self.recipe, cfg.output_dir)
+
+    def post_lora_load(self, cfg: Any, model: Any) -> None:
+        """On CUDA with the fast path: put the kernels on at the model's first training forward.
+
+        Axolotl's supervised trainer reads only the model's loss in training, so the fast
+        path may compute it without logits; preference training (``rl``) and ORPO read
+        logits and keep the model's own loss.
+        """
+        from qlora_plugin.integrations.axolotl.expand import LORA_KERNELS
+        from qlora_plugin.fastpath.activation import arm, wants_fast_path
+
+        if self.recipe is None or not wants_fast_path(self.recipe):
+            return
+        own_loss = not cfg.get("rl") and not cfg.get("orpo_alpha")
+        arm(model, self.recipe, host_kernels=[key for key in LORA_KERNELS if cfg.get(key)], own_loss=own_loss)
+
+    def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
+        """On the CUDA fast path: the fast path's trainer settings, and the fused paged AdamW.
+
+        The settings (:data:`qlora_plugin.fastpath.activation.FAST_TRAINER_SETTINGS`) have no Axolotl
+        key, so they go on the trainer here (its arguments, and its accelerator's
+        dataloader configuration for the batch's copy). The optimizer is set as the
+        trainer's ``optimizer_cls_and_kwargs`` where the recipe asks for paged AdamW
+        32-bit (Axolotl 0.19 never calls the plugins' ``create_optimizer``); the
+        trainer still groups the parameters.
+        """
+        from qlora_plugin.fastpath.activation import apply_trainer_settings, optimizer_cls_and_kwargs, trainer_settings
+        from qlora_plugin.integrations.transformers import describe_settings
+
+        if self.recipe is None:
+            return
+        settings = trainer_settings(self.recipe)
+        apply_trainer_settings(trainer, settings)
+        if settings:
+            report(logging.INFO, "qlora: trainer settings of the fast path: %s", describe_settings(settings))
+        if getattr(trainer, "optimizer", None) is not None:
+            return
+        chosen = optimizer_cls_and_kwargs(self.recipe, trainer.args)
+        if chosen is not None:
+            trainer.optimizer_cls_and_kwargs = chosen
+
+    def _discover_from_config(self, base_model: Any) -> Any:
+        """The section's recipe with targets found from the model's config (meta device).
+
+        The real model confirms them in ``pre_lora_load``; where the config
+        cannot be read now (a hub id while offline), discovery waits for it.
+        """
+        from qlora_plugin.core.errors import QLoRAConfigError
+        from qlora_plugin.core.models import meta_model
+
+        if not base_model:
+            return self.section_recipe
+        try:
+            model = meta_model(str(base_model))
+        except (OSError, QLoRAConfigError) as error:
+            report(logging.INFO, "qlora: target discovery waits for the loaded model (%s)", error)
+            return self.section_recipe
+        try:
+            return self.section_recipe.resolve(model)
+        except QLoRAConfigError as error:
+            raise in_section(error) from error
+
+    def _save_outputs(self, output_dir: Path) -> None:
+        """Write the config as plain Axolotl keys (no plugin needed to rerun it) and the recipe, atomically."""
+        from qlora_plugin.core.recipe import write_recipe_file
+        from qlora_plugin.core.safe_io import write_text_atomically
+
+        plain = {key: value for key, value in self.expanded.items() if key not in NOT_RERUN}
+        plain = {key: value for key, value in plain.items() if value is not None}
+        output_dir.mkdir(parents=True, exist_ok=True)
+        header = (f"# Written by qlora-plugin from the `{SECTION}:` section; targets as discovered on the model.\n"
+                  "# Runs without the plugin: `axolotl train` this file.\n")
+        write_text_atomically(output_dir / EXPANDED_CONFIG, header + yaml.safe_dump(plain, sort_keys=True))
+        write_recipe_file(self.recipe, output_dir)
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    """A deep copy of the raw config as plain dicts and lists."""
+    to_dict = getattr(cfg, "to_dict", None)
+    return copy.deepcopy(to_dict() if callable(to_dict) else dict(cfg))

@@ -1,0 +1,102 @@
+"""TRL integration: the recipe's trainer settings as an ``SFTConfig``.
+
+Use::
+
+    recipe = qlora_recipe()
+    trainer = SFTTrainer(model="path/or/id", args=recipe.sft_config(output_dir="out"),
+                         train_dataset=ds, peft_config=recipe)
+
+``peft_config=recipe`` puts the adapters on the discovered targets over a 4-bit
+base; ``args=recipe.sft_config(...)`` brings the rest: 4-bit loading of a model
+given by name, paged AdamW, non-reentrant gradient checkpointing, the clip
+norm, the schedule, and precision chosen for the device. On CUDA with the
+recipe's ``fast_path``, the loss is computed without logits by Liger through
+TRL's own ``use_liger_kernel``, Trainer's NaN/Inf loss filter is off and the
+batch's copy to the GPU is non-blocking (both kept the host waiting for the GPU; see
+:data:`qlora_plugin.fastpath.activation.FAST_TRAINER_SETTINGS`); the rest of the fast path goes on
+at the first training forward. For the fused paged AdamW,
+also pass ``optimizer_cls_and_kwargs=recipe.optimizer_cls_and_kwargs(args)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from trl import SFTConfig
+
+from qlora_plugin.core.notices import log_once
+from qlora_plugin.integrations.transformers import describe_settings
+
+if TYPE_CHECKING:
+    from qlora_plugin.core.recipe import QLoRARecipe
+
+
+def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
+    """An ``SFTConfig`` holding the recipe's settings; ``overrides`` win and are reported.
+
+    ``overrides`` are checked first (:mod:`qlora_plugin.integrations.trainer_checks`), and the
+    config's ``seed`` seeds the adapters the recipe builds (:mod:`qlora_plugin.core.seeding`).
+    """
+    from qlora_plugin.core.seeding import remember_seed
+    from qlora_plugin.integrations.trainer_checks import check_sft_overrides
+
+    check_sft_overrides(overrides, SFTConfig)
+    settings = recipe.training_args()
+    settings.update(liger_loss_settings(recipe, overrides=overrides))
+    compute_dtype = recipe.resolved_compute_dtype()
+    loading = {"quantization_config": recipe.quantization_config(), "dtype": compute_dtype}
+    user_loading = dict(overrides.pop("model_init_kwargs", None) or {})
+
+    replaced = {key: value for key, value in overrides.items() if key in settings and settings[key] != value}
+    replaced.update({f"model_init_kwargs[{key!r}]": value for key, value in user_loading.items() if key in loading})
+    config = SFTConfig(**{**settings, **overrides, "model_init_kwargs": {**loading, **user_loading}})
+    remember_seed(recipe, config.seed)
+
+    active = {key: value for key, value in settings.items() if key not in replaced}
+    message = (
+        f"qlora recipe '{recipe.preset}' in SFTConfig: models given by name load as 4-bit "
+        f"{recipe.quant_type} (double quant {recipe.double_quant}, compute {str(compute_dtype).removeprefix('torch.')}); "
+        f"{describe_settings(active)}"
+    )
+    if replaced:
+        message += f". Not in effect, replaced by your arguments: {describe_settings(replaced)}"
+    log_once(logging.WARNING if replaced else logging.INFO, message, recipe)
+    return config
+
+
+def trl_computes_loss_without_logits() -> bool:
+    """True for TRL releases whose SFTTrainer always projects through its own fused LM head (1.1x and later)."""
+    try:
+        from trl.trainer import utils
+    except ImportError:  # pragma: no cover - TRL is a dependency
+        return False
+    return hasattr(utils, "add_fused_lm_head")
+
+
+def liger_loss_settings(recipe: QLoRARecipe, device: str | None = None,
+                        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """On the CUDA fast path with Liger installed: Liger's fused linear cross-entropy through TRL's switch.
+
+    With it, Liger's forward returns the loss and the token accuracy without logits
+    (TRL 1.9's ``nll`` and ``dft`` losses read full logits). Norms, SwiGLU and RoPE stay the
+    fast path's. Without Liger, or where the user picks ``loss_type="chunked_nll"``
+    (which TRL refuses beside Liger), TRL's own chunked loss is logit-free too; TRL
+    releases with a fused LM head compute every loss without logits and refuse Liger's.
+    """
+    import importlib.util
+
+    from qlora_plugin.core.device import training_device
+    from qlora_plugin.fastpath.activation import wants_fast_path
+
+    device = device or training_device()
+    overrides = overrides or {}
+    if not wants_fast_path(recipe, device) or device != "cuda" or importlib.util.find_spec("liger_kernel") is None:
+        return {}
+    if trl_computes_loss_without_logits():
+        return {}
+    if overrides.get("loss_type") == "chunked_nll" or overrides.get("use_liger_kernel") is False:
+        return {}
+    only_the_loss = {"fused_linear_cross_entropy": True, "cross_entropy": False, "rope": False,
+                     "rms_norm": False, "swiglu": False}
+    return {"use_liger_kernel": True, "liger_kernel_config": only_the_loss}

@@ -1,0 +1,1 @@
+"""Library functions behind the ``qlora`` command: inspect, estimate, merge, check, convert (plain arguments)."""

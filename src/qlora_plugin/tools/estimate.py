@@ -1,0 +1,440 @@
+"""``qlora estimate``: the peak GPU memory of one QLoRA training step, from the config.
+
+Everything is derived from the model's shapes (built on the meta device), the
+recipe and a :class:`TrainingPath`; nothing is fitted to measurements. ``T`` is
+the number of tokens in a micro-batch (batch x sequence length), ``c`` the
+compute dtype's bytes (2 for bf16). A step is: forward and loss under bf16
+autocast, backward, clipping, the optimizer step, gradients set to ``None``.
+
+The path (:class:`TrainingPath`) says how the step runs:
+  * ``stock``: PEFT's ``prepare_model_for_kbit_training``: embeddings, norms and
+    an untied head upcast to float32, float32 adapters; the residual stream and
+    MLP activations are float32 (bitsandbytes returns the dtype of its input).
+  * ``fast``: the base stays in the compute dtype. Parameters: ``recompute``
+    (``none``, ``full``: every decoder layer recomputed in backward, ``offload``:
+    recomputed with its input parked in host memory), ``fused_loss`` (a chunked
+    loss that never holds the full logits), ``kernels`` (fused LoRA over NF4,
+    fused RMSNorm and SwiGLU that save less, and a paged AdamW that pages every
+    state), ``adapter_dtype`` (float32 masters, or the compute dtype) and
+    ``cached_constants`` (the 4-bit block constants kept decoded in float32).
+
+Resident for the whole step
+  * 4-bit weights: every linear layer but the output head, packed two per byte,
+    plus the blockwise constants (see :func:`qlora_plugin.tools.model_report.nf4_bytes`).
+  * Unquantized parameters (embeddings, untied head, norms, biases): 4 bytes
+    each on the stock path, ``c`` on the fast path.
+  * Adapters, and once the step runs their gradients and optimizer states.
+    ``paged_adamw_32bit`` keeps two float32 states per parameter; bitsandbytes
+    pages (CUDA managed memory, outside PyTorch's allocator) the states of
+    tensors of at least 100k elements, the kernels' optimizer pages all.
+
+Activations, per token and decoder layer, counted as the tensors autograd saves
+(the 4-bit matmul saves none of its input beyond what LoRA saves):
+  * each adapted layer with input width ``d``: with dropout the mask (1 byte x
+    ``d``) and the dropped input (``c`` x ``d``); without dropout the input
+    itself, shared by the layers that read the same tensor (q/k/v, gate/up,
+    and o_proj with attention's output on the fast path); the rank-``r``
+    product (``c`` x ``r``);
+  * each norm: its input in float32 (4 x hidden), or with the fused kernel in
+    ``c`` plus one float32 per token;
+  * attention through SDPA's flash / memory-efficient kernels (no padding mask):
+    q, k, v and the output in ``c`` bytes plus one float32 log-sum-exp per head;
+  * a gated MLP: the gate output, its activation and the up output (3 x
+    intermediate; 2 with the fused SwiGLU, which recomputes the activation),
+    ``m`` bytes each: ``c`` fast, 4 stock;
+  * compute-dtype copies of float32 adapters (autocast's, or the kernels'
+    casts kept for backward): ``c`` x the trainable parameters.
+  With ``full`` recompute only each layer's input (``a`` x hidden, ``a`` = 4
+  stock, ``c`` fast) stays; with ``offload`` only the two layers in flight;
+  one layer's activations come back during its backward.
+
+Loss: transformers' loss takes the logits to float32 and saves float32
+log-probabilities; its backward holds those, their gradient and the logits'
+gradient at once: 12 bytes x vocabulary per token (the stock path also keeps a
+bf16 copy of its float32 head). The fused loss computes the input gradient
+during forward in chunks of ``next_pow2(T / ceil(vocab / hidden))`` rows: one
+chunk of logits in ``c`` plus the hidden-size input gradient.
+
+The allocator's peak is the largest of three moments: the loss's backward, the
+backward of the last decoder layer, and the optimizer step. Paged optimizer
+states come on top (:attr:`MemoryEstimate.peak`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from qlora_plugin.core.errors import QLoRAConfigError, nearest
+
+if TYPE_CHECKING:
+    from qlora_plugin.core.fields import RecipeSpec
+    from qlora_plugin.tools.model_report import ModelReport
+    from qlora_plugin.core.recipe import QLoRARecipe
+
+GIB = 1024**3
+MIB = 1024**2
+PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages optimizer states of tensors at least this large
+EIGHT_BIT_MIN_NUMEL = 4096  # bitsandbytes keeps smaller tensors' states in 32 bits
+LOGIT_BYTES = 12  # float32 log-probabilities + their gradient + the logits' gradient
+SHARED_INPUTS = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+ATTENTION_OUTPUT_READERS = {"o_proj", "out_proj", "dense"}
+GATED_LEAVES = {"gate_proj", "gate_up_proj", "w1", "w3"}
+PATHS = ("stock", "fast")
+RECOMPUTE_MODES = ("none", "full", "offload")
+ADAPTER_DTYPES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+# What `fast_path=True` does on CUDA once the kernels are in: fused LoRA over NF4,
+# the fused loss, float32 adapter masters.
+FAST_PATH_DEFAULTS: dict[str, Any] = {"kernels": True, "fused_loss": True, "adapter_dtype": "float32"}
+IN_FLIGHT_OFFLOADED = 2  # layer inputs on the GPU with offloaded recompute: the one copied out, the one prefetched
+# GPUs and the memory their drivers report (MiB, nvidia-smi's total).
+GPUS: dict[str, tuple[str, int]] = {
+    "t4-16gb": ("NVIDIA T4 16 GB", 15360),
+    "l4-24gb": ("NVIDIA L4 24 GB", 23034),
+    "a10g-24gb": ("NVIDIA A10G 24 GB", 23028),
+    "rtx3090-24gb": ("GeForce RTX 3090 24 GB", 24576),
+    "rtx4090-24gb": ("GeForce RTX 4090 24 GB", 24564),
+    "rtx5090-32gb": ("GeForce RTX 5090 32 GB", 32607),
+    "a100-40gb": ("NVIDIA A100 40 GB", 40960),
+    "l40s-48gb": ("NVIDIA L40S 48 GB", 46068),
+    "a100-80gb": ("NVIDIA A100 80 GB", 81920),
+    "h100-80gb": ("NVIDIA H100 80 GB", 81559),
+    "h200-141gb": ("NVIDIA H200 141 GB", 143771),
+}
+# Kept free on the card for the CUDA context, library handles and allocator slack.
+RESERVE_BYTES = 1 * GIB
+
+
+@dataclass(frozen=True)
+class TrainingPath:
+    """How a training step runs, as far as memory is concerned (see the module docstring)."""
+
+    name: str = "fast"
+    recompute: str = "full"
+    fused_loss: bool = True
+    kernels: bool = True
+    adapter_dtype: str = "float32"
+    cached_constants: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in PATHS:
+            raise QLoRAConfigError("--path", self.name, "is not a path" + nearest(self.name, PATHS),
+                                   f"use one of {list(PATHS)}")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise QLoRAConfigError("--recompute", self.recompute, "is not a recompute mode"
+                                   + nearest(self.recompute, RECOMPUTE_MODES), f"use one of {list(RECOMPUTE_MODES)}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise QLoRAConfigError("--adapter-dtype", self.adapter_dtype, "is not a dtype this estimate knows",
+                                   "use float32 or bfloat16")
+        if self.name == "stock":
+            wrong = {"recompute": self.recompute == "offload", "fused_loss": self.fused_loss,
+                     "kernels": self.kernels, "cached_constants": self.cached_constants,
+                     "adapter_dtype": ADAPTER_DTYPES[self.adapter_dtype] != 4}
+            for option, bad in wrong.items():
+                if bad:
+                    raise QLoRAConfigError(f"--{option.replace('_', '-')}", getattr(self, option),
+                                           "is a fast-path option; the stock path has float32 adapters, "
+                                           "transformers' loss and at most full recompute",
+                                           "drop it, or estimate --path fast")
+
+    @property
+    def adapter_bytes(self) -> int:
+        return ADAPTER_DTYPES[self.adapter_dtype]
+
+    def describe(self) -> str:
+        if self.name == "stock":
+            return f"stock path (PEFT's fp32 upcasts), recompute {self.recompute}"
+        parts = [f"recompute {self.recompute}", "fused loss" if self.fused_loss else "full logits",
+                 "kernels" if self.kernels else "no kernels", f"{self.adapter_dtype} adapters"]
+        if self.cached_constants:
+            parts.append("cached block constants")
+        return "fast path: " + ", ".join(parts)
+
+
+def training_path(recipe: QLoRARecipe | RecipeSpec, name: str | None = None, **options: Any) -> TrainingPath:
+    """The path ``recipe`` trains on (``name`` and ``options`` override; ``None`` values are ignored).
+
+    ``recompute`` follows ``gradient_checkpointing`` (``full`` or ``none``); the
+    fast path's other options default to :data:`FAST_PATH_DEFAULTS`.
+    """
+    name = name or ("fast" if recipe.fast_path else "stock")
+    values: dict[str, Any] = {"recompute": "full" if recipe.gradient_checkpointing else "none"}
+    if name == "fast":
+        values.update(FAST_PATH_DEFAULTS)
+    else:
+        values.update(fused_loss=False, kernels=False, adapter_dtype="float32")
+    values.update({key: value for key, value in options.items() if value is not None})
+    return TrainingPath(name=name, **values)
+
+
+@dataclass
+class Dimensions:
+    """The sizes of a decoder that decide its memory."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> Dimensions:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+        def first(*names: str, default: Any = None) -> Any:
+            for name in names:
+                value = getattr(text, name, None)
+                if value is not None:
+                    return value
+            return default
+
+        hidden = first("hidden_size", "n_embd", "d_model")
+        heads = first("num_attention_heads", "n_head")
+        intermediate = first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
+        experts_per_token = first("num_experts_per_tok")
+        if experts_per_token and first("moe_intermediate_size"):
+            intermediate = experts_per_token * first("moe_intermediate_size") + first(
+                "shared_expert_intermediate_size", default=0)
+        elif experts_per_token:
+            intermediate = experts_per_token * intermediate
+        return cls(
+            layers=first("num_hidden_layers", "n_layer"),
+            hidden=hidden,
+            heads=heads,
+            kv_heads=first("num_key_value_heads", default=heads),
+            head_dim=first("head_dim", default=hidden // heads),
+            intermediate=intermediate,
+            vocab=first("vocab_size"),
+        )
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted memory of one training step, by component (bytes)."""
+
+    model: str
+    seq: int
+    batch: int
+    path: TrainingPath
+    optimizer: str
+    components: dict[str, int]
+    activations: dict[str, int]
+    moments: dict[str, int]
+    paged_optimizer: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def allocator_peak(self) -> int:
+        """The peak PyTorch's allocator sees (``torch.cuda.max_memory_allocated``)."""
+        return max(self.moments.values())
+
+    @property
+    def peak_moment(self) -> str:
+        return max(self.moments, key=self.moments.get)
+
+    @property
+    def peak(self) -> int:
+        """Peak GPU memory of the step: the allocator's peak plus the paged optimizer states."""
+        return self.allocator_peak + self.paged_optimizer
+
+    def fits(self, gpu_mib: int) -> bool:
+        return self.peak + RESERVE_BYTES <= gpu_mib * MIB
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "seq": self.seq, "batch": self.batch, "path": asdict(self.path),
+            "optimizer": self.optimizer, "components": self.components, "activations": self.activations,
+            "moments": self.moments, "paged_optimizer": self.paged_optimizer,
+            "allocator_peak": self.allocator_peak, "peak_moment": self.peak_moment, "peak": self.peak,
+            "notes": self.notes,
+        }
+
+
+def estimate_memory(report: ModelReport, seq: int, batch: int, path: TrainingPath | None = None) -> MemoryEstimate:
+    """The memory model of the module docstring, applied to ``report`` at ``batch`` x ``seq``."""
+    recipe = report.recipe
+    path = path or training_path(recipe)
+    dims = Dimensions.from_config(report.config)
+    stock = path.name == "stock"
+    c = 4 if recipe.compute_dtype == "float32" else 2
+    a = m = 4 if stock else c  # residual stream and MLP activations
+    frozen_bytes = 4 if stock else c
+    adapter_bytes = path.adapter_bytes
+    tokens = seq * batch
+
+    trainable = report.trainable_params
+    optimizer_torch, optimizer_paged = optimizer_bytes(report.lora_tensor_sizes(), recipe.optimizer, adapter_bytes,
+                                                       page_all=path.kernels)
+    quantized_params = sum(t.in_features * t.out_features for t in report.quantized_linears)
+    components = {
+        "weights_4bit": report.quantized_bytes() + (4 * math.ceil(quantized_params / 64)
+                                                    if path.cached_constants else 0),
+        "unquantized_params": report.unquantized_params() * frozen_bytes,
+        "adapters": trainable * adapter_bytes,
+        "gradients": trainable * adapter_bytes,
+        "optimizer_states": optimizer_torch + optimizer_paged,
+    }
+    resident = components["weights_4bit"] + components["unquantized_params"] + components["adapters"]
+
+    per_layer = layer_activation_bytes(report, dims, path, c=c, a=a, m=m)
+    adapter_copies = trainable * c if adapter_bytes > c else 0  # compute-dtype copies kept for backward
+    final_norm = c * dims.hidden + 4 if path.kernels else 4 * dims.hidden
+    rope = 2 * a * dims.head_dim
+    inputs = 3 * 8  # input ids, labels, shifted labels (int64)
+    kept_inputs = {"none": 0, "full": dims.layers, "offload": min(IN_FLIGHT_OFFLOADED, dims.layers)}
+    recomputed = (kept_inputs[path.recompute] * a * dims.hidden + final_norm + rope + inputs) * tokens
+    full = (dims.layers * per_layer + final_norm + rope + inputs) * tokens + adapter_copies
+    logits = loss_bytes(dims, path, tokens, c)
+    activations = {
+        "per_layer_per_token": per_layer,
+        "with_full_recompute": (dims.layers * a * dims.hidden + final_norm + rope + inputs) * tokens,
+        "with_offloaded_recompute": (kept_inputs["offload"] * a * dims.hidden + final_norm + rope + inputs) * tokens,
+        "without_recompute": full,
+        "loss": logits,
+    }
+    components["activations"] = full if path.recompute == "none" else recomputed
+    components["loss"] = logits
+
+    largest_weight = max((t.in_features * t.out_features for t in report.quantized_linears), default=0)
+    mlp_gradients = (1 if path.kernels else 3) * m * dims.intermediate  # the fused SwiGLU works in place
+    working = (2 * a * dims.hidden + mlp_gradients) * tokens + c * largest_weight
+    if path.recompute == "none":
+        layer_backward = full + working
+    else:
+        layer_backward = recomputed + per_layer * tokens + adapter_copies // max(dims.layers, 1) + working
+    moments = {
+        "loss backward": resident + optimizer_torch + components["activations"] + logits,
+        "layer backward": resident + optimizer_torch + components["gradients"] + layer_backward,
+        "optimizer step": resident + optimizer_torch + components["gradients"],
+    }
+    notes = []
+    if recipe.use_dora:
+        notes.append("DoRA's per-layer weight-norm temporaries are not modelled; expect more")
+    if not report.linears or not dims.layers:
+        notes.append("no decoder layers found; activations may be far off")
+    return MemoryEstimate(
+        model=report.source, seq=seq, batch=batch, path=path, optimizer=recipe.optimizer,
+        components=components, activations=activations, moments=moments, paged_optimizer=optimizer_paged,
+        notes=notes,
+    )
+
+
+def loss_bytes(dims: Dimensions, path: TrainingPath, tokens: int, c: int) -> int:
+    """Bytes of the loss at its largest: full float32 logits, or one chunk with the fused loss."""
+    if not path.fused_loss:
+        head_copy = 2 * dims.vocab * dims.hidden if path.name == "stock" else 0
+        return LOGIT_BYTES * dims.vocab * tokens + head_copy
+    chunk = fused_loss_chunk(tokens, dims.vocab, dims.hidden)
+    return c * chunk * dims.vocab + c * dims.hidden * tokens + 4 * tokens
+
+
+def fused_loss_chunk(tokens: int, vocab: int, hidden: int) -> int:
+    """Rows per chunk of the fused linear cross-entropy (Liger's rule: logits no larger than the input)."""
+    rows = math.ceil(tokens / math.ceil(vocab / max(hidden, 1)))
+    return min(1 << max(rows - 1, 0).bit_length(), tokens)
+
+
+def layer_activation_bytes(report: ModelReport, dims: Dimensions, path: TrainingPath, *, c: int, a: int,
+                           m: int) -> int:
+    """Bytes autograd saves per token in one decoder layer without recompute."""
+    recipe = report.recipe
+    layers = max(dims.layers, 1)
+    dropout = recipe.lora_dropout > 0
+    fast = path.name == "fast"
+    lora = 0
+    counted: set[tuple[str, int]] = set()
+    for target in report.target_linears:
+        parent, leaf = target.name.rsplit(".", 1) if "." in target.name else ("", target.name)
+        if dropout:
+            lora += (1 + c) * target.in_features  # mask and dropped input
+        else:
+            key = (parent, target.in_features)
+            shared = (fast and leaf in SHARED_INPUTS and key in counted) or (fast and leaf in ATTENTION_OUTPUT_READERS)
+            counted.add(key)
+            lora += 0 if shared else c * target.in_features
+        lora += c * recipe.r
+    lora /= layers
+    per_norm = c * dims.hidden + 4 if path.kernels else 4 * dims.hidden
+    norms = per_norm * max(report.norm_count - 1, 0) / layers
+    q, kv = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
+    attention = c * (2 * q + 2 * kv) + 4 * dims.heads
+    gated = any(t.name.rsplit(".", 1)[-1] in GATED_LEAVES for t in report.linears)
+    mlp = ((2 if path.kernels else 3) if gated else 1) * m * dims.intermediate
+    return int(lora + norms + attention + mlp)
+
+
+def optimizer_bytes(sizes: list[int], optimizer: str, param_bytes: int, page_all: bool = False) -> tuple[int, int]:
+    """(bytes in PyTorch's allocator, bytes paged) of the optimizer states for tensors of ``sizes``."""
+    in_torch = paged = 0
+    for numel in sizes:
+        if optimizer == "adamw_torch":
+            in_torch += 2 * numel * param_bytes
+            continue
+        if optimizer == "paged_adamw_8bit" and numel >= EIGHT_BIT_MIN_NUMEL:
+            nbytes = 2 * numel + 2 * math.ceil(numel / 256) * 4 + 2 * 256 * 4
+        else:
+            nbytes = 2 * numel * 4
+        if optimizer.startswith("paged_") and (page_all or numel >= PAGED_MIN_NUMEL):
+            paged += nbytes
+        else:
+            in_torch += nbytes
+    return in_torch, paged
+
+
+def estimate(model: str | os.PathLike[str], recipe: QLoRARecipe | RecipeSpec, seq: int, batch: int,
+             path: TrainingPath | None = None) -> MemoryEstimate:
+    """Analyze ``model`` (config only) under ``recipe`` and estimate a step at ``batch`` x ``seq``."""
+    from qlora_plugin.tools.inspection import analyze
+
+    return estimate_memory(analyze(model, recipe), seq, batch, path)
+
+
+def largest_batch(report: ModelReport, seq: int, gpu_mib: int, path: TrainingPath, limit: int = 1024) -> int:
+    """The largest micro-batch at ``seq`` whose estimate fits in ``gpu_mib`` (0 if none)."""
+    low, high = 0, limit
+    while low < high:
+        middle = (low + high + 1) // 2
+        if estimate_memory(report, seq, middle, path).fits(gpu_mib):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def gpu_table(report: ModelReport, seq: int, batch: int, path: TrainingPath,
+              gpus: list[str] | None = None) -> list[dict[str, Any]]:
+    """For each GPU: whether the step fits, the headroom, and the largest micro-batch that fits."""
+    result = estimate_memory(report, seq, batch, path)
+    rows = []
+    for key in gpus or list(GPUS):
+        label, mib = GPUS[key]
+        rows.append({
+            "gpu": key, "name": label, "memory_gib": round(mib * MIB / GIB, 1),
+            "fits": result.fits(mib), "headroom_gib": round((mib * MIB - RESERVE_BYTES - result.peak) / GIB, 2),
+            "largest_batch": largest_batch(report, seq, mib, path),
+        })
+    return rows
+
+
+COMPONENT_LABELS = {
+    "weights_4bit": "4-bit weights + double-quant constants",
+    "unquantized_params": "unquantized embeddings / head / norms",
+    "adapters": "LoRA adapters",
+    "gradients": "adapter gradients",
+    "optimizer_states": "optimizer states",
+    "activations": "activations",
+    "loss": "logits and loss",
+}
+
+
+def check_gpus(names: list[str] | None) -> list[str] | None:
+    """Validate ``--gpu`` names."""
+    for name in names or []:
+        if name not in GPUS:
+            raise QLoRAConfigError("--gpu", name, "is not a GPU this table knows" + nearest(name, GPUS),
+                                   f"use one of {list(GPUS)}")
+    return names

@@ -1,0 +1,195 @@
+"""``qlora merge``: a QLoRA adapter folded into its base, saved as a plain model.
+
+The adapter was trained against the 4-bit base, so that is what it is merged
+into: the base is loaded with the quantization training used (read from the
+run's records, :mod:`qlora_plugin.core.provenance`; never guessed), dequantized to
+``--dtype``, the LoRA weights are added to the dequantized weights, and the
+result is saved as safetensors with the tokenizer. It loads with
+``AutoModelForCausalLM.from_pretrained`` alone: no PEFT, no bitsandbytes.
+
+Nothing half-written is ever left at ``--out``: a destination that could not be
+replaced (an unwritable parent, a mount point) is refused before the merge
+starts; everything goes to a hidden temporary directory beside it, which
+replaces ``--out`` in one rename at the end and is removed if the merge stops
+early (an error, a full disk, SIGINT or SIGTERM). The result gets the
+permissions ``mkdir`` would give, or those of the ``--out`` it replaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qlora_plugin.core.errors import QLoRAConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from qlora_plugin.core.provenance import TrainedFormat
+    from qlora_plugin.core.recipe import QLoRARecipe
+
+ADAPTER_CONFIG = "adapter_config.json"
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
+def read_adapter(adapter_dir: str | os.PathLike[str], base: str | None = None) -> tuple[dict[str, Any], str]:
+    """The adapter's config and the base model it names (or ``base``)."""
+    path = Path(adapter_dir)
+    if not path.is_dir():
+        raise QLoRAConfigError("ADAPTER_DIR", os.fspath(path), "is not a directory",
+                               "pass the directory the trainer saved the adapter to")
+    config_file = path / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise QLoRAConfigError("ADAPTER_DIR", os.fspath(path), f"holds no {ADAPTER_CONFIG}",
+                               "pass a directory with adapter_config.json and adapter_model.safetensors")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise QLoRAConfigError(os.fspath(config_file), None, f"is not valid JSON ({error})",
+                               "restore the adapter directory from the run that trained it") from None
+    if not isinstance(config, dict):
+        raise QLoRAConfigError(os.fspath(config_file), config, "is not a JSON object",
+                               "restore the adapter directory from the run that trained it")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise QLoRAConfigError("peft_type", config.get("peft_type"), "is not a LoRA adapter",
+                               "merge LoRA / QLoRA adapters only")
+    base = base or config.get("base_model_name_or_path")
+    if not base:
+        raise QLoRAConfigError("base_model_name_or_path", None, "the adapter does not name its base model",
+                               "pass --base PATH")
+    return config, base
+
+
+def adapter_recipe(adapter_dir: str | os.PathLike[str], adapter_config: dict[str, Any], *,
+                   quant_type: str | None = None, double_quant: bool | None = None,
+                   assume_default: bool = False) -> tuple[QLoRARecipe, TrainedFormat]:
+    """The recipe to load the base with: the run's recorded one, with the 4-bit format training used."""
+    from qlora_plugin.core.provenance import trained_format
+
+    trained = trained_format(adapter_dir, adapter_config, quant_type=quant_type, double_quant=double_quant,
+                             assume_default=assume_default)
+    from qlora_plugin.core.recipe import QLoRARecipe, qlora_recipe
+
+    fields = {"quant_type": trained.quant_type, "double_quant": trained.double_quant}
+    if trained.recipe_fields is None:
+        return qlora_recipe(**fields), trained
+    try:
+        return QLoRARecipe(**{**trained.recipe_fields, **fields}), trained
+    except QLoRAConfigError as error:
+        raise QLoRAConfigError(f"qlora_recipe.json: {error.field}", error.value, error.problem,
+                               "restore the file from the run, or delete it and pass --quant-type") from error
+
+
+def check_out(out: Path, force: bool, keep: list[Path]) -> None:
+    """Refuse an ``--out`` that would destroy something: non-empty without ``--force``, or an input."""
+    resolved = out.resolve()
+    for path in keep:
+        path = path.resolve()
+        if resolved == path or resolved in path.parents:
+            raise QLoRAConfigError("--out", os.fspath(out), f"would replace the input {os.fspath(path)}",
+                                   "choose a directory outside the adapter and the base model")
+    if out.exists() and not out.is_dir():
+        raise QLoRAConfigError("--out", os.fspath(out), "is a file", "choose a directory path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise QLoRAConfigError("--out", os.fspath(out), "is not empty",
+                               "choose a new directory, or pass --force to replace it")
+
+
+def load_dequantized_base(base: str, recipe: QLoRARecipe, dtype: torch.dtype) -> Any:
+    """The base as training saw it: loaded in 4 bits with the recipe, then dequantized to ``dtype``."""
+    import torch
+
+    from qlora_plugin.core.models import auto_class, load_config
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = auto_class(load_config(base)).from_pretrained(
+        base, quantization_config=recipe.bnb_config(device), dtype=dtype, device_map={"": device},
+    )
+    model = model.dequantize()
+    return model.to(dtype)
+
+
+def merge_adapter(adapter_dir: str | os.PathLike[str], out: str | os.PathLike[str], dtype: str = "bf16",
+                  base: str | None = None, force: bool = False, show_progress: bool = True, *,
+                  quant_type: str | None = None, double_quant: bool | None = None,
+                  assume_default_recipe: bool = False) -> dict[str, Any]:
+    """Merge the adapter at ``adapter_dir`` into its dequantized base and save it to ``out``.
+
+    Every check (the adapter, its 4-bit format, ``out``) runs before the base is loaded.
+    """
+    from qlora_plugin.core.safe_io import check_writable_destination, staged_directory
+
+    if dtype not in DTYPES:
+        raise QLoRAConfigError("--dtype", dtype, "is not supported", f"use one of {list(DTYPES)}")
+    config, base = read_adapter(adapter_dir, base)
+    out_path = Path(out)
+    keep = [Path(adapter_dir)] + ([Path(base)] if Path(base).exists() else [])
+    check_out(out_path, force, keep)
+    check_writable_destination(out_path, "--out")
+    recipe, trained = adapter_recipe(adapter_dir, config, quant_type=quant_type, double_quant=double_quant,
+                                     assume_default=assume_default_recipe)
+    import torch
+
+    from qlora_plugin.core.device import torch_dtype
+
+    target_dtype = torch_dtype(DTYPES[dtype])
+
+    with _progress(show_progress) as progress, staged_directory(out_path) as staging:
+        step = progress.add_task("load the base in 4 bits and dequantize", total=1)
+        model = load_dequantized_base(base, recipe, target_dtype)
+        progress.advance(step)
+        step = progress.add_task("load the adapter", total=1)
+        from peft import PeftModel
+        from peft.tuners.lora import LoraLayer
+
+        peft_model = PeftModel.from_pretrained(model, os.fspath(adapter_dir))
+        progress.advance(step)
+        layers = [module for module in peft_model.modules() if isinstance(module, LoraLayer)]
+        step = progress.add_task("merge the LoRA weights", total=len(layers))
+        with torch.no_grad():
+            for layer in layers:
+                layer.merge(safe_merge=True)
+                progress.advance(step)
+        merged = peft_model.unload()
+        merged.to(target_dtype)
+        step = progress.add_task("save safetensors and the tokenizer", total=2)
+        merged.save_pretrained(staging, safe_serialization=True)
+        progress.advance(step)
+        tokenizer_from = _save_tokenizer(Path(adapter_dir), base, staging)
+        progress.advance(step)
+        files = sorted(p.name for p in staging.iterdir())
+    return {
+        "out": os.fspath(out_path), "base": base, "adapter": os.fspath(adapter_dir), "dtype": DTYPES[dtype],
+        "merged_layers": len(layers), "quantization": f"{recipe.quant_type}, double quant {recipe.double_quant}",
+        "quantization_from": trained.source, "quantization_note": trained.note,
+        "tokenizer_from": tokenizer_from, "files": files,
+    }
+
+
+def _save_tokenizer(adapter_dir: Path, base: str, staging: Path) -> str | None:
+    """Copy the tokenizer (the adapter's own if it has one, else the base's) into ``staging``."""
+    from transformers import AutoTokenizer
+
+    source = os.fspath(adapter_dir) if any((adapter_dir / f).is_file() for f in TOKENIZER_FILES) else base
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):
+        return None
+    tokenizer.save_pretrained(staging)
+    return source
+
+
+@contextlib.contextmanager
+def _progress(show: bool) -> Iterator[Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from qlora_plugin.tools.console import console
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console(stderr=True), disable=not show, transient=False) as progress:
+        yield progress

@@ -1,0 +1,146 @@
+"""``qlora check CONFIG``: an Axolotl config checked before any training starts.
+
+Axolotl ignores keys it does not know, so a config with a ``qlora:`` section but
+no ``plugins:`` line trains without the plugin: a 16-bit full fine-tune, or a
+pydantic error about ``learning_rate``. The plugin cannot see that case (it is
+not loaded), so this command does: the plugin line, the section (every field, as
+the plugin reads it), the targets on a local base model, and the data
+(:mod:`qlora_plugin.core.data_checks`). Each problem is one line naming the key or
+file, the value and the fix. Nothing here imports torch, PEFT or Axolotl.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlora_plugin.core.errors import QLoRAConfigError
+
+LOCAL_PREFIXES = ("/", "./", "../", "~")
+
+
+@dataclass
+class Preflight:
+    """The findings on one config: errors (each one line), warnings, notes, and what passed."""
+
+    config: str
+    errors: list[QLoRAConfigError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        errors = [{"field": e.field, "value": e.value, "problem": e.problem, "fix": e.fix, "message": str(e)}
+                  for e in self.errors]
+        return {"config": self.config, "ok": self.ok, "errors": errors, "warnings": self.warnings,
+                "notes": self.notes, "checked": self.checked}
+
+
+def check_config(path: str | os.PathLike[str]) -> Preflight:
+    """Check the Axolotl config at ``path`` (relative paths inside it are read from the working directory)."""
+    result = Preflight(os.fspath(path))
+    try:
+        config = read_config(Path(path))
+    except QLoRAConfigError as error:
+        result.errors.append(error)
+        return result
+    _check_plugin_line(config, result)
+    spec = _check_section(config, result)
+    if spec is not None:
+        _check_targets(config, spec, result)
+    from qlora_plugin.core.data_checks import check_datasets
+
+    data = check_datasets(config)
+    result.errors += data.errors
+    result.warnings += data.warnings
+    result.notes += data.notes
+    result.checked += data.checked
+    return result
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The YAML mapping at ``path``; one clear error when there is none."""
+    import yaml
+
+    if not path.is_file():
+        raise QLoRAConfigError("CONFIG", os.fspath(path), "does not exist" if not path.exists() else "is not a file",
+                               "pass the path of an Axolotl YAML config")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise QLoRAConfigError("CONFIG", os.fspath(path), f"is not valid YAML{where} ({getattr(error, 'problem', error)})",
+                               "fix the YAML syntax there (indentation, a missing colon or quote)") from None
+    if not isinstance(config, dict):
+        raise QLoRAConfigError("CONFIG", os.fspath(path), "is not a mapping of Axolotl keys",
+                               "write the config as `key: value` lines")
+    return config
+
+
+def _check_plugin_line(config: dict[str, Any], result: Preflight) -> None:
+    from qlora_plugin.core.section import PLUGIN, SECTION, names_the_plugin
+
+    if SECTION not in config:
+        result.errors.append(QLoRAConfigError(
+            SECTION, None, "is missing, so the plugin has nothing to do",
+            f"add `{SECTION}: {{}}` (the recipe's defaults) or e.g. `{SECTION}: {{preset: paper}}`, and the plugin line"))
+    if not names_the_plugin(config.get("plugins")):
+        result.errors.append(QLoRAConfigError(
+            "plugins", config.get("plugins"),
+            f"does not load {PLUGIN}, so Axolotl ignores the {SECTION}: section and trains without it "
+            "(a 16-bit full fine-tune, or an error about learning_rate)",
+            f"add the lines `plugins:` and `  - {PLUGIN}`"))
+    else:
+        result.checked.append(f"plugins: loads {PLUGIN}")
+
+
+def _check_section(config: dict[str, Any], result: Preflight) -> Any:
+    from qlora_plugin.tools.inspection import describe_recipe
+    from qlora_plugin.core.section import SECTION, spec_from_section
+
+    if SECTION not in config:
+        return None
+    try:
+        spec = spec_from_section(config[SECTION])
+    except QLoRAConfigError as error:
+        result.errors.append(error)
+        return None
+    result.checked.append(f"{SECTION}: {describe_recipe(spec)}")
+    return spec
+
+
+def _check_targets(config: dict[str, Any], spec: Any, result: Preflight) -> None:
+    """Resolve the section's targets on a local base model read from its config (no weights, no torch)."""
+    from qlora_plugin.tools.config_layers import report_from_config
+    from qlora_plugin.core.section import in_section
+
+    base = config.get("base_model")
+    if not base:
+        result.errors.append(QLoRAConfigError("base_model", None, "is missing",
+                                              "set base_model to a model directory or hub id"))
+        return
+    local = Path(os.path.expanduser(str(base)))
+    if not local.exists():
+        if str(base).startswith(LOCAL_PREFIXES):
+            result.errors.append(QLoRAConfigError(
+                "base_model", str(base), f"no such directory (relative paths are read from {os.getcwd()})",
+                "correct the path, or run from the directory it is relative to"))
+        else:
+            result.notes.append(f"base_model {base} is a hub id: targets are found when the model loads")
+        return
+    try:
+        report = report_from_config(local, spec)
+    except QLoRAConfigError as error:
+        result.errors.append(in_section(error))
+        return
+    if report is None:
+        result.notes.append(f"base_model {base}: targets are found when the model loads (not a family read here)")
+        return
+    result.checked.append(f"base_model {base}: {report.architecture}, LoRA on {len(report.targets)} linear layers")
