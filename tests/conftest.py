@@ -28,13 +28,3 @@ def memorisable_dataset():
     from tiny import SENTENCES
 
     return Dataset.from_dict({"text": SENTENCES * 4})
-
-
-@pytest.fixture(autouse=True)
-def reports_to_the_package_logger():
-    """The Axolotl plugin routes reports into Axolotl's namespace; other tests read them from ``qlora_plugin``."""
-    from qlora_plugin.core.notices import use_logger
-
-    use_logger("qlora_plugin")
-    yield
-    use_logger("qlora_plugin")

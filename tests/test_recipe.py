@@ -170,3 +170,28 @@ def test_importing_the_package_loads_no_heavy_library() -> None:
 
     code = "import sys, qlora_plugin; print(sorted(m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_replace_and_resolve_keep_peft_fields_the_recipe_does_not_own(tiny_model_dir):
+    from qlora_plugin.core.recipe import QLoRARecipe
+
+    recipe = QLoRARecipe(bias="lora_only", modules_to_save=["lm_head"], rank_pattern={"q_proj": 8},
+                         init_lora_weights="gaussian")
+    for copy in (recipe.replace(r=8), recipe.resolve(tiny_model_dir)):
+        assert (copy.bias, copy.modules_to_save, copy.rank_pattern, copy.init_lora_weights) == (
+            "lora_only", ["lm_head"], {"q_proj": 8}, "gaussian")
+    explicit = QLoRARecipe(target_modules=["q_proj", "v_proj"], layers_to_transform=[0], layers_pattern="layers")
+    assert explicit.replace(lora_alpha=8).layers_to_transform == [0]
+    assert recipe.replace(r=8).modules_to_save is not recipe.modules_to_save  # copied, not shared
+
+
+def test_every_recipe_field_has_help_and_its_choices():
+    import dataclasses
+
+    from qlora_plugin.core.fields import CHOICES, RECIPE_FIELDS
+    from qlora_plugin.core.recipe import QLoRARecipe
+
+    fields = {f.name: f for f in dataclasses.fields(QLoRARecipe)}
+    for name in RECIPE_FIELDS:
+        assert fields[name].metadata.get("help"), name
+        assert fields[name].metadata.get("choices") == CHOICES.get(name), name

@@ -65,6 +65,47 @@ DEFAULTS: dict[str, Any] = {
     "fast_path": True,
 }
 RECIPE_FIELDS = tuple(DEFAULTS)
+# What each field means, for the dataclass metadata, ``--help`` texts and the README's table.
+HELP: dict[str, str] = {
+    "preset": "the named preset the recipe started from (`qlora presets` lists them)",
+    "r": "LoRA rank: the inner size of each adapter",
+    "lora_alpha": "LoRA scaling numerator: adapters are scaled by lora_alpha / r (alias: alpha)",
+    "lora_dropout": "dropout on each adapter's input during training (alias: dropout)",
+    "target_modules": "'auto' (every linear layer of the language model but heads, routers and vision parts), "
+                      "a list of module names, or a regular expression over full names",
+    "exclude_modules": "module names (or a pattern) to leave out of the targets",
+    "use_rslora": "rank-stabilised LoRA: scale by lora_alpha / sqrt(r)",
+    "use_dora": "weight-decomposed LoRA (DoRA); PEFT's forward, not the fused kernels",
+    "quant_type": "4-bit data type of the frozen base (blocksize 64)",
+    "double_quant": "quantize the 4-bit blocks' constants too (about 0.37 bits per weight saved)",
+    "compute_dtype": "dtype of every GEMM; 'auto' is bfloat16 where the device has it, else float16",
+    "quant_storage": "storage dtype of the packed weights; bfloat16 for FSDP",
+    "optimizer": "the trainer's optimizer (paged: states in memory the driver may move to the host)",
+    "learning_rate": "peak learning rate of the schedule",
+    "max_grad_norm": "gradient clipping norm (0 turns clipping off)",
+    "lr_scheduler_type": "learning-rate schedule (transformers' SchedulerType names)",
+    "warmup_ratio": "fraction of the steps spent warming up",
+    "gradient_checkpointing": "True: recompute each decoder layer in backward; False: keep activations (fastest, "
+                              "most memory); 'offload': recompute, with layer inputs parked in pinned host memory",
+    "num_train_epochs": "epochs, where the preset fixes them (unset: the trainer's default)",
+    "per_device_train_batch_size": "micro-batch size, where the preset fixes it (unset: the trainer's default)",
+    "gradient_accumulation_steps": "micro-batches per optimizer step, where the preset fixes it",
+    "fast_path": "keep the base in the compute dtype (no fp32 upcasts) and, on CUDA, train through the fused "
+                 "kernels; False: PEFT's prepare_model_for_kbit_training",
+}
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "quant_type": QUANT_TYPES,
+    "compute_dtype": COMPUTE_DTYPES,
+    "quant_storage": STORAGE_DTYPES,
+    "optimizer": OPTIMIZERS,
+    "lr_scheduler_type": SCHEDULERS,
+    "gradient_checkpointing": CHECKPOINTING_CHOICES,
+}
+
+
+def metadata(name: str) -> dict[str, Any]:
+    """The dataclass field metadata of recipe field ``name``: its help, and its choices where it has them."""
+    return {"help": HELP[name], **({"choices": CHOICES[name]} if name in CHOICES else {})}
 ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "lora_r": "r"}
 BOOLEANS = ("double_quant", "fast_path", "use_rslora", "use_dora")
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from qlora_plugin.core.recipe import QLoRARecipe
@@ -26,8 +27,14 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 def qlora_presets() -> dict[str, dict[str, Any]]:
     """Return named presets: ``{name: {recipe field: value}}``.
 
-    Called once, when presets are first looked up. The results of all plugins
-    are merged; two plugins that define the same name are an error naming both.
+    Each preset lists only the fields it changes from the recipe's defaults; the
+    values are checked like any other recipe input when a recipe is made from it.
+
+    :return: a mapping of preset names to recipe fields (may be empty).
+
+    Called once, when presets are first looked up
+    (:func:`qlora_plugin.core.plugins.all_presets`). The results of all plugins are
+    merged; two plugins that define the same name are an error naming both.
     """
 
 
@@ -35,18 +42,29 @@ def qlora_presets() -> dict[str, dict[str, Any]]:
 def qlora_target_modules(model: nn.Module, recipe: QLoRARecipe) -> list[str] | None:
     """Return the full names of the modules that get LoRA adapters, or ``None``.
 
-    Called when a recipe with ``target_modules="auto"`` meets a model (a real
-    one, or one built on the meta device from its config). The first non-None
-    answer wins; plugins run before the built-in generic rule, so a plugin
+    :param model: the model the recipe meets: a loaded model, or one built on the
+        ``meta`` device from its config (modules and shapes, no weights).
+    :param recipe: the recipe being resolved; its ``exclude_modules`` are removed
+        from the answer afterwards.
+    :return: full module names (``model.layers.0.self_attn.q_proj``), or ``None`` to
+        leave the model to the next plugin.
+
+    Called when a recipe with ``target_modules="auto"`` meets a model. The first
+    non-None answer wins; plugins run before the built-in generic rule, so a plugin
     answers for the architectures it knows and returns ``None`` otherwise.
     """
 
 
 @hookspec(firstresult=True)
-def qlora_quantization_config(recipe: QLoRARecipe, compute_dtype: Any) -> Any | None:
+def qlora_quantization_config(recipe: QLoRARecipe, compute_dtype: torch.dtype) -> Any | None:
     """Return the transformers quantization config that loads the base model.
 
-    ``compute_dtype`` is the resolved ``torch.dtype`` for the device in use.
+    :param recipe: the recipe whose quantization fields (``quant_type``,
+        ``double_quant``, ``quant_storage``) describe the base.
+    :param compute_dtype: the resolved compute dtype for the device in use.
+    :return: a ``transformers`` quantization config, or ``None`` to leave it to the
+        next plugin.
+
     The first non-None answer wins; the built-in answer is a 4-bit
     ``transformers.BitsAndBytesConfig``. Another 4-bit backend plugs in here.
     """

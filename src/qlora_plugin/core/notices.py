@@ -1,4 +1,10 @@
-"""Plain, once-only reports of which parts of a recipe are in effect."""
+"""Plain, once-only reports of which parts of a recipe are in effect.
+
+Messages go to the ``qlora_plugin`` logger, or to the logger a host tool routes one
+recipe's messages to (:func:`route_messages`: Axolotl shows INFO only under its own
+namespace). The choice is kept on the recipe, so runs in one process never redirect
+each other's messages.
+"""
 
 from __future__ import annotations
 
@@ -12,21 +18,27 @@ if TYPE_CHECKING:
 
     from qlora_plugin.core.recipe import QLoRARecipe
 
-_logger = logging.getLogger("qlora_plugin")
+PACKAGE_LOGGER = "qlora_plugin"
+_LOGGER_ATTR = "_qlora_logger"
 _hook_handle: Any = None
 _seen_optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
 _watched_layers: weakref.WeakKeyDictionary[Any, QLoRARecipe] = weakref.WeakKeyDictionary()
 
 
-def use_logger(name: str) -> None:
-    """Send the package's reports to the logger ``name`` (a host tool's own namespace)."""
-    global _logger
-    _logger = logging.getLogger(name)
+def route_messages(recipe: Any, logger_name: str) -> None:
+    """Send the messages about ``recipe`` (and the run it drives) to the logger ``logger_name``."""
+    recipe.__dict__[_LOGGER_ATTR] = logger_name
 
 
-def report(level: int, message: str, *args: Any) -> None:
-    """Log ``message`` through the package's current logger."""
-    _logger.log(level, message, *args)
+def logger_for(recipe: Any = None) -> logging.Logger:
+    """The logger that messages about ``recipe`` go to (the package's, unless routed elsewhere)."""
+    name = recipe.__dict__.get(_LOGGER_ATTR, PACKAGE_LOGGER) if recipe is not None else PACKAGE_LOGGER
+    return logging.getLogger(name)
+
+
+def report(level: int, message: str, *args: Any, recipe: Any = None) -> None:
+    """Log ``message`` to the logger of ``recipe`` (see :func:`logger_for`)."""
+    logger_for(recipe).log(level, message, *args)
 
 
 def log_once(level: int, message: str, recipe: QLoRARecipe) -> None:
@@ -34,7 +46,7 @@ def log_once(level: int, message: str, recipe: QLoRARecipe) -> None:
     said = recipe.__dict__.setdefault("_qlora_said", set())
     if message not in said:
         said.add(message)
-        _logger.log(level, message)
+        logger_for(recipe).log(level, message)
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:

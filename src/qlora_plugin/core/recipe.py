@@ -9,6 +9,7 @@ training settings QLoRA depends on. It converts to each library's own objects:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -31,6 +32,7 @@ from qlora_plugin.core.fields import (  # noqa: F401 - the names recipe users im
     STORAGE_DTYPES,
     check_fields,
     field_overrides,
+    metadata,
 )
 from qlora_plugin.core import seams
 from qlora_plugin.core.targets import AUTO_EXCLUDE_PATTERN
@@ -52,36 +54,31 @@ class QLoRARecipe(LoraConfig):
     :mod:`qlora_plugin.core.targets`).
     """
 
-    r: int = DEFAULTS["r"]
-    lora_alpha: float = DEFAULTS["lora_alpha"]
-    lora_dropout: float = DEFAULTS["lora_dropout"]
-    target_modules: list[str] | str | None = DEFAULTS["target_modules"]
-    task_type: str | None = "CAUSAL_LM"
-    preset: str = field(default=DEFAULTS["preset"], metadata={"help": "the preset the recipe started from"})
-    quant_type: str = field(default=DEFAULTS["quant_type"], metadata={"help": "4-bit data type: nf4 or fp4"})
-    double_quant: bool = field(default=DEFAULTS["double_quant"], metadata={"help": "quantize the block constants too"})
-    compute_dtype: str = field(default=DEFAULTS["compute_dtype"],
-                               metadata={"help": "auto, bfloat16, float16, float32"})
-    quant_storage: str = field(default=DEFAULTS["quant_storage"],
-                               metadata={"help": "storage dtype; bfloat16 for FSDP"})
-    optimizer: str = field(default=DEFAULTS["optimizer"], metadata={"help": "trainer optimizer name"})
-    learning_rate: float = DEFAULTS["learning_rate"]
-    max_grad_norm: float = DEFAULTS["max_grad_norm"]
-    lr_scheduler_type: str = DEFAULTS["lr_scheduler_type"]
-    warmup_ratio: float = DEFAULTS["warmup_ratio"]
-    gradient_checkpointing: bool | str = field(
-        default=DEFAULTS["gradient_checkpointing"],
-        metadata={"help": "True: recompute each decoder layer in backward; False: keep activations (fastest, "
-                          "most memory); 'offload': recompute, with layer inputs parked in pinned host memory"},
-    )
-    num_train_epochs: float | None = DEFAULTS["num_train_epochs"]
-    per_device_train_batch_size: int | None = DEFAULTS["per_device_train_batch_size"]
-    gradient_accumulation_steps: int | None = DEFAULTS["gradient_accumulation_steps"]
-    fast_path: bool = field(
-        default=DEFAULTS["fast_path"],
-        metadata={"help": "keep the base in the compute dtype (no fp32 upcasts) and, on CUDA, train through the "
-                          "fused kernels of qlora_plugin.fastpath.kernels; False: PEFT's stock preparation"},
-    )
+    r: int = field(default=DEFAULTS["r"], metadata=metadata("r"))
+    lora_alpha: float = field(default=DEFAULTS["lora_alpha"], metadata=metadata("lora_alpha"))
+    lora_dropout: float = field(default=DEFAULTS["lora_dropout"], metadata=metadata("lora_dropout"))
+    target_modules: list[str] | str | None = field(default=DEFAULTS["target_modules"],
+                                                    metadata=metadata("target_modules"))
+    task_type: str | None = field(default="CAUSAL_LM", metadata={"help": "PEFT's task type; QLoRA here trains "
+                                                                         "causal language models"})
+    preset: str = field(default=DEFAULTS["preset"], metadata=metadata("preset"))
+    quant_type: str = field(default=DEFAULTS["quant_type"], metadata=metadata("quant_type"))
+    double_quant: bool = field(default=DEFAULTS["double_quant"], metadata=metadata("double_quant"))
+    compute_dtype: str = field(default=DEFAULTS["compute_dtype"], metadata=metadata("compute_dtype"))
+    quant_storage: str = field(default=DEFAULTS["quant_storage"], metadata=metadata("quant_storage"))
+    optimizer: str = field(default=DEFAULTS["optimizer"], metadata=metadata("optimizer"))
+    learning_rate: float = field(default=DEFAULTS["learning_rate"], metadata=metadata("learning_rate"))
+    max_grad_norm: float = field(default=DEFAULTS["max_grad_norm"], metadata=metadata("max_grad_norm"))
+    lr_scheduler_type: str = field(default=DEFAULTS["lr_scheduler_type"], metadata=metadata("lr_scheduler_type"))
+    warmup_ratio: float = field(default=DEFAULTS["warmup_ratio"], metadata=metadata("warmup_ratio"))
+    gradient_checkpointing: bool | str = field(default=DEFAULTS["gradient_checkpointing"],
+                                               metadata=metadata("gradient_checkpointing"))
+    num_train_epochs: float | None = field(default=DEFAULTS["num_train_epochs"], metadata=metadata("num_train_epochs"))
+    per_device_train_batch_size: int | None = field(default=DEFAULTS["per_device_train_batch_size"],
+                                                    metadata=metadata("per_device_train_batch_size"))
+    gradient_accumulation_steps: int | None = field(default=DEFAULTS["gradient_accumulation_steps"],
+                                                    metadata=metadata("gradient_accumulation_steps"))
+    fast_path: bool = field(default=DEFAULTS["fast_path"], metadata=metadata("fast_path"))
 
     def __post_init__(self) -> None:
         checked = check_fields({name: getattr(self, name) for name in RECIPE_FIELDS})
@@ -112,8 +109,14 @@ class QLoRARecipe(LoraConfig):
         return values
 
     def replace(self, **changes: Any) -> QLoRARecipe:
-        """A new recipe with ``changes`` applied (validated like any other)."""
-        return QLoRARecipe(**{**self.recipe_fields(), **field_overrides(changes)})
+        """A new recipe with ``changes`` applied (validated like any other).
+
+        PEFT's own fields that are no recipe field (``bias``, ``modules_to_save``,
+        ``layers_to_transform``, ``rank_pattern``, ...) are carried over as they are.
+        """
+        inherited = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(LoraConfig)
+                     if f.init and f.name not in RECIPE_FIELDS and f.name not in _SET_BY_THE_RECIPE}
+        return type(self)(**{**inherited, **self.recipe_fields(), **field_overrides(changes)})
 
     def to_dict(self) -> dict[str, Any]:
         """PEFT's view: only LoRA fields, so adapter_config.json loads anywhere."""
@@ -216,6 +219,8 @@ class QLoRARecipe(LoraConfig):
 
 
 LORA_FIELDS = frozenset(f.name for f in dataclasses.fields(LoraConfig))
+# LoraConfig fields the recipe derives itself in __post_init__ (PEFT fills the rest from the model).
+_SET_BY_THE_RECIPE = frozenset({"peft_type", "target_parameters"})
 
 
 def recipe_from_spec(spec: Any) -> QLoRARecipe:

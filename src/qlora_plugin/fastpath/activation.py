@@ -5,10 +5,12 @@ made trains through :mod:`qlora_plugin.fastpath.kernels` (fused LoRA over NF4, a
 logits, Liger norms / SwiGLU / RoPE, the recipe's recompute mode). They are put on
 at the model's first training forward: by then the trainer has finished its own
 setup (gradient checkpointing, Liger's loss for TRL), which would otherwise undo
-them. The trigger is a one-shot global forward pre-hook, armed when PEFT builds the
-first 4-bit LoRA layer (:mod:`qlora_plugin.core.lora_layers`) or by the Axolotl plugin,
-and removed as soon as it has fired. On a machine without CUDA nothing is armed and
-the kernels are never imported.
+them. The trigger is a forward pre-hook, armed when PEFT builds one of the recipe's
+4-bit LoRA layers (the ``lora_layer_built`` seam) or by the Axolotl plugin for its
+model, and removed as soon as no model is waiting for it (:class:`_Pending`). Every
+choice the kernels make is kept on the model they patch. On a machine without CUDA
+nothing is armed and the kernels are never imported (``QLORA_FAST_PATH_ON_CPU=1`` runs
+their PyTorch references there, for tests).
 
 ``gradient_checkpointing`` picks the point between speed and memory:
 ``False`` -> recompute "none" (fastest), ``True`` -> "full" (each decoder layer
@@ -21,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -41,8 +44,6 @@ HOST_KERNEL_LAYERS = {
 }
 _REQUEST = "_qlora_fast_path_request"
 _DONE = "_qlora_fast_path_applied"
-_hook_handle: Any = None
-_peft_model_class: Any = None
 
 
 # Trainer settings of the fast path; each removes a point where the host waits for the GPU,
@@ -112,35 +113,74 @@ def arm(model: nn.Module | None = None, recipe: QLoRARecipe | None = None, host_
     without logits; otherwise the loss stays the trainer's (TRL's ``chunked_nll`` and
     Liger's are already logit-free; ``nll``/``dft`` read the logits).
     """
-    global _hook_handle, _peft_model_class
-    from peft import PeftModel
-
-    _peft_model_class = PeftModel
     if model is not None:
         model.__dict__[_REQUEST] = (recipe, tuple(host_kernels), own_loss)
-    if _hook_handle is None:
-        from torch.nn.modules.module import register_module_forward_pre_hook
-
-        _hook_handle = register_module_forward_pre_hook(_first_forward)
+        _pending.models.add(model)
+    else:
+        _pending.any_recipe_model = True
+    _install()
 
 
 def arm_for_layer(layer: nn.Module, recipe: QLoRARecipe) -> None:
     """Arm the fast path when PEFT builds one of the recipe's LoRA layers on a device the fast path serves."""
     if wants_fast_path(recipe, layer.base_layer.weight.device.type):
-        arm()
+        _pending.layers.add(layer)
+        _install()
+
+
+class _Pending:
+    """What the first-forward hook waits for; weak references only, so a model never trained is forgotten.
+
+    torch offers a process-wide forward pre-hook and no hook on a model that does not
+    exist yet: PEFT builds the LoRA layers (where the recipe learns it is used) before the
+    trainer wraps them, and hands the layer factory no model. The hook is installed while
+    something is pending and removed as soon as nothing is.
+    """
+
+    def __init__(self) -> None:
+        self.layers: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self.models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self.any_recipe_model = False
+        self.hook: Any = None
+
+    def __bool__(self) -> bool:
+        return bool(self.layers or self.models or self.any_recipe_model)
+
+    def done(self, model: nn.Module) -> None:
+        """Forget what ``model`` was waited for by."""
+        self.models.discard(model)
+        for module in model.modules():
+            self.layers.discard(module)
+        self.any_recipe_model = False
+
+
+_pending = _Pending()
+
+
+def _install() -> None:
+    if _pending.hook is None:
+        from torch.nn.modules.module import register_module_forward_pre_hook
+
+        _pending.hook = register_module_forward_pre_hook(_first_forward)
 
 
 def disarm() -> None:
-    """Remove the first-forward hook (a no-op when none is installed)."""
-    global _hook_handle
-    if _hook_handle is not None:
-        _hook_handle.remove()
-        _hook_handle = None
+    """Forget every pending model and remove the first-forward hook (a no-op when none is installed)."""
+    _pending.layers.clear()
+    _pending.models.clear()
+    _pending.any_recipe_model = False
+    _remove_hook()
+
+
+def _remove_hook() -> None:
+    if _pending.hook is not None:
+        _pending.hook.remove()
+        _pending.hook = None
 
 
 def is_armed() -> bool:
     """True while the first-forward hook is installed."""
-    return _hook_handle is not None
+    return _pending.hook is not None
 
 
 def _request(module: nn.Module) -> tuple[QLoRARecipe, tuple[str, ...], bool] | None:
@@ -148,7 +188,9 @@ def _request(module: nn.Module) -> tuple[QLoRARecipe, tuple[str, ...], bool] | N
     explicit = module.__dict__.get(_REQUEST)
     if explicit is not None:
         return explicit
-    if _peft_model_class is None or not isinstance(module, _peft_model_class):
+    from peft import PeftModel
+
+    if not isinstance(module, PeftModel):
         return None
     from qlora_plugin.core.recipe import QLoRARecipe
 
@@ -159,12 +201,17 @@ def _request(module: nn.Module) -> tuple[QLoRARecipe, tuple[str, ...], bool] | N
 
 
 def _first_forward(module: nn.Module, args: Any) -> None:
+    if not _pending:
+        _remove_hook()
+        return
     if not module.training or module.__dict__.get(_DONE):
         return
     request = _request(module)
     if request is None:
         return
-    disarm()
+    _pending.done(module)
+    if not _pending:
+        _remove_hook()
     recipe, host_kernels, own_loss = request
     apply_recipe_fast_path(module, recipe, host_kernels=host_kernels, own_loss=own_loss)
 

@@ -117,7 +117,7 @@ class CheckpointGuard(TrainerCallback):
             return
         for source, target, reason in set_aside_incomplete(args.output_dir):
             report(logging.WARNING, "qlora: %s is incomplete: %s. Moved aside to %s so that a resume skips it "
-                   "(delete it to free its space).", source, reason, target.name)
+                   "(delete it to free its space).", source, reason, target.name, recipe=self.recipe)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:

@@ -38,9 +38,10 @@ from qlora_plugin.integrations.axolotl.expand import (
     native_keys,
     recipe_from_section,
 )
-from qlora_plugin.core.notices import report, use_logger
+from qlora_plugin.core.notices import route_messages
 
 AXOLOTL_LOGGER = "axolotl.integrations.qlora_plugin"  # Axolotl shows INFO only under its own namespace
+_log = logging.getLogger(AXOLOTL_LOGGER)
 EXPANDED_CONFIG = "qlora_expanded.yml"
 NOT_RERUN = (SECTION, "plugins", "axolotl_config_path")  # left out of the saved, plugin-free config
 
@@ -62,13 +63,13 @@ class QLoRAPlugin(BasePlugin):
         from qlora_plugin.integrations import exit_summary
         from qlora_plugin.core.device import training_device
 
-        use_logger(AXOLOTL_LOGGER)
         exit_summary.install()
         device = training_device()
         self.section_recipe = recipe_from_section(cfg.get(SECTION))
+        route_messages(self.section_recipe, AXOLOTL_LOGGER)
         recipe = self._discover_from_config(cfg.get("base_model"))
         for warning in apply_keys(cfg, native_keys(recipe, device)) + keep_lora_kernels_on_cuda(cfg, device):
-            report(logging.WARNING, warning)
+            _log.warning(warning)
         self.expanded = _plain(cfg)
 
     def load_datasets(self, cfg: Any, preprocess: bool = False) -> None:
@@ -77,9 +78,9 @@ class QLoRAPlugin(BasePlugin):
 
         found = check_datasets(cfg)
         for warning in found.warnings:
-            report(logging.WARNING, "qlora: %s", warning)
+            _log.warning("qlora: %s", warning)
         for note in found.notes:
-            report(logging.INFO, "qlora: %s", note)
+            _log.info("qlora: %s", note)
         if found.errors:
             raise found.errors[0]
 
@@ -91,11 +92,12 @@ class QLoRAPlugin(BasePlugin):
 
         keep_nf4_layout(model)
         recipe = self.recipe = self.section_recipe.resolve(model)
+        route_messages(recipe, AXOLOTL_LOGGER)
         targets = sorted(recipe.target_modules)
-        report(logging.INFO, "qlora: LoRA on %d modules: %s", len(targets), ", ".join(targets))
+        _log.info("qlora: LoRA on %d modules: %s", len(targets), ", ".join(targets))
         native = cfg.get("lora_target_modules")
         if native and sorted([native] if isinstance(native, str) else native) != targets:
-            report(logging.WARNING, "qlora section: `lora_target_modules: %r` in the config is replaced by the "
+            _log.warning("qlora section: `lora_target_modules: %r` in the config is replaced by the "
                    "section's targets (to choose them, set qlora.target_modules)", native)
         cfg.lora_target_modules = targets
         cfg.lora_target_linear = False
@@ -151,7 +153,7 @@ class QLoRAPlugin(BasePlugin):
         settings = trainer_settings(self.recipe)
         apply_trainer_settings(trainer, settings)
         if settings:
-            report(logging.INFO, "qlora: trainer settings of the fast path: %s", describe_settings(settings))
+            _log.info("qlora: trainer settings of the fast path: %s", describe_settings(settings))
         if getattr(trainer, "optimizer", None) is not None:
             return
         chosen = optimizer_cls_and_kwargs(self.recipe, trainer.args)
@@ -172,7 +174,7 @@ class QLoRAPlugin(BasePlugin):
         try:
             model = meta_model(str(base_model))
         except (OSError, QLoRAConfigError) as error:
-            report(logging.INFO, "qlora: target discovery waits for the loaded model (%s)", error)
+            _log.info("qlora: target discovery waits for the loaded model (%s)", error)
             return self.section_recipe
         try:
             return self.section_recipe.resolve(model)
