@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
@@ -34,12 +33,33 @@ RANK, ALPHA = 16, 32
 LR = 2e-4
 
 SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=32, tie_word_embeddings=False),  # CPU dry runs
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        tie_word_embeddings=False,
+    ),  # CPU dry runs
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
 }
 VOCAB = 128256
 
@@ -51,17 +71,25 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bf16-lora": dict(quant=False, prepare=False, dropout=0.05, optim="torch-adamw", grad_ckpt=True),
     "stock-qlora": dict(quant=True, prepare=True, dropout=0.05, optim="bnb-paged", grad_ckpt=True),
     "trl-qlora": dict(quant=True, trl=True, dropout=0.05, optim="paged_adamw_32bit", grad_ckpt=True),
-    "qlora-plugin": dict(quant=True, trl=True, dropout=0.05, recipe=dict(gradient_checkpointing=False),
-                         fused_optim=True),
-    "qlora-plugin-memory": dict(quant=True, trl=True, dropout=0.05, recipe=dict(gradient_checkpointing="offload"),
-                                fused_optim=True),
+    "qlora-plugin": dict(
+        quant=True, trl=True, dropout=0.05, recipe=dict(gradient_checkpointing=False), fused_optim=True
+    ),
+    "qlora-plugin-memory": dict(
+        quant=True, trl=True, dropout=0.05, recipe=dict(gradient_checkpointing="offload"), fused_optim=True
+    ),
     "qlora-plugin-default": dict(quant=True, trl=True, dropout=0.05, recipe={}, fused_optim=True),
-    "qlora-plugin-bnb-optim": dict(quant=True, trl=True, dropout=0.05, recipe=dict(gradient_checkpointing=False),
-                                   fused_optim=False),
+    "qlora-plugin-bnb-optim": dict(
+        quant=True, trl=True, dropout=0.05, recipe=dict(gradient_checkpointing=False), fused_optim=False
+    ),
     # recipe -> PEFT -> the recipe's hooks, without a trainer (numerics: dropout forced to 0 there)
     "qlora-plugin-numerics": dict(quant=True, dropout=0.0, recipe=dict(gradient_checkpointing=False)),
-    "kernels-direct": dict(quant=True, prepare=False, dropout=0.0, optim="plugin-paged",
-                           plugin=dict(recompute="none", cache_block_constants=True)),
+    "kernels-direct": dict(
+        quant=True,
+        prepare=False,
+        dropout=0.0,
+        optim="plugin-paged",
+        plugin=dict(recompute="none", cache_block_constants=True),
+    ),
 }
 
 
@@ -177,16 +205,27 @@ def synthetic_batches(n: int, seed: int = 0, vocab: int = VOCAB) -> list[Any]:
 def llama_config(shape: str) -> Any:
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=VOCAB, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                       rope_theta=500000.0, attn_implementation="sdpa", **SHAPES[shape])
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        attn_implementation="sdpa",
+        **SHAPES[shape],
+    )
 
 
 def bnb_config() -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.uint8)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
 
 
 # ----------------------------------------------------------------------------- make-model
@@ -208,8 +247,13 @@ def cmd_make_model(a: argparse.Namespace) -> None:
         _empty_cache()
     t1 = time.time()
     if not (nf4_dir / "config.json").exists():
-        q = AutoModelForCausalLM.from_pretrained(bf16_dir, quantization_config=bnb_config(), dtype=torch.bfloat16,
-                                                 device_map=DEVICE, attn_implementation="sdpa")
+        q = AutoModelForCausalLM.from_pretrained(
+            bf16_dir,
+            quantization_config=bnb_config(),
+            dtype=torch.bfloat16,
+            device_map=DEVICE,
+            attn_implementation="sdpa",
+        )
         q.save_pretrained(nf4_dir)
     print(f"make-model {a.shape}: bf16 {t1 - t0:.0f}s, nf4 {time.time() - t1:.0f}s", flush=True)
 
@@ -217,8 +261,15 @@ def cmd_make_model(a: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- model + optimizer per variant
 
 
-def build(shape: str, variant: str, model_root: Path, *, dropout: float | None = None,
-          plugin_overrides: dict[str, Any] | None = None, optim: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+def build(
+    shape: str,
+    variant: str,
+    model_root: Path,
+    *,
+    dropout: float | None = None,
+    plugin_overrides: dict[str, Any] | None = None,
+    optim: str | None = None,
+) -> tuple[Any, Any, dict[str, Any]]:
     """The PEFT model and optimizer of ``variant`` plus a description of what was set."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -238,8 +289,9 @@ def build(shape: str, variant: str, model_root: Path, *, dropout: float | None =
     info: dict[str, Any] = {"lora_dropout": spec["dropout"], "optimizer": spec["optim"]}
     if spec.get("prepare"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["grad_ckpt"])
-    lcfg = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=spec["dropout"], target_modules="all-linear",
-                      task_type="CAUSAL_LM")
+    lcfg = LoraConfig(
+        r=RANK, lora_alpha=ALPHA, lora_dropout=spec["dropout"], target_modules="all-linear", task_type="CAUSAL_LM"
+    )
     torch.manual_seed(0)
     model = get_peft_model(model, lcfg)
     if "plugin" in spec:
@@ -300,8 +352,13 @@ def build_recipe(nf4_dir: Path, spec: dict[str, Any], kw: dict[str, Any]) -> tup
     model.train()
     from qlora_plugin.fastpath.activation import recompute_mode
 
-    info = {"lora_dropout": spec["dropout"], "optimizer": type(opt).__name__, "grad_ckpt": recompute_mode(recipe),
-            "adapter_dtype": "float32 (after the first forward)", "recipe": recipe.recipe_fields()}
+    info = {
+        "lora_dropout": spec["dropout"],
+        "optimizer": type(opt).__name__,
+        "grad_ckpt": recompute_mode(recipe),
+        "adapter_dtype": "float32 (after the first forward)",
+        "recipe": recipe.recipe_fields(),
+    }
     return model, opt, info
 
 
@@ -341,7 +398,6 @@ class MatmulFlops:
     """TorchDispatchMode counting matmul FLOPs per input dtype."""
 
     def __new__(cls) -> Any:
-        import torch
         from torch.utils._python_dispatch import TorchDispatchMode
 
         class _Mode(TorchDispatchMode):
@@ -377,8 +433,11 @@ def summarize_profile(prof: Any, trace_path: Path | None) -> dict[str, Any]:
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
     if trace_path is not None:
         averages = prof.key_averages()
-        trace_path.write_text(averages.table(sort_by="self_cuda_time_total", row_limit=50) + "\n\n"
-                              + averages.table(sort_by="self_cpu_time_total", row_limit=50))
+        trace_path.write_text(
+            averages.table(sort_by="self_cuda_time_total", row_limit=50)
+            + "\n\n"
+            + averages.table(sort_by="self_cpu_time_total", row_limit=50)
+        )
     return {
         "gpu_ms": round(total / 1e3, 1),
         "kernel_launches": sum(1 for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA),
@@ -419,8 +478,9 @@ def cmd_run(a: argparse.Namespace) -> None:
         return run_trl(a)
     overrides = json.loads(a.plugin) if a.plugin else None
     t0 = time.time()
-    model, opt, info = build(a.shape, a.variant, Path(a.model_dir), plugin_overrides=overrides, optim=a.optim,
-                             dropout=a.dropout)
+    model, opt, info = build(
+        a.shape, a.variant, Path(a.model_dir), plugin_overrides=overrides, optim=a.optim, dropout=a.dropout
+    )
     load_s = time.time() - t0
     load_peak = _peak()
     batches = [b.to(DEVICE) for b in synthetic_batches(min(a.warmup + a.steps, 4))]
@@ -452,20 +512,53 @@ def cmd_run(a: argparse.Namespace) -> None:
     opt_ms = opt_events.mean_ms()
     step_s = elapsed / a.steps
     row = dict(
-        shape=a.shape, variant=a.tag or a.variant, tok_s=round(BATCH * SEQ / step_s), step_s=round(step_s, 4),
-        peak_gib=_gib(peak), peak_reserved_gib=_gib(peak_reserved), load_peak_gib=_gib(load_peak),
-        loss_first=round(float(losses[0]), 4), loss_last=round(float(losses[-1]), 4),
-        losses=[round(float(x), 4) for x in losses], batch=BATCH, seq=SEQ, rank=RANK, alpha=ALPHA,
-        grad_ckpt=info.pop("grad_ckpt"), optimizer_ms=round(opt_ms, 2), optimizer_pct=round(100 * opt_ms / 1e3 / step_s, 2),
+        shape=a.shape,
+        variant=a.tag or a.variant,
+        tok_s=round(BATCH * SEQ / step_s),
+        step_s=round(step_s, 4),
+        peak_gib=_gib(peak),
+        peak_reserved_gib=_gib(peak_reserved),
+        load_peak_gib=_gib(load_peak),
+        loss_first=round(float(losses[0]), 4),
+        loss_last=round(float(losses[-1]), 4),
+        losses=[round(float(x), 4) for x in losses],
+        batch=BATCH,
+        seq=SEQ,
+        rank=RANK,
+        alpha=ALPHA,
+        grad_ckpt=info.pop("grad_ckpt"),
+        optimizer_ms=round(opt_ms, 2),
+        optimizer_pct=round(100 * opt_ms / 1e3 / step_s, 2),
         paged_gib=_gib(opt.paged_bytes()) if hasattr(opt, "paged_bytes") else None,
-        warmup=a.warmup, steps=a.steps, load_s=round(load_s, 1), gpu=_gpu(),
-        versions=_versions(), cuda_graphs=graphs_state(model), **info,
+        warmup=a.warmup,
+        steps=a.steps,
+        load_s=round(load_s, 1),
+        gpu=_gpu(),
+        versions=_versions(),
+        cuda_graphs=graphs_state(model),
+        **info,
     )
     if a.profile:
         row["profile"] = profile_step(lambda: step(0, False), Path(a.profile))
     append_row(Path(a.json), row)
-    print(json.dumps({k: row[k] for k in ("shape", "variant", "tok_s", "peak_gib", "loss_first", "loss_last",
-                                         "optimizer_pct", "cuda_graphs")}), flush=True)
+    print(
+        json.dumps(
+            {
+                k: row[k]
+                for k in (
+                    "shape",
+                    "variant",
+                    "tok_s",
+                    "peak_gib",
+                    "loss_first",
+                    "loss_last",
+                    "optimizer_pct",
+                    "cuda_graphs",
+                )
+            }
+        ),
+        flush=True,
+    )
 
 
 def run_trl(a: argparse.Namespace) -> None:
@@ -510,8 +603,12 @@ def run_trl(a: argparse.Namespace) -> None:
     else:
         model = AutoModelForCausalLM.from_pretrained(nf4_dir, **kw)
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                  pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
     n = a.warmup + a.steps
     batches = synthetic_batches(min(n, 4))
     rows = [batches[i % len(batches)][j].tolist() for i in range(n) for j in range(BATCH)]
@@ -574,23 +671,38 @@ def run_trl(a: argparse.Namespace) -> None:
             if logs and "loss" in logs:
                 logged.append(float(logs["loss"]))
 
-    common = dict(per_device_train_batch_size=BATCH, max_steps=n, learning_rate=LR, weight_decay=0.0,
-                  lr_scheduler_type="constant", warmup_steps=0, logging_steps=a.logging_steps, save_strategy="no",
-                  report_to="none", max_length=SEQ, packing=False, seed=0,
-                  dataset_kwargs={"skip_prepare_dataset": True}, dataloader_num_workers=0)
+    common = dict(
+        per_device_train_batch_size=BATCH,
+        max_steps=n,
+        learning_rate=LR,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_steps=a.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        max_length=SEQ,
+        packing=False,
+        seed=0,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        dataloader_num_workers=0,
+    )
     common.update(json.loads(a.trainer_args) if a.trainer_args else {})
 
     class SFTTrainerWithoutMetrics(SFTTrainer):
         """TRL's loss without its per-step metrics (token count, accuracy): no read-backs after the forward."""
 
-        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        def compute_loss(
+            self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
             from transformers import Trainer
 
             inputs["use_cache"] = False
             if self.args.use_liger_kernel:
                 inputs["skip_logits"] = self.model.training
-            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return Trainer.compute_loss(
+                self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
 
     with tempfile.TemporaryDirectory() as out:
         extra: dict[str, Any] = {}
@@ -600,12 +712,23 @@ def run_trl(a: argparse.Namespace) -> None:
             if spec.get("fused_optim"):
                 extra["optimizer_cls_and_kwargs"] = recipe.optimizer_cls_and_kwargs(cfg)
         else:
-            cfg = SFTConfig(output_dir=out, bf16=DEVICE == "cuda", gradient_checkpointing=spec["grad_ckpt"],
-                            optim=spec["optim"], **common)
-            peft_config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=spec["dropout"],
-                                     target_modules="all-linear", task_type="CAUSAL_LM")
+            cfg = SFTConfig(
+                output_dir=out,
+                bf16=DEVICE == "cuda",
+                gradient_checkpointing=spec["grad_ckpt"],
+                optim=spec["optim"],
+                **common,
+            )
+            peft_config = LoraConfig(
+                r=RANK,
+                lora_alpha=ALPHA,
+                lora_dropout=spec["dropout"],
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            )
         trainer_cls = SFTTrainer if a.trl_metrics == "on" else SFTTrainerWithoutMetrics
         if a.profile:
+
             class PhasedSFTTrainer(trainer_cls):  # type: ignore[valid-type,misc]
                 def compute_loss(self, *args: Any, **kws: Any) -> Any:
                     mark("loss")
@@ -614,8 +737,15 @@ def run_trl(a: argparse.Namespace) -> None:
                     return out
 
             trainer_cls = PhasedSFTTrainer
-        trainer = trainer_cls(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
-                              callbacks=[Timer()], **extra)
+        trainer = trainer_cls(
+            model=model,
+            args=cfg,
+            train_dataset=ds,
+            processing_class=tok,
+            peft_config=peft_config,
+            callbacks=[Timer()],
+            **extra,
+        )
         if a.timeline:
             from timeline import annotate_trainer
 
@@ -637,19 +767,40 @@ def run_trl(a: argparse.Namespace) -> None:
         grad_ckpt = "full" if spec["grad_ckpt"] else "none"
     paged = optimizer.paged_bytes() if hasattr(optimizer, "paged_bytes") else None
     row = dict(
-        shape=a.shape, variant=a.tag or a.variant, tok_s=round(BATCH * SEQ / step_s), step_s=round(step_s, 4),
-        peak_gib=_gib(peak), loss_first=round(logged[0], 4) if logged else None,
-        loss_last=round(logged[-1], 4) if logged else None, losses=[round(x, 4) for x in logged], batch=BATCH,
-        seq=SEQ, rank=RANK, alpha=ALPHA, grad_ckpt=grad_ckpt, optimizer=type(optimizer).__name__,
-        optimizer_ms=round(opt_ms, 2), optimizer_pct=round(100 * opt_ms / 1e3 / step_s, 2),
-        paged_gib=_gib(paged) if paged else None, lora_dropout=spec["dropout"], adapter_dtype=adapter_dtype,
-        warmup=a.warmup, steps=a.steps, load_s=round(load_s, 1), gpu=_gpu(), versions=_versions(),
+        shape=a.shape,
+        variant=a.tag or a.variant,
+        tok_s=round(BATCH * SEQ / step_s),
+        step_s=round(step_s, 4),
+        peak_gib=_gib(peak),
+        loss_first=round(logged[0], 4) if logged else None,
+        loss_last=round(logged[-1], 4) if logged else None,
+        losses=[round(x, 4) for x in logged],
+        batch=BATCH,
+        seq=SEQ,
+        rank=RANK,
+        alpha=ALPHA,
+        grad_ckpt=grad_ckpt,
+        optimizer=type(optimizer).__name__,
+        optimizer_ms=round(opt_ms, 2),
+        optimizer_pct=round(100 * opt_ms / 1e3 / step_s, 2),
+        paged_gib=_gib(paged) if paged else None,
+        lora_dropout=spec["dropout"],
+        adapter_dtype=adapter_dtype,
+        warmup=a.warmup,
+        steps=a.steps,
+        load_s=round(load_s, 1),
+        gpu=_gpu(),
+        versions=_versions(),
         path="SFTTrainer + recipe" if recipe is not None else "SFTTrainer + LoraConfig",
-        plugin_reports=reports, logging_steps=a.logging_steps, plugin_overrides=a.plugin or None,
+        plugin_reports=reports,
+        logging_steps=a.logging_steps,
+        plugin_overrides=a.plugin or None,
         cuda_graphs=graphs_state(trainer.model),
     )
     if phases:
-        row["host_phases_ms"] = {k: round(sum(v[a.warmup:]) / max(1, len(v[a.warmup:])), 2) for k, v in phases.items()}
+        row["host_phases_ms"] = {
+            k: round(sum(v[a.warmup :]) / max(1, len(v[a.warmup :])), 2) for k, v in phases.items()
+        }
     if profiler and a.profile:
         row["profile"] = summarize_profile(profiler[0], Path(a.profile))
     if profiler and a.timeline:
@@ -664,8 +815,24 @@ def run_trl(a: argparse.Namespace) -> None:
     row["trainer_args"] = a.trainer_args or None
     row["trl_metrics"] = a.trl_metrics
     append_row(Path(a.json), row)
-    print(json.dumps({k: row[k] for k in ("shape", "variant", "tok_s", "peak_gib", "loss_first", "loss_last",
-                                         "optimizer_pct", "cuda_graphs")}), flush=True)
+    print(
+        json.dumps(
+            {
+                k: row[k]
+                for k in (
+                    "shape",
+                    "variant",
+                    "tok_s",
+                    "peak_gib",
+                    "loss_first",
+                    "loss_last",
+                    "optimizer_pct",
+                    "cuda_graphs",
+                )
+            }
+        ),
+        flush=True,
+    )
 
 
 def graphs_state(model: Any) -> dict[str, Any] | None:
@@ -673,8 +840,13 @@ def graphs_state(model: Any) -> dict[str, Any] | None:
     for module in model.modules():
         graphs = module.__dict__.get("_qlora_decoder_graphs")
         if graphs is not None:
-            return dict(captured=graphs.graphed is not None, replays=graphs.replays, off=graphs.disabled_because,
-                        eager=graphs.eager_because, last_key=str(graphs.last_key))
+            return dict(
+                captured=graphs.graphed is not None,
+                replays=graphs.replays,
+                off=graphs.disabled_because,
+                eager=graphs.eager_because,
+                last_key=str(graphs.last_key),
+            )
     return None
 
 
@@ -730,15 +902,29 @@ def compare_numerics(state_dir: Path, ref: str, other: str, shape: str) -> dict[
     import torch
 
     lr_, lo = (json.loads((state_dir / f"losses_{v}.json").read_text()) for v in (ref, other))
-    rel = [abs(b - a) / abs(a) for a, b in zip(lr_, lo)]
+    rel = [abs(b - a) / abs(a) for a, b in zip(lr_, lo, strict=False)]
     gr, go = (torch.load(state_dir / f"grads_{v}.pt") for v in (ref, other))
     errs = {n: float((go[n].double() - gr[n].double()).norm() / gr[n].double().norm().clamp_min(1e-30)) for n in gr}
-    cos = {n: float(torch.nn.functional.cosine_similarity(go[n].flatten().double(), gr[n].flatten().double(), 0)) for n in gr}
+    cos = {
+        n: float(torch.nn.functional.cosine_similarity(go[n].flatten().double(), gr[n].flatten().double(), 0))
+        for n in gr
+    }
     worst = max(errs, key=errs.get)
-    return dict(shape=shape, reference=ref, candidate=other, steps=len(lr_), loss_ref=lr_, loss_candidate=lo,
-                max_rel_loss_diff=max(rel), all_within_1pct=max(rel) < 0.01,
-                grad_rel_err_median=sorted(errs.values())[len(errs) // 2], grad_rel_err_max=errs[worst],
-                grad_rel_err_worst_param=worst, grad_cos_min=min(cos.values()), n_grad_tensors=len(errs))
+    return dict(
+        shape=shape,
+        reference=ref,
+        candidate=other,
+        steps=len(lr_),
+        loss_ref=lr_,
+        loss_candidate=lo,
+        max_rel_loss_diff=max(rel),
+        all_within_1pct=max(rel) < 0.01,
+        grad_rel_err_median=sorted(errs.values())[len(errs) // 2],
+        grad_rel_err_max=errs[worst],
+        grad_rel_err_worst_param=worst,
+        grad_cos_min=min(cos.values()),
+        n_grad_tensors=len(errs),
+    )
 
 
 # ----------------------------------------------------------------------------- memory sweep
@@ -759,8 +945,11 @@ def cmd_sweep(a: argparse.Namespace) -> None:
         recompute, fused_loss = "full", False
     else:
         spec = dict(quant=True, dropout=0.05, recipe={})
-        model, opt, info = build_recipe(model_dirs(Path(a.model_dir), a.shape)[1], spec,
-                                        dict(dtype=torch.bfloat16, device_map=DEVICE, attn_implementation="sdpa"))
+        model, opt, info = build_recipe(
+            model_dirs(Path(a.model_dir), a.shape)[1],
+            spec,
+            dict(dtype=torch.bfloat16, device_map=DEVICE, attn_implementation="sdpa"),
+        )
         recompute, fused_loss = info["grad_ckpt"], None
     g = torch.Generator().manual_seed(3)
     rows = []
@@ -782,11 +971,26 @@ def cmd_sweep(a: argparse.Namespace) -> None:
         if hasattr(opt, "paged_bytes"):
             paged = opt.paged_bytes()
         else:
-            paged = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items()
-                        if torch.is_tensor(t) and getattr(t, "is_paged", False))
-        rows.append(dict(model=SWEEP_NAMES[a.shape], path=a.path, recompute=recompute, fused_loss=bool(fused_loss),
-                         seq=seq, batch=batch, peak_allocated_bytes=int(_peak()), paged_state_bytes=int(paged),
-                         loss=round(float(loss), 4), gpu=_gpu()))
+            paged = sum(
+                t.numel() * t.element_size()
+                for st in opt.state.values()
+                for k, t in st.items()
+                if torch.is_tensor(t) and getattr(t, "is_paged", False)
+            )
+        rows.append(
+            dict(
+                model=SWEEP_NAMES[a.shape],
+                path=a.path,
+                recompute=recompute,
+                fused_loss=bool(fused_loss),
+                seq=seq,
+                batch=batch,
+                peak_allocated_bytes=int(_peak()),
+                paged_state_bytes=int(paged),
+                loss=round(float(loss), 4),
+                gpu=_gpu(),
+            )
+        )
         print(json.dumps(rows[-1]), flush=True)
     out = Path(a.json)
     old = json.loads(out.read_text()) if out.exists() else []
@@ -809,13 +1013,23 @@ def cmd_micro(a: argparse.Namespace) -> None:
     from qlora_plugin.fastpath.kernels.triton_nf4 import dequantize_4bit_triton
 
     rows = []
-    for name, (out_f, in_f) in {"q_proj": (4096, 4096), "kv_proj": (1024, 4096), "gate_proj": (14336, 4096),
-                                "down_proj": (4096, 14336)}.items():
+    for name, (out_f, in_f) in {
+        "q_proj": (4096, 4096),
+        "kv_proj": (1024, 4096),
+        "gate_proj": (14336, 4096),
+        "down_proj": (4096, 14336),
+    }.items():
         torch.manual_seed(0)
-        lin = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
-                                quant_type="nf4")
-        lin.weight = bnb.nn.Params4bit(torch.randn(out_f, in_f, dtype=torch.bfloat16) / in_f**0.5,
-                                       requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=64)
+        lin = bnb.nn.Linear4bit(
+            in_f, out_f, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4"
+        )
+        lin.weight = bnb.nn.Params4bit(
+            torch.randn(out_f, in_f, dtype=torch.bfloat16) / in_f**0.5,
+            requires_grad=False,
+            compress_statistics=True,
+            quant_type="nf4",
+            blocksize=64,
+        )
         holder = torch.nn.Module()
         holder.lin = lin.cuda()
         q, st = holder.lin.weight, holder.lin.weight.quant_state
@@ -842,10 +1056,19 @@ def cmd_micro(a: argparse.Namespace) -> None:
         t_fused_tri = do_bench(fwd_bwd, return_mode="median", grad_to_none=[x, *layer.parameters()])
         xw = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
         t_gemm = do_bench(lambda: torch.mm(x.detach(), xw.t()), return_mode="median")
-        rows.append(dict(layer=name, out_f=out_f, in_f=in_f, dequant_bnb_ms=round(t_bnb, 4),
-                         dequant_triton_ms=round(t_tri, 4), lora_fwd_bwd_peft_ms=round(t_peft, 3),
-                         lora_fwd_bwd_fused_ms=round(t_fused, 3), lora_fwd_bwd_fused_triton_ms=round(t_fused_tri, 3),
-                         one_bf16_gemm_ms=round(t_gemm, 3)))
+        rows.append(
+            dict(
+                layer=name,
+                out_f=out_f,
+                in_f=in_f,
+                dequant_bnb_ms=round(t_bnb, 4),
+                dequant_triton_ms=round(t_tri, 4),
+                lora_fwd_bwd_peft_ms=round(t_peft, 3),
+                lora_fwd_bwd_fused_ms=round(t_fused, 3),
+                lora_fwd_bwd_fused_triton_ms=round(t_fused_tri, 3),
+                one_bf16_gemm_ms=round(t_gemm, 3),
+            )
+        )
         print(json.dumps(rows[-1]), flush=True)
     Path(a.json).write_text(json.dumps(rows, indent=1))
 
@@ -853,8 +1076,20 @@ def cmd_micro(a: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- table
 
 
-COLUMNS = ("shape", "variant", "tok_s", "step_s", "peak_gib", "grad_ckpt", "optimizer", "optimizer_pct",
-           "lora_dropout", "adapter_dtype", "loss_first", "loss_last")
+COLUMNS = (
+    "shape",
+    "variant",
+    "tok_s",
+    "step_s",
+    "peak_gib",
+    "grad_ckpt",
+    "optimizer",
+    "optimizer_pct",
+    "lora_dropout",
+    "adapter_dtype",
+    "loss_first",
+    "loss_last",
+)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -925,9 +1160,23 @@ def cmd_all(a: argparse.Namespace) -> None:
                 continue
             steps = a.steps_8b if shape == "8b" else a.steps
             slow = name in ("stock-qlora", "bf16-lora") and shape == "8b"
-            args = ["run", "--shape", shape, "--variant", name, "--model-dir", str(root), "--json", str(results),
-                    "--steps", str(max(2, steps // 2) if slow else steps), "--warmup", str(1 if slow else a.warmup),
-                    "--logging-steps", str(a.logging_steps)]
+            args = [
+                "run",
+                "--shape",
+                shape,
+                "--variant",
+                name,
+                "--model-dir",
+                str(root),
+                "--json",
+                str(results),
+                "--steps",
+                str(max(2, steps // 2) if slow else steps),
+                "--warmup",
+                str(1 if slow else a.warmup),
+                "--logging-steps",
+                str(a.logging_steps),
+            ]
             if plugin:
                 args += ["--plugin", plugin]
             if tag:
@@ -940,8 +1189,23 @@ def cmd_all(a: argparse.Namespace) -> None:
             sd = out / f"numerics-{shape}"
             sd.mkdir(exist_ok=True)
             for v in ("stock-qlora", "qlora-plugin-numerics"):
-                rc = _sub(["numerics", "--shape", shape, "--variant", v, "--model-dir", str(root), "--state-dir", str(sd),
-                           "--steps", str(a.numerics_steps)], log, max(60, min(deadline - time.time(), 400)))
+                rc = _sub(
+                    [
+                        "numerics",
+                        "--shape",
+                        shape,
+                        "--variant",
+                        v,
+                        "--model-dir",
+                        str(root),
+                        "--state-dir",
+                        str(sd),
+                        "--steps",
+                        str(a.numerics_steps),
+                    ],
+                    log,
+                    max(60, min(deadline - time.time(), 400)),
+                )
                 print(f"  numerics {shape}/{v} rc={rc}", flush=True)
             try:
                 cmp_ = compare_numerics(sd, "stock-qlora", "qlora-plugin-numerics", shape)
@@ -957,8 +1221,21 @@ def cmd_all(a: argparse.Namespace) -> None:
                 if left < 40:
                     print(f"skip sweep {shape}/{path}: budget", flush=True)
                     continue
-                rc = _sub(["sweep", "--shape", shape, "--path", path, "--model-dir", str(root),
-                           "--json", str(out / "memory_sweep.json")], log, min(left, 300))
+                rc = _sub(
+                    [
+                        "sweep",
+                        "--shape",
+                        shape,
+                        "--path",
+                        path,
+                        "--model-dir",
+                        str(root),
+                        "--json",
+                        str(out / "memory_sweep.json"),
+                    ],
+                    log,
+                    min(left, 300),
+                )
                 print(f"  sweep {shape}/{path} rc={rc}\n{_tail(log, 2) if rc == 0 else _tail(log)}", flush=True)
     if a.kernel_tests and deadline - time.time() > 45:
         tests = Path(a.tests_dir) / "test_kernels_cuda.py"
@@ -967,8 +1244,12 @@ def cmd_all(a: argparse.Namespace) -> None:
             fh.write("\n+ pytest test_kernels_cuda.py\n")
             fh.flush()
             try:
-                rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
-                                    stdout=fh, stderr=subprocess.STDOUT, timeout=deadline - time.time()).returncode
+                rc = subprocess.run(
+                    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    timeout=deadline - time.time(),
+                ).returncode
             except subprocess.TimeoutExpired:
                 rc = 124
         print(f"kernel tests rc={rc} ({time.time() - t:.0f}s)\n{_tail(log, 4)}", flush=True)
@@ -1000,8 +1281,12 @@ def main() -> None:
     r.add_argument("--profile", default="")
     r.add_argument("--timeline", default="", help="SFTTrainer rows: GPU idle gaps of 3 profiled steps, to this JSON")
     r.add_argument("--trainer-args", default="", help="JSON overrides of the SFTConfig (SFTTrainer rows)")
-    r.add_argument("--trl-metrics", choices=("on", "off"), default="on",
-                   help="off: skip TRL's per-step metrics and their read-backs (an experiment, SFTTrainer rows)")
+    r.add_argument(
+        "--trl-metrics",
+        choices=("on", "off"),
+        default="on",
+        help="off: skip TRL's per-step metrics and their read-backs (an experiment, SFTTrainer rows)",
+    )
     n = sub.add_parser("numerics")
     n.add_argument("--shape", choices=SHAPES, required=True)
     n.add_argument("--variant", choices=VARIANTS, required=True)
@@ -1038,9 +1323,18 @@ def main() -> None:
     a = p.parse_args()
     if a.cmd == "all" and not a.model_root:
         shm = Path("/dev/shm")
-        a.model_root = str(shm / "qlora-models") if shm.exists() and shutil.disk_usage(shm).free > 30e9 else "/tmp/qlora-models"
-    {"make-model": cmd_make_model, "run": cmd_run, "micro": cmd_micro, "numerics": cmd_numerics, "table": cmd_table, "all": cmd_all,
-     "sweep": cmd_sweep}[a.cmd](a)
+        a.model_root = (
+            str(shm / "qlora-models") if shm.exists() and shutil.disk_usage(shm).free > 30e9 else "/tmp/qlora-models"
+        )
+    {
+        "make-model": cmd_make_model,
+        "run": cmd_run,
+        "micro": cmd_micro,
+        "numerics": cmd_numerics,
+        "table": cmd_table,
+        "all": cmd_all,
+        "sweep": cmd_sweep,
+    }[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -43,14 +43,23 @@ def rows_from_measure_memory(report: dict[str, Any]) -> list[dict[str, Any]]:
         for case in run.get("cases", []):
             if "peak_allocated" not in case:
                 continue
-            rows.append({
-                "model": run["model"], "path": run["path"],
-                "recompute": "full" if run["gradient_checkpointing"] else "none", "fused_loss": False,
-                "kernels": False, "adapter_dtype": "bfloat16" if fast else "float32",
-                "lora_dropout": 0.05, "r": 16, "seq": case["seq"], "batch": case["batch"],
-                "peak_allocated_bytes": case["peak_allocated"], "paged_state_bytes": case.get("paged_state_bytes"),
-                "label": "measure_memory.py (bare training loop)",
-            })
+            rows.append(
+                {
+                    "model": run["model"],
+                    "path": run["path"],
+                    "recompute": "full" if run["gradient_checkpointing"] else "none",
+                    "fused_loss": False,
+                    "kernels": False,
+                    "adapter_dtype": "bfloat16" if fast else "float32",
+                    "lora_dropout": 0.05,
+                    "r": 16,
+                    "seq": case["seq"],
+                    "batch": case["batch"],
+                    "peak_allocated_bytes": case["peak_allocated"],
+                    "paged_state_bytes": case.get("paged_state_bytes"),
+                    "label": "measure_memory.py (bare training loop)",
+                }
+            )
     return rows
 
 
@@ -69,12 +78,12 @@ def read_rows(path: str) -> list[dict[str, Any]]:
 def compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each row with the estimate and the relative error of the allocator peak."""
     import torch
+    from llama_shapes import llama_config
     from transformers import AutoModelForCausalLM
 
-    from llama_shapes import llama_config
+    from qlora_plugin.core.recipe import qlora_recipe
     from qlora_plugin.tools.estimate import estimate_memory, training_path
     from qlora_plugin.tools.inspection import analyze
-    from qlora_plugin.core.recipe import qlora_recipe
 
     models: dict[str, Any] = {}
     results = []
@@ -83,20 +92,29 @@ def compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             with torch.device("meta"):
                 models[row["model"]] = AutoModelForCausalLM.from_config(llama_config(row["model"]))
         recipe = qlora_recipe(r=row.get("r", 16), lora_dropout=row.get("lora_dropout", 0.05))
-        path = training_path(recipe, row["path"], recompute=row["recompute"], fused_loss=row["fused_loss"],
-                             kernels=row.get("kernels"), adapter_dtype=row.get("adapter_dtype"),
-                             cached_constants=row.get("cached_constants"))
+        path = training_path(
+            recipe,
+            row["path"],
+            recompute=row["recompute"],
+            fused_loss=row["fused_loss"],
+            kernels=row.get("kernels"),
+            adapter_dtype=row.get("adapter_dtype"),
+            cached_constants=row.get("cached_constants"),
+        )
         result = estimate_memory(analyze(models[row["model"]], recipe), row["seq"], row["batch"], path)
         measured = row["peak_allocated_bytes"]
         paged = row.get("paged_state_bytes")
-        results.append(row | {
-            "path_model": path.describe(),
-            "estimated_peak_allocated_bytes": result.allocator_peak,
-            "error_pct": round(100 * (result.allocator_peak - measured) / measured, 2),
-            "estimated_paged_state_bytes": result.paged_optimizer,
-            "paged_error_pct": round(100 * (result.paged_optimizer - paged) / paged, 2) if paged else None,
-            "peak_moment": result.peak_moment,
-        })
+        results.append(
+            row
+            | {
+                "path_model": path.describe(),
+                "estimated_peak_allocated_bytes": result.allocator_peak,
+                "error_pct": round(100 * (result.allocator_peak - measured) / measured, 2),
+                "estimated_paged_state_bytes": result.paged_optimizer,
+                "paged_error_pct": round(100 * (result.paged_optimizer - paged) / paged, 2) if paged else None,
+                "peak_moment": result.peak_moment,
+            }
+        )
     return results
 
 
@@ -119,10 +137,14 @@ def markdown(results: list[dict[str, Any]], sources: list[str]) -> str:
             f"| {r['model']} | {r['path']} | {r['recompute']} | {r['fused_loss']} | {r.get('kernels', '-')} "
             f"| {r.get('adapter_dtype', '-')} | {r['seq']} | {r['batch']} "
             f"| {r['estimated_peak_allocated_bytes'] / GIB:.2f} | {r['peak_allocated_bytes'] / GIB:.2f} "
-            f"| {r['error_pct']:+.1f}{flag} | {paged_text} |")
+            f"| {r['error_pct']:+.1f}{flag} | {paged_text} |"
+        )
     worst = max(results, key=lambda r: abs(r["error_pct"]))
-    lines += ["", f"{len(results)} cases; largest error {worst['error_pct']:+.1f} % "
-              f"({worst['model']}, {worst['path']}, recompute {worst['recompute']}, {worst['seq']} x {worst['batch']})."]
+    lines += [
+        "",
+        f"{len(results)} cases; largest error {worst['error_pct']:+.1f} % "
+        f"({worst['model']}, {worst['path']}, recompute {worst['recompute']}, {worst['seq']} x {worst['batch']}).",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -28,8 +28,9 @@ sys.path.insert(0, str(TESTS))
 
 from compat_cells import Cell, Result, Setting, run_cell  # noqa: E402
 
-GPU_SIZES = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=4)
+GPU_SIZES = dict(
+    hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4
+)
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "liger-kernel", "axolotl")
 
 
@@ -47,8 +48,11 @@ def gpu_cells() -> list[Cell]:
     ]
     axolotl = [
         Cell("axolotl-plugin", trainer="axolotl"),
-        Cell("axolotl-lora-kernels", trainer="axolotl",
-             axolotl={"lora_qkv_kernel": True, "lora_o_kernel": True, "lora_mlp_kernel": True}),
+        Cell(
+            "axolotl-lora-kernels",
+            trainer="axolotl",
+            axolotl={"lora_qkv_kernel": True, "lora_o_kernel": True, "lora_mlp_kernel": True},
+        ),
         Cell("axolotl-sample-packing", trainer="axolotl", axolotl={"sample_packing": True}),
         Cell("axolotl-dpo", trainer="axolotl", data="preference", axolotl={"rl": "dpo"}, compare=False),
     ]
@@ -73,8 +77,10 @@ def versions() -> dict[str, str | None]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| cell | status | max loss dev % | TRL's path vs itself % | tok/s (plugin / TRL's path) | reason |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| cell | status | max loss dev % | TRL's path vs itself % | tok/s (plugin / TRL's path) | reason |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in rows:
         dev = "—" if row["max_loss_dev_pct"] is None else f"{row['max_loss_dev_pct']:.3f}"
         speed = "—" if not row["tok_s"] else f"{row['tok_s']:,.0f}"
@@ -92,10 +98,17 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=None, help="run only these cells (names or name prefixes)")
     parser.add_argument("--skip", nargs="*", default=[], help="leave out cells whose name starts with one of these")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--learning-rate", type=float, default=2e-4,
-                        help="the recipe's default; bf16 runs two summation orders apart diverge faster at larger rates")
-    parser.add_argument("--noise-floor", action="store_true",
-                        help="run each baseline twice: how far TRL's own path drifts from itself on this GPU")
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=2e-4,
+        help="the recipe's default; bf16 runs two summation orders apart diverge faster at larger rates",
+    )
+    parser.add_argument(
+        "--noise-floor",
+        action="store_true",
+        help="run each baseline twice: how far TRL's own path drifts from itself on this GPU",
+    )
     parser.add_argument("--label", default="", help="a name for this package set (e.g. pinned, newest)")
     args = parser.parse_args()
 
@@ -103,27 +116,48 @@ def main() -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("QLORA_COMPAT_WORK", "/tmp/qlora-compat"))
-    setting = Setting(workdir=work, device="cuda" if torch.cuda.is_available() else "cpu", steps=args.steps,
-                      batch=4, length=128, compute_dtype="bfloat16", learning_rate=args.learning_rate,
-                      model_factory=model_dir, noise_floor=args.noise_floor)
-    cells = [c for c in gpu_cells() if (not args.only or any(c.name.startswith(o) for o in args.only))
-             and not any(c.name.startswith(s) for s in args.skip)]
+    setting = Setting(
+        workdir=work,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        steps=args.steps,
+        batch=4,
+        length=128,
+        compute_dtype="bfloat16",
+        learning_rate=args.learning_rate,
+        model_factory=model_dir,
+        noise_floor=args.noise_floor,
+    )
+    cells = [
+        c
+        for c in gpu_cells()
+        if (not args.only or any(c.name.startswith(o) for o in args.only))
+        and not any(c.name.startswith(s) for s in args.skip)
+    ]
     rows: list[dict[str, Any]] = []
     found = versions()
     started = time.time()
     for cell in cells:
         t0 = time.time()
         result: Result = run_cell(cell, setting)
-        row = {**result.to_dict(), "expected": cell.expect, "seconds": round(time.time() - t0, 1),
-               "set": args.label, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               "versions": found}
+        row = {
+            **result.to_dict(),
+            "expected": cell.expect,
+            "seconds": round(time.time() - t0, 1),
+            "set": args.label,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "versions": found,
+        }
         rows.append(row)
-        print(f"{cell.name}: {result.status} dev={result.max_loss_dev_pct} tok/s={result.tok_s} "
-              f"({row['seconds']} s) {result.reason.splitlines()[0][:200] if result.reason else ''}", flush=True)
+        print(
+            f"{cell.name}: {result.status} dev={result.max_loss_dev_pct} tok/s={result.tok_s} "
+            f"({row['seconds']} s) {result.reason.splitlines()[0][:200] if result.reason else ''}",
+            flush=True,
+        )
         (args.out / "compat.json").write_text(json.dumps(rows, indent=1))
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    (args.out / "compat.md").write_text(f"Package set {args.label}: " + ", ".join(f"{k} {v}" for k, v in found.items())
-                                        + f"\n\n{table(rows)}")
+    (args.out / "compat.md").write_text(
+        f"Package set {args.label}: " + ", ".join(f"{k} {v}" for k, v in found.items()) + f"\n\n{table(rows)}"
+    )
     print(table(rows))
     print(f"{len(rows)} cells in {time.time() - started:.0f} s")
     return 0

@@ -33,14 +33,21 @@ def main(folder: Path) -> None:
         versions[label] = rows[0].get("versions", {}) if rows else {}
     cells = list(dict.fromkeys(cell for rows in sets.values() for cell in rows))
     labels = list(sets)
-    lines = ["| cell | " + " | ".join(labels) + " | what the fast path leaves to the trainer |",
-             "|---|" + "---|" * len(labels) + "---|"]
+    lines = [
+        "| cell | " + " | ".join(labels) + " | what the fast path leaves to the trainer |",
+        "|---|" + "---|" * len(labels) + "---|",
+    ]
     for cell in cells:
         rows = [sets[label].get(cell) for label in labels]
-        reason = next((r["reason"].splitlines()[0] for r in rows if r and r.get("reason") and r["status"] != "crash"), "")
+        reason = next(
+            (r["reason"].splitlines()[0] for r in rows if r and r.get("reason") and r["status"] != "crash"), ""
+        )
         lines.append(f"| {cell} | " + " | ".join(describe(r) for r in rows) + f" | {reason} |")
-    header = ["Status, and the largest deviation of a logged loss from TRL's own 4-bit path over 30 steps",
-              "(same seed, data and initial adapter; eval loss included where the cell evaluates).", ""]
+    header = [
+        "Status, and the largest deviation of a logged loss from TRL's own 4-bit path over 30 steps",
+        "(same seed, data and initial adapter; eval loss included where the cell evaluates).",
+        "",
+    ]
     for label, found in versions.items():
         header.append(f"- {label}: " + ", ".join(f"{k} {v}" for k, v in found.items() if v))
     (folder / "compat.md").write_text("\n".join(header) + "\n\n" + "\n".join(lines) + "\n")

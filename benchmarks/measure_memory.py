@@ -114,13 +114,16 @@ def saved_tensor_inventory(loss: torch.Tensor, tokens: int, model: torch.nn.Modu
                 if storage.data_ptr() in seen or storage.data_ptr() in params:
                     continue
                 seen.add(storage.data_ptr())
-                key = f"{node.name()}.{attr.removeprefix('_saved_')}:{str(tensor.dtype).removeprefix('torch.')}:{tensor.shape[-1] if tensor.dim() else 0}"
+                dtype = str(tensor.dtype).removeprefix("torch.")
+                key = f"{node.name()}.{attr.removeprefix('_saved_')}:{dtype}:{tensor.shape[-1] if tensor.dim() else 0}"
                 totals[key][0] += 1
                 totals[key][1] += storage.nbytes()
         stack.extend(next_node for next_node, _ in node.next_functions)
     rows = {key: {"count": count, "bytes_per_token": nbytes / tokens} for key, (count, nbytes) in totals.items()}
-    return {"by_node": dict(sorted(rows.items(), key=lambda kv: -kv[1]["bytes_per_token"])),
-            "total_bytes": sum(nbytes for _, nbytes in totals.values())}
+    return {
+        "by_node": dict(sorted(rows.items(), key=lambda kv: -kv[1]["bytes_per_token"])),
+        "total_bytes": sum(nbytes for _, nbytes in totals.values()),
+    }
 
 
 def device_used(device: str) -> int:
@@ -130,8 +133,9 @@ def device_used(device: str) -> int:
     return total - free
 
 
-def run_case(model: torch.nn.Module, vocab: int, seq: int, batch: int, device: str,
-             inventory: bool = False) -> dict[str, Any]:
+def run_case(
+    model: torch.nn.Module, vocab: int, seq: int, batch: int, device: str, inventory: bool = False
+) -> dict[str, Any]:
     """A few training steps at (seq, batch); peak memory overall and per phase."""
     import bitsandbytes as bnb
 
@@ -146,8 +150,12 @@ def run_case(model: torch.nn.Module, vocab: int, seq: int, batch: int, device: s
         torch.cuda.reset_peak_memory_stats()
     allocated = torch.cuda.memory_allocated if cuda else (lambda: 0)
     peak = torch.cuda.max_memory_allocated if cuda else (lambda: 0)
-    result: dict[str, Any] = {"seq": seq, "batch": batch, "allocated_before": allocated(),
-                              "device_used_before": device_used(device)}
+    result: dict[str, Any] = {
+        "seq": seq,
+        "batch": batch,
+        "allocated_before": allocated(),
+        "device_used_before": device_used(device),
+    }
     phases: dict[str, int] = defaultdict(int)
     step_times = []
     for step in range(STEPS):
@@ -203,18 +211,35 @@ def trainer_case(model: torch.nn.Module, vocab: int, seq: int, batch: int, fast:
 
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, vocab, (batch * STEPS, seq))]
     settings = qlora_recipe(r=16, fast_path=fast).training_args("cuda")
-    args = TrainingArguments(output_dir=out_dir, max_steps=STEPS, per_device_train_batch_size=batch,
-                             report_to="none", save_strategy="no", logging_strategy="no",
-                             remove_unused_columns=False, dataloader_num_workers=0, **settings)
+    args = TrainingArguments(
+        output_dir=out_dir,
+        max_steps=STEPS,
+        per_device_train_batch_size=batch,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        **settings,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Peak()])
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    paged = sum(t.nbytes for state in trainer.optimizer.state.values() for t in state.values()
-                if isinstance(t, torch.Tensor) and getattr(t, "is_paged", False))
-    result = {"seq": seq, "batch": batch, "peak_allocated": max(Peak.value, torch.cuda.max_memory_allocated()),
-              "paged_state_bytes": paged, "optim": settings["optim"]}
+    paged = sum(
+        t.nbytes
+        for state in trainer.optimizer.state.values()
+        for t in state.values()
+        if isinstance(t, torch.Tensor) and getattr(t, "is_paged", False)
+    )
+    result = {
+        "seq": seq,
+        "batch": batch,
+        "peak_allocated": max(Peak.value, torch.cuda.max_memory_allocated()),
+        "paged_state_bytes": paged,
+        "optim": settings["optim"],
+    }
     del trainer
     gc.collect()
     return result
@@ -231,15 +256,18 @@ def main() -> None:
     import bitsandbytes
     import peft
     import transformers
-
     from llama_shapes import llama_config
 
     report: dict[str, Any] = {
-        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-        "bitsandbytes": bitsandbytes.__version__, "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "gpu_total_bytes": torch.cuda.mem_get_info()[1] if args.device == "cuda" else 0,
-        "steps_per_case": STEPS, "runs": [],
+        "steps_per_case": STEPS,
+        "runs": [],
     }
 
     def save() -> None:
@@ -254,13 +282,24 @@ def main() -> None:
             no_ckpt = CASES if small else [(1024, 1), (2048, 1)]
             plan.append((name, fast, False, no_ckpt, (1024, 1), None))
     if args.tiny:
-        shape = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+        shape = dict(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+        )
         plan = [(f"tiny-{p[0]}", p[1], p[2], [(64, 2)], (64, 2), None) for p in plan[:4]]
 
     for name, fast, checkpointing, cases, inventory_case, trainer_at in plan:
-        run: dict[str, Any] = {"model": name.removeprefix("tiny-"), "path": "fast" if fast else "stock",
-                               "gradient_checkpointing": checkpointing, "cases": []}
+        run: dict[str, Any] = {
+            "model": name.removeprefix("tiny-"),
+            "path": "fast" if fast else "stock",
+            "gradient_checkpointing": checkpointing,
+            "cases": [],
+        }
         report["runs"].append(run)
         start = time.perf_counter()
         config = llama_config(name.removeprefix("tiny-"), **(shape if args.tiny else {}))
@@ -281,17 +320,22 @@ def main() -> None:
         run["build_seconds"] = time.perf_counter() - start
         for seq, batch in cases:
             try:
-                case = run_case(model, config.vocab_size, seq, batch, args.device,
-                                inventory=(seq, batch) == inventory_case)
+                case = run_case(
+                    model, config.vocab_size, seq, batch, args.device, inventory=(seq, batch) == inventory_case
+                )
             except torch.OutOfMemoryError as error:
                 case = {"seq": seq, "batch": batch, "error": f"out of memory: {str(error)[:200]}"}
                 gc.collect()
                 torch.cuda.empty_cache()
             run["cases"].append(case)
             save()
-            print(f"{name:14} {run['path']:5} ckpt={checkpointing!s:5} seq={seq} batch={batch} "
-                  f"peak={case.get('peak_allocated', 0) / 2**30:.2f} GiB paged={case.get('paged_state_bytes', 0) / 2**20:.0f} MiB "
-                  f"{case.get('error', '')}", flush=True)
+            print(
+                f"{name:14} {run['path']:5} ckpt={checkpointing!s:5} seq={seq} batch={batch} "
+                f"peak={case.get('peak_allocated', 0) / 2**30:.2f} GiB "
+                f"paged={case.get('paged_state_bytes', 0) / 2**20:.0f} MiB "
+                f"{case.get('error', '')}",
+                flush=True,
+            )
         if trainer_at and args.device == "cuda":
             try:
                 run["trainer"] = trainer_case(model, config.vocab_size, *trainer_at, fast, f"/tmp/trainer-{name}")
@@ -306,9 +350,11 @@ def main() -> None:
     print(f"{'model':14} {'path':5} {'ckpt':5} {'seq':>5} {'batch':>5} {'peak GiB':>9} {'paged MiB':>9} {'s/step':>7}")
     for run in report["runs"]:
         for case in run["cases"]:
-            print(f"{run['model']:14} {run['path']:5} {run['gradient_checkpointing']!s:5} {case['seq']:5} "
-                  f"{case['batch']:5} {case.get('peak_allocated', 0) / 2**30:9.2f} "
-                  f"{case.get('paged_state_bytes', 0) / 2**20:9.0f} {min(case.get('step_seconds') or [0]):7.2f}")
+            print(
+                f"{run['model']:14} {run['path']:5} {run['gradient_checkpointing']!s:5} {case['seq']:5} "
+                f"{case['batch']:5} {case.get('peak_allocated', 0) / 2**30:9.2f} "
+                f"{case.get('paged_state_bytes', 0) / 2**20:9.0f} {min(case.get('step_seconds') or [0]):7.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -50,8 +50,11 @@ def peak_composition(snapshot: dict[str, Any], baseline: int, top: int = 12) -> 
         groups[where][0] += size
         groups[where][1] += 1
     rows = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"peak_above_baseline": best, "baseline": baseline,
-            "by_line": [{"where": where, "bytes": nbytes, "blocks": blocks} for where, (nbytes, blocks) in rows]}
+    return {
+        "peak_above_baseline": best,
+        "baseline": baseline,
+        "by_line": [{"where": where, "bytes": nbytes, "blocks": blocks} for where, (nbytes, blocks) in rows],
+    }
 
 
 def _where(frames: list[dict[str, Any]]) -> str:
@@ -61,7 +64,11 @@ def _where(frames: list[dict[str, Any]]) -> str:
         name = frame["filename"]
         if "/torch/" not in name or "/torch/utils/checkpoint" in name:
             return f"{name.split('site-packages/')[-1]}:{frame['line']} {frame['name']}"
-    return f"{useful[0]['filename'].split('site-packages/')[-1]}:{useful[0]['line']} {useful[0]['name']}" if useful else "?"
+    return (
+        f"{useful[0]['filename'].split('site-packages/')[-1]}:{useful[0]['line']} {useful[0]['name']}"
+        if useful
+        else "?"
+    )
 
 
 class Recorder:
@@ -92,8 +99,12 @@ class Recorder:
         self.step += 1
 
     def result(self) -> dict[str, Any]:
-        return {"forward_peak": self.forward, "backward_and_step_peak": self.backward,
-                "peak_allocated": max(self.forward, self.backward), "at_peak": self.trace}
+        return {
+            "forward_peak": self.forward,
+            "backward_and_step_peak": self.backward,
+            "peak_allocated": max(self.forward, self.backward),
+            "at_peak": self.trace,
+        }
 
 
 def bare(model: torch.nn.Module, vocab: int, seq: int, batch: int) -> dict[str, Any]:
@@ -118,8 +129,9 @@ def bare(model: torch.nn.Module, vocab: int, seq: int, batch: int) -> dict[str, 
     return recorder.result()
 
 
-def with_trainer(model: torch.nn.Module, vocab: int, seq: int, batch: int, fast: bool, kind: str,
-                 tokenizer: Any) -> dict[str, Any]:
+def with_trainer(
+    model: torch.nn.Module, vocab: int, seq: int, batch: int, fast: bool, kind: str, tokenizer: Any
+) -> dict[str, Any]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from qlora_plugin import qlora_recipe
@@ -127,8 +139,15 @@ def with_trainer(model: torch.nn.Module, vocab: int, seq: int, batch: int, fast:
     recipe = qlora_recipe(r=16, fast_path=fast)
     recorder = Recorder()
     rows = [{"input_ids": ids.tolist()} for ids in torch.randint(0, vocab, (batch * STEPS, seq))]
-    common = dict(output_dir=f"/tmp/{kind}", max_steps=STEPS, per_device_train_batch_size=batch, report_to="none",
-                  save_strategy="no", logging_strategy="no", dataloader_num_workers=0)
+    common = dict(
+        output_dir=f"/tmp/{kind}",
+        max_steps=STEPS,
+        per_device_train_batch_size=batch,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+    )
 
     class Steps(TrainerCallback):
         def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
@@ -154,11 +173,17 @@ def with_trainer(model: torch.nn.Module, vocab: int, seq: int, batch: int, fast:
         from datasets import Dataset
         from trl import SFTTrainer
 
-        config = recipe.sft_config(max_length=seq, packing=False, dataset_kwargs={"skip_prepare_dataset": True},
-                                   **common)
+        config = recipe.sft_config(
+            max_length=seq, packing=False, dataset_kwargs={"skip_prepare_dataset": True}, **common
+        )
         config.model_init_kwargs = None
-        trainer = wrap(SFTTrainer)(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                                   processing_class=tokenizer, callbacks=[Steps()])
+        trainer = wrap(SFTTrainer)(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[Steps()],
+        )
     gc.collect()
     torch.cuda.empty_cache()
     trainer.train()
@@ -175,8 +200,12 @@ def make_tokenizer(vocab: int) -> Any:
 
     words = {f"w{i}": i for i in range(vocab)}
     words.update({"<pad>": 0, "<s>": 1, "</s>": 2})
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="w3")),
-                                   pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="w3")),
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
 
 
 def main() -> None:
@@ -203,15 +232,22 @@ def main() -> None:
                 except Exception as error:  # noqa: BLE001 - one failing variant must not hide the others
                     result = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
                     torch.cuda.memory._record_memory_history(enabled=None)
-                result.update(path="fast" if fast else "stock", seq=seq, batch=batch, kind=kind,
-                              seconds=time.perf_counter() - start)
+                result.update(
+                    path="fast" if fast else "stock",
+                    seq=seq,
+                    batch=batch,
+                    kind=kind,
+                    seconds=time.perf_counter() - start,
+                )
                 report["runs"].append(result)
                 with open(args.out, "w", encoding="utf-8") as handle:
                     json.dump(report, handle, indent=1)
                 gib = 2**30
-                print(f"{result['path']:5} {seq:5} {batch} {kind:8} forward {result.get('forward_peak', 0) / gib:6.2f} "
-                      f"backward+step {result.get('backward_and_step_peak', 0) / gib:6.2f} {result.get('error', '')}",
-                      flush=True)
+                print(
+                    f"{result['path']:5} {seq:5} {batch} {kind:8} forward {result.get('forward_peak', 0) / gib:6.2f} "
+                    f"backward+step {result.get('backward_and_step_peak', 0) / gib:6.2f} {result.get('error', '')}",
+                    flush=True,
+                )
                 for row in (result.get("at_peak") or {}).get("by_line", [])[:6]:
                     print(f"      {row['bytes'] / gib:6.2f} GiB {row['blocks']:4} blocks  {row['where']}", flush=True)
         del model

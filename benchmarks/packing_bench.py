@@ -50,22 +50,39 @@ def run_variant(a: argparse.Namespace) -> dict[str, Any]:
 
     bf16_dir, _ = model_dirs(Path(a.model_dir), a.shape)
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                  pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
     steps = a.warmup + a.steps
     batches = synthetic_batches(4)
     rows = [batches[i % 4][j][: a.seq].tolist() for i in range(steps) for j in range(4)]
     data = Dataset.from_dict({"input_ids": rows})
     packing = "-packing" in a.variant
-    common: dict[str, Any] = dict(max_steps=steps, per_device_train_batch_size=4, logging_steps=10, report_to="none",
-                                  save_strategy="no", max_length=a.seq, seed=0, dataloader_num_workers=0,
-                                  packing=packing, padding_free=a.variant.endswith("padding-free"),
-                                  disable_tqdm=True)
+    common: dict[str, Any] = dict(
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        logging_steps=10,
+        report_to="none",
+        save_strategy="no",
+        max_length=a.seq,
+        seed=0,
+        dataloader_num_workers=0,
+        packing=packing,
+        padding_free=a.variant.endswith("padding-free"),
+        disable_tqdm=True,
+    )
     if a.variant.endswith("padding-free"):
         common["max_length"] = None  # TRL enforces no length without packing; the rows are a.seq long already
     recipe = qlora_recipe() if a.variant.startswith("plugin") else None
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
     times: list[float] = []
     tokens: list[int] = []
     reports: list[str] = []
@@ -96,14 +113,23 @@ def run_variant(a: argparse.Namespace) -> dict[str, Any]:
             peft_config: Any = recipe
             model = recipe.load_model(bf16_dir, device_map={"": 0}, attn_implementation="sdpa")
         else:
-            config = SFTConfig(output_dir=out, bf16=True, gradient_checkpointing=True, optim="paged_adamw_32bit",
-                               **common)
-            peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                                     task_type="CAUSAL_LM")
-            model = AutoModelForCausalLM.from_pretrained(bf16_dir, quantization_config=bnb, dtype=torch.bfloat16,
-                                                         device_map={"": 0}, attn_implementation="sdpa")
-        trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok,
-                             peft_config=peft_config, callbacks=[Clock()])
+            config = SFTConfig(
+                output_dir=out, bf16=True, gradient_checkpointing=True, optim="paged_adamw_32bit", **common
+            )
+            peft_config = LoraConfig(
+                r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                bf16_dir, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa"
+            )
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=data,
+            processing_class=tok,
+            peft_config=peft_config,
+            callbacks=[Clock()],
+        )
 
         def count(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
             ids = kwargs.get("input_ids", args[0] if args else None)
@@ -117,15 +143,26 @@ def run_variant(a: argparse.Namespace) -> dict[str, Any]:
     timed_tokens = sum(tokens[-timed_steps:])
     seconds = times[-1] - times[a.warmup]
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    row = dict(shape=a.shape, variant=a.variant, seq=a.seq, batch=4, steps=timed_steps,
-               tok_s=round(timed_tokens / seconds), step_s=round(seconds / timed_steps, 4),
-               tokens_per_step=timed_tokens // timed_steps, peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-               losses=losses, attn_implementation=trainer.model.config._attn_implementation,
-               plugin_reports=reports, gpu=torch.cuda.get_device_name())
+    row = dict(
+        shape=a.shape,
+        variant=a.variant,
+        seq=a.seq,
+        batch=4,
+        steps=timed_steps,
+        tok_s=round(timed_tokens / seconds),
+        step_s=round(seconds / timed_steps, 4),
+        tokens_per_step=timed_tokens // timed_steps,
+        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        losses=losses,
+        attn_implementation=trainer.model.config._attn_implementation,
+        plugin_reports=reports,
+        gpu=torch.cuda.get_device_name(),
+    )
     if profiled:
         events = profiled[0].key_averages()
-        cuda = sorted(((e.key, e.device_time_total / 1e3) for e in events if e.device_time_total > 0),
-                      key=lambda kv: -kv[1])
+        cuda = sorted(
+            ((e.key, e.device_time_total / 1e3) for e in events if e.device_time_total > 0), key=lambda kv: -kv[1]
+        )
         row["profile_top_kernels_ms"] = [(name[:80], round(ms, 2)) for name, ms in cuda[:15]]
         row["profile_gpu_ms"] = round(sum(ms for _, ms in cuda), 1)
     return row
@@ -149,9 +186,23 @@ def main() -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for variant in a.variants:
-        command = [sys.executable, __file__, "--model-dir", a.model_dir, "--shape", a.shape, "--seq", str(a.seq),
-                   "--steps", str(a.steps), "--warmup", str(a.warmup), "--variant", variant,
-                   *(["--profile"] if a.profile else [])]
+        command = [
+            sys.executable,
+            __file__,
+            "--model-dir",
+            a.model_dir,
+            "--shape",
+            a.shape,
+            "--seq",
+            str(a.seq),
+            "--steps",
+            str(a.steps),
+            "--warmup",
+            str(a.warmup),
+            "--variant",
+            variant,
+            *(["--profile"] if a.profile else []),
+        ]
         env = {**os.environ, **({"QLORA_PACKED_ATTENTION": "0"} if variant.endswith("-masked") else {})}
         run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
         with open(a.out / "packing-logs.txt", "a", encoding="utf-8") as logs:  # one file: a device call returns few
@@ -159,8 +210,24 @@ def main() -> int:
         found = [line[4:] for line in run.stdout.splitlines() if line.startswith("ROW ")]
         row = json.loads(found[0]) if found else dict(variant=variant, error=(run.stdout + run.stderr)[-1500:])
         rows.append(row)
-        print(json.dumps({k: row.get(k) for k in ("variant", "tok_s", "step_s", "tokens_per_step", "peak_gib",
-                                                  "attn_implementation", "profile_gpu_ms", "error")}), flush=True)
+        print(
+            json.dumps(
+                {
+                    k: row.get(k)
+                    for k in (
+                        "variant",
+                        "tok_s",
+                        "step_s",
+                        "tokens_per_step",
+                        "peak_gib",
+                        "attn_implementation",
+                        "profile_gpu_ms",
+                        "error",
+                    )
+                }
+            ),
+            flush=True,
+        )
         (a.out / "packing.json").write_text(json.dumps(rows, indent=1))
     base = next((r["tok_s"] for r in rows if r.get("variant") == "plugin" and "tok_s" in r), None)
     lines = ["| variant | tok/s | vs plugin unpacked | step s | tokens/step | peak GiB |", "|---|---|---|---|---|---|"]
@@ -169,8 +236,10 @@ def main() -> int:
             lines.append(f"| {r['variant']} | error | | | | |")
             continue
         ratio = f"{r['tok_s'] / base:.3f}x" if base else ""
-        lines.append(f"| {r['variant']} | {r['tok_s']:,} | {ratio} | {r['step_s']} | {r['tokens_per_step']:,} | "
-                     f"{r['peak_gib']} |")
+        lines.append(
+            f"| {r['variant']} | {r['tok_s']:,} | {ratio} | {r['step_s']} | {r['tokens_per_step']:,} | "
+            f"{r['peak_gib']} |"
+        )
     (a.out / "packing.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -31,8 +31,8 @@ def _ranged(name: str, fn: Any) -> Any:
 
 def annotate_trainer(trainer: Any) -> None:
     """Label the phases of ``trainer``'s steps (instance attributes only; the class is untouched)."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
     from torch.autograd.profiler import record_function
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
     for attr in ("training_step", "compute_loss", "_clip_grad_norm", "get_batch_samples", "_prepare_inputs"):
         setattr(trainer, attr, _ranged(f"phase:{attr}", getattr(trainer, attr)))
@@ -78,8 +78,14 @@ def gpu_gaps(trace_path: Path, *, min_gap_us: float = 100.0, window: str = "phas
     lo, hi = steps[0][1], steps[-1][1]
     busy = _merge([(e["ts"], e["ts"] + e["dur"]) for e in spans if e.get("cat") in GPU_CATEGORIES])
     busy = [(max(a, lo), min(b, hi)) for a, b in busy if b > lo and a < hi]
-    host = sorted(((e["ts"], e["ts"] + e["dur"], e["name"], e.get("cat")) for e in spans
-                   if e.get("tid") == main_tid and e.get("cat") in ("cpu_op", "user_annotation")), key=lambda x: x[0])
+    host = sorted(
+        (
+            (e["ts"], e["ts"] + e["dur"], e["name"], e.get("cat"))
+            for e in spans
+            if e.get("tid") == main_tid and e.get("cat") in ("cpu_op", "user_annotation")
+        ),
+        key=lambda x: x[0],
+    )
 
     def stack_at(t: float) -> tuple[list[str], str]:
         active = [h for h in host if h[0] <= t < h[1]]
@@ -88,7 +94,7 @@ def gpu_gaps(trace_path: Path, *, min_gap_us: float = 100.0, window: str = "phas
         return phases, (ops[-1] if ops else "")
 
     gaps = []
-    for (_, end), (start, _) in zip(busy, busy[1:]):
+    for (_, end), (start, _) in zip(busy, busy[1:], strict=False):
         if start - end >= min_gap_us:
             phases, op = stack_at(end + 1.0)
             gaps.append({"gap_ms": round((start - end) / 1e3, 3), "phases": phases, "host_op": op})
@@ -97,7 +103,7 @@ def gpu_gaps(trace_path: Path, *, min_gap_us: float = 100.0, window: str = "phas
         place = " > ".join(g["phases"][-2:]) + (f" [{g['host_op']}]" if g["host_op"] else "")
         by_place[place] = by_place.get(place, 0.0) + g["gap_ms"]
     read_backs: dict[str, dict[str, float]] = {}  # per place: how many, and the host's total wait
-    for s, e, name, cat in host:
+    for s, e, name, _category in host:
         if name in READ_BACKS and lo <= s < hi:
             phases, _ = stack_at(s + 0.5)
             outer = next((h[2] for h in host if h[3] == "cpu_op" and h[0] <= s and e <= h[1]), name)

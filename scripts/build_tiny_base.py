@@ -39,12 +39,18 @@ import time
 from pathlib import Path
 
 import torch
+from make_headlines import (
+    CITIES,
+    EVENTS,
+    INSTRUCTION,
+    MONTHS,
+    PRETRAIN_ROOTS,
+    QUARTERS,
+    SECTORS,
+    fill,
+)
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-from make_headlines import (
-    CITIES, EVENTS, INSTRUCTION, MONTHS, PRETRAIN_ROOTS, QUARTERS, SECTORS, fill,
-)
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 
@@ -94,9 +100,15 @@ ALPACA_PREAMBLE = (
 
 def general_sentence(rng: random.Random) -> str:
     """One sentiment-free sentence about markets in general."""
-    slots = {"city": rng.choice(CITIES), "move": rng.choice(MOVES), "weekday": rng.choice(WEEKDAYS),
-             "pace": rng.choice(PACES), "month": rng.choice(MONTHS),
-             "sector": rng.choice(sorted(SECTORS)).lower(), "q": rng.choice(QUARTERS)}
+    slots = {
+        "city": rng.choice(CITIES),
+        "move": rng.choice(MOVES),
+        "weekday": rng.choice(WEEKDAYS),
+        "pace": rng.choice(PACES),
+        "month": rng.choice(MONTHS),
+        "sector": rng.choice(sorted(SECTORS)).lower(),
+        "q": rng.choice(QUARTERS),
+    }
     return rng.choice(GENERAL).format(**slots)
 
 
@@ -144,27 +156,43 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     """
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split("\n", behavior="isolated"),
-        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always"),
-    ])
-    tok.decoder = decoders.Sequence([
-        decoders.Replace("\u2581", " "), decoders.Fuse(),
-        decoders.Replace(" \n", "\n"), decoders.Replace("\n ", "\n"), decoders.Strip(" ", 1, 0),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always"),
+        ]
+    )
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.Fuse(),
+            decoders.Replace(" \n", "\n"),
+            decoders.Replace("\n ", "\n"),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=2,
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        min_frequency=2,
         initial_alphabet=list(string.ascii_letters + string.digits + string.punctuation),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     bos_id = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)],
+        single="<s> $A",
+        pair="<s> $A <s> $B",
+        special_tokens=[("<s>", bos_id)],
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", model_max_length=256, padding_side="right",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=256,
+        padding_side="right",
     )
 
 
@@ -177,14 +205,16 @@ def pack(docs: list[str], tokenizer: PreTrainedTokenizerFast, seq_len: int) -> t
     return torch.tensor(stream[: n_blocks * seq_len]).view(n_blocks, seq_len)
 
 
-def pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, steps: int, batch: int,
-             lr: float, seed: int) -> list[float]:
+def pretrain(
+    model: LlamaForCausalLM, blocks: torch.Tensor, steps: int, batch: int, lr: float, seed: int
+) -> list[float]:
     """Plain AdamW next-token training with warmup + cosine decay; returns losses."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
     )
     model.train()
     losses = []
@@ -216,8 +246,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 1 keeps the result independent of the core count")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads; 1 keeps the result independent of the core count"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -233,10 +264,17 @@ def main() -> None:
     print(f"corpus: {len(docs)} docs, {blocks.numel()} tokens, vocab {len(tokenizer)}")
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
@@ -247,12 +285,21 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id).save_pretrained(args.out)
-    stats = {"seed": args.seed, "docs": len(docs), "tokens": blocks.numel(), "steps": args.steps,
-             "batch": args.batch, "seq_len": args.seq_len, "first_loss": round(losses[0], 3),
-             "last_loss": round(sum(losses[-20:]) / len(losses[-20:]), 3), "seconds": round(elapsed),
-             "threads": torch.get_num_threads()}
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    ).save_pretrained(args.out)
+    stats = {
+        "seed": args.seed,
+        "docs": len(docs),
+        "tokens": blocks.numel(),
+        "steps": args.steps,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "first_loss": round(losses[0], 3),
+        "last_loss": round(sum(losses[-20:]) / len(losses[-20:]), 3),
+        "seconds": round(elapsed),
+        "threads": torch.get_num_threads(),
+    }
     (args.out / "build_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(json.dumps(stats))
 

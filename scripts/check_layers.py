@@ -38,7 +38,8 @@ def layer_of(module: str) -> int:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def imports_of(path: Path, modules: set[str]) -> set[str]:
@@ -124,8 +125,9 @@ def main() -> int:
     for module, targets in edges.items():
         for target in sorted(targets):
             if layer_of(target) > layer_of(module) and not is_package_parent(module, target):
-                problems.append(f"upward import: {module} ({_layer_name(module)}) imports {target} "
-                                f"({_layer_name(target)})")
+                problems.append(
+                    f"upward import: {module} ({_layer_name(module)}) imports {target} ({_layer_name(target)})"
+                )
     for component in cycles({m: {t for t in ts if not is_package_parent(m, t)} for m, ts in edges.items()}):
         problems.append("import circle: " + " <-> ".join(component))
     if "--graph" in sys.argv:

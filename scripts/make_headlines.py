@@ -26,28 +26,78 @@ from pathlib import Path
 LABELS = ("positive", "negative", "neutral")
 
 INSTRUCTION = (
-    "Classify the sentiment of this financial news headline. "
-    "Answer with one word: positive, negative or neutral."
+    "Classify the sentiment of this financial news headline. Answer with one word: positive, negative or neutral."
 )
 
 # Fictional company roots. The three pools are disjoint: train, test, and the
 # pool used only by the pretraining text of the tiny base.
 TRAIN_ROOTS = (
-    "Norvale", "Brightwater", "Kestrel", "Ashgrove", "Pelham", "Corran", "Dunmore",
-    "Elstow", "Fairhaven", "Glenrock", "Harrowgate", "Ivel", "Junova", "Kilbride",
-    "Larkspur", "Marlow", "Nettleby", "Orwell", "Penrose", "Quarrington",
-    "Redfern", "Saltash", "Thornbury", "Ulverton", "Vantor", "Westbrook",
-    "Yarrow", "Zephyr", "Alderney", "Bramwell",
+    "Norvale",
+    "Brightwater",
+    "Kestrel",
+    "Ashgrove",
+    "Pelham",
+    "Corran",
+    "Dunmore",
+    "Elstow",
+    "Fairhaven",
+    "Glenrock",
+    "Harrowgate",
+    "Ivel",
+    "Junova",
+    "Kilbride",
+    "Larkspur",
+    "Marlow",
+    "Nettleby",
+    "Orwell",
+    "Penrose",
+    "Quarrington",
+    "Redfern",
+    "Saltash",
+    "Thornbury",
+    "Ulverton",
+    "Vantor",
+    "Westbrook",
+    "Yarrow",
+    "Zephyr",
+    "Alderney",
+    "Bramwell",
 )
 TEST_ROOTS = (
-    "Calderon", "Deverill", "Eskmoor", "Foxley", "Greyling", "Halvard", "Ingleby",
-    "Jorvik", "Kinloch", "Lindqvist", "Morvane", "Northcote",
+    "Calderon",
+    "Deverill",
+    "Eskmoor",
+    "Foxley",
+    "Greyling",
+    "Halvard",
+    "Ingleby",
+    "Jorvik",
+    "Kinloch",
+    "Lindqvist",
+    "Morvane",
+    "Northcote",
 )
 PRETRAIN_ROOTS = (
-    "Abermoor", "Belcastle", "Cresswell", "Dalgety", "Emberly", "Fenwick",
-    "Galloway", "Hollins", "Ironbridge", "Kelvedon", "Lowther", "Mirefield",
-    "Oakhurst", "Pendle", "Ravensworth", "Stanmore", "Tarrant", "Upton",
-    "Wexcombe", "Wyvern",
+    "Abermoor",
+    "Belcastle",
+    "Cresswell",
+    "Dalgety",
+    "Emberly",
+    "Fenwick",
+    "Galloway",
+    "Hollins",
+    "Ironbridge",
+    "Kelvedon",
+    "Lowther",
+    "Mirefield",
+    "Oakhurst",
+    "Pendle",
+    "Ravensworth",
+    "Stanmore",
+    "Tarrant",
+    "Upton",
+    "Wexcombe",
+    "Wyvern",
 )
 
 # Sector suffix -> products that sector sells.
@@ -64,77 +114,139 @@ SECTORS: dict[str, tuple[str, ...]] = {
     "Telecom": ("mobile plan", "fibre network", "5G service"),
 }
 
-CITIES = ("London", "Frankfurt", "Singapore", "Toronto", "Chicago", "Madrid",
-          "Oslo", "Sydney", "Dublin", "Zurich", "Denver", "Lisbon")
-MONTHS = ("January", "February", "March", "April", "May", "June", "July",
-          "August", "September", "October", "November", "December")
+CITIES = (
+    "London",
+    "Frankfurt",
+    "Singapore",
+    "Toronto",
+    "Chicago",
+    "Madrid",
+    "Oslo",
+    "Sydney",
+    "Dublin",
+    "Zurich",
+    "Denver",
+    "Lisbon",
+)
+MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 QUARTERS = ("first", "second", "third", "fourth")
-PEOPLE = ("Anna Weber", "Tom Hughes", "Priya Nair", "Luis Ortega", "Mei Chen",
-          "Omar Haddad", "Sara Lind", "James Okafor", "Elena Rossi", "Ken Sato")
-BROKERS = ("Hartley Securities", "Bexley Capital", "Marsh Lane Research",
-           "Crofton Partners", "Stonegate Brokers")
-CLIENTS = ("the navy", "a state utility", "the city council", "a national rail operator",
-           "the health ministry", "a regional airline")
+PEOPLE = (
+    "Anna Weber",
+    "Tom Hughes",
+    "Priya Nair",
+    "Luis Ortega",
+    "Mei Chen",
+    "Omar Haddad",
+    "Sara Lind",
+    "James Okafor",
+    "Elena Rossi",
+    "Ken Sato",
+)
+BROKERS = ("Hartley Securities", "Bexley Capital", "Marsh Lane Research", "Crofton Partners", "Stonegate Brokers")
+CLIENTS = (
+    "the navy",
+    "a state utility",
+    "the city council",
+    "a national rail operator",
+    "the health ministry",
+    "a regional airline",
+)
 CONFERENCES = ("an investor", "a technology", "an industry", "a healthcare")
 
 # Event concepts per label. Each concept is a tuple of phrasings; when a concept
 # has three or more phrasings, the LAST one is held out for the test split.
 EVENTS: dict[str, tuple[tuple[str, ...], ...]] = {
     "positive": (
-        ("posts record {q}-quarter profit", "reports record profit for {q} quarter",
-         "books best {q} quarter in its history"),
-        ("beats profit forecasts as sales climb {pct}%", "tops profit estimates as sales climb {pct}%",
-         "smashes earnings expectations"),
+        (
+            "posts record {q}-quarter profit",
+            "reports record profit for {q} quarter",
+            "books best {q} quarter in its history",
+        ),
+        (
+            "beats profit forecasts as sales climb {pct}%",
+            "tops profit estimates as sales climb {pct}%",
+            "smashes earnings expectations",
+        ),
         ("raises full-year outlook", "lifts annual profit guidance", "boosts forecast for the year"),
-        ("wins {amt} contract from {client}", "lands {amt} order from {client}",
-         "secures {amt} deal with {client}"),
-        ("shares jump {pct}% on strong demand", "stock rises {pct}% after upbeat results",
-         "shares soar {pct}% as orders pour in"),
+        ("wins {amt} contract from {client}", "lands {amt} order from {client}", "secures {amt} deal with {client}"),
+        (
+            "shares jump {pct}% on strong demand",
+            "stock rises {pct}% after upbeat results",
+            "shares soar {pct}% as orders pour in",
+        ),
         ("lifts dividend by {pct}%", "raises quarterly dividend by {pct}%"),
         ("gets approval for new {product}", "wins regulatory approval for its {product}"),
         ("net profit rises {pct}%", "quarterly profit climbs {pct}%", "profit surges {pct}% in {q} quarter"),
         ("upgraded to buy at {broker}", "gets buy rating from {broker}"),
-        ("revenue grows {pct}% on strong {product} sales", "sales rise {pct}% on booming {product} demand",
-         "revenue jumps {pct}% as {product} sales boom"),
+        (
+            "revenue grows {pct}% on strong {product} sales",
+            "sales rise {pct}% on booming {product} demand",
+            "revenue jumps {pct}% as {product} sales boom",
+        ),
         ("to hire {n} workers as orders boom", "adds {n} jobs on rising demand"),
     ),
     "negative": (
-        ("swings to {q}-quarter loss", "posts surprise loss in {q} quarter",
-         "sinks into the red in {q} quarter"),
-        ("misses revenue forecasts as sales fall {pct}%", "falls short of sales estimates",
-         "disappoints with weak {q}-quarter sales"),
+        ("swings to {q}-quarter loss", "posts surprise loss in {q} quarter", "sinks into the red in {q} quarter"),
+        (
+            "misses revenue forecasts as sales fall {pct}%",
+            "falls short of sales estimates",
+            "disappoints with weak {q}-quarter sales",
+        ),
         ("cuts full-year outlook", "lowers annual profit guidance", "slashes forecast for the year"),
         ("to cut {n} jobs", "plans to lay off {n} workers", "axes {n} jobs amid slump"),
-        ("shares slump {pct}% on weak demand", "stock falls {pct}% after gloomy results",
-         "shares plunge {pct}% as orders dry up"),
+        (
+            "shares slump {pct}% on weak demand",
+            "stock falls {pct}% after gloomy results",
+            "shares plunge {pct}% as orders dry up",
+        ),
         ("suspends dividend", "scraps quarterly dividend"),
         ("recalls {n} units of its {product} over safety fault", "recalls {product} after safety complaints"),
         ("net profit falls {pct}%", "quarterly profit drops {pct}%", "profit tumbles {pct}% in {q} quarter"),
         ("downgraded to sell at {broker}", "gets sell rating from {broker}"),
-        ("faces probe over accounting errors", "hit by fraud investigation",
-         "under investigation over false accounts"),
+        ("faces probe over accounting errors", "hit by fraud investigation", "under investigation over false accounts"),
         ("loses {amt} contract with {client}", "loses {amt} order from {client}"),
     ),
     "neutral": (
-        ("to report {q}-quarter results on {month} {day}", "sets {month} {day} date for {q}-quarter results",
-         "will publish {q}-quarter figures on {month} {day}"),
+        (
+            "to report {q}-quarter results on {month} {day}",
+            "sets {month} {day} date for {q}-quarter results",
+            "will publish {q}-quarter figures on {month} {day}",
+        ),
         ("to hold annual shareholder meeting in {city}", "schedules annual general meeting for {month}"),
-        ("names {person} as chief financial officer", "appoints {person} as finance chief",
-         "taps {person} for finance chief role"),
+        (
+            "names {person} as chief financial officer",
+            "appoints {person} as finance chief",
+            "taps {person} for finance chief role",
+        ),
         ("moves headquarters to {city}", "relocates head office to {city}"),
         ("keeps quarterly dividend unchanged", "holds dividend steady at {cents} cents"),
         ("to present at {conf} conference in {city}", "will speak at {conf} conference in {month}"),
         ("files annual report with regulator", "publishes annual report"),
-        ("shares flat ahead of {q}-quarter results", "stock little changed before results",
-         "shares steady in quiet trading"),
+        (
+            "shares flat ahead of {q}-quarter results",
+            "stock little changed before results",
+            "shares steady in quiet trading",
+        ),
         ("reaffirms full-year guidance", "keeps annual outlook unchanged", "sticks to forecast for the year"),
         ("names {person} to board of directors", "adds {person} to its board"),
         ("completes move to new {city} office", "opens planned office in {city}"),
     ),
 }
 
-TRAIN_WRAPPERS = ("{co} {ev}", "{co} {ev}", "UPDATE: {co} {ev}", "{co} {ev} - filing",
-                  "{co} {ev}, report says")
+TRAIN_WRAPPERS = ("{co} {ev}", "{co} {ev}", "UPDATE: {co} {ev}", "{co} {ev} - filing", "{co} {ev}, report says")
 TEST_WRAPPERS = ("{co} {ev}", "{co} {ev}, sources say", "Market wrap: {co} {ev}")
 
 
@@ -171,7 +283,7 @@ def make_headline(label: str, split: str, rng: random.Random) -> str:
     sector = rng.choice(sorted(SECTORS))
     company = f"{rng.choice(roots)} {sector}"
     shared, held_out = split_phrasings(rng.choice(EVENTS[label]))
-    if split == "test" and held_out and rng.random() < 0.6:
+    if split == "test" and held_out and rng.random() < 0.6:  # noqa: SIM108 - one draw per branch, kept as written
         phrase = rng.choice(held_out)
     else:
         phrase = rng.choice(shared)

@@ -38,19 +38,28 @@ def main(cases: list[tuple[int, int, int, float]]) -> None:
         u_ref, bits_ref = dropout_down_reference(x, a, p, keep)
         ga = kernels.dropout_grad_a(gu, x, bits, p)
         gx = kernels.dropout_add_grad_x(grad_x.clone(), gu, a, bits, p)
-        print(json.dumps(dict(
-            shape=[t, k, r], p=p,
-            dropped=1.0 - float(keep.float().mean()),
-            # a Philox call's 4 draws serve 4 neighbouring columns: no two may be the same draw
-            lanes_differ=all(bool((keep[:, i::4] != keep[:, j::4]).any()) for i in range(4) for j in range(i + 1, 4))
-            if t * k >= 4096 else True,
-            bits_match_reference_packing=bool(torch.equal(bits, bits_ref)),
-            same_seed_same_mask=bool(torch.equal(kernels.dropout_down(x, a, p, seed)[1], bits)),
-            new_seed_new_mask=not torch.equal(kernels.dropout_down(x, a, p, seed + 1)[1], bits),
-            u_err=_err(u, u_ref),
-            grad_a_err=_err(ga, dropout_grad_a_reference(gu, x, bits, p)),
-            grad_x_err=_err(gx, dropout_add_grad_x_reference(grad_x.clone(), gu, a, bits, p)),
-        )), flush=True)
+        print(
+            json.dumps(
+                dict(
+                    shape=[t, k, r],
+                    p=p,
+                    dropped=1.0 - float(keep.float().mean()),
+                    # a Philox call's 4 draws serve 4 neighbouring columns: no two may be the same draw
+                    lanes_differ=all(
+                        bool((keep[:, i::4] != keep[:, j::4]).any()) for i in range(4) for j in range(i + 1, 4)
+                    )
+                    if t * k >= 4096
+                    else True,
+                    bits_match_reference_packing=bool(torch.equal(bits, bits_ref)),
+                    same_seed_same_mask=bool(torch.equal(kernels.dropout_down(x, a, p, seed)[1], bits)),
+                    new_seed_new_mask=not torch.equal(kernels.dropout_down(x, a, p, seed + 1)[1], bits),
+                    u_err=_err(u, u_ref),
+                    grad_a_err=_err(ga, dropout_grad_a_reference(gu, x, bits, p)),
+                    grad_x_err=_err(gx, dropout_add_grad_x_reference(grad_x.clone(), gu, a, bits, p)),
+                )
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

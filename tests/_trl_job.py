@@ -11,12 +11,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SENTENCES = ["the cat sat on the mat and looked at the red door", "a green frog jumps over the quiet pond at night",
-             "seven blue birds sing near the old stone bridge", "my brother reads a long book about distant stars"]
+SENTENCES = [
+    "the cat sat on the mat and looked at the red door",
+    "a green frog jumps over the quiet pond at night",
+    "seven blue birds sing near the old stone bridge",
+    "my brother reads a long book about distant stars",
+]
 
 
-def train(model_dir: str | Path, out: str | Path, max_steps: int, *, resume: bool = False, seed: int = 0,
-          save_steps: int = 2, **sft: Any) -> Any:
+def train(
+    model_dir: str | Path,
+    out: str | Path,
+    max_steps: int,
+    *,
+    resume: bool = False,
+    seed: int = 0,
+    save_steps: int = 2,
+    **sft: Any,
+) -> Any:
     """Train the tiny model with the recipe (checkpoint every ``save_steps``); return the trainer."""
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -30,11 +42,25 @@ def train(model_dir: str | Path, out: str | Path, max_steps: int, *, resume: boo
                 print(f"step {state.global_step} loss {logs['loss']!r}", flush=True)
 
     recipe = qlora_recipe(compute_dtype="float32", learning_rate=5e-3, lr_scheduler_type="constant", warmup_ratio=0.0)
-    settings = {"output_dir": str(out), "max_steps": max_steps, "per_device_train_batch_size": 4, "logging_steps": 1,
-                "save_strategy": "steps", "save_steps": save_steps, "report_to": "none", "max_length": 32, "seed": seed}
+    settings = {
+        "output_dir": str(out),
+        "max_steps": max_steps,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": save_steps,
+        "report_to": "none",
+        "max_length": 32,
+        "seed": seed,
+    }
     config = recipe.sft_config(**{**settings, **sft})
-    trainer = SFTTrainer(model=str(model_dir), args=config, train_dataset=Dataset.from_dict({"text": SENTENCES * 4}),
-                         peft_config=recipe, callbacks=[*recipe.callbacks(), PrintLoss()])
+    trainer = SFTTrainer(
+        model=str(model_dir),
+        args=config,
+        train_dataset=Dataset.from_dict({"text": SENTENCES * 4}),
+        peft_config=recipe,
+        callbacks=[*recipe.callbacks(), PrintLoss()],
+    )
     trainer.train(resume_from_checkpoint=True if resume else None)
     return trainer
 

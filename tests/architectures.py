@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-TEXT = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TEXT = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def configs() -> dict[str, Any]:
@@ -21,14 +31,27 @@ def configs() -> dict[str, Any]:
         "gemma": T.GemmaConfig(**TEXT, head_dim=8),
         "phi3": T.Phi3Config(**TEXT),
         "gpt2": T.GPT2Config(n_embd=32, n_layer=1, n_head=4, n_positions=64, **gpt),
-        "gpt_neox": T.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                    num_attention_heads=4, max_position_embeddings=64, **gpt),
+        "gpt_neox": T.GPTNeoXConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            **gpt,
+        ),
         "mixtral": T.MixtralConfig(**TEXT, num_local_experts=2, num_experts_per_tok=1),
-        "qwen2_moe": T.Qwen2MoeConfig(**TEXT, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
-                                      shared_expert_intermediate_size=32),
+        "qwen2_moe": T.Qwen2MoeConfig(
+            **TEXT, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=32
+        ),
         "llava": T.LlavaConfig(
-            vision_config=T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                             num_attention_heads=4, image_size=28, patch_size=14),
+            vision_config=T.CLIPVisionConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                image_size=28,
+                patch_size=14,
+            ),
             text_config=T.LlamaConfig(**TEXT),
             image_token_index=95,
         ),

@@ -31,8 +31,11 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int, int]]:
         for name in dirs + files:
             path = Path(root) / name
             stat = path.lstat()
-            found[os.fspath(path.relative_to(directory))] = (stat.st_size if name in files else 0,
-                                                             stat.st_mtime_ns, stat.st_mode)
+            found[os.fspath(path.relative_to(directory))] = (
+                stat.st_size if name in files else 0,
+                stat.st_mtime_ns,
+                stat.st_mode,
+            )
     return found
 
 
@@ -44,8 +47,9 @@ def stderr_lines(stderr: str) -> list[str]:
 def mount_tmpfs(point: Path, size: str = "1m") -> bool:
     """Mount a small tmpfs at ``point`` (an existing, empty directory); False where this machine does not allow it."""
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", os.fspath(point)],
-                              check=False, capture_output=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", os.fspath(point)], check=False, capture_output=True
+        )
     except OSError:
         return False
     return done.returncode == 0

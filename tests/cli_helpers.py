@@ -20,10 +20,16 @@ def qlora_command() -> list[str]:
 
 def run_qlora(*args: Any, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``qlora ARGS`` with this checkout's package first on the path."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", COLUMNS="160")
-    return subprocess.run([*qlora_command(), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=600)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        COLUMNS="160",
+    )
+    return subprocess.run(
+        [*qlora_command(), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
 
 
 def run_json(*args: Any) -> Any:

@@ -117,16 +117,32 @@ def dataset(kind: str, rows: int, length_words: int | None = None) -> Any:
     if kind == "padded":
         return Dataset.from_dict({"text": [sentence(i) if i % 2 else SHORT[i % len(SHORT)] for i in range(rows)]})
     if kind == "prompt_completion":
-        return Dataset.from_dict({"prompt": [" ".join(sentence(i).split()[:4]) for i in range(rows)],
-                                  "completion": [" " + " ".join(sentence(i).split()[4:]) for i in range(rows)]})
+        return Dataset.from_dict(
+            {
+                "prompt": [" ".join(sentence(i).split()[:4]) for i in range(rows)],
+                "completion": [" " + " ".join(sentence(i).split()[4:]) for i in range(rows)],
+            }
+        )
     if kind == "conversational":
-        return Dataset.from_dict({"messages": [[{"role": "user", "content": " ".join(sentence(i).split()[:4])},
-                                                {"role": "assistant", "content": " ".join(sentence(i).split()[4:])}]
-                                               for i in range(rows)]})
+        return Dataset.from_dict(
+            {
+                "messages": [
+                    [
+                        {"role": "user", "content": " ".join(sentence(i).split()[:4])},
+                        {"role": "assistant", "content": " ".join(sentence(i).split()[4:])},
+                    ]
+                    for i in range(rows)
+                ]
+            }
+        )
     if kind == "preference":
-        return Dataset.from_dict({"prompt": [" ".join(sentence(i).split()[:4]) for i in range(rows)],
-                                  "chosen": [" " + " ".join(sentence(i).split()[4:]) for i in range(rows)],
-                                  "rejected": [" " + " ".join(sentence(i + 3).split()[4:]) for i in range(rows)]})
+        return Dataset.from_dict(
+            {
+                "prompt": [" ".join(sentence(i).split()[:4]) for i in range(rows)],
+                "chosen": [" " + " ".join(sentence(i).split()[4:]) for i in range(rows)],
+                "rejected": [" " + " ".join(sentence(i + 3).split()[4:]) for i in range(rows)],
+            }
+        )
     if kind == "prompt_only":
         return Dataset.from_dict({"prompt": [" ".join(sentence(i).split()[:3]) for i in range(rows)]})
     raise ValueError(kind)
@@ -182,23 +198,42 @@ def _captured(logger: str = "qlora_plugin") -> Iterator[_Messages]:
 def _bnb_config(setting: Setting) -> Any:
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=getattr(torch, setting.compute_dtype))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=getattr(torch, setting.compute_dtype),
+    )
 
 
 def _base_args(cell: Cell, setting: Setting, out: Path) -> dict[str, Any]:
     on_gpu = setting.device == "cuda"
     args: dict[str, Any] = dict(
-        output_dir=str(out), max_steps=setting.steps, per_device_train_batch_size=setting.batch, logging_steps=1,
-        report_to="none", save_strategy="no", seed=0, learning_rate=setting.learning_rate, lr_scheduler_type="constant",
-        bf16=on_gpu and setting.compute_dtype == "bfloat16", use_cpu=not on_gpu, dataloader_num_workers=0,
+        output_dir=str(out),
+        max_steps=setting.steps,
+        per_device_train_batch_size=setting.batch,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        learning_rate=setting.learning_rate,
+        lr_scheduler_type="constant",
+        bf16=on_gpu and setting.compute_dtype == "bfloat16",
+        use_cpu=not on_gpu,
+        dataloader_num_workers=0,
         disable_tqdm=True,
     )
     if cell.trainer in ("sft", "dpo"):
         args["max_length"] = setting.length
     if cell.trainer == "grpo":
-        args.update(num_generations=4, max_completion_length=8, per_device_train_batch_size=4,
-                    generation_batch_size=8, temperature=1.0, logging_steps=1)
+        args.update(
+            num_generations=4,
+            max_completion_length=8,
+            per_device_train_batch_size=4,
+            generation_batch_size=8,
+            temperature=1.0,
+            logging_steps=1,
+        )
     args.update(cell.args)
     return args
 
@@ -219,12 +254,14 @@ def _model_for(cell: Cell, setting: Setting, path: Path, plugin: bool, recipe: A
     device_map = {"": setting.device if setting.device == "cpu" else 0}
     if cell.model == "4bit":
         return recipe.load_model(path, device_map=device_map)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, setting.compute_dtype),
-                                                device_map=device_map)
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, setting.compute_dtype), device_map=device_map
+    )
 
 
-def _train(cell: Cell, setting: Setting, path: Path, plugin: bool, out: Path,
-           resume_from: int | None = None) -> tuple[Any, _TokenCounter, float]:
+def _train(
+    cell: Cell, setting: Setting, path: Path, plugin: bool, out: Path, resume_from: int | None = None
+) -> tuple[Any, _TokenCounter, float]:
     """One run of ``cell``: the plugin's (``plugin``) or TRL's own 4-bit path.
 
     ``resume_from``: after training, a fresh trainer resumes from that step's checkpoint;
@@ -236,11 +273,23 @@ def _train(cell: Cell, setting: Setting, path: Path, plugin: bool, out: Path,
 
     from qlora_plugin import qlora_recipe
 
-    recipe = qlora_recipe(**{"compute_dtype": setting.compute_dtype, "lora_dropout": 0.0,
-                             "learning_rate": setting.learning_rate, "lr_scheduler_type": "constant", "warmup_ratio": 0.0,
-                             **cell.recipe})
-    plain = LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                       target_modules=cell.recipe.get("target_modules", "all-linear"), task_type="CAUSAL_LM")
+    recipe = qlora_recipe(
+        **{
+            "compute_dtype": setting.compute_dtype,
+            "lora_dropout": 0.0,
+            "learning_rate": setting.learning_rate,
+            "lr_scheduler_type": "constant",
+            "warmup_ratio": 0.0,
+            **cell.recipe,
+        }
+    )
+    plain = LoraConfig(
+        r=recipe.r,
+        lora_alpha=recipe.lora_alpha,
+        lora_dropout=recipe.lora_dropout,
+        target_modules=cell.recipe.get("target_modules", "all-linear"),
+        task_type="CAUSAL_LM",
+    )
     args = _base_args(cell, setting, out)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if cell.data == "conversational":
@@ -256,11 +305,14 @@ def _train(cell: Cell, setting: Setting, path: Path, plugin: bool, out: Path,
         config = recipe.sft_config(**args)  # both runs: the same SFTConfig, made by the recipe
     else:
         if not plugin:  # TRL's own 4-bit path loads the model with a BitsAndBytesConfig
-            args["model_init_kwargs"] = {"quantization_config": _bnb_config(setting),
-                                         "dtype": getattr(torch, setting.compute_dtype)}
+            args["model_init_kwargs"] = {
+                "quantization_config": _bnb_config(setting),
+                "dtype": getattr(torch, setting.compute_dtype),
+            }
         config = _trl_config(cell, args)
-    kwargs: dict[str, Any] = dict(args=config, train_dataset=train_data, processing_class=tokenizer,
-                                  peft_config=recipe if plugin else plain)
+    kwargs: dict[str, Any] = dict(
+        args=config, train_dataset=train_data, processing_class=tokenizer, peft_config=recipe if plugin else plain
+    )
     if eval_data is not None:
         kwargs["eval_dataset"] = eval_data
     if cell.trainer == "grpo":
@@ -313,8 +365,17 @@ def _trainer_class(kind: str) -> Any:
     return {"sft": trl.SFTTrainer, "dpo": trl.DPOTrainer, "grpo": trl.GRPOTrainer}[kind]
 
 
-def _train_plain_trainer(recipe: Any, plain: Any, plugin: bool, path: Path, args: dict[str, Any], tokenizer: Any,
-                         data: Any, counter: _TokenCounter, setting: Setting) -> tuple[Any, _TokenCounter, float]:
+def _train_plain_trainer(
+    recipe: Any,
+    plain: Any,
+    plugin: bool,
+    path: Path,
+    args: dict[str, Any],
+    tokenizer: Any,
+    data: Any,
+    counter: _TokenCounter,
+    setting: Setting,
+) -> tuple[Any, _TokenCounter, float]:
     """transformers' ``Trainer`` over a PEFT model, with ``recipe.training_args()`` for the plugin run."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
@@ -322,22 +383,31 @@ def _train_plain_trainer(recipe: Any, plain: Any, plugin: bool, path: Path, args
     for key in ("max_length",):
         args.pop(key, None)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    tokenized = data.map(lambda row: tokenizer(row["text"], truncation=True, max_length=setting.length),
-                         remove_columns=data.column_names)
+    tokenized = data.map(
+        lambda row: tokenizer(row["text"], truncation=True, max_length=setting.length), remove_columns=data.column_names
+    )
     device_map = {"": setting.device if setting.device == "cpu" else 0}
     if plugin:
         model = recipe.load_model(path, device_map=device_map)
         training = {**recipe.training_args(), **args}
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=_bnb_config(setting),
-                                                     dtype=getattr(torch, setting.compute_dtype), device_map=device_map)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            quantization_config=_bnb_config(setting),
+            dtype=getattr(torch, setting.compute_dtype),
+            device_map=device_map,
+        )
         training = {**args, "optim": "paged_adamw_32bit"}
     torch.manual_seed(0)
     model = get_peft_model(model, recipe if plugin else plain)
     if not plugin:
         _no_cpu_repacking(model)
-    trainer = Trainer(model=model, args=TrainingArguments(**training), train_dataset=tokenized,
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(**training),
+        train_dataset=tokenized,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    )
     counter.attach(trainer.model)
     start = time.perf_counter()
     trainer.train()
@@ -362,14 +432,34 @@ def _train_axolotl(cell: Cell, setting: Setting, path: Path, plugin: bool, out: 
         data_file = out.parent / "data.jsonl"
         data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
         config: dict[str, Any] = {
-            "base_model": str(path), "plugins": ["qlora_plugin.axolotl.QLoRAPlugin"],
-            "qlora": {"lora_dropout": 0.0, "learning_rate": setting.learning_rate, "lr_scheduler_type": "constant",
-                      "warmup_ratio": 0.0, "compute_dtype": setting.compute_dtype, **cell.recipe},
-            "datasets": [{"path": str(data_file), "type": "chatml.prompt_pairs" if cell.data == "preference"
-                          else "completion", "split": "train"}],
-            "sequence_len": setting.length, "micro_batch_size": setting.batch, "gradient_accumulation_steps": 1,
-            "max_steps": setting.steps, "logging_steps": 1, "save_strategy": "no", "val_set_size": 0, "seed": 0,
-            "output_dir": str(out), "dataset_prepared_path": str(out / "prepared"), "attn_implementation": "sdpa",
+            "base_model": str(path),
+            "plugins": ["qlora_plugin.axolotl.QLoRAPlugin"],
+            "qlora": {
+                "lora_dropout": 0.0,
+                "learning_rate": setting.learning_rate,
+                "lr_scheduler_type": "constant",
+                "warmup_ratio": 0.0,
+                "compute_dtype": setting.compute_dtype,
+                **cell.recipe,
+            },
+            "datasets": [
+                {
+                    "path": str(data_file),
+                    "type": "chatml.prompt_pairs" if cell.data == "preference" else "completion",
+                    "split": "train",
+                }
+            ],
+            "sequence_len": setting.length,
+            "micro_batch_size": setting.batch,
+            "gradient_accumulation_steps": 1,
+            "max_steps": setting.steps,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "val_set_size": 0,
+            "seed": 0,
+            "output_dir": str(out),
+            "dataset_prepared_path": str(out / "prepared"),
+            "attn_implementation": "sdpa",
             **cell.axolotl,
         }
     else:
@@ -378,8 +468,13 @@ def _train_axolotl(cell: Cell, setting: Setting, path: Path, plugin: bool, out: 
     config_file = out / "config.yml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    run = subprocess.run([sys.executable, "-m", "axolotl.cli.main", "train", str(config_file)], capture_output=True,
-                         text=True, env=env, timeout=900)
+    run = subprocess.run(
+        [sys.executable, "-m", "axolotl.cli.main", "train", str(config_file)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     output = run.stdout + run.stderr
     (out / "log.txt").write_text(output)
     if run.returncode != 0:
@@ -398,7 +493,7 @@ def _losses(trainer: Any) -> tuple[list[float], float | None]:
 def _deviation(ours: list[float], theirs: list[float]) -> float:
     if not ours or len(ours) != len(theirs):
         return math.inf
-    return max(abs(a - b) / max(abs(b), 1e-8) * 100 for a, b in zip(ours, theirs))
+    return max(abs(a - b) / max(abs(b), 1e-8) * 100 for a, b in zip(ours, theirs, strict=False))
 
 
 def _status(lines: list[str]) -> tuple[str, str]:
@@ -422,14 +517,22 @@ def run_cell(cell: Cell, setting: Setting) -> Result:
     speed.disarm()
     try:
         with _captured() as messages:
-            trainer, counter, seconds = _train(cell, setting, path, plugin=True, out=work / "plugin",
-                                               resume_from=setting.steps // 2 if cell.resume else None)
+            trainer, counter, seconds = _train(
+                cell,
+                setting,
+                path,
+                plugin=True,
+                out=work / "plugin",
+                resume_from=setting.steps // 2 if cell.resume else None,
+            )
         losses, eval_loss = _losses(trainer)
         resumed_losses = getattr(trainer, "resumed_losses", None)
         tok_s = counter.tokens / seconds if seconds else None
         status, reason = _status(messages.lines)
     except Exception as error:  # noqa: BLE001 - a crash is a result of the matrix
-        return Result(cell.name, "crash", f"{type(error).__name__}: {error}"[:500] + "\n" + traceback.format_exc()[-1500:])
+        return Result(
+            cell.name, "crash", f"{type(error).__name__}: {error}"[:500] + "\n" + traceback.format_exc()[-1500:]
+        )
     finally:
         speed.disarm()
     del trainer
@@ -460,8 +563,9 @@ def _run_axolotl_cell(cell: Cell, setting: Setting, path: Path, work: Path) -> R
     except Exception as error:  # noqa: BLE001 - a crash is a result of the matrix
         return Result(cell.name, "crash", f"{type(error).__name__}: {error}"[:2000])
     marker = "qlora fast path on:"  # Axolotl's log lines carry a prefix before the plugin's message
-    status, reason = _status([marker + line.split(marker, 1)[1] if marker in line else line
-                              for line in output.splitlines()])
+    status, reason = _status(
+        [marker + line.split(marker, 1)[1] if marker in line else line for line in output.splitlines()]
+    )
     result = Result(cell.name, status, reason, losses=losses)
     if cell.compare:
         result.baseline_losses, _ = _train_axolotl(cell, setting, path, plugin=False, out=work / "baseline")

@@ -28,3 +28,15 @@ def memorisable_dataset():
     from tiny import SENTENCES
 
     return Dataset.from_dict({"text": SENTENCES * 4})
+
+
+@pytest.fixture(autouse=True)
+def package_logger_as_found():
+    """Axolotl's logging setup puts a filter on loggers it finds (ours too); each test starts without it."""
+    import logging
+
+    logger = logging.getLogger("qlora_plugin")
+    saved = (list(logger.filters), list(logger.handlers), logger.level, logger.propagate)
+    logger.filters.clear()
+    yield
+    logger.filters[:], logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2], saved[3]

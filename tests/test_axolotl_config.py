@@ -13,9 +13,19 @@ from qlora_plugin import QLoRAConfigError
 pytest.importorskip("axolotl")
 AXOLOTL_LOGGER = "axolotl.integrations.qlora_plugin"
 PLUGIN = "qlora_plugin.axolotl.QLoRAPlugin"
-ALL_LINEAR = {f"model.layers.{i}.{part}" for i in range(2) for part in (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+ALL_LINEAR = {
+    f"model.layers.{i}.{part}"
+    for i in range(2)
+    for part in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+}
 
 
 class Collect(logging.Handler):
@@ -65,8 +75,12 @@ def load(tiny_model_dir, tmp_path):
 def test_an_empty_section_expands_to_the_default_recipe(load) -> None:
     cfg, warnings = load("qlora: {}")
     assert (cfg.adapter, cfg.load_in_4bit, cfg.load_in_8bit) == ("qlora", True, False)
-    assert cfg.bnb_config_kwargs == {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-                                     "bnb_4bit_quant_storage": "uint8", "bnb_4bit_compute_dtype": "bfloat16"}
+    assert cfg.bnb_config_kwargs == {
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_compute_dtype": "bfloat16",
+    }
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (16, 32, 0.05)
     assert (cfg.optimizer, cfg.max_grad_norm, cfg.gradient_checkpointing) == ("paged_adamw_32bit", 0.3, True)
     assert cfg.gradient_checkpointing_kwargs == {"use_reentrant": False}

@@ -19,15 +19,21 @@ import torch
 import yaml
 from bad_inputs import assert_one_line_error, stderr_lines
 
-from qlora_plugin.integrations.checkpoints import complete_checkpoints
 from qlora_plugin.commands.main import main
+from qlora_plugin.integrations.checkpoints import complete_checkpoints
 
 pytest.importorskip("axolotl")
 pytestmark = pytest.mark.slow
 PLUGIN = "qlora_plugin.axolotl.QLoRAPlugin"
 LOGGED = re.compile(r"\{'loss': '([^']+)', 'grad_norm': '([^']+)'")
-SENTENCES = ["the cat sat on the mat", "a green frog jumps over the quiet pond", "seven blue birds sing",
-             "my brother reads a long book", "the baker sells warm bread", "rain falls on the roof"]
+SENTENCES = [
+    "the cat sat on the mat",
+    "a green frog jumps over the quiet pond",
+    "seven blue birds sing",
+    "my brother reads a long book",
+    "the baker sells warm bread",
+    "rain falls on the roof",
+]
 
 
 def training_data(directory: Path) -> Path:
@@ -40,12 +46,22 @@ def training_data(directory: Path) -> Path:
 def config(tiny_model_dir: Path, directory: Path, out: Path, **changes) -> Path:
     """An Axolotl config for the tiny model, FP4 base, 6 steps with a checkpoint every 3."""
     settings = {
-        "base_model": str(tiny_model_dir), "plugins": [PLUGIN],
+        "base_model": str(tiny_model_dir),
+        "plugins": [PLUGIN],
         "qlora": {"quant_type": "fp4", "compute_dtype": "float32", "learning_rate": 0.01, "warmup_ratio": 0.0},
         "datasets": [{"path": str(training_data(directory)), "ds_type": "json", "type": "alpaca"}],
-        "dataset_prepared_path": str(directory / "prepared"), "dataset_num_proc": 1, "val_set_size": 0,
-        "sequence_len": 64, "micro_batch_size": 2, "max_steps": 6, "save_strategy": "steps", "save_steps": 3,
-        "logging_steps": 1, "seed": 7, "output_dir": str(out), **changes,
+        "dataset_prepared_path": str(directory / "prepared"),
+        "dataset_num_proc": 1,
+        "val_set_size": 0,
+        "sequence_len": 64,
+        "micro_batch_size": 2,
+        "max_steps": 6,
+        "save_strategy": "steps",
+        "save_steps": 3,
+        "logging_steps": 1,
+        "seed": 7,
+        "output_dir": str(out),
+        **changes,
     }
     path = directory / f"{out.name}.yml"
     path.write_text(yaml.safe_dump(settings))
@@ -54,17 +70,30 @@ def config(tiny_model_dir: Path, directory: Path, out: Path, **changes) -> Path:
 
 def axolotl_train(path: Path, *, file_size_limit: int | None = None) -> subprocess.CompletedProcess[str]:
     """``axolotl train PATH --launcher python`` (one process, so its last line is the run's last line)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "AXOLOTL_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
     def limit() -> None:
         if file_size_limit is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
-    return subprocess.run([str(Path(sys.executable).parent / "axolotl"), "train", str(path), "--launcher", "python"],
-                          check=False, capture_output=True, text=True, env=env, preexec_fn=limit, timeout=900,
-                          cwd=path.parent)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "axolotl"), "train", str(path), "--launcher", "python"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=limit,
+        timeout=900,
+        cwd=path.parent,
+    )
 
 
 def logged(result: subprocess.CompletedProcess[str]) -> list[tuple[str, str]]:
@@ -125,8 +154,9 @@ def test_an_fp4_run_merges_as_fp4(fp4_run, tiny_model_dir, tmp_path, capsys) -> 
     assert (trained_logits(out, tiny_model_dir, "nf4") - expected).abs().max() > 0.05
 
 
-def test_a_checkpoint_finds_the_recipe_of_its_run_and_a_copy_without_records_is_refused(fp4_run, tiny_model_dir,
-                                                                                       tmp_path, capsys) -> None:
+def test_a_checkpoint_finds_the_recipe_of_its_run_and_a_copy_without_records_is_refused(
+    fp4_run, tiny_model_dir, tmp_path, capsys
+) -> None:
     out, _ = fp4_run
     inside = out / "checkpoint-6"
     recorded = (inside / "qlora_recipe.json").read_bytes()
@@ -154,8 +184,9 @@ def test_the_same_config_and_seed_give_the_same_losses_from_step_one(fp4_run, ti
     assert logged(again) == first
 
 
-def test_a_full_disk_at_a_checkpoint_leaves_complete_checkpoints_and_the_run_resumes_exactly(fp4_run, tiny_model_dir,
-                                                                                              tmp_path) -> None:
+def test_a_full_disk_at_a_checkpoint_leaves_complete_checkpoints_and_the_run_resumes_exactly(
+    fp4_run, tiny_model_dir, tmp_path
+) -> None:
     source, first = fp4_run
     out = tmp_path / "out"
     out.mkdir()
@@ -174,8 +205,10 @@ def test_a_full_disk_at_a_checkpoint_leaves_complete_checkpoints_and_the_run_res
     assert last.startswith("qlora: the run stopped while writing checkpoint-6"), full.stderr[-3000:]
     assert "resume from checkpoint-3" in last
     assert "checkpoint-4 is incomplete: it has no trainer_state.json" in full.stdout + full.stderr
-    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == [".incomplete-checkpoint-4",
-                                                                              "checkpoint-3"]
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == [
+        ".incomplete-checkpoint-4",
+        "checkpoint-3",
+    ]
     assert not filecmp.dircmp(out / "checkpoint-3", source / "checkpoint-3").diff_files
     assert logged(full) == first[3:]  # steps 4-6 resumed from checkpoint-3, as the uninterrupted run trained them
     # what is left resumes as this run did: checkpoint-3 is complete, nothing incomplete is named checkpoint-N
@@ -183,10 +216,14 @@ def test_a_full_disk_at_a_checkpoint_leaves_complete_checkpoints_and_the_run_res
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
 
 
-@pytest.mark.parametrize(("change", "expected"), [
-    ({"qlora": {"lora_dropout": 1.5}}, "qlora: error: qlora.lora_dropout=1.5: is out of range. Fix: "),
-    ({"datasets": [{"path": "EMPTY", "ds_type": "json", "type": "alpaca"}]}, "qlora: error: "),
-], ids=["section", "empty-dataset"])
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"qlora": {"lora_dropout": 1.5}}, "qlora: error: qlora.lora_dropout=1.5: is out of range. Fix: "),
+        ({"datasets": [{"path": "EMPTY", "ds_type": "json", "type": "alpaca"}]}, "qlora: error: "),
+    ],
+    ids=["section", "empty-dataset"],
+)
 def test_a_rejected_run_ends_with_the_plugins_line(tiny_model_dir, tmp_path, change, expected) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -21,7 +21,9 @@ def not_a_causal_lm(tmp_path_factory) -> Path:
     from transformers import ViTConfig
 
     directory = tmp_path_factory.mktemp("vit")
-    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(directory)
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        directory
+    )
     return directory
 
 
@@ -36,16 +38,20 @@ def peft_trainable_and_targets(model_dir: Path, **fields) -> tuple[int, set[str]
     recipe = qlora_recipe(model=model, **fields)
     peft_model = get_peft_model(model, recipe)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    adapted = {name.removeprefix("base_model.model.") for name, module in peft_model.named_modules()
-               if hasattr(module, "lora_A")}
+    adapted = {
+        name.removeprefix("base_model.model.")
+        for name, module in peft_model.named_modules()
+        if hasattr(module, "lora_A")
+    }
     return trainable, adapted
 
 
 def test_the_command_imports_light_and_answers_help_fast() -> None:
-    code = ("import sys, qlora_plugin.commands.main; heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') "
-            "if m in sys.modules]; print(heavy)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env={"PYTHONPATH": str(SRC)})
+    code = (
+        "import sys, qlora_plugin.commands.main; heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') "
+        "if m in sys.modules]; print(heavy)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SRC)})
     assert result.stdout.strip() == "[]", result.stderr
     for command in ("inspect", "estimate", "merge", "convert-finlora"):
         shown = run_qlora(command, "--help")
@@ -96,11 +102,14 @@ def test_inspect_applies_preset_and_overrides(tiny_model_dir, capsys) -> None:
     assert "Adapted modules (14)" in shown and "lm_head" in shown and "output head" in shown
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["--preset", "papr"], "preset='papr': no such preset Did you mean 'paper'?"),
-    (["--set", "rank=4"], "rank=4: not a recipe field"),
-    (["--set", "r"], "is not FIELD=VALUE"),
-])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--preset", "papr"], "preset='papr': no such preset Did you mean 'paper'?"),
+        (["--set", "rank=4"], "rank=4: not a recipe field"),
+        (["--set", "r"], "is not FIELD=VALUE"),
+    ],
+)
 def test_inspect_rejects_bad_recipe_input(tiny_model_dir, args, expected, capsys) -> None:
     assert main(["inspect", str(tiny_model_dir), *args]) == 2
     error = capsys.readouterr().err
@@ -118,15 +127,27 @@ def test_inspect_and_estimate_reject_missing_paths_and_other_models(tmp_path, no
 def test_estimate_through_the_console_script(tiny_model_dir, capsys) -> None:
     result = run_qlora("estimate", tiny_model_dir, "--seq", 64, "--batch", 2, "--gpu", "t4-16gb")
     assert result.returncode == 0, result.stderr
-    for words in ("4-bit weights + double-quant constants", "activations", "logits and loss", "optimizer states",
-                  "peak GPU memory", "t4-16gb"):
+    for words in (
+        "4-bit weights + double-quant constants",
+        "activations",
+        "logits and loss",
+        "optimizer states",
+        "peak GPU memory",
+        "t4-16gb",
+    ):
         assert words in result.stdout
     assert main(["estimate", str(tiny_model_dir), "--seq", "64", "--batch", "2", "--gpu", "t4-16gb", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["peak"] == data["allocator_peak"] + data["paged_optimizer"]
     assert data["gpus"][0]["fits"] and data["gpus"][0]["largest_batch"] > 2
-    assert data["path"] == {"name": "fast", "recompute": "full", "fused_loss": True, "kernels": True,
-                            "adapter_dtype": "float32", "cached_constants": False}
+    assert data["path"] == {
+        "name": "fast",
+        "recompute": "full",
+        "fused_loss": True,
+        "kernels": True,
+        "adapter_dtype": "float32",
+        "cached_constants": False,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +156,14 @@ def eight_layer_config(tmp_path_factory) -> Path:
     from transformers import LlamaConfig
 
     directory = tmp_path_factory.mktemp("eight-layers")
-    LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                num_attention_heads=8, num_key_value_heads=2).save_pretrained(directory)
+    LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    ).save_pretrained(directory)
     return directory
 
 
@@ -177,6 +204,7 @@ def test_estimate_is_within_15_percent_of_the_h100_measurements(tmp_path) -> Non
     results = json.loads((tmp_path / "estimate_vs_measured.json").read_text())
     assert status == 0
     assert len(results) == 28
-    assert {(r["model"], r["path"]) for r in results} == {(m, p) for m in ("llama-3.2-1b", "llama-3.1-8b")
-                                                          for p in ("stock", "fast")}
+    assert {(r["model"], r["path"]) for r in results} == {
+        (m, p) for m in ("llama-3.2-1b", "llama-3.1-8b") for p in ("stock", "fast")
+    }
     assert max(abs(r["error_pct"]) for r in results) <= 15

@@ -46,7 +46,8 @@ def logits(model, tiny_model_dir: Path) -> torch.Tensor:
 
 
 def test_merged_model_loads_alone_and_matches_the_adapter_on_the_dequantized_base(
-        adapter_dir, tiny_model_dir, tmp_path) -> None:
+    adapter_dir, tiny_model_dir, tmp_path
+) -> None:
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
@@ -76,14 +77,20 @@ def adapter_on_dequantized_base(tiny_model_dir: Path, adapter_dir: Path, dtype: 
 
     from qlora_plugin import qlora_recipe
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=qlora_recipe().bnb_config("cpu"),
-                                                dtype=dtype).dequantize().to(dtype)
+    base = (
+        AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir, quantization_config=qlora_recipe().bnb_config("cpu"), dtype=dtype
+        )
+        .dequantize()
+        .to(dtype)
+    )
     without = logits(base, tiny_model_dir)
     return without, logits(PeftModel.from_pretrained(base, adapter_dir), tiny_model_dir)
 
 
-def test_merge_refuses_a_non_empty_out_and_replaces_it_with_force(adapter_dir, tiny_model_dir, tmp_path,
-                                                                   capsys) -> None:
+def test_merge_refuses_a_non_empty_out_and_replaces_it_with_force(
+    adapter_dir, tiny_model_dir, tmp_path, capsys
+) -> None:
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
@@ -129,13 +136,19 @@ def test_convert_finlora_writes_a_config_axolotl_loads(tiny_model_dir, tmp_path)
     from axolotl.cli.config import load_cfg
 
     out = tmp_path / "configs" / "sentiment.yml"
-    result = run_qlora("convert-finlora", FINLORA, SENTIMENT, "--out", out, "--base-model", tiny_model_dir,
-                       "--sequence-len", 64)
+    result = run_qlora(
+        "convert-finlora", FINLORA, SENTIMENT, "--out", out, "--base-model", tiny_model_dir, "--sequence-len", 64
+    )
     assert result.returncode == 0, result.stderr
     written = yaml.safe_load(out.read_text())
     assert written["plugins"] == ["qlora_plugin.axolotl.QLoRAPlugin"]
-    assert written["qlora"] == {"r": 4, "learning_rate": 1e-4, "num_train_epochs": 4,
-                                "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}
+    assert written["qlora"] == {
+        "r": 4,
+        "learning_rate": 1e-4,
+        "num_train_epochs": 4,
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 2,
+    }
     data = tmp_path / "finlora_sentiment_train.jsonl"
     data.write_text('{"context": "Sentiment of: shares rose. Answer:", "target": "positive"}\n')
     written["datasets"][0]["path"] = str(data)
@@ -143,8 +156,7 @@ def test_convert_finlora_writes_a_config_axolotl_loads(tiny_model_dir, tmp_path)
     out.write_text(yaml.safe_dump(written))
     cfg = load_cfg(str(out))
     assert (cfg.adapter, cfg.load_in_4bit, cfg.lora_r) == ("qlora", True, 4)
-    assert (cfg.learning_rate, cfg.num_epochs, cfg.micro_batch_size, cfg.gradient_accumulation_steps) == (
-        1e-4, 4, 8, 2)
+    assert (cfg.learning_rate, cfg.num_epochs, cfg.micro_batch_size, cfg.gradient_accumulation_steps) == (1e-4, 4, 8, 2)
 
 
 def test_convert_finlora_refuses_to_overwrite_without_force(tmp_path, capsys) -> None:
@@ -170,15 +182,22 @@ def write_entries(tmp_path: Path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("name", "changes", "expected"), [
-    ("sentiment_llama_3_1_8b_4bit_r4", {}, "is not an entry of the file Did you mean "
-                                           "'sentiment_llama_3_1_8b_4bits_r4'?. Fix: use one of "
-                                           "['headline_llama_3_1_8b_8bits_r8_dora', 'sentiment_llama_3_1_8b_4bits_r4']"),
-    (SENTIMENT, {"lora_r": None}, f"{SENTIMENT}.lora_r=None: is missing"),
-    (SENTIMENT, {"quant_bits": 3}, "quant_bits=3: is not a bit width FinLoRA uses"),
-    (SENTIMENT, {"lora_r": 0}, f"{SENTIMENT}.lora_r=0: is out of range"),
-    ("headline_llama_3_1_8b_8bits_r8_dora", {}, "quant_bits=8: is a 8-bit LoRA run, not QLoRA"),
-])
+@pytest.mark.parametrize(
+    ("name", "changes", "expected"),
+    [
+        (
+            "sentiment_llama_3_1_8b_4bit_r4",
+            {},
+            "is not an entry of the file Did you mean "
+            "'sentiment_llama_3_1_8b_4bits_r4'?. Fix: use one of "
+            "['headline_llama_3_1_8b_8bits_r8_dora', 'sentiment_llama_3_1_8b_4bits_r4']",
+        ),
+        (SENTIMENT, {"lora_r": None}, f"{SENTIMENT}.lora_r=None: is missing"),
+        (SENTIMENT, {"quant_bits": 3}, "quant_bits=3: is not a bit width FinLoRA uses"),
+        (SENTIMENT, {"lora_r": 0}, f"{SENTIMENT}.lora_r=0: is out of range"),
+        ("headline_llama_3_1_8b_8bits_r8_dora", {}, "quant_bits=8: is a 8-bit LoRA run, not QLoRA"),
+    ],
+)
 def test_convert_finlora_rejects_malformed_entries(tmp_path, capsys, name, changes, expected) -> None:
     out = tmp_path / "out.yml"
     assert main(["convert-finlora", str(write_entries(tmp_path, **changes)), name, "--out", str(out)]) == 2
@@ -189,9 +208,18 @@ def test_convert_finlora_rejects_malformed_entries(tmp_path, capsys, name, chang
 
 def test_an_8bit_entry_converts_as_4bit_when_asked(tmp_path, capsys) -> None:
     out = tmp_path / "headline.yml"
-    assert main(["convert-finlora", str(FINLORA), "headline_llama_3_1_8b_8bits_r8_dora", "--out", str(out),
-                 "--force-4bit"]) == 0
+    assert (
+        main(
+            ["convert-finlora", str(FINLORA), "headline_llama_3_1_8b_8bits_r8_dora", "--out", str(out), "--force-4bit"]
+        )
+        == 0
+    )
     assert "converted as a 4-bit QLoRA run" in capsys.readouterr().out
-    assert yaml.safe_load(out.read_text())["qlora"] == {"r": 8, "learning_rate": 1e-4, "num_train_epochs": 4,
-                                                        "per_device_train_batch_size": 8,
-                                                        "gradient_accumulation_steps": 2, "use_dora": True}
+    assert yaml.safe_load(out.read_text())["qlora"] == {
+        "r": 8,
+        "learning_rate": 1e-4,
+        "num_train_epochs": 4,
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 2,
+        "use_dora": True,
+    }

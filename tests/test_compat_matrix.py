@@ -7,7 +7,6 @@ import functools
 from pathlib import Path
 
 import pytest
-
 from compat_cells import Cell, Setting, fast_path_on_cpu, run_cell
 
 pytestmark = pytest.mark.slow
@@ -27,19 +26,18 @@ CELLS = [
     Cell("sft-gradient-accumulation-4", args={"gradient_accumulation_steps": 4}),
     Cell("sft-eval-loss", args={"eval_strategy": "steps", "eval_steps": 10}),
     # metrics from logits need a loss that keeps them: TRL's chunked_nll returns none, with or without the plugin
-    Cell("sft-eval-with-logit-metrics", args={"eval_strategy": "steps", "eval_steps": 10, "loss_type": "nll",
-                                              "prediction_loss_only": False}),
+    Cell(
+        "sft-eval-with-logit-metrics",
+        args={"eval_strategy": "steps", "eval_steps": 10, "loss_type": "nll", "prediction_loss_only": False},
+    ),
     Cell("sft-preloaded-4bit", model="4bit"),
     Cell("sft-preloaded-16bit", model="bf16"),
-    Cell("sft-save-and-resume", recipe_args=True, args={"save_strategy": "steps", "save_steps": 15},
-         resume=True),
+    Cell("sft-save-and-resume", recipe_args=True, args={"save_strategy": "steps", "save_steps": 15}, resume=True),
     Cell("transformers-trainer", trainer="trainer"),
     Cell("dpo", trainer="dpo", data="preference"),
     Cell("grpo", trainer="grpo", data="prompt_only", compare=False),
-    *(Cell(f"family-{family}", family=family) for family in ("qwen2", "qwen3", "mistral", "gemma2", "gemma3",
-                                                             "phi3")),
-    Cell("family-qwen2-moe", family="qwen2_moe",
-         recipe={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}),
+    *(Cell(f"family-{family}", family=family) for family in ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")),
+    Cell("family-qwen2-moe", family="qwen2_moe", recipe={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}),
 ]
 
 

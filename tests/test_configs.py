@@ -14,8 +14,19 @@ REAL_MODEL = sorted(path for path in CONFIGS.glob("*.yml") if path != DEFAULT)
 # What a real-model config may change: the model, the data, the sizes, where it writes,
 # and the recipe's hyper-parameters (a 1M-parameter model needs another learning rate).
 MODEL_DATA_SIZES = {
-    "base_model", "datasets", "val_set_size", "sequence_len", "micro_batch_size", "gradient_accumulation_steps",
-    "num_epochs", "dataset_prepared_path", "dataset_num_proc", "output_dir", "logging_steps", "save_strategy", "qlora",
+    "base_model",
+    "datasets",
+    "val_set_size",
+    "sequence_len",
+    "micro_batch_size",
+    "gradient_accumulation_steps",
+    "num_epochs",
+    "dataset_prepared_path",
+    "dataset_num_proc",
+    "output_dir",
+    "logging_steps",
+    "save_strategy",
+    "qlora",
 }
 
 
@@ -46,8 +57,12 @@ def test_a_real_model_config_passes_axolotls_validation(path: Path, tiny_model_d
     config = read(path)
     data = tmp_path / "data.jsonl"
     data.write_text('{"instruction": "Classify.", "input": "Shares jump", "output": "positive"}\n')
-    config.update(base_model=str(tiny_model_dir), datasets=[{"path": str(data), "ds_type": "json", "type": "alpaca"}],
-                  output_dir=str(tmp_path / "out"), dataset_prepared_path=str(tmp_path / "prepared"))
+    config.update(
+        base_model=str(tiny_model_dir),
+        datasets=[{"path": str(data), "ds_type": "json", "type": "alpaca"}],
+        output_dir=str(tmp_path / "out"),
+        dataset_prepared_path=str(tmp_path / "prepared"),
+    )
     local = tmp_path / path.name
     local.write_text(yaml.safe_dump(config), encoding="utf-8")
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _tiny_qlora import VOCAB, load_4bit, tiny_llama_checkpoint
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
-pytestmark = pytest.mark.skipif(not bnbf.has_avx512bf16(),
-                                reason="this CPU has no AVX512-BF16: bitsandbytes never repacks 4-bit weights here")
+pytestmark = pytest.mark.skipif(
+    not bnbf.has_avx512bf16(), reason="this CPU has no AVX512-BF16: bitsandbytes never repacks 4-bit weights here"
+)
 
 
 @pytest.fixture(scope="module", params=[384, 352], ids=["mlp-384", "mlp-352"])
@@ -25,8 +25,11 @@ def checkpoint(request, tmp_path_factory):
 
 
 def _repacked(model: torch.nn.Module) -> int:
-    return sum(bool(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False))
-               for m in model.modules() if type(m).__name__ == "Linear4bit")
+    return sum(
+        bool(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False))
+        for m in model.modules()
+        if type(m).__name__ == "Linear4bit"
+    )
 
 
 def _eval_pass(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -67,7 +70,9 @@ def test_without_the_plugin_an_eval_pass_repacks_and_starves_the_gradients(check
     _eval_pass(model, batch)
     assert _repacked(model) > 0
     after = _lora_grads(model, batch)
-    assert len(after) < len(before) or any(not torch.allclose(after[n], before[n], rtol=0.05, atol=1e-6) for n in before)
+    assert len(after) < len(before) or any(
+        not torch.allclose(after[n], before[n], rtol=0.05, atol=1e-6) for n in before
+    )
 
 
 def test_a_recipe_model_keeps_nf4_through_eval_and_trains_the_same_after(checkpoint) -> None:

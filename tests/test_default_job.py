@@ -16,10 +16,27 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs/qlora.yml"
 sys.path.insert(0, str(REPO / "examples"))
 # Keys the plugin owns: a user config that sets them would be doing the plugin's job.
-PLUGIN_KEYS = {"adapter", "load_in_4bit", "load_in_8bit", "bnb_config_kwargs", "optimizer", "bf16", "fp16",
-               "lora_r", "lora_alpha", "lora_target_modules", "lora_target_linear", "lora_qkv_kernel",
-               "lora_o_kernel", "lora_mlp_kernel", "lora_embedding_kernel", "learning_rate", "num_epochs",
-               "micro_batch_size", "gradient_checkpointing"}
+PLUGIN_KEYS = {
+    "adapter",
+    "load_in_4bit",
+    "load_in_8bit",
+    "bnb_config_kwargs",
+    "optimizer",
+    "bf16",
+    "fp16",
+    "lora_r",
+    "lora_alpha",
+    "lora_target_modules",
+    "lora_target_linear",
+    "lora_qkv_kernel",
+    "lora_o_kernel",
+    "lora_mlp_kernel",
+    "lora_embedding_kernel",
+    "learning_rate",
+    "num_epochs",
+    "micro_batch_size",
+    "gradient_checkpointing",
+}
 LOGGED_LOSS = re.compile(r"\{'loss': '?([-+0-9.eE]+)'?")
 
 
@@ -47,13 +64,27 @@ def one_torch_thread():
 def default_run(tmp_path_factory) -> tuple[Path, str]:
     """Run ``axolotl train configs/qlora.yml`` from the repository root, output redirected; (output dir, log)."""
     out = tmp_path_factory.mktemp("default-job")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "AXOLOTL_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [str(Path(sys.executable).parent / "axolotl"), "train", "configs/qlora.yml",
-               "--output-dir", str(out / "adapter"), "--dataset-prepared-path", str(out / "prepared")]
-    done = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=900)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    command = [
+        str(Path(sys.executable).parent / "axolotl"),
+        "train",
+        "configs/qlora.yml",
+        "--output-dir",
+        str(out / "adapter"),
+        "--dataset-prepared-path",
+        str(out / "prepared"),
+    ]
+    done = subprocess.run(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900
+    )
     (out / "train.log").write_text(done.stdout, encoding="utf-8")
     assert done.returncode == 0, done.stdout[-4000:]
     return out / "adapter", done.stdout
@@ -103,7 +134,7 @@ def test_generate_answers_with_the_label(default_run, capsys, one_torch_thread) 
     adapter, _ = default_run
     rows = ev.read_rows(ev.DEFAULT_TEST)[:6]
     answers = generate.main(["--adapter", str(adapter), "--max-new-tokens", "3", *(row["input"] for row in rows)])
-    hits = sum(answer.split()[0] == row["output"] for answer, row in zip(answers, rows) if answer.split())
+    hits = sum(answer.split()[0] == row["output"] for answer, row in zip(answers, rows, strict=False) if answer.split())
     assert hits >= 5, (answers, [row["output"] for row in rows])
     assert rows[0]["input"] in capsys.readouterr().out
 
@@ -118,9 +149,8 @@ def test_evaluate_refuses_a_directory_without_an_adapter(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_the_trl_example_trains_an_adapter_that_reloads(tmp_path, one_torch_thread) -> None:
-    import torch
-
     import evaluate_headlines as ev
+    import torch
     import trl_sft
 
     out = trl_sft.main(["--output-dir", str(tmp_path / "trl"), "--max-steps", "8"])
@@ -132,4 +162,3 @@ def test_the_trl_example_trains_an_adapter_that_reloads(tmp_path, one_torch_thre
         with tuned.disable_adapter():
             without = tuned(**batch).logits
     assert (with_adapter - without).abs().max() > 1e-3  # trained LoRA weights, not the zero init
-

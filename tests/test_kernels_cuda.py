@@ -13,10 +13,9 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from _tiny_qlora import VOCAB, load_4bit, lora, lora_grads, rel_err, tiny_llama_checkpoint  # noqa: E402
-
 import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as bnbf  # noqa: E402
+from _tiny_qlora import VOCAB, load_4bit, lora, lora_grads, rel_err, tiny_llama_checkpoint  # noqa: E402
 
 from qlora_plugin.fastpath.kernels import FastPathConfig, PagedAdamW, apply_fast_path  # noqa: E402
 from qlora_plugin.fastpath.kernels.dequant import dequantize_4bit_reference  # noqa: E402
@@ -200,11 +199,11 @@ def test_paged_adamw_matches_bitsandbytes_paged_adamw() -> None:
     for _ in range(6):
         grads = [torch.randn(s, device=DEV) for s in shapes]
         for ps, opt in ((ours_p, ours), (bnb_p, ref)):
-            for p, g in zip(ps, grads):
+            for p, g in zip(ps, grads, strict=False):
                 p.grad = g.clone()
             opt.step()
     assert ours.paged_bytes() == 2 * 4 * sum(t.numel() for t in init)
-    for a, b in zip(ours_p, bnb_p):
+    for a, b in zip(ours_p, bnb_p, strict=False):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
 
 
@@ -215,7 +214,13 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.parametrize(
     "recompute,triton_dequant,cache",
-    [("none", False, True), ("none", True, False), ("full", False, False), ("offload", False, False), ("offload", True, True)],
+    [
+        ("none", False, True),
+        ("none", True, False),
+        ("full", False, False),
+        ("offload", False, False),
+        ("offload", True, True),
+    ],
 )
 def test_fast_path_cuda_matches_stock(checkpoint, recompute, triton_dequant, cache) -> None:
     stock = lora(load_4bit(checkpoint, DEV), stock=True)
@@ -249,7 +254,9 @@ def test_fast_path_cuda_matches_stock(checkpoint, recompute, triton_dequant, cac
 
 def _fast_model(checkpoint, graphs: bool, dropout: float = 0.0):
     model = lora(load_4bit(checkpoint, DEV), stock=False, dropout=dropout)
-    rep = apply_fast_path(model, config=FastPathConfig(recompute="none", cache_block_constants=True, cuda_graphs=graphs))
+    rep = apply_fast_path(
+        model, config=FastPathConfig(recompute="none", cache_block_constants=True, cuda_graphs=graphs)
+    )
     assert rep.graphed_layers == (3 if graphs else 0)
     model.train()
     return model
@@ -258,12 +265,14 @@ def _fast_model(checkpoint, graphs: bool, dropout: float = 0.0):
 def test_decoder_graphs_train_like_eager_and_step_aside_for_other_shapes(checkpoint) -> None:
     eager, graphed = _fast_model(checkpoint, False), _fast_model(checkpoint, True)
     controller = graphed.get_base_model().model.layers[0].__dict__["_qlora_decoder_graphs"]
-    opts = [PagedAdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0) for m in (eager, graphed)]
+    opts = [
+        PagedAdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0) for m in (eager, graphed)
+    ]
     g = torch.Generator().manual_seed(5)
     batches = [torch.randint(0, VOCAB, (2, 64), generator=g).to(DEV) for _ in range(6)]
     for step, x in enumerate(batches):
         results = []
-        for m, opt in zip((eager, graphed), opts):
+        for m, opt in zip((eager, graphed), opts, strict=False):
             loss = m(input_ids=x, labels=x).loss
             loss.backward()
             results.append((float(loss), lora_grads(m)))
@@ -355,6 +364,7 @@ def test_decoder_graphs_capture_while_an_earlier_loss_is_alive(checkpoint) -> No
     for k in ref_grads:  # three accumulated backwards against one
         assert rel_err(grads[k], 3 * ref_grads[k]) < 3e-2, k
 
+
 @pytest.mark.parametrize("lengths", [[512, 1024, 512], [2048, 2048, 2048, 2048], [37, 5, 900, 1, 101]])
 def test_packed_attention_cuda_matches_separate_sequences(lengths) -> None:
     """bf16 on CUDA: varlen flash attention over a packed row against each sequence on its own."""
@@ -363,8 +373,15 @@ def test_packed_attention_cuda_matches_separate_sequences(lengths) -> None:
     from qlora_plugin.fastpath.kernels.attention import _varlen_function, use_packed_attention
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=2, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
+    )
     model = LlamaForCausalLM(config).to(DEV, torch.bfloat16).train()
     ids = torch.randint(0, 1000, (1, sum(lengths)), device=DEV)
     positions = torch.cat([torch.arange(n, device=DEV) for n in lengths])[None]

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-
 from _tiny_qlora import SRC, VOCAB, load_4bit, lora, lora_grads, rel_err, tiny_llama_checkpoint
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -97,7 +96,12 @@ def test_fused_layers_match_peft_layers(checkpoint) -> None:
         x = xs[id(m)].clone().requires_grad_()
         y = m(x)
         y.float().square().sum().backward()
-        ref[id(m)] = (y.detach(), x.grad, m.lora_A["default"].weight.grad.clone(), m.lora_B["default"].weight.grad.clone())
+        ref[id(m)] = (
+            y.detach(),
+            x.grad,
+            m.lora_A["default"].weight.grad.clone(),
+            m.lora_B["default"].weight.grad.clone(),
+        )
         m.zero_grad()
     assert patch_lora_4bit_layers(pm) == 14
     for m in layers:
@@ -166,7 +170,10 @@ def test_linear_cross_entropy_reference_matches_full_logits() -> None:
         gh = torch.autograd.grad(loss, h)[0]
         logits = (h @ w.t()).float()
         ref = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, 301), targets.reshape(-1), ignore_index=-100, reduction="mean" if num_items is None else "sum"
+            logits.reshape(-1, 301),
+            targets.reshape(-1),
+            ignore_index=-100,
+            reduction="mean" if num_items is None else "sum",
         )
         ref = ref if num_items is None else ref / num_items
         gref = torch.autograd.grad(ref, h)[0]
@@ -191,7 +198,7 @@ def test_rotary_reference_matches_transformers() -> None:
 
     q, k = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16)
     cos, sin = torch.randn(2, 9, 16), torch.randn(2, 9, 16)
-    for got, want in zip(rotary(q, k, cos, sin), hf_rope(q, k, cos, sin)):
+    for got, want in zip(rotary(q, k, cos, sin), hf_rope(q, k, cos, sin), strict=False):
         assert torch.allclose(got, want, atol=1e-6)
 
 
@@ -207,7 +214,9 @@ def test_fast_path_matches_stock_qlora(checkpoint, recompute) -> None:
     stock = lora(load_4bit(checkpoint), stock=True)
     fast = lora(load_4bit(checkpoint), stock=False)
     report = apply_fast_path(fast, config=FastPathConfig(recompute=recompute))
-    assert report.lora_layers_fused == 14 and report.loss_fused and report.norms_patched == 5 and report.mlps_patched == 2
+    assert (
+        report.lora_layers_fused == 14 and report.loss_fused and report.norms_patched == 5 and report.mlps_patched == 2
+    )
     assert report.layers_recomputed == (2 if recompute == "full" else 0)
     assert all(p.dtype == torch.float32 for p in fast.parameters() if p.requires_grad)
     assert fast.get_base_model().lm_head.weight.dtype == torch.bfloat16
@@ -228,7 +237,7 @@ def test_fast_path_matches_stock_qlora(checkpoint, recompute) -> None:
     # Same losses over a few optimizer steps (bitsandbytes' paged AdamW vs ours).
     opt_s = bnb.optim.PagedAdamW32bit([p for p in stock.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
     opt_f = PagedAdamW([p for p in fast.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
-    for m, opt in ((stock, opt_s), (fast, opt_f)):
+    for opt in (opt_s, opt_f):
         opt.zero_grad(set_to_none=True)
     losses = {"stock": [], "fast": []}
     for batch in batches:
@@ -238,7 +247,7 @@ def test_fast_path_matches_stock_qlora(checkpoint, recompute) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses[name].append(float(loss))
-    for ls, lf in zip(losses["stock"], losses["fast"]):
+    for ls, lf in zip(losses["stock"], losses["fast"], strict=False):
         assert abs(lf - ls) / ls < 0.01, losses
 
 
@@ -257,10 +266,10 @@ def test_paged_adamw_reference_matches_torch_and_bitsandbytes() -> None:
     }
     for step_grads in grads:
         for k, opt in opts.items():
-            for p, g in zip(params[k], step_grads):
+            for p, g in zip(params[k], step_grads, strict=False):
                 p.grad = g.clone()
             opt.step()
-    for a, b, c in zip(params["ours"], params["torch"], params["bnb"]):
+    for a, b, c in zip(params["ours"], params["torch"], params["bnb"], strict=False):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)
         assert torch.allclose(a, c, atol=1e-5, rtol=1e-5)
     state = opts["ours"].state_dict()
@@ -277,8 +286,15 @@ def test_packed_rows_attend_per_sequence_like_separate_sequences(lengths) -> Non
     from qlora_plugin.fastpath.kernels.attention import IMPLEMENTATION, use_packed_attention
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
+    )
     model = LlamaForCausalLM(config).train()
     ids = torch.randint(0, 100, (1, sum(lengths)))
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
@@ -297,8 +313,15 @@ def test_padded_batches_keep_transformers_sdpa_masking() -> None:
     from qlora_plugin.fastpath.kernels.attention import use_packed_attention
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
+    )
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 100, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _tiny_qlora import SRC
 
 from qlora_plugin.fastpath.kernels.lora_dropout import (
@@ -31,7 +30,9 @@ def test_keep_mask_packs_32_columns_to_a_word_and_back(t, k) -> None:
     bits = pack_keep_mask(keep)
     assert bits.dtype == torch.int32 and bits.shape == (t, (k + 31) // 32)
     assert torch.equal(unpack_keep_mask(bits, k), keep)
-    assert torch.equal(unpack_keep_mask(pack_keep_mask(torch.ones(t, k, dtype=torch.bool)), k).all(1), torch.ones(t, dtype=torch.bool))
+    assert torch.equal(
+        unpack_keep_mask(pack_keep_mask(torch.ones(t, k, dtype=torch.bool)), k).all(1), torch.ones(t, dtype=torch.bool)
+    )
     if k >= 32:  # column c is bit c % 32 of word c // 32; bit 31 makes the int32 negative
         one = torch.zeros(1, k, dtype=torch.bool)
         one[0, 31] = True
@@ -60,8 +61,13 @@ def test_triton_kernels_match_the_reference_under_the_interpreter() -> None:
     pytest.importorskip("triton")
     cases = [(100, 96, 16, 0.3), (64, 64, 8, 0.05), (130, 200, 20, 0.5), (1, 40, 16, 0.1), (257, 128, 64, 0.2)]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(SRC), str(HERE)])}
-    out = subprocess.run([sys.executable, str(HERE / "_interpret_lora_dropout.py"), *map(json.dumps, cases)],
-                         capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(HERE / "_interpret_lora_dropout.py"), *map(json.dumps, cases)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == len(cases)

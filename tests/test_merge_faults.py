@@ -51,8 +51,12 @@ def previous(tmp_path) -> Path:
 
 
 def environment() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
 
 
 def assert_untouched(tmp_path: Path, previous: Path, before: dict) -> None:
@@ -62,11 +66,18 @@ def assert_untouched(tmp_path: Path, previous: Path, before: dict) -> None:
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["SIGTERM", "SIGINT", "SIGKILL"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["SIGTERM", "SIGINT", "SIGKILL"]
+)
 def test_a_signal_mid_merge_leaves_out_as_it_was(adapter_dir, tmp_path, previous, signum, capsys) -> None:
     before = snapshot(tmp_path)
-    process = subprocess.Popen([*qlora_command(), "merge", str(adapter_dir), "--out", str(previous), "--force"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
+    process = subprocess.Popen(
+        [*qlora_command(), "merge", str(adapter_dir), "--out", str(previous), "--force"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment(),
+    )
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob(".merged.*.partial")):  # the merge has begun writing its temporary copy
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
@@ -82,8 +93,10 @@ def test_a_signal_mid_merge_leaves_out_as_it_was(adapter_dir, tmp_path, previous
         return
     assert process.returncode == 128 + signum, stderr
     lines = stderr_lines(stderr)
-    assert lines[-1] == f"qlora merge: stopped by {signal.Signals(signum).name}; nothing was written " \
-                        "(temporary files removed)", stderr
+    assert (
+        lines[-1] == f"qlora merge: stopped by {signal.Signals(signum).name}; nothing was written "
+        "(temporary files removed)"
+    ), stderr
     assert "Traceback" not in stderr
     assert_untouched(tmp_path, previous, before)
 
@@ -94,8 +107,15 @@ def limit_file_size() -> None:
 
 def test_a_file_size_limit_mid_merge_leaves_out_as_it_was(adapter_dir, tmp_path, previous) -> None:
     before = snapshot(tmp_path)
-    done = subprocess.run([*qlora_command(), "merge", str(adapter_dir), "--out", str(previous), "--force"],
-                          check=False, capture_output=True, text=True, env=environment(), preexec_fn=limit_file_size, timeout=600)
+    done = subprocess.run(
+        [*qlora_command(), "merge", str(adapter_dir), "--out", str(previous), "--force"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=environment(),
+        preexec_fn=limit_file_size,
+        timeout=600,
+    )
     assert done.returncode == 1, done.stderr
     last = stderr_lines(done.stderr)[-1]
     assert last.startswith("qlora merge: failed: the disk is full, or a file-size limit was reached"), done.stderr
@@ -137,8 +157,7 @@ def test_a_rename_that_fails_at_the_end_restores_out_and_leaves_nothing(tmp_path
         unmount(out)
 
 
-def test_merged_directories_get_the_umasks_mode_and_force_keeps_the_existing_one(adapter_dir, tmp_path,
-                                                                                 capsys) -> None:
+def test_merged_directories_get_the_umasks_mode_and_force_keeps_the_existing_one(adapter_dir, tmp_path, capsys) -> None:
     fresh = tmp_path / "fresh"
     before = os.umask(0o027)
     try:

@@ -66,14 +66,14 @@ def qlora_quantization_config(recipe, compute_dtype):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
                               llm_int8_skip_modules=["head"])
 '''
-CLASHING_PLUGIN = '''
+CLASHING_PLUGIN = """
 from qlora_plugin import hookimpl
 
 
 @hookimpl
 def qlora_presets():
     return {"paper": {"r": 2}}
-'''
+"""
 
 
 def install(site: Path, distribution: str, module: str, source: str) -> None:
@@ -120,5 +120,7 @@ def test_the_generic_rule_still_answers_for_other_architectures(site) -> None:
 
 def test_two_plugins_defining_one_preset_is_an_error_naming_both(site) -> None:
     install(site, "clash-qlora", "clash_qlora", CLASHING_PLUGIN)
-    with pytest.raises(ValueError, match=r"'qlora_plugin.core.presets'.*'clash_qlora'|'clash_qlora'.*'qlora_plugin.core.presets'"):
+    with pytest.raises(
+        ValueError, match=r"'qlora_plugin.core.presets'.*'clash_qlora'|'clash_qlora'.*'qlora_plugin.core.presets'"
+    ):
         qlora_recipe("paper")

@@ -20,23 +20,30 @@ HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "trl", "axolotl")
 
 def imports_of(*argv: str, cwd: Path = REPO) -> tuple[list[str], str, str]:
     """Run ``qlora ARGV`` in a fresh interpreter; the heavy libraries it imported, its stdout and stderr."""
-    code = ("import sys; from qlora_plugin.commands.main import main; status = main(sys.argv[1:]); "
-            f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr); sys.exit(status)")
+    code = (
+        "import sys; from qlora_plugin.commands.main import main; status = main(sys.argv[1:]); "
+        f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr); sys.exit(status)"
+    )
     env = dict(os.environ, PYTHONPATH=str(SRC), HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, cwd=cwd,
-                          check=False, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, cwd=cwd, check=False, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     *rest, heavy = done.stderr.strip().splitlines()
     return json.loads(heavy.removeprefix("HEAVY ").replace("'", '"')), done.stdout, "\n".join(rest)
 
 
-@pytest.mark.parametrize("argv", [
-    ["presets"],
-    ["convert-finlora", str(FINLORA), "sentiment_llama_3_1_8b_4bits_r4", "--out", "{tmp}/out.yml"],
-    ["estimate", "examples/assets/tiny-llama", "--seq", "96", "--batch", "4"],
-    ["inspect", "examples/assets/tiny-llama", "--preset", "paper", "--set", "target_modules=[q_proj,v_proj]"],
-    ["check", "configs/qlora.yml"],
-], ids=["presets", "convert-finlora", "estimate", "inspect", "check"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["presets"],
+        ["convert-finlora", str(FINLORA), "sentiment_llama_3_1_8b_4bits_r4", "--out", "{tmp}/out.yml"],
+        ["estimate", "examples/assets/tiny-llama", "--seq", "96", "--batch", "4"],
+        ["inspect", "examples/assets/tiny-llama", "--preset", "paper", "--set", "target_modules=[q_proj,v_proj]"],
+        ["check", "configs/qlora.yml"],
+    ],
+    ids=["presets", "convert-finlora", "estimate", "inspect", "check"],
+)
 def test_config_only_subcommands_import_no_heavy_library_and_print_no_warnings(argv, tmp_path) -> None:
     heavy, stdout, stderr = imports_of(*(arg.replace("{tmp}", str(tmp_path)) for arg in argv))
     assert heavy == [] and stderr == "" and stdout
@@ -69,8 +76,8 @@ def saved_config(name: str, directory: Path, drop: tuple[str, ...] = (), **chang
 
 
 def same_report(directory: Path, **fields) -> None:
-    from qlora_plugin.tools.config_layers import report_from_config
     from qlora_plugin.core.fields import recipe_spec
+    from qlora_plugin.tools.config_layers import report_from_config
     from qlora_plugin.tools.inspection import analyze_module
 
     quick = report_from_config(directory, recipe_spec(**fields))
@@ -85,15 +92,19 @@ def same_report(directory: Path, **fields) -> None:
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_config_read_without_torch_gives_the_meta_models_report(name, tmp_path) -> None:
     same_report(saved_config(name, tmp_path / "plain"))
-    same_report(saved_config(name, tmp_path / "variant", tie_word_embeddings=True, attention_bias=True,
-                             num_key_value_heads=1), exclude_modules=["o_proj"])
+    same_report(
+        saved_config(name, tmp_path / "variant", tie_word_embeddings=True, attention_bias=True, num_key_value_heads=1),
+        exclude_modules=["o_proj"],
+    )
     same_report(saved_config(name, tmp_path / "named"), target_modules=["q_proj", "down_proj"])
 
 
-@pytest.mark.parametrize(("name", "drop"), [("llama", ("num_key_value_heads",)), ("qwen3", ("head_dim",)),
-                                            ("llama", ("tie_word_embeddings",)), ("gpt2", ())])
+@pytest.mark.parametrize(
+    ("name", "drop"),
+    [("llama", ("num_key_value_heads",)), ("qwen3", ("head_dim",)), ("llama", ("tie_word_embeddings",)), ("gpt2", ())],
+)
 def test_a_config_that_leaves_sizes_to_defaults_goes_through_the_meta_model(name, drop, tmp_path) -> None:
-    from qlora_plugin.tools.config_layers import report_from_config
     from qlora_plugin.core.fields import recipe_spec
+    from qlora_plugin.tools.config_layers import report_from_config
 
     assert report_from_config(saved_config(name, tmp_path, drop=drop), recipe_spec()) is None

@@ -20,8 +20,17 @@ def test_default_recipe_is_qlora() -> None:
 
 def test_paper_preset_matches_the_qlora_paper() -> None:
     fields = qlora_recipe("paper").recipe_fields()
-    expected = dict(r=64, lora_alpha=16, lora_dropout=0.1, learning_rate=2e-4, lr_scheduler_type="constant",
-                    warmup_ratio=0.03, max_grad_norm=0.3, optimizer="paged_adamw_32bit", target_modules="auto")
+    expected = dict(
+        r=64,
+        lora_alpha=16,
+        lora_dropout=0.1,
+        learning_rate=2e-4,
+        lr_scheduler_type="constant",
+        warmup_ratio=0.03,
+        max_grad_norm=0.3,
+        optimizer="paged_adamw_32bit",
+        target_modules="auto",
+    )
     assert {key: fields[key] for key in expected} == expected
 
 
@@ -42,8 +51,11 @@ def test_bnb_config_equals_the_hand_written_one() -> None:
     from transformers import BitsAndBytesConfig
 
     expected = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.uint8,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.uint8,
     )
     assert qlora_recipe().bnb_config(device="cpu").to_dict() == expected.to_dict()
     fsdp = qlora_recipe(quant_storage="bf16", compute_dtype="float16").bnb_config(device="cpu")
@@ -53,10 +65,18 @@ def test_bnb_config_equals_the_hand_written_one() -> None:
 def test_lora_config_equals_the_hand_written_one() -> None:
     from peft import LoraConfig
 
-    recipe = qlora_recipe(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"], use_rslora=True,
-                          use_dora=True)
-    expected = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
-                          use_rslora=True, use_dora=True, task_type="CAUSAL_LM")
+    recipe = qlora_recipe(
+        r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"], use_rslora=True, use_dora=True
+    )
+    expected = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.1,
+        target_modules=["q_proj", "v_proj"],
+        use_rslora=True,
+        use_dora=True,
+        task_type="CAUSAL_LM",
+    )
     assert recipe.lora_config().to_dict() == expected.to_dict()
     assert type(recipe.lora_config()) is LoraConfig
 
@@ -168,18 +188,26 @@ def test_importing_the_package_loads_no_heavy_library() -> None:
     import subprocess
     import sys
 
-    code = "import sys, qlora_plugin; print(sorted(m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    heavy = "('torch', 'transformers', 'peft', 'trl')"
+    code = f"import sys, qlora_plugin; print(sorted(m for m in {heavy} if m in sys.modules))"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    )
 
 
 def test_replace_and_resolve_keep_peft_fields_the_recipe_does_not_own(tiny_model_dir):
     from qlora_plugin.core.recipe import QLoRARecipe
 
-    recipe = QLoRARecipe(bias="lora_only", modules_to_save=["lm_head"], rank_pattern={"q_proj": 8},
-                         init_lora_weights="gaussian")
+    recipe = QLoRARecipe(
+        bias="lora_only", modules_to_save=["lm_head"], rank_pattern={"q_proj": 8}, init_lora_weights="gaussian"
+    )
     for copy in (recipe.replace(r=8), recipe.resolve(tiny_model_dir)):
         assert (copy.bias, copy.modules_to_save, copy.rank_pattern, copy.init_lora_weights) == (
-            "lora_only", ["lm_head"], {"q_proj": 8}, "gaussian")
+            "lora_only",
+            ["lm_head"],
+            {"q_proj": 8},
+            "gaussian",
+        )
     explicit = QLoRARecipe(target_modules=["q_proj", "v_proj"], layers_to_transform=[0], layers_pattern="layers")
     assert explicit.replace(lora_alpha=8).layers_to_transform == [0]
     assert recipe.replace(r=8).modules_to_save is not recipe.modules_to_save  # copied, not shared

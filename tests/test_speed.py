@@ -68,9 +68,15 @@ def test_kernel_config_follows_the_recipe_and_the_host_kernels():
     with_dropout = speed.kernel_config(qlora_recipe(gradient_checkpointing=False), "cuda")
     assert with_dropout.cuda_graphs is True  # the default dropout 0.05 is captured too
     low = speed.kernel_config(qlora_recipe(gradient_checkpointing="offload"), "cuda")
-    assert (low.recompute, low.cache_block_constants, low.fused_loss, low.cuda_graphs) == ("offload", False, False, False)
-    shared = speed.kernel_config(qlora_recipe(gradient_checkpointing=False, lora_dropout=0), "cuda",
-                                 host_kernels=["lora_o_kernel"])
+    assert (low.recompute, low.cache_block_constants, low.fused_loss, low.cuda_graphs) == (
+        "offload",
+        False,
+        False,
+        False,
+    )
+    shared = speed.kernel_config(
+        qlora_recipe(gradient_checkpointing=False, lora_dropout=0), "cuda", host_kernels=["lora_o_kernel"]
+    )
     assert shared.cuda_graphs is False  # Axolotl's kernels keep some layers: those run eagerly
     assert speed.kernel_config(qlora_recipe(gradient_checkpointing="offload"), "cpu").recompute == "full"
     hosted = speed.kernel_config(qlora_recipe(), "cpu", host_kernels=["lora_qkv_kernel", "lora_mlp_kernel"])
@@ -154,7 +160,9 @@ def test_fast_path_trainer_settings_are_training_arguments_on_cuda_only():
     assert on_cuda["accelerator_config"] == {"non_blocking": True}
     args = TrainingArguments(output_dir="unused", report_to="none", **speed.trainer_settings(qlora_recipe(), "cuda"))
     assert args.accelerator_config.non_blocking is True and args.dataloader_pin_memory is True
-    assert speed.FAST_TRAINER_SETTINGS["accelerator_config"] == {"non_blocking": True}  # the copy was used, not the original
+    assert speed.FAST_TRAINER_SETTINGS["accelerator_config"] == {
+        "non_blocking": True
+    }  # the copy was used, not the original
     assert "logging_nan_inf_filter" not in qlora_recipe().training_args(device="cpu")
     assert "logging_nan_inf_filter" not in qlora_recipe(fast_path=False).training_args(device="cuda")
 

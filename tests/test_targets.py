@@ -74,7 +74,10 @@ def test_discovery_from_a_path_reads_only_the_config(tmp_path) -> None:
 
 def test_exclusions_remove_discovered_modules() -> None:
     recipe = qlora_recipe(model=build("llama"), exclude_modules=["down_proj", "o_proj"])
-    assert set(recipe.target_modules) == LLAMA_LIKE - {"model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj"}
+    assert set(recipe.target_modules) == LLAMA_LIKE - {
+        "model.layers.0.mlp.down_proj",
+        "model.layers.0.self_attn.o_proj",
+    }
 
 
 def test_named_targets_that_match_nothing_list_the_linear_layers() -> None:

@@ -16,8 +16,16 @@ STEPS = 30
 def train(model, dataset, tmp_path, recipe, **args):
     from trl import SFTTrainer
 
-    settings = dict(output_dir=str(tmp_path / "run"), max_steps=STEPS, per_device_train_batch_size=8,
-                    logging_steps=1, report_to="none", save_strategy="no", max_length=32, seed=0)
+    settings = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=STEPS,
+        per_device_train_batch_size=8,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        max_length=32,
+        seed=0,
+    )
     config = recipe.sft_config(**{**settings, **args.pop("sft", {})}) if "plain" not in args else args.pop("plain")
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, peft_config=recipe, **args)
     trainer.train()
@@ -79,8 +87,9 @@ def test_saved_adapter_reloads_onto_a_fresh_4bit_base_with_the_same_logits(
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     batch = tokenizer(["the cat sat on the mat", "rain falls on the roof"], return_tensors="pt", padding=True)
     trained = trainer.model.eval()
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=recipe.bnb_config(),
-                                                dtype=recipe.resolved_compute_dtype())
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, quantization_config=recipe.bnb_config(), dtype=recipe.resolved_compute_dtype()
+    )
     reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     with torch.no_grad():
         expected = trained(**batch).logits.float()
@@ -119,9 +128,16 @@ def test_plain_trainer_args_are_reported_as_not_the_recipe(tiny_model_dir, memor
     from trl import SFTConfig
 
     recipe = qlora_recipe(**RECIPE)
-    plain = SFTConfig(output_dir=str(tmp_path / "plain"), max_steps=2, per_device_train_batch_size=8,
-                      report_to="none", save_strategy="no", max_length=32, bf16=False,
-                      model_init_kwargs={"quantization_config": recipe.bnb_config()})
+    plain = SFTConfig(
+        output_dir=str(tmp_path / "plain"),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        report_to="none",
+        save_strategy="no",
+        max_length=32,
+        bf16=False,
+        model_init_kwargs={"quantization_config": recipe.bnb_config()},
+    )
     with caplog.at_level(logging.WARNING, logger="qlora_plugin"):
         train(str(tiny_model_dir), memorisable_dataset, tmp_path, recipe, plain=plain)
     messages = [r.getMessage() for r in caplog.records]

@@ -78,8 +78,10 @@ def test_resume_skips_a_checkpoint_whose_files_were_cut_short(full_run, tiny_mod
     os.truncate(out / "checkpoint-4" / "optimizer.pt", written // 2)  # the state file is there; the optimizer is not
     with caplog.at_level("WARNING", logger="qlora_plugin"):
         resumed = train(tiny_model_dir, out, 6, resume=True)
-    assert any(f"checkpoint-4 is incomplete: optimizer.pt has {written // 2} bytes, {written} were written" in r.message
-               for r in caplog.records), [r.message for r in caplog.records]
+    assert any(
+        f"checkpoint-4 is incomplete: optimizer.pt has {written // 2} bytes, {written} were written" in r.message
+        for r in caplog.records
+    ), [r.message for r in caplog.records]
     # steps 1-2 from checkpoint-2's history, 3-6 trained again from its weights, optimizer and RNG states
     assert losses(resumed)[:2] == expected[:2] and losses(resumed)[2:] == pytest.approx(expected[2:], rel=1e-3)
     assert (out / ".incomplete-checkpoint-4").is_dir() and incomplete_reason(out / "checkpoint-4") is None
@@ -88,10 +90,20 @@ def test_resume_skips_a_checkpoint_whose_files_were_cut_short(full_run, tiny_mod
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_signal_during_training_leaves_a_run_that_resumes(tiny_model_dir, tmp_path, signum) -> None:
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(JOB.parent)]), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    process = subprocess.Popen([sys.executable, str(JOB), str(tiny_model_dir), str(out), "400"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(SRC), str(JOB.parent)]),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(JOB), str(tiny_model_dir), str(out), "400"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline = time.monotonic() + 300
     while not (out / "checkpoint-4").is_dir():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
@@ -102,8 +114,9 @@ def test_a_signal_during_training_leaves_a_run_that_resumes(tiny_model_dir, tmp_
     if signum == signal.SIGTERM:
         assert "Traceback" not in stderr
         assert all(incomplete_reason(d) is None for d in out.glob("checkpoint-*"))  # complete or absent
-    steps = sorted(int(CHECKPOINT.fullmatch(d.name).group(1)) for d in out.glob("checkpoint-*")
-                   if incomplete_reason(d) is None)
+    steps = sorted(
+        int(CHECKPOINT.fullmatch(d.name).group(1)) for d in out.glob("checkpoint-*") if incomplete_reason(d) is None
+    )
     resumed = train(tiny_model_dir, out, steps[-1] + 2, resume=True)
     assert resumed.state.global_step == steps[-1] + 2
     assert not [d for d in out.glob("checkpoint-*") if incomplete_reason(d) is not None]

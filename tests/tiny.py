@@ -16,7 +16,7 @@ SENTENCES = [
 ]
 
 
-def train_tokenizer(directory: Path, texts: list[str] = SENTENCES) -> "PreTrainedTokenizerFast":  # noqa: F821
+def train_tokenizer(directory: Path, texts: list[str] = SENTENCES) -> PreTrainedTokenizerFast:  # noqa: F821
     """A word-level tokenizer trained on ``texts`` with the ``tokenizers`` library."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

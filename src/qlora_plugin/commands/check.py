@@ -12,7 +12,9 @@ from qlora_plugin.commands.options import subcommand
 def register(commands: Any) -> None:
     """Add the subcommand's parser to ``commands``."""
     parser = subcommand(
-        commands, "check", "check an Axolotl config before training: the plugin line, the qlora section, the data",
+        commands,
+        "check",
+        "check an Axolotl config before training: the plugin line, the qlora section, the data",
         "qlora check configs/qlora.yml",
     )
     parser.add_argument("config", metavar="CONFIG", help="an Axolotl YAML with a qlora: section")
@@ -21,8 +23,8 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``qlora check``."""
-    from qlora_plugin.tools.preflight import check_config
     from qlora_plugin.tools.console import print_json
+    from qlora_plugin.tools.preflight import check_config
 
     result = check_config(args.config)
     if args.json:
@@ -39,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     if result.ok:
         print(f"{args.config}: ready to train")
         return 0
-    print(f"qlora check: {args.config}: {len(result.errors)} problem(s); fix them, then run `qlora check` again",
-          file=sys.stderr)
+    print(
+        f"qlora check: {args.config}: {len(result.errors)} problem(s); fix them, then run `qlora check` again",
+        file=sys.stderr,
+    )
     return 2

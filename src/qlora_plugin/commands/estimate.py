@@ -12,35 +12,76 @@ from qlora_plugin.core.errors import QLoRAConfigError
 def register(commands: Any) -> None:
     """Add the subcommand's parser to ``commands``."""
     parser = subcommand(
-        commands, "estimate", "predict the peak GPU memory of a QLoRA training step and the GPUs it fits",
+        commands,
+        "estimate",
+        "predict the peak GPU memory of a QLoRA training step and the GPUs it fits",
         "qlora estimate ./Llama-3.1-8B --seq 2048 --batch 4 --gpu h100-80gb --recompute offload",
     )
     parser.add_argument("model", help="a local model directory (only config.json is read) or a hub id")
     parser.add_argument("--seq", type=int, required=True, help="tokens per sequence")
     parser.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
-    parser.add_argument("--gpu", action="append", default=None, metavar="NAME",
-                          help="only this GPU in the fit table (repeatable); names: see the table")
+    parser.add_argument(
+        "--gpu",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="only this GPU in the fit table (repeatable); names: see the table",
+    )
     add_recipe_options(parser)
     path = parser.add_argument_group("training path (defaults follow the recipe: fast_path, gradient_checkpointing)")
-    path.add_argument("--path", choices=["stock", "fast"], default=None,
-                      help="stock: PEFT's fp32 upcasts; fast: the base in the compute dtype")
-    path.add_argument("--recompute", choices=["none", "full", "offload"], default=None,
-                      help="decoder-layer recompute in backward; offload parks layer inputs in host memory")
-    path.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=None,
-                      help="fast path: chunked loss without full logits (default on)")
-    path.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,
-                      help="fast path: fused LoRA over NF4, fused RMSNorm/SwiGLU, fully paged AdamW (default on)")
-    path.add_argument("--adapter-dtype", choices=["float32", "bfloat16"], default=None,
-                      help="fast path: dtype of the LoRA weights (default float32 masters)")
-    path.add_argument("--cached-constants", action="store_true", default=None,
-                      help="fast path: the 4-bit block constants kept decoded in float32")
+    path.add_argument(
+        "--path",
+        choices=["stock", "fast"],
+        default=None,
+        help="stock: PEFT's fp32 upcasts; fast: the base in the compute dtype",
+    )
+    path.add_argument(
+        "--recompute",
+        choices=["none", "full", "offload"],
+        default=None,
+        help="decoder-layer recompute in backward; offload parks layer inputs in host memory",
+    )
+    path.add_argument(
+        "--fused-loss",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fast path: chunked loss without full logits (default on)",
+    )
+    path.add_argument(
+        "--kernels",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fast path: fused LoRA over NF4, fused RMSNorm/SwiGLU, fully paged AdamW (default on)",
+    )
+    path.add_argument(
+        "--adapter-dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="fast path: dtype of the LoRA weights (default float32 masters)",
+    )
+    path.add_argument(
+        "--cached-constants",
+        action="store_true",
+        default=None,
+        help="fast path: the 4-bit block constants kept decoded in float32",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
 def run(args: argparse.Namespace) -> int:
     """``qlora estimate``."""
-    from qlora_plugin.tools.estimate import COMPONENT_LABELS, Dimensions, GIB, LOGIT_BYTES, RESERVE_BYTES, check_gpus, estimate_memory, fused_loss_chunk, gpu_table
     from qlora_plugin.tools.console import console, count, gib, print_json, table
+    from qlora_plugin.tools.estimate import (
+        COMPONENT_LABELS,
+        GIB,
+        LOGIT_BYTES,
+        RESERVE_BYTES,
+        Dimensions,
+        check_gpus,
+        estimate_memory,
+        fused_loss_chunk,
+        gpu_table,
+    )
     from qlora_plugin.tools.inspection import analyze
 
     for name in ("seq", "batch"):
@@ -58,35 +99,63 @@ def run(args: argparse.Namespace) -> int:
     out = console()
     dims = Dimensions.from_config(report.config)
     tokens = args.seq * args.batch
-    out.print(f"[bold]{report.source}[/bold]  batch {args.batch} x {args.seq} tokens = {tokens:,} tokens per step; "
-              f"{path.describe()}; {result.optimizer}")
+    out.print(
+        f"[bold]{report.source}[/bold]  batch {args.batch} x {args.seq} tokens = {tokens:,} tokens per step; "
+        f"{path.describe()}; {result.optimizer}"
+    )
     notes = {
         "weights_4bit": f"{count(sum(t.in_features * t.out_features for t in report.quantized_linears))} params in NF4"
-                        + (" + decoded fp32 constants" if path.cached_constants else ""),
+        + (" + decoded fp32 constants" if path.cached_constants else ""),
         "unquantized_params": f"{count(report.unquantized_params())} params in "
-                              f"{'fp32 (stock path upcast)' if path.name == 'stock' else 'the compute dtype'}",
+        f"{'fp32 (stock path upcast)' if path.name == 'stock' else 'the compute dtype'}",
         "adapters": f"{count(report.trainable_params)} params in {path.adapter_dtype}",
         "gradients": "same dtype as the adapters; not yet alive at the loss",
         "optimizer_states": f"{gib(result.paged_optimizer)} GiB of it paged (CUDA managed memory)",
-        "activations": (f"recompute {path.recompute}; {gib(result.activations['without_recompute'])} GiB without, "
-                        f"{gib(result.activations['with_full_recompute'])} GiB with full recompute"),
-        "loss": (f"fused, {fused_loss_chunk(tokens, dims.vocab, dims.hidden)}-row chunks" if path.fused_loss else
-                 f"{LOGIT_BYTES} bytes x {dims.vocab:,} vocabulary per token"),
+        "activations": (
+            f"recompute {path.recompute}; {gib(result.activations['without_recompute'])} GiB without, "
+            f"{gib(result.activations['with_full_recompute'])} GiB with full recompute"
+        ),
+        "loss": (
+            f"fused, {fused_loss_chunk(tokens, dims.vocab, dims.hidden)}-row chunks"
+            if path.fused_loss
+            else f"{LOGIT_BYTES} bytes x {dims.vocab:,} vocabulary per token"
+        ),
     }
     rows = [[COMPONENT_LABELS[key], gib(value), notes.get(key, "")] for key, value in result.components.items()]
     rows.append(["", "", ""])
-    rows += [[f"at {moment}", gib(value), "peak" if moment == result.peak_moment else ""]
-             for moment, value in result.moments.items()]
-    rows.append(["[bold]peak GPU memory[/bold]", f"[bold]{gib(result.peak)}[/bold]",
-                 f"allocator peak {gib(result.allocator_peak)} + paged optimizer {gib(result.paged_optimizer)}"])
+    rows += [
+        [f"at {moment}", gib(value), "peak" if moment == result.peak_moment else ""]
+        for moment, value in result.moments.items()
+    ]
+    rows.append(
+        [
+            "[bold]peak GPU memory[/bold]",
+            f"[bold]{gib(result.peak)}[/bold]",
+            f"allocator peak {gib(result.allocator_peak)} + paged optimizer {gib(result.paged_optimizer)}",
+        ]
+    )
     out.print(table("Memory of one training step (GiB)", ["component", "GiB", "notes"], rows, {1}))
     for note in result.notes:
         out.print(f"[yellow]note:[/yellow] {note}")
     out.print()
-    rows = [[row["gpu"], row["memory_gib"], "[green]yes[/green]" if row["fits"] else "[red]no[/red]",
-             row["headroom_gib"], row["largest_batch"] or "-"] for row in fits]
-    out.print(table(f"Fits on (keeping {RESERVE_BYTES // GIB} GiB for the CUDA context)",
-                    ["GPU", "GiB", "fits", "headroom GiB", f"largest batch at seq {args.seq}"], rows, {1, 3, 4}))
+    rows = [
+        [
+            row["gpu"],
+            row["memory_gib"],
+            "[green]yes[/green]" if row["fits"] else "[red]no[/red]",
+            row["headroom_gib"],
+            row["largest_batch"] or "-",
+        ]
+        for row in fits
+    ]
+    out.print(
+        table(
+            f"Fits on (keeping {RESERVE_BYTES // GIB} GiB for the CUDA context)",
+            ["GPU", "GiB", "fits", "headroom GiB", f"largest batch at seq {args.seq}"],
+            rows,
+            {1, 3, 4},
+        )
+    )
     return 0
 
 
@@ -94,6 +163,12 @@ def path_from_args(args: argparse.Namespace, recipe: Any) -> Any:
     """The :class:`~qlora_plugin.tools.estimate.TrainingPath` the options describe (recipe defaults for the rest)."""
     from qlora_plugin.tools.estimate import training_path
 
-    return training_path(recipe, args.path, recompute=args.recompute, fused_loss=args.fused_loss,
-                         kernels=args.kernels, adapter_dtype=args.adapter_dtype,
-                         cached_constants=args.cached_constants)
+    return training_path(
+        recipe,
+        args.path,
+        recompute=args.recompute,
+        fused_loss=args.fused_loss,
+        kernels=args.kernels,
+        adapter_dtype=args.adapter_dtype,
+        cached_constants=args.cached_constants,
+    )

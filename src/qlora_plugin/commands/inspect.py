@@ -11,7 +11,9 @@ from qlora_plugin.commands.options import add_recipe_options, recipe_from_args, 
 def register(commands: Any) -> None:
     """Add the subcommand's parser to ``commands``."""
     parser = subcommand(
-        commands, "inspect", "show what the recipe adapts in a model, its trainable parameters and 4-bit size",
+        commands,
+        "inspect",
+        "show what the recipe adapts in a model, its trainable parameters and 4-bit size",
         "qlora inspect ./Llama-3.2-1B --preset paper --set r=32",
     )
     parser.add_argument("model", help="a local model directory (only config.json is read) or a hub id")
@@ -21,8 +23,8 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``qlora inspect``."""
-    from qlora_plugin.tools.inspection import analyze, base_sizes, describe_recipe, group_skipped
     from qlora_plugin.tools.console import console, count, gib, print_json, table
+    from qlora_plugin.tools.inspection import analyze, base_sizes, describe_recipe, group_skipped
 
     report = analyze(args.model, recipe_from_args(args))
     sizes = base_sizes(report)
@@ -32,22 +34,43 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = console()
     dims = report.config.get_text_config() if hasattr(report.config, "get_text_config") else report.config
-    out.print(f"[bold]{report.source}[/bold]  {report.architecture} ({report.model_type}), "
-              f"{getattr(dims, 'num_hidden_layers', '?')} layers, hidden {getattr(dims, 'hidden_size', '?')}, "
-              f"vocabulary {getattr(dims, 'vocab_size', '?')}")
+    out.print(
+        f"[bold]{report.source}[/bold]  {report.architecture} ({report.model_type}), "
+        f"{getattr(dims, 'num_hidden_layers', '?')} layers, hidden {getattr(dims, 'hidden_size', '?')}, "
+        f"vocabulary {getattr(dims, 'vocab_size', '?')}"
+    )
     out.print(f"recipe  {describe_recipe(report.recipe)}")
     out.print()
-    rows = [[g["module"], g["layer_ranges"], g["count"], f"{g['in_features']} -> {g['out_features']}",
-             f"{g['lora_params_each']:,}", f"{g['lora_params']:,}"] for g in report.groups]
-    out.print(table(f"Adapted modules ({len(report.targets)})",
-                    ["module", "layers", "count", "in -> out", "LoRA params each", "LoRA params"], rows, {2, 4, 5}))
+    rows = [
+        [
+            g["module"],
+            g["layer_ranges"],
+            g["count"],
+            f"{g['in_features']} -> {g['out_features']}",
+            f"{g['lora_params_each']:,}",
+            f"{g['lora_params']:,}",
+        ]
+        for g in report.groups
+    ]
+    out.print(
+        table(
+            f"Adapted modules ({len(report.targets)})",
+            ["module", "layers", "count", "in -> out", "LoRA params each", "LoRA params"],
+            rows,
+            {2, 4, 5},
+        )
+    )
     share = 100 * report.trainable_params / max(report.base_params, 1)
-    out.print(f"\ntrainable LoRA parameters: [bold]{report.trainable_params:,}[/bold] "
-              f"({count(report.trainable_params)}, {share:.2f}% of the {count(report.base_params)} base)")
-    out.print(f"base in 4 bits: [bold]{gib(sizes['total'])} GiB[/bold] = {gib(sizes['linear_4bit'])} GiB 4-bit linear "
-              f"weights with their constants + {gib(sizes['unquantized'])} GiB kept in the compute dtype "
-              f"(embeddings, {'tied ' if report.tied_head else ''}output head, norms); "
-              f"{gib(sizes['all_16bit'])} GiB in bf16")
+    out.print(
+        f"\ntrainable LoRA parameters: [bold]{report.trainable_params:,}[/bold] "
+        f"({count(report.trainable_params)}, {share:.2f}% of the {count(report.base_params)} base)"
+    )
+    out.print(
+        f"base in 4 bits: [bold]{gib(sizes['total'])} GiB[/bold] = {gib(sizes['linear_4bit'])} GiB 4-bit linear "
+        f"weights with their constants + {gib(sizes['unquantized'])} GiB kept in the compute dtype "
+        f"(embeddings, {'tied ' if report.tied_head else ''}output head, norms); "
+        f"{gib(sizes['all_16bit'])} GiB in bf16"
+    )
     out.print()
     if skipped:
         rows = [[s["module"], s["layer_ranges"], s["count"], s["reason"]] for s in skipped]

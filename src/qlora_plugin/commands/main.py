@@ -19,8 +19,14 @@ import sys
 from qlora_plugin.core.errors import QLoRAConfigError
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
-SUBCOMMANDS = {"presets": "presets", "inspect": "inspect", "estimate": "estimate", "check": "check",
-               "merge": "merge", "convert-finlora": "convert_finlora"}
+SUBCOMMANDS = {
+    "presets": "presets",
+    "inspect": "inspect",
+    "estimate": "estimate",
+    "check": "check",
+    "merge": "merge",
+    "convert-finlora": "convert_finlora",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="qlora", description="QLoRA recipes for TRL and Axolotl.")
     parser.add_argument("--version", action="version", version=f"qlora-plugin {__version__}")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show the warnings of torch, transformers, bitsandbytes and other libraries")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the warnings of torch, transformers, bitsandbytes and other libraries",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in SUBCOMMANDS.values():
         importlib.import_module(f"qlora_plugin.commands.{module}").register(commands)
@@ -48,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``qlora``; returns the exit status (2 for bad input, with the fix on stderr; 1 if the work failed)."""
-    from qlora_plugin.tools.console import quiet_third_party
     from qlora_plugin.core.safe_io import Interrupted, is_disk_full, stop_signals_raise
+    from qlora_plugin.tools.console import quiet_third_party
 
     args = build_parser().parse_args(argv)
     quiet_third_party(verbose=args.verbose)
@@ -62,18 +71,26 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except (KeyboardInterrupt, Interrupted) as stop:
         signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
-        print(f"{name}: stopped by {signal.Signals(signum).name}; nothing was written (temporary files removed)",
-              file=sys.stderr)
+        print(
+            f"{name}: stopped by {signal.Signals(signum).name}; nothing was written (temporary files removed)",
+            file=sys.stderr,
+        )
         return 128 + signum
     except Exception as error:
         if os.environ.get("QLORA_TRACEBACK"):
             raise
         if is_disk_full(error):
-            print(f"{name}: failed: the disk is full, or a file-size limit was reached ({_one_line(error)}); "
-                  "nothing was written. Fix: free space where the output goes, or write it elsewhere", file=sys.stderr)
+            print(
+                f"{name}: failed: the disk is full, or a file-size limit was reached ({_one_line(error)}); "
+                "nothing was written. Fix: free space where the output goes, or write it elsewhere",
+                file=sys.stderr,
+            )
         else:
-            print(f"{name}: failed: {type(error).__name__}: {_one_line(error)} "
-                  "(nothing was written; set QLORA_TRACEBACK=1 for the traceback)", file=sys.stderr)
+            print(
+                f"{name}: failed: {type(error).__name__}: {_one_line(error)} "
+                "(nothing was written; set QLORA_TRACEBACK=1 for the traceback)",
+                file=sys.stderr,
+            )
         return EXIT_FAILED
 
 

@@ -11,7 +11,9 @@ from qlora_plugin.commands.options import subcommand
 def register(commands: Any) -> None:
     """Add the subcommand's parser to ``commands``."""
     parser = subcommand(
-        commands, "merge", "merge a QLoRA adapter into its dequantized base and save a plain model",
+        commands,
+        "merge",
+        "merge a QLoRA adapter into its dequantized base and save a plain model",
         "qlora merge ./out/checkpoint-500 --out ./merged --dtype bf16",
     )
     parser.add_argument("adapter", metavar="ADAPTER_DIR", help="a directory with adapter_config.json")
@@ -21,29 +23,47 @@ def register(commands: Any) -> None:
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     trained = parser.add_argument_group(
         "the 4-bit base the adapter was trained against (read from qlora_recipe.json, qlora_expanded.yml or the run's "
-        "config.json; needed only where none of them says)")
+        "config.json; needed only where none of them says)"
+    )
     trained.add_argument("--quant-type", choices=["nf4", "fp4"], default=None, help="the 4-bit data type of training")
-    trained.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None,
-                         help="whether training quantized the block constants too")
-    trained.add_argument("--assume-default-recipe", action="store_true",
-                         help="no record says: take the recipe's defaults (NF4 with double quant)")
+    trained.add_argument(
+        "--double-quant",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether training quantized the block constants too",
+    )
+    trained.add_argument(
+        "--assume-default-recipe",
+        action="store_true",
+        help="no record says: take the recipe's defaults (NF4 with double quant)",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON summary at the end")
 
 
 def run(args: argparse.Namespace) -> int:
     """``qlora merge``."""
-    from qlora_plugin.tools.merge import merge_adapter
     from qlora_plugin.tools.console import console, print_json
+    from qlora_plugin.tools.merge import merge_adapter
 
-    summary = merge_adapter(args.adapter, args.out, args.dtype, args.base, args.force, show_progress=True,
-                            quant_type=args.quant_type, double_quant=args.double_quant,
-                            assume_default_recipe=args.assume_default_recipe)
+    summary = merge_adapter(
+        args.adapter,
+        args.out,
+        args.dtype,
+        args.base,
+        args.force,
+        show_progress=True,
+        quant_type=args.quant_type,
+        double_quant=args.double_quant,
+        assume_default_recipe=args.assume_default_recipe,
+    )
     if args.json:
         print_json(summary)
         return 0
     out = console()
-    out.print(f"merged {summary['merged_layers']} LoRA layers into {summary['base']} "
-              f"(dequantized from {summary['quantization']}) -> [bold]{summary['out']}[/bold] ({summary['dtype']})")
+    out.print(
+        f"merged {summary['merged_layers']} LoRA layers into {summary['base']} "
+        f"(dequantized from {summary['quantization']}) -> [bold]{summary['out']}[/bold] ({summary['dtype']})"
+    )
     out.print(f"4-bit format from {summary['quantization_from']}")
     if summary["quantization_note"]:
         out.print(f"[yellow]note:[/yellow] {summary['quantization_note']}")

@@ -17,8 +17,14 @@ from qlora_plugin.core.fields import RecipeSpec, recipe_spec
 def add_recipe_options(parser: argparse.ArgumentParser) -> None:
     """Add ``--preset`` and ``--set`` to ``parser``."""
     parser.add_argument("--preset", default="default", help="the preset the recipe starts from (see `qlora presets`)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override one recipe field, e.g. --set r=32 --set fast_path=false (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override one recipe field, e.g. --set r=32 --set fast_path=false (repeatable)",
+    )
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -33,8 +39,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             overrides[key.strip()] = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError as error:
-            raise QLoRAConfigError(key.strip(), value, "cannot be read as a value",
-                                   f"quote it or fix its syntax, e.g. --set {key.strip()}=[q_proj,v_proj]") from error
+            raise QLoRAConfigError(
+                key.strip(),
+                value,
+                "cannot be read as a value",
+                f"quote it or fix its syntax, e.g. --set {key.strip()}=[q_proj,v_proj]",
+            ) from error
     return overrides
 
 
@@ -46,9 +56,16 @@ def recipe_from_args(args: argparse.Namespace) -> RecipeSpec:
 def subcommand(commands: Any, name: str, help: str, example: str) -> argparse.ArgumentParser:
     """A subcommand's parser, with its description, an example and ``--verbose``."""
     parser = commands.add_parser(
-        name, help=help, description=help[0].upper() + help[1:] + ".", epilog=f"example:\n  {example}",
+        name,
+        help=help,
+        description=help[0].upper() + help[1:] + ".",
+        epilog=f"example:\n  {example}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="show the warnings of torch, transformers, bitsandbytes and other libraries")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the warnings of torch, transformers, bitsandbytes and other libraries",
+    )
     return parser

@@ -10,15 +10,14 @@ from qlora_plugin.commands.options import subcommand
 
 def register(commands: Any) -> None:
     """Add the subcommand's parser to ``commands``."""
-    parser = subcommand(commands, "presets", "list the named presets of every installed plugin",
-                       "qlora presets --json")
+    parser = subcommand(commands, "presets", "list the named presets of every installed plugin", "qlora presets --json")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
     """Print every preset with the fields it sets."""
-    from qlora_plugin.tools.console import print_json
     from qlora_plugin.core.plugins import all_presets
+    from qlora_plugin.tools.console import print_json
 
     presets = all_presets()
     if args.json:

@@ -50,12 +50,21 @@ class Fields:
 
 
 def check_datasets(cfg: Mapping[str, Any]) -> DataReport:
-    """Check every local dataset of ``cfg`` (an Axolotl config as a mapping); paths relative to the working directory."""
+    """Check every local dataset of ``cfg`` (an Axolotl config as a mapping).
+
+    Paths are relative to the working directory, as Axolotl reads them.
+    """
     report = DataReport()
     entries = cfg.get("datasets") or []
     if not isinstance(entries, list) or not entries:
-        report.errors.append(QLoRAConfigError("datasets", entries or None, "names no dataset",
-                                              "add e.g. `datasets: [{path: ./train.jsonl, type: alpaca}]`"))
+        report.errors.append(
+            QLoRAConfigError(
+                "datasets",
+                entries or None,
+                "names no dataset",
+                "add e.g. `datasets: [{path: ./train.jsonl, type: alpaca}]`",
+            )
+        )
         return report
     sequence_len = cfg.get("sequence_len") or DEFAULT_SEQUENCE_LEN
     tokenizer = load_tokenizer(cfg.get("tokenizer_config") or cfg.get("base_model"))
@@ -72,14 +81,21 @@ def check_datasets(cfg: Mapping[str, Any]) -> DataReport:
 def _check_entry(index: int, entry: Any, sequence_len: int, tokenizer: Any, report: DataReport) -> None:
     name = f"datasets[{index}]"
     if not isinstance(entry, Mapping) or not entry.get("path"):
-        raise QLoRAConfigError(f"{name}.path", None if not isinstance(entry, Mapping) else entry.get("path"),
-                               "is missing", "give each dataset a path, e.g. `- path: ./train.jsonl`")
+        raise QLoRAConfigError(
+            f"{name}.path",
+            None if not isinstance(entry, Mapping) else entry.get("path"),
+            "is missing",
+            "give each dataset a path, e.g. `- path: ./train.jsonl`",
+        )
     path = Path(os.path.expanduser(str(entry["path"])))
     if not path.exists():
         if str(entry["path"]).startswith(LOCAL_PREFIXES) or path.suffix in JSON_SUFFIXES:
-            raise QLoRAConfigError(f"{name}.path", str(entry["path"]),
-                                   f"no such file (relative paths are read from {os.getcwd()}, where axolotl runs)",
-                                   "correct the path, or run from the directory it is relative to")
+            raise QLoRAConfigError(
+                f"{name}.path",
+                str(entry["path"]),
+                f"no such file (relative paths are read from {os.getcwd()}, where axolotl runs)",
+                "correct the path, or run from the directory it is relative to",
+            )
         report.notes.append(f"{name}: {entry['path']} is a hub dataset; not checked here")
         return
     files = sorted(p for p in path.iterdir() if p.suffix in JSON_SUFFIXES) if path.is_dir() else [path]
@@ -103,8 +119,10 @@ def fields_of(entry: Mapping[str, Any]) -> Fields | None:
     """The fields the dataset's ``type`` reads, or None for a type these checks do not know."""
     kind = entry.get("type")
     if isinstance(kind, Mapping):  # a user-defined prompt format
-        return Fields((kind.get("field_instruction") or "instruction", kind.get("field_output") or "output"),
-                      (kind.get("field_input") or "input",))
+        return Fields(
+            (kind.get("field_instruction") or "instruction", kind.get("field_output") or "output"),
+            (kind.get("field_input") or "input",),
+        )
     if kind == "alpaca":
         return Fields(("instruction", "output"), ("input",))
     if kind == "completion":
@@ -121,8 +139,12 @@ def read_rows(file: Path, field: str = "path") -> Iterator[tuple[int, dict[str, 
     """
     text = file.read_text(encoding="utf-8", errors="replace")
     if not text.strip() or text.strip() == "[]":
-        raise QLoRAConfigError(field, os.fspath(file), "is an empty file (no rows), so there is nothing to train on",
-                               "point it at the training file, one JSON object per line")
+        raise QLoRAConfigError(
+            field,
+            os.fspath(file),
+            "is an empty file (no rows), so there is nothing to train on",
+            "point it at the training file, one JSON object per line",
+        )
     if text.lstrip().startswith("["):
         yield from _array_rows(file, text)
         return
@@ -133,11 +155,19 @@ def read_rows(file: Path, field: str = "path") -> Iterator[tuple[int, dict[str, 
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise QLoRAConfigError(f"{file} line {number}", _clip(line), f"is not valid JSON ({error.msg})",
-                                   f"repair or delete line {number} (cut off while the file was written?)") from None
+            raise QLoRAConfigError(
+                f"{file} line {number}",
+                _clip(line),
+                f"is not valid JSON ({error.msg})",
+                f"repair or delete line {number} (cut off while the file was written?)",
+            ) from None
         if not isinstance(row, dict):
-            raise QLoRAConfigError(f"{file} line {number}", _clip(line), "is not a JSON object",
-                                   "write each row as an object, e.g. {\"instruction\": ..., \"output\": ...}")
+            raise QLoRAConfigError(
+                f"{file} line {number}",
+                _clip(line),
+                "is not a JSON object",
+                'write each row as an object, e.g. {"instruction": ..., "output": ...}',
+            )
         count += 1
         yield number, row
         if count >= MAX_ROWS:
@@ -148,12 +178,17 @@ def _array_rows(file: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as error:
-        raise QLoRAConfigError(f"{file} line {error.lineno}", _clip(text.splitlines()[error.lineno - 1]),
-                               f"is not valid JSON ({error.msg})", f"repair the file at line {error.lineno}") from None
+        raise QLoRAConfigError(
+            f"{file} line {error.lineno}",
+            _clip(text.splitlines()[error.lineno - 1]),
+            f"is not valid JSON ({error.msg})",
+            f"repair the file at line {error.lineno}",
+        ) from None
     for number, row in enumerate(rows[:MAX_ROWS], start=1):
         if not isinstance(row, dict):
-            raise QLoRAConfigError(f"{file} item {number}", _clip(json.dumps(row)), "is not a JSON object",
-                                   "write each row as an object")
+            raise QLoRAConfigError(
+                f"{file} item {number}", _clip(json.dumps(row)), "is not a JSON object", "write each row as an object"
+            )
         yield number, row
 
 
@@ -163,11 +198,16 @@ def _check_fields(name: str, file: Path, rows: list[tuple[int, dict[str, Any]]],
         if not lacking:
             continue
         where = ", ".join(str(n) for n in lacking[:SHOWN_LINES]) + (", ..." if len(lacking) > SHOWN_LINES else "")
-        share = ("no row has it" if len(lacking) == len(rows)
-                 else f"{len(lacking)} of {len(rows)} rows lack it or leave it empty")
+        share = (
+            "no row has it"
+            if len(lacking) == len(rows)
+            else f"{len(lacking)} of {len(rows)} rows lack it or leave it empty"
+        )
         present = sorted({k for _, row in rows[:50] for k in row})
         raise QLoRAConfigError(
-            f"{name} {file.name}", key, f"is a field the dataset type needs, and {share} (lines {where})",
+            f"{name} {file.name}",
+            key,
+            f"is a field the dataset type needs, and {share} (lines {where})",
             f"fill in {key!r} on those lines or remove them, or map the type to the fields the file has: {present}",
         )
 
@@ -179,8 +219,15 @@ def _has_text(value: Any) -> bool:
     return isinstance(value, list) and bool(value)
 
 
-def _check_lengths(name: str, file: Path, rows: list[tuple[int, dict[str, Any]]], wanted: Fields,
-                   sequence_len: int, tokenizer: Any, report: DataReport) -> str:
+def _check_lengths(
+    name: str,
+    file: Path,
+    rows: list[tuple[int, dict[str, Any]]],
+    wanted: Fields,
+    sequence_len: int,
+    tokenizer: Any,
+    report: DataReport,
+) -> str:
     sample = rows[:MAX_TOKENIZED]
     texts = [" ".join(_text(row.get(key)) for key in (*wanted.required, *wanted.optional)) for _, row in sample]
     lengths = [len(encoding.ids) for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
@@ -188,14 +235,17 @@ def _check_lengths(name: str, file: Path, rows: list[tuple[int, dict[str, Any]]]
     if lengths and too_long == len(lengths):
         shortest = min(lengths)
         raise QLoRAConfigError(
-            "sequence_len", sequence_len,
+            "sequence_len",
+            sequence_len,
             f"is shorter than every row of {name} {file.name} checked ({len(lengths)}; the shortest has at least "
             f"{shortest} tokens before the prompt template), so Axolotl would drop them all",
             f"raise sequence_len to well above {shortest}, e.g. sequence_len: {_round_up(shortest * 2)}",
         )
     if too_long:
-        report.warnings.append(f"{name} {file.name}: {too_long} of {len(lengths)} rows checked are longer than "
-                            f"sequence_len={sequence_len} and will be dropped")
+        report.warnings.append(
+            f"{name} {file.name}: {too_long} of {len(lengths)} rows checked are longer than "
+            f"sequence_len={sequence_len} and will be dropped"
+        )
     return f", the longest at least {max(lengths)} tokens (sequence_len {sequence_len})" if lengths else ""
 
 

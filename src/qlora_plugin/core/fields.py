@@ -20,7 +20,7 @@ import math
 import re
 from dataclasses import dataclass
 from numbers import Real
-from typing import Any
+from typing import Any, SupportsInt, cast
 
 from qlora_plugin.core.errors import QLoRAConfigError, nearest
 
@@ -33,9 +33,20 @@ AUTO_TARGETS = ("auto", "all-linear")
 CHECKPOINTING_CHOICES = (True, False, "offload")
 # transformers' SchedulerType values (a test keeps the two in step); listed here so
 # validating a recipe does not import transformers.
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
-              "warmup_stable_decay", "greedy")
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "greedy",
+)
 
 RECIPE_FILE = "qlora_recipe.json"  # the recipe as saved beside an adapter and in every checkpoint
 
@@ -72,7 +83,7 @@ HELP: dict[str, str] = {
     "lora_alpha": "LoRA scaling numerator: adapters are scaled by lora_alpha / r (alias: alpha)",
     "lora_dropout": "dropout on each adapter's input during training (alias: dropout)",
     "target_modules": "'auto' (every linear layer of the language model but heads, routers and vision parts), "
-                      "a list of module names, or a regular expression over full names",
+    "a list of module names, or a regular expression over full names",
     "exclude_modules": "module names (or a pattern) to leave out of the targets",
     "use_rslora": "rank-stabilised LoRA: scale by lora_alpha / sqrt(r)",
     "use_dora": "weight-decomposed LoRA (DoRA); PEFT's forward, not the fused kernels",
@@ -86,12 +97,12 @@ HELP: dict[str, str] = {
     "lr_scheduler_type": "learning-rate schedule (transformers' SchedulerType names)",
     "warmup_ratio": "fraction of the steps spent warming up",
     "gradient_checkpointing": "True: recompute each decoder layer in backward; False: keep activations (fastest, "
-                              "most memory); 'offload': recompute, with layer inputs parked in pinned host memory",
+    "most memory); 'offload': recompute, with layer inputs parked in pinned host memory",
     "num_train_epochs": "epochs, where the preset fixes them (unset: the trainer's default)",
     "per_device_train_batch_size": "micro-batch size, where the preset fixes it (unset: the trainer's default)",
     "gradient_accumulation_steps": "micro-batches per optimizer step, where the preset fixes it",
     "fast_path": "keep the base in the compute dtype (no fp32 upcasts) and, on CUDA, train through the fused "
-                 "kernels; False: PEFT's prepare_model_for_kbit_training",
+    "kernels; False: PEFT's prepare_model_for_kbit_training",
 }
 CHOICES: dict[str, tuple[Any, ...]] = {
     "quant_type": QUANT_TYPES,
@@ -106,6 +117,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 def metadata(name: str) -> dict[str, Any]:
     """The dataclass field metadata of recipe field ``name``: its help, and its choices where it has them."""
     return {"help": HELP[name], **({"choices": CHOICES[name]} if name in CHOICES else {})}
+
+
 ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "lora_r": "r"}
 BOOLEANS = ("double_quant", "fast_path", "use_rslora", "use_dora")
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -131,12 +144,15 @@ NUMBERS = {
     "learning_rate": NumberRule("a positive number such as 2e-4", low=0, open_low=True),
     "max_grad_norm": NumberRule("a number >= 0 such as 0.3 (0 turns clipping off)", low=0),
     "warmup_ratio": NumberRule("a fraction of the steps in [0, 1) such as 0.03", low=0, high=1),
-    "num_train_epochs": NumberRule("a positive number such as 3, or leave it unset for the trainer's default",
-                                   low=0, open_low=True, optional=True),
-    "per_device_train_batch_size": NumberRule("a positive integer such as 8, or leave it unset", integer=True,
-                                              low=0, open_low=True, optional=True),
-    "gradient_accumulation_steps": NumberRule("a positive integer such as 2, or leave it unset", integer=True,
-                                              low=0, open_low=True, optional=True),
+    "num_train_epochs": NumberRule(
+        "a positive number such as 3, or leave it unset for the trainer's default", low=0, open_low=True, optional=True
+    ),
+    "per_device_train_batch_size": NumberRule(
+        "a positive integer such as 8, or leave it unset", integer=True, low=0, open_low=True, optional=True
+    ),
+    "gradient_accumulation_steps": NumberRule(
+        "a positive integer such as 2, or leave it unset", integer=True, low=0, open_low=True, optional=True
+    ),
 }
 
 
@@ -162,14 +178,19 @@ def check_fields(values: dict[str, Any]) -> dict[str, Any]:
     gradient_checkpointing = checked["gradient_checkpointing"]
     if not isinstance(gradient_checkpointing, (bool, str)) or gradient_checkpointing not in CHECKPOINTING_CHOICES:
         raise QLoRAConfigError(
-            "gradient_checkpointing", gradient_checkpointing,
+            "gradient_checkpointing",
+            gradient_checkpointing,
             "must be true, false or 'offload'" + nearest(str(gradient_checkpointing), ("offload",)),
             "set gradient_checkpointing=True (recompute, less memory), False (fastest) or 'offload' (least memory)",
         )
     for name in BOOLEANS:
         if not isinstance(checked[name], bool):
-            raise QLoRAConfigError(name, checked[name], f"must be true or false, not {type(checked[name]).__name__}",
-                                   f"set {name}=True or False (true / false in YAML)")
+            raise QLoRAConfigError(
+                name,
+                checked[name],
+                f"must be true or false, not {type(checked[name]).__name__}",
+                f"set {name}=True or False (true / false in YAML)",
+            )
     _choice("quant_type", checked["quant_type"], QUANT_TYPES)
     checked["compute_dtype"] = _choice("compute_dtype", checked["compute_dtype"], COMPUTE_DTYPES, DTYPE_ALIASES)
     checked["quant_storage"] = _choice("quant_storage", checked["quant_storage"], STORAGE_DTYPES, DTYPE_ALIASES)
@@ -190,12 +211,13 @@ def number(name: str, value: Any, rule: NumberRule) -> Any:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise QLoRAConfigError(name, value, f"must be {kind}, not {type(value).__name__}", f"set {name} to {rule.fix}")
     if not math.isfinite(value):
-        raise QLoRAConfigError(name, value, f"must be a finite number ({value} would poison every weight)",
-                               f"set {name} to {rule.fix}")
+        raise QLoRAConfigError(
+            name, value, f"must be a finite number ({value} would poison every weight)", f"set {name} to {rule.fix}"
+        )
     if rule.integer:
         if not float(value).is_integer():
             raise QLoRAConfigError(name, value, "must be a whole number", f"set {name} to {rule.fix}")
-        value = int(value)
+        value = int(cast("SupportsInt", value))  # typeshed's numbers.Real declares no __int__
     too_low = rule.low is not None and (value <= rule.low if rule.open_low else value < rule.low)
     too_high = rule.high is not None and value >= rule.high
     if too_low or too_high:
@@ -207,8 +229,9 @@ def _parse_number(name: str, text: str, rule: NumberRule, kind: str) -> float | 
     try:
         return int(text) if text.strip().lstrip("+-").isdigit() else float(text)
     except ValueError:
-        raise QLoRAConfigError(name, text, f"must be {kind}, and this text is not one",
-                               f"set {name} to {rule.fix}") from None
+        raise QLoRAConfigError(
+            name, text, f"must be {kind}, and this text is not one", f"set {name} to {rule.fix}"
+        ) from None
 
 
 def modules(name: str, value: Any) -> list[str] | str | None:
@@ -224,20 +247,30 @@ def modules(name: str, value: Any) -> list[str] | str | None:
             return [text]
         if _NAMES_IN_ONE_STRING.fullmatch(text):
             names = re.split(r"[\s,]+", text.strip())
-            raise QLoRAConfigError(name, value, "is several module names in one string",
-                                   f"write them as a list: {name}={names} (YAML: {name}: [{', '.join(names)}])")
+            raise QLoRAConfigError(
+                name,
+                value,
+                "is several module names in one string",
+                f"write them as a list: {name}={names} (YAML: {name}: [{', '.join(names)}])",
+            )
         try:
             re.compile(text)
         except re.error as error:
-            raise QLoRAConfigError(name, value, f"is not a valid regular expression ({error})",
-                                   f"give a list of module names such as {example}, or a valid pattern") from None
+            raise QLoRAConfigError(
+                name,
+                value,
+                f"is not a valid regular expression ({error})",
+                f"give a list of module names such as {example}, or a valid pattern",
+            ) from None
         return text
     if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) and v.strip() for v in value):
         return [v.strip() for v in (sorted(value) if isinstance(value, set) else value)]
     raise QLoRAConfigError(
-        name, value,
+        name,
+        value,
         "must be 'auto', a module name, a regular expression, or a non-empty list of module names"
-        if name == "target_modules" else "must be a module name, a regular expression, or a list of module names",
+        if name == "target_modules"
+        else "must be a module name, a regular expression, or a list of module names",
         f"e.g. {name}={example}",
     )
 
@@ -248,7 +281,9 @@ def _choice(name: str, value: Any, choices: tuple[str, ...], aliases: dict[str, 
         return aliases[value]
     if isinstance(value, str) and value in choices:
         return value
-    raise QLoRAConfigError(name, value, "is not supported" + nearest(str(value), choices), f"use one of {list(choices)}")
+    raise QLoRAConfigError(
+        name, value, "is not supported" + nearest(str(value), choices), f"use one of {list(choices)}"
+    )
 
 
 class RecipeSpec:

@@ -44,7 +44,8 @@ def make_lora_layer(target: nn.Module, adapter_name: str, config: QLoRARecipe, *
     if not is_4bit(target):
         if type(target) not in (torch.nn.Linear, Conv1D):
             return None  # another quantization backend's layer: PEFT knows it
-        device = target.weight.device.type
+        weight: Any = target.weight  # an nn.Linear's or Conv1D's
+        device = weight.device.type
         target = quantize_linear(target, config, config.resolved_compute_dtype(device))
         log_once(
             logging.WARNING,

@@ -29,7 +29,9 @@ def load_config(path: str | os.PathLike[str]) -> PretrainedConfig:
         return AutoConfig.from_pretrained(os.fspath(path))
     except (OSError, ValueError) as error:
         raise QLoRAConfigError(
-            "model", os.fspath(path), f"no model config could be read there ({error.__class__.__name__})",
+            "model",
+            os.fspath(path),
+            f"no model config could be read there ({error.__class__.__name__})",
             "pass a directory that holds config.json, or a hub id while the hub is reachable",
         ) from error
 
@@ -47,7 +49,9 @@ def auto_class(config: PretrainedConfig) -> Any:
     if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return AutoModelForCausalLM
     raise QLoRAConfigError(
-        "model", config.model_type, "is not a causal language model (QLoRA here trains causal LMs)",
+        "model",
+        config.model_type,
+        "is not a causal language model (QLoRA here trains causal LMs)",
         "use a model whose config names a *ForCausalLM or vision-language architecture",
     )
 

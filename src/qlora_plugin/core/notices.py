@@ -55,10 +55,12 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
     try:
         from bitsandbytes.optim.optimizer import Optimizer2State
     except ImportError:  # pragma: no cover - bitsandbytes is a dependency
-        Optimizer2State = ()  # noqa: N806
-    if isinstance(optimizer, Optimizer2State) and optimizer.optimizer_name == "adam":
-        paged = "paged_" if optimizer.is_paged else ""
-        return f"{paged}adamw_{optimizer.args.optim_bits}bit"
+        pass
+    else:
+        if isinstance(optimizer, Optimizer2State) and optimizer.optimizer_name == "adam":
+            bnb_args: Any = optimizer.args  # bitsandbytes' MockArgs: attributes set from a dict
+            paged = "paged_" if optimizer.is_paged else ""
+            return f"{paged}adamw_{bnb_args.optim_bits}bit"
     if type(optimizer).__module__ == "qlora_plugin.fastpath.kernels.optim":
         return "paged_adamw_32bit" if getattr(optimizer, "paged", False) else "adamw_torch"
     if type(optimizer).__module__.startswith("torch.optim") and type(optimizer).__name__ == "AdamW":

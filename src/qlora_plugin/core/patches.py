@@ -18,6 +18,7 @@ import functools
 import importlib.metadata
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 _log = logging.getLogger("qlora_plugin")
@@ -36,89 +37,105 @@ class Patch:
 
 PATCHES: dict[str, Patch] = {
     "peft-lora-layer-factory": Patch(
-        "peft", ">=0.20,<0.22",
+        "peft",
+        ">=0.20,<0.22",
         "LoraConfig._register_custom_module: the recipe builds each LoRA layer (quantizes 16-bit targets to "
         "4 bits, arms the fast path)",
         "PEFT's own layers: a model loaded in 16 bits keeps 16-bit base layers, and the fast path is not armed",
     ),
     "peft-lora-4bit-forward": Patch(
-        "peft", ">=0.20,<0.22",
+        "peft",
+        ">=0.20,<0.22",
         "the forward of each peft.tuners.lora.bnb.Linear4bit (fused LoRA over the 4-bit weight)",
         "PEFT's LoRA forward",
     ),
     "bnb-quant-state": Patch(
-        "bitsandbytes", ">=0.50,<0.51",
+        "bitsandbytes",
+        ">=0.50,<0.51",
         "Params4bit.quant_state fields (absmax, state2, code, offset, blocksize) read by the fused LoRA kernels",
         "PEFT's LoRA forward over bitsandbytes' own 4-bit matmul",
     ),
     "bnb-dequantize-c-calls": Patch(
-        "bitsandbytes", ">=0.50,<0.51",
+        "bitsandbytes",
+        ">=0.50,<0.51",
         "bitsandbytes' C functions cdequantize_blockwise_* called directly through ctypes",
         "bitsandbytes.functional.dequantize_4bit",
     ),
     "bnb-managed-memory-c-calls": Patch(
-        "bitsandbytes", ">=0.50,<0.51",
+        "bitsandbytes",
+        ">=0.50,<0.51",
         "bitsandbytes' C functions cget_managed_ptr and cprefetch (the paged moments of the fused paged AdamW)",
         "bitsandbytes' PagedAdamW32bit",
     ),
     "bnb-cpu-weight-repack": Patch(
-        "bitsandbytes", ">=0.50,<0.51",
+        "bitsandbytes",
+        ">=0.50,<0.51",
         "Linear4bit.support_avx512bf16_for_cpu set to False on the layers the plugin trains, so an eval "
         "forward on a CPU with AVX512-BF16 does not repack the NF4 weight in place",
         "weights bitsandbytes repacked are read back through its own inverse conversion",
     ),
     "transformers-norm-mlp-forward": Patch(
-        "transformers", ">=5.16,<5.25",
+        "transformers",
+        ">=5.16,<5.25",
         "per-instance forward of Llama-style RMSNorm (weight, variance_epsilon) and SwiGLU MLP modules "
         "(gate_proj, up_proj, down_proj, act_fn)",
         "the modules' own forwards",
     ),
     "transformers-rope-function": Patch(
-        "transformers", ">=5.16,<5.25",
+        "transformers",
+        ">=5.16,<5.25",
         "apply_rotary_pos_emb as the Llama/Mistral/Qwen2/Qwen3 attention forwards look it up (per instance)",
         "transformers' rotary embedding",
     ),
     "transformers-causal-lm-forward": Patch(
-        "transformers", ">=5.16,<5.25",
+        "transformers",
+        ">=5.16,<5.25",
         "per-instance forward of a causal LM (decoder at .model, output head from get_output_embeddings) for a "
         "training loss without logits",
         "the model's own loss from full logits",
     ),
     "transformers-checkpointing-layers": Patch(
-        "transformers", ">=5.16,<5.25",
+        "transformers",
+        ">=5.16,<5.25",
         "GradientCheckpointingLayer.gradient_checkpointing and _gradient_checkpointing_func (the recompute modes)",
         "the trainer's gradient checkpointing as configured",
     ),
     "transformers-decoder-layer-call": Patch(
-        "transformers", ">=5.16,<5.25",
+        "transformers",
+        ">=5.16,<5.25",
         "per-instance forward of the decoder layers (CUDA graph replay; hidden_states, attention_mask and "
         "position_embeddings arguments)",
         "the layers run eagerly",
     ),
     "transformers-attention-interface": Patch(
-        "transformers", ">=5.16,<5.25",
+        "transformers",
+        ">=5.16,<5.25",
         "an attention implementation registered with AttentionInterface/AttentionMaskInterface for packed "
         "(padding-free) batches",
         "transformers' sdpa attention with a block-diagonal mask over the packed row",
     ),
     "torch-varlen-attention": Patch(
-        "torch", ">=2.11,<2.14",
+        "torch",
+        ">=2.11,<2.14",
         "torch.nn.attention.varlen.varlen_attn for packed sequences",
         "one scaled_dot_product_attention call per group of equal-length sequences",
     ),
     "liger-autograd-functions": Patch(
-        "liger-kernel", ">=0.8.1,<0.9",
+        "liger-kernel",
+        ">=0.8.1,<0.9",
         "Liger's autograd functions (RMSNorm, SiLU-mul, RoPE, fused linear cross-entropy) called with their "
         "positional arguments",
         "the plain PyTorch reference of each function",
     ),
     "tqdm-open-bars": Patch(
-        "tqdm", ">=4.60,<5",
+        "tqdm",
+        ">=4.60,<5",
         "tqdm.std.tqdm._instances: the open progress bars, closed before a failed run's last line",
         "a bar's final redraw at shutdown may print after the plugin's last line",
     ),
     "trainer-dataloader-config": Patch(
-        "accelerate", ">=1.13,<1.16",
+        "accelerate",
+        ">=1.13,<1.16",
         "a built trainer's args.accelerator_config and accelerator.dataloader_config (non-blocking batch copy "
         "set after Axolotl created the trainer)",
         "the batch copy as the trainer configured it",
@@ -158,20 +175,39 @@ def allowed(name: str) -> bool:
     version = installed_version(patch.package)
     what = f"{patch.package} {version}" if version else f"{patch.package} (not installed)"
     if version and os.environ.get(FORCE_ENV) == "1":
-        _log.warning("qlora: %s is outside the versions %s was tested on (%s); used anyway because %s=1",
-                     what, name, patch.tested, FORCE_ENV)
+        _log.warning(
+            "qlora: %s is outside the versions %s was tested on (%s); used anyway because %s=1",
+            what,
+            name,
+            patch.tested,
+            FORCE_ENV,
+        )
         return True
-    _log.warning("qlora: %s left alone (%s): %s is outside the versions it was tested on (%s); instead: %s. "
-                 "Set %s=1 to try it anyway.", name, patch.target, what, patch.tested, patch.fallback, FORCE_ENV)
+    _log.warning(
+        "qlora: %s left alone (%s): %s is outside the versions it was tested on (%s); instead: %s. "
+        "Set %s=1 to try it anyway.",
+        name,
+        patch.target,
+        what,
+        patch.tested,
+        patch.fallback,
+        FORCE_ENV,
+    )
     return False
 
 
 def status() -> list[dict[str, str | bool | None]]:
     """Every patch with its package, installed version, tested range and whether it is in range."""
     return [
-        {"name": name, "package": patch.package, "installed": installed_version(patch.package),
-         "tested": patch.tested, "in_range": in_tested_range(name), "target": patch.target,
-         "fallback": patch.fallback}
+        {
+            "name": name,
+            "package": patch.package,
+            "installed": installed_version(patch.package),
+            "tested": patch.tested,
+            "in_range": in_tested_range(name),
+            "target": patch.target,
+            "fallback": patch.fallback,
+        }
         for name, patch in PATCHES.items()
     ]
 
@@ -179,7 +215,7 @@ def status() -> list[dict[str, str | bool | None]]:
 _UNCHECKED = object()
 
 
-def c_function(name: str, symbol: str, argtypes: list[type] | None, restype: object = _UNCHECKED) -> object | None:
+def c_function(name: str, symbol: str, argtypes: Sequence[type] | None, restype: object = _UNCHECKED) -> object | None:
     """bitsandbytes' C function ``symbol`` when patch ``name`` is allowed and declared as expected.
 
     bitsandbytes declares its functions' ``argtypes`` (and some ``restype``) when it

@@ -10,7 +10,7 @@ the recipe and the tools ask the plugins through the functions here.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 
@@ -54,7 +54,8 @@ def all_presets() -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     owner: dict[str, str] = {}
     for impl in reversed(plugin_manager().hook.qlora_presets.get_hookimpls()):
-        for name, fields in (impl.function() or {}).items():
+        presets = cast("dict[str, dict[str, Any]] | None", impl.function())  # pluggy: returns object
+        for name, fields in (presets or {}).items():
             if name in found:
                 raise ValueError(
                     f"preset {name!r} is defined by two plugins, {owner[name]!r} and "
@@ -68,7 +69,9 @@ def preset_fields(name: str) -> dict[str, Any]:
     """Return a copy of the fields of preset ``name``."""
     known = all_presets()
     if not isinstance(name, str) or name not in known:
-        raise QLoRAConfigError("preset", name, "no such preset" + nearest(str(name), known), f"use one of {sorted(known)}")
+        raise QLoRAConfigError(
+            "preset", name, "no such preset" + nearest(str(name), known), f"use one of {sorted(known)}"
+        )
     return dict(known[name])
 
 

@@ -55,35 +55,44 @@ class TrainedFormat:
     note: str | None = None
 
 
-def trained_format(adapter_dir: str | os.PathLike[str], adapter_config: dict[str, Any], *,
-                   quant_type: str | None = None, double_quant: bool | None = None,
-                   assume_default: bool = False) -> TrainedFormat:
+def trained_format(
+    adapter_dir: str | os.PathLike[str],
+    adapter_config: dict[str, Any],
+    *,
+    quant_type: str | None = None,
+    double_quant: bool | None = None,
+    assume_default: bool = False,
+) -> TrainedFormat:
     """The 4-bit format to merge the adapter at ``adapter_dir`` with (see the module docstring for the rules)."""
     records = find_records(Path(adapter_dir), adapter_config)
     recipe_fields = next((r.fields for r in records if r.fields is not None), None)
     if quant_type is not None or double_quant is not None:
-        chosen = (quant_type or (records[0].quant_type if records else DEFAULT_FORMAT[0]),
-                  double_quant if double_quant is not None else
-                  (records[0].double_quant if records else DEFAULT_FORMAT[1]))
+        chosen = (
+            quant_type or (records[0].quant_type if records else DEFAULT_FORMAT[0]),
+            double_quant if double_quant is not None else (records[0].double_quant if records else DEFAULT_FORMAT[1]),
+        )
         overruled = [r.describe() for r in records if (r.quant_type, r.double_quant) != chosen]
         note = f"the command line overrules: {'; '.join(overruled)}" if overruled else None
         return TrainedFormat(*chosen, source="the command line", recipe_fields=recipe_fields, note=note)
     formats = {(r.quant_type, r.double_quant) for r in records}
     if len(formats) > 1:
         raise QLoRAConfigError(
-            "ADAPTER_DIR", os.fspath(adapter_dir),
+            "ADAPTER_DIR",
+            os.fspath(adapter_dir),
             "has records that disagree on the 4-bit format it was trained against: "
             + "; ".join(r.describe() for r in records),
             "pass the format training used: --quant-type nf4|fp4 and --double-quant or --no-double-quant",
         )
     if records:
         first = records[0]
-        return TrainedFormat(first.quant_type, first.double_quant, source=os.fspath(first.file),
-                             recipe_fields=recipe_fields)
+        return TrainedFormat(
+            first.quant_type, first.double_quant, source=os.fspath(first.file), recipe_fields=recipe_fields
+        )
     if assume_default:
         return TrainedFormat(*DEFAULT_FORMAT, source="--assume-default-recipe")
     raise QLoRAConfigError(
-        "ADAPTER_DIR", os.fspath(adapter_dir),
+        "ADAPTER_DIR",
+        os.fspath(adapter_dir),
         "holds no record of the 4-bit base it was trained against (no qlora_recipe.json, qlora_expanded.yml or "
         "config.json quantization_config; for a checkpoint-N, none in its run's directory either), and merging "
         "with the wrong one gives a different model",
@@ -116,13 +125,19 @@ def find_records(adapter_dir: Path, adapter_config: dict[str, Any]) -> list[Reco
 def _from_recipe(file: Path, adapter_config: dict[str, Any]) -> Record | None:
     data = _read_json(file)
     if not isinstance(data, dict) or "quant_type" not in data:
-        raise QLoRAConfigError(os.fspath(file), None, "is not a recipe file (no quant_type)",
-                               "restore it from the run, or delete it and pass --quant-type")
+        raise QLoRAConfigError(
+            os.fspath(file),
+            None,
+            "is not a recipe file (no quant_type)",
+            "restore it from the run, or delete it and pass --quant-type",
+        )
     for key, adapter_key in (("r", "r"), ("lora_alpha", "lora_alpha")):
         if key in data and adapter_key in adapter_config and data[key] != adapter_config[adapter_key]:
             raise QLoRAConfigError(
-                os.fspath(file), f"{key}={data[key]}",
-                f"does not describe this adapter (its adapter_config.json has {adapter_key}={adapter_config[adapter_key]})",
+                os.fspath(file),
+                f"{key}={data[key]}",
+                "does not describe this adapter "
+                f"(its adapter_config.json has {adapter_key}={adapter_config[adapter_key]})",
                 "merge with the recipe file of the run that trained this adapter, or pass --quant-type",
             )
     from qlora_plugin.core.fields import RECIPE_FIELDS, RecipeSpec
@@ -130,8 +145,12 @@ def _from_recipe(file: Path, adapter_config: dict[str, Any]) -> Record | None:
     try:
         RecipeSpec(**{key: value for key, value in data.items() if key in RECIPE_FIELDS})
     except QLoRAConfigError as error:
-        raise QLoRAConfigError(f"{file}: {error.field}", error.value, error.problem,
-                               "restore the file from the run, or delete it and pass --quant-type") from None
+        raise QLoRAConfigError(
+            f"{file}: {error.field}",
+            error.value,
+            error.problem,
+            "restore the file from the run, or delete it and pass --quant-type",
+        ) from None
     return Record(file, data["quant_type"], bool(data.get("double_quant", True)), fields=data)
 
 
@@ -153,13 +172,18 @@ def _from_model_config(file: Path, adapter_config: dict[str, Any]) -> Record | N
     quantization = data.get("quantization_config") if isinstance(data, dict) else None
     if not isinstance(quantization, dict) or not quantization.get("load_in_4bit"):
         return None
-    return Record(file, quantization.get("bnb_4bit_quant_type", "fp4"),
-                  bool(quantization.get("bnb_4bit_use_double_quant", False)))
+    return Record(
+        file, quantization.get("bnb_4bit_quant_type", "fp4"), bool(quantization.get("bnb_4bit_use_double_quant", False))
+    )
 
 
 def _read_json(file: Path) -> Any:
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise QLoRAConfigError(os.fspath(file), None, f"cannot be read as JSON ({error})",
-                               "restore the file from the run, or delete it and pass --quant-type") from None
+        raise QLoRAConfigError(
+            os.fspath(file),
+            None,
+            f"cannot be read as JSON ({error})",
+            "restore the file from the run, or delete it and pass --quant-type",
+        ) from None

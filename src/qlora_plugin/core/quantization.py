@@ -37,7 +37,7 @@ def qlora_quantization_config(recipe: QLoRARecipe, compute_dtype: Any) -> BitsAn
     return bnb_config(recipe, compute_dtype)
 
 
-def quantize_linear(layer: nn.Module, recipe: QLoRARecipe, compute_dtype: torch.dtype) -> nn.Module:
+def quantize_linear(layer: Any, recipe: QLoRARecipe, compute_dtype: torch.dtype) -> nn.Module:
     """Return a bitsandbytes ``Linear4bit`` holding ``layer``'s weight in 4 bits.
 
     ``layer`` is an ``nn.Linear`` or a GPT-2 ``Conv1D`` (whose weight is stored
@@ -96,7 +96,7 @@ def keep_nf4_layout(model: nn.Module) -> int:
 
     if not allowed("bnb-cpu-weight-repack"):
         return 0
-    layers = [model] if is_4bit(model) else [m for m in model.modules() if is_4bit(m)]
+    layers: list[Any] = [model] if is_4bit(model) else [m for m in model.modules() if is_4bit(m)]
     for layer in layers:
         restore_nf4_layout(layer)
         if hasattr(layer, "support_avx512bf16_for_cpu"):
@@ -104,10 +104,10 @@ def keep_nf4_layout(model: nn.Module) -> int:
     return len(layers)
 
 
-def restore_nf4_layout(layer: nn.Module) -> bool:
+def restore_nf4_layout(layer: Any) -> bool:
     """Convert a weight bitsandbytes repacked for its CPU kernel back to the 4-bit layout; True if it was."""
     weight = layer.weight
-    state = getattr(weight, "quant_state", None)
+    state: Any = getattr(weight, "quant_state", None)  # bitsandbytes' QuantState, if any
     if not getattr(state, "packing_format_for_cpu", False):
         return False
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse

@@ -14,10 +14,11 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from peft import LoraConfig
 
+from qlora_plugin.core import seams
 from qlora_plugin.core.fields import (  # noqa: F401 - the names recipe users import from here
     ALIASES,
     AUTO_TARGETS,
@@ -34,7 +35,6 @@ from qlora_plugin.core.fields import (  # noqa: F401 - the names recipe users im
     field_overrides,
     metadata,
 )
-from qlora_plugin.core import seams
 from qlora_plugin.core.targets import AUTO_EXCLUDE_PATTERN
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedModel
     from trl import SFTConfig
+
 
 @dataclass
 class QLoRARecipe(LoraConfig):
@@ -55,12 +56,18 @@ class QLoRARecipe(LoraConfig):
     """
 
     r: int = field(default=DEFAULTS["r"], metadata=metadata("r"))
-    lora_alpha: float = field(default=DEFAULTS["lora_alpha"], metadata=metadata("lora_alpha"))
+    # PEFT's LoraConfig annotates lora_alpha as int (it takes a float) and task_type as TaskType
+    # (it takes the task's name): the recipe's wider annotations are on purpose.
+    lora_alpha: float = field(  # type: ignore[assignment]
+        default=DEFAULTS["lora_alpha"], metadata=metadata("lora_alpha")
+    )
     lora_dropout: float = field(default=DEFAULTS["lora_dropout"], metadata=metadata("lora_dropout"))
-    target_modules: list[str] | str | None = field(default=DEFAULTS["target_modules"],
-                                                    metadata=metadata("target_modules"))
-    task_type: str | None = field(default="CAUSAL_LM", metadata={"help": "PEFT's task type; QLoRA here trains "
-                                                                         "causal language models"})
+    target_modules: list[str] | str | None = field(
+        default=DEFAULTS["target_modules"], metadata=metadata("target_modules")
+    )
+    task_type: str | None = field(  # type: ignore[assignment]
+        default="CAUSAL_LM", metadata={"help": "PEFT's task type; QLoRA here trains causal language models"}
+    )
     preset: str = field(default=DEFAULTS["preset"], metadata=metadata("preset"))
     quant_type: str = field(default=DEFAULTS["quant_type"], metadata=metadata("quant_type"))
     double_quant: bool = field(default=DEFAULTS["double_quant"], metadata=metadata("double_quant"))
@@ -71,13 +78,16 @@ class QLoRARecipe(LoraConfig):
     max_grad_norm: float = field(default=DEFAULTS["max_grad_norm"], metadata=metadata("max_grad_norm"))
     lr_scheduler_type: str = field(default=DEFAULTS["lr_scheduler_type"], metadata=metadata("lr_scheduler_type"))
     warmup_ratio: float = field(default=DEFAULTS["warmup_ratio"], metadata=metadata("warmup_ratio"))
-    gradient_checkpointing: bool | str = field(default=DEFAULTS["gradient_checkpointing"],
-                                               metadata=metadata("gradient_checkpointing"))
+    gradient_checkpointing: bool | str = field(
+        default=DEFAULTS["gradient_checkpointing"], metadata=metadata("gradient_checkpointing")
+    )
     num_train_epochs: float | None = field(default=DEFAULTS["num_train_epochs"], metadata=metadata("num_train_epochs"))
-    per_device_train_batch_size: int | None = field(default=DEFAULTS["per_device_train_batch_size"],
-                                                    metadata=metadata("per_device_train_batch_size"))
-    gradient_accumulation_steps: int | None = field(default=DEFAULTS["gradient_accumulation_steps"],
-                                                    metadata=metadata("gradient_accumulation_steps"))
+    per_device_train_batch_size: int | None = field(
+        default=DEFAULTS["per_device_train_batch_size"], metadata=metadata("per_device_train_batch_size")
+    )
+    gradient_accumulation_steps: int | None = field(
+        default=DEFAULTS["gradient_accumulation_steps"], metadata=metadata("gradient_accumulation_steps")
+    )
     fast_path: bool = field(default=DEFAULTS["fast_path"], metadata=metadata("fast_path"))
 
     def __post_init__(self) -> None:
@@ -114,8 +124,11 @@ class QLoRARecipe(LoraConfig):
         PEFT's own fields that are no recipe field (``bias``, ``modules_to_save``,
         ``layers_to_transform``, ``rank_pattern``, ...) are carried over as they are.
         """
-        inherited = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(LoraConfig)
-                     if f.init and f.name not in RECIPE_FIELDS and f.name not in _SET_BY_THE_RECIPE}
+        inherited = {
+            f.name: copy.deepcopy(getattr(self, f.name))
+            for f in dataclasses.fields(LoraConfig)
+            if f.init and f.name not in RECIPE_FIELDS and f.name not in _SET_BY_THE_RECIPE
+        }
         return type(self)(**{**inherited, **self.recipe_fields(), **field_overrides(changes)})
 
     def to_dict(self) -> dict[str, Any]:
@@ -196,6 +209,7 @@ class QLoRARecipe(LoraConfig):
         module = as_model(model)
         if self.targets_are_auto:
             return self.replace(target_modules=discover_targets(module, self))
+        assert self.target_modules is not None  # the field checks never leave it None
         named = check_targets_exist(module, self.target_modules)
         return self.replace(target_modules=named) if isinstance(self.target_modules, str) else self
 
@@ -215,7 +229,9 @@ class QLoRARecipe(LoraConfig):
 
         from qlora_plugin.core.lora_layers import make_lora_layer
 
-        self._register_custom_module({torch.nn.Linear: make_lora_layer, Conv1D: make_lora_layer})
+        # PEFT types the mapping's values as layer classes; it calls them, so a factory function works too
+        factory = cast("type[nn.Module]", make_lora_layer)
+        self._register_custom_module({torch.nn.Linear: factory, Conv1D: factory})
 
 
 LORA_FIELDS = frozenset(f.name for f in dataclasses.fields(LoraConfig))

@@ -85,14 +85,24 @@ def check_writable_destination(out: Path, field: str) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise QLoRAConfigError(field, os.fspath(out), f"lies under {os.fspath(existing)}, which is a file",
-                               "choose a path whose parents are directories")
+        raise QLoRAConfigError(
+            field,
+            os.fspath(out),
+            f"lies under {os.fspath(existing)}, which is a file",
+            "choose a path whose parents are directories",
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise QLoRAConfigError(field, os.fspath(out), f"cannot be written: {os.fspath(existing)} is not writable",
-                               "choose a directory you can write to")
+        raise QLoRAConfigError(
+            field,
+            os.fspath(out),
+            f"cannot be written: {os.fspath(existing)} is not writable",
+            "choose a directory you can write to",
+        )
     if out.is_dir() and os.path.ismount(out):
         raise QLoRAConfigError(
-            field, os.fspath(out), "is a mount point, which cannot be replaced by the final rename",
+            field,
+            os.fspath(out),
+            "is a mount point, which cannot be replaced by the final rename",
             f"write into a new directory inside it, e.g. {field} {os.fspath(out / 'merged')}",
         )
 
@@ -123,7 +133,7 @@ def remove_abandoned_copies(out: Path) -> list[Path]:
     """
     removed = []
     for path in out.parent.glob(f".{glob_escape(out.name)}.*"):
-        parts = path.name[len(out.name) + 2:].split(".")
+        parts = path.name[len(out.name) + 2 :].split(".")
         if len(parts) == 3 and parts[0].isdigit() and parts[2] in ("partial", "old") and not _alive(int(parts[0])):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
@@ -197,13 +207,14 @@ def signals_held() -> Iterator[None]:
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
-        for signum in dict.fromkeys(arrived):
-            signal.raise_signal(signum)
+        for number in dict.fromkeys(arrived):
+            signal.raise_signal(number)
 
 
 @contextlib.contextmanager
 def stop_signals_raise() -> Iterator[None]:
     """While inside, SIGTERM and SIGHUP raise :class:`Interrupted` (SIGINT already raises KeyboardInterrupt)."""
+
     def stop(signum: int, frame: object) -> None:
         raise Interrupted(signum)
 

@@ -24,8 +24,9 @@ def spec_from_section(section: Any) -> RecipeSpec:
     if section is None:
         section = {}
     if not isinstance(section, dict):
-        raise QLoRAConfigError(SECTION, section, "must be a mapping of recipe fields",
-                               "write e.g. `qlora: {preset: paper, r: 32}`")
+        raise QLoRAConfigError(
+            SECTION, section, "must be a mapping of recipe fields", "write e.g. `qlora: {preset: paper, r: 32}`"
+        )
     fields = dict(section)
     preset = fields.pop("preset", "default")
     try:

@@ -109,7 +109,8 @@ def named_targets(linear: list[str], target_modules: str | list[str] | set[str],
         matched = [name for name in linear if re.fullmatch(target_modules, name)]
         if not matched:
             raise QLoRAConfigError(
-                "target_modules", target_modules,
+                "target_modules",
+                target_modules,
                 f"as a regular expression matches no linear layer of {model_name} (it must match the whole "
                 "name, e.g. model.layers.0.self_attn.q_proj)",
                 f"use a list of the names it has, e.g. {leaves[:2]} (all: {leaves}), a pattern such as "

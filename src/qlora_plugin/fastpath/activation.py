@@ -32,8 +32,8 @@ from qlora_plugin.core.notices import log_once
 if TYPE_CHECKING:
     from torch import nn
 
-    from qlora_plugin.fastpath.kernels import FastPathReport
     from qlora_plugin.core.recipe import QLoRARecipe
+    from qlora_plugin.fastpath.kernels import FastPathReport
 
 RECOMPUTE = {True: "full", False: "none", "offload": "offload"}
 # Axolotl's LoRA kernel switches, and the projections each one computes itself.
@@ -100,8 +100,12 @@ def wants_fast_path(recipe: QLoRARecipe, device: str | None = None) -> bool:
     return bool(recipe.fast_path) and (device == "cuda" or (device == "cpu" and os.environ.get(CPU_ENV) == "1"))
 
 
-def arm(model: nn.Module | None = None, recipe: QLoRARecipe | None = None, host_kernels: Iterable[str] = (),
-        own_loss: bool = False) -> None:
+def arm(
+    model: nn.Module | None = None,
+    recipe: QLoRARecipe | None = None,
+    host_kernels: Iterable[str] = (),
+    own_loss: bool = False,
+) -> None:
     """Put the fast path on at the first training forward of a recipe's PEFT model.
 
     Without ``model``: any PEFT model whose active adapter config is a fast-path
@@ -121,7 +125,7 @@ def arm(model: nn.Module | None = None, recipe: QLoRARecipe | None = None, host_
     _install()
 
 
-def arm_for_layer(layer: nn.Module, recipe: QLoRARecipe) -> None:
+def arm_for_layer(layer: Any, recipe: QLoRARecipe) -> None:
     """Arm the fast path when PEFT builds one of the recipe's LoRA layers on a device the fast path serves."""
     if wants_fast_path(recipe, layer.base_layer.weight.device.type):
         _pending.layers.add(layer)
@@ -216,8 +220,9 @@ def _first_forward(module: nn.Module, args: Any) -> None:
     apply_recipe_fast_path(module, recipe, host_kernels=host_kernels, own_loss=own_loss)
 
 
-def kernel_config(recipe: QLoRARecipe, device: str, *, fuse_loss: bool = False,
-                  host_kernels: Iterable[str] = ()) -> Any:
+def kernel_config(
+    recipe: QLoRARecipe, device: str, *, fuse_loss: bool = False, host_kernels: Iterable[str] = ()
+) -> Any:
     """The :class:`qlora_plugin.fastpath.kernels.FastPathConfig` the recipe asks for on ``device``.
 
     ``fuse_loss``: compute the training loss without logits (only where the trainer
@@ -244,8 +249,9 @@ def kernel_config(recipe: QLoRARecipe, device: str, *, fuse_loss: bool = False,
     )
 
 
-def apply_recipe_fast_path(model: nn.Module, recipe: QLoRARecipe, *, host_kernels: Iterable[str] = (),
-                           own_loss: bool = False) -> FastPathReport:
+def apply_recipe_fast_path(
+    model: Any, recipe: QLoRARecipe, *, host_kernels: Iterable[str] = (), own_loss: bool = False
+) -> FastPathReport:
     """Put the recipe's fast path on ``model`` (a PEFT model) now, and report it once.
 
     ``own_loss``: see :func:`arm`.
@@ -258,8 +264,11 @@ def apply_recipe_fast_path(model: nn.Module, recipe: QLoRARecipe, *, host_kernel
     config = kernel_config(recipe, device, fuse_loss=own_loss and forward_owner is None, host_kernels=host_kernels)
     result = apply_fast_path(model, config=config)
     model.__dict__[_DONE] = True
-    log_once(logging.INFO, describe(result, config, recipe, loss_description(result, forward_owner, own_loss),
-                                    tuple(host_kernels)), recipe)
+    log_once(
+        logging.INFO,
+        describe(result, config, recipe, loss_description(result, forward_owner, own_loss), tuple(host_kernels)),
+        recipe,
+    )
     return result
 
 
@@ -300,8 +309,11 @@ def describe(result: Any, config: Any, recipe: QLoRARecipe, loss: str, host_kern
         loss,
         f"RMSNorm on {result.norms_patched}, SwiGLU on {result.mlps_patched}, RoPE on {result.rope_patched} modules",
         f"recompute '{config.recompute}' (gradient_checkpointing={recipe.gradient_checkpointing!r})",
-        *([f"CUDA graphs over {result.graphed_layers} decoder layers once batches repeat a shape"]
-          if result.graphed_layers else []),
+        *(
+            [f"CUDA graphs over {result.graphed_layers} decoder layers once batches repeat a shape"]
+            if result.graphed_layers
+            else []
+        ),
         *(["packed rows attended per sequence (no block-diagonal mask)"] if result.packed_attention else []),
         f"frozen weights in {str(config.compute_dtype).removeprefix('torch.')}, adapters kept fp32",
     ]

@@ -100,8 +100,11 @@ def write_manifest(directory: Path) -> None:
     """Record every file of a finished checkpoint with its size."""
     from qlora_plugin.core.safe_io import write_text_atomically
 
-    files = {os.fspath(path.relative_to(directory)): path.stat().st_size
-             for path in sorted(directory.rglob("*")) if path.is_file() and path.name != MANIFEST}
+    files = {
+        os.fspath(path.relative_to(directory)): path.stat().st_size
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
     write_text_atomically(directory / MANIFEST, json.dumps({"files": files}, indent=1, sort_keys=True))
 
 
@@ -116,8 +119,15 @@ class CheckpointGuard(TrainerCallback):
         if not args.should_save:
             return
         for source, target, reason in set_aside_incomplete(args.output_dir):
-            report(logging.WARNING, "qlora: %s is incomplete: %s. Moved aside to %s so that a resume skips it "
-                   "(delete it to free its space).", source, reason, target.name, recipe=self.recipe)
+            report(
+                logging.WARNING,
+                "qlora: %s is incomplete: %s. Moved aside to %s so that a resume skips it "
+                "(delete it to free its space).",
+                source,
+                reason,
+                target.name,
+                recipe=self.recipe,
+            )
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
@@ -178,12 +188,17 @@ def _remove_unfinished() -> None:
         shutil.rmtree(directory, ignore_errors=True)
         close_progress_bars()
         complete = complete_checkpoints(output_dir)
-        resume = (f"resume from {complete[-1].name}" if complete else "no complete checkpoint is left: the next "
-                  "run starts from step 0")
-        print(f"qlora: the run stopped while writing {directory.name} (a full disk, or a signal?); the incomplete "
-              f"directory was removed and {output_dir} holds only complete checkpoints: {resume} "
-              "(Axolotl: auto_resume_from_checkpoints: true; TRL: trainer.train(resume_from_checkpoint=True)).",
-              file=sys.stderr)
+        resume = (
+            f"resume from {complete[-1].name}"
+            if complete
+            else "no complete checkpoint is left: the next run starts from step 0"
+        )
+        print(
+            f"qlora: the run stopped while writing {directory.name} (a full disk, or a signal?); the incomplete "
+            f"directory was removed and {output_dir} holds only complete checkpoints: {resume} "
+            "(Axolotl: auto_resume_from_checkpoints: true; TRL: trainer.train(resume_from_checkpoint=True)).",
+            file=sys.stderr,
+        )
 
 
 def _step(path: Path) -> int:

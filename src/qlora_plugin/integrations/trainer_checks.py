@@ -22,8 +22,13 @@ from qlora_plugin.core.fields import NUMBERS, NumberRule, number
 
 # Arguments older transformers / TRL versions had, and what replaces each one now.
 RENAMED = {
-    "warmup_ratio": ("warmup_steps", ("transformers 5 folded it into warmup_steps: pass warmup_steps={value} "
-                                      "(below 1 it is a fraction of the steps), or set the recipe's warmup_ratio")),
+    "warmup_ratio": (
+        "warmup_steps",
+        (
+            "transformers 5 folded it into warmup_steps: pass warmup_steps={value} "
+            "(below 1 it is a fraction of the steps), or set the recipe's warmup_ratio"
+        ),
+    ),
     "evaluation_strategy": ("eval_strategy", "pass eval_strategy={value!r}"),
     "max_seq_length": ("max_length", "pass max_length={value!r}"),
     "no_cuda": ("use_cpu", "pass use_cpu={value!r}"),
@@ -62,20 +67,28 @@ def check_sft_overrides(overrides: dict[str, Any], config_class: type | None = N
 def check_model_init_kwargs(kwargs: Any) -> None:
     """``model_init_kwargs`` must be a mapping without 8-bit (or a second 4-bit) loading switch."""
     if not isinstance(kwargs, dict):
-        raise QLoRAConfigError("model_init_kwargs", kwargs, f"must be a dict, not {type(kwargs).__name__}",
-                               "pass e.g. model_init_kwargs={'attn_implementation': 'sdpa'}")
+        raise QLoRAConfigError(
+            "model_init_kwargs",
+            kwargs,
+            f"must be a dict, not {type(kwargs).__name__}",
+            "pass e.g. model_init_kwargs={'attn_implementation': 'sdpa'}",
+        )
     for key in NOT_WITH_A_4BIT_BASE:
         if key in kwargs:
             raise QLoRAConfigError(
-                f"model_init_kwargs[{key!r}]", kwargs[key],
+                f"model_init_kwargs[{key!r}]",
+                kwargs[key],
                 "is not a model argument in transformers 5, and the recipe already loads the base in 4 bits",
                 f"remove {key!r}; for another quantization change the recipe (quant_type, double_quant)",
             )
     quantization = kwargs.get("quantization_config")
     if getattr(quantization, "load_in_8bit", False):
-        raise QLoRAConfigError("model_init_kwargs['quantization_config']", "load_in_8bit=True",
-                               "is an 8-bit config; QLoRA trains over a 4-bit base",
-                               "remove it and let the recipe's 4-bit config load the model")
+        raise QLoRAConfigError(
+            "model_init_kwargs['quantization_config']",
+            "load_in_8bit=True",
+            "is an 8-bit config; QLoRA trains over a 4-bit base",
+            "remove it and let the recipe's 4-bit config load the model",
+        )
 
 
 @functools.cache
@@ -87,10 +100,13 @@ def _arguments(config_class: type) -> tuple[frozenset[str], dict[str, Any]]:
 def _unknown(key: str, value: Any, known: frozenset[str], config_class: type) -> QLoRAConfigError:
     where = f"{config_class.__module__.split('.')[0]} {_version(config_class)}'s {config_class.__name__}"
     if key in RENAMED and RENAMED[key][0] in known:
-        return QLoRAConfigError(key, value, f"is not an argument of {where}",
-                                RENAMED[key][1].format(value=value))
-    return QLoRAConfigError(key, value, f"is not an argument of {where}" + nearest(key, known),
-                            f"remove it, or use an argument {config_class.__name__} has (help({config_class.__name__}))")
+        return QLoRAConfigError(key, value, f"is not an argument of {where}", RENAMED[key][1].format(value=value))
+    return QLoRAConfigError(
+        key,
+        value,
+        f"is not an argument of {where}" + nearest(key, known),
+        f"remove it, or use an argument {config_class.__name__} has (help({config_class.__name__}))",
+    )
 
 
 def _version(config_class: type) -> str:
@@ -143,15 +159,24 @@ def _accepts(hint: Any, value: Any) -> bool | None:
 
 
 def _describe(hint: Any) -> str:
-    names = {bool: "True or False", int: "an integer", float: "a number", str: "a string", dict: "a dict",
-             list: "a list", type(None): "None"}
+    names = {
+        bool: "True or False",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        dict: "a dict",
+        list: "a list",
+        type(None): "None",
+    }
     members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    words = [names.get(typing.get_origin(member) or member, getattr(member, "__name__", str(member)))
-             for member in members]
+    words = [
+        names.get(typing.get_origin(member) or member, getattr(member, "__name__", str(member))) for member in members
+    ]
     return " or ".join(dict.fromkeys(words))
 
 
 def _check_warmup(value: Any) -> None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-        raise QLoRAConfigError("warmup_steps", value, "is negative",
-                               "pass a step count such as 100, or a fraction below 1 such as 0.03")
+        raise QLoRAConfigError(
+            "warmup_steps", value, "is negative", "pass a step count such as 100, or a fraction below 1 such as 0.03"
+        )

@@ -56,7 +56,8 @@ def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
     active = {key: value for key, value in settings.items() if key not in replaced}
     message = (
         f"qlora recipe '{recipe.preset}' in SFTConfig: models given by name load as 4-bit "
-        f"{recipe.quant_type} (double quant {recipe.double_quant}, compute {str(compute_dtype).removeprefix('torch.')}); "
+        f"{recipe.quant_type} (double quant {recipe.double_quant}, "
+        f"compute {str(compute_dtype).removeprefix('torch.')}); "
         f"{describe_settings(active)}"
     )
     if replaced:
@@ -74,8 +75,9 @@ def trl_computes_loss_without_logits() -> bool:
     return hasattr(utils, "add_fused_lm_head")
 
 
-def liger_loss_settings(recipe: QLoRARecipe, device: str | None = None,
-                        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def liger_loss_settings(
+    recipe: QLoRARecipe, device: str | None = None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """On the CUDA fast path with Liger installed: Liger's fused linear cross-entropy through TRL's switch.
 
     With it, Liger's forward returns the loss and the token accuracy without logits
@@ -97,6 +99,11 @@ def liger_loss_settings(recipe: QLoRARecipe, device: str | None = None,
         return {}
     if overrides.get("loss_type") == "chunked_nll" or overrides.get("use_liger_kernel") is False:
         return {}
-    only_the_loss = {"fused_linear_cross_entropy": True, "cross_entropy": False, "rope": False,
-                     "rms_norm": False, "swiglu": False}
+    only_the_loss = {
+        "fused_linear_cross_entropy": True,
+        "cross_entropy": False,
+        "rope": False,
+        "rms_norm": False,
+        "swiglu": False,
+    }
     return {"use_liger_kernel": True, "liger_kernel_config": only_the_loss}

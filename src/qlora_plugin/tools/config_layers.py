@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from qlora_plugin.core.fields import RecipeSpec
-    from qlora_plugin.tools.model_report import ModelReport
     from qlora_plugin.core.recipe import QLoRARecipe
+    from qlora_plugin.tools.model_report import ModelReport
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,19 @@ FAMILIES = {
     "llama": Family("LlamaForCausalLM", "attention_bias", "attention_bias", "mlp_bias"),
     "mistral": Family("MistralForCausalLM", False, False, False),
     "qwen2": Family("Qwen2ForCausalLM", True, False, False),
-    "qwen3": Family("Qwen3ForCausalLM", "attention_bias", "attention_bias", False, head_dim_required=True,
-                    qk_norm=True),
+    "qwen3": Family(
+        "Qwen3ForCausalLM", "attention_bias", "attention_bias", False, head_dim_required=True, qk_norm=True
+    ),
 }
-REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "vocab_size", "tie_word_embeddings")
+REQUIRED = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "tie_word_embeddings",
+)
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -55,7 +63,7 @@ def report_from_config(path: str | os.PathLike[str], recipe: QLoRARecipe | Recip
     config = _read_config(Path(path))
     if config is None or _plugins_choose_targets():
         return None
-    family = FAMILIES.get(config.get("model_type"))
+    family = FAMILIES.get(config.get("model_type", ""))
     if family is None or any(config.get(key) is None for key in REQUIRED):
         return None
     flags = {name: _flag(config, getattr(family, name)) for name in ("qkv_bias", "o_bias", "mlp_bias")}
@@ -75,7 +83,8 @@ def _read_config(path: Path) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
-def _flag(config: dict[str, Any], rule: str | bool) -> bool | None:
+def _flag(config: dict[str, Any], rule: str | bool) -> Any:
+    """``rule`` itself, or the config.json value it names (a bool; None where the config lacks it)."""
     return rule if isinstance(rule, bool) else config.get(rule)
 
 
@@ -86,10 +95,11 @@ def _plugins_choose_targets() -> bool:
     return not only_builtin_targets()
 
 
-def _report(source: str, config: dict[str, Any], family: Family, flags: dict[str, bool],
-            recipe: QLoRARecipe | RecipeSpec) -> ModelReport:
-    from qlora_plugin.tools.model_report import Linear, build_report
+def _report(
+    source: str, config: dict[str, Any], family: Family, flags: dict[str, bool], recipe: QLoRARecipe | RecipeSpec
+) -> ModelReport:
     from qlora_plugin.core.targets import named_targets, rule_targets, without_user_exclusions
+    from qlora_plugin.tools.model_report import Linear, build_report
 
     hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
@@ -123,10 +133,21 @@ def _report(source: str, config: dict[str, Any], family: Family, flags: dict[str
     if recipe.targets_are_auto:
         targets = without_user_exclusions(rule_targets(names, heads_found), recipe, family.architecture)
     else:
+        assert recipe.target_modules is not None  # the field checks never leave it None
         targets = named_targets(names, recipe.target_modules, family.architecture)
     resolved = recipe.replace(target_modules=targets)
     norms = config["num_hidden_layers"] * (4 if family.qk_norm else 2) + 1
     view = SimpleNamespace(**{**config, "head_dim": head_dim})
-    return build_report(source=source, architecture=family.architecture, config=view, recipe=resolved,
-                        user_recipe=recipe, linears=linears, targets=targets, heads=heads_found, other_params=other,
-                        tied_head=bool(config["tie_word_embeddings"]), norm_count=norms)
+    return build_report(
+        source=source,
+        architecture=family.architecture,
+        config=view,
+        recipe=resolved,
+        user_recipe=recipe,
+        linears=linears,
+        targets=targets,
+        heads=heads_found,
+        other_params=other,
+        tied_head=bool(config["tie_word_embeddings"]),
+        norm_count=norms,
+    )

@@ -11,13 +11,25 @@ from typing import Any
 
 GIB = 1024**3
 # Environment switches that keep libraries from printing banners, notices and progress bars.
-QUIET_ENVIRONMENT = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "BITSANDBYTES_NOWELCOME": "1"}
+QUIET_ENVIRONMENT = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "BITSANDBYTES_NOWELCOME": "1",
+}
 # Loggers that libraries give a level of their own (so the root's does not reach them), or that
 # print notices at import: torch's pytree deprecations, torchao's optional libraries, bitsandbytes'
 # offline kernel notice.
-QUIET_LOGGERS = ("torch.utils._pytree", "torchao", "bitsandbytes", "transformers", "accelerate", "peft", "datasets",
-                 "huggingface_hub")
+QUIET_LOGGERS = (
+    "torch.utils._pytree",
+    "torchao",
+    "bitsandbytes",
+    "transformers",
+    "accelerate",
+    "peft",
+    "datasets",
+    "huggingface_hub",
+)
 
 
 def quiet_third_party(verbose: bool = False) -> None:

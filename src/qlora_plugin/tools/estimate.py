@@ -71,8 +71,8 @@ from qlora_plugin.core.errors import QLoRAConfigError, nearest
 
 if TYPE_CHECKING:
     from qlora_plugin.core.fields import RecipeSpec
-    from qlora_plugin.tools.model_report import ModelReport
     from qlora_plugin.core.recipe import QLoRARecipe
+    from qlora_plugin.tools.model_report import ModelReport
 
 GIB = 1024**3
 MIB = 1024**2
@@ -120,24 +120,37 @@ class TrainingPath:
 
     def __post_init__(self) -> None:
         if self.name not in PATHS:
-            raise QLoRAConfigError("--path", self.name, "is not a path" + nearest(self.name, PATHS),
-                                   f"use one of {list(PATHS)}")
+            raise QLoRAConfigError(
+                "--path", self.name, "is not a path" + nearest(self.name, PATHS), f"use one of {list(PATHS)}"
+            )
         if self.recompute not in RECOMPUTE_MODES:
-            raise QLoRAConfigError("--recompute", self.recompute, "is not a recompute mode"
-                                   + nearest(self.recompute, RECOMPUTE_MODES), f"use one of {list(RECOMPUTE_MODES)}")
+            raise QLoRAConfigError(
+                "--recompute",
+                self.recompute,
+                "is not a recompute mode" + nearest(self.recompute, RECOMPUTE_MODES),
+                f"use one of {list(RECOMPUTE_MODES)}",
+            )
         if self.adapter_dtype not in ADAPTER_DTYPES:
-            raise QLoRAConfigError("--adapter-dtype", self.adapter_dtype, "is not a dtype this estimate knows",
-                                   "use float32 or bfloat16")
+            raise QLoRAConfigError(
+                "--adapter-dtype", self.adapter_dtype, "is not a dtype this estimate knows", "use float32 or bfloat16"
+            )
         if self.name == "stock":
-            wrong = {"recompute": self.recompute == "offload", "fused_loss": self.fused_loss,
-                     "kernels": self.kernels, "cached_constants": self.cached_constants,
-                     "adapter_dtype": ADAPTER_DTYPES[self.adapter_dtype] != 4}
+            wrong = {
+                "recompute": self.recompute == "offload",
+                "fused_loss": self.fused_loss,
+                "kernels": self.kernels,
+                "cached_constants": self.cached_constants,
+                "adapter_dtype": ADAPTER_DTYPES[self.adapter_dtype] != 4,
+            }
             for option, bad in wrong.items():
                 if bad:
-                    raise QLoRAConfigError(f"--{option.replace('_', '-')}", getattr(self, option),
-                                           "is a fast-path option; the stock path has float32 adapters, "
-                                           "transformers' loss and at most full recompute",
-                                           "drop it, or estimate --path fast")
+                    raise QLoRAConfigError(
+                        f"--{option.replace('_', '-')}",
+                        getattr(self, option),
+                        "is a fast-path option; the stock path has float32 adapters, "
+                        "transformers' loss and at most full recompute",
+                        "drop it, or estimate --path fast",
+                    )
 
     @property
     def adapter_bytes(self) -> int:
@@ -146,8 +159,12 @@ class TrainingPath:
     def describe(self) -> str:
         if self.name == "stock":
             return f"stock path (PEFT's fp32 upcasts), recompute {self.recompute}"
-        parts = [f"recompute {self.recompute}", "fused loss" if self.fused_loss else "full logits",
-                 "kernels" if self.kernels else "no kernels", f"{self.adapter_dtype} adapters"]
+        parts = [
+            f"recompute {self.recompute}",
+            "fused loss" if self.fused_loss else "full logits",
+            "kernels" if self.kernels else "no kernels",
+            f"{self.adapter_dtype} adapters",
+        ]
         if self.cached_constants:
             parts.append("cached block constants")
         return "fast path: " + ", ".join(parts)
@@ -198,7 +215,8 @@ class Dimensions:
         experts_per_token = first("num_experts_per_tok")
         if experts_per_token and first("moe_intermediate_size"):
             intermediate = experts_per_token * first("moe_intermediate_size") + first(
-                "shared_expert_intermediate_size", default=0)
+                "shared_expert_intermediate_size", default=0
+            )
         elif experts_per_token:
             intermediate = experts_per_token * intermediate
         return cls(
@@ -234,7 +252,7 @@ class MemoryEstimate:
 
     @property
     def peak_moment(self) -> str:
-        return max(self.moments, key=self.moments.get)
+        return max(self.moments, key=self.moments.__getitem__)
 
     @property
     def peak(self) -> int:
@@ -246,10 +264,18 @@ class MemoryEstimate:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model, "seq": self.seq, "batch": self.batch, "path": asdict(self.path),
-            "optimizer": self.optimizer, "components": self.components, "activations": self.activations,
-            "moments": self.moments, "paged_optimizer": self.paged_optimizer,
-            "allocator_peak": self.allocator_peak, "peak_moment": self.peak_moment, "peak": self.peak,
+            "model": self.model,
+            "seq": self.seq,
+            "batch": self.batch,
+            "path": asdict(self.path),
+            "optimizer": self.optimizer,
+            "components": self.components,
+            "activations": self.activations,
+            "moments": self.moments,
+            "paged_optimizer": self.paged_optimizer,
+            "allocator_peak": self.allocator_peak,
+            "peak_moment": self.peak_moment,
+            "peak": self.peak,
             "notes": self.notes,
         }
 
@@ -267,12 +293,13 @@ def estimate_memory(report: ModelReport, seq: int, batch: int, path: TrainingPat
     tokens = seq * batch
 
     trainable = report.trainable_params
-    optimizer_torch, optimizer_paged = optimizer_bytes(report.lora_tensor_sizes(), recipe.optimizer, adapter_bytes,
-                                                       page_all=path.kernels)
+    optimizer_torch, optimizer_paged = optimizer_bytes(
+        report.lora_tensor_sizes(), recipe.optimizer, adapter_bytes, page_all=path.kernels
+    )
     quantized_params = sum(t.in_features * t.out_features for t in report.quantized_linears)
     components = {
-        "weights_4bit": report.quantized_bytes() + (4 * math.ceil(quantized_params / 64)
-                                                    if path.cached_constants else 0),
+        "weights_4bit": report.quantized_bytes()
+        + (4 * math.ceil(quantized_params / 64) if path.cached_constants else 0),
         "unquantized_params": report.unquantized_params() * frozen_bytes,
         "adapters": trainable * adapter_bytes,
         "gradients": trainable * adapter_bytes,
@@ -317,8 +344,15 @@ def estimate_memory(report: ModelReport, seq: int, batch: int, path: TrainingPat
     if not report.linears or not dims.layers:
         notes.append("no decoder layers found; activations may be far off")
     return MemoryEstimate(
-        model=report.source, seq=seq, batch=batch, path=path, optimizer=recipe.optimizer,
-        components=components, activations=activations, moments=moments, paged_optimizer=optimizer_paged,
+        model=report.source,
+        seq=seq,
+        batch=batch,
+        path=path,
+        optimizer=recipe.optimizer,
+        components=components,
+        activations=activations,
+        moments=moments,
+        paged_optimizer=optimizer_paged,
         notes=notes,
     )
 
@@ -338,14 +372,13 @@ def fused_loss_chunk(tokens: int, vocab: int, hidden: int) -> int:
     return min(1 << max(rows - 1, 0).bit_length(), tokens)
 
 
-def layer_activation_bytes(report: ModelReport, dims: Dimensions, path: TrainingPath, *, c: int, a: int,
-                           m: int) -> int:
+def layer_activation_bytes(report: ModelReport, dims: Dimensions, path: TrainingPath, *, c: int, a: int, m: int) -> int:
     """Bytes autograd saves per token in one decoder layer without recompute."""
     recipe = report.recipe
     layers = max(dims.layers, 1)
     dropout = recipe.lora_dropout > 0
     fast = path.name == "fast"
-    lora = 0
+    lora: float = 0
     counted: set[tuple[str, int]] = set()
     for target in report.target_linears:
         parent, leaf = target.name.rsplit(".", 1) if "." in target.name else ("", target.name)
@@ -385,8 +418,13 @@ def optimizer_bytes(sizes: list[int], optimizer: str, param_bytes: int, page_all
     return in_torch, paged
 
 
-def estimate(model: str | os.PathLike[str], recipe: QLoRARecipe | RecipeSpec, seq: int, batch: int,
-             path: TrainingPath | None = None) -> MemoryEstimate:
+def estimate(
+    model: str | os.PathLike[str],
+    recipe: QLoRARecipe | RecipeSpec,
+    seq: int,
+    batch: int,
+    path: TrainingPath | None = None,
+) -> MemoryEstimate:
     """Analyze ``model`` (config only) under ``recipe`` and estimate a step at ``batch`` x ``seq``."""
     from qlora_plugin.tools.inspection import analyze
 
@@ -405,18 +443,24 @@ def largest_batch(report: ModelReport, seq: int, gpu_mib: int, path: TrainingPat
     return low
 
 
-def gpu_table(report: ModelReport, seq: int, batch: int, path: TrainingPath,
-              gpus: list[str] | None = None) -> list[dict[str, Any]]:
+def gpu_table(
+    report: ModelReport, seq: int, batch: int, path: TrainingPath, gpus: list[str] | None = None
+) -> list[dict[str, Any]]:
     """For each GPU: whether the step fits, the headroom, and the largest micro-batch that fits."""
     result = estimate_memory(report, seq, batch, path)
     rows = []
     for key in gpus or list(GPUS):
         label, mib = GPUS[key]
-        rows.append({
-            "gpu": key, "name": label, "memory_gib": round(mib * MIB / GIB, 1),
-            "fits": result.fits(mib), "headroom_gib": round((mib * MIB - RESERVE_BYTES - result.peak) / GIB, 2),
-            "largest_batch": largest_batch(report, seq, mib, path),
-        })
+        rows.append(
+            {
+                "gpu": key,
+                "name": label,
+                "memory_gib": round(mib * MIB / GIB, 1),
+                "fits": result.fits(mib),
+                "headroom_gib": round((mib * MIB - RESERVE_BYTES - result.peak) / GIB, 2),
+                "largest_batch": largest_batch(report, seq, mib, path),
+            }
+        )
     return rows
 
 
@@ -435,6 +479,7 @@ def check_gpus(names: list[str] | None) -> list[str] | None:
     """Validate ``--gpu`` names."""
     for name in names or []:
         if name not in GPUS:
-            raise QLoRAConfigError("--gpu", name, "is not a GPU this table knows" + nearest(name, GPUS),
-                                   f"use one of {list(GPUS)}")
+            raise QLoRAConfigError(
+                "--gpu", name, "is not a GPU this table knows" + nearest(name, GPUS), f"use one of {list(GPUS)}"
+            )
     return names

@@ -20,8 +20,16 @@ from typing import Any
 from qlora_plugin.core.errors import QLoRAConfigError, nearest
 from qlora_plugin.core.section import PLUGIN
 
-REQUIRED = ("base_model", "dataset_path", "lora_r", "quant_bits", "learning_rate", "num_epochs", "batch_size",
-            "gradient_accumulation_steps")
+REQUIRED = (
+    "base_model",
+    "dataset_path",
+    "lora_r",
+    "quant_bits",
+    "learning_rate",
+    "num_epochs",
+    "batch_size",
+    "gradient_accumulation_steps",
+)
 # FinLoRA key -> recipe field of the qlora: section.
 RECIPE_KEYS = {
     "lora_r": "r",
@@ -47,27 +55,41 @@ def read_entry(configs: str | os.PathLike[str], name: str) -> dict[str, Any]:
     """The entry ``name`` of a FinLoRA-style configs file, checked for the keys a run needs."""
     path = Path(configs)
     if not path.is_file():
-        raise QLoRAConfigError("CONFIGS_JSON", os.fspath(path), "does not exist",
-                               "pass the path of FinLoRA's lora/finetune_configs.json")
+        raise QLoRAConfigError(
+            "CONFIGS_JSON", os.fspath(path), "does not exist", "pass the path of FinLoRA's lora/finetune_configs.json"
+        )
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise QLoRAConfigError("CONFIGS_JSON", os.fspath(path), f"is not valid JSON ({error})",
-                               "fix the file; it maps run names to their settings") from error
+        raise QLoRAConfigError(
+            "CONFIGS_JSON",
+            os.fspath(path),
+            f"is not valid JSON ({error})",
+            "fix the file; it maps run names to their settings",
+        ) from error
     if not isinstance(entries, dict):
-        raise QLoRAConfigError("CONFIGS_JSON", os.fspath(path), "is not a mapping of run names to settings",
-                               "pass FinLoRA's finetune_configs.json or a file of the same shape")
+        raise QLoRAConfigError(
+            "CONFIGS_JSON",
+            os.fspath(path),
+            "is not a mapping of run names to settings",
+            "pass FinLoRA's finetune_configs.json or a file of the same shape",
+        )
     if name not in entries:
         names = sorted(entries)
-        raise QLoRAConfigError("NAME", name, "is not an entry of the file" + nearest(name, names),
-                               f"use one of {names}")
+        raise QLoRAConfigError(
+            "NAME", name, "is not an entry of the file" + nearest(name, names), f"use one of {names}"
+        )
     entry = entries[name]
     if not isinstance(entry, dict):
         raise QLoRAConfigError(name, entry, "is not a mapping of settings", "give the entry its settings as keys")
     missing = [key for key in REQUIRED if key not in entry]
     if missing:
-        raise QLoRAConfigError(f"{name}.{missing[0]}", None, f"is missing (the entry lacks {missing})",
-                               f"add {missing} to the entry; every entry needs {list(REQUIRED)}")
+        raise QLoRAConfigError(
+            f"{name}.{missing[0]}",
+            None,
+            f"is missing (the entry lacks {missing})",
+            f"add {missing} to the entry; every entry needs {list(REQUIRED)}",
+        )
     return entry
 
 
@@ -79,16 +101,27 @@ def quant_bits(entry: dict[str, Any], name: str, force_4bit: bool) -> list[str]:
     if bits in (8, 16) and not isinstance(bits, bool):
         if force_4bit:
             return [f"{name} asks for {bits}-bit; converted as a 4-bit QLoRA run (NF4, double quant)"]
-        raise QLoRAConfigError(f"{name}.quant_bits", bits,
-                               f"is a {'8-bit LoRA' if bits == 8 else '16-bit LoRA'} run, not QLoRA",
-                               "pick a 4-bit entry, or pass --force-4bit to convert it as a 4-bit run")
-    raise QLoRAConfigError(f"{name}.quant_bits", bits, "is not a bit width FinLoRA uses",
-                           "set quant_bits to 4 (or 8/16 with --force-4bit)")
+        raise QLoRAConfigError(
+            f"{name}.quant_bits",
+            bits,
+            f"is a {'8-bit LoRA' if bits == 8 else '16-bit LoRA'} run, not QLoRA",
+            "pick a 4-bit entry, or pass --force-4bit to convert it as a 4-bit run",
+        )
+    raise QLoRAConfigError(
+        f"{name}.quant_bits", bits, "is not a bit width FinLoRA uses", "set quant_bits to 4 (or 8/16 with --force-4bit)"
+    )
 
 
-def axolotl_config(entry: dict[str, Any], name: str, *, preset: str | None = None, base_model: str | None = None,
-                   dataset_type: str = "finlora", sequence_len: int = 4096,
-                   force_4bit: bool = False) -> tuple[dict[str, Any], list[str]]:
+def axolotl_config(
+    entry: dict[str, Any],
+    name: str,
+    *,
+    preset: str | None = None,
+    base_model: str | None = None,
+    dataset_type: str = "finlora",
+    sequence_len: int = 4096,
+    force_4bit: bool = False,
+) -> tuple[dict[str, Any], list[str]]:
     """The Axolotl config for ``entry`` and notes on what was mapped or ignored."""
     from qlora_plugin.core.fields import recipe_spec
 
@@ -131,15 +164,23 @@ def write_atomically(path: Path, text: str, force: bool) -> None:
     write_text_atomically(path, text)
 
 
-def convert(configs: str | os.PathLike[str], name: str, out: str | os.PathLike[str] | None = None, *,
-            force: bool = False, **options: Any) -> tuple[Path, dict[str, Any], list[str]]:
+def convert(
+    configs: str | os.PathLike[str],
+    name: str,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    force: bool = False,
+    **options: Any,
+) -> tuple[Path, dict[str, Any], list[str]]:
     """Convert entry ``name`` of ``configs`` and write the YAML; returns (path, config, notes)."""
     import yaml
 
     entry = read_entry(configs, name)
     config, notes = axolotl_config(entry, name, **options)
     target = Path(out) if out else Path("configs") / f"{name}.yml"
-    header = (f"# Converted by `qlora convert-finlora` from {os.path.basename(os.fspath(configs))}, entry {name}.\n"
-              "# dataset paths are as FinLoRA gives them: relative to the directory axolotl runs in.\n")
+    header = (
+        f"# Converted by `qlora convert-finlora` from {os.path.basename(os.fspath(configs))}, entry {name}.\n"
+        "# dataset paths are as FinLoRA gives them: relative to the directory axolotl runs in.\n"
+    )
     write_atomically(target, header + yaml.safe_dump(config, sort_keys=False), force)
     return target, config, notes

@@ -13,13 +13,21 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from qlora_plugin.tools.model_report import LAYER_INDEX, Linear, ModelReport, adapted_names, build_report, compress_ranges
+from qlora_plugin.tools.model_report import (
+    LAYER_INDEX,
+    Linear,
+    ModelReport,
+    adapted_names,
+    build_report,
+    compress_ranges,
+)
 
 if TYPE_CHECKING:
     from torch import nn
 
     from qlora_plugin.core.fields import RecipeSpec
     from qlora_plugin.core.recipe import QLoRARecipe
+
 
 def analyze(model: str | os.PathLike[str] | nn.Module, recipe: QLoRARecipe | RecipeSpec) -> ModelReport:
     """Resolve ``recipe`` on ``model`` (a path or hub id, read as config only; or a module).
@@ -49,7 +57,7 @@ def analyze_module(model: str | os.PathLike[str] | nn.Module, recipe: QLoRARecip
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     if isinstance(model, (str, os.PathLike)):
         auto_class(load_config(model))  # a clear error for configs that are no causal LM
-    module = as_model(model)
+    module: Any = as_model(model)  # a transformers model: its embedding accessors are read below
     resolved = recipe.resolve(module)
     heads = output_head_names(module)
     linears = []
@@ -76,9 +84,20 @@ def analyze_module(model: str | os.PathLike[str] | nn.Module, recipe: QLoRARecip
         if param.dim() >= 3 and not any(part in VISION_PARTS for part in name.split(".")):
             fused[name] = "fused expert weights (a 3-D parameter, not a linear layer: LoRA adapts linear layers)"
     norms = sum(1 for layer in module.modules() if "norm" in type(layer).__name__.lower())
-    return build_report(source=source, architecture=type(module).__name__, config=getattr(module, "config", None),
-                        recipe=resolved, user_recipe=recipe, linears=linears, targets=targets, heads=heads,
-                        other_params=other, tied_head=tied, norm_count=norms, extra_skipped=fused)
+    return build_report(
+        source=source,
+        architecture=type(module).__name__,
+        config=getattr(module, "config", None),
+        recipe=resolved,
+        user_recipe=recipe,
+        linears=linears,
+        targets=targets,
+        heads=heads,
+        other_params=other,
+        tied_head=tied,
+        norm_count=norms,
+        extra_skipped=fused,
+    )
 
 
 def group_skipped(report: ModelReport) -> list[dict[str, Any]]:
@@ -113,5 +132,7 @@ def describe_recipe(recipe: QLoRARecipe | RecipeSpec) -> str:
     quant = f"{recipe.quant_type}{' + double quant' if recipe.double_quant else ''}"
     path = "fast path (bf16 throughout)" if recipe.fast_path else "stock path (PEFT's fp32 upcasts)"
     dora = ", DoRA" if recipe.use_dora else ""
-    return (f"preset {recipe.preset}: r={recipe.r}, alpha={recipe.lora_alpha}, dropout={recipe.lora_dropout}{dora}; "
-            f"base {quant}; {path}")
+    return (
+        f"preset {recipe.preset}: r={recipe.r}, alpha={recipe.lora_alpha}, dropout={recipe.lora_dropout}{dora}; "
+        f"base {quant}; {path}"
+    )

@@ -41,48 +41,73 @@ def read_adapter(adapter_dir: str | os.PathLike[str], base: str | None = None) -
     """The adapter's config and the base model it names (or ``base``)."""
     path = Path(adapter_dir)
     if not path.is_dir():
-        raise QLoRAConfigError("ADAPTER_DIR", os.fspath(path), "is not a directory",
-                               "pass the directory the trainer saved the adapter to")
+        raise QLoRAConfigError(
+            "ADAPTER_DIR", os.fspath(path), "is not a directory", "pass the directory the trainer saved the adapter to"
+        )
     config_file = path / ADAPTER_CONFIG
     if not config_file.is_file():
-        raise QLoRAConfigError("ADAPTER_DIR", os.fspath(path), f"holds no {ADAPTER_CONFIG}",
-                               "pass a directory with adapter_config.json and adapter_model.safetensors")
+        raise QLoRAConfigError(
+            "ADAPTER_DIR",
+            os.fspath(path),
+            f"holds no {ADAPTER_CONFIG}",
+            "pass a directory with adapter_config.json and adapter_model.safetensors",
+        )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except ValueError as error:
-        raise QLoRAConfigError(os.fspath(config_file), None, f"is not valid JSON ({error})",
-                               "restore the adapter directory from the run that trained it") from None
+        raise QLoRAConfigError(
+            os.fspath(config_file),
+            None,
+            f"is not valid JSON ({error})",
+            "restore the adapter directory from the run that trained it",
+        ) from None
     if not isinstance(config, dict):
-        raise QLoRAConfigError(os.fspath(config_file), config, "is not a JSON object",
-                               "restore the adapter directory from the run that trained it")
+        raise QLoRAConfigError(
+            os.fspath(config_file),
+            config,
+            "is not a JSON object",
+            "restore the adapter directory from the run that trained it",
+        )
     if config.get("peft_type", "LORA") != "LORA":
-        raise QLoRAConfigError("peft_type", config.get("peft_type"), "is not a LoRA adapter",
-                               "merge LoRA / QLoRA adapters only")
+        raise QLoRAConfigError(
+            "peft_type", config.get("peft_type"), "is not a LoRA adapter", "merge LoRA / QLoRA adapters only"
+        )
     base = base or config.get("base_model_name_or_path")
     if not base:
-        raise QLoRAConfigError("base_model_name_or_path", None, "the adapter does not name its base model",
-                               "pass --base PATH")
+        raise QLoRAConfigError(
+            "base_model_name_or_path", None, "the adapter does not name its base model", "pass --base PATH"
+        )
     return config, base
 
 
-def adapter_recipe(adapter_dir: str | os.PathLike[str], adapter_config: dict[str, Any], *,
-                   quant_type: str | None = None, double_quant: bool | None = None,
-                   assume_default: bool = False) -> tuple[QLoRARecipe, TrainedFormat]:
+def adapter_recipe(
+    adapter_dir: str | os.PathLike[str],
+    adapter_config: dict[str, Any],
+    *,
+    quant_type: str | None = None,
+    double_quant: bool | None = None,
+    assume_default: bool = False,
+) -> tuple[QLoRARecipe, TrainedFormat]:
     """The recipe to load the base with: the run's recorded one, with the 4-bit format training used."""
     from qlora_plugin.core.provenance import trained_format
 
-    trained = trained_format(adapter_dir, adapter_config, quant_type=quant_type, double_quant=double_quant,
-                             assume_default=assume_default)
+    trained = trained_format(
+        adapter_dir, adapter_config, quant_type=quant_type, double_quant=double_quant, assume_default=assume_default
+    )
     from qlora_plugin.core.recipe import QLoRARecipe, qlora_recipe
 
-    fields = {"quant_type": trained.quant_type, "double_quant": trained.double_quant}
+    fields: dict[str, Any] = {"quant_type": trained.quant_type, "double_quant": trained.double_quant}
     if trained.recipe_fields is None:
         return qlora_recipe(**fields), trained
     try:
         return QLoRARecipe(**{**trained.recipe_fields, **fields}), trained
     except QLoRAConfigError as error:
-        raise QLoRAConfigError(f"qlora_recipe.json: {error.field}", error.value, error.problem,
-                               "restore the file from the run, or delete it and pass --quant-type") from error
+        raise QLoRAConfigError(
+            f"qlora_recipe.json: {error.field}",
+            error.value,
+            error.problem,
+            "restore the file from the run, or delete it and pass --quant-type",
+        ) from error
 
 
 def check_out(out: Path, force: bool, keep: list[Path]) -> None:
@@ -91,13 +116,18 @@ def check_out(out: Path, force: bool, keep: list[Path]) -> None:
     for path in keep:
         path = path.resolve()
         if resolved == path or resolved in path.parents:
-            raise QLoRAConfigError("--out", os.fspath(out), f"would replace the input {os.fspath(path)}",
-                                   "choose a directory outside the adapter and the base model")
+            raise QLoRAConfigError(
+                "--out",
+                os.fspath(out),
+                f"would replace the input {os.fspath(path)}",
+                "choose a directory outside the adapter and the base model",
+            )
     if out.exists() and not out.is_dir():
         raise QLoRAConfigError("--out", os.fspath(out), "is a file", "choose a directory path")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise QLoRAConfigError("--out", os.fspath(out), "is not empty",
-                               "choose a new directory, or pass --force to replace it")
+        raise QLoRAConfigError(
+            "--out", os.fspath(out), "is not empty", "choose a new directory, or pass --force to replace it"
+        )
 
 
 def load_dequantized_base(base: str, recipe: QLoRARecipe, dtype: torch.dtype) -> Any:
@@ -108,16 +138,27 @@ def load_dequantized_base(base: str, recipe: QLoRARecipe, dtype: torch.dtype) ->
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = auto_class(load_config(base)).from_pretrained(
-        base, quantization_config=recipe.bnb_config(device), dtype=dtype, device_map={"": device},
+        base,
+        quantization_config=recipe.bnb_config(device),
+        dtype=dtype,
+        device_map={"": device},
     )
     model = model.dequantize()
     return model.to(dtype)
 
 
-def merge_adapter(adapter_dir: str | os.PathLike[str], out: str | os.PathLike[str], dtype: str = "bf16",
-                  base: str | None = None, force: bool = False, show_progress: bool = True, *,
-                  quant_type: str | None = None, double_quant: bool | None = None,
-                  assume_default_recipe: bool = False) -> dict[str, Any]:
+def merge_adapter(
+    adapter_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    dtype: str = "bf16",
+    base: str | None = None,
+    force: bool = False,
+    show_progress: bool = True,
+    *,
+    quant_type: str | None = None,
+    double_quant: bool | None = None,
+    assume_default_recipe: bool = False,
+) -> dict[str, Any]:
     """Merge the adapter at ``adapter_dir`` into its dequantized base and save it to ``out``.
 
     Every check (the adapter, its 4-bit format, ``out``) runs before the base is loaded.
@@ -131,8 +172,9 @@ def merge_adapter(adapter_dir: str | os.PathLike[str], out: str | os.PathLike[st
     keep = [Path(adapter_dir)] + ([Path(base)] if Path(base).exists() else [])
     check_out(out_path, force, keep)
     check_writable_destination(out_path, "--out")
-    recipe, trained = adapter_recipe(adapter_dir, config, quant_type=quant_type, double_quant=double_quant,
-                                     assume_default=assume_default_recipe)
+    recipe, trained = adapter_recipe(
+        adapter_dir, config, quant_type=quant_type, double_quant=double_quant, assume_default=assume_default_recipe
+    )
     import torch
 
     from qlora_plugin.core.device import torch_dtype
@@ -164,10 +206,16 @@ def merge_adapter(adapter_dir: str | os.PathLike[str], out: str | os.PathLike[st
         progress.advance(step)
         files = sorted(p.name for p in staging.iterdir())
     return {
-        "out": os.fspath(out_path), "base": base, "adapter": os.fspath(adapter_dir), "dtype": DTYPES[dtype],
-        "merged_layers": len(layers), "quantization": f"{recipe.quant_type}, double quant {recipe.double_quant}",
-        "quantization_from": trained.source, "quantization_note": trained.note,
-        "tokenizer_from": tokenizer_from, "files": files,
+        "out": os.fspath(out_path),
+        "base": base,
+        "adapter": os.fspath(adapter_dir),
+        "dtype": DTYPES[dtype],
+        "merged_layers": len(layers),
+        "quantization": f"{recipe.quant_type}, double quant {recipe.double_quant}",
+        "quantization_from": trained.source,
+        "quantization_note": trained.note,
+        "tokenizer_from": tokenizer_from,
+        "files": files,
     }
 
 

@@ -88,13 +88,13 @@ class ModelReport:
 
     def quantized_bytes(self) -> int:
         """Bytes of the 4-bit linear weights with their quantization constants."""
-        return sum(nf4_bytes(t.in_features * t.out_features, self.recipe.double_quant)
-                   for t in self.quantized_linears)
+        return sum(nf4_bytes(t.in_features * t.out_features, self.recipe.double_quant) for t in self.quantized_linears)
 
     def unquantized_params(self) -> int:
         """Parameters kept in 16/32 bits: embeddings, output head, norms, biases."""
-        head = 0 if self.tied_head else sum(t.in_features * t.out_features for t in self.linears
-                                            if t.name in self.heads)
+        head = (
+            0 if self.tied_head else sum(t.in_features * t.out_features for t in self.linears if t.name in self.heads)
+        )
         return sum(self.other_params.values()) + head
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,8 +102,8 @@ class ModelReport:
             "model": self.source,
             "architecture": self.architecture,
             "model_type": self.model_type,
-            "recipe": self.recipe.recipe_fields() | {"target_modules": "auto" if self.recipe.targets_are_auto
-                                                      else self.recipe.target_modules},
+            "recipe": self.recipe.recipe_fields()
+            | {"target_modules": "auto" if self.recipe.targets_are_auto else self.recipe.target_modules},
             "targets": self.targets,
             "target_groups": self.groups,
             "skipped": self.skipped,
@@ -154,20 +154,36 @@ def skip_reason(name: str, heads: set[str], recipe: QLoRARecipe | RecipeSpec, us
 
 def adapted_names(linears: list[Linear], recipe: QLoRARecipe | RecipeSpec) -> list[str]:
     """The full names of the layers a resolved recipe adapts (its names may be last parts only)."""
+    assert recipe.target_modules is not None  # the field checks never leave it None
     wanted = set(recipe.target_modules)
-    return [layer.name for layer in linears
-            if layer.name in wanted or any(layer.name.endswith("." + name) for name in wanted)]
+    return [
+        layer.name
+        for layer in linears
+        if layer.name in wanted or any(layer.name.endswith("." + name) for name in wanted)
+    ]
 
 
-def build_report(*, source: str, architecture: str, config: Any, recipe: QLoRARecipe | RecipeSpec,
-                 user_recipe: QLoRARecipe | RecipeSpec, linears: list[Linear], targets: list[str], heads: set[str],
-                 other_params: dict[str, int], tied_head: bool, norm_count: int,
-                 extra_skipped: dict[str, str] | None = None) -> ModelReport:
+def build_report(
+    *,
+    source: str,
+    architecture: str,
+    config: Any,
+    recipe: QLoRARecipe | RecipeSpec,
+    user_recipe: QLoRARecipe | RecipeSpec,
+    linears: list[Linear],
+    targets: list[str],
+    heads: set[str],
+    other_params: dict[str, int],
+    tied_head: bool,
+    norm_count: int,
+    extra_skipped: dict[str, str] | None = None,
+) -> ModelReport:
     """A :class:`ModelReport` with the skipped layers explained and the targets grouped."""
     target_set = set(targets)
     skipped = {
         layer.name: skip_reason(layer.name, heads, user_recipe, _user_excluded(layer.name, user_recipe))
-        for layer in linears if layer.name not in target_set
+        for layer in linears
+        if layer.name not in target_set
     }
     skipped.update(extra_skipped or {})
     report = ModelReport(
@@ -199,14 +215,23 @@ def group_targets(report: ModelReport) -> list[dict[str, Any]]:
     """The targets grouped by module type: ``model.layers.*.self_attn.q_proj`` over layers 0-31."""
     groups: dict[tuple[str, int, int], dict[str, Any]] = {}
     layers_of: dict[tuple[str, int, int], list[int]] = defaultdict(list)
-    counts = dict(zip([t.name for t in report.target_linears], report.lora_param_counts()))
+    counts = dict(zip([t.name for t in report.target_linears], report.lora_param_counts(), strict=False))
     for t in report.target_linears:
         indices = LAYER_INDEX.findall(t.name)
         pattern = LAYER_INDEX.sub(".*", t.name)
         key = (pattern, t.in_features, t.out_features)
-        group = groups.setdefault(key, {"module": pattern, "type": t.name.rsplit(".", 1)[-1],
-                                        "in_features": t.in_features, "out_features": t.out_features,
-                                        "count": 0, "lora_params_each": counts[t.name], "lora_params": 0})
+        group = groups.setdefault(
+            key,
+            {
+                "module": pattern,
+                "type": t.name.rsplit(".", 1)[-1],
+                "in_features": t.in_features,
+                "out_features": t.out_features,
+                "count": 0,
+                "lora_params_each": counts[t.name],
+                "lora_params": 0,
+            },
+        )
         group["count"] += 1
         group["lora_params"] += counts[t.name]
         if indices:

@@ -36,10 +36,18 @@ class Preflight:
         return not self.errors
 
     def to_dict(self) -> dict[str, Any]:
-        errors = [{"field": e.field, "value": e.value, "problem": e.problem, "fix": e.fix, "message": str(e)}
-                  for e in self.errors]
-        return {"config": self.config, "ok": self.ok, "errors": errors, "warnings": self.warnings,
-                "notes": self.notes, "checked": self.checked}
+        errors = [
+            {"field": e.field, "value": e.value, "problem": e.problem, "fix": e.fix, "message": str(e)}
+            for e in self.errors
+        ]
+        return {
+            "config": self.config,
+            "ok": self.ok,
+            "errors": errors,
+            "warnings": self.warnings,
+            "notes": self.notes,
+            "checked": self.checked,
+        }
 
 
 def check_config(path: str | os.PathLike[str]) -> Preflight:
@@ -69,18 +77,27 @@ def read_config(path: Path) -> dict[str, Any]:
     import yaml
 
     if not path.is_file():
-        raise QLoRAConfigError("CONFIG", os.fspath(path), "does not exist" if not path.exists() else "is not a file",
-                               "pass the path of an Axolotl YAML config")
+        raise QLoRAConfigError(
+            "CONFIG",
+            os.fspath(path),
+            "does not exist" if not path.exists() else "is not a file",
+            "pass the path of an Axolotl YAML config",
+        )
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise QLoRAConfigError("CONFIG", os.fspath(path), f"is not valid YAML{where} ({getattr(error, 'problem', error)})",
-                               "fix the YAML syntax there (indentation, a missing colon or quote)") from None
+        raise QLoRAConfigError(
+            "CONFIG",
+            os.fspath(path),
+            f"is not valid YAML{where} ({getattr(error, 'problem', error)})",
+            "fix the YAML syntax there (indentation, a missing colon or quote)",
+        ) from None
     if not isinstance(config, dict):
-        raise QLoRAConfigError("CONFIG", os.fspath(path), "is not a mapping of Axolotl keys",
-                               "write the config as `key: value` lines")
+        raise QLoRAConfigError(
+            "CONFIG", os.fspath(path), "is not a mapping of Axolotl keys", "write the config as `key: value` lines"
+        )
     return config
 
 
@@ -88,22 +105,32 @@ def _check_plugin_line(config: dict[str, Any], result: Preflight) -> None:
     from qlora_plugin.core.section import PLUGIN, SECTION, names_the_plugin
 
     if SECTION not in config:
-        result.errors.append(QLoRAConfigError(
-            SECTION, None, "is missing, so the plugin has nothing to do",
-            f"add `{SECTION}: {{}}` (the recipe's defaults) or e.g. `{SECTION}: {{preset: paper}}`, and the plugin line"))
+        result.errors.append(
+            QLoRAConfigError(
+                SECTION,
+                None,
+                "is missing, so the plugin has nothing to do",
+                f"add `{SECTION}: {{}}` (the recipe's defaults) or e.g. `{SECTION}: {{preset: paper}}`, "
+                "and the plugin line",
+            )
+        )
     if not names_the_plugin(config.get("plugins")):
-        result.errors.append(QLoRAConfigError(
-            "plugins", config.get("plugins"),
-            f"does not load {PLUGIN}, so Axolotl ignores the {SECTION}: section and trains without it "
-            "(a 16-bit full fine-tune, or an error about learning_rate)",
-            f"add the lines `plugins:` and `  - {PLUGIN}`"))
+        result.errors.append(
+            QLoRAConfigError(
+                "plugins",
+                config.get("plugins"),
+                f"does not load {PLUGIN}, so Axolotl ignores the {SECTION}: section and trains without it "
+                "(a 16-bit full fine-tune, or an error about learning_rate)",
+                f"add the lines `plugins:` and `  - {PLUGIN}`",
+            )
+        )
     else:
         result.checked.append(f"plugins: loads {PLUGIN}")
 
 
 def _check_section(config: dict[str, Any], result: Preflight) -> Any:
-    from qlora_plugin.tools.inspection import describe_recipe
     from qlora_plugin.core.section import SECTION, spec_from_section
+    from qlora_plugin.tools.inspection import describe_recipe
 
     if SECTION not in config:
         return None
@@ -118,20 +145,26 @@ def _check_section(config: dict[str, Any], result: Preflight) -> Any:
 
 def _check_targets(config: dict[str, Any], spec: Any, result: Preflight) -> None:
     """Resolve the section's targets on a local base model read from its config (no weights, no torch)."""
-    from qlora_plugin.tools.config_layers import report_from_config
     from qlora_plugin.core.section import in_section
+    from qlora_plugin.tools.config_layers import report_from_config
 
     base = config.get("base_model")
     if not base:
-        result.errors.append(QLoRAConfigError("base_model", None, "is missing",
-                                              "set base_model to a model directory or hub id"))
+        result.errors.append(
+            QLoRAConfigError("base_model", None, "is missing", "set base_model to a model directory or hub id")
+        )
         return
     local = Path(os.path.expanduser(str(base)))
     if not local.exists():
         if str(base).startswith(LOCAL_PREFIXES):
-            result.errors.append(QLoRAConfigError(
-                "base_model", str(base), f"no such directory (relative paths are read from {os.getcwd()})",
-                "correct the path, or run from the directory it is relative to"))
+            result.errors.append(
+                QLoRAConfigError(
+                    "base_model",
+                    str(base),
+                    f"no such directory (relative paths are read from {os.getcwd()})",
+                    "correct the path, or run from the directory it is relative to",
+                )
+            )
         else:
             result.notes.append(f"base_model {base} is a hub id: targets are found when the model loads")
         return

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ def find_segments(position_ids: torch.Tensor) -> Segments | None:
     if len(bounds) == rows:
         return None
     bounds.append(rows * length)
-    lengths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    lengths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=False))
     cu = torch.tensor(bounds, dtype=torch.int32).to(position_ids.device, non_blocking=True)
     return Segments(cu_seqlens=cu, lengths=lengths, max_length=max(lengths))
 
@@ -84,9 +84,16 @@ def segments_of(module: nn.Module, query_length: int, key_length: int, kwargs: d
     return cache.get(position_ids)
 
 
-def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                          **kwargs: Any) -> tuple[torch.Tensor, None]:
+def packed_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """transformers attention function: packed rows per sequence, everything else as ``sdpa``.
 
     ``query`` [rows, heads, T, dim], ``key``/``value`` [rows, kv_heads, T, dim]; returns
@@ -98,13 +105,18 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     if attention_mask is None and getattr(module, "is_causal", True):
         segments = segments_of(module, query.shape[2], key.shape[2], kwargs)
     if segments is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     rows, heads, length, _ = query.shape
     if len(set(segments.lengths)) == 1:  # equal sequences tile the rows: a batch of them, as if never packed
         size = segments.lengths[0]
-        split = [t.transpose(1, 2).reshape(-1, size, t.shape[1], t.shape[-1]).transpose(1, 2) for t in (query, key, value)]
-        out, _ = sdpa_attention_forward(module, *split, None, dropout=dropout, scaling=scaling, is_causal=True)
+        q_split, k_split, v_split = [
+            t.transpose(1, 2).reshape(-1, size, t.shape[1], t.shape[-1]).transpose(1, 2) for t in (query, key, value)
+        ]
+        out, _ = sdpa_attention_forward(
+            module, q_split, k_split, v_split, None, dropout=dropout, scaling=scaling, is_causal=True
+        )
         return out.reshape(rows, length, heads, out.shape[-1]), None
     varlen, grouped_heads = _varlen_function() if dropout == 0.0 and query.is_cuda else (None, False)
     kv_heads = key.shape[1] if varlen is not None and grouped_heads else heads
@@ -125,18 +137,21 @@ def _tokens_first(states: torch.Tensor, heads: int) -> torch.Tensor:
     return states.transpose(1, 2).reshape(rows * length, heads, dim)
 
 
-def _attention_per_length(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, dropout: float,
-                          scaling: float | None) -> torch.Tensor:
+def _attention_per_length(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, dropout: float, scaling: float | None
+) -> torch.Tensor:
     """Causal SDPA over each sequence, with the sequences of one length batched together ([T, heads, dim] in, out)."""
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     starts = segments.cu_seqlens[:-1].tolist()
     by_length: dict[int, list[int]] = {}
-    for start, length in zip(starts, segments.lengths):
+    for start, length in zip(starts, segments.lengths, strict=False):
         by_length.setdefault(length, []).append(start)
     for length, group in by_length.items():
         index = (torch.tensor(group, device=q.device)[:, None] + torch.arange(length, device=q.device)).reshape(-1)
-        batch = [t.index_select(0, index).view(len(group), length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v)]
-        result = F.scaled_dot_product_attention(*batch, dropout_p=dropout, scale=scaling, is_causal=True)
+        qb, kb, vb = [
+            t.index_select(0, index).view(len(group), length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v)
+        ]
+        result = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=dropout, scale=scaling, is_causal=True)
         out.index_copy_(0, index, result.transpose(1, 2).reshape(-1, *out.shape[1:]))
     return out
 
@@ -165,26 +180,42 @@ def _varlen_function() -> tuple[Any, bool]:
     if grouped:
         causal["enable_gqa"] = True
 
-    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments,
-             scaling: float | None) -> torch.Tensor:
+    def call(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, scaling: float | None
+    ) -> torch.Tensor:
         if scaling is not None and not takes_scale:
             q = q * (scaling * q.shape[-1] ** 0.5)
-        extra = {"scale": scaling} if takes_scale and scaling is not None else {}
+        extra: dict[str, Any] = {"scale": scaling} if takes_scale and scaling is not None else {}
         cu = segments.cu_seqlens
-        return varlen_attn(q, k, v, cu, cu, segments.max_length, segments.max_length, **causal, **extra)
+        out = varlen_attn(q, k, v, cu, cu, segments.max_length, segments.max_length, **causal, **extra)
+        return cast(torch.Tensor, out)  # a tuple only with return_aux, never passed here
 
     return call, grouped
 
 
-def _packed_mask(*args: Any, attention_mask: torch.Tensor | None = None, q_length: int = 0, kv_length: int = 0,
-                 q_offset: int = 0, kv_offset: int = 0, **kwargs: Any) -> Any:
+def _packed_mask(
+    *args: Any,
+    attention_mask: torch.Tensor | None = None,
+    q_length: int = 0,
+    kv_length: int = 0,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    **kwargs: Any,
+) -> Any:
     """transformers mask function: no mask where the attention function separates packed sequences itself."""
     from transformers.masking_utils import sdpa_mask
 
     if attention_mask is None and q_length == kv_length and not q_offset and not kv_offset:
         return None
-    return sdpa_mask(*args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length,
-                     q_offset=q_offset, kv_offset=kv_offset, **kwargs)
+    return sdpa_mask(
+        *args,
+        attention_mask=attention_mask,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        **kwargs,
+    )
 
 
 def supports_packed_attention(model: nn.Module) -> bool:
@@ -199,7 +230,7 @@ def supports_packed_attention(model: nn.Module) -> bool:
     return all(kind == "full_attention" for kind in layer_types) and sliding is None
 
 
-def use_packed_attention(model: nn.Module) -> int:
+def use_packed_attention(model: Any) -> int:
     """Give ``model`` (a causal LM) the packed-batch attention; returns the attention modules that got it."""
     from qlora_plugin.core.patches import allowed
 

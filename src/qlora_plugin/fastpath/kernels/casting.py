@@ -19,7 +19,7 @@ _KEEP_FP32_BUFFERS = ("inv_freq", "original_inv_freq")
 def cast_frozen_params(model: nn.Module, dtype: torch.dtype) -> int:
     """Cast frozen floating-point parameters that are not 4-bit to ``dtype``; returns how many changed."""
     n = 0
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad or not p.is_floating_point() or p.dtype == dtype:
             continue
         if type(p).__name__ in ("Params4bit", "Int8Params"):

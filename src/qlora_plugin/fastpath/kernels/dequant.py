@@ -58,9 +58,18 @@ def dequantize_4bit_reference(weight: torch.Tensor, quant_state: Any, dtype: tor
     return (code[nibbles] * scale).to(dtype).reshape(quant_state.shape)
 
 
-def dequantize_4bit(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype, *, triton: bool = False,
-                    cache_block_constants: bool = False) -> torch.Tensor:
-    """Dequantize ``weight`` to ``dtype`` with the fastest implementation for its device (see :func:`make_dequantizer`)."""
+def dequantize_4bit(
+    weight: torch.Tensor,
+    quant_state: Any,
+    dtype: torch.dtype,
+    *,
+    triton: bool = False,
+    cache_block_constants: bool = False,
+) -> torch.Tensor:
+    """Dequantize ``weight`` to ``dtype`` with the fastest implementation for its device.
+
+    ``triton`` and ``cache_block_constants``: see :func:`make_dequantizer`.
+    """
     if triton and use_gpu_kernels(weight):
         from qlora_plugin.fastpath.kernels.triton_nf4 import dequantize_4bit_triton
 
@@ -87,16 +96,24 @@ def _cuda_kernels(quant_type: str, dtype: torch.dtype) -> tuple[Any, Any] | None
 
     # bitsandbytes declares (code, A, absmax, out, blocksize, numel, stream) for both
     signature = [ctypes.c_void_p] * 4 + [ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
-    dequant_4bit = c_function("bnb-dequantize-c-calls", f"cdequantize_blockwise_{names[dtype]}_{quant_type}",
-                              signature, None)
+    dequant_4bit = c_function(
+        "bnb-dequantize-c-calls", f"cdequantize_blockwise_{names[dtype]}_{quant_type}", signature, None
+    )
     dequant_blockwise = c_function("bnb-dequantize-c-calls", "cdequantize_blockwise_fp32", signature, None)
     if dequant_4bit is None or dequant_blockwise is None:
         return None
     return dequant_4bit, dequant_blockwise
 
 
-def _dequantize_4bit_cuda(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype,
-                          dequant_4bit: Any, dequant_blockwise: Any, *, cache: bool = False) -> torch.Tensor:
+def _dequantize_4bit_cuda(
+    weight: torch.Tensor,
+    quant_state: Any,
+    dtype: torch.dtype,
+    dequant_4bit: Any,
+    dequant_blockwise: Any,
+    *,
+    cache: bool = False,
+) -> torch.Tensor:
     """The same CUDA kernels as ``bitsandbytes.functional.dequantize_4bit``, called directly.
 
     bitsandbytes reaches them through its registered ``torch.ops`` (tens of microseconds
@@ -111,8 +128,15 @@ def _dequantize_4bit_cuda(weight: torch.Tensor, quant_state: Any, dtype: torch.d
             s2 = quant_state.state2
             nested = quant_state.absmax.contiguous()
             absmax = torch.empty(nested.shape, dtype=torch.float32, device=weight.device)
-            dequant_blockwise(s2.code.data_ptr(), nested.data_ptr(), s2.absmax.data_ptr(), absmax.data_ptr(),
-                              s2.blocksize, nested.numel(), stream)
+            dequant_blockwise(
+                s2.code.data_ptr(),
+                nested.data_ptr(),
+                s2.absmax.data_ptr(),
+                absmax.data_ptr(),
+                s2.blocksize,
+                nested.numel(),
+                stream,
+            )
             absmax += quant_state.offset
         else:
             absmax = quant_state.absmax.float().contiguous()

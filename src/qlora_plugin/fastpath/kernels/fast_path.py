@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from qlora_plugin.fastpath.kernels.attention import use_packed_attention
 from qlora_plugin.fastpath.kernels.casting import cast_adapters, cast_frozen_params
-from qlora_plugin.fastpath.kernels.layers import patch_norms_and_mlps, patch_rope
 from qlora_plugin.fastpath.kernels.dequant import make_dequantizer
+from qlora_plugin.fastpath.kernels.layers import patch_norms_and_mlps, patch_rope
 from qlora_plugin.fastpath.kernels.lora_linear import LayerOptions, patch_lora_4bit_layers
 from qlora_plugin.fastpath.kernels.losses import patch_causal_lm_loss
 from qlora_plugin.fastpath.kernels.recompute import set_recompute
@@ -77,7 +78,7 @@ class FastPathReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _causal_lm(model: nn.Module) -> nn.Module:
+def _causal_lm(model: nn.Module) -> Any:  # the transformers model, whose attributes are read
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
@@ -111,8 +112,9 @@ def apply_fast_path(
             dequant=make_dequantizer(triton=cfg.triton_dequant, cache_block_constants=cfg.cache_block_constants),
             triton_dropout=cfg.triton_dropout,
         )
-        report.lora_layers_fused = patch_lora_4bit_layers(lm, skip=cfg.skip_lora, compute_dtype=cfg.compute_dtype,
-                                                          options=options)
+        report.lora_layers_fused = patch_lora_4bit_layers(
+            lm, skip=cfg.skip_lora, compute_dtype=cfg.compute_dtype, options=options
+        )
     if cfg.fused_norm_mlp:
         report.norms_patched, report.mlps_patched = patch_norms_and_mlps(lm, mlps=cfg.fused_mlp)
     if cfg.fused_rope:

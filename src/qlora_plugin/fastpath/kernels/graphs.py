@@ -67,9 +67,11 @@ class _LayerCall(nn.Module):
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return getattr(self.layer, _EAGER_FORWARD)(hidden, attention_mask=None, position_embeddings=(cos, sin))
 
-    def function(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def function(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *params: torch.Tensor
+    ) -> torch.Tensor:
         """The layer with ``params`` in place of its trainable parameters."""
-        return torch.func.functional_call(self, dict(zip(self.names, params)), (hidden, cos, sin))
+        return torch.func.functional_call(self, dict(zip(self.names, params, strict=False)), (hidden, cos, sin))
 
     def stand_ins(self) -> list[torch.Tensor]:
         """New leaves sharing the trainable parameters' storage (replays then copy nothing)."""
@@ -77,8 +79,9 @@ class _LayerCall(nn.Module):
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-               for m in module.modules())
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in module.modules()
+    )
 
 
 def _draws_random_numbers(layers: list[nn.Module]) -> bool:
@@ -101,8 +104,12 @@ def _generator_works(device: torch.device) -> bool:
 
 
 def _global_hooks() -> bool:
-    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
-                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
+    return bool(
+        torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
+        or torch_module._global_backward_hooks
+        or torch_module._global_backward_pre_hooks
+    )
 
 
 class DecoderGraphs:
@@ -132,7 +139,8 @@ class DecoderGraphs:
         elif emb is None or kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
             self.eager_because = "a cache or no position embeddings"
         elif (model := self.model() if self.model is not None else None) is not None and batch_is_packed(
-                model, kwargs.get("position_ids")):
+            model, kwargs.get("position_ids")
+        ):
             self.eager_because = "packed sequences (their boundaries change from batch to batch)"
         else:
             extra = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in _LAYER_NEUTRAL_KWARGS]
@@ -185,7 +193,7 @@ class DecoderGraphs:
         if index == 0:
             self._replaying = False
             mask = kwargs.get("attention_mask")
-            emb = kwargs.get("position_embeddings")
+            emb: Any = kwargs.get("position_embeddings")  # transformers' (cos, sin), or None
             key = self._key(hidden, mask, kwargs, emb)
             if key is None:
                 return eager(hidden, *args, **kwargs)
@@ -210,6 +218,7 @@ class DecoderGraphs:
         if not self._replaying or _global_hooks():
             return eager(hidden, *args, **kwargs)
         cos, sin = kwargs["position_embeddings"]
+        assert self.graphed is not None  # replaying: layer 0's call captured or kept the graphs
         out = self.graphed[index](hidden, cos, sin, *self.calls[index].params)
         if index == 0:
             self._watch_backward(out)

@@ -51,7 +51,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary position embedding of q and k (HF layout [B, H, S, D]); Liger's kernel on CUDA."""
     if use_liger(q) and unsqueeze_dim == 1:
         from liger_kernel.ops.rope import LigerRopeFunction
@@ -60,7 +62,9 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return rotary_reference(q, k, cos, sin, unsqueeze_dim)
 
 
-def rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_reference(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch rotary embedding (rotate-half convention, as Llama)."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
 
@@ -106,7 +110,7 @@ def patch_rope(model: nn.Module) -> int:
 _ROPE_FORWARDS: dict[type, Any] = {}
 
 
-def _forward_with_rotary(cls: type) -> Any:
+def _forward_with_rotary(cls: type[Any]) -> Any:
     """``cls.forward`` with ``apply_rotary_pos_emb`` resolved to :func:`rotary`, or None if it uses no such name."""
     if cls not in _ROPE_FORWARDS:
         original = cls.forward
@@ -122,11 +126,11 @@ def _forward_with_rotary(cls: type) -> Any:
     return _ROPE_FORWARDS[cls]
 
 
-def _norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+def _norm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-def _swiglu_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def _swiglu_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -143,8 +147,7 @@ def patch_norms_and_mlps(model: nn.Module, mlps: bool = True) -> tuple[int, int]
 
     if not allowed("transformers-norm-mlp-forward"):
         return 0, 0
-    do_mlps = mlps
-    norms = mlps = 0
+    norms = swiglus = 0
     for module in model.modules():
         if hasattr(module, _ORIG_FORWARD):
             continue
@@ -152,8 +155,8 @@ def patch_norms_and_mlps(model: nn.Module, mlps: bool = True) -> tuple[int, int]
             setattr(module, _ORIG_FORWARD, module.forward)
             module.forward = types.MethodType(_norm_forward, module)
             norms += 1
-        elif do_mlps and _is_swiglu_mlp(module):
+        elif mlps and _is_swiglu_mlp(module):
             setattr(module, _ORIG_FORWARD, module.forward)
             module.forward = types.MethodType(_swiglu_forward, module)
-            mlps += 1
-    return norms, mlps
+            swiglus += 1
+    return norms, swiglus

@@ -17,6 +17,7 @@ import torch
 
 from qlora_plugin.fastpath.kernels._backend import use_gpu_kernels
 
+
 def use_triton_dropout(x: torch.Tensor, enabled: bool = True) -> bool:
     """True when the bit-mask kernels serve ``x`` (CUDA, Triton, 16-bit) and the model's choice ``enabled`` allows."""
     return enabled and x.dtype in (torch.bfloat16, torch.float16) and use_gpu_kernels(x)
@@ -39,8 +40,9 @@ def unpack_keep_mask(bits: torch.Tensor, k: int) -> torch.Tensor:
     return unpacked.reshape(bits.shape[0], -1)[:, :k].bool()
 
 
-def dropout_down_reference(x: torch.Tensor, a: torch.Tensor, p: float,
-                           keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def dropout_down_reference(
+    x: torch.Tensor, a: torch.Tensor, p: float, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``u = (x * keep / (1 - p)) @ a.T`` in ``x``'s dtype and the packed ``keep`` (drawn if not given)."""
     if keep is None:
         keep = torch.rand(x.shape, device=x.device) >= p
@@ -54,8 +56,9 @@ def dropout_grad_a_reference(gu: torch.Tensor, x: torch.Tensor, bits: torch.Tens
     return gu.float().t() @ (x * keep).float() / (1.0 - p)
 
 
-def dropout_add_grad_x_reference(grad_x: torch.Tensor, gu: torch.Tensor, a: torch.Tensor, bits: torch.Tensor,
-                                 p: float) -> torch.Tensor:
+def dropout_add_grad_x_reference(
+    grad_x: torch.Tensor, gu: torch.Tensor, a: torch.Tensor, bits: torch.Tensor, p: float
+) -> torch.Tensor:
     """``grad_x += (gu @ a) * keep / (1 - p)`` in place."""
     keep = unpack_keep_mask(bits, grad_x.shape[1])
     share = (gu.float() @ a.float()) * keep / (1.0 - p)

@@ -69,7 +69,7 @@ class LoRA4bitFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         p: float,
@@ -90,6 +90,7 @@ class LoRA4bitFunction(torch.autograd.Function):
         a = a_copy if a_copy is not None and a_copy.dtype == dtype else lora_a.detach().to(dtype)
         b = b_copy if b_copy is not None and b_copy.dtype == dtype else lora_b.detach().to(dtype)
         packed = p > 0.0 and use_triton_dropout(x2, triton_dropout)
+        mask: torch.Tensor | None
         if packed:  # the mask is drawn in-kernel and kept as bits; backward reads x and the bits
             from qlora_plugin.fastpath.kernels.triton_lora_dropout import dropout_down
 
@@ -111,7 +112,7 @@ class LoRA4bitFunction(torch.autograd.Function):
         return out.view(*lead, out.shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xl2, u, a, b, mask = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
         dtype = g2.dtype
@@ -161,8 +162,20 @@ def lora_4bit_linear(
     ``dropout``: probability of LoRA dropout on the adapter's input (training only:
     pass 0 in eval). ``a_copy``/``b_copy``: ready compute-dtype copies of the adapters.
     """
-    args = (x, float(dropout), lora_a, lora_b, a_copy, b_copy, scaling, weight, quant_state, bias, dequant,
-            triton_dropout)
+    args = (
+        x,
+        float(dropout),
+        lora_a,
+        lora_b,
+        a_copy,
+        b_copy,
+        scaling,
+        weight,
+        quant_state,
+        bias,
+        dequant,
+        triton_dropout,
+    )
     if torch.is_autocast_enabled(x.device.type):
         with torch.autocast(device_type=x.device.type, enabled=False):
             return LoRA4bitFunction.apply(*args)
@@ -193,9 +206,10 @@ class AdapterCopies:
         with torch.no_grad():
             for device, masters in by_device.items():
                 flat = torch.empty(sum(m.numel() for m in masters), dtype=self.dtype, device=device)
-                views = [v.view(m.shape) for v, m in zip(flat.split([m.numel() for m in masters]), masters)]
+                pieces = flat.split([m.numel() for m in masters])
+                views = [v.view(m.shape) for v, m in zip(pieces, masters, strict=True)]
                 torch._foreach_copy_(views, masters)
-                copies.update({id(m): (v, m._version) for m, v in zip(masters, views)})
+                copies.update({id(m): (v, m._version) for m, v in zip(masters, views, strict=False)})
         self.copies = copies
 
     def get(self, master: torch.Tensor) -> torch.Tensor | None:
@@ -206,7 +220,7 @@ class AdapterCopies:
         return entry[0]
 
 
-def _plain_lora_adapter(layer: nn.Module) -> str | None:
+def _plain_lora_adapter(layer: Any) -> str | None:
     """The single active plain-LoRA adapter of a PEFT layer, or None if it needs PEFT's own path."""
     if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
         return None
@@ -230,7 +244,7 @@ def _plain_lora_adapter(layer: nn.Module) -> str | None:
     return name
 
 
-def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     name = None if (args or kwargs) else _plain_lora_adapter(self)
     if name is None:
         return getattr(self, _ORIG_FORWARD)(x, *args, **kwargs)
@@ -269,8 +283,12 @@ def is_lora_4bit_layer(module: nn.Module) -> bool:
     return isinstance(module, LoraLinear4bit)
 
 
-def patch_lora_4bit_layers(model: nn.Module, skip: tuple[str, ...] = (),
-                           compute_dtype: torch.dtype | None = None, options: LayerOptions | None = None) -> int:
+def patch_lora_4bit_layers(
+    model: nn.Module,
+    skip: tuple[str, ...] = (),
+    compute_dtype: torch.dtype | None = None,
+    options: LayerOptions | None = None,
+) -> int:
     """Route every PEFT LoRA-over-4-bit layer of ``model`` through the fused function.
 
     Returns how many layers were patched (0 where PEFT or bitsandbytes is outside the

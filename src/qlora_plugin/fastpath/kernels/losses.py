@@ -10,7 +10,7 @@ over ``num_items_in_batch``.
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,9 @@ def linear_cross_entropy(
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
         reduction = "mean" if num_items_in_batch is None else "sum"
-        loss = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, targets, None, None, IGNORE_INDEX, 0.0, 0.0, reduction)[0]
+        loss = LigerFusedLinearCrossEntropyFunction.apply(
+            hidden, weight, targets, None, None, IGNORE_INDEX, 0.0, 0.0, reduction
+        )[0]
         return loss if num_items_in_batch is None else loss / num_items_in_batch
     return linear_cross_entropy_reference(hidden, weight, targets, num_items_in_batch)
 
@@ -76,7 +78,7 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
 
 
-def _fused_loss_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+def _fused_loss_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     labels = kwargs.get("labels")
     if labels is None or not self.training or args or kwargs.get("return_dict") is False:
         return getattr(self, _ORIG_FORWARD)(*args, **kwargs)
@@ -94,10 +96,15 @@ def _fused_loss_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if targets is None:
         targets = shift_labels(labels.to(hidden.device))
     loss = linear_cross_entropy(hidden, self.get_output_embeddings().weight, targets, num_items)
-    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    return CausalLMOutputWithPast(
+        loss=cast("torch.FloatTensor", loss),  # transformers annotates FloatTensor; any float dtype is meant
+        logits=None,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )
 
 
-def patch_causal_lm_loss(causal_lm: nn.Module) -> bool:
+def patch_causal_lm_loss(causal_lm: Any) -> bool:
     """Make ``causal_lm`` compute its training loss without logits; returns whether it was patched.
 
     Only plain decoder LMs qualify: a ``.model`` decoder, an untied-or-tied linear

@@ -77,7 +77,11 @@ def paged_states_available() -> bool:
 
 def prefetch_to_device(t: torch.Tensor) -> None:
     """Ask the driver to move a unified-memory tensor's pages to its GPU (asynchronous)."""
-    managed_memory_functions()[1](ctypes.c_void_p(t.data_ptr()), ctypes.c_size_t(t.numel() * t.element_size()), ctypes.c_int32(t.device.index or 0))
+    managed_memory_functions()[1](
+        ctypes.c_void_p(t.data_ptr()),
+        ctypes.c_size_t(t.numel() * t.element_size()),
+        ctypes.c_int32(t.device.index or 0),
+    )
 
 
 class PagedAdamW(torch.optim.AdamW):
@@ -112,7 +116,9 @@ class PagedAdamW(torch.optim.AdamW):
         """Place every parameter's moments in one unified-memory buffer (keeping any values)."""
         params = [p for g in self.param_groups for p in g["params"]]
         if any(p.dtype != torch.float32 for p in params):
-            raise ValueError("PagedAdamW keeps 32-bit moments only for fp32 parameters; keep LoRA master weights in fp32")
+            raise ValueError(
+                "PagedAdamW keeps 32-bit moments only for fp32 parameters; keep LoRA master weights in fp32"
+            )
         pages = managed_zeros(2 * sum(p.numel() for p in params), params[0].device)
         offset = 0
         for p in params:
@@ -129,7 +135,7 @@ class PagedAdamW(torch.optim.AdamW):
         self._pages = pages
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         if self.paged:
             if self._pages is None:
                 self._page_states()

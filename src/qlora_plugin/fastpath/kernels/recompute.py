@@ -13,7 +13,8 @@ inputs parked in pinned CPU memory.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,7 +70,9 @@ class _HostStash:
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, run: Callable[[torch.Tensor], torch.Tensor], stash: _HostStash, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(
+        ctx: Any, run: Callable[[torch.Tensor], torch.Tensor], stash: _HostStash, hidden: torch.Tensor
+    ) -> torch.Tensor:
         ctx.run, ctx.stash, ctx.device = run, stash, hidden.device
         ctx.key = stash.put(hidden.detach())
         ctx.rng = torch.cuda.get_rng_state(hidden.device)
@@ -81,7 +84,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:
         hidden = ctx.stash.take(ctx.key, ctx.device).detach().requires_grad_(True)
         with torch.random.fork_rng(devices=[ctx.device]):
             torch.cuda.set_rng_state(ctx.rng, ctx.device)
@@ -129,12 +132,14 @@ def set_recompute(model: nn.Module, mode: str = "none", *, every: int = 1) -> in
     else:
         func = functools.partial(checkpoint, use_reentrant=False)
     n = 0
+    layer: Any  # transformers' GradientCheckpointingLayer: its checkpointing attributes are plain ones
     for i, layer in enumerate(layers):
         on = mode != "none" and i % every == 0
         layer.gradient_checkpointing = on
         layer._gradient_checkpointing_func = func
         n += int(on)
     # The top-level flags transformers also reads (e.g. to drop the KV cache in training).
+    m: Any
     for m in model.modules():
         if hasattr(m, "gradient_checkpointing") and m not in layers:
             m.gradient_checkpointing = n > 0

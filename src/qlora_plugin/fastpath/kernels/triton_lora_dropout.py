@@ -54,8 +54,24 @@ def _unpack(words, BM: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _down_kernel(x_ptr, a_ptr, u_ptr, bits_ptr, seed_ptr, T, K, R, stride_x, stride_a, W, p, scale,
-                 BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+def _down_kernel(
+    x_ptr,
+    a_ptr,
+    u_ptr,
+    bits_ptr,
+    seed_ptr,
+    T,
+    K,
+    R,
+    stride_x,
+    stride_a,
+    W,
+    p,
+    scale,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    BR: tl.constexpr,
+):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     in_rows = rows < T
     rr = tl.arange(0, BR)
@@ -63,22 +79,46 @@ def _down_kernel(x_ptr, a_ptr, u_ptr, bits_ptr, seed_ptr, T, K, R, stride_x, str
     acc = tl.zeros((BM, BR), dtype=tl.float32)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :],
-                    mask=in_rows[:, None] & (cols < K)[None, :], other=0.0)
+        x = tl.load(
+            x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :],
+            mask=in_rows[:, None] & (cols < K)[None, :],
+            other=0.0,
+        )
         keep = _draw_keep(seed, rows, k0, p, BM, BK) & (cols < K)[None, :]
-        at = tl.load(a_ptr + rr[None, :] * stride_a + cols[:, None], mask=(rr < R)[None, :] & (cols < K)[:, None],
-                     other=0.0)
+        at = tl.load(
+            a_ptr + rr[None, :] * stride_a + cols[:, None], mask=(rr < R)[None, :] & (cols < K)[:, None], other=0.0
+        )
         acc += tl.dot(tl.where(keep, x, tl.zeros_like(x)), at)
         words = k0 // 32 + tl.arange(0, BK // 32)
-        tl.store(bits_ptr + rows[:, None].to(tl.int64) * W + words[None, :], _pack(keep, BM, BK),
-                 mask=in_rows[:, None] & (words < W)[None, :])
-    tl.store(u_ptr + rows[:, None].to(tl.int64) * R + rr[None, :], (acc * scale).to(u_ptr.dtype.element_ty),
-             mask=in_rows[:, None] & (rr < R)[None, :])
+        tl.store(
+            bits_ptr + rows[:, None].to(tl.int64) * W + words[None, :],
+            _pack(keep, BM, BK),
+            mask=in_rows[:, None] & (words < W)[None, :],
+        )
+    tl.store(
+        u_ptr + rows[:, None].to(tl.int64) * R + rr[None, :],
+        (acc * scale).to(u_ptr.dtype.element_ty),
+        mask=in_rows[:, None] & (rr < R)[None, :],
+    )
 
 
 @triton.jit
-def _grad_a_kernel(gu_ptr, x_ptr, bits_ptr, out_ptr, T, K, R, stride_x, W, rows_per_split, scale,
-                   BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+def _grad_a_kernel(
+    gu_ptr,
+    x_ptr,
+    bits_ptr,
+    out_ptr,
+    T,
+    K,
+    R,
+    stride_x,
+    W,
+    rows_per_split,
+    scale,
+    BT: tl.constexpr,
+    BN: tl.constexpr,
+    BR: tl.constexpr,
+):
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     words = tl.program_id(0) * (BN // 32) + tl.arange(0, BN // 32)
     split = tl.program_id(1)
@@ -88,30 +128,58 @@ def _grad_a_kernel(gu_ptr, x_ptr, bits_ptr, out_ptr, T, K, R, stride_x, W, rows_
     for t0 in range(start, tl.minimum(start + rows_per_split, T), BT):
         rows = t0 + tl.arange(0, BT)
         in_rows = rows < T
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :],
-                    mask=in_rows[:, None] & (cols < K)[None, :], other=0.0)
-        w = tl.load(bits_ptr + rows[:, None].to(tl.int64) * W + words[None, :],
-                    mask=in_rows[:, None] & (words < W)[None, :], other=0)
-        gu = tl.load(gu_ptr + rows[:, None].to(tl.int64) * R + rr[None, :], mask=in_rows[:, None] & (rr < R)[None, :],
-                     other=0.0)
+        x = tl.load(
+            x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :],
+            mask=in_rows[:, None] & (cols < K)[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            bits_ptr + rows[:, None].to(tl.int64) * W + words[None, :],
+            mask=in_rows[:, None] & (words < W)[None, :],
+            other=0,
+        )
+        gu = tl.load(
+            gu_ptr + rows[:, None].to(tl.int64) * R + rr[None, :], mask=in_rows[:, None] & (rr < R)[None, :], other=0.0
+        )
         acc += tl.dot(tl.trans(gu), tl.where(_unpack(w, BT, BN) != 0, x, tl.zeros_like(x)))
-    tl.store(out_ptr + (split * R + rr[:, None]).to(tl.int64) * K + cols[None, :], acc * scale,
-             mask=(rr < R)[:, None] & (cols < K)[None, :])
+    tl.store(
+        out_ptr + (split * R + rr[:, None]).to(tl.int64) * K + cols[None, :],
+        acc * scale,
+        mask=(rr < R)[:, None] & (cols < K)[None, :],
+    )
 
 
 @triton.jit
-def _grad_x_kernel(gx_ptr, gu_ptr, a_ptr, bits_ptr, T, K, R, stride_gx, stride_a, W, scale,
-                   BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+def _grad_x_kernel(
+    gx_ptr,
+    gu_ptr,
+    a_ptr,
+    bits_ptr,
+    T,
+    K,
+    R,
+    stride_gx,
+    stride_a,
+    W,
+    scale,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BR: tl.constexpr,
+):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     words = tl.program_id(1) * (BN // 32) + tl.arange(0, BN // 32)
     rr = tl.arange(0, BR)
     in_rows = rows < T
-    gu = tl.load(gu_ptr + rows[:, None].to(tl.int64) * R + rr[None, :], mask=in_rows[:, None] & (rr < R)[None, :],
-                 other=0.0)
+    gu = tl.load(
+        gu_ptr + rows[:, None].to(tl.int64) * R + rr[None, :], mask=in_rows[:, None] & (rr < R)[None, :], other=0.0
+    )
     a = tl.load(a_ptr + rr[:, None] * stride_a + cols[None, :], mask=(rr < R)[:, None] & (cols < K)[None, :], other=0.0)
-    w = tl.load(bits_ptr + rows[:, None].to(tl.int64) * W + words[None, :],
-                mask=in_rows[:, None] & (words < W)[None, :], other=0)
+    w = tl.load(
+        bits_ptr + rows[:, None].to(tl.int64) * W + words[None, :],
+        mask=in_rows[:, None] & (words < W)[None, :],
+        other=0,
+    )
     share = tl.where(_unpack(w, BM, BN) != 0, tl.dot(gu, a) * scale, 0.0)
     where = rows[:, None].to(tl.int64) * stride_gx + cols[None, :]
     inside = in_rows[:, None] & (cols < K)[None, :]
@@ -128,8 +196,9 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-def dropout_down(x: torch.Tensor, a: torch.Tensor, p: float,
-                 seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def dropout_down(
+    x: torch.Tensor, a: torch.Tensor, p: float, seed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``u = dropout(x) @ a.T`` for ``x`` [T, K] and ``a`` [R, K]; returns ``u`` and the packed keep-mask.
 
     ``seed``: one int64 on ``x``'s device (default: drawn now from torch's generator).
@@ -143,8 +212,25 @@ def dropout_down(x: torch.Tensor, a: torch.Tensor, p: float,
     bits = torch.empty(t, words, dtype=torch.int32, device=x.device)
     u = torch.empty(t, r, dtype=x.dtype, device=x.device)
     bm = 64 if t >= 64 * 2 * _sm_count(x.device) else 32
-    _down_kernel[(triton.cdiv(t, bm),)](x, a, u, bits, seed, t, k, r, x.stride(0), a.stride(0), words, float(p),
-                                        1.0 / (1.0 - p), BM=bm, BK=64, BR=_rank_block(r), num_warps=4)
+    _down_kernel[(triton.cdiv(t, bm),)](
+        x,
+        a,
+        u,
+        bits,
+        seed,
+        t,
+        k,
+        r,
+        x.stride(0),
+        a.stride(0),
+        words,
+        float(p),
+        1.0 / (1.0 - p),
+        BM=bm,
+        BK=64,
+        BR=_rank_block(r),
+        num_warps=4,
+    )
     return u, bits
 
 
@@ -159,19 +245,49 @@ def dropout_grad_a(gu: torch.Tensor, x: torch.Tensor, bits: torch.Tensor, p: flo
     rows_per_split = triton.cdiv(triton.cdiv(t, splits), bt) * bt
     splits = triton.cdiv(t, rows_per_split)
     out = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
-    _grad_a_kernel[(col_blocks, splits)](gu, x, bits, out, t, k, r, x.stride(0), bits.shape[1], rows_per_split,
-                                         1.0 / (1.0 - p), BT=bt, BN=bn, BR=_rank_block(r), num_warps=4)
+    _grad_a_kernel[(col_blocks, splits)](
+        gu,
+        x,
+        bits,
+        out,
+        t,
+        k,
+        r,
+        x.stride(0),
+        bits.shape[1],
+        rows_per_split,
+        1.0 / (1.0 - p),
+        BT=bt,
+        BN=bn,
+        BR=_rank_block(r),
+        num_warps=4,
+    )
     return out[0] if splits == 1 else out.sum(0)
 
 
-def dropout_add_grad_x(grad_x: torch.Tensor, gu: torch.Tensor, a: torch.Tensor, bits: torch.Tensor,
-                       p: float) -> torch.Tensor:
+def dropout_add_grad_x(
+    grad_x: torch.Tensor, gu: torch.Tensor, a: torch.Tensor, bits: torch.Tensor, p: float
+) -> torch.Tensor:
     """``grad_x += (gu @ a) * keep / (1 - p)`` in place (``grad_x`` [T, K], row-contiguous)."""
     t, k = grad_x.shape
     r = gu.shape[1]
     gu, a = gu.contiguous(), a.contiguous()
     bm, bn = 64, 128
-    _grad_x_kernel[(triton.cdiv(t, bm), triton.cdiv(k, bn))](grad_x, gu, a, bits, t, k, r, grad_x.stride(0), a.stride(0),
-                                                            bits.shape[1], 1.0 / (1.0 - p), BM=bm, BN=bn,
-                                                            BR=_rank_block(r), num_warps=4)
+    _grad_x_kernel[(triton.cdiv(t, bm), triton.cdiv(k, bn))](
+        grad_x,
+        gu,
+        a,
+        bits,
+        t,
+        k,
+        r,
+        grad_x.stride(0),
+        a.stride(0),
+        bits.shape[1],
+        1.0 / (1.0 - p),
+        BM=bm,
+        BN=bn,
+        BR=_rank_block(r),
+        num_warps=4,
+    )
     return grad_x

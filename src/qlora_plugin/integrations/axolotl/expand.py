@@ -62,11 +62,15 @@ def native_keys(recipe: QLoRARecipe, device: str) -> dict[str, Any]:
         "gradient_checkpointing_kwargs": {"use_reentrant": False} if recipe.gradient_checkpointing else None,
         **precision_flags(compute_dtype, device),
     }
-    optional = {"num_epochs": recipe.num_train_epochs, "micro_batch_size": recipe.per_device_train_batch_size,
-                "gradient_accumulation_steps": recipe.gradient_accumulation_steps}
+    optional = {
+        "num_epochs": recipe.num_train_epochs,
+        "micro_batch_size": recipe.per_device_train_batch_size,
+        "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
+    }
     keys.update({key: value for key, value in optional.items() if value is not None})
     if not recipe.targets_are_auto:  # names (sorted), or a pattern the loaded model resolves
         targets = recipe.target_modules
+        assert targets is not None  # the field checks never leave it None
         keys["lora_target_modules"] = targets if isinstance(targets, str) else sorted(targets)
     return keys
 

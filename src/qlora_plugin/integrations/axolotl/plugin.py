@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 from axolotl.integrations.base import BasePlugin
 
+from qlora_plugin.core.notices import route_messages
 from qlora_plugin.integrations.axolotl.expand import (
     SECTION,
     apply_keys,
@@ -38,7 +39,6 @@ from qlora_plugin.integrations.axolotl.expand import (
     native_keys,
     recipe_from_section,
 )
-from qlora_plugin.core.notices import route_messages
 
 AXOLOTL_LOGGER = "axolotl.integrations.qlora_plugin"  # Axolotl shows INFO only under its own namespace
 _log = logging.getLogger(AXOLOTL_LOGGER)
@@ -60,8 +60,8 @@ class QLoRAPlugin(BasePlugin):
 
     def register(self, cfg: dict[str, Any]) -> None:
         """Check the section and write its native keys into ``cfg``."""
-        from qlora_plugin.integrations import exit_summary
         from qlora_plugin.core.device import training_device
+        from qlora_plugin.integrations import exit_summary
 
         exit_summary.install()
         device = training_device()
@@ -97,8 +97,11 @@ class QLoRAPlugin(BasePlugin):
         _log.info("qlora: LoRA on %d modules: %s", len(targets), ", ".join(targets))
         native = cfg.get("lora_target_modules")
         if native and sorted([native] if isinstance(native, str) else native) != targets:
-            _log.warning("qlora section: `lora_target_modules: %r` in the config is replaced by the "
-                   "section's targets (to choose them, set qlora.target_modules)", native)
+            _log.warning(
+                "qlora section: `lora_target_modules: %r` in the config is replaced by the "
+                "section's targets (to choose them, set qlora.target_modules)",
+                native,
+            )
         cfg.lora_target_modules = targets
         cfg.lora_target_linear = False
         if recipe.fast_path:
@@ -127,8 +130,8 @@ class QLoRAPlugin(BasePlugin):
         path may compute it without logits; preference training (``rl``) and ORPO read
         logits and keep the model's own loss.
         """
-        from qlora_plugin.integrations.axolotl.expand import LORA_KERNELS
         from qlora_plugin.fastpath.activation import arm, wants_fast_path
+        from qlora_plugin.integrations.axolotl.expand import LORA_KERNELS
 
         if self.recipe is None or not wants_fast_path(self.recipe):
             return
@@ -189,8 +192,10 @@ class QLoRAPlugin(BasePlugin):
         plain = {key: value for key, value in self.expanded.items() if key not in NOT_RERUN}
         plain = {key: value for key, value in plain.items() if value is not None}
         output_dir.mkdir(parents=True, exist_ok=True)
-        header = (f"# Written by qlora-plugin from the `{SECTION}:` section; targets as discovered on the model.\n"
-                  "# Runs without the plugin: `axolotl train` this file.\n")
+        header = (
+            f"# Written by qlora-plugin from the `{SECTION}:` section; targets as discovered on the model.\n"
+            "# Runs without the plugin: `axolotl train` this file.\n"
+        )
         write_text_atomically(output_dir / EXPANDED_CONFIG, header + yaml.safe_dump(plain, sort_keys=True))
         write_recipe_file(self.recipe, output_dir)
 
