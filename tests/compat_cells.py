@@ -260,9 +260,20 @@ def _model_for(cell: Cell, setting: Setting, path: Path, plugin: bool, recipe: A
 
 
 def _train(
-    cell: Cell, setting: Setting, path: Path, plugin: bool, out: Path, resume_from: int | None = None
+    cell: Cell,
+    setting: Setting,
+    path: Path,
+    plugin: bool,
+    out: Path,
+    resume_from: int | None = None,
+    adapters: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Any, _TokenCounter, float]:
     """One run of ``cell``: the plugin's (``plugin``) or TRL's own 4-bit path.
+
+    The plugin run keeps its adapters as they were before the first step on the returned
+    trainer (``initial_adapters``); a baseline given them as ``adapters`` starts from them
+    (the plugin seeds each layer's initialisation its own way, TRL's path draws from the
+    global generator).
 
     ``resume_from``: after training, a fresh trainer resumes from that step's checkpoint;
     the losses it logs (the checkpoint's history, then its own) are kept on the returned
@@ -300,7 +311,9 @@ def _train(
     eval_data = dataset(cell.data, 16) if args.get("eval_strategy") not in (None, "no") else None
     counter = _TokenCounter()
     if cell.trainer == "trainer":
-        return _train_plain_trainer(recipe, plain, plugin, path, args, tokenizer, train_data, counter, setting)
+        return _train_plain_trainer(
+            recipe, plain, plugin, path, args, tokenizer, train_data, counter, setting, adapters
+        )
     if cell.recipe_args and cell.trainer == "sft":
         config = recipe.sft_config(**args)  # both runs: the same SFTConfig, made by the recipe
     else:
@@ -323,6 +336,8 @@ def _train(
     trainer = _trainer_class(cell.trainer)(model=_model_for(cell, setting, path, plugin, recipe), **kwargs)
     if not plugin:
         _no_cpu_repacking(trainer.model)
+    _same_start(trainer.model, plugin, adapters)
+    trainer.initial_adapters = _adapters(trainer.model)
     counter.attach(trainer.model)
     start = time.perf_counter()
     trainer.train()
@@ -365,6 +380,20 @@ def _trainer_class(kind: str) -> Any:
     return {"sft": trl.SFTTrainer, "dpo": trl.DPOTrainer, "grpo": trl.GRPOTrainer}[kind]
 
 
+def _adapters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+
+
+def _same_start(model: torch.nn.Module, plugin: bool, adapters: dict[str, torch.Tensor] | None) -> None:
+    """Give the baseline's LoRA weights the plugin run's initial values (same names on both)."""
+    if plugin or adapters is None:
+        return
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in adapters:
+                p.copy_(adapters[name].to(p.device, p.dtype))
+
+
 def _train_plain_trainer(
     recipe: Any,
     plain: Any,
@@ -375,6 +404,7 @@ def _train_plain_trainer(
     data: Any,
     counter: _TokenCounter,
     setting: Setting,
+    adapters: dict[str, torch.Tensor] | None,
 ) -> tuple[Any, _TokenCounter, float]:
     """transformers' ``Trainer`` over a PEFT model, with ``recipe.training_args()`` for the plugin run."""
     from peft import get_peft_model
@@ -400,6 +430,8 @@ def _train_plain_trainer(
         training = {**args, "optim": "paged_adamw_32bit"}
     torch.manual_seed(0)
     model = get_peft_model(model, recipe if plugin else plain)
+    _same_start(model, plugin, adapters)
+    initial = _adapters(model)
     if not plugin:
         _no_cpu_repacking(model)
     trainer = Trainer(
@@ -408,6 +440,7 @@ def _train_plain_trainer(
         train_dataset=tokenized,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
     )
+    trainer.initial_adapters = initial
     counter.attach(trainer.model)
     start = time.perf_counter()
     trainer.train()
@@ -527,6 +560,7 @@ def run_cell(cell: Cell, setting: Setting) -> Result:
             )
         losses, eval_loss = _losses(trainer)
         resumed_losses = getattr(trainer, "resumed_losses", None)
+        initial = trainer.initial_adapters
         tok_s = counter.tokens / seconds if seconds else None
         status, reason = _status(messages.lines)
     except Exception as error:  # noqa: BLE001 - a crash is a result of the matrix
@@ -543,7 +577,9 @@ def run_cell(cell: Cell, setting: Setting) -> Result:
     if not cell.compare:
         result.max_loss_dev_pct = None if all(math.isfinite(x) for x in losses) else math.inf
         return result
-    base, base_counter, base_seconds = _train(cell, setting, path, plugin=False, out=work / "baseline")
+    base, base_counter, base_seconds = _train(
+        cell, setting, path, plugin=False, out=work / "baseline", adapters=initial
+    )
     base_losses, base_eval = _losses(base)
     result.baseline_losses = base_losses
     result.baseline_tok_s = base_counter.tokens / base_seconds if base_seconds else None
@@ -552,7 +588,7 @@ def run_cell(cell: Cell, setting: Setting) -> Result:
         deviation = max(deviation, abs(eval_loss - base_eval) / abs(base_eval) * 100)
     result.max_loss_dev_pct = round(deviation, 4)
     if setting.noise_floor:
-        again, _, _ = _train(cell, setting, path, plugin=False, out=work / "baseline-again")
+        again, _, _ = _train(cell, setting, path, plugin=False, out=work / "baseline-again", adapters=initial)
         result.noise_floor_pct = round(_deviation(_losses(again)[0], base_losses), 4)
     return result
 

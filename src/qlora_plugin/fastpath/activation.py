@@ -47,14 +47,13 @@ _DONE = "_qlora_fast_path_applied"
 
 
 # Trainer settings of the fast path; each removes a point where the host waits for the GPU,
-# after which the GPU idles while the host prepares the next step (benchmarks/NOTES.md,
-# sections 9-10, 1B on an H100):
+# after which the GPU idles while the host prepares the next step (docs/performance.md):
 # - Trainer's NaN/Inf loss filter reads each step's loss back just after the backward is
-#   queued (7-21 % of the throughput). It only changes what is logged: a NaN or Inf loss is
-#   logged as such instead of being replaced by the running average.
+#   queued. It only changes what is logged: a NaN or Inf loss is logged as such instead of
+#   being replaced by the running average.
 # - The batch's copy to the GPU: from pinned memory (Trainer's default) but blocking, it
-#   waits for the previous step's backward and optimizer step (7-10 % with logging every 10
-#   steps). ``non_blocking`` lets it queue behind them.
+#   waits for the previous step's backward and optimizer step. ``non_blocking`` lets it
+#   queue behind them.
 FAST_TRAINER_SETTINGS: dict[str, Any] = {"logging_nan_inf_filter": False, "accelerator_config": {"non_blocking": True}}
 
 

@@ -1,10 +1,10 @@
 """CUDA graphs over the decoder layers, for steps whose time goes to launching kernels.
 
-A small model's step is bound by the host: with the kernels of the fast path, a 1B
-Llama spends about as long launching its ~2,800 kernels per step as the GPU spends
-running them, and a trainer that reads a scalar back in the middle of the step (TRL
-does, for its token count) lays the two end to end. Replaying each decoder layer's
-forward and backward as one CUDA graph takes the launches off the host.
+A small model's step is bound by the host: launching the fast path's kernels takes about
+as long as running them, and a trainer that reads a scalar back in the middle of the
+step (TRL does, for its token count) lays the two end to end. Replaying each decoder
+layer's forward and backward as one CUDA graph takes the launches off the host
+(measurements: docs/performance.md).
 
 ``DecoderGraphs`` wraps the layers of one decoder. A training forward whose inputs
 have the same shape as the previous one (fixed-length batches: packing, padding to a
