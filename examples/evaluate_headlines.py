@@ -57,12 +57,12 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def check_adapter(adapter: Path) -> None:
+def check_adapter(adapter: Path, train_command: str = "make train-tiny") -> None:
     """Exit with a clear message unless ``adapter`` holds a saved PEFT adapter."""
     missing = [name for name in ("adapter_config.json", "adapter_model.safetensors") if not (adapter / name).is_file()]
     if missing:
         sys.exit(f"error: {adapter} is not a saved adapter (missing {', '.join(missing)}). "
-                 "Train one first: axolotl train configs/qlora.yml")
+                 f"Train one first: {train_command}")
 
 
 def load_base(base: Path = DEFAULT_BASE, compute_dtype: str = "float32") -> tuple[Any, Any]:
@@ -79,11 +79,11 @@ def load_base(base: Path = DEFAULT_BASE, compute_dtype: str = "float32") -> tupl
     return recipe.load_model(base, device_map="cpu").eval(), tokenizer
 
 
-def with_adapter(model: Any, adapter: Path) -> Any:
+def with_adapter(model: Any, adapter: Path, train_command: str = "make train-tiny") -> Any:
     """``model`` wrapped with the saved adapter in ``adapter``."""
     from peft import PeftModel
 
-    check_adapter(adapter)
+    check_adapter(adapter, train_command)
     return PeftModel.from_pretrained(model, adapter).eval()
 
 

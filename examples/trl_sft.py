@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The default job through TRL: QLoRA on the shipped tiny Llama and headline data.
+"""The tiny job through TRL: QLoRA on the shipped tiny Llama and headline data.
 
 ``peft_config=recipe`` puts LoRA on the discovered targets over a 4-bit base;
 ``args=recipe.sft_config(...)`` adds 4-bit loading of the model named by path,
