@@ -62,7 +62,7 @@ PLOT = "quality_eval_loss.png"
 class Settings:
     """What every variant shares: data sizes, schedule, LoRA shape and optimizer hyper-parameters."""
 
-    steps: int = 150
+    steps: int = 100
     batch: int = 16
     max_length: int = 256
     learning_rate: float = 5e-4
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     go.add_argument("--tasks", nargs="+", default=list(TASKS), help="task folders inside --cache")
     go.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     go.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    go.add_argument("--steps", type=int, help="training steps per run (default 150; 3 with --smoke)")
+    go.add_argument("--steps", type=int, help="training steps per run (default 100; 3 with --smoke)")
     go.add_argument("--smoke", action="store_true",
                     help="a few steps on a few rows, float32 on a CPU: checks the logic, measures nothing")
     again = commands.add_parser("report", help="redraw quality.md and the plot from quality.json")

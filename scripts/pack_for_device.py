@@ -162,10 +162,13 @@ def main(argv: list[str] | None = None) -> None:
         unpack(args.pack, args.dest)
         return
     manifest = pack(args.cache, args.folders, args.out, args.part_mib, args.call_mib)
-    out = args.out.relative_to(REPO) if args.out.resolve().is_relative_to(REPO) else args.out
-    for call, names in manifest["calls"].items():
+    out = args.out.resolve().relative_to(REPO) if args.out.resolve().is_relative_to(REPO) else args.out
+    print("device calls, back to back on one warm machine (it keeps ignored files between calls):")
+    for n, (call, names) in enumerate(manifest["calls"].items(), 1):
         size = sum((args.out / call / name).stat().st_size for name in names) / MIB
-        print(f"{out}/{call}: {len(names)} part(s), {size:.1f} MiB")
+        print(f"  {n}. carry {out}/{call} ({len(names)} part(s), {size:.1f} MiB); command: ls -l {out}/{call}")
+    print(f"  then: carry what the run needs besides; unpack with: "
+          f"python3 scripts/pack_for_device.py unpack --pack {out} --dest /tmp/qlora-real")
 
 
 if __name__ == "__main__":
