@@ -36,8 +36,7 @@ DEFAULT_ADAPTER = REPO / "outputs/qlora-default"
 DEFAULT_TEST = REPO / "examples/assets/headlines/test.jsonl"
 LABELS = ("positive", "negative", "neutral")
 INSTRUCTION = (
-    "Classify the sentiment of this financial news headline. "
-    "Answer with one word: positive, negative or neutral."
+    "Classify the sentiment of this financial news headline. Answer with one word: positive, negative or neutral."
 )
 # Axolotl's `type: alpaca` prompt for a row with an input.
 ALPACA_TEMPLATE = (
@@ -57,12 +56,13 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def check_adapter(adapter: Path) -> None:
+def check_adapter(adapter: Path, train_command: str = "make train-tiny") -> None:
     """Exit with a clear message unless ``adapter`` holds a saved PEFT adapter."""
     missing = [name for name in ("adapter_config.json", "adapter_model.safetensors") if not (adapter / name).is_file()]
     if missing:
-        sys.exit(f"error: {adapter} is not a saved adapter (missing {', '.join(missing)}). "
-                 "Train one first: axolotl train configs/qlora.yml")
+        sys.exit(
+            f"error: {adapter} is not a saved adapter (missing {', '.join(missing)}). Train one first: {train_command}"
+        )
 
 
 def load_base(base: Path = DEFAULT_BASE, compute_dtype: str = "float32") -> tuple[Any, Any]:
@@ -79,11 +79,11 @@ def load_base(base: Path = DEFAULT_BASE, compute_dtype: str = "float32") -> tupl
     return recipe.load_model(base, device_map="cpu").eval(), tokenizer
 
 
-def with_adapter(model: Any, adapter: Path) -> Any:
+def with_adapter(model: Any, adapter: Path, train_command: str = "make train-tiny") -> Any:
     """``model`` wrapped with the saved adapter in ``adapter``."""
     from peft import PeftModel
 
-    check_adapter(adapter)
+    check_adapter(adapter, train_command)
     return PeftModel.from_pretrained(model, adapter).eval()
 
 
@@ -104,7 +104,7 @@ def label_scores(model: Any, tokenizer: Any, prompt: str) -> dict[str, float]:
     start = len(prompt_ids) - 1  # logits at position p predict token p + 1
     return {
         label: sum(logprobs[i, start + j, token].item() for j, token in enumerate(target))
-        for i, (label, target) in enumerate(zip(LABELS, targets))
+        for i, (label, target) in enumerate(zip(LABELS, targets, strict=True))
     }
 
 
@@ -114,9 +114,10 @@ def generate_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int
 
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def evaluate(model: Any, tokenizer: Any, rows: list[dict[str, str]], greedy: bool = True) -> dict[str, Any]:

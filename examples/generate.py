@@ -3,11 +3,11 @@
 
 Usage, from the repository root after ``axolotl train configs/qlora.yml``::
 
-    python examples/generate.py "Foxley Mining shares plunge 12% as orders dry up"
+    python examples/generate.py "Calderon Retail relocates head office to Madrid"
     python examples/generate.py --no-adapter "..."        # the base alone, for comparison
     python examples/generate.py --raw "Shares of Foxley"  # the text as the whole prompt
 
-The headline is wrapped in the Alpaca prompt the default job trains on.
+The headline is wrapped in the Alpaca prompt the tiny job trains on.
 """
 
 from __future__ import annotations

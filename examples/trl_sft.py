@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The default job through TRL: QLoRA on the shipped tiny Llama and headline data.
+"""The tiny job through TRL: QLoRA on the shipped tiny Llama and headline data.
 
 ``peft_config=recipe`` puts LoRA on the discovered targets over a 4-bit base;
 ``args=recipe.sft_config(...)`` adds 4-bit loading of the model named by path,
@@ -43,12 +43,25 @@ def main(argv: list[str] | None = None) -> Path:
         [{"prompt": alpaca_prompt(row["input"], row["instruction"]), "completion": row["output"]} for row in rows]
     )
     # As configs/qlora.yml: float32 compute (CPUs without bf16 units run bf16 far slower).
-    recipe = qlora_recipe(compute_dtype="float32", learning_rate=2e-3, num_train_epochs=2,
-                          per_device_train_batch_size=16, warmup_ratio=0.05)
-    config = recipe.sft_config(output_dir=str(args.output_dir), max_steps=args.max_steps, max_length=96,
-                               logging_steps=5, save_strategy="no", report_to="none", seed=42)
-    trainer = SFTTrainer(model=str(DEFAULT_BASE), args=config, train_dataset=dataset, peft_config=recipe,
-                         callbacks=recipe.callbacks())
+    recipe = qlora_recipe(
+        compute_dtype="float32",
+        learning_rate=2e-3,
+        num_train_epochs=2,
+        per_device_train_batch_size=16,
+        warmup_ratio=0.05,
+    )
+    config = recipe.sft_config(
+        output_dir=str(args.output_dir),
+        max_steps=args.max_steps,
+        max_length=96,
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+        seed=42,
+    )
+    trainer = SFTTrainer(
+        model=str(DEFAULT_BASE), args=config, train_dataset=dataset, peft_config=recipe, callbacks=recipe.callbacks()
+    )
     trainer.train()
     trainer.save_model(str(args.output_dir))
     print(f"adapter saved to {args.output_dir}")

@@ -10,7 +10,8 @@ import yaml
 pytest.importorskip("axolotl")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT = CONFIGS / "qlora.yml"
-REAL_MODEL = sorted(path for path in CONFIGS.glob("*.yml") if path != DEFAULT)
+SMOLLM2 = CONFIGS / "qlora-smollm2.yml"  # the CPU real-model job: local model, chat data (tested below)
+REAL_MODEL = sorted(path for path in CONFIGS.glob("*.yml") if path not in (DEFAULT, SMOLLM2))
 # What a real-model config may change: the model, the data, the sizes, where it writes,
 # and the recipe's hyper-parameters (a 1M-parameter model needs another learning rate).
 MODEL_DATA_SIZES = {
@@ -72,3 +73,55 @@ def test_a_real_model_config_passes_axolotls_validation(path: Path, tiny_model_d
     assert (cfg.lora_r, cfg.lora_alpha, cfg.learning_rate) == (recipe.r, recipe.lora_alpha, recipe.learning_rate)
     assert cfg.bnb_config_kwargs["bnb_4bit_quant_type"] == "nf4"
     assert cfg.bnb_config_kwargs["bnb_4bit_use_double_quant"] is True
+
+
+def test_the_smollm2_job_leaves_qlora_to_the_plugin_and_reads_the_prepared_cache() -> None:
+    config = read(SMOLLM2)
+    owned = {
+        "adapter",
+        "load_in_4bit",
+        "bnb_config_kwargs",
+        "optimizer",
+        "bf16",
+        "fp16",
+        "lora_r",
+        "lora_alpha",
+        "lora_target_modules",
+        "lora_target_linear",
+        "learning_rate",
+        "micro_batch_size",
+        "gradient_checkpointing",
+    }
+    assert config["plugins"] == ["qlora_plugin.axolotl.QLoRAPlugin"] and owned.isdisjoint(config)
+    assert config["qlora"]["compute_dtype"] == "float32"
+    assert config["base_model"] == "./.cache/qlora-real/smollm2-135m-instruct"
+    assert [d["path"] for d in config["datasets"]] == ["./.cache/qlora-real/sentiment/train.jsonl"]
+    assert config["datasets"][0]["type"] == "chat_template" and config["datasets"][0]["roles_to_train"] == ["assistant"]
+
+
+def test_the_smollm2_job_passes_axolotls_validation(tiny_model_dir, tmp_path) -> None:
+    """Axolotl's real load_cfg on the job's config, with the tiny model and a chat row standing in for the cache."""
+    from axolotl.cli.config import load_cfg
+
+    config = read(SMOLLM2)
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "Great."}, {"role": "assistant", "content": "positive"}]}\n'
+    )
+    config.update(
+        base_model=str(tiny_model_dir),
+        datasets=[{**config["datasets"][0], "path": str(data)}],
+        output_dir=str(tmp_path / "out"),
+        dataset_prepared_path=str(tmp_path / "prepared"),
+    )
+    local = tmp_path / SMOLLM2.name
+    local.write_text(yaml.safe_dump(config), encoding="utf-8")
+
+    cfg = load_cfg(str(local))
+    assert (cfg.adapter, cfg.load_in_4bit, cfg.optimizer) == ("qlora", True, "paged_adamw_32bit")
+    assert (cfg.lora_r, cfg.learning_rate, cfg.micro_batch_size) == (
+        16,
+        config["qlora"]["learning_rate"],
+        config["qlora"]["per_device_train_batch_size"],
+    )
+    assert not cfg.gradient_checkpointing and cfg.max_steps == config["max_steps"]

@@ -1,4 +1,4 @@
-"""The embedded default job: the real ``axolotl train configs/qlora.yml`` and the examples around it."""
+"""The embedded tiny job (`make train-tiny`): the real ``axolotl train configs/qlora.yml`` and its examples."""
 
 from __future__ import annotations
 
@@ -137,6 +137,20 @@ def test_generate_answers_with_the_label(default_run, capsys, one_torch_thread) 
     hits = sum(answer.split()[0] == row["output"] for answer, row in zip(answers, rows, strict=False) if answer.split())
     assert hits >= 5, (answers, [row["output"] for row in rows])
     assert rows[0]["input"] in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_readme_examples_answer_as_shown(default_run, one_torch_thread) -> None:
+    """Every ``examples/generate.py "..."  # -> label`` line of the README, run against the trained adapter."""
+    import generate
+    from readme import shown_examples
+
+    adapter, _ = default_run
+    examples = shown_examples("generate.py")
+    assert len(examples) >= 3, "README shows no generate.py examples with their answers"
+    for arguments, shown in examples:
+        (answer,) = generate.main(["--adapter", str(adapter), *arguments])
+        assert answer.split()[0] == shown, (arguments, answer)
 
 
 def test_evaluate_refuses_a_directory_without_an_adapter(tmp_path) -> None:

