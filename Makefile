@@ -5,6 +5,7 @@
 #   make test          the suite on the oldest supported set (Axolotl 0.19 and what it pins)
 #   make test-newest   the suite on the newest releases of TRL, transformers, PEFT, accelerate
 #                      and datasets (no Axolotl: its releases pin older ones) in .venv-newest
+#   make lint          ruff, ruff format --check, mypy on src/, the layer check, the README's field table
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ NEWEST := .venv-newest
 NEWEST_STAMP := $(NEWEST)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install prepare-real train train-tiny test test-newest
+.PHONY: install prepare-real train train-tiny lint test test-newest
 
 install: $(STAMP)
 
@@ -43,6 +44,13 @@ train: prepare-real
 # The embedded tiny job (CPU, offline, ~75 s).
 train-tiny: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(OFFLINE) $(BIN)/axolotl train configs/qlora.yml
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python scripts/check_layers.py
+	$(OFFLINE) $(BIN)/python scripts/field_table.py --check
 
 test: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest

@@ -21,8 +21,8 @@ LAYERS = ("core", "fastpath", "integrations", "tools", "commands")
 FACADE = 99
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -42,10 +42,10 @@ def _is_type_checking(node: ast.If) -> bool:
     )
 
 
-def imports_of(path: Path, modules: set[str]) -> set[str]:
+def imports_of(path: Path, modules: set[str], root: Path = ROOT) -> set[str]:
     """The package's own modules that ``path`` imports when it runs."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    this = module_name(path)
+    this = module_name(path, root)
     package = this if path.name == "__init__.py" else this.rsplit(".", 1)[0]
     found: set[str] = set()
 
@@ -70,10 +70,11 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
     return {name for name in found if name in modules and name != this}
 
 
-def graph() -> dict[str, set[str]]:
-    paths = {module_name(p): p for p in (ROOT / PACKAGE).rglob("*.py")}
+def graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Each module of the package under ``root`` and the package modules it imports."""
+    paths = {module_name(p, root): p for p in (root / PACKAGE).rglob("*.py")}
     modules = set(paths)
-    return {name: imports_of(path, modules) for name, path in sorted(paths.items())}
+    return {name: imports_of(path, modules, root) for name, path in sorted(paths.items())}
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -119,8 +120,8 @@ def is_package_parent(importer: str, imported: str) -> bool:
     return importer.startswith(imported + ".")
 
 
-def main() -> int:
-    edges = graph()
+def problems_in(edges: dict[str, set[str]]) -> list[str]:
+    """One line per upward import and per import circle."""
     problems = []
     for module, targets in edges.items():
         for target in sorted(targets):
@@ -130,6 +131,12 @@ def main() -> int:
                 )
     for component in cycles({m: {t for t in ts if not is_package_parent(m, t)} for m, ts in edges.items()}):
         problems.append("import circle: " + " <-> ".join(component))
+    return problems
+
+
+def main() -> int:
+    edges = graph()
+    problems = problems_in(edges)
     if "--graph" in sys.argv:
         for module, targets in edges.items():
             print(f"{module} -> {', '.join(sorted(targets)) or '-'}")

@@ -82,8 +82,9 @@ HELP: dict[str, str] = {
     "r": "LoRA rank: the inner size of each adapter",
     "lora_alpha": "LoRA scaling numerator: adapters are scaled by lora_alpha / r (alias: alpha)",
     "lora_dropout": "dropout on each adapter's input during training (alias: dropout)",
-    "target_modules": "'auto' (every linear layer of the language model but heads, routers and vision parts), "
-    "a list of module names, or a regular expression over full names",
+    "target_modules": "'auto' (every linear layer of the language model but heads, routers and vision parts); "
+    "a list of module names (q_proj matches model.layers.0.self_attn.q_proj); one name as a string, the same as "
+    "a one-name list; any other string, a regular expression over full names, as in PEFT",
     "exclude_modules": "module names (or a pattern) to leave out of the targets",
     "use_rslora": "rank-stabilised LoRA: scale by lora_alpha / sqrt(r)",
     "use_dora": "weight-decomposed LoRA (DoRA); PEFT's forward, not the fused kernels",

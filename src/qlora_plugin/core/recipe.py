@@ -65,6 +65,11 @@ class QLoRARecipe(LoraConfig):
     target_modules: list[str] | str | None = field(
         default=DEFAULTS["target_modules"], metadata=metadata("target_modules")
     )
+    exclude_modules: list[str] | str | None = field(
+        default=DEFAULTS["exclude_modules"], metadata=metadata("exclude_modules")
+    )
+    use_rslora: bool = field(default=DEFAULTS["use_rslora"], metadata=metadata("use_rslora"))
+    use_dora: bool = field(default=DEFAULTS["use_dora"], metadata=metadata("use_dora"))
     task_type: str | None = field(  # type: ignore[assignment]
         default="CAUSAL_LM", metadata={"help": "PEFT's task type; QLoRA here trains causal language models"}
     )

@@ -1,0 +1,87 @@
+"""The package's shape: the public API, imports that flow one way, the README's field table."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_public_api_keeps_its_names() -> None:
+    """What README and users import: the recipe, its class, the hook marker, the Axolotl plugin."""
+    import peft
+
+    from qlora_plugin import QLoRARecipe, hookimpl, qlora_recipe
+    from qlora_plugin.axolotl import QLoRAPlugin
+    from qlora_plugin.integrations.axolotl.plugin import QLoRAPlugin as PluginImplementation
+
+    recipe = qlora_recipe()
+    assert isinstance(recipe, QLoRARecipe) and isinstance(recipe, peft.LoraConfig)
+    assert QLoRAPlugin is PluginImplementation
+    assert callable(hookimpl)
+    for method in ("sft_config", "training_args", "callbacks", "optimizer_cls_and_kwargs", "load_model"):
+        assert callable(getattr(recipe, method)), method
+
+
+def test_the_command_line_entry_point_is_the_one_pyproject_names() -> None:
+    text = (REPO / "pyproject.toml").read_text()
+    assert 'qlora = "qlora_plugin.commands.main:main"' in text
+    done = subprocess.run(
+        [sys.executable, "-m", "qlora_plugin.commands.main", "presets", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and '"paper"' in done.stdout, done.stderr[-2000:]
+
+
+def test_imports_flow_one_way_with_no_circle() -> None:
+    check = load_script("check_layers")
+    edges = check.graph()
+    assert len(edges) > 50
+    assert check.problems_in(edges) == []
+
+
+def test_the_layer_check_finds_an_upward_import_and_a_circle(tmp_path: Path) -> None:
+    """The check above can fail: a copy of the package with a planted upward import and circle."""
+    check = load_script("check_layers")
+    root = tmp_path / "src"
+    shutil.copytree(REPO / "src" / "qlora_plugin", root / "qlora_plugin")
+    errors = root / "qlora_plugin" / "core" / "errors.py"
+    errors.write_text(errors.read_text() + "\n\ndef _late() -> None:\n    from qlora_plugin.commands import main\n")
+    fields = root / "qlora_plugin" / "core" / "fields.py"
+    fields.write_text(fields.read_text() + "\nfrom qlora_plugin.core import recipe as _recipe\n")
+    problems = check.problems_in(check.graph(root))
+    assert any(p.startswith("upward import: qlora_plugin.core.errors (core)") for p in problems), problems
+    assert any(p.startswith("import circle:") and "qlora_plugin.core.fields" in p for p in problems), problems
+
+
+def test_every_recipe_field_has_help_and_its_choices() -> None:
+    from qlora_plugin.core.fields import CHOICES, HELP, RECIPE_FIELDS
+    from qlora_plugin.core.recipe import QLoRARecipe
+
+    declared = {f.name: f for f in dataclasses.fields(QLoRARecipe)}
+    for name in RECIPE_FIELDS:
+        assert declared[name].metadata.get("help") == HELP[name], name
+        assert declared[name].metadata.get("choices") == CHOICES.get(name), name
+
+
+def test_the_readme_field_table_is_generated_from_the_metadata() -> None:
+    done = subprocess.run(
+        [sys.executable, "scripts/field_table.py", "--check"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
