@@ -85,3 +85,11 @@ def test_the_readme_field_table_is_generated_from_the_metadata() -> None:
         [sys.executable, "scripts/field_table.py", "--check"], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+
+
+def test_every_patch_in_the_registry_is_documented_with_its_range() -> None:
+    from qlora_plugin.core.patches import PATCHES
+
+    documented = (REPO / "docs" / "compatibility.md").read_text(encoding="utf-8")
+    for name, patch in PATCHES.items():
+        assert f"| `{name}` | {patch.package} | `{patch.tested}` |" in documented, name
