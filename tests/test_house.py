@@ -93,3 +93,29 @@ def test_every_patch_in_the_registry_is_documented_with_its_range() -> None:
     documented = (REPO / "docs" / "compatibility.md").read_text(encoding="utf-8")
     for name, patch in PATCHES.items():
         assert f"| `{name}` | {patch.package} | `{patch.tested}` |" in documented, name
+
+
+def test_fields_the_recipe_redeclares_keep_peft_s_own_metadata() -> None:
+    """PEFT reads flags such as ``is_lora_variant`` back from its fields: the recipe's help must keep them."""
+    import peft
+
+    from qlora_plugin.core.recipe import QLoRARecipe
+
+    declared = {f.name: f for f in dataclasses.fields(QLoRARecipe)}
+    for peft_field in dataclasses.fields(peft.LoraConfig):
+        kept = {key: value for key, value in peft_field.metadata.items() if key != "help"}
+        assert {key: declared[peft_field.name].metadata.get(key) for key in kept} == kept, peft_field.name
+
+
+def test_a_dora_recipe_builds_and_trains_on_a_4bit_model(tmp_path: Path) -> None:
+    import torch
+    from _tiny_qlora import VOCAB, load_4bit, tiny_llama_checkpoint
+    from peft import get_peft_model
+
+    from qlora_plugin import qlora_recipe
+
+    model = get_peft_model(load_4bit(tiny_llama_checkpoint(tmp_path / "llama")), qlora_recipe(use_dora=True))
+    batch = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=batch, labels=batch).loss.backward()
+    magnitudes = [p for name, p in model.named_parameters() if "lora_magnitude_vector" in name]
+    assert magnitudes and all(p.grad is not None for p in magnitudes)

@@ -44,6 +44,14 @@ if TYPE_CHECKING:
     from trl import SFTConfig
 
 
+def _inherited(name: str) -> dict[str, Any]:
+    """Metadata of a field the recipe redeclares from ``LoraConfig``, with the recipe's help.
+
+    PEFT's own metadata stays: PEFT reads flags such as ``is_lora_variant`` back from the dataclass.
+    """
+    return {**LoraConfig.__dataclass_fields__[name].metadata, **metadata(name)}
+
+
 @dataclass
 class QLoRARecipe(LoraConfig):
     """Everything that makes a run QLoRA, in one object.
@@ -55,21 +63,21 @@ class QLoRARecipe(LoraConfig):
     :mod:`qlora_plugin.core.targets`).
     """
 
-    r: int = field(default=DEFAULTS["r"], metadata=metadata("r"))
+    r: int = field(default=DEFAULTS["r"], metadata=_inherited("r"))
     # PEFT's LoraConfig annotates lora_alpha as int (it takes a float) and task_type as TaskType
     # (it takes the task's name): the recipe's wider annotations are on purpose.
     lora_alpha: float = field(  # type: ignore[assignment]
-        default=DEFAULTS["lora_alpha"], metadata=metadata("lora_alpha")
+        default=DEFAULTS["lora_alpha"], metadata=_inherited("lora_alpha")
     )
-    lora_dropout: float = field(default=DEFAULTS["lora_dropout"], metadata=metadata("lora_dropout"))
+    lora_dropout: float = field(default=DEFAULTS["lora_dropout"], metadata=_inherited("lora_dropout"))
     target_modules: list[str] | str | None = field(
-        default=DEFAULTS["target_modules"], metadata=metadata("target_modules")
+        default=DEFAULTS["target_modules"], metadata=_inherited("target_modules")
     )
     exclude_modules: list[str] | str | None = field(
-        default=DEFAULTS["exclude_modules"], metadata=metadata("exclude_modules")
+        default=DEFAULTS["exclude_modules"], metadata=_inherited("exclude_modules")
     )
-    use_rslora: bool = field(default=DEFAULTS["use_rslora"], metadata=metadata("use_rslora"))
-    use_dora: bool = field(default=DEFAULTS["use_dora"], metadata=metadata("use_dora"))
+    use_rslora: bool = field(default=DEFAULTS["use_rslora"], metadata=_inherited("use_rslora"))
+    use_dora: bool = field(default=DEFAULTS["use_dora"], metadata=_inherited("use_dora"))
     task_type: str | None = field(  # type: ignore[assignment]
         default="CAUSAL_LM", metadata={"help": "PEFT's task type; QLoRA here trains causal language models"}
     )
