@@ -57,9 +57,12 @@ def _callbacks(recipe: Any) -> list[Any]:
 
 
 def _lora_layer_built(layer: Any, recipe: Any) -> None:
-    from qlora_plugin.fastpath.activation import arm_for_layer
+    from qlora_plugin.fastpath.activation import arm_for_layer, wants_fast_path
+    from qlora_plugin.integrations.transformers import offer_fused_optimizer
 
     arm_for_layer(layer, recipe)
+    if wants_fast_path(recipe) and recipe.optimizer == "paged_adamw_32bit":
+        offer_fused_optimizer()
 
 
 seams.provide("sft_config", _sft_config)

@@ -62,7 +62,7 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
             paged = "paged_" if optimizer.is_paged else ""
             return f"{paged}adamw_{bnb_args.optim_bits}bit"
     if type(optimizer).__module__ == "qlora_plugin.fastpath.kernels.optim":
-        return "paged_adamw_32bit" if getattr(optimizer, "paged", False) else "adamw_torch"
+        return "paged_adamw_32bit" if getattr(optimizer, "paged_requested", False) else "adamw_torch"
     if type(optimizer).__module__.startswith("torch.optim") and type(optimizer).__name__ == "AdamW":
         return "adamw_torch"
     return type(optimizer).__name__
@@ -85,6 +85,15 @@ def watch_optimizer(layer: nn.Module, recipe: QLoRARecipe) -> None:
     _watched_layers[layer] = recipe
     if _hook_handle is None:
         _hook_handle = register_optimizer_step_pre_hook(_report_optimizer)
+
+
+def recipe_of_model(model: nn.Module) -> QLoRARecipe | None:
+    """The recipe that built one of ``model``'s LoRA layers, or None for a model it did not build."""
+    for module in model.modules():
+        recipe = _watched_layers.get(module)
+        if recipe is not None:
+            return recipe
+    return None
 
 
 def _recipe_of(optimizer: torch.optim.Optimizer) -> QLoRARecipe | None:
@@ -117,6 +126,8 @@ def _report_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) 
             "optimizer_cls_and_kwargs=recipe.optimizer_cls_and_kwargs(args) to the trainer",
             recipe,
         )
+    elif used == recipe.optimizer and type(inner).__module__ == "qlora_plugin.fastpath.kernels.optim":
+        log_once(logging.INFO, f"optimizer: {used}, fused (one multi-tensor step), as the recipe asks", recipe)
     elif used == recipe.optimizer:
         log_once(logging.INFO, f"optimizer: {used}, as the recipe asks", recipe)
     else:

@@ -107,6 +107,14 @@ PATCHES: dict[str, Patch] = {
         "position_embeddings arguments)",
         "the layers run eagerly",
     ),
+    "transformers-trainer-optimizer-choice": Patch(
+        "transformers",
+        ">=5.16,<5.25",
+        "Trainer.get_optimizer_cls_and_kwargs, wrapped: a model the recipe built, trained with "
+        "optim='paged_adamw_32bit' on the fast path, gets the fused paged AdamW; any other model, what optim= says",
+        "bitsandbytes' PagedAdamW32bit, as optim= says (optimizer_cls_and_kwargs=recipe.optimizer_cls_and_kwargs(args) "
+        "still picks the fused one)",
+    ),
     "transformers-attention-interface": Patch(
         "transformers",
         ">=5.16,<5.25",

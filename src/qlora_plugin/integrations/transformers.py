@@ -1,7 +1,8 @@
-"""The recipe's trainer settings, as transformers ``TrainingArguments`` fields."""
+"""The recipe's trainer settings, as transformers ``TrainingArguments`` fields, and its optimizer in a Trainer."""
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 from qlora_plugin.core.device import precision_flags, training_device
@@ -40,3 +41,51 @@ def training_args(recipe: QLoRARecipe, device: str | None = None) -> dict[str, A
 def describe_settings(settings: dict[str, Any]) -> str:
     """A short human line for a settings dict: ``optim=paged_adamw_32bit, ...``."""
     return ", ".join(f"{key}={value}" for key, value in settings.items())
+
+
+def fused_optimizer_for(args: Any, model: Any) -> tuple[type, dict[str, Any]] | None:
+    """The fused paged AdamW for a trainer about to build ``optim=paged_adamw_32bit`` over a recipe's model, else None.
+
+    Same update and paged 32-bit moments as the optimizer ``optim`` names; None for a
+    model the recipe did not build, another ``optim``, ``optim_args``, or off the fast path.
+    """
+    from qlora_plugin.core.notices import recipe_of_model
+    from qlora_plugin.fastpath.activation import optimizer_cls_and_kwargs
+
+    optim = getattr(getattr(args, "optim", None), "value", getattr(args, "optim", None))
+    if model is None or optim != "paged_adamw_32bit" or getattr(args, "optim_args", None):
+        return None
+    recipe = recipe_of_model(model)
+    if recipe is None or recipe.optimizer != "paged_adamw_32bit":
+        return None
+    return optimizer_cls_and_kwargs(recipe, args)
+
+
+@functools.cache
+def offer_fused_optimizer() -> bool:
+    """Let transformers' Trainer choose the fused paged AdamW for the recipe's models (once per process).
+
+    A Trainer builds the optimizer ``optim=`` names through its static
+    ``get_optimizer_cls_and_kwargs(args, model)`` unless it was given
+    ``optimizer_cls_and_kwargs`` or ``optimizers``. The wrapper answers only for a
+    model the recipe built (:func:`fused_optimizer_for`) and defers to transformers
+    for every other model, so ``SFTTrainer(..., args=recipe.sft_config(...),
+    peft_config=recipe)`` and a user's own ``optim="paged_adamw_32bit"`` need no extra
+    argument. Outside the tested transformers versions nothing is wrapped
+    (:mod:`qlora_plugin.core.patches`). Returns whether the wrapper is in place.
+    """
+    from qlora_plugin.core.patches import allowed
+
+    if not allowed("transformers-trainer-optimizer-choice"):
+        return False
+    from transformers import Trainer
+
+    original = Trainer.get_optimizer_cls_and_kwargs
+
+    def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
+        fused = fused_optimizer_for(args, model)
+        return fused if fused is not None else original(args, model)
+
+    get_optimizer_cls_and_kwargs.__wrapped__ = original  # type: ignore[attr-defined]
+    Trainer.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)  # type: ignore[method-assign]
+    return True

@@ -109,6 +109,7 @@ class PagedAdamW(torch.optim.AdamW):
             super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
         else:
             super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
+        self.paged_requested = paged  # off CUDA the moments fall back to ordinary memory, as bitsandbytes' do
         self.paged = paged and on_cuda
         self._pages: torch.Tensor | None = None
 

@@ -1,0 +1,152 @@
+"""The fused paged AdamW with no extra argument: a Trainer asked for ``paged_adamw_32bit`` over a recipe's model.
+
+The fused optimizer runs on the fast path, which on a CPU only runs when asked
+(``QLORA_FAST_PATH_ON_CPU=1``, its PyTorch reference paths); there its step is PyTorch's
+foreach AdamW over ordinary tensors, the same update as bitsandbytes' paged AdamW.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from qlora_plugin import qlora_recipe
+from qlora_plugin.fastpath import activation
+
+pytestmark = pytest.mark.slow
+SENTENCES = ["the cat sat on the mat", "a green frog jumps over the pond", "seven blue birds sing", "my brother reads"]
+
+
+@pytest.fixture
+def checkpoint(tiny_model_dir):
+    return tiny_model_dir
+
+
+@pytest.fixture
+def fast_path_on_cpu(monkeypatch):
+    monkeypatch.setenv(activation.CPU_ENV, "1")
+    activation.disarm()
+    yield
+    activation.disarm()
+
+
+def _train(checkpoint, tmp_path, peft_config: Any, *, own_config: dict[str, Any] | None = None, **trainer: Any):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    settings = {
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "max_length": 16,
+        "learning_rate": 5e-3,
+        "lr_scheduler_type": "constant",
+    }
+    args = SFTConfig(**settings, bf16=False, **own_config) if own_config else peft_config.sft_config(**settings)
+    trainer_object = SFTTrainer(
+        model=str(checkpoint),
+        args=args,
+        train_dataset=Dataset.from_dict({"text": SENTENCES * 4}),
+        peft_config=peft_config,
+        **trainer,
+    )
+    trainer_object.train()
+    return trainer_object
+
+
+def _optimizer_type(trainer) -> str:
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    return f"{type(inner).__module__}.{type(inner).__name__}"
+
+
+def _bitsandbytes_paged_adamw(trainer) -> bool:
+    """bitsandbytes' paged AdamW 32-bit, whichever class the trainer built it with."""
+    from qlora_plugin.core.notices import describe_optimizer
+
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    return type(inner).__module__.startswith("bitsandbytes") and describe_optimizer(inner) == "paged_adamw_32bit"
+
+
+def _losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+FUSED = "qlora_plugin.fastpath.kernels.optim.PagedAdamW"
+
+
+def test_the_readme_snippet_gets_the_fused_paged_adamw(checkpoint, tmp_path, fast_path_on_cpu, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="qlora_plugin"):
+        trainer = _train(checkpoint, tmp_path, qlora_recipe(compute_dtype="float32"))
+    assert _optimizer_type(trainer) == FUSED
+    assert any("optimizer: paged_adamw_32bit, fused" in r.getMessage() for r in caplog.records)
+
+
+def test_the_users_own_config_with_paged_adamw_gets_it_and_the_same_losses_as_bitsandbytes(
+    checkpoint, tmp_path, fast_path_on_cpu
+) -> None:
+    import bitsandbytes as bnb
+
+    recipe = qlora_recipe(compute_dtype="float32")
+    own = {"optim": "paged_adamw_32bit", "seed": 3}
+    fused = _train(checkpoint, tmp_path / "fused", recipe, own_config=own)
+    activation.disarm()
+    stock = _train(
+        checkpoint,
+        tmp_path / "stock",
+        qlora_recipe(compute_dtype="float32"),
+        own_config=own,
+        optimizer_cls_and_kwargs=(bnb.optim.PagedAdamW32bit, {"lr": 5e-3, "betas": (0.9, 0.999), "eps": 1e-8}),
+    )
+    assert _optimizer_type(fused) == FUSED and _bitsandbytes_paged_adamw(stock)
+    assert _losses(fused) == pytest.approx(_losses(stock), rel=1e-4)
+    assert len(_losses(fused)) == 4
+
+
+def test_other_optimizers_and_other_models_are_left_to_the_trainer(checkpoint, tmp_path, fast_path_on_cpu) -> None:
+    from peft import LoraConfig
+
+    recipe = qlora_recipe(compute_dtype="float32")
+    torch_adamw = _train(checkpoint, tmp_path / "adamw", recipe, own_config={"optim": "adamw_torch"})
+    assert _optimizer_type(torch_adamw) == "torch.optim.adamw.AdamW"
+    activation.disarm()
+    plain = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+    not_ours = _train(
+        checkpoint,
+        tmp_path / "plain",
+        plain,
+        own_config={"optim": "paged_adamw_32bit", "model_init_kwargs": {"quantization_config": recipe.bnb_config()}},
+    )
+    assert _bitsandbytes_paged_adamw(not_ours)
+
+
+def test_off_the_fast_path_the_trainer_builds_what_optim_names(checkpoint, tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv(activation.CPU_ENV, raising=False)
+    trainer = _train(checkpoint, tmp_path, qlora_recipe(compute_dtype="float32"))
+    assert _bitsandbytes_paged_adamw(trainer)
+
+
+def test_an_untested_transformers_is_not_wrapped() -> None:
+    script = """
+import logging, sys
+from qlora_plugin.core import patches
+real = patches.installed_version
+patches.installed_version = lambda p: "5.99.0" if p == "transformers" else real(p)
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
+from transformers import Trainer
+before = Trainer.__dict__["get_optimizer_cls_and_kwargs"]
+from qlora_plugin.integrations.transformers import offer_fused_optimizer
+print("wrapped" if offer_fused_optimizer() else "not wrapped")
+print("same" if Trainer.__dict__["get_optimizer_cls_and_kwargs"] is before else "changed")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[-2:] == ["not wrapped", "same"], done.stdout
+    assert any("transformers-trainer-optimizer-choice" in line and "5.99.0" in line for line in lines)
