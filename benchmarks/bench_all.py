@@ -17,6 +17,7 @@ BENCH_QLORA = Path(__file__).resolve().parent / "bench_qlora.py"
 
 
 def _sub(args: list[str], log: Path, timeout: float) -> int:
+    """Run one ``bench_qlora.py`` subcommand in a fresh process, output appended to ``log``; 124 on timeout."""
     cmd = [sys.executable, str(BENCH_QLORA), *args]
     print("+", " ".join(args), flush=True)
     with log.open("a") as fh:
@@ -30,10 +31,12 @@ def _sub(args: list[str], log: Path, timeout: float) -> int:
 
 
 def _tail(log: Path, n: int = 15) -> str:
+    """The last ``n`` lines of ``log``, to show what a step printed or why it failed."""
     return "\n".join(log.read_text().splitlines()[-n:])
 
 
 def cmd_all(a: argparse.Namespace) -> None:
+    """Models, variant rows, numerics, sweeps, micro timings and kernel tests into ``--out``, within ``--budget-s``."""
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"

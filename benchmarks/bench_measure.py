@@ -13,6 +13,7 @@ from bench_config import DEVICE
 
 
 def package_versions() -> dict[str, str]:
+    """Versions of Python and the stack a row ran on, recorded with every row."""
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
@@ -25,6 +26,7 @@ def package_versions() -> dict[str, str]:
 
 
 def sync() -> None:
+    """Wait for the GPU (no-op on a CPU dry run), so that wall-clock time covers queued work."""
     import torch
 
     if DEVICE == "cuda":
@@ -32,6 +34,7 @@ def sync() -> None:
 
 
 def empty_cache() -> None:
+    """Give cached allocator blocks back (GPU only), so the next peak starts clean."""
     import torch
 
     if DEVICE == "cuda":
@@ -39,6 +42,7 @@ def empty_cache() -> None:
 
 
 def reset_peak() -> None:
+    """Start a new peak-memory window (GPU only)."""
     import torch
 
     if DEVICE == "cuda":
@@ -46,12 +50,14 @@ def reset_peak() -> None:
 
 
 def peak_allocated() -> int:
+    """Peak bytes allocated since the last reset; 0 on a CPU dry run."""
     import torch
 
     return torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
 
 
 def gpu_name() -> str:
+    """The device a row ran on."""
     import torch
 
     return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
@@ -92,6 +98,7 @@ class Events:
 
 
 def gib(n: float) -> float:
+    """Bytes as GiB, rounded for the result rows."""
     return round(n / 2**30, 2)
 
 
@@ -100,6 +107,7 @@ _FP32_GEMM = re.compile(r"sgemm|f32f32_f32f32|_sss_|nvjet_sm\d+_sss|gemm_f32", r
 
 
 def kernel_category(name: str) -> str:
+    """The kind of work a CUDA kernel does, from its name (GEMM by dtype, attention, dequant, ...)."""
     n = name.lower()
     if "flash" in n or "fmha" in n or "attention" in n:
         return "attention"
@@ -177,6 +185,7 @@ def summarize_profile(prof: Any, trace_path: Path | None) -> dict[str, Any]:
 
 
 def profile_step(step_fn: Any, trace_path: Path | None) -> dict[str, Any]:
+    """Profile one call of ``step_fn`` (kernel time by category), then count its matmul FLOPs by dtype."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 

@@ -13,6 +13,7 @@ from bench_measure import empty_cache
 
 
 def model_dirs(root: Path, shape: str) -> tuple[Path, Path]:
+    """Where ``make-model`` saves ``shape``: the bf16 checkpoint and its pre-quantized NF4 copy."""
     return root / f"{shape}-bf16", root / f"{shape}-nf4"
 
 
@@ -36,6 +37,7 @@ def synthetic_batches(n: int, seed: int = 0, vocab: int = VOCAB) -> list[Any]:
 
 
 def llama_config(shape: str) -> Any:
+    """A Llama-3 config of ``shape`` (random init: no model hub needed)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -49,6 +51,7 @@ def llama_config(shape: str) -> Any:
 
 
 def bnb_config() -> Any:
+    """The usual QLoRA quantization: NF4, double quantization, bf16 compute."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -65,6 +68,7 @@ def bnb_config() -> Any:
 
 
 def cmd_make_model(a: argparse.Namespace) -> None:
+    """Save a random-init Llama of ``--shape`` under ``--dir`` in bf16 and in NF4 (each once)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
@@ -155,6 +159,7 @@ def build(
 
 
 def make_recipe(spec: dict[str, Any]) -> Any:
+    """The qlora_recipe of a recipe variant: the benchmark's rank, alpha, dropout and LR plus its overrides."""
     from qlora_plugin import qlora_recipe
 
     return qlora_recipe(r=RANK, lora_alpha=ALPHA, lora_dropout=spec["dropout"], learning_rate=LR, **spec["recipe"])

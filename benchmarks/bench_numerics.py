@@ -52,6 +52,7 @@ def cmd_numerics(a: argparse.Namespace) -> None:
 
 
 def compare_numerics(state_dir: Path, ref: str, other: str, shape: str) -> dict[str, Any]:
+    """Loss and gradient differences of ``other`` against ``ref`` from their saved numerics files."""
     import torch
 
     lr_, lo = (json.loads((state_dir / f"losses_{v}.json").read_text()) for v in (ref, other))

@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
+    """Parse the command line and run the subcommand."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("make-model")

@@ -11,6 +11,7 @@ from bench_config import VARIANTS
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Add ``row`` to the JSON list in ``path`` (created if missing), so processes can share one file."""
     rows = json.loads(path.read_text()) if path.exists() else []
     rows.append(row)
     path.write_text(json.dumps(rows, indent=1))
@@ -33,6 +34,7 @@ COLUMNS = (
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """``rows`` as a markdown table of ``COLUMNS``, by shape then variant order."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     order = {v: i for i, v in enumerate(VARIANTS)}
     for r in sorted(rows, key=lambda r: (r.get("shape", ""), order.get(r.get("variant"), 99), r.get("variant", ""))):
@@ -45,5 +47,6 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def cmd_table(a: argparse.Namespace) -> None:
+    """Print the markdown table of every row in the given JSON files."""
     rows = [r for f in a.files for r in json.loads(Path(f).read_text())]
     print(markdown_table(rows))

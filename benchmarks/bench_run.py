@@ -30,12 +30,14 @@ from bench_results import append_row
 
 
 def _optimizer_step_timed(opt: Any, events: Any) -> None:
+    """One optimizer step between a pair of timing marks."""
     events.start()
     opt.step()
     events.stop()
 
 
 def cmd_run(a: argparse.Namespace) -> None:
+    """One variant on one shape: SFTTrainer rows go to ``run_trl``, others train in a plain loop; appends a row."""
     import torch
 
     if VARIANTS[a.variant].get("trl"):
