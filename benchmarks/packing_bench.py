@@ -44,7 +44,7 @@ def run_variant(a: argparse.Namespace) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     sys.path.insert(0, str(HERE))
-    from bench_qlora import model_dirs, synthetic_batches
+    from bench_models import model_dirs, synthetic_batches
 
     from qlora_plugin import qlora_recipe
 

@@ -1,0 +1,75 @@
+"""The benchmark's fixed settings: device, batch shape, LoRA rank, model shapes and the measured variants.
+
+Kept apart so that every other ``bench_*`` module reads the same values (``BENCH_DEVICE`` and
+``BENCH_SEQ`` are read once, here, at import).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+DEVICE = "cuda" if os.environ.get("BENCH_DEVICE", "cuda") == "cuda" else "cpu"
+BATCH, SEQ = 4, int(os.environ.get("BENCH_SEQ", 2048))
+RANK, ALPHA = 16, 32
+LR = 2e-4
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        tie_word_embeddings=False,
+    ),  # CPU dry runs
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
+}
+VOCAB = 128256
+
+# name -> settings. "recipe": qlora_recipe overrides, run the way a user would (SFTTrainer for the
+# table, recipe -> PEFT -> the recipe's hooks for numerics and the memory sweep); "fused_optim":
+# pass optimizer_cls_and_kwargs=recipe.optimizer_cls_and_kwargs(args). "plugin": FastPathConfig
+# applied directly (the earlier standalone rows, kept for comparison).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "bf16-lora": dict(quant=False, prepare=False, dropout=0.05, optim="torch-adamw", grad_ckpt=True),
+    "stock-qlora": dict(quant=True, prepare=True, dropout=0.05, optim="bnb-paged", grad_ckpt=True),
+    "trl-qlora": dict(quant=True, trl=True, dropout=0.05, optim="paged_adamw_32bit", grad_ckpt=True),
+    "qlora-plugin": dict(
+        quant=True, trl=True, dropout=0.05, recipe=dict(gradient_checkpointing=False), fused_optim=True
+    ),
+    "qlora-plugin-memory": dict(
+        quant=True, trl=True, dropout=0.05, recipe=dict(gradient_checkpointing="offload"), fused_optim=True
+    ),
+    "qlora-plugin-default": dict(quant=True, trl=True, dropout=0.05, recipe={}, fused_optim=True),
+    "qlora-plugin-bnb-optim": dict(
+        quant=True, trl=True, dropout=0.05, recipe=dict(gradient_checkpointing=False), fused_optim=False
+    ),
+    # recipe -> PEFT -> the recipe's hooks, without a trainer (numerics: dropout forced to 0 there)
+    "qlora-plugin-numerics": dict(quant=True, dropout=0.0, recipe=dict(gradient_checkpointing=False)),
+    "kernels-direct": dict(
+        quant=True,
+        prepare=False,
+        dropout=0.0,
+        optim="plugin-paged",
+        plugin=dict(recompute="none", cache_block_constants=True),
+    ),
+}
