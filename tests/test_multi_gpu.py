@@ -23,7 +23,7 @@ from qlora_plugin import QLoRAConfigError, qlora_recipe
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "tests" / "_ddp_job.py"
 AXOLOTL_LOGGER = "axolotl.integrations.qlora_plugin"
-LAUNCH_ENV = ("WORLD_SIZE", "LOCAL_RANK", "RANK", "ACCELERATE_USE_FSDP", "FSDP_VERSION")
+LAUNCH_ENV = ("WORLD_SIZE", "LOCAL_RANK", "RANK", "ACCELERATE_USE_FSDP", "FSDP_VERSION", "ACCELERATE_USE_DEEPSPEED")
 
 
 @pytest.fixture
@@ -98,6 +98,19 @@ def test_sft_config_loads_each_rank_on_its_own_gpu(no_launch) -> None:
     assert ranked.model_init_kwargs["quantization_config"].load_in_4bit
     own = recipe.sft_config(output_dir="out", report_to="none", model_init_kwargs={"device_map": {"": 0}})
     assert own.model_init_kwargs["device_map"] == {"": 0}
+
+
+def test_deepspeed_is_read_from_the_settings_and_the_launch(no_launch) -> None:
+    """Under DeepSpeed the recipe leaves the device_map alone (ZeRO-3 places the parameters; transformers refuses one).
+
+    Only the switch is tested here: transformers needs deepspeed installed to build such a config (not in this venv).
+    """
+    from qlora_plugin.core.distributed import deepspeed_requested
+
+    assert not deepspeed_requested() and not deepspeed_requested({"fsdp": True})
+    assert deepspeed_requested({"deepspeed": "ds_zero3.json"})
+    no_launch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert deepspeed_requested()
 
 
 def test_a_cpu_launch_asks_transformers_for_gloo_ddp(no_launch) -> None:
@@ -286,3 +299,21 @@ def test_a_16_bit_model_quantized_in_place_trains_on_each_rank(tiny_model_dir, t
     assert two["quant_storage"] == "torch.uint8" and two["losses"][-1] < two["losses"][0]
     alone = _run([str(tiny_model_dir), str(tmp_path / "ga"), "4", "2", "--preloaded"], tmp_path / "ga")
     assert two["losses"] == pytest.approx(alone["losses"], rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_the_recipes_4bit_model_on_two_cpu_processes(tiny_model_dir, tmp_path) -> None:
+    """torch's fully_shard over gloo (accelerate does FSDP only on GPUs): the recipe's storage choice shards exactly."""
+    env = {**_env(), "ACCELERATE_USE_FSDP": "true", "QLORA_FAST_PATH_ON_CPU": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+        str(REPO / "tests" / "_fsdp2_job.py"), str(tiny_model_dir), str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["storage"] == "torch.float32"  # the compute dtype, picked because the launch says FSDP
+    assert result["sharded_4bit_weights"] == 14  # every 4-bit projection of the two layers is a DTensor shard
+    assert result["fast_path"] is False  # would be on with QLORA_FAST_PATH_ON_CPU=1 outside FSDP
+    assert result["loss"] == result["unsharded_loss"]
+    assert result["gradients_compared"] == 28 and result["max_grad_gap"] == 0.0  # LoRA A and B of 14 layers

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 FSDP_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch` with an FSDP config, and by Axolotl
+DEEPSPEED_ENV = "ACCELERATE_USE_DEEPSPEED"  # set by `accelerate launch` with a DeepSpeed config
 _FSDP = "_qlora_fsdp"  # on a recipe: what the trainer's settings said (see remember_fsdp)
 
 
@@ -59,6 +60,14 @@ def rank_device_map(device: str, launch: Launch | None = None) -> dict[str, Any]
     if device == "cuda" and launch.distributed:
         return {"": launch.local_rank}
     return None
+
+
+def deepspeed_requested(settings: Mapping[str, Any] | None = None) -> bool:
+    """True when the trainer's settings (``deepspeed``) or the launch (``ACCELERATE_USE_DEEPSPEED``) say DeepSpeed.
+
+    DeepSpeed places the parameters itself (transformers refuses a ``device_map`` under ZeRO-3).
+    """
+    return _truthy(os.environ.get(DEEPSPEED_ENV, "")) or bool(settings and settings.get("deepspeed"))
 
 
 def fsdp_requested(settings: Mapping[str, Any] | None = None, *, axolotl: bool = False) -> bool:

@@ -33,10 +33,11 @@ def storage_dtype(recipe: QLoRARecipe, compute_dtype: torch.dtype, fsdp: bool | 
     """The dtype the packed 4-bit weights are stored in (``quant_storage``).
 
     ``"auto"``: uint8, or under FSDP (``fsdp``; default: as the trainer's settings or the
-    launch say, :func:`qlora_plugin.core.distributed.fsdp_in_effect`) the compute dtype, so FSDP
-    shards the 4-bit weights with the other parameters (it cannot shard integer tensors:
-    "Cannot flatten integer dtype tensors"). Under FSDP an explicit storage dtype other than
-    the compute dtype is an error.
+    launch say, :func:`qlora_plugin.core.distributed.fsdp_in_effect`) the compute dtype, the storage
+    the FSDP QLoRA path of accelerate and Axolotl is built for (FSDP1 cannot flatten integer
+    tensors; torch 2.13's FSDP2 sharded uint8 storage correctly in a CPU probe, but the GPU
+    stack around it is unverified). Under FSDP an explicit storage dtype other than the compute
+    dtype is an error.
     """
     import logging
 
@@ -53,7 +54,7 @@ def storage_dtype(recipe: QLoRARecipe, compute_dtype: torch.dtype, fsdp: bool | 
         log_once(
             logging.INFO,
             f"qlora: FSDP shards the model, so the 4-bit weights are stored as {compute} "
-            "(quant_storage='auto'; FSDP cannot shard uint8 storage)",
+            "(quant_storage='auto': the storage FSDP's QLoRA path is built for; FSDP1 cannot shard uint8)",
             recipe,
         )
         return compute_dtype
@@ -61,8 +62,9 @@ def storage_dtype(recipe: QLoRARecipe, compute_dtype: torch.dtype, fsdp: bool | 
         raise QLoRAConfigError(
             "quant_storage",
             recipe.quant_storage,
-            f"FSDP cannot shard 4-bit weights stored as {recipe.quant_storage} beside {compute} parameters "
-            "('Cannot flatten integer dtype tensors' for uint8)",
+            f"under FSDP the 4-bit weights must be stored in the compute dtype {compute}, the storage the FSDP "
+            "QLoRA path of accelerate and Axolotl is built for (FSDP1 fails on uint8: 'Cannot flatten integer "
+            "dtype tensors')",
             f"set quant_storage='auto' or '{compute}' (the compute dtype)",
         )
     return compute_dtype
