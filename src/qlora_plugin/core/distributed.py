@@ -39,13 +39,14 @@ def current_launch() -> Launch:
     ``accelerate launch`` and ``torchrun`` set ``WORLD_SIZE`` and ``LOCAL_RANK``; reading them
     (rather than creating accelerate's ``PartialState``) starts no process group early.
     """
-    try:
+    from qlora_plugin.core.patches import allowed
+
+    if allowed("accelerate-partial-state"):
         from accelerate.state import PartialState
-    except ImportError:  # pragma: no cover - accelerate is a dependency
-        PartialState = None  # noqa: N806
-    if PartialState is not None and PartialState._shared_state:  # already initialised by a trainer or the user
-        state = PartialState()
-        return Launch(int(state.num_processes), int(state.local_process_index))
+
+        if PartialState._shared_state:  # already initialised by a trainer or the user
+            state = PartialState()
+            return Launch(int(state.num_processes), int(state.local_process_index))
     return Launch(_env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0))
 
 
