@@ -11,7 +11,8 @@ pytest.importorskip("axolotl")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT = CONFIGS / "qlora.yml"
 SMOLLM2 = CONFIGS / "qlora-smollm2.yml"  # the CPU real-model job: local model, chat data (tested below)
-REAL_MODEL = sorted(path for path in CONFIGS.glob("*.yml") if path not in (DEFAULT, SMOLLM2))
+FSDP2 = CONFIGS / "qlora-fsdp2.yml"  # the default job sharded over GPUs (tests/test_multi_gpu_configs.py)
+REAL_MODEL = sorted(path for path in CONFIGS.glob("*.yml") if path not in (DEFAULT, SMOLLM2, FSDP2))
 # What a real-model config may change: the model, the data, the sizes, where it writes,
 # and the recipe's hyper-parameters (a 1M-parameter model needs another learning rate).
 MODEL_DATA_SIZES = {

@@ -27,6 +27,16 @@ def register(commands: Any) -> None:
         metavar="NAME",
         help="only this GPU in the fit table (repeatable); names: see the table",
     )
+    parser.add_argument(
+        "--gpus", type=int, default=1, help="GPUs the run is spread over (default 1); the estimate is per GPU"
+    )
+    parser.add_argument(
+        "--strategy",
+        default="ddp",
+        metavar="ddp|fsdp",
+        help="with --gpus > 1: ddp (each GPU a whole replica) or fsdp (parameters, gradients and "
+        "optimizer states sharded); default ddp",
+    )
     add_recipe_options(parser)
     path = parser.add_argument_group("training path (defaults follow the recipe: fast_path, gradient_checkpointing)")
     path.add_argument(
@@ -77,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         LOGIT_BYTES,
         RESERVE_BYTES,
         Dimensions,
+        Parallel,
         check_gpus,
         estimate_memory,
         fused_loss_chunk,
@@ -88,11 +99,12 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise QLoRAConfigError(f"--{name}", getattr(args, name), "must be at least 1", f"pass --{name} 1 or more")
     gpus = check_gpus(args.gpu)
+    parallel = Parallel(args.gpus, args.strategy)
     recipe = recipe_from_args(args)
     path = path_from_args(args, recipe)
     report = analyze(args.model, recipe)
-    result = estimate_memory(report, args.seq, args.batch, path)
-    fits = gpu_table(report, args.seq, args.batch, path, gpus)
+    result = estimate_memory(report, args.seq, args.batch, path, parallel)
+    fits = gpu_table(report, args.seq, args.batch, path, gpus, parallel)
     if args.json:
         print_json(result.to_dict() | {"gpus": fits})
         return 0
@@ -101,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     tokens = args.seq * args.batch
     out.print(
         f"[bold]{report.source}[/bold]  batch {args.batch} x {args.seq} tokens = {tokens:,} tokens per step; "
-        f"{path.describe()}; {result.optimizer}"
+        f"{path.describe()}; {result.optimizer}; {parallel.describe()}"
     )
     notes = {
         "weights_4bit": f"{count(sum(t.in_features * t.out_features for t in report.quantized_linears))} params in NF4"
@@ -115,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
             f"recompute {path.recompute}; {gib(result.activations['without_recompute'])} GiB without, "
             f"{gib(result.activations['with_full_recompute'])} GiB with full recompute"
         ),
+        "ddp_buckets": "one flat copy of every adapter gradient, held by DDP's reducer",
+        "fsdp_all_gather": "one decoder layer and the root unit (embeddings, head) unsharded, "
+        "and one layer's adapter gradients before the reduce-scatter",
         "loss": (
             f"fused, {fused_loss_chunk(tokens, dims.vocab, dims.hidden)}-row chunks"
             if path.fused_loss

@@ -26,7 +26,7 @@ from qlora_plugin.core.errors import QLoRAConfigError, nearest
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
+STORAGE_DTYPES = ("auto", "uint8", "bfloat16", "float16", "float32")
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
 AUTO_TARGETS = ("auto", "all-linear")
@@ -63,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "quant_type": "nf4",
     "double_quant": True,
     "compute_dtype": "auto",
-    "quant_storage": "uint8",
+    "quant_storage": "auto",
     "optimizer": "paged_adamw_32bit",
     "learning_rate": 2e-4,
     "max_grad_norm": 0.3,
@@ -91,7 +91,8 @@ HELP: dict[str, str] = {
     "quant_type": "4-bit data type of the frozen base (blocksize 64)",
     "double_quant": "quantize the 4-bit blocks' constants too (about 0.37 bits per weight saved)",
     "compute_dtype": "dtype of every GEMM; 'auto' is bfloat16 where the device has it, else float16",
-    "quant_storage": "storage dtype of the packed weights; bfloat16 for FSDP",
+    "quant_storage": "storage dtype of the packed 4-bit weights; 'auto' is uint8, or the compute dtype under FSDP "
+    "(which cannot shard integer tensors)",
     "optimizer": "the trainer's optimizer (paged: states in memory the driver may move to the host)",
     "learning_rate": "peak learning rate of the schedule",
     "max_grad_norm": "gradient clipping norm (0 turns clipping off)",

@@ -66,11 +66,20 @@ def meta_model(path: str | os.PathLike[str]) -> nn.Module:
 
 
 def load_quantized(path: str | os.PathLike[str], recipe: QLoRARecipe, **kwargs: Any) -> PreTrainedModel:
-    """Load ``path`` with its linear layers in 4 bits, prepared for training on the recipe's path."""
+    """Load ``path`` with its linear layers in 4 bits, prepared for training on the recipe's path.
+
+    Under a multi-process launch on CUDA the model goes to this rank's GPU unless ``kwargs``
+    has a ``device_map`` or the launch is DeepSpeed's (:func:`qlora_plugin.core.distributed.rank_device_map`).
+    """
+    from qlora_plugin.core.device import training_device
+    from qlora_plugin.core.distributed import deepspeed_requested, rank_device_map
     from qlora_plugin.core.prepare import prepare_for_training
     from qlora_plugin.core.quantization import keep_nf4_layout
 
     config = load_config(path)
+    device_map = None if deepspeed_requested() else rank_device_map(training_device())
+    if device_map is not None:
+        kwargs.setdefault("device_map", device_map)
     kwargs.setdefault("quantization_config", recipe.quantization_config())
     kwargs.setdefault("dtype", recipe.resolved_compute_dtype())
     model = auto_class(config).from_pretrained(os.fspath(path), **kwargs)

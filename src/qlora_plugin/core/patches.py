@@ -148,6 +148,13 @@ PATCHES: dict[str, Patch] = {
         "set after Axolotl created the trainer)",
         "the batch copy as the trainer configured it",
     ),
+    "accelerate-partial-state": Patch(
+        "accelerate",
+        ">=1.13,<1.16",
+        "PartialState._shared_state, read (never written) to learn whether accelerate's state already exists "
+        "before asking it for the rank (asking creates it, and with it the process group)",
+        "the rank and world size are read from the launcher's WORLD_SIZE and LOCAL_RANK only",
+    ),
 }
 
 

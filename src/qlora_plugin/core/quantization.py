@@ -20,15 +20,54 @@ def bnb_config(recipe: QLoRARecipe, compute_dtype: torch.dtype) -> BitsAndBytesC
     """The recipe's quantization as a transformers ``BitsAndBytesConfig``."""
     from transformers import BitsAndBytesConfig
 
-    from qlora_plugin.core.device import torch_dtype
-
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=recipe.quant_type,
         bnb_4bit_use_double_quant=recipe.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=torch_dtype(recipe.quant_storage),
+        bnb_4bit_quant_storage=storage_dtype(recipe, compute_dtype),
     )
+
+
+def storage_dtype(recipe: QLoRARecipe, compute_dtype: torch.dtype, fsdp: bool | None = None) -> torch.dtype:
+    """The dtype the packed 4-bit weights are stored in (``quant_storage``).
+
+    ``"auto"``: uint8, or under FSDP (``fsdp``; default: as the trainer's settings or the
+    launch say, :func:`qlora_plugin.core.distributed.fsdp_in_effect`) the compute dtype, the storage
+    the FSDP QLoRA path of accelerate and Axolotl is built for (FSDP1 cannot flatten integer
+    tensors; torch 2.13's FSDP2 sharded uint8 storage correctly in a CPU probe, but the GPU
+    stack around it is unverified). Under FSDP an explicit storage dtype other than the compute
+    dtype is an error.
+    """
+    import logging
+
+    from qlora_plugin.core.device import torch_dtype
+    from qlora_plugin.core.distributed import fsdp_in_effect
+    from qlora_plugin.core.errors import QLoRAConfigError
+    from qlora_plugin.core.notices import log_once
+
+    fsdp = fsdp_in_effect(recipe) if fsdp is None else fsdp
+    compute = str(compute_dtype).removeprefix("torch.")
+    if not fsdp:
+        return torch_dtype("uint8" if recipe.quant_storage == "auto" else recipe.quant_storage)
+    if recipe.quant_storage == "auto":
+        log_once(
+            logging.INFO,
+            f"qlora: FSDP shards the model, so the 4-bit weights are stored as {compute} "
+            "(quant_storage='auto': the storage FSDP's QLoRA path is built for; FSDP1 cannot shard uint8)",
+            recipe,
+        )
+        return compute_dtype
+    if recipe.quant_storage != compute:
+        raise QLoRAConfigError(
+            "quant_storage",
+            recipe.quant_storage,
+            f"under FSDP the 4-bit weights must be stored in the compute dtype {compute}, the storage the FSDP "
+            "QLoRA path of accelerate and Axolotl is built for (FSDP1 fails on uint8: 'Cannot flatten integer "
+            "dtype tensors')",
+            f"set quant_storage='auto' or '{compute}' (the compute dtype)",
+        )
+    return compute_dtype
 
 
 @hookimpl(trylast=True)
@@ -46,9 +85,9 @@ def quantize_linear(layer: Any, recipe: QLoRARecipe, compute_dtype: torch.dtype)
     import bitsandbytes as bnb
     from transformers.pytorch_utils import Conv1D
 
-    from qlora_plugin.core.device import torch_dtype
-
     weight = layer.weight.detach()
+    device = layer.weight.device  # this rank's device: the 4-bit layer stays where the 16-bit one was
+    storage = storage_dtype(recipe, compute_dtype)
     if isinstance(layer, Conv1D):
         weight = weight.t()
     out_features, in_features = weight.shape
@@ -59,7 +98,7 @@ def quantize_linear(layer: Any, recipe: QLoRARecipe, compute_dtype: torch.dtype)
         compute_dtype=compute_dtype,
         compress_statistics=recipe.double_quant,
         quant_type=recipe.quant_type,
-        quant_storage=torch_dtype(recipe.quant_storage),
+        quant_storage=storage,
         device="meta",
     )
     quantized.weight = bnb.nn.Params4bit(
@@ -67,12 +106,12 @@ def quantize_linear(layer: Any, recipe: QLoRARecipe, compute_dtype: torch.dtype)
         requires_grad=False,
         compress_statistics=recipe.double_quant,
         quant_type=recipe.quant_type,
-        quant_storage=torch_dtype(recipe.quant_storage),
+        quant_storage=storage,
         blocksize=BLOCKSIZE,
     )
     if layer.bias is not None:
         quantized.bias = layer.bias
-    return quantized.to(layer.weight.device)
+    return quantized.to(device)
 
 
 def is_4bit(layer: nn.Module) -> bool:

@@ -92,11 +92,24 @@ CPU_ENV = "QLORA_FAST_PATH_ON_CPU"
 
 
 def wants_fast_path(recipe: QLoRARecipe, device: str | None = None) -> bool:
-    """True when ``recipe`` trains through the kernels on ``device`` (default: the training device)."""
+    """True when ``recipe`` trains through the kernels on ``device`` (default: the training device).
+
+    Never under FSDP: its sharded layers keep PEFT's forward (one log line says so).
+    """
     from qlora_plugin.core.device import training_device
+    from qlora_plugin.core.distributed import fsdp_in_effect
 
     device = device or training_device()
-    return bool(recipe.fast_path) and (device == "cuda" or (device == "cpu" and os.environ.get(CPU_ENV) == "1"))
+    serves = bool(recipe.fast_path) and (device == "cuda" or (device == "cpu" and os.environ.get(CPU_ENV) == "1"))
+    if serves and fsdp_in_effect(recipe):
+        log_once(
+            logging.INFO,
+            "qlora fast path off: FSDP shards each 4-bit layer, so the layers train through PEFT's forward "
+            "(the fused kernels read a layer's whole NF4 weight)",
+            recipe,
+        )
+        return False
+    return serves
 
 
 def arm(

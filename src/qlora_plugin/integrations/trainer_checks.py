@@ -41,6 +41,9 @@ RECIPE_RULES = {
     "per_device_train_batch_size": NumberRule("a positive integer such as 8", integer=True, low=0, open_low=True),
     "gradient_accumulation_steps": NumberRule("a positive integer such as 2", integer=True, low=0, open_low=True),
 }
+# Arguments whose annotation is narrower than what the config takes: transformers 5 annotates
+# `fsdp` as `str | None` but asks for `fsdp=True` (a string is deprecated there).
+WIDER_THAN_ANNOTATED: dict[str, tuple[type, ...]] = {"fsdp": (bool, list)}
 # Loading arguments that fight the recipe's 4-bit base.
 NOT_WITH_A_4BIT_BASE = ("load_in_8bit", "load_in_4bit")
 
@@ -119,6 +122,8 @@ def _version(config_class: type) -> str:
 
 
 def _check_type(key: str, value: Any, hint: Any, config_class: type) -> None:
+    if isinstance(value, WIDER_THAN_ANNOTATED.get(key, ())):
+        return
     if hint is None or _accepts(hint, value) is not False:
         if isinstance(value, float) and not math.isfinite(value):
             raise QLoRAConfigError(key, value, "must be a finite number", f"pass a finite {key}, or leave it out")

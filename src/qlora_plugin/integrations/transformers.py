@@ -6,6 +6,7 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 from qlora_plugin.core.device import precision_flags, training_device
+from qlora_plugin.core.distributed import current_launch
 
 if TYPE_CHECKING:
     from qlora_plugin.core.recipe import QLoRARecipe
@@ -18,7 +19,8 @@ def training_args(recipe: QLoRARecipe, device: str | None = None) -> dict[str, A
 
     Precision follows the device: bf16/fp16 mixed precision on a GPU, neither
     on a CPU (where the trainers refuse them). On the CUDA fast path, also the
-    settings of :data:`qlora_plugin.fastpath.activation.FAST_TRAINER_SETTINGS`.
+    settings of :data:`qlora_plugin.fastpath.activation.FAST_TRAINER_SETTINGS`. Under a
+    multi-process launch on a machine without CUDA, ``use_cpu=True`` (DDP over gloo).
     """
     from qlora_plugin.fastpath.activation import trainer_settings
 
@@ -34,6 +36,10 @@ def training_args(recipe: QLoRARecipe, device: str | None = None) -> dict[str, A
         **precision_flags(recipe.resolved_compute_dtype(device), device),
     }
     settings.update({name: getattr(recipe, name) for name in OPTIONAL_SETTINGS if getattr(recipe, name) is not None})
+    if device == "cpu" and current_launch().distributed:
+        # Without it, transformers on a machine without a GPU sets up no DDP (accelerate picks
+        # gloo only when told "cpu"), and each rank silently trains its own copy on all the data.
+        settings["use_cpu"] = True
     settings.update(trainer_settings(recipe, device))
     return settings
 

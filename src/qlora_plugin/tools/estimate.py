@@ -58,6 +58,20 @@ chunk of logits in ``c`` plus the hidden-size input gradient.
 The allocator's peak is the largest of three moments: the loss's backward, the
 backward of the last decoder layer, and the optimizer step. Paged optimizer
 states come on top (:attr:`MemoryEstimate.peak`).
+
+Several GPUs (:class:`Parallel`, ``--gpus N --strategy ddp|fsdp``), per GPU:
+  * ``ddp``: everything above (each rank holds the whole model and its own micro-batch),
+    plus DDP's gradient buckets: the reducer keeps one flat copy of every trainable
+    gradient (adapter dtype; ``gradient_as_bucket_view`` off, as transformers leaves it),
+    allocated when the model is wrapped and held for the whole step. One GPU: no DDP.
+  * ``fsdp`` (FSDP2, each decoder layer its own unit, resharded after forward): the 4-bit
+    weights, the unquantized parameters, the adapters, their gradients and the optimizer
+    states divided by N (rounded up); plus, during forward and backward, the parameters
+    FSDP all-gathers: one decoder layer unsharded (its 4-bit weights, norms and adapters,
+    and in backward its adapters' unsharded gradients before the reduce-scatter) and the
+    root unit (embeddings, untied head, final norm), which FSDP2 keeps unsharded from
+    forward through backward. Prefetching the next layer and the collectives' staging
+    buffers are not counted. Activations and the loss are per GPU, unchanged.
 """
 
 from __future__ import annotations
@@ -170,6 +184,38 @@ class TrainingPath:
         return "fast path: " + ", ".join(parts)
 
 
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """How many GPUs share the run, and how (see the module docstring): ``ddp`` replicates, ``fsdp`` shards."""
+
+    gpus: int = 1
+    strategy: str = "ddp"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 1:
+            raise QLoRAConfigError(
+                "--gpus", self.gpus, "must be a whole number of GPUs, at least 1", "pass --gpus 1 or more"
+            )
+        if self.strategy not in STRATEGIES:
+            raise QLoRAConfigError(
+                "--strategy",
+                self.strategy,
+                "is not a multi-GPU strategy this estimate knows" + nearest(str(self.strategy), STRATEGIES),
+                f"pass --strategy ddp (replicas) or fsdp (sharded), one of {list(STRATEGIES)}",
+            )
+
+    @property
+    def shards(self) -> int:
+        """How many GPUs each parameter, gradient and optimizer state is divided over."""
+        return self.gpus if self.strategy == "fsdp" else 1
+
+    def describe(self) -> str:
+        return "1 GPU" if self.gpus == 1 else f"{self.gpus} GPUs, {self.strategy.upper()}: per GPU"
+
+
 def training_path(recipe: QLoRARecipe | RecipeSpec, name: str | None = None, **options: Any) -> TrainingPath:
     """The path ``recipe`` trains on (``name`` and ``options`` override; ``None`` values are ignored).
 
@@ -244,6 +290,7 @@ class MemoryEstimate:
     moments: dict[str, int]
     paged_optimizer: int
     notes: list[str] = field(default_factory=list)
+    parallel: Parallel = field(default_factory=Parallel)
 
     @property
     def allocator_peak(self) -> int:
@@ -277,13 +324,18 @@ class MemoryEstimate:
             "peak_moment": self.peak_moment,
             "peak": self.peak,
             "notes": self.notes,
+            "parallel": asdict(self.parallel),
         }
 
 
-def estimate_memory(report: ModelReport, seq: int, batch: int, path: TrainingPath | None = None) -> MemoryEstimate:
-    """The memory model of the module docstring, applied to ``report`` at ``batch`` x ``seq``."""
+def estimate_memory(
+    report: ModelReport, seq: int, batch: int, path: TrainingPath | None = None, parallel: Parallel | None = None
+) -> MemoryEstimate:
+    """The memory model of the module docstring, applied to ``report`` at ``batch`` x ``seq`` per GPU."""
     recipe = report.recipe
     path = path or training_path(recipe)
+    parallel = parallel or Parallel()
+    shards = parallel.shards
     dims = Dimensions.from_config(report.config)
     stock = path.name == "stock"
     c = 4 if recipe.compute_dtype == "float32" else 2
@@ -296,16 +348,29 @@ def estimate_memory(report: ModelReport, seq: int, batch: int, path: TrainingPat
     optimizer_torch, optimizer_paged = optimizer_bytes(
         report.lora_tensor_sizes(), recipe.optimizer, adapter_bytes, page_all=path.kernels
     )
+    optimizer_torch, optimizer_paged = math.ceil(optimizer_torch / shards), math.ceil(optimizer_paged / shards)
     quantized_params = sum(t.in_features * t.out_features for t in report.quantized_linears)
-    components = {
+    whole = {
         "weights_4bit": report.quantized_bytes()
         + (4 * math.ceil(quantized_params / 64) if path.cached_constants else 0),
         "unquantized_params": report.unquantized_params() * frozen_bytes,
         "adapters": trainable * adapter_bytes,
         "gradients": trainable * adapter_bytes,
-        "optimizer_states": optimizer_torch + optimizer_paged,
     }
+    components = {key: math.ceil(value / shards) for key, value in whole.items()}
+    components["optimizer_states"] = optimizer_torch + optimizer_paged
     resident = components["weights_4bit"] + components["unquantized_params"] + components["adapters"]
+    gathered = gathered_grads = 0  # FSDP: unsharded for forward and backward (the module docstring)
+    if parallel.strategy == "ddp" and parallel.gpus > 1:
+        components["ddp_buckets"] = whole["gradients"]
+        resident += components["ddp_buckets"]
+    elif parallel.strategy == "fsdp" and parallel.gpus > 1:
+        layers = max(Dimensions.from_config(report.config).layers, 1)
+        root = root_params(report) * frozen_bytes
+        layer_params = (whole["weights_4bit"] + whole["unquantized_params"] - root + whole["adapters"]) / layers
+        gathered = root + math.ceil(layer_params)
+        gathered_grads = math.ceil(whole["gradients"] / layers)
+        components["fsdp_all_gather"] = gathered + gathered_grads
 
     per_layer = layer_activation_bytes(report, dims, path, c=c, a=a, m=m)
     adapter_copies = trainable * c if adapter_bytes > c else 0  # compute-dtype copies kept for backward
@@ -334,8 +399,13 @@ def estimate_memory(report: ModelReport, seq: int, batch: int, path: TrainingPat
     else:
         layer_backward = recomputed + per_layer * tokens + adapter_copies // max(dims.layers, 1) + working
     moments = {
-        "loss backward": resident + optimizer_torch + components["activations"] + logits,
-        "layer backward": resident + optimizer_torch + components["gradients"] + layer_backward,
+        "loss backward": resident + optimizer_torch + components["activations"] + logits + gathered,
+        "layer backward": resident
+        + optimizer_torch
+        + components["gradients"]
+        + layer_backward
+        + gathered
+        + gathered_grads,
         "optimizer step": resident + optimizer_torch + components["gradients"],
     }
     notes = []
@@ -354,7 +424,19 @@ def estimate_memory(report: ModelReport, seq: int, batch: int, path: TrainingPat
         moments=moments,
         paged_optimizer=optimizer_paged,
         notes=notes,
+        parallel=parallel,
     )
+
+
+def root_params(report: ModelReport) -> int:
+    """Unquantized parameters outside the repeated decoder layers (embeddings, untied head, final norm).
+
+    A parameter is in a decoder layer when its name has a numeric part (``model.layers.3.``).
+    """
+    import re
+
+    in_layers = sum(numel for name, numel in report.other_params.items() if re.search(r"\.\d+\.", name))
+    return report.unquantized_params() - in_layers
 
 
 def loss_bytes(dims: Dimensions, path: TrainingPath, tokens: int, c: int) -> int:
@@ -424,19 +506,27 @@ def estimate(
     seq: int,
     batch: int,
     path: TrainingPath | None = None,
+    parallel: Parallel | None = None,
 ) -> MemoryEstimate:
-    """Analyze ``model`` (config only) under ``recipe`` and estimate a step at ``batch`` x ``seq``."""
+    """Analyze ``model`` (config only) under ``recipe`` and estimate a step at ``batch`` x ``seq`` per GPU."""
     from qlora_plugin.tools.inspection import analyze
 
-    return estimate_memory(analyze(model, recipe), seq, batch, path)
+    return estimate_memory(analyze(model, recipe), seq, batch, path, parallel)
 
 
-def largest_batch(report: ModelReport, seq: int, gpu_mib: int, path: TrainingPath, limit: int = 1024) -> int:
-    """The largest micro-batch at ``seq`` whose estimate fits in ``gpu_mib`` (0 if none)."""
+def largest_batch(
+    report: ModelReport,
+    seq: int,
+    gpu_mib: int,
+    path: TrainingPath,
+    limit: int = 1024,
+    parallel: Parallel | None = None,
+) -> int:
+    """The largest micro-batch per GPU at ``seq`` whose estimate fits in ``gpu_mib`` (0 if none)."""
     low, high = 0, limit
     while low < high:
         middle = (low + high + 1) // 2
-        if estimate_memory(report, seq, middle, path).fits(gpu_mib):
+        if estimate_memory(report, seq, middle, path, parallel).fits(gpu_mib):
             low = middle
         else:
             high = middle - 1
@@ -444,10 +534,15 @@ def largest_batch(report: ModelReport, seq: int, gpu_mib: int, path: TrainingPat
 
 
 def gpu_table(
-    report: ModelReport, seq: int, batch: int, path: TrainingPath, gpus: list[str] | None = None
+    report: ModelReport,
+    seq: int,
+    batch: int,
+    path: TrainingPath,
+    gpus: list[str] | None = None,
+    parallel: Parallel | None = None,
 ) -> list[dict[str, Any]]:
-    """For each GPU: whether the step fits, the headroom, and the largest micro-batch that fits."""
-    result = estimate_memory(report, seq, batch, path)
+    """For each GPU: whether the step fits, the headroom, and the largest micro-batch that fits (per GPU)."""
+    result = estimate_memory(report, seq, batch, path, parallel)
     rows = []
     for key in gpus or list(GPUS):
         label, mib = GPUS[key]
@@ -458,7 +553,7 @@ def gpu_table(
                 "memory_gib": round(mib * MIB / GIB, 1),
                 "fits": result.fits(mib),
                 "headroom_gib": round((mib * MIB - RESERVE_BYTES - result.peak) / GIB, 2),
-                "largest_batch": largest_batch(report, seq, mib, path),
+                "largest_batch": largest_batch(report, seq, mib, path, parallel=parallel),
             }
         )
     return rows
@@ -472,6 +567,8 @@ COMPONENT_LABELS = {
     "optimizer_states": "optimizer states",
     "activations": "activations",
     "loss": "logits and loss",
+    "ddp_buckets": "DDP gradient buckets",
+    "fsdp_all_gather": "FSDP all-gathered (unsharded) parameters",
 }
 
 

@@ -32,11 +32,17 @@ def recipe_from_section(section: Any) -> QLoRARecipe:
     return recipe_from_spec(spec_from_section(section))
 
 
-def native_keys(recipe: QLoRARecipe, device: str) -> dict[str, Any]:
-    """The Axolotl keys that make a run follow ``recipe`` on ``device``."""
+def native_keys(recipe: QLoRARecipe, device: str, fsdp: bool = False) -> dict[str, Any]:
+    """The Axolotl keys that make a run follow ``recipe`` on ``device``.
+
+    ``fsdp``: the config shards the model with FSDP; the 4-bit weights are then stored in
+    the compute dtype (:func:`qlora_plugin.core.quantization.storage_dtype`).
+    """
     from qlora_plugin.core.device import precision_flags
+    from qlora_plugin.core.quantization import storage_dtype
 
     compute_dtype = recipe.resolved_compute_dtype(device)
+    storage = str(storage_dtype(recipe, compute_dtype, fsdp)).removeprefix("torch.")
     keys: dict[str, Any] = {
         "adapter": "qlora",
         "load_in_4bit": True,
@@ -44,7 +50,7 @@ def native_keys(recipe: QLoRARecipe, device: str) -> dict[str, Any]:
         "bnb_config_kwargs": {
             "bnb_4bit_quant_type": recipe.quant_type,
             "bnb_4bit_use_double_quant": recipe.double_quant,
-            "bnb_4bit_quant_storage": recipe.quant_storage,
+            "bnb_4bit_quant_storage": storage,
             "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."),
         },
         "lora_r": recipe.r,

@@ -1,0 +1,110 @@
+"""Multi-process launches as the recipe sees them: which rank, which device, whether FSDP shards the model.
+
+The launchers are the existing engines (``accelerate launch``, ``torchrun``, Axolotl's
+multi-GPU configs); this module only reads what they set. Under DDP each rank needs the
+whole 4-bit model on its own GPU (bitsandbytes weights cannot be moved by accelerate
+afterwards: "You can't train a model that has been loaded in 8-bit or 4-bit precision on
+a different device"); under FSDP the packed 4-bit weights must be stored in the dtype of
+the other parameters, or FSDP refuses to shard them ("Cannot flatten integer dtype tensors").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+FSDP_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch` with an FSDP config, and by Axolotl
+DEEPSPEED_ENV = "ACCELERATE_USE_DEEPSPEED"  # set by `accelerate launch` with a DeepSpeed config
+_FSDP = "_qlora_fsdp"  # on a recipe: what the trainer's settings said (see remember_fsdp)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The process group this process belongs to (one process: world size 1, rank 0)."""
+
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when more than one process trains."""
+        return self.world_size > 1
+
+
+def current_launch() -> Launch:
+    """This process's launch: from accelerate's state where it already exists, else the launcher's env.
+
+    ``accelerate launch`` and ``torchrun`` set ``WORLD_SIZE`` and ``LOCAL_RANK``; reading them
+    (rather than creating accelerate's ``PartialState``) starts no process group early.
+    """
+    from qlora_plugin.core.patches import allowed
+
+    if allowed("accelerate-partial-state"):
+        from accelerate.state import PartialState
+
+        if PartialState._shared_state:  # already initialised by a trainer or the user
+            state = PartialState()
+            return Launch(int(state.num_processes), int(state.local_process_index))
+    return Launch(_env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0))
+
+
+def rank_device_map(device: str, launch: Launch | None = None) -> dict[str, Any] | None:
+    """The ``device_map`` that puts the whole model on this rank's device, or None where none is needed.
+
+    CUDA under a multi-process launch: ``{"": local_rank}`` (without it, "auto" spreads one
+    model over every GPU and a 4-bit model cannot be moved afterwards). On a CPU every rank
+    loads on the CPU anyway, and one process keeps the loader's own default.
+    """
+    launch = launch or current_launch()
+    if device == "cuda" and launch.distributed:
+        return {"": launch.local_rank}
+    return None
+
+
+def deepspeed_requested(settings: Mapping[str, Any] | None = None) -> bool:
+    """True when the trainer's settings (``deepspeed``) or the launch (``ACCELERATE_USE_DEEPSPEED``) say DeepSpeed.
+
+    DeepSpeed places the parameters itself (transformers refuses a ``device_map`` under ZeRO-3).
+    """
+    return _truthy(os.environ.get(DEEPSPEED_ENV, "")) or bool(settings and settings.get("deepspeed"))
+
+
+def fsdp_requested(settings: Mapping[str, Any] | None = None, *, axolotl: bool = False) -> bool:
+    """True when the trainer's settings or the launch say FSDP.
+
+    ``settings``: ``TrainingArguments``/``SFTConfig`` keyword arguments (FSDP is on when ``fsdp``
+    is), or with ``axolotl`` an Axolotl config (a non-empty ``fsdp_config`` or the older ``fsdp``
+    list; ``fsdp_version`` alone is not FSDP there). The launch: ``ACCELERATE_USE_FSDP``
+    (``accelerate launch`` with an FSDP config file sets it).
+    """
+    if _truthy(os.environ.get(FSDP_ENV, "")):
+        return True
+    if not settings:
+        return False
+    fsdp = settings.get("fsdp")
+    if fsdp not in (None, False, "", [], ()):
+        return True
+    return axolotl and bool(settings.get("fsdp_config"))
+
+
+def remember_fsdp(recipe: Any, fsdp: bool) -> None:
+    """Record on ``recipe`` whether its trainer shards the model with FSDP (read by :func:`fsdp_in_effect`)."""
+    recipe.__dict__[_FSDP] = bool(fsdp)
+
+
+def fsdp_in_effect(recipe: Any) -> bool:
+    """True when ``recipe`` trains under FSDP: as its trainer's settings said, or as the launch says."""
+    return bool(recipe.__dict__.get(_FSDP, False)) or fsdp_requested()
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")

@@ -1,0 +1,112 @@
+"""``qlora estimate --gpus N --strategy ddp|fsdp``: the per-GPU arithmetic and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from qlora_plugin.commands.main import main
+from qlora_plugin.core.fields import recipe_spec
+from qlora_plugin.tools.estimate import Parallel, estimate_memory
+from qlora_plugin.tools.inspection import analyze
+
+SHARDED = ("weights_4bit", "unquantized_params", "adapters", "gradients", "optimizer_states")
+
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory) -> Path:
+    """A Llama config only (read on the meta device): eight layers, untied head."""
+    from transformers import LlamaConfig
+
+    directory = tmp_path_factory.mktemp("eight-layers")
+    LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    ).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def report(config_dir):
+    return analyze(config_dir, recipe_spec(optimizer="adamw_torch"))  # all optimizer states in the allocator
+
+
+def test_fsdp_divides_what_it_shards_and_adds_the_gathered_layer(report) -> None:
+    one = estimate_memory(report, 1024, 2)
+    two = estimate_memory(report, 1024, 2, parallel=Parallel(2, "fsdp"))
+    for key in SHARDED:
+        assert two.components[key] == math.ceil(one.components[key] / 2), key
+    assert two.components["weights_4bit"] * 2 == pytest.approx(one.components["weights_4bit"], abs=1)
+    assert two.components["activations"] == one.components["activations"]  # per GPU, unchanged
+    assert two.components["loss"] == one.components["loss"]
+    layers = 8
+    root = 2 * (2 * 32000 * 512 + 512)  # embeddings + untied head + final norm, bf16
+    per_layer = (
+        one.components["weights_4bit"] + one.components["unquantized_params"] - root + one.components["adapters"]
+    )
+    gathered = root + math.ceil(per_layer / layers) + math.ceil(one.components["gradients"] / layers)
+    assert two.components["fsdp_all_gather"] == gathered
+    assert "ddp_buckets" not in two.components
+    # the optimizer step holds exactly what is sharded (adamw_torch: every state in the allocator)
+    assert one.moments["optimizer step"] == sum(one.components[key] for key in SHARDED)
+    assert two.moments["optimizer step"] == sum(two.components[key] for key in SHARDED)
+    four = estimate_memory(report, 1024, 2, parallel=Parallel(4, "fsdp"))
+    assert four.components["weights_4bit"] == math.ceil(one.components["weights_4bit"] / 4)
+    assert four.peak < two.peak < one.peak + gathered
+
+
+def test_ddp_is_one_gpu_plus_the_gradient_buckets(report) -> None:
+    one = estimate_memory(report, 1024, 2)
+    two = estimate_memory(report, 1024, 2, parallel=Parallel(2, "ddp"))
+    buckets = one.components["gradients"]  # one flat copy of every adapter gradient (fp32 here)
+    assert buckets == 4 * report.trainable_params
+    assert two.components == {**one.components, "ddp_buckets": buckets}
+    assert all(two.moments[moment] == one.moments[moment] + buckets for moment in one.moments)
+    assert two.peak == one.peak + buckets
+    eight = estimate_memory(report, 1024, 2, parallel=Parallel(8, "ddp"))
+    assert eight.peak == two.peak  # replicas: the GPU count does not change a GPU's memory
+    alone = estimate_memory(report, 1024, 2, parallel=Parallel(1, "ddp"))
+    assert alone.components == one.components  # one process: no DDP wrapper, no buckets
+    assert estimate_memory(report, 1024, 2, parallel=Parallel(1, "fsdp")).components == one.components
+
+
+def test_the_command_takes_gpus_and_strategy(config_dir, capsys) -> None:
+    def run(*args: str) -> dict:
+        assert main(["estimate", str(config_dir), "--seq", "1024", "--batch", "2", "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    one, ddp, fsdp = run(), run("--gpus", "2"), run("--gpus", "2", "--strategy", "fsdp")
+    assert ddp["parallel"] == {"gpus": 2, "strategy": "ddp"} and fsdp["parallel"] == {"gpus": 2, "strategy": "fsdp"}
+    assert ddp["peak"] > one["peak"]
+    # this small model's unsharded root (32k x 512 embeddings and head) outweighs half its layers: more GPUs help
+    assert run("--gpus", "4", "--strategy", "fsdp")["peak"] < fsdp["peak"]
+    assert fsdp["components"]["weights_4bit"] == math.ceil(one["components"]["weights_4bit"] / 2)
+    assert main(["estimate", str(config_dir), "--seq", "256", "--gpus", "2", "--strategy", "fsdp"]) == 0
+    shown = capsys.readouterr().out
+    assert "2 GPUs, FSDP: per GPU" in shown and "FSDP all-gathered" in shown
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--gpus", "0"], "--gpus=0: must be a whole number of GPUs, at least 1. Fix: pass --gpus 1 or more"),
+        (["--gpus", "-2"], "--gpus=-2: must be a whole number of GPUs"),
+        (
+            ["--strategy", "foo"],
+            "--strategy='foo': is not a multi-GPU strategy this estimate knows. Fix: pass --strategy ddp",
+        ),
+        (["--strategy", "fsdb"], "Did you mean 'fsdp'?"),
+    ],
+)
+def test_bad_gpus_or_strategy_is_one_line_and_exit_2(config_dir, capsys, args, expected) -> None:
+    assert main(["estimate", str(config_dir), "--seq", "64", *args]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1
