@@ -22,19 +22,27 @@ def load_script(name: str) -> ModuleType:
 
 
 def test_the_public_api_keeps_its_names() -> None:
-    """What README and users import: the recipe, its class, the hook marker, the Axolotl plugin."""
+    """What README and users import: the recipe, its class, the hook marker."""
     import peft
 
     from qlora_plugin import QLoRARecipe, hookimpl, qlora_recipe
-    from qlora_plugin.axolotl import QLoRAPlugin
-    from qlora_plugin.integrations.axolotl.plugin import QLoRAPlugin as PluginImplementation
 
     recipe = qlora_recipe()
     assert isinstance(recipe, QLoRARecipe) and isinstance(recipe, peft.LoraConfig)
-    assert QLoRAPlugin is PluginImplementation
     assert callable(hookimpl)
     for method in ("sft_config", "training_args", "callbacks", "optimizer_cls_and_kwargs", "load_model"):
         assert callable(getattr(recipe, method)), method
+
+
+def test_the_axolotl_plugin_keeps_its_public_path() -> None:
+    """``plugins: [qlora_plugin.axolotl.QLoRAPlugin]`` in a user's config (needs the ``axolotl`` extra)."""
+    import pytest
+
+    pytest.importorskip("axolotl")
+    from qlora_plugin.axolotl import QLoRAPlugin
+    from qlora_plugin.integrations.axolotl.plugin import QLoRAPlugin as PluginImplementation
+
+    assert QLoRAPlugin is PluginImplementation
 
 
 def test_the_command_line_entry_point_is_the_one_pyproject_names() -> None:
