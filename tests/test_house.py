@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -36,8 +38,6 @@ def test_the_public_api_keeps_its_names() -> None:
 
 def test_the_axolotl_plugin_keeps_its_public_path() -> None:
     """``plugins: [qlora_plugin.axolotl.QLoRAPlugin]`` in a user's config (needs the ``axolotl`` extra)."""
-    import pytest
-
     pytest.importorskip("axolotl")
     from qlora_plugin.axolotl import QLoRAPlugin
     from qlora_plugin.integrations.axolotl.plugin import QLoRAPlugin as PluginImplementation
