@@ -11,6 +11,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make mutate` (docs/mutation.md): mutmut's coverage run sets MUTANT_UNDER_TEST=stats, which the CLI tests'
+# subprocesses would inherit and fail on (they cannot read mutmut's config); mutmut keeps its own copy.
+# Mutant runs keep the variable, so a subprocess runs the mutant too.
+if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+    del os.environ["MUTANT_UNDER_TEST"]
 
 
 @pytest.fixture(scope="session")
