@@ -188,7 +188,8 @@ def test_looking_for_a_copys_process_never_signals_it(tmp_path) -> None:
     try:
         (tmp_path / f".merged.{process.pid}.abcd.partial").mkdir()
         assert remove_abandoned_copies(tmp_path / "merged") == []
-        assert process.poll() is None  # still running
+        with pytest.raises(subprocess.TimeoutExpired):
+            process.wait(timeout=1)  # still running: not even SIGHUP
     finally:
         process.kill()
         process.wait()
