@@ -11,6 +11,28 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make mutate` (docs/mutation.md): mutmut's coverage run sets MUTANT_UNDER_TEST=stats, which the CLI tests'
+# subprocesses would inherit and fail on (they cannot read mutmut's config); mutmut keeps its own copy.
+# Mutant runs keep the variable, so a subprocess runs the mutant too.
+if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+    del os.environ["MUTANT_UNDER_TEST"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under mutmut, with a mutant active: test files with the cheapest tests first, so that with -x a
+    killed mutant stops early. Each file keeps its own order (and its module fixtures); nothing changes
+    in a normal run."""
+    import json
+    from pathlib import Path
+
+    stats = Path(__file__).resolve().parents[1] / "mutmut-stats.json"  # mutants/mutmut-stats.json
+    if os.environ.get("MUTANT_UNDER_TEST", "") in ("", "stats", "fail", "list_all_tests") or not stats.is_file():
+        return
+    durations = json.loads(stats.read_text())["duration_by_test"]
+    cost: dict[str, float] = {}
+    for item in items:
+        cost[item.path] = cost.get(item.path, 0.0) + durations.get(item.nodeid, 0.0)
+    items.sort(key=lambda item: cost[item.path])  # stable: within a file, the collected order
 
 
 @pytest.fixture(scope="session")
