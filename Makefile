@@ -6,15 +6,18 @@
 #   make test-newest   the suite on the newest releases of TRL, transformers, PEFT, accelerate
 #                      and datasets (no Axolotl: its releases pin older ones) in .venv-newest
 #   make lint          ruff, ruff format --check, mypy on src/, the layer check, the README's field table
+#   make mutate        mutation testing of the core and integration modules (not in CI; docs/mutation.md)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NEWEST := .venv-newest
 NEWEST_STAMP := $(NEWEST)/.installed
+MUT := .venv-mut
+MUT_STAMP := $(MUT)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install prepare-real train train-tiny lint test test-newest
+.PHONY: install prepare-real train train-tiny lint test test-newest mutate
 
 install: $(STAMP)
 
@@ -58,3 +61,17 @@ test: $(STAMP)
 test-newest: $(NEWEST_STAMP)
 	$(NEWEST)/bin/pip list 2>/dev/null | grep -iE '^(transformers|trl|peft|accelerate|datasets|bitsandbytes) '
 	$(OFFLINE) $(NEWEST)/bin/python -m pytest
+
+$(MUT_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(MUT)
+	$(MUT)/bin/pip install --quiet --upgrade pip
+	$(MUT)/bin/pip install --quiet torch==2.13.0
+	$(MUT)/bin/pip install --quiet -e ".[axolotl,dev]" mutmut==3.8.1
+	touch $(MUT_STAMP)
+
+# Mutation testing of the modules in [tool.mutmut] (pyproject.toml), in its own environment; about
+# 1.5 h on two shared cores, so not in CI. It resumes where it stopped; `rm -rf mutants` starts over.
+mutate: $(MUT_STAMP)
+	OMP_NUM_THREADS=1 $(OFFLINE) nice -n 15 $(MUT)/bin/mutmut run --max-children 2
+	$(MUT)/bin/mutmut export-cicd-stats
+	cat mutants/mutmut-cicd-stats.json
