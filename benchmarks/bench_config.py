@@ -47,7 +47,9 @@ VOCAB = 128256
 
 # name -> settings. "recipe": qlora_recipe overrides, run the way a user would (SFTTrainer for the
 # table, recipe -> PEFT -> the recipe's hooks for numerics and the memory sweep); "fused_optim":
-# pass optimizer_cls_and_kwargs=recipe.optimizer_cls_and_kwargs(args). "plugin": FastPathConfig
+# True passes optimizer_cls_and_kwargs=recipe.optimizer_cls_and_kwargs(args), False passes
+# bitsandbytes' PagedAdamW32bit, absent passes nothing (what the trainer and recipe pick: the
+# README snippet as written). "plugin": FastPathConfig
 # applied directly (the earlier standalone rows, kept for comparison).
 VARIANTS: dict[str, dict[str, Any]] = {
     "bf16-lora": dict(quant=False, prepare=False, dropout=0.05, optim="torch-adamw", grad_ckpt=True),
@@ -59,7 +61,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "qlora-plugin-memory": dict(
         quant=True, trl=True, dropout=0.05, recipe=dict(gradient_checkpointing="offload"), fused_optim=True
     ),
-    "qlora-plugin-default": dict(quant=True, trl=True, dropout=0.05, recipe={}, fused_optim=True),
+    "qlora-plugin-default": dict(quant=True, trl=True, dropout=0.05, recipe={}),
     "qlora-plugin-bnb-optim": dict(
         quant=True, trl=True, dropout=0.05, recipe=dict(gradient_checkpointing=False), fused_optim=False
     ),

@@ -275,8 +275,13 @@ def run_trl(a: argparse.Namespace) -> None:
         if recipe is not None:
             cfg = recipe.sft_config(output_dir=out, **common)
             peft_config: Any = recipe
-            if spec.get("fused_optim"):
+            if spec.get("fused_optim") is True:
                 extra["optimizer_cls_and_kwargs"] = recipe.optimizer_cls_and_kwargs(cfg)
+            elif spec.get("fused_optim") is False:  # bitsandbytes' own, which the recipe would replace
+                import bitsandbytes as bnb
+
+                adam = {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
+                extra["optimizer_cls_and_kwargs"] = (bnb.optim.PagedAdamW32bit, adam)
         else:
             cfg = SFTConfig(
                 output_dir=out,
