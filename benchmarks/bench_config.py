@@ -9,11 +9,23 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from llama_shapes import SHAPES as LLAMA_SHAPES
+
 DEVICE = "cuda" if os.environ.get("BENCH_DEVICE", "cuda") == "cuda" else "cpu"
 BATCH, SEQ = 4, int(os.environ.get("BENCH_SEQ", 2048))
 RANK, ALPHA = 16, 32
 LR = 2e-4
 
+# The sizes of the published configs (llama_shapes.py); the tiny shape is for CPU dry runs.
+SIZE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "tie_word_embeddings",
+)
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(
         hidden_size=128,
@@ -24,26 +36,10 @@ SHAPES: dict[str, dict[str, Any]] = {
         head_dim=32,
         tie_word_embeddings=False,
     ),  # CPU dry runs
-    "1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        tie_word_embeddings=True,
-    ),
-    "8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=False,
-    ),
+    "1b": {key: LLAMA_SHAPES["llama-3.2-1b"][key] for key in SIZE_KEYS},
+    "8b": {key: LLAMA_SHAPES["llama-3.1-8b"][key] for key in SIZE_KEYS},
 }
-VOCAB = 128256
+VOCAB = LLAMA_SHAPES["llama-3.2-1b"]["vocab_size"]
 
 # name -> settings. "recipe": qlora_recipe overrides, run the way a user would (SFTTrainer for the
 # table, recipe -> PEFT -> the recipe's hooks for numerics and the memory sweep); "fused_optim":
