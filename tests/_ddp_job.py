@@ -21,17 +21,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
+from tiny import SENTENCES  # noqa: E402 - tests/ is this script's folder
+
 MAX_STEPS = 4
-SENTENCES = [
-    "the cat sat on the mat and looked at the red door",
-    "a green frog jumps over the quiet pond at night",
-    "seven blue birds sing near the old stone bridge",
-    "my brother reads a long book about distant stars",
-    "the baker sells warm bread every morning in town",
-    "rain falls on the roof while the children sleep",
-    "an orange fox runs across the snowy field today",
-    "she plays the violin for her friends after dinner",
-]
 
 
 FSDP2 = {"fsdp": "full_shard", "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}

@@ -30,17 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tiny import SENTENCES
 
-SENTENCES = [
-    "the cat sat on the mat and looked at the red door",
-    "a green frog jumps over the quiet pond at night",
-    "seven blue birds sing near the old stone bridge",
-    "my brother reads a long book about distant stars",
-    "the baker sells warm bread every morning in town",
-    "rain falls on the roof while the children sleep",
-    "an orange fox runs across the snowy field today",
-    "she plays the violin for her friends after dinner",
-]
 SHORT = ["the cat sat", "rain falls", "a green frog jumps", "she plays the violin"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }} </s>"
