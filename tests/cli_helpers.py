@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
 
 
 def qlora_command() -> list[str]:
@@ -37,3 +38,45 @@ def run_json(*args: Any) -> Any:
     result = run_qlora(*args, "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def axolotl_env() -> dict[str, str]:
+    """The environment ``axolotl train`` runs in from a test: this Python's scripts first on ``PATH``
+    (Axolotl execs ``accelerate``), no hub, no tracking."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def axolotl_command() -> str:
+    """The ``axolotl`` console script beside this Python."""
+    return str(Path(sys.executable).parent / "axolotl")
+
+
+def run_repo_job(config: str, out: Path, *, timeout: int) -> subprocess.CompletedProcess[str]:
+    """``axolotl train CONFIG`` from the repository root as the README runs it, its output dir and
+    prepared data moved under ``out`` (the adapter in ``out/adapter``); stdout and stderr together."""
+    command = [
+        axolotl_command(),
+        "train",
+        config,
+        "--output-dir",
+        str(out / "adapter"),
+        "--dataset-prepared-path",
+        str(out / "prepared"),
+    ]
+    return subprocess.run(
+        command,
+        cwd=REPO,
+        env=axolotl_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )

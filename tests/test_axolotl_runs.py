@@ -11,13 +11,13 @@ import re
 import resource
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from bad_inputs import assert_one_line_error, stderr_lines
+from cli_helpers import axolotl_command, axolotl_env
 
 from qlora_plugin.commands.main import main
 from qlora_plugin.integrations.checkpoints import complete_checkpoints
@@ -70,26 +70,17 @@ def config(tiny_model_dir: Path, directory: Path, out: Path, **changes) -> Path:
 
 def axolotl_train(path: Path, *, file_size_limit: int | None = None) -> subprocess.CompletedProcess[str]:
     """``axolotl train PATH --launcher python`` (one process, so its last line is the run's last line)."""
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "AXOLOTL_DO_NOT_TRACK": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
 
     def limit() -> None:
         if file_size_limit is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
     return subprocess.run(
-        [str(Path(sys.executable).parent / "axolotl"), "train", str(path), "--launcher", "python"],
+        [axolotl_command(), "train", str(path), "--launcher", "python"],
         check=False,
         capture_output=True,
         text=True,
-        env=env,
+        env=axolotl_env(),
         preexec_fn=limit,
         timeout=900,
         cwd=path.parent,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import run_repo_job
 
 pytest.importorskip("axolotl")
 REPO = Path(__file__).resolve().parent.parent
@@ -64,27 +63,7 @@ def one_torch_thread():
 def default_run(tmp_path_factory) -> tuple[Path, str]:
     """Run ``axolotl train configs/qlora.yml`` from the repository root, output redirected; (output dir, log)."""
     out = tmp_path_factory.mktemp("default-job")
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "AXOLOTL_DO_NOT_TRACK": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    command = [
-        str(Path(sys.executable).parent / "axolotl"),
-        "train",
-        "configs/qlora.yml",
-        "--output-dir",
-        str(out / "adapter"),
-        "--dataset-prepared-path",
-        str(out / "prepared"),
-    ]
-    done = subprocess.run(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900
-    )
+    done = run_repo_job("configs/qlora.yml", out, timeout=900)
     (out / "train.log").write_text(done.stdout, encoding="utf-8")
     assert done.returncode == 0, done.stdout[-4000:]
     return out / "adapter", done.stdout

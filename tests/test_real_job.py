@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_repo_job
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache/qlora-real"
@@ -116,27 +117,7 @@ needs_time = pytest.mark.skipif(
 def real_run(prepared, tmp_path_factory) -> Path:
     """``axolotl train configs/qlora-smollm2.yml`` from the repository root, output redirected."""
     out = tmp_path_factory.mktemp("real-job")
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "AXOLOTL_DO_NOT_TRACK": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    command = [
-        str(Path(sys.executable).parent / "axolotl"),
-        "train",
-        "configs/qlora-smollm2.yml",
-        "--output-dir",
-        str(out / "adapter"),
-        "--dataset-prepared-path",
-        str(out / "prepared"),
-    ]
-    done = subprocess.run(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=3600
-    )
+    done = run_repo_job("configs/qlora-smollm2.yml", out, timeout=3600)
     assert done.returncode == 0, done.stdout[-4000:]
     return out / "adapter"
 
