@@ -62,3 +62,14 @@ def package_logger_as_found():
     logger.filters.clear()
     yield
     logger.filters[:], logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2], saved[3]
+
+
+@pytest.fixture
+def fast_path_on_cpu(monkeypatch):
+    """The fast path on a CPU (its PyTorch reference paths), with no model left waiting for it before or after."""
+    from qlora_plugin.fastpath import activation
+
+    monkeypatch.setenv(activation.CPU_ENV, "1")
+    activation.disarm()
+    yield
+    activation.disarm()

@@ -26,14 +26,6 @@ def checkpoint(tiny_model_dir):
     return tiny_model_dir
 
 
-@pytest.fixture
-def fast_path_on_cpu(monkeypatch):
-    monkeypatch.setenv(activation.CPU_ENV, "1")
-    activation.disarm()
-    yield
-    activation.disarm()
-
-
 def _train(checkpoint, tmp_path, peft_config: Any, *, own_config: dict[str, Any] | None = None, **trainer: Any):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer

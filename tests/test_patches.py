@@ -34,14 +34,6 @@ def versions(monkeypatch) -> Iterator[dict[str, str | None]]:
     patches.allowed.cache_clear()
 
 
-@pytest.fixture
-def fast_path_on_cpu(monkeypatch):
-    monkeypatch.setenv(activation.CPU_ENV, "1")
-    activation.disarm()
-    yield
-    activation.disarm()
-
-
 def _warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "qlora_plugin"]
 

@@ -11,18 +11,12 @@ from _tiny_qlora import VOCAB, load_4bit, tiny_llama_checkpoint
 from qlora_plugin import qlora_recipe
 from qlora_plugin.fastpath import activation
 
+pytestmark = pytest.mark.usefixtures("fast_path_on_cpu")
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return tiny_llama_checkpoint(tmp_path_factory.mktemp("two-models") / "llama")
-
-
-@pytest.fixture(autouse=True)
-def fast_path_on_cpu(monkeypatch):
-    monkeypatch.setenv(activation.CPU_ENV, "1")
-    activation.disarm()
-    yield
-    activation.disarm()
 
 
 def _model(checkpoint, config):
