@@ -1,8 +1,9 @@
-"""Shared fixtures: a tiny Llama with its own tokenizer, and a memorisable dataset."""
+"""Shared fixtures: a tiny Llama and its tokenizer, an eight-layer config, sentences to memorise, a CPU fast path."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +42,25 @@ def tiny_model_dir(tmp_path_factory):
     from tiny import tiny_llama_with_tokenizer
 
     return tiny_llama_with_tokenizer(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def eight_layer_config(tmp_path_factory) -> Path:
+    """A Llama config only (read on the meta device): eight layers, so offloading differs from full
+    recompute and FSDP has layers to shard; untied head."""
+    from transformers import LlamaConfig
+
+    directory = tmp_path_factory.mktemp("eight-layers")
+    LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    ).save_pretrained(directory)
+    return directory
 
 
 @pytest.fixture(scope="session")

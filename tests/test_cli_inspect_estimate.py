@@ -150,23 +150,6 @@ def test_estimate_through_the_console_script(tiny_model_dir, capsys) -> None:
     }
 
 
-@pytest.fixture(scope="module")
-def eight_layer_config(tmp_path_factory) -> Path:
-    """A config only (read on the meta device): eight layers, so offloading differs from full recompute."""
-    from transformers import LlamaConfig
-
-    directory = tmp_path_factory.mktemp("eight-layers")
-    LlamaConfig(
-        vocab_size=32000,
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-    ).save_pretrained(directory)
-    return directory
-
-
 def test_estimate_follows_each_path_parameter(eight_layer_config, capsys) -> None:
     def peak(*args: str) -> int:
         assert main(["estimate", str(eight_layer_config), "--seq", "1024", "--batch", "4", "--json", *args]) == 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -17,26 +16,8 @@ SHARDED = ("weights_4bit", "unquantized_params", "adapters", "gradients", "optim
 
 
 @pytest.fixture(scope="module")
-def config_dir(tmp_path_factory) -> Path:
-    """A Llama config only (read on the meta device): eight layers, untied head."""
-    from transformers import LlamaConfig
-
-    directory = tmp_path_factory.mktemp("eight-layers")
-    LlamaConfig(
-        vocab_size=32000,
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    ).save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def report(config_dir):
-    return analyze(config_dir, recipe_spec(optimizer="adamw_torch"))  # all optimizer states in the allocator
+def report(eight_layer_config):
+    return analyze(eight_layer_config, recipe_spec(optimizer="adamw_torch"))  # all optimizer states in the allocator
 
 
 def test_fsdp_divides_what_it_shards_and_adds_the_gathered_layer(report) -> None:
@@ -78,9 +59,9 @@ def test_ddp_is_one_gpu_plus_the_gradient_buckets(report) -> None:
     assert estimate_memory(report, 1024, 2, parallel=Parallel(1, "fsdp")).components == one.components
 
 
-def test_the_command_takes_gpus_and_strategy(config_dir, capsys) -> None:
+def test_the_command_takes_gpus_and_strategy(eight_layer_config, capsys) -> None:
     def run(*args: str) -> dict:
-        assert main(["estimate", str(config_dir), "--seq", "1024", "--batch", "2", "--json", *args]) == 0
+        assert main(["estimate", str(eight_layer_config), "--seq", "1024", "--batch", "2", "--json", *args]) == 0
         return json.loads(capsys.readouterr().out)
 
     one, ddp, fsdp = run(), run("--gpus", "2"), run("--gpus", "2", "--strategy", "fsdp")
@@ -89,7 +70,7 @@ def test_the_command_takes_gpus_and_strategy(config_dir, capsys) -> None:
     # this small model's unsharded root (32k x 512 embeddings and head) outweighs half its layers: more GPUs help
     assert run("--gpus", "4", "--strategy", "fsdp")["peak"] < fsdp["peak"]
     assert fsdp["components"]["weights_4bit"] == math.ceil(one["components"]["weights_4bit"] / 2)
-    assert main(["estimate", str(config_dir), "--seq", "256", "--gpus", "2", "--strategy", "fsdp"]) == 0
+    assert main(["estimate", str(eight_layer_config), "--seq", "256", "--gpus", "2", "--strategy", "fsdp"]) == 0
     shown = capsys.readouterr().out
     assert "2 GPUs, FSDP: per GPU" in shown and "FSDP all-gathered" in shown
 
@@ -106,7 +87,7 @@ def test_the_command_takes_gpus_and_strategy(config_dir, capsys) -> None:
         (["--strategy", "fsdb"], "Did you mean 'fsdp'?"),
     ],
 )
-def test_bad_gpus_or_strategy_is_one_line_and_exit_2(config_dir, capsys, args, expected) -> None:
-    assert main(["estimate", str(config_dir), "--seq", "64", *args]) == 2
+def test_bad_gpus_or_strategy_is_one_line_and_exit_2(eight_layer_config, capsys, args, expected) -> None:
+    assert main(["estimate", str(eight_layer_config), "--seq", "64", *args]) == 2
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1
