@@ -17,6 +17,15 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
     path.write_text(json.dumps(rows, indent=1))
 
 
+SUMMARY = ("shape", "variant", "tok_s", "peak_gib", "loss_first", "loss_last", "optimizer_pct", "cuda_graphs")
+
+
+def record_row(path: Path, row: dict[str, Any]) -> None:
+    """Append ``row`` to ``path`` and print its headline fields as one JSON line (what the driver reads)."""
+    append_row(path, row)
+    print(json.dumps({key: row[key] for key in SUMMARY}), flush=True)
+
+
 COLUMNS = (
     "shape",
     "variant",

@@ -26,7 +26,7 @@ from bench_measure import (
     sync,
 )
 from bench_models import build, make_recipe, model_dirs, synthetic_batches
-from bench_results import append_row
+from bench_results import record_row
 
 
 def _optimizer_step_timed(opt: Any, events: Any) -> None:
@@ -106,25 +106,7 @@ def cmd_run(a: argparse.Namespace) -> None:
     )
     if a.profile:
         row["profile"] = profile_step(lambda: step(0, False), Path(a.profile))
-    append_row(Path(a.json), row)
-    print(
-        json.dumps(
-            {
-                k: row[k]
-                for k in (
-                    "shape",
-                    "variant",
-                    "tok_s",
-                    "peak_gib",
-                    "loss_first",
-                    "loss_last",
-                    "optimizer_pct",
-                    "cuda_graphs",
-                )
-            }
-        ),
-        flush=True,
-    )
+    record_row(Path(a.json), row)
 
 
 def run_trl(a: argparse.Namespace) -> None:
@@ -385,22 +367,4 @@ def run_trl(a: argparse.Namespace) -> None:
     row["profiled"] = bool(profiler)
     row["trainer_args"] = a.trainer_args or None
     row["trl_metrics"] = a.trl_metrics
-    append_row(Path(a.json), row)
-    print(
-        json.dumps(
-            {
-                k: row[k]
-                for k in (
-                    "shape",
-                    "variant",
-                    "tok_s",
-                    "peak_gib",
-                    "loss_first",
-                    "loss_last",
-                    "optimizer_pct",
-                    "cuda_graphs",
-                )
-            }
-        ),
-        flush=True,
-    )
+    record_row(Path(a.json), row)
