@@ -64,6 +64,20 @@ def bnb_config() -> Any:
     )
 
 
+def placeholder_tokenizer() -> Any:
+    """A three-token tokenizer for trainers that want one; the benchmark's rows come tokenized."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
+
+
 # ----------------------------------------------------------------------------- make-model
 
 

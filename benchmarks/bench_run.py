@@ -25,7 +25,7 @@ from bench_measure import (
     summarize_profile,
     sync,
 )
-from bench_models import build, make_recipe, model_dirs, synthetic_batches
+from bench_models import build, make_recipe, model_dirs, placeholder_tokenizer, synthetic_batches
 from bench_results import record_row
 
 
@@ -118,8 +118,7 @@ def run_trl(a: argparse.Namespace) -> None:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     spec = dict(VARIANTS[a.variant])
@@ -150,13 +149,7 @@ def run_trl(a: argparse.Namespace) -> None:
         model = recipe.load_model(nf4_dir, **kw)
     else:
         model = AutoModelForCausalLM.from_pretrained(nf4_dir, **kw)
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-        pad_token="<pad>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-    )
+    tok = placeholder_tokenizer()
     n = a.warmup + a.steps
     batches = synthetic_batches(min(n, 4))
     rows = [batches[i % len(batches)][j].tolist() for i in range(n) for j in range(BATCH)]

@@ -39,23 +39,16 @@ def run_variant(a: argparse.Namespace) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     sys.path.insert(0, str(HERE))
-    from bench_models import model_dirs, synthetic_batches
+    from bench_models import bnb_config, model_dirs, placeholder_tokenizer, synthetic_batches
 
     from qlora_plugin import qlora_recipe
 
     bf16_dir, _ = model_dirs(Path(a.model_dir), a.shape)
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-        pad_token="<pad>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-    )
+    tok = placeholder_tokenizer()
     steps = a.warmup + a.steps
     batches = synthetic_batches(4)
     rows = [batches[i % 4][j][: a.seq].tolist() for i in range(steps) for j in range(4)]
@@ -77,12 +70,7 @@ def run_variant(a: argparse.Namespace) -> dict[str, Any]:
     if a.variant.endswith("padding-free"):
         common["max_length"] = None  # TRL enforces no length without packing; the rows are a.seq long already
     recipe = qlora_recipe() if a.variant.startswith("plugin") else None
-    bnb = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
+    bnb = bnb_config()
     times: list[float] = []
     tokens: list[int] = []
     reports: list[str] = []
