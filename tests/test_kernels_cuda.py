@@ -391,3 +391,30 @@ def test_packed_attention_cuda_matches_separate_sequences(lengths) -> None:
         packed = model(input_ids=ids, position_ids=positions).logits.float()
     assert _varlen_function()[0] is not None, "torch's varlen attention should serve this PyTorch"
     assert rel_err(packed, separate) < 1e-2
+
+
+def test_packed_attention_cuda_in_float32_avoids_the_flash_kernel() -> None:
+    """float32 on CUDA (``compute_dtype="float32"``, packing): per-length SDPA, since flash varlen refuses fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora_plugin.fastpath.kernels.attention import use_packed_attention
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config).to(DEV, torch.float32).train()
+    lengths = [37, 5, 300, 1, 101]
+    ids = torch.randint(0, 1000, (1, sum(lengths)), device=DEV)
+    positions = torch.cat([torch.arange(n, device=DEV) for n in lengths])[None]
+    with torch.no_grad():
+        separate = torch.cat([model(input_ids=part).logits for part in ids.split(lengths, dim=1)], dim=1)
+        use_packed_attention(model)
+        packed = model(input_ids=ids, position_ids=positions).logits
+    assert rel_err(packed, separate) < 1e-4

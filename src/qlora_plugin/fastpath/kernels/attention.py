@@ -118,7 +118,8 @@ def packed_sdpa_attention(
             module, q_split, k_split, v_split, None, dropout=dropout, scaling=scaling, is_causal=True
         )
         return out.reshape(rows, length, heads, out.shape[-1]), None
-    varlen, grouped_heads = _varlen_function() if dropout == 0.0 and query.is_cuda else (None, False)
+    half = query.dtype in (torch.float16, torch.bfloat16)  # the flash kernel behind varlen_attn takes no other
+    varlen, grouped_heads = _varlen_function() if dropout == 0.0 and query.is_cuda and half else (None, False)
     kv_heads = key.shape[1] if varlen is not None and grouped_heads else heads
     q, k, v = (_tokens_first(t, kv_heads if t is not query else heads) for t in (query, key, value))
     if varlen is not None:
