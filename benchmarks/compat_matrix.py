@@ -1,13 +1,19 @@
-"""The compatibility matrix on a GPU: every cell of tests/compat_cells.py (and the GPU-only ones) in bf16.
+"""The compatibility matrix on a GPU: every cell of tests/compat_cells.py (and the GPU-only ones).
 
-    python benchmarks/compat_matrix.py --out DIR [--only NAME ...] [--skip-axolotl]
+    python benchmarks/compat_matrix.py --out DIR [--only NAME ...] [--skip axolotl] [--compute-dtype float32]
 
 Each cell trains 30 steps with the plugin and with TRL's own 4-bit path (same arguments,
 seed and data; a plain ``LoraConfig``), or for Axolotl cells, with the plugin and with the
 plugin-free ``qlora_expanded.yml`` it writes. Writes ``compat.json`` (one row per cell:
 ``cell``, ``status`` fast | fallback | crash, ``reason``, ``max_loss_dev_pct``, ``tok_s``, and
-the package versions) and ``compat.md``. Models: tiny random configs of each family at a
-GPU-sized width (hidden 512, 4 layers) with a word-level tokenizer; nothing is downloaded.
+the package versions) and ``compat.md``. ``--compute-dtype float32`` runs both paths in float32
+(bf16 by default): equal maths shows there, apart from bf16 rounding. ``--noise-floor`` also runs
+TRL's path from its initial adapter nudged by a fraction of a bf16 rounding step (the row's
+``noise_floor_pct``): how far bf16 alone moves that path in the same steps.
+``--fp32-adapter-baseline`` also runs TRL's path with its adapters kept in float32
+(``fp32_adapters_dev_pct``): TRL 1.9 rounds a quantized model's trainable weights to bf16
+when it builds the trainer, the plugin keeps float32 master weights. Models: tiny random
+configs of each family at a GPU-sized width (hidden 512, 4 layers) with a word-level tokenizer; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -78,8 +84,9 @@ def versions() -> dict[str, str | None]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| cell | status | max loss dev % | TRL's path vs itself % | tok/s (plugin / TRL's path) | reason |",
-        "|---|---|---|---|---|---|",
+        "| cell | status | max loss dev % | vs TRL's path with float32 adapters % "
+        "| TRL's path vs itself from a nudged start % | tok/s (plugin / TRL's path) | reason |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         dev = "—" if row["max_loss_dev_pct"] is None else f"{row['max_loss_dev_pct']:.3f}"
@@ -88,7 +95,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             speed += f" / {row['baseline_tok_s']:,.0f}"
         reason = (row["reason"] or "").splitlines()[0][:160] if row["reason"] else ""
         floor = "—" if row.get("noise_floor_pct") is None else f"{row['noise_floor_pct']:.3f}"
-        lines.append(f"| {row['cell']} | {row['status']} | {dev} | {floor} | {speed} | {reason} |")
+        kept = "—" if row.get("fp32_adapters_dev_pct") is None else f"{row['fp32_adapters_dev_pct']:.3f}"
+        lines.append(f"| {row['cell']} | {row['status']} | {dev} | {kept} | {floor} | {speed} | {reason} |")
     return "\n".join(lines) + "\n"
 
 
@@ -107,7 +115,18 @@ def main() -> int:
     parser.add_argument(
         "--noise-floor",
         action="store_true",
-        help="run each baseline twice: how far TRL's own path drifts from itself on this GPU",
+        help="also run TRL's path from a start nudged below a bf16 rounding step: how far it drifts from itself",
+    )
+    parser.add_argument(
+        "--fp32-adapter-baseline",
+        action="store_true",
+        help="also compare with TRL's path keeping its adapters in float32 (TRL rounds them to bf16)",
+    )
+    parser.add_argument(
+        "--compute-dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="both paths' compute dtype; float32 separates the maths from bf16 rounding",
     )
     parser.add_argument("--label", default="", help="a name for this package set (e.g. pinned, newest)")
     args = parser.parse_args()
@@ -122,10 +141,11 @@ def main() -> int:
         steps=args.steps,
         batch=4,
         length=128,
-        compute_dtype="bfloat16",
+        compute_dtype=args.compute_dtype,
         learning_rate=args.learning_rate,
         model_factory=model_dir,
         noise_floor=args.noise_floor,
+        fp32_adapter_baseline=args.fp32_adapter_baseline,
     )
     cells = [
         c
@@ -144,12 +164,15 @@ def main() -> int:
             "expected": cell.expect,
             "seconds": round(time.time() - t0, 1),
             "set": args.label,
+            "compute_dtype": args.compute_dtype,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "versions": found,
         }
         rows.append(row)
         print(
-            f"{cell.name}: {result.status} dev={result.max_loss_dev_pct} tok/s={result.tok_s} "
+            f"{cell.name}: {result.status} dev={result.max_loss_dev_pct} fp32-adapters={result.fp32_adapters_dev_pct} "
+            f"floor={result.noise_floor_pct} "
+            f"tok/s={result.tok_s} "
             f"({row['seconds']} s) {result.reason.splitlines()[0][:200] if result.reason else ''}",
             flush=True,
         )

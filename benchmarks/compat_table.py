@@ -3,7 +3,8 @@
     python benchmarks/compat_table.py benchmarks/results/run8-compat
 
 Reads ``compat-*.json`` in the folder and writes ``compat.md`` there: per cell, the status and
-the largest logged-loss deviation from TRL's own 4-bit path in each package set.
+the largest logged-loss deviation from TRL's own 4-bit path in each package set (and from TRL's
+path with float32 adapters, where the run measured it).
 """
 
 from __future__ import annotations
@@ -15,18 +16,21 @@ from typing import Any
 
 
 def describe(row: dict[str, Any] | None) -> str:
+    """``status, deviation %`` and, where the run had one, ``(deviation % from TRL's path with float32 adapters)``."""
     if row is None:
         return "—"
     if row["status"] == "crash":
-        return "crash"
+        return "crash: " + (row.get("reason") or "").splitlines()[0][:80] if row.get("reason") else "crash"
     dev = row.get("max_loss_dev_pct")
-    return row["status"] + ("" if dev is None else f", {dev:.2f} %")
+    text = row["status"] + ("" if dev is None else f", {dev:.2f} %")
+    kept = row.get("fp32_adapters_dev_pct")
+    return text + ("" if kept is None else f" ({kept:.2f} %)")
 
 
 def main(folder: Path) -> None:
     sets: dict[str, dict[str, dict[str, Any]]] = {}
     versions: dict[str, dict[str, Any]] = {}
-    for path in sorted(folder.glob("compat-*.json")):
+    for path in sorted(folder.glob("compat-*.json"), key=lambda p: (p.stem.count("-"), p.stem)):
         rows = json.loads(path.read_text())
         label = path.stem.removeprefix("compat-")
         sets[label] = {row["cell"]: row for row in rows}
@@ -45,7 +49,10 @@ def main(folder: Path) -> None:
         lines.append(f"| {cell} | " + " | ".join(describe(r) for r in rows) + f" | {reason} |")
     header = [
         "Status, and the largest deviation of a logged loss from TRL's own 4-bit path over 30 steps",
-        "(same seed, data and initial adapter; eval loss included where the cell evaluates).",
+        "(same seed, data and initial adapter; eval loss included where the cell evaluates). In",
+        "brackets, where measured: the deviation from TRL's path with its adapters kept in float32, the",
+        "one difference between the two paths (TRL 1.9 rounds a quantized model's adapters to bf16; the",
+        "plugin keeps float32 master weights). A set named `-fp32` computes in float32 instead of bf16.",
         "",
     ]
     for label, found in versions.items():

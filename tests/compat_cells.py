@@ -66,7 +66,9 @@ class Result:
     max_loss_dev_pct: float | None = None
     tok_s: float | None = None
     baseline_tok_s: float | None = None
-    noise_floor_pct: float | None = None  # the baseline against a second baseline run (GPU kernels need not repeat)
+    noise_floor_pct: float | None = None  # the baseline against itself from a start nudged below bf16's rounding step
+    fp32_adapters_dev_pct: float | None = None  # against TRL's path with its adapters kept in float32
+    fp32_adapters_losses: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     baseline_losses: list[float] = field(default_factory=list)
 
@@ -86,7 +88,10 @@ class Setting:
     compute_dtype: str = "float32"
     learning_rate: float = 2e-3
     model_factory: Callable[[str, Path], Path] | None = None  # family -> saved model directory
-    noise_floor: bool = False  # also run the baseline twice and report how far its two runs drift apart
+    noise_floor: bool = False  # also run the baseline from a nudged start and report how far the two drift apart
+    # Also compare with TRL's path whose adapters stay float32: TRL rounds a quantized model's
+    # trainable weights to bf16 when it builds the trainer, the plugin keeps float32 masters.
+    fp32_adapter_baseline: bool = False
     rows: int = 64
 
 
@@ -258,6 +263,7 @@ def _train(
     out: Path,
     resume_from: int | None = None,
     adapters: dict[str, torch.Tensor] | None = None,
+    adapter_dtype: torch.dtype | None = None,
 ) -> tuple[Any, _TokenCounter, float]:
     """One run of ``cell``: the plugin's (``plugin``) or TRL's own 4-bit path.
 
@@ -268,7 +274,8 @@ def _train(
 
     ``resume_from``: after training, a fresh trainer resumes from that step's checkpoint;
     the losses it logs (the checkpoint's history, then its own) are kept on the returned
-    trainer as ``resumed_losses``.
+    trainer as ``resumed_losses``. ``adapter_dtype``: the baseline's trainable weights are
+    cast to it once the trainer is built (TRL 1.9 rounds them to bf16 for a quantized model).
     """
     from peft import LoraConfig
     from transformers import AutoTokenizer
@@ -301,7 +308,7 @@ def _train(
     train_data = dataset(cell.data, setting.rows)
     eval_data = dataset(cell.data, 16) if args.get("eval_strategy") not in (None, "no") else None
     counter = _TokenCounter()
-    if cell.trainer == "trainer":
+    if cell.trainer == "trainer":  # PEFT keeps the adapters in float32 there already
         return _train_plain_trainer(
             recipe, plain, plugin, path, args, tokenizer, train_data, counter, setting, adapters
         )
@@ -327,6 +334,8 @@ def _train(
     trainer = _trainer_class(cell.trainer)(model=_model_for(cell, setting, path, plugin, recipe), **kwargs)
     if not plugin:
         _no_cpu_repacking(trainer.model)
+        if adapter_dtype is not None:
+            _cast_trainable(trainer.model, adapter_dtype)
     _same_start(trainer.model, plugin, adapters)
     trainer.initial_adapters = _adapters(trainer.model)
     counter.attach(trainer.model)
@@ -373,6 +382,12 @@ def _trainer_class(kind: str) -> Any:
 
 def _adapters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+
+
+def _cast_trainable(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(dtype)
 
 
 def _same_start(model: torch.nn.Module, plugin: bool, adapters: dict[str, torch.Tensor] | None) -> None:
@@ -438,10 +453,14 @@ def _train_plain_trainer(
     return trainer, counter, time.perf_counter() - start
 
 
-def _train_axolotl(cell: Cell, setting: Setting, path: Path, plugin: bool, out: Path) -> tuple[list[float], str]:
+def _train_axolotl(
+    cell: Cell, setting: Setting, path: Path, plugin: bool, out: Path, fp32_adapters: bool = False
+) -> tuple[list[float], str]:
     """``axolotl train`` with the plugin, or (baseline) the plugin-free config the plugin run wrote.
 
-    Returns the logged training losses and the run's output (for the fast path's log line).
+    ``fp32_adapters``: the baseline lets PEFT keep the adapters in float32 (as the plugin's
+    fast path does). Returns the logged training losses and the run's output (for the fast
+    path's log line).
     """
     import json
     import re
@@ -489,6 +508,8 @@ def _train_axolotl(cell: Cell, setting: Setting, path: Path, plugin: bool, out: 
     else:
         config = yaml.safe_load((out.parent / "plugin" / "qlora_expanded.yml").read_text())
         config.update(output_dir=str(out), dataset_prepared_path=str(out / "prepared"))
+        if fp32_adapters:
+            config["peft_autocast_adapter_dtype"] = True
     config_file = out / "config.yml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -579,9 +600,45 @@ def run_cell(cell: Cell, setting: Setting) -> Result:
         deviation = max(deviation, abs(eval_loss - base_eval) / abs(base_eval) * 100)
     result.max_loss_dev_pct = round(deviation, 4)
     if setting.noise_floor:
-        again, _, _ = _train(cell, setting, path, plugin=False, out=work / "baseline-again", adapters=initial)
+        again, _, _ = _train(cell, setting, path, plugin=False, out=work / "baseline-nudged", adapters=nudged(initial))
         result.noise_floor_pct = round(_deviation(_losses(again)[0], base_losses), 4)
+    if setting.fp32_adapter_baseline and cell.trainer != "trainer":
+        kept, _, _ = _train(
+            cell,
+            setting,
+            path,
+            plugin=False,
+            out=work / "baseline-fp32-adapters",
+            adapters=initial,
+            adapter_dtype=torch.float32,
+        )
+        kept_losses, kept_eval = _losses(kept)
+        result.fp32_adapters_losses = kept_losses
+        deviation = _deviation(losses, kept_losses)
+        if eval_loss is not None and kept_eval is not None:
+            deviation = max(deviation, abs(eval_loss - kept_eval) / abs(kept_eval) * 100)
+        result.fp32_adapters_dev_pct = round(deviation, 4)
     return result
+
+
+NUDGE = 2.0**-10  # relative; a bf16 rounding step is 2**-8 to 2**-7 of a value
+
+
+def nudged(adapters: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """``adapters`` each moved by a relative ``NUDGE`` up or down at random.
+
+    The change is a fraction of one bf16 rounding step: only the values near a rounding
+    boundary round differently, the size of difference that another summation order makes.
+    How far TRL's path drifts from itself after such a start is the floor any other
+    implementation in bf16 can be held to.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    moved = {}
+    for name in sorted(adapters):
+        tensor = adapters[name]
+        sign = torch.randint(0, 2, tensor.shape, generator=generator).to(tensor.dtype) * 2 - 1
+        moved[name] = tensor * (1 + NUDGE * sign.to(tensor.device))
+    return moved
 
 
 def _run_axolotl_cell(cell: Cell, setting: Setting, path: Path, work: Path) -> Result:
@@ -597,6 +654,11 @@ def _run_axolotl_cell(cell: Cell, setting: Setting, path: Path, work: Path) -> R
     if cell.compare:
         result.baseline_losses, _ = _train_axolotl(cell, setting, path, plugin=False, out=work / "baseline")
         result.max_loss_dev_pct = round(_deviation(losses, result.baseline_losses), 4)
+        if setting.fp32_adapter_baseline:
+            result.fp32_adapters_losses, _ = _train_axolotl(
+                cell, setting, path, plugin=False, out=work / "baseline-fp32-adapters", fp32_adapters=True
+            )
+            result.fp32_adapters_dev_pct = round(_deviation(losses, result.fp32_adapters_losses), 4)
     return result
 
 

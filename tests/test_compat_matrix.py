@@ -7,7 +7,7 @@ import functools
 from pathlib import Path
 
 import pytest
-from compat_cells import Cell, Setting, fast_path_on_cpu, run_cell
+from compat_cells import NUDGE, Cell, Setting, fast_path_on_cpu, nudged, run_cell
 
 pytestmark = pytest.mark.slow
 
@@ -61,3 +61,17 @@ def test_cell(cell: Cell, setting: Setting) -> None:
     if cell.compare:
         assert result.max_loss_dev_pct is not None and result.max_loss_dev_pct < 1.0, result
     assert result.losses and len(result.losses) >= 1
+
+
+def test_the_noise_floor_start_moves_only_values_near_a_bf16_rounding_boundary() -> None:
+    """The GPU noise floor's nudged start is a rounding-size change, not another starting point."""
+    import torch
+
+    start = {"b": torch.zeros(64), "a": torch.randn(8192, generator=torch.Generator().manual_seed(1))}
+    moved = nudged(start)
+    relative = ((moved["a"] - start["a"]) / start["a"]).abs()
+    assert torch.allclose(relative, torch.full_like(relative, NUDGE), rtol=1e-3)
+    assert torch.equal(moved["b"], start["b"])  # LoRA B starts at zero and stays there
+    rounded_differently = (moved["a"].bfloat16() != start["a"].bfloat16()).float().mean().item()
+    assert 0.02 < rounded_differently < 0.3
+    assert all(torch.equal(moved[k], again) for k, again in nudged(start).items())  # the same nudge every time
