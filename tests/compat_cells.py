@@ -423,9 +423,9 @@ def _train_plain_trainer(
         lambda row: tokenizer(row["text"], truncation=True, max_length=setting.length), remove_columns=data.column_names
     )
     device_map = {"": setting.device if setting.device == "cpu" else 0}
+    training = {**recipe.training_args(), **args}  # both runs: the same arguments, as the recipe makes them
     if plugin:
         model = recipe.load_model(path, device_map=device_map)
-        training = {**recipe.training_args(), **args}
     else:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -433,7 +433,6 @@ def _train_plain_trainer(
             dtype=getattr(torch, setting.compute_dtype),
             device_map=device_map,
         )
-        training = {**args, "optim": "paged_adamw_32bit"}
     torch.manual_seed(0)
     model = get_peft_model(model, recipe if plugin else plain)
     _same_start(model, plugin, adapters)

@@ -50,16 +50,24 @@ def _model_dir(family: str, root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory) -> Setting:
-    return Setting(workdir=tmp_path_factory.mktemp("compat"), model_factory=_model_dir)
+    return Setting(workdir=tmp_path_factory.mktemp("compat"), model_factory=_model_dir, fp32_adapter_baseline=True)
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=[cell.name for cell in CELLS])
 def test_cell(cell: Cell, setting: Setting) -> None:
+    """Within 1 % of TRL's path as it is, and within 0.1 % of it with float32 adapters like the plugin's.
+
+    TRL's trainers round a quantized model's adapters to bf16; with that undone the two paths
+    compute the same thing, so the second bound is the sharp one (measured: 0 in every cell
+    but the MoE's, 0.04 %).
+    """
     with fast_path_on_cpu():
         result = run_cell(cell, setting)
     assert result.status == cell.expect, result
     if cell.compare:
         assert result.max_loss_dev_pct is not None and result.max_loss_dev_pct < 1.0, result
+        if result.fp32_adapters_dev_pct is not None:
+            assert result.fp32_adapters_dev_pct < 0.1, result
     assert result.losses and len(result.losses) >= 1
 
 
