@@ -317,3 +317,21 @@ def test_fsdp2_shards_the_recipes_4bit_model_on_two_cpu_processes(tiny_model_dir
     assert result["fast_path"] is False  # would be on with QLORA_FAST_PATH_ON_CPU=1 outside FSDP
     assert result["loss"] == result["unsharded_loss"]
     assert result["gradients_compared"] == 28 and result["max_grad_gap"] == 0.0  # LoRA A and B of 14 layers
+
+
+@pytest.mark.slow
+def test_the_multi_gpu_benchmark_runs_its_variants_on_a_cpu(tmp_path) -> None:
+    """benchmarks/multigpu.py end to end on the tiny shape (gloo): the GPU run's rows, DDP equal to one rank."""
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "benchmarks" / "multigpu.py"), "--out", str(out), "--shape", "tiny"]
+    command += ["--model-root", str(tmp_path / "models"), "--steps", "4", "--warmup", "1", "--batch", "2"]
+    command += ["--seq", "32", "--variants", "single-gpu", "ddp-2gpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    single, ddp = json.loads((out / "multigpu.json").read_text())
+    assert (single["variant"], single["gpus"], single["grad_accum"]) == ("single-gpu", 1, 2)
+    assert (ddp["variant"], ddp["gpus"], ddp["grad_accum"]) == ("ddp-2gpu", 2, 1)
+    assert len(single["losses"]) == len(ddp["losses"]) == 4
+    assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-4)  # the same global batch, the same update
+    assert all(row["tok_s"] > 0 and row["estimate_gib"] is not None for row in (single, ddp))
+    assert "| tiny | ddp-2gpu | 2 |" in (out / "multigpu.md").read_text()

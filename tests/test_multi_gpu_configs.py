@@ -52,6 +52,29 @@ def test_the_fsdp2_config_turns_on_fsdp2_and_the_recipe_sees_it(monkeypatch) -> 
     assert recipe.bnb_config(device="cpu").bnb_4bit_quant_storage == torch.bfloat16
 
 
+@pytest.mark.parametrize("optimizer", ["paged_adamw_32bit", "paged_adamw_8bit"])
+def test_under_fsdp_a_bitsandbytes_optimizer_becomes_torch_adamw_with_one_line(
+    monkeypatch, caplog, optimizer: str
+) -> None:
+    """bitsandbytes' optimizers fail FSDP2's first step on GPUs (no sharding strategy for their op)."""
+    import logging
+
+    from qlora_plugin import qlora_recipe
+    from qlora_plugin.integrations.axolotl.expand import native_keys
+
+    assert qlora_recipe(optimizer=optimizer).training_args(device="cpu")["optim"] == optimizer  # no FSDP
+    assert native_keys(qlora_recipe(optimizer=optimizer), "cuda")["optimizer"] == optimizer
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    recipe = qlora_recipe(optimizer=optimizer)
+    with caplog.at_level(logging.INFO, logger="qlora_plugin"):
+        assert recipe.training_args(device="cpu")["optim"] == "adamw_torch"
+        assert recipe.training_args(device="cpu")["optim"] == "adamw_torch"
+    said = [r.getMessage() for r in caplog.records if "under FSDP: optim adamw_torch" in r.getMessage()]
+    assert len(said) == 1 and optimizer in said[0]
+    assert native_keys(recipe, "cuda", fsdp=True)["optimizer"] == "adamw_torch"
+    assert qlora_recipe(optimizer="adamw_torch").training_args(device="cpu")["optim"] == "adamw_torch"
+
+
 def test_the_axolotl_fsdp2_config_is_the_default_job_plus_fsdp_and_passes_axolotls_validation(
     tmp_path, monkeypatch
 ) -> None:

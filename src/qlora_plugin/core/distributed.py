@@ -99,6 +99,22 @@ def fsdp_in_effect(recipe: Any) -> bool:
     return bool(recipe.__dict__.get(_FSDP, False)) or fsdp_requested()
 
 
+FSDP_OPTIMIZER = "adamw_torch"
+
+
+def optimizer_under_fsdp(optimizer: str) -> str:
+    """The optimizer a recipe trains with when FSDP shards the model.
+
+    bitsandbytes' optimizers (paged, 8-bit, 32-bit) cannot update FSDP2's sharded (DTensor)
+    parameters: the first step fails with "Operator bitsandbytes.optimizer_update_32bit.default
+    does not have a sharding strategy registered". torch's AdamW does the same update with
+    32-bit states, sharded with the parameters, so nothing needs paging. Others stay.
+    """
+    name = optimizer.lower()
+    from_bitsandbytes = name.startswith("paged_") or "bnb" in name or name.endswith(("8bit", "32bit"))
+    return FSDP_OPTIMIZER if from_bitsandbytes else optimizer
+
+
 def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
+import logging
 from typing import TYPE_CHECKING, Any
 
 from qlora_plugin.core.device import precision_flags, training_device
-from qlora_plugin.core.distributed import current_launch
+from qlora_plugin.core.distributed import current_launch, fsdp_in_effect, optimizer_under_fsdp
 
 if TYPE_CHECKING:
     from qlora_plugin.core.recipe import QLoRARecipe
@@ -41,6 +42,16 @@ def training_args(recipe: QLoRARecipe, device: str | None = None) -> dict[str, A
         # gloo only when told "cpu"), and each rank silently trains its own copy on all the data.
         settings["use_cpu"] = True
     settings.update(trainer_settings(recipe, device))
+    if fsdp_in_effect(recipe) and optimizer_under_fsdp(recipe.optimizer) != recipe.optimizer:
+        settings["optim"] = optimizer_under_fsdp(recipe.optimizer)
+        from qlora_plugin.core.notices import log_once
+
+        log_once(
+            logging.INFO,
+            f"qlora under FSDP: optim {settings['optim']} instead of {recipe.optimizer} (bitsandbytes' "
+            "optimizers cannot update FSDP's sharded parameters; same update, 32-bit states, sharded)",
+            recipe,
+        )
     return settings
 
 

@@ -36,9 +36,12 @@ def native_keys(recipe: QLoRARecipe, device: str, fsdp: bool = False) -> dict[st
     """The Axolotl keys that make a run follow ``recipe`` on ``device``.
 
     ``fsdp``: the config shards the model with FSDP; the 4-bit weights are then stored in
-    the compute dtype (:func:`qlora_plugin.core.quantization.storage_dtype`).
+    the compute dtype (:func:`qlora_plugin.core.quantization.storage_dtype`) and a
+    bitsandbytes optimizer becomes torch's AdamW
+    (:func:`qlora_plugin.core.distributed.optimizer_under_fsdp`).
     """
     from qlora_plugin.core.device import precision_flags
+    from qlora_plugin.core.distributed import optimizer_under_fsdp
     from qlora_plugin.core.quantization import storage_dtype
 
     compute_dtype = recipe.resolved_compute_dtype(device)
@@ -59,7 +62,7 @@ def native_keys(recipe: QLoRARecipe, device: str, fsdp: bool = False) -> dict[st
         "peft_use_rslora": recipe.use_rslora,
         "peft_use_dora": recipe.use_dora,
         "peft_autocast_adapter_dtype": not recipe.fast_path,
-        "optimizer": recipe.optimizer,
+        "optimizer": optimizer_under_fsdp(recipe.optimizer) if fsdp else recipe.optimizer,
         "learning_rate": recipe.learning_rate,
         "max_grad_norm": recipe.max_grad_norm,
         "lr_scheduler": recipe.lr_scheduler_type,
