@@ -118,6 +118,29 @@ def test_other_optimizers_and_other_models_are_left_to_the_trainer(checkpoint, t
     assert _bitsandbytes_paged_adamw(not_ours)
 
 
+def test_adapters_a_trainer_rounded_to_bf16_are_float32_again_before_the_fused_optimizer_is_built(
+    checkpoint, tmp_path, fast_path_on_cpu
+) -> None:
+    """TRL's trainers cast a 4-bit model's adapters to bf16; on a GPU the fused optimizer's first step
+    refused them (Axolotl's DPO, where the fast path never runs the model to cast them back)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from qlora_plugin.integrations.transformers import offer_fused_optimizer
+
+    recipe = qlora_recipe(compute_dtype="float32")
+    model = get_peft_model(recipe.load_model(checkpoint, device_map={"": "cpu"}), recipe)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.data = p.data.to(torch.bfloat16)  # what TRL 1.9 does for a quantized model
+    assert offer_fused_optimizer()
+    args = TrainingArguments(output_dir=str(tmp_path), optim="paged_adamw_32bit", use_cpu=True, report_to="none")
+    optimizer_class, _ = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    assert optimizer_class.__module__.startswith("qlora_plugin")
+    assert {p.dtype for p in trainable} == {torch.float32}
+
+
 def test_off_the_fast_path_the_trainer_builds_what_optim_names(checkpoint, tmp_path, monkeypatch) -> None:
     monkeypatch.delenv(activation.CPU_ENV, raising=False)
     trainer = _train(checkpoint, tmp_path, qlora_recipe(compute_dtype="float32"))

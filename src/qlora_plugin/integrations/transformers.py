@@ -65,6 +65,8 @@ def fused_optimizer_for(args: Any, model: Any) -> tuple[type, dict[str, Any]] | 
 
     Same update and paged 32-bit moments as the optimizer ``optim`` names; None for a
     model the recipe did not build, another ``optim``, ``optim_args``, or off the fast path.
+    When it answers, the model's trainable weights are float32 (cast back if a trainer made
+    them bf16), the master weights the fast path keeps.
     """
     from qlora_plugin.core.notices import recipe_of_model
     from qlora_plugin.fastpath.activation import optimizer_cls_and_kwargs
@@ -75,7 +77,17 @@ def fused_optimizer_for(args: Any, model: Any) -> tuple[type, dict[str, Any]] | 
     recipe = recipe_of_model(model)
     if recipe is None or recipe.optimizer != "paged_adamw_32bit":
         return None
-    return optimizer_cls_and_kwargs(recipe, args)
+    fused = optimizer_cls_and_kwargs(recipe, args)
+    if fused is not None:
+        # Its moments are 32-bit for 32-bit weights only. TRL's trainers round a 4-bit model's
+        # adapters to bf16 when they are built, and where the fast path does not run the model
+        # (Axolotl's DPO) nothing casts them back before the first step: float32 masters here.
+        import torch
+
+        from qlora_plugin.fastpath.kernels.casting import cast_adapters
+
+        cast_adapters(model, torch.float32)
+    return fused
 
 
 @functools.cache
