@@ -11,7 +11,9 @@ batch of two GPUs), ``ddp-2gpu`` and ``fsdp2-2gpu`` through ``accelerate launch`
 per-GPU allocator peak for its shape, batch and strategy. Writes ``multigpu.json`` (rows:
 shape, variant, tok_s, peak_gib per GPU, gpus, loss_first, loss_last, losses, estimate_gib,
 error) after every variant and ``multigpu.md`` at the end. ``--shape tiny`` runs the logic on
-a CPU (float32, gloo).
+a CPU (float32, gloo). ``--build-in-place`` saves only the config and has every rank build
+the model straight into 4 bits, one layer at a time (``benchmarks/build_quantized.py``), as the
+70B shape needs: ``--shape llama-3.1-70b --variants fsdp2-2gpu --batch 1 --build-in-place``.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ TINY = dict(
 )
 
 
-def build_checkpoint(shape: str, root: Path) -> Path:
-    """A random-init Llama of ``shape`` saved in bf16 under ``root`` (once)."""
+def build_checkpoint(shape: str, root: Path, config_only: bool = False) -> Path:
+    """A random-init Llama of ``shape`` saved in bf16 under ``root`` (once); only its config with ``config_only``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -54,6 +56,9 @@ def build_checkpoint(shape: str, root: Path) -> Path:
     sizes = TINY if shape == "tiny" else SHAPES[shape]
     config = LlamaConfig(**{**sizes, "max_position_embeddings": 8192})
     config._attn_implementation = "sdpa"
+    if config_only:  # the ranks build the weights themselves (--build-in-place)
+        config.save_pretrained(target)
+        return target
     torch.manual_seed(1234)
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
@@ -95,6 +100,8 @@ def run_variant(variant: str, model_dir: Path, args: argparse.Namespace, work: P
     command += ["--warmup", str(args.warmup)]
     if cpu:
         command += ["--compute-dtype", "float32"]
+    if args.build_in_place:
+        command += ["--build-in-place"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     if variant == "single-gpu":
         env["CUDA_VISIBLE_DEVICES"] = "0"
@@ -154,13 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--variant-timeout", type=int, default=240, help="seconds each variant may take")
+    parser.add_argument(
+        "--build-in-place",
+        action="store_true",
+        help="no checkpoint: each rank builds the shape straight into 4 bits, layer by layer (the 70B shape)",
+    )
     args = parser.parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.model_root / "runs"
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    model_dir = build_checkpoint(args.shape, args.model_root)
+    model_dir = build_checkpoint(args.shape, args.model_root, config_only=args.build_in_place)
     print(f"[{time.time() - started:5.0f} s] checkpoint {model_dir}", flush=True)
     rows: list[dict[str, Any]] = []
     for variant in args.variants:

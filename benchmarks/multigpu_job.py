@@ -9,7 +9,9 @@ Run alone (one GPU) or on every rank of ``accelerate launch``::
 
 Each rank trains ``--steps`` steps of ``--batch`` x ``--seq`` synthetic tokens with
 ``SFTTrainer(model=DIR, args=recipe.sft_config(...), peft_config=recipe)``, the model given
-by name as a user would (the recipe loads it in 4 bits on the rank's GPU). LoRA dropout is 0,
+by name as a user would (the recipe loads it in 4 bits on the rank's GPU), or with
+``--build-in-place`` built from its config straight into 4 bits on the rank's device, one
+layer at a time (``benchmarks/build_quantized.py``: the 70B shape). LoRA dropout is 0,
 so one GPU with gradient accumulation and N ranks compute the same update from the same
 global batch. Rank 0 writes the row: logged losses, tokens per second over the steps after
 ``--warmup`` (tokens the model really received, counted by a forward pre-hook on every
@@ -62,6 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--compute-dtype", default="auto", help="the recipe's compute_dtype (auto: bf16 on CUDA)")
+    parser.add_argument(
+        "--build-in-place",
+        action="store_true",
+        help="build the model of --model-dir's config.json straight into 4 bits on this rank's device, "
+        "layer by layer (benchmarks/build_quantized.py), instead of loading weights from --model-dir",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -117,8 +125,19 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.synchronize() if torch.cuda.is_available() else None
             stamps["end"] = time.perf_counter()
 
+    model: Any = str(args.model_dir)
+    if args.build_in_place:
+        import os
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from build_quantized import build_quantized
+
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
+        model = build_quantized(AutoConfig.from_pretrained(args.model_dir), recipe, device).train()
     trainer = SFTTrainer(
-        model=str(args.model_dir),
+        model=model,
         args=config,
         train_dataset=data,
         processing_class=placeholder_tokenizer(),

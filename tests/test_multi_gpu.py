@@ -320,12 +320,15 @@ def test_fsdp2_shards_the_recipes_4bit_model_on_two_cpu_processes(tiny_model_dir
 
 
 @pytest.mark.slow
-def test_the_multi_gpu_benchmark_runs_its_variants_on_a_cpu(tmp_path) -> None:
+@pytest.mark.parametrize("build_in_place", [False, True], ids=["checkpoint", "built-in-place"])
+def test_the_multi_gpu_benchmark_runs_its_variants_on_a_cpu(tmp_path, build_in_place: bool) -> None:
     """benchmarks/multigpu.py end to end on the tiny shape (gloo): the GPU run's rows, DDP equal to one rank."""
     out = tmp_path / "out"
     command = [sys.executable, str(REPO / "benchmarks" / "multigpu.py"), "--out", str(out), "--shape", "tiny"]
     command += ["--model-root", str(tmp_path / "models"), "--steps", "4", "--warmup", "1", "--batch", "2"]
-    command += ["--seq", "32", "--variants", "single-gpu", "ddp-2gpu"]
+    command += ["--seq", "32", "--variants", "single-gpu", "ddp-2gpu"] + (
+        ["--build-in-place"] if build_in_place else []
+    )
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     single, ddp = json.loads((out / "multigpu.json").read_text())
