@@ -109,6 +109,13 @@ def _on_cuda(optimizer: torch.optim.Optimizer) -> bool:
     return any(p.is_cuda for group in optimizer.param_groups for p in group["params"])
 
 
+def _optimizer_under_fsdp(recipe: QLoRARecipe) -> str | None:
+    """What the recipe's trainer settings name under FSDP, where they differ from ``recipe.optimizer``."""
+    from qlora_plugin.core.distributed import fsdp_in_effect, optimizer_under_fsdp
+
+    return optimizer_under_fsdp(recipe.optimizer) if fsdp_in_effect(recipe) else None
+
+
 def _report_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     if optimizer in _seen_optimizers:
         return
@@ -130,6 +137,8 @@ def _report_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) 
         log_once(logging.INFO, f"optimizer: {used}, fused (one multi-tensor step), as the recipe asks", recipe)
     elif used == recipe.optimizer:
         log_once(logging.INFO, f"optimizer: {used}, as the recipe asks", recipe)
+    elif used == _optimizer_under_fsdp(recipe):
+        log_once(logging.INFO, f"optimizer: {used}, the recipe's choice under FSDP", recipe)
     else:
         log_once(
             logging.WARNING,
