@@ -176,3 +176,21 @@ def test_merged_directories_get_the_umasks_mode_and_force_keeps_the_existing_one
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o755  # --force keeps the mode of the directory it replaces
     assert not (fresh / "extra.txt").exists() and (fresh / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh"]
+
+
+def test_a_signal_turned_into_another_error_by_library_code_still_reads_as_stopped(monkeypatch, capsys) -> None:
+    """transformers reports an import that SIGTERM cut short as ModuleNotFoundError (seen once in CI)."""
+    from qlora_plugin.commands import main as command
+    from qlora_plugin.core.safe_io import Interrupted
+
+    def run(_args) -> int:
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except Interrupted as cut_short:  # what a lazy import does with any failure of its own
+            raise ModuleNotFoundError("Could not import module 'LlamaConfig'") from cut_short
+        return 0
+
+    monkeypatch.setattr(command, "run", run)
+    assert command.main(["presets"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["qlora presets: stopped by SIGTERM; nothing was written (temporary files removed)"]

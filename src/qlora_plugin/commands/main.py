@@ -63,20 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_third_party(verbose=args.verbose)
     name = f"qlora {args.command}"
+    arrived: list[int] = []
     try:
-        with stop_signals_raise():
+        with stop_signals_raise(arrived):
             return run(args)
     except (QLoRAConfigError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
+        if arrived:
+            return _stopped(name, arrived[0])
         print(f"{name}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (KeyboardInterrupt, Interrupted) as stop:
-        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
-        print(
-            f"{name}: stopped by {signal.Signals(signum).name}; nothing was written (temporary files removed)",
-            file=sys.stderr,
-        )
-        return 128 + signum
+        return _stopped(name, stop.signum if isinstance(stop, Interrupted) else signal.SIGINT)
     except Exception as error:
+        if arrived:  # the signal's exception was turned into another one on its way out
+            return _stopped(name, arrived[0])
         if os.environ.get("QLORA_TRACEBACK"):
             raise
         if is_disk_full(error):
@@ -92,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return EXIT_FAILED
+
+
+def _stopped(name: str, signum: int) -> int:
+    print(
+        f"{name}: stopped by {signal.Signals(signum).name}; nothing was written (temporary files removed)",
+        file=sys.stderr,
+    )
+    return 128 + signum
 
 
 def _one_line(error: BaseException) -> str:

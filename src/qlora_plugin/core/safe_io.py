@@ -212,16 +212,25 @@ def signals_held() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def stop_signals_raise() -> Iterator[None]:
-    """While inside, SIGTERM and SIGHUP raise :class:`Interrupted` (SIGINT already raises KeyboardInterrupt)."""
+def stop_signals_raise(arrived: list[int] | None = None) -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise :class:`Interrupted`, SIGINT ``KeyboardInterrupt``.
+
+    Each signal's number is also appended to ``arrived``: library code the exception passes
+    through may turn it into an error of its own (transformers reports an import it cut short
+    as ``ModuleNotFoundError``), and the caller still has to know the run was stopped.
+    """
 
     def stop(signum: int, frame: object) -> None:
+        if arrived is not None:
+            arrived.append(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise Interrupted(signum)
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught = (signal.SIGTERM, signal.SIGHUP)
+    caught = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
     before = {signum: signal.signal(signum, stop) for signum in caught}
     try:
         yield
