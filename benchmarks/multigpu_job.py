@@ -40,20 +40,6 @@ def synthetic_rows(rows: int, seq: int, vocab: int, seed: int = 0) -> list[list[
     return tokens.tolist()
 
 
-def placeholder_tokenizer() -> Any:
-    """A three-token tokenizer for the trainer; the rows come tokenized."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-        pad_token="<pad>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, required=True)
@@ -74,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
     import torch.distributed as dist
+    from bench_models import placeholder_tokenizer  # this script's folder, first on sys.path
     from datasets import Dataset
     from transformers import AutoConfig, TrainerCallback
     from trl import SFTTrainer

@@ -540,6 +540,14 @@ def _deviation(ours: list[float], theirs: list[float]) -> float:
     return max(abs(a - b) / max(abs(b), 1e-8) * 100 for a, b in zip(ours, theirs, strict=False))
 
 
+def _run_deviation(ours: tuple[list[float], float | None], theirs: tuple[list[float], float | None]) -> float:
+    """:func:`_deviation` of two runs' logged losses, and of their eval losses where both evaluated."""
+    deviation = _deviation(ours[0], theirs[0])
+    if ours[1] is not None and theirs[1] is not None:
+        deviation = max(deviation, abs(ours[1] - theirs[1]) / abs(theirs[1]) * 100)
+    return deviation
+
+
 def _status(lines: list[str]) -> tuple[str, str]:
     on = [line for line in lines if line.startswith("qlora fast path on:")]
     if on:  # the reason names what the fast path left to the trainer, if anything
@@ -594,10 +602,7 @@ def run_cell(cell: Cell, setting: Setting) -> Result:
     base_losses, base_eval = _losses(base)
     result.baseline_losses = base_losses
     result.baseline_tok_s = base_counter.tokens / base_seconds if base_seconds else None
-    deviation = _deviation(losses, base_losses)
-    if eval_loss is not None and base_eval is not None:
-        deviation = max(deviation, abs(eval_loss - base_eval) / abs(base_eval) * 100)
-    result.max_loss_dev_pct = round(deviation, 4)
+    result.max_loss_dev_pct = round(_run_deviation((losses, eval_loss), (base_losses, base_eval)), 4)
     if setting.noise_floor:
         again, _, _ = _train(cell, setting, path, plugin=False, out=work / "baseline-nudged", adapters=nudged(initial))
         result.noise_floor_pct = round(_deviation(_losses(again)[0], base_losses), 4)
@@ -613,10 +618,7 @@ def run_cell(cell: Cell, setting: Setting) -> Result:
         )
         kept_losses, kept_eval = _losses(kept)
         result.fp32_adapters_losses = kept_losses
-        deviation = _deviation(losses, kept_losses)
-        if eval_loss is not None and kept_eval is not None:
-            deviation = max(deviation, abs(eval_loss - kept_eval) / abs(kept_eval) * 100)
-        result.fp32_adapters_dev_pct = round(deviation, 4)
+        result.fp32_adapters_dev_pct = round(_run_deviation((losses, eval_loss), (kept_losses, kept_eval)), 4)
     return result
 
 

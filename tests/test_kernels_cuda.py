@@ -365,12 +365,9 @@ def test_decoder_graphs_capture_while_an_earlier_loss_is_alive(checkpoint) -> No
         assert rel_err(grads[k], 3 * ref_grads[k]) < 3e-2, k
 
 
-@pytest.mark.parametrize("lengths", [[512, 1024, 512], [2048, 2048, 2048, 2048], [37, 5, 900, 1, 101]])
-def test_packed_attention_cuda_matches_separate_sequences(lengths) -> None:
-    """bf16 on CUDA: varlen flash attention over a packed row against each sequence on its own."""
+def _small_sdpa_llama(dtype: torch.dtype) -> torch.nn.Module:
+    """A seeded two-layer Llama with SDPA attention on the GPU, in training mode, for the packed-attention tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from qlora_plugin.fastpath.kernels.attention import _varlen_function, use_packed_attention
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -382,7 +379,15 @@ def test_packed_attention_cuda_matches_separate_sequences(lengths) -> None:
         num_key_value_heads=2,
         attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(config).to(DEV, torch.bfloat16).train()
+    return LlamaForCausalLM(config).to(DEV, dtype).train()
+
+
+@pytest.mark.parametrize("lengths", [[512, 1024, 512], [2048, 2048, 2048, 2048], [37, 5, 900, 1, 101]])
+def test_packed_attention_cuda_matches_separate_sequences(lengths) -> None:
+    """bf16 on CUDA: varlen flash attention over a packed row against each sequence on its own."""
+    from qlora_plugin.fastpath.kernels.attention import _varlen_function, use_packed_attention
+
+    model = _small_sdpa_llama(torch.bfloat16)
     ids = torch.randint(0, 1000, (1, sum(lengths)), device=DEV)
     positions = torch.cat([torch.arange(n, device=DEV) for n in lengths])[None]
     with torch.no_grad():
@@ -395,21 +400,9 @@ def test_packed_attention_cuda_matches_separate_sequences(lengths) -> None:
 
 def test_packed_attention_cuda_in_float32_avoids_the_flash_kernel() -> None:
     """float32 on CUDA (``compute_dtype="float32"``, packing): per-length SDPA, since flash varlen refuses fp32."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from qlora_plugin.fastpath.kernels.attention import use_packed_attention
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(config).to(DEV, torch.float32).train()
+    model = _small_sdpa_llama(torch.float32)
     lengths = [37, 5, 300, 1, 101]
     ids = torch.randint(0, 1000, (1, sum(lengths)), device=DEV)
     positions = torch.cat([torch.arange(n, device=DEV) for n in lengths])[None]

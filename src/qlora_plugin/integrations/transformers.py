@@ -42,8 +42,9 @@ def training_args(recipe: QLoRARecipe, device: str | None = None) -> dict[str, A
         # gloo only when told "cpu"), and each rank silently trains its own copy on all the data.
         settings["use_cpu"] = True
     settings.update(trainer_settings(recipe, device))
-    if fsdp_in_effect(recipe) and optimizer_under_fsdp(recipe.optimizer) != recipe.optimizer:
-        settings["optim"] = optimizer_under_fsdp(recipe.optimizer)
+    optimizer = optimizer_under_fsdp(recipe.optimizer) if fsdp_in_effect(recipe) else recipe.optimizer
+    if optimizer != recipe.optimizer:
+        settings["optim"] = optimizer
         from qlora_plugin.core.notices import log_once
 
         log_once(
