@@ -136,6 +136,27 @@ def test_a_16_bit_layer_quantized_in_place_stays_on_its_device() -> None:
     assert quantized.weight.quant_storage == torch.uint8
 
 
+def test_a_layer_quantized_in_place_still_computes_once_fsdp_has_swapped_its_weight(no_launch) -> None:
+    """FSDP2 hands a 4-bit layer a plain parameter (no quant_state); bitsandbytes restores it from the layer.
+
+    Without the layer knowing its quant_state the forward fails: "quant_state is required".
+    """
+    import torch
+
+    from qlora_plugin.core.quantization import quantize_linear
+
+    no_launch.setenv("ACCELERATE_USE_FSDP", "true")
+    recipe = qlora_recipe(compute_dtype="float32")
+    layer = torch.nn.Linear(64, 32, device="cpu")
+    quantized = quantize_linear(layer, recipe, torch.float32)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    expected = quantized(x)
+    state = quantized.weight.quant_state
+    quantized.weight = torch.nn.Parameter(quantized.weight.data.clone(), requires_grad=False)  # as fully_shard does
+    assert torch.equal(quantized(x), expected)
+    assert quantized.weight.quant_state is state
+
+
 # -- FSDP --------------------------------------------------------------------------------------
 
 FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
@@ -317,6 +338,28 @@ def test_fsdp2_shards_the_recipes_4bit_model_on_two_cpu_processes(tiny_model_dir
     assert result["fast_path"] is False  # would be on with QLORA_FAST_PATH_ON_CPU=1 outside FSDP
     assert result["loss"] == result["unsharded_loss"]
     assert result["gradients_compared"] == 28 and result["max_grad_gap"] == 0.0  # LoRA A and B of 14 layers
+    assert result["layers_compared"] == 14 and result["bytes_changed"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fsdp2_shards_a_model_built_straight_into_4_bits(tiny_model_dir, tmp_path, dtype: str) -> None:
+    """The 70B run's path on two CPU processes: layers quantized in place by the recipe, then fully_shard.
+
+    The sharded layers must find their quant_state (FSDP replaces the parameter) and compute with
+    exactly the packed bytes they had: bf16 storage holds NaN bit patterns that a float copy could alter.
+    """
+    env = {**_env(), "ACCELERATE_USE_FSDP": "true"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29538",
+        str(REPO / "tests" / "_fsdp2_job.py"), str(tiny_model_dir), str(tmp_path), "--built", dtype,
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["storage"] == f"torch.{dtype}" and result["sharded_4bit_weights"] == 14
+    assert result["layers_compared"] == 14 and result["bytes_changed"] == 0
+    assert result["loss"] == result["unsharded_loss"] and result["max_grad_gap"] == 0.0
 
 
 @pytest.mark.slow
