@@ -97,7 +97,8 @@ def test_the_built_model_trains_through_the_recipe(config, tmp_path) -> None:
     from trl import SFTTrainer
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from multigpu_job import placeholder_tokenizer, synthetic_rows
+    from bench_models import placeholder_tokenizer
+    from multigpu_job import synthetic_rows
 
     recipe = qlora_recipe(compute_dtype="float32", lora_dropout=0.0, learning_rate=5e-3)
     model = builder.build_quantized(config, recipe, "cpu")
