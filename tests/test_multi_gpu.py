@@ -365,19 +365,33 @@ def test_fsdp2_shards_a_model_built_straight_into_4_bits(tiny_model_dir, tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("build_in_place", [False, True], ids=["checkpoint", "built-in-place"])
 def test_the_multi_gpu_benchmark_runs_its_variants_on_a_cpu(tmp_path, build_in_place: bool) -> None:
-    """benchmarks/multigpu.py end to end on the tiny shape (gloo): the GPU run's rows, DDP equal to one rank."""
+    """benchmarks/multigpu.py end to end on the tiny shape (gloo): the GPU call's rows, DDP equal to one rank.
+
+    From a checkpoint all three variants run (accelerate's FSDP falls back to DDP on a CPU, but the
+    recipe sees the FSDP launch, and the adapter is saved and checked); built in place, one GPU and DDP.
+    """
     out = tmp_path / "out"
-    command = [sys.executable, str(REPO / "benchmarks" / "multigpu.py"), "--out", str(out), "--shape", "tiny"]
-    command += ["--model-root", str(tmp_path / "models"), "--steps", "4", "--warmup", "1", "--batch", "2"]
-    command += ["--seq", "32", "--variants", "single-gpu", "ddp-2gpu"] + (
-        ["--build-in-place"] if build_in_place else []
-    )
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, str(REPO / "benchmarks" / "multigpu.py"), "tiny", "--out", str(out)]
+    command += ["--model-root", str(tmp_path / "models"), "--deadline", "500"]
+    command += ["--build-in-place", "--variants", "single-gpu", "ddp-2gpu"] if build_in_place else []
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_env())
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    single, ddp = json.loads((out / "multigpu.json").read_text())
-    assert (single["variant"], single["gpus"], single["grad_accum"]) == ("single-gpu", 1, 2)
-    assert (ddp["variant"], ddp["gpus"], ddp["grad_accum"]) == ("ddp-2gpu", 2, 1)
-    assert len(single["losses"]) == len(ddp["losses"]) == 4
+    rows = json.loads((out / "multigpu.json").read_text())
+    assert [row["variant"] for row in rows] == ["single-gpu", "ddp-2gpu"] + ([] if build_in_place else ["fsdp2-2gpu"])
+    single, ddp = rows[:2]
+    assert (single["gpus"], single["grad_accum"], ddp["gpus"], ddp["grad_accum"]) == (1, 2, 2, 1)
+    assert len(single["losses"]) == len(ddp["losses"]) == 4 and single["timed_steps"] == 3
     assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-4)  # the same global batch, the same update
-    assert all(row["tok_s"] > 0 and row["estimate_gib"] is not None for row in (single, ddp))
-    assert "| tiny | ddp-2gpu | 2 |" in (out / "multigpu.md").read_text()
+    assert ddp["loss_gap_vs_single_pct"] < 0.01
+    for row in rows:
+        assert row["tok_s"] > 0 and row["estimate_gib"] > 0 and "error" not in row
+        assert row["built_in_place"] is build_in_place and row["versions"]["bitsandbytes"]
+        assert row["weights_checked"] == [14] * row["gpus"] and row["weights_changed"] == [0] * row["gpus"]
+    if not build_in_place:
+        fsdp = rows[2]
+        assert fsdp["fsdp"] is True and fsdp["quant_storage"] == "torch.float32" and fsdp["optimizer"] == "adamw_torch"
+        assert fsdp["adapter"]["shapes_match"] and fsdp["adapter"]["tensors"] == 28 and fsdp["adapter"]["finite"]
+        assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=1e-4)
+    table = (out / "multigpu.md").read_text()
+    assert "| tiny | ddp-2gpu | 2 |" in table and "Targets:" in table
+    assert "===== tiny-ddp-2gpu" in (out / "variants.log").read_text()
