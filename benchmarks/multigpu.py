@@ -386,7 +386,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             continue
         speed = f"{row['speedup_vs_single']:.2f}x" if row.get("speedup_vs_single") else ""
         gaps = " / ".join(
-            "" if row.get(k) is None else str(row[k])
+            "-" if row.get(k) is None else str(row[k])
             for k in ("loss_gap_vs_single_pct", "loss_gap_vs_ddp_pct")
             if k in row
         )

@@ -120,8 +120,9 @@ class WeightWatch:
 
     FSDP2 trains each layer with an all-gathered copy of its shards; a bitsandbytes report
     (issue 1945) says bf16-stored NF4 bytes that read as NaN can come back altered, and a
-    random-init model's loss would not show it. Layers the fast path computes without their
-    ``forward`` (one GPU, DDP) are not seen; ``checked`` says how many were.
+    random-init model's loss would not show it. Used under FSDP only: elsewhere the weights are
+    never copied, and hooks on the decoder layers would turn the fast path's CUDA graphs off.
+    A check that cannot run is counted in ``failed`` (with its first message), never raised.
     """
 
     def __init__(self, model: Any) -> None:
@@ -131,6 +132,7 @@ class WeightWatch:
         self.before: dict[str, tuple[int, int]] = {}
         self.handles: dict[str, Any] = {}
         self.changed: list[str] = []
+        self.failed: list[str] = []
         self.nan_patterns = 0  # packed elements that read as NaN in a float storage dtype
         for name, module in model.named_modules():
             if isinstance(module, bnb.nn.Linear4bit):
@@ -142,12 +144,17 @@ class WeightWatch:
 
     def _first_forward(self, name: str, module: Any, _args: tuple[Any, ...]) -> None:
         self.handles.pop(name).remove()
-        if byte_checksum(module.weight.data) != self.before[name]:
+        try:
+            same = byte_checksum(module.weight.data) == self.before[name]
+        except Exception as error:  # a measurement must not stop the training it measures
+            self.failed.append(f"{name}: {type(error).__name__}: {error}"[:300])
+            return
+        if not same:
             self.changed.append(name)
 
     @property
     def checked(self) -> int:
-        return len(self.before) - len(self.handles)
+        return len(self.before) - len(self.handles) - len(self.failed)
 
 
 class Progress:
@@ -326,7 +333,7 @@ def train(args: argparse.Namespace) -> None:
     }
     storage = next((str(p.dtype) for n, p in trainer.model.named_parameters() if type(p).__name__ == "Params4bit"), "")
     load_peak = torch.cuda.max_memory_allocated() / GIB if cuda else 0.0  # before the checksums' scratch
-    watch = WeightWatch(trainer.model)
+    watch = WeightWatch(trainer.model) if fsdp_in_effect(recipe) else None
     trainer.model.register_forward_pre_hook(count, with_kwargs=True)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -345,9 +352,9 @@ def train(args: argparse.Namespace) -> None:
             max(stamps.get("prepare_peak", 0), steady) / GIB,
             max(stamps.get("prepare_reserved", 0), steady_reserved) / GIB,
             steady / GIB,
-            float(watch.checked),
-            float(len(watch.changed)),
-            float(watch.nan_patterns),
+            float(watch.checked if watch else -1),
+            float(len(watch.changed) if watch else -1),
+            float(watch.nan_patterns if watch else -1),
         ],
         dtype=torch.float64,
         device=trainer.args.device,
@@ -381,10 +388,16 @@ def train(args: argparse.Namespace) -> None:
         "optimizer": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
         "quant_storage": storage,
         "built_in_place": args.build_in_place,
-        "weights_checked": [int(r[5]) for r in ranks],
-        "weights_changed": [int(r[6]) for r in ranks],
-        "weights_changed_names": watch.changed[:5],
-        "nan_pattern_elements": int(ranks[0][7]),
+    }
+    if watch:  # under FSDP: each rank's 4-bit layers, checked at their first sharded forward
+        row |= {
+            "weights_checked": [int(r[5]) for r in ranks],
+            "weights_changed": [int(r[6]) for r in ranks],
+            "weights_changed_names": watch.changed[:5],
+            "weights_check_failed": watch.failed[:3],
+            "nan_pattern_elements": int(ranks[0][7]),
+        }
+    row |= {
         "seconds": {
             "build": round(built - started, 1),  # settings, data and (--build-in-place) the model
             "load": round(loaded - started, 1),  # ... and the trainer with its PEFT model

@@ -386,12 +386,13 @@ def test_the_multi_gpu_benchmark_runs_its_variants_on_a_cpu(tmp_path, build_in_p
     for row in rows:
         assert row["tok_s"] > 0 and row["estimate_gib"] > 0 and "error" not in row
         assert row["built_in_place"] is build_in_place and row["versions"]["bitsandbytes"]
-        assert row["weights_checked"] == [14] * row["gpus"] and row["weights_changed"] == [0] * row["gpus"]
+        assert ("weights_checked" in row) is row["fsdp"]  # only FSDP copies the weights (hooks cost the fast path)
     if not build_in_place:
         fsdp = rows[2]
         assert fsdp["fsdp"] is True and fsdp["quant_storage"] == "torch.float32" and fsdp["optimizer"] == "adamw_torch"
         assert fsdp["adapter"]["shapes_match"] and fsdp["adapter"]["tensors"] == 28 and fsdp["adapter"]["finite"]
         assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=1e-4)
+        assert fsdp["weights_checked"] == [14, 14] and fsdp["weights_changed"] == [0, 0]
     table = (out / "multigpu.md").read_text()
     assert "| tiny | ddp-2gpu | 2 |" in table and "Targets:" in table
     assert "===== tiny-ddp-2gpu" in (out / "variants.log").read_text()

@@ -159,6 +159,20 @@ def test_the_weight_watch_notices_a_changed_byte_at_a_layers_first_forward() -> 
     assert watch.checked == 2 and watch.changed == ["1"]
 
 
+def test_a_weight_check_that_cannot_run_is_recorded_not_raised(monkeypatch) -> None:
+    from qlora_plugin.core.quantization import quantize_linear
+
+    model = quantize_linear(torch.nn.Linear(64, 64), qlora_recipe(compute_dtype="float32"), torch.float32)
+    watch = multigpu_job.WeightWatch(model)
+
+    def broken(_tensor):
+        raise RuntimeError("no bytes here")
+
+    monkeypatch.setattr(multigpu_job, "byte_checksum", broken)
+    model(torch.randn(2, 64))
+    assert watch.checked == 0 and watch.changed == [] and watch.failed == [": RuntimeError: no bytes here"]
+
+
 def test_the_byte_checksum_sees_a_moved_byte() -> None:
     data = torch.arange(100, dtype=torch.uint8)
     swapped = data.clone()
