@@ -136,6 +136,27 @@ def test_a_16_bit_layer_quantized_in_place_stays_on_its_device() -> None:
     assert quantized.weight.quant_storage == torch.uint8
 
 
+def test_a_layer_quantized_in_place_still_computes_once_fsdp_has_swapped_its_weight(no_launch) -> None:
+    """FSDP2 hands a 4-bit layer a plain parameter (no quant_state); bitsandbytes restores it from the layer.
+
+    Without the layer knowing its quant_state the forward fails: "quant_state is required".
+    """
+    import torch
+
+    from qlora_plugin.core.quantization import quantize_linear
+
+    no_launch.setenv("ACCELERATE_USE_FSDP", "true")
+    recipe = qlora_recipe(compute_dtype="float32")
+    layer = torch.nn.Linear(64, 32, device="cpu")
+    quantized = quantize_linear(layer, recipe, torch.float32)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    expected = quantized(x)
+    state = quantized.weight.quant_state
+    quantized.weight = torch.nn.Parameter(quantized.weight.data.clone(), requires_grad=False)  # as fully_shard does
+    assert torch.equal(quantized(x), expected)
+    assert quantized.weight.quant_state is state
+
+
 # -- FSDP --------------------------------------------------------------------------------------
 
 FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
@@ -317,24 +338,61 @@ def test_fsdp2_shards_the_recipes_4bit_model_on_two_cpu_processes(tiny_model_dir
     assert result["fast_path"] is False  # would be on with QLORA_FAST_PATH_ON_CPU=1 outside FSDP
     assert result["loss"] == result["unsharded_loss"]
     assert result["gradients_compared"] == 28 and result["max_grad_gap"] == 0.0  # LoRA A and B of 14 layers
+    assert result["layers_compared"] == 14 and result["bytes_changed"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fsdp2_shards_a_model_built_straight_into_4_bits(tiny_model_dir, tmp_path, dtype: str) -> None:
+    """The 70B run's path on two CPU processes: layers quantized in place by the recipe, then fully_shard.
+
+    The sharded layers must find their quant_state (FSDP replaces the parameter) and compute with
+    exactly the packed bytes they had: bf16 storage holds NaN bit patterns that a float copy could alter.
+    """
+    env = {**_env(), "ACCELERATE_USE_FSDP": "true"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29538",
+        str(REPO / "tests" / "_fsdp2_job.py"), str(tiny_model_dir), str(tmp_path), "--built", dtype,
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["storage"] == f"torch.{dtype}" and result["sharded_4bit_weights"] == 14
+    assert result["layers_compared"] == 14 and result["bytes_changed"] == 0
+    assert result["loss"] == result["unsharded_loss"] and result["max_grad_gap"] == 0.0
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("build_in_place", [False, True], ids=["checkpoint", "built-in-place"])
 def test_the_multi_gpu_benchmark_runs_its_variants_on_a_cpu(tmp_path, build_in_place: bool) -> None:
-    """benchmarks/multigpu.py end to end on the tiny shape (gloo): the GPU run's rows, DDP equal to one rank."""
+    """benchmarks/multigpu.py end to end on the tiny shape (gloo): the GPU call's rows, DDP equal to one rank.
+
+    From a checkpoint all three variants run (accelerate's FSDP falls back to DDP on a CPU, but the
+    recipe sees the FSDP launch, and the adapter is saved and checked); built in place, one GPU and DDP.
+    """
     out = tmp_path / "out"
-    command = [sys.executable, str(REPO / "benchmarks" / "multigpu.py"), "--out", str(out), "--shape", "tiny"]
-    command += ["--model-root", str(tmp_path / "models"), "--steps", "4", "--warmup", "1", "--batch", "2"]
-    command += ["--seq", "32", "--variants", "single-gpu", "ddp-2gpu"] + (
-        ["--build-in-place"] if build_in_place else []
-    )
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, str(REPO / "benchmarks" / "multigpu.py"), "tiny", "--out", str(out)]
+    command += ["--model-root", str(tmp_path / "models"), "--deadline", "500"]
+    command += ["--build-in-place", "--variants", "single-gpu", "ddp-2gpu"] if build_in_place else []
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_env())
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    single, ddp = json.loads((out / "multigpu.json").read_text())
-    assert (single["variant"], single["gpus"], single["grad_accum"]) == ("single-gpu", 1, 2)
-    assert (ddp["variant"], ddp["gpus"], ddp["grad_accum"]) == ("ddp-2gpu", 2, 1)
-    assert len(single["losses"]) == len(ddp["losses"]) == 4
+    rows = json.loads((out / "multigpu.json").read_text())
+    assert [row["variant"] for row in rows] == ["single-gpu", "ddp-2gpu"] + ([] if build_in_place else ["fsdp2-2gpu"])
+    single, ddp = rows[:2]
+    assert (single["gpus"], single["grad_accum"], ddp["gpus"], ddp["grad_accum"]) == (1, 2, 2, 1)
+    assert len(single["losses"]) == len(ddp["losses"]) == 4 and single["timed_steps"] == 3
     assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-4)  # the same global batch, the same update
-    assert all(row["tok_s"] > 0 and row["estimate_gib"] is not None for row in (single, ddp))
-    assert "| tiny | ddp-2gpu | 2 |" in (out / "multigpu.md").read_text()
+    assert ddp["loss_gap_vs_single_pct"] < 0.01
+    for row in rows:
+        assert row["tok_s"] > 0 and row["estimate_gib"] > 0 and "error" not in row
+        assert row["built_in_place"] is build_in_place and row["versions"]["bitsandbytes"]
+        assert ("weights_checked" in row) is row["fsdp"]  # only FSDP copies the weights (hooks cost the fast path)
+    if not build_in_place:
+        fsdp = rows[2]
+        assert fsdp["fsdp"] is True and fsdp["quant_storage"] == "torch.float32" and fsdp["optimizer"] == "adamw_torch"
+        assert fsdp["adapter"]["shapes_match"] and fsdp["adapter"]["tensors"] == 28 and fsdp["adapter"]["finite"]
+        assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=1e-4)
+        assert fsdp["weights_checked"] == [14, 14] and fsdp["weights_changed"] == [0, 0]
+    table = (out / "multigpu.md").read_text()
+    assert "| tiny | ddp-2gpu | 2 |" in table and "Targets:" in table
+    assert "===== tiny-ddp-2gpu" in (out / "variants.log").read_text()

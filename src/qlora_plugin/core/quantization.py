@@ -108,6 +108,7 @@ def quantize_linear(layer: Any, recipe: QLoRARecipe, compute_dtype: torch.dtype)
         quant_type=recipe.quant_type,
         quant_storage=storage,
         blocksize=BLOCKSIZE,
+        module=quantized,  # quantizing then sets quantized.quant_state, which bitsandbytes reads back under FSDP
     )
     if layer.bias is not None:
         quantized.bias = layer.bias
