@@ -26,14 +26,31 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
-# name -> (adapter dtype, MixedPrecisionPolicy param dtype or None, 4-bit weights as plain parameters)
-VARIANTS: dict[str, tuple[str, str | None, bool]] = {
-    "fp32-adapters": ("float32", None, False),
-    "fp32-adapters-bf16-policy": ("float32", "bfloat16", False),  # accelerate's FSDP2 with bf16
-    "bf16-adapters": ("bfloat16", None, False),
-    "bf16-adapters-bf16-policy": ("bfloat16", "bfloat16", False),
-    "plain-weights-bf16-policy": ("float32", "bfloat16", True),
+# name -> (adapter dtype, MixedPrecisionPolicy param dtype or None, 4-bit weights as plain parameters,
+#          the plugin's byte-exact all-gather on)
+VARIANTS: dict[str, tuple[str, str | None, bool, bool]] = {
+    "fp32-adapters": ("float32", None, False, False),
+    "fp32-adapters-bf16-policy": ("float32", "bfloat16", False, False),  # accelerate's FSDP2 with bf16
+    "bf16-adapters": ("bfloat16", None, False, False),
+    "bf16-adapters-bf16-policy": ("bfloat16", "bfloat16", False, False),
+    "plain-weights-bf16-policy": ("float32", "bfloat16", True, False),
+    "fp32-adapters-bf16-policy-as-bytes": ("float32", "bfloat16", False, True),
+    "bf16-adapters-bf16-policy-as-bytes": ("bfloat16", "bfloat16", False, True),
 }
+
+
+def use_byte_all_gather(as_bytes: bool) -> None:
+    """Turn the plugin's byte-exact FSDP2 all-gather on or off (the recipe turns it on when it builds LoRA layers)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as collectives
+
+    from qlora_plugin.core.fsdp_bytes import all_gather_as_bytes
+
+    current = collectives._get_all_gather_input_metadatas
+    stock = getattr(current, "__wrapped__", current)
+    collectives._get_all_gather_input_metadatas = stock
+    all_gather_as_bytes.cache_clear()
+    if as_bytes:
+        all_gather_as_bytes()
 
 
 def small_config() -> Any:
@@ -78,7 +95,7 @@ def probe(variant: str, device: Any, rank: int, world: int) -> dict[str, Any]:
     sys.path.insert(0, str(HERE))
     from build_quantized import build_quantized
 
-    adapter_dtype, policy_dtype, plain = VARIANTS[variant]
+    adapter_dtype, policy_dtype, plain, as_bytes = VARIANTS[variant]
     recipe = qlora_recipe(compute_dtype="bfloat16", lora_dropout=0.0, gradient_checkpointing=False)
     model = get_peft_model(build_quantized(small_config(), recipe, str(device)).train(), recipe)
     for name, param in model.named_parameters():
@@ -88,6 +105,7 @@ def probe(variant: str, device: Any, rank: int, world: int) -> dict[str, Any]:
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.02)
     reference = copy.deepcopy(model)
+    use_byte_all_gather(as_bytes)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     packed = {name: m.weight.data.reshape(-1).clone() for name, m in layers.items()}  # bf16 containers
     if plain:  # the layer keeps quant_state; bitsandbytes rebuilds its Params4bit in forward
@@ -131,6 +149,7 @@ def probe(variant: str, device: Any, rank: int, world: int) -> dict[str, Any]:
         "adapter_dtype": adapter_dtype,
         "policy_param_dtype": policy_dtype,
         "plain_weights": plain,
+        "all_gather_as_bytes": as_bytes,
         "storage": str(next(iter(packed.values())).dtype),
         "nan_elements_before": sum(int(torch.isnan(p).sum()) for p in packed.values()),
         "after_fully_shard": summary(sharded),

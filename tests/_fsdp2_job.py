@@ -32,6 +32,7 @@ def main(model_dir: str, out: str, built: str | None = None) -> None:
     import torch.distributed as dist
     from peft import get_peft_model
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as collectives
 
     from qlora_plugin import qlora_recipe
     from qlora_plugin.fastpath.activation import wants_fast_path
@@ -92,6 +93,7 @@ def main(model_dir: str, out: str, built: str | None = None) -> None:
             "layers_compared": len(changed),
             "bytes_changed": sum(changed.values()),
             "fast_path": wants_fast_path(recipe, "cpu"),
+            "all_gather_as_bytes": getattr(collectives._get_all_gather_input_metadatas, "_qlora_as_bytes", False),
         }
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "result.json").write_text(json.dumps(result))

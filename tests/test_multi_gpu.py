@@ -339,6 +339,7 @@ def test_fsdp2_shards_the_recipes_4bit_model_on_two_cpu_processes(tiny_model_dir
     assert result["loss"] == result["unsharded_loss"]
     assert result["gradients_compared"] == 28 and result["max_grad_gap"] == 0.0  # LoRA A and B of 14 layers
     assert result["layers_compared"] == 14 and result["bytes_changed"] == 0
+    assert result["all_gather_as_bytes"] is True  # the recipe's layers turned FSDP2's byte-exact all-gather on
 
 
 @pytest.mark.slow
@@ -360,6 +361,7 @@ def test_fsdp2_shards_a_model_built_straight_into_4_bits(tiny_model_dir, tmp_pat
     assert result["storage"] == f"torch.{dtype}" and result["sharded_4bit_weights"] == 14
     assert result["layers_compared"] == 14 and result["bytes_changed"] == 0
     assert result["loss"] == result["unsharded_loss"] and result["max_grad_gap"] == 0.0
+    assert result["all_gather_as_bytes"] is True
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ def make_lora_layer(target: nn.Module, adapter_name: str, config: QLoRARecipe, *
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
     from transformers.pytorch_utils import Conv1D
 
+    from qlora_plugin.core.fsdp_bytes import guard_packed_weights
     from qlora_plugin.core.quantization import is_4bit, keep_nf4_layout, quantize_linear
 
     if getattr(config, "_resolved_by_peft", False) and config.target_parameters:
@@ -55,6 +56,7 @@ def make_lora_layer(target: nn.Module, adapter_name: str, config: QLoRARecipe, *
             config,
         )
     keep_nf4_layout(target)
+    guard_packed_weights(target, config)
     kwargs["fan_in_fan_out"] = False  # the 4-bit base stores (out, in) even for Conv1D
     from qlora_plugin.core.seeding import seeded_layer_init
 

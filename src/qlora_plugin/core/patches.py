@@ -128,6 +128,13 @@ PATCHES: dict[str, Patch] = {
         "torch.nn.attention.varlen.varlen_attn for packed sequences",
         "one scaled_dot_product_attention call per group of equal-length sequences",
     ),
+    "torch-fsdp2-all-gather-bytes": Patch(
+        "torch",
+        ">=2.11,<2.14",
+        "torch.distributed.fsdp._fully_shard._fsdp_collectives._get_all_gather_input_metadatas, wrapped to "
+        "answer uint8: FSDP2 all-gathers every unit as bytes, so bf16-stored 4-bit codes arrive unchanged",
+        "FSDP2's own all-gather dtype, with one warning: on GPUs it can rewrite the packed codes that read as NaN",
+    ),
     "liger-autograd-functions": Patch(
         "liger-kernel",
         ">=0.8.1,<0.9",

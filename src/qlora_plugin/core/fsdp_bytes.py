@@ -1,0 +1,72 @@
+"""FSDP2 moves float-stored 4-bit weights as bytes, so no packed code is rewritten on the way.
+
+Under FSDP the recipe stores the packed NF4 codes in the compute dtype (bf16), so that FSDP
+shards them with everything else. About 0.1 % of such bf16 containers hold a NaN bit pattern.
+When all the tensors one FSDP2 unit all-gathers share one dtype, torch copies them into the
+all-gather buffer with a float-aware CUDA copy that turns every NaN pattern into one canonical
+NaN (0x7FFF), so four packed codes change at each of those places, silently, at every forward
+(bitsandbytes issue 1945; measured on two H100s with torch 2.11:
+``benchmarks/results/run10-multigpu/probe``). Where a unit's dtypes differ, FSDP2 already
+all-gathers raw bytes (uint8), and those copies are exact. :func:`all_gather_as_bytes` makes
+it take that byte path for every unit: the same bytes travel, nothing is converted.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import TYPE_CHECKING, Any
+
+from qlora_plugin.core.notices import log_once
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from qlora_plugin.core.recipe import QLoRARecipe
+
+PATCH = "torch-fsdp2-all-gather-bytes"
+
+
+def guard_packed_weights(layer: nn.Module, recipe: QLoRARecipe) -> None:
+    """Before FSDP shards ``layer``, make sure its float-stored 4-bit weight will be all-gathered as bytes."""
+    from qlora_plugin.core.distributed import fsdp_in_effect
+
+    weight = getattr(layer, "weight", None)
+    float_stored = weight is not None and weight.is_floating_point()
+    if float_stored and fsdp_in_effect(recipe) and not all_gather_as_bytes():
+        log_once(
+            logging.WARNING,
+            "qlora: FSDP2 all-gathers the bf16-stored 4-bit weights as floats here, which can rewrite about "
+            "0.1 % of their packed codes on GPUs (bitsandbytes issue 1945); the plugin's byte-exact "
+            "all-gather needs a torch version it was tested on (see the warning above)",
+            recipe,
+        )
+
+
+@functools.cache
+def all_gather_as_bytes() -> bool:
+    """Make FSDP2 all-gather every unit as uint8 in this process (once); False where the patch is not allowed.
+
+    FSDP2 picks the all-gather dtype in ``_get_all_gather_input_metadatas``: the inputs' one
+    dtype, or uint8 when they differ, in which case it views every input and output as bytes.
+    The wrapper keeps the per-input dtypes and sizes it returns and always answers uint8.
+    """
+    from qlora_plugin.core.patches import allowed
+
+    if not allowed(PATCH):
+        return False
+    import torch
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as collectives
+
+    original = collectives._get_all_gather_input_metadatas
+    if getattr(original, "_qlora_as_bytes", False):
+        return True
+
+    def metadatas_as_bytes(param_all_gather_inputs: list[list[torch.Tensor]]) -> Any:
+        input_dtypes, input_numels, _dtype = original(param_all_gather_inputs)
+        return input_dtypes, input_numels, torch.uint8
+
+    metadatas_as_bytes.__wrapped__ = original  # type: ignore[attr-defined]
+    metadatas_as_bytes._qlora_as_bytes = True  # type: ignore[attr-defined]
+    collectives._get_all_gather_input_metadatas = metadatas_as_bytes
+    return True

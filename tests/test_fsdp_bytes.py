@@ -1,0 +1,96 @@
+"""Under FSDP the recipe's float-stored 4-bit layers make FSDP2 all-gather as bytes (no packed code rewritten).
+
+On GPUs FSDP2's float all-gather turns the packed codes that read as NaN into one canonical NaN
+(benchmarks/results/run10-multigpu/probe); a CPU copies them exactly, so these tests check that
+the byte path is chosen, and tests/test_multi_gpu.py that it shards and computes exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from qlora_plugin import qlora_recipe
+from qlora_plugin.core import patches
+from qlora_plugin.core.distributed import FSDP_ENV
+from qlora_plugin.core.fsdp_bytes import PATCH, all_gather_as_bytes, guard_packed_weights
+from qlora_plugin.core.quantization import quantize_linear
+
+
+@pytest.fixture
+def collectives() -> Iterator[Any]:
+    """FSDP2's collectives module with its stock all-gather dtype choice, restored afterwards."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as module
+
+    current = module._get_all_gather_input_metadatas
+    stock = getattr(current, "__wrapped__", current)
+    module._get_all_gather_input_metadatas = stock
+    all_gather_as_bytes.cache_clear()
+    yield module
+    module._get_all_gather_input_metadatas = stock
+    all_gather_as_bytes.cache_clear()
+    patches.allowed.cache_clear()
+
+
+def _all_gather_dtype(module: Any, *inputs: torch.Tensor) -> torch.dtype:
+    return module._get_all_gather_input_metadatas([[t] for t in inputs])[2]
+
+
+def _quantized_layer(monkeypatch, fsdp: bool) -> tuple[Any, Any]:
+    if fsdp:
+        monkeypatch.setenv(FSDP_ENV, "true")
+    else:
+        monkeypatch.delenv(FSDP_ENV, raising=False)
+    recipe = qlora_recipe(compute_dtype="bfloat16")
+    return quantize_linear(torch.nn.Linear(128, 64), recipe, torch.bfloat16), recipe
+
+
+def test_under_fsdp_a_float_stored_layer_turns_the_byte_all_gather_on(collectives, monkeypatch) -> None:
+    one = torch.zeros(6, dtype=torch.bfloat16)
+    assert _all_gather_dtype(collectives, one, one) == torch.bfloat16  # FSDP2's own choice: one dtype, floats
+    layer, recipe = _quantized_layer(monkeypatch, fsdp=True)
+    assert layer.weight.dtype == torch.bfloat16  # the recipe's storage under FSDP
+    guard_packed_weights(layer, recipe)
+    dtypes, numels, dtype = collectives._get_all_gather_input_metadatas([[one], [one[:4]]])
+    assert dtype == torch.uint8
+    assert dtypes == [[torch.bfloat16], [torch.bfloat16]] and numels == [[6], [4]]  # per input, as FSDP2 said
+
+
+def test_without_fsdp_nothing_is_replaced(collectives, monkeypatch) -> None:
+    layer, recipe = _quantized_layer(monkeypatch, fsdp=False)
+    assert layer.weight.dtype == torch.uint8
+    guard_packed_weights(layer, recipe)
+    assert not hasattr(collectives._get_all_gather_input_metadatas, "__wrapped__")
+
+
+def test_the_recipes_lora_layers_turn_it_on(collectives, monkeypatch) -> None:
+    """Through PEFT: the recipe quantizes a 16-bit model's targets under FSDP and builds its LoRA layers."""
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv(FSDP_ENV, "true")
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = get_peft_model(LlamaForCausalLM(config).to(torch.bfloat16), qlora_recipe(compute_dtype="bfloat16"))
+    assert model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight.dtype == torch.bfloat16
+    assert _all_gather_dtype(collectives, torch.zeros(2, dtype=torch.bfloat16)) == torch.uint8
+
+
+def test_outside_the_tested_torch_versions_it_stays_off_with_a_warning(collectives, monkeypatch, caplog) -> None:
+    real = patches.installed_version
+    monkeypatch.setattr(patches, "installed_version", lambda p: "2.99.0" if p == "torch" else real(p))
+    monkeypatch.delenv(patches.FORCE_ENV, raising=False)
+    patches.allowed.cache_clear()
+    layer, recipe = _quantized_layer(monkeypatch, fsdp=True)
+    with caplog.at_level(logging.WARNING, logger="qlora_plugin"):
+        guard_packed_weights(layer, recipe)
+        guard_packed_weights(layer, recipe)
+    assert _all_gather_dtype(collectives, torch.zeros(2, dtype=torch.bfloat16)) == torch.bfloat16
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(PATCH in m and "torch 2.99.0" in m for m in messages), messages
+    assert sum("issue 1945" in m for m in messages) == 1, messages
