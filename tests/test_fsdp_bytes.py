@@ -94,3 +94,15 @@ def test_outside_the_tested_torch_versions_it_stays_off_with_a_warning(collectiv
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(PATCH in m and "torch 2.99.0" in m for m in messages), messages
     assert sum("issue 1945" in m for m in messages) == 1, messages
+
+
+def test_a_model_whose_lora_layers_another_library_builds_turns_it_on(collectives, monkeypatch) -> None:
+    """Axolotl builds its own LoRA config; its plugin hands the 4-bit model over before the adapters exist."""
+    from qlora_plugin.core.fsdp_bytes import guard_packed_model
+
+    layer, recipe = _quantized_layer(monkeypatch, fsdp=True)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(128), layer)
+    guard_packed_model(torch.nn.Sequential(torch.nn.LayerNorm(128)), recipe)  # no 4-bit layer: nothing to do
+    assert _all_gather_dtype(collectives, torch.zeros(2, dtype=torch.bfloat16)) == torch.bfloat16
+    guard_packed_model(model, recipe)
+    assert _all_gather_dtype(collectives, torch.zeros(2, dtype=torch.bfloat16)) == torch.uint8

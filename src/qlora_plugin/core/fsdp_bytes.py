@@ -43,6 +43,14 @@ def guard_packed_weights(layer: nn.Module, recipe: QLoRARecipe) -> None:
         )
 
 
+def guard_packed_model(model: nn.Module, recipe: QLoRARecipe) -> None:
+    """:func:`guard_packed_weights` for a model whose LoRA layers another library builds (Axolotl's PEFT config)."""
+    for module in model.modules():
+        if type(getattr(module, "weight", None)).__name__ == "Params4bit":
+            guard_packed_weights(module, recipe)
+            return  # the all-gather is chosen once per process
+
+
 @functools.cache
 def all_gather_as_bytes() -> bool:
     """Make FSDP2 all-gather every unit as uint8 in this process (once); False where the patch is not allowed.

@@ -96,6 +96,7 @@ class QLoRAPlugin(BasePlugin):
     def pre_lora_load(self, cfg: Any, model: Any) -> None:
         """Discover the targets on the real model, seed the adapters and ready the base for training."""
         from qlora_plugin.core.distributed import fsdp_in_effect, remember_fsdp
+        from qlora_plugin.core.fsdp_bytes import guard_packed_model
         from qlora_plugin.core.prepare import prepare_for_training
         from qlora_plugin.core.quantization import keep_nf4_layout
         from qlora_plugin.core.seeding import seed_before_adapters
@@ -104,6 +105,7 @@ class QLoRAPlugin(BasePlugin):
         recipe = self.recipe = self.section_recipe.resolve(model)
         route_messages(recipe, AXOLOTL_LOGGER)
         remember_fsdp(recipe, fsdp_in_effect(self.section_recipe))  # the fast path stays off under FSDP
+        guard_packed_model(model, recipe)  # under FSDP: 4-bit codes all-gathered as bytes
         targets = sorted(recipe.target_modules)
         _log.info("qlora: LoRA on %d modules: %s", len(targets), ", ".join(targets))
         native = cfg.get("lora_target_modules")
