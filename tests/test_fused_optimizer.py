@@ -165,3 +165,34 @@ print("same" if Trainer.__dict__["get_optimizer_cls_and_kwargs"] is before else 
     lines = done.stdout.splitlines()
     assert lines[-2:] == ["not wrapped", "same"], done.stdout
     assert any("transformers-trainer-optimizer-choice" in line and "5.99.0" in line for line in lines)
+
+
+@pytest.mark.parametrize("optim", ["paged_adamw_32bit", "paged_adamw_8bit"])
+def test_under_fsdp_a_users_bitsandbytes_optimizer_becomes_torch_adamw_with_one_warning(
+    checkpoint, tmp_path, monkeypatch, caplog, optim: str
+) -> None:
+    """bitsandbytes' optimizers cannot step FSDP2's sharded parameters (run 9 on two GPUs); a user's own
+    SFTConfig(optim=...) gets torch's AdamW there, as recipe.sft_config() already names it."""
+    import torch
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from qlora_plugin.core.distributed import FSDP_ENV
+    from qlora_plugin.integrations.transformers import offer_fused_optimizer
+
+    recipe = qlora_recipe(compute_dtype="float32")
+    model = get_peft_model(recipe.load_model(checkpoint, device_map={"": "cpu"}), recipe)
+    assert offer_fused_optimizer()
+    args = TrainingArguments(output_dir=str(tmp_path), optim=optim, use_cpu=True, report_to="none")
+    without_fsdp, _ = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    assert without_fsdp.__module__.startswith("bitsandbytes")
+    monkeypatch.setenv(FSDP_ENV, "true")
+    with caplog.at_level(logging.WARNING, logger="qlora_plugin"):
+        for _ in range(2):
+            optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+            assert optimizer_class is torch.optim.AdamW and kwargs["lr"] == args.learning_rate
+    warnings = [r.getMessage() for r in caplog.records if "cannot update sharded parameters" in r.getMessage()]
+    assert len(warnings) == 1 and f"optim='{optim}'" in warnings[0] and "adamw_torch" in warnings[0]
+    assert args.optim.value == optim  # the user's arguments are left as they were
+    plain, _ = Trainer.get_optimizer_cls_and_kwargs(args, torch.nn.Linear(2, 2))  # not a recipe's model
+    assert plain.__module__.startswith("bitsandbytes")

@@ -91,6 +91,37 @@ def fused_optimizer_for(args: Any, model: Any) -> tuple[type, dict[str, Any]] | 
     return fused
 
 
+def sharded_optimizer_args(args: Any, model: Any) -> Any:
+    """``args``, or a copy naming torch's AdamW where FSDP shards a recipe's model and ``optim`` is bitsandbytes'.
+
+    bitsandbytes' optimizers cannot update FSDP2's sharded (DTensor) parameters: the first
+    step fails ("Operator bitsandbytes.optimizer_update_32bit.default does not have a sharding
+    strategy registered"). ``recipe.sft_config()`` already names ``adamw_torch`` there; a
+    user's own ``SFTConfig(optim="paged_adamw_32bit")`` gets the same here, with one warning:
+    the same update with 32-bit states, sharded with the parameters.
+    """
+    import copy
+
+    from qlora_plugin.core.notices import log_once, recipe_of_model
+
+    optim = getattr(getattr(args, "optim", None), "value", getattr(args, "optim", None))
+    recipe = recipe_of_model(model) if model is not None and isinstance(optim, str) else None
+    if recipe is None or not fsdp_in_effect(recipe) or optimizer_under_fsdp(optim) == optim:
+        return args
+    replacement = optimizer_under_fsdp(optim)
+    log_once(
+        logging.WARNING,
+        f"qlora: FSDP shards the model, and optim='{optim}' (bitsandbytes) cannot update sharded parameters; "
+        f"training with optim='{replacement}' (torch's AdamW: the same update with 32-bit states, sharded). "
+        f"Set optim='{replacement}' to silence this.",
+        recipe,
+    )
+    changed = copy.copy(args)
+    changed.optim = replacement
+    changed.optim_args = None
+    return changed
+
+
 @functools.cache
 def offer_fused_optimizer() -> bool:
     """Let transformers' Trainer choose the fused paged AdamW for the recipe's models (once per process).
@@ -114,7 +145,9 @@ def offer_fused_optimizer() -> bool:
 
     def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
         fused = fused_optimizer_for(args, model)
-        return fused if fused is not None else original(args, model)
+        if fused is not None:
+            return fused
+        return original(sharded_optimizer_args(args, model), model)
 
     get_optimizer_cls_and_kwargs.__wrapped__ = original  # type: ignore[attr-defined]
     Trainer.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)  # type: ignore[method-assign]
