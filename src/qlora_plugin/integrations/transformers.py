@@ -105,8 +105,10 @@ def sharded_optimizer_args(args: Any, model: Any) -> Any:
     from qlora_plugin.core.notices import log_once, recipe_of_model
 
     optim = getattr(getattr(args, "optim", None), "value", getattr(args, "optim", None))
-    recipe = recipe_of_model(model) if model is not None and isinstance(optim, str) else None
-    if recipe is None or not fsdp_in_effect(recipe) or optimizer_under_fsdp(optim) == optim:
+    if model is None or not isinstance(optim, str) or optimizer_under_fsdp(optim) == optim:
+        return args
+    recipe = recipe_of_model(model)
+    if recipe is None or not fsdp_in_effect(recipe):
         return args
     replacement = optimizer_under_fsdp(optim)
     log_once(
