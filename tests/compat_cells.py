@@ -522,7 +522,13 @@ def _train_axolotl(
     output = run.stdout + run.stderr
     (out / "log.txt").write_text(output)
     if run.returncode != 0:
-        raise RuntimeError(f"axolotl train exited {run.returncode}: " + "\n".join(output.splitlines()[-12:]))
+        raised = [
+            line.strip()
+            for line in output.splitlines()
+            if re.match(r"\s*[\w.]*(Error|Exception): ", line) and "CalledProcessError" not in line
+        ]  # the training process's own exception, above accelerate's launcher traceback
+        first = f"{raised[-1]}; " if raised else ""
+        raise RuntimeError(f"axolotl train exited {run.returncode}: {first}" + "\n".join(output.splitlines()[-12:]))
     losses = [float(m) for m in re.findall(r"'loss': '?([0-9.]+(?:e-?[0-9]+)?)'?", output)]
     return losses, output
 

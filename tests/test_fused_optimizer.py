@@ -196,3 +196,35 @@ def test_under_fsdp_a_users_bitsandbytes_optimizer_becomes_torch_adamw_with_one_
     assert args.optim.value == optim  # the user's arguments are left as they were
     plain, _ = Trainer.get_optimizer_cls_and_kwargs(args, torch.nn.Linear(2, 2))  # not a recipe's model
     assert plain.__module__.startswith("bitsandbytes")
+
+
+def test_axolotls_trainer_gets_float32_adapters_with_the_fused_optimizer(
+    checkpoint, tmp_path, fast_path_on_cpu
+) -> None:
+    """Axolotl's DPO trainer (TRL's) rounds the adapters to bf16, and the plugin hands the trainer its
+    optimizer class directly: the fused optimizer's first step refused bf16 weights on a GPU (run 10)."""
+    from types import SimpleNamespace
+
+    import torch
+    from peft import get_peft_model
+    from transformers import TrainingArguments
+
+    from qlora_plugin.integrations.axolotl.plugin import QLoRAPlugin
+
+    plugin = QLoRAPlugin()
+    plugin.recipe = qlora_recipe(compute_dtype="float32")
+    model = get_peft_model(plugin.recipe.load_model(checkpoint, device_map={"": "cpu"}), plugin.recipe)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.data = p.data.to(torch.bfloat16)  # what TRL 1.9's DPOTrainer does for a quantized model
+    args = TrainingArguments(output_dir=str(tmp_path), optim="paged_adamw_32bit", use_cpu=True, report_to="none")
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration())
+    trainer = SimpleNamespace(args=args, model=model, optimizer=None, accelerator=accelerator)
+    plugin.post_trainer_create(None, trainer)
+    optimizer_class, kwargs = trainer.optimizer_cls_and_kwargs
+    assert optimizer_class.__module__.startswith("qlora_plugin")
+    assert {p.dtype for p in trainable} == {torch.float32}
+    optimizer_class([p for p in trainable], **kwargs).step()  # its first step accepts them

@@ -70,7 +70,6 @@ def fused_optimizer_for(args: Any, model: Any) -> tuple[type, dict[str, Any]] | 
     them bf16), the master weights the fast path keeps.
     """
     from qlora_plugin.core.notices import recipe_of_model
-    from qlora_plugin.fastpath.activation import optimizer_cls_and_kwargs
 
     optim = getattr(getattr(args, "optim", None), "value", getattr(args, "optim", None))
     if model is None or optim != "paged_adamw_32bit" or getattr(args, "optim_args", None):
@@ -78,11 +77,20 @@ def fused_optimizer_for(args: Any, model: Any) -> tuple[type, dict[str, Any]] | 
     recipe = recipe_of_model(model)
     if recipe is None or recipe.optimizer != "paged_adamw_32bit":
         return None
+    return fused_optimizer_over(model, recipe, args)
+
+
+def fused_optimizer_over(model: Any, recipe: Any, args: Any) -> tuple[type, dict[str, Any]] | None:
+    """The recipe's fused paged AdamW for ``model`` (None off the fast path), its adapters made float32 for it.
+
+    Its moments are 32-bit for 32-bit weights only. TRL's trainers round a 4-bit model's
+    adapters to bf16 when they are built, and where the fast path does not run the model
+    (Axolotl's DPO) nothing casts them back before the first step: float32 masters here.
+    """
+    from qlora_plugin.fastpath.activation import optimizer_cls_and_kwargs
+
     fused = optimizer_cls_and_kwargs(recipe, args)
     if fused is not None:
-        # Its moments are 32-bit for 32-bit weights only. TRL's trainers round a 4-bit model's
-        # adapters to bf16 when they are built, and where the fast path does not run the model
-        # (Axolotl's DPO) nothing casts them back before the first step: float32 masters here.
         import torch
 
         from qlora_plugin.fastpath.kernels.casting import cast_adapters

@@ -161,8 +161,8 @@ class QLoRAPlugin(BasePlugin):
         32-bit (Axolotl 0.19 never calls the plugins' ``create_optimizer``); the
         trainer still groups the parameters.
         """
-        from qlora_plugin.fastpath.activation import apply_trainer_settings, optimizer_cls_and_kwargs, trainer_settings
-        from qlora_plugin.integrations.transformers import describe_settings
+        from qlora_plugin.fastpath.activation import apply_trainer_settings, trainer_settings
+        from qlora_plugin.integrations.transformers import describe_settings, fused_optimizer_over
 
         if self.recipe is None:
             return
@@ -172,7 +172,7 @@ class QLoRAPlugin(BasePlugin):
             _log.info("qlora: trainer settings of the fast path: %s", describe_settings(settings))
         if getattr(trainer, "optimizer", None) is not None:
             return
-        chosen = optimizer_cls_and_kwargs(self.recipe, trainer.args)
+        chosen = fused_optimizer_over(trainer.model, self.recipe, trainer.args)
         if chosen is not None:
             trainer.optimizer_cls_and_kwargs = chosen
 
