@@ -509,9 +509,20 @@ def _train_axolotl(
         config.update(output_dir=str(out), dataset_prepared_path=str(out / "prepared"))
         if fp32_adapters:
             config["peft_autocast_adapter_dtype"] = True
+    # both runs start from the plugin run's adapter (tests/compat_axolotl_start.py)
+    config["plugins"] = [*config.get("plugins", []), "compat_axolotl_start.SameStartingAdapter"]
+    start = out.parent / "starting_adapter.pt"
     config_file = out / "config.yml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    here = str(Path(__file__).resolve().parent)
+    env = {
+        **os.environ,
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "QLORA_COMPAT_ADAPTER_SAVE" if plugin else "QLORA_COMPAT_ADAPTER_LOAD": str(start),
+    }
     run = subprocess.run(
         [sys.executable, "-m", "axolotl.cli.main", "train", str(config_file)],
         capture_output=True,
