@@ -33,7 +33,16 @@ def guard_packed_weights(layer: nn.Module, recipe: QLoRARecipe) -> None:
 
     weight = getattr(layer, "weight", None)
     float_stored = weight is not None and weight.is_floating_point()
-    if float_stored and fsdp_in_effect(recipe) and not all_gather_as_bytes():
+    if not float_stored or not fsdp_in_effect(recipe):
+        return
+    if all_gather_as_bytes():
+        log_once(
+            logging.INFO,
+            "qlora: FSDP2 all-gathers the 4-bit weights as bytes (its float all-gather rewrites packed codes "
+            "that read as NaN on GPUs, bitsandbytes issue 1945)",
+            recipe,
+        )
+    else:
         log_once(
             logging.WARNING,
             "qlora: FSDP2 all-gathers the bf16-stored 4-bit weights as floats here, which can rewrite about "
