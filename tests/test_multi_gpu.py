@@ -502,3 +502,32 @@ def test_the_multi_gpu_benchmark_runs_its_variants_on_a_cpu(tmp_path, build_in_p
     assert "| tiny | ddp-2gpu | 2 |" in table and "Targets:" in table
     assert "===== tiny-ddp-2gpu" in (out / "variants.log").read_text()
 
+
+@pytest.mark.slow
+def test_the_multi_gpu_benchmark_runs_deepspeed_zero3_on_a_cpu(tmp_path) -> None:
+    """The deepspeed-zero3-2gpu variant on the tiny shape: DeepSpeed's CPU accelerator over gloo, beside DDP.
+
+    ZeRO-3 must partition every 4-bit layer (each rank holds half the packed elements), compute with the
+    exact packed bytes, train like DDP on the same global batch and save the whole adapter.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (not a dependency; CI does not install it)")
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "benchmarks" / "multigpu.py"), "tiny", "--out", str(out)]
+    command += ["--model-root", str(tmp_path / "models"), "--deadline", "500"]
+    command += ["--variants", "ddp-2gpu", "deepspeed-zero3-2gpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_env())
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ddp, zero3 = json.loads((out / "multigpu.json").read_text())
+    assert (zero3["variant"], zero3["sharding"], zero3["gpus"]) == ("deepspeed-zero3-2gpu", "DeepSpeed ZeRO-3", 2)
+    assert zero3["quant_storage"] == "torch.float32" and zero3["optimizer"] == "adamw_torch"
+    assert zero3["fast_path"] is False and zero3["zero3"] is True and zero3["fsdp"] is False
+    assert zero3["layers_4bit"] == 14 and zero3["partitioned_4bit_layers"] == [14, 14]
+    assert zero3["persistent_4bit_layers"] == [0, 0]  # the tiny stage sets DeepSpeed's persistence threshold to 0
+    assert zero3["local_4bit_fraction"] == [0.5, 0.5]  # each rank holds half of every layer's packed elements
+    assert zero3["weights_checked"] == [14, 14] and zero3["weights_changed"] == [0, 0]
+    assert zero3["losses"] == pytest.approx(ddp["losses"], rel=1e-5)  # the same global batch and update
+    assert zero3["adapter"]["shapes_match"] and zero3["adapter"]["tensors"] == 28 and zero3["adapter"]["finite"]
+    assert "4-bit weights partitioned under DeepSpeed ZeRO-3, tiny" in (out / "multigpu.md").read_text()
