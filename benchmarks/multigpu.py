@@ -74,7 +74,7 @@ class Stage:
     learning_rate: float | None = None  # None: the recipe's
     zero3_persistence_threshold: int | None = None  # None: DeepSpeed's (1e5 elements)
     limits: dict[str, int] = field(
-        default_factory=lambda: {"single-gpu": 150, "ddp-2gpu": 120, "fsdp2-2gpu": 180, ZERO3: 200}
+        default_factory=lambda: {"single-gpu": 150, "ddp-2gpu": 120, "fsdp2-2gpu": 180, ZERO3: 240}
     )
 
     @property
