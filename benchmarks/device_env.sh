@@ -3,11 +3,16 @@
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 out=${OUT:-$PWD/benchmarks/results/run-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
-wheels=.whl/${WHEELS:-pinned}  # benchmarks/fetch_wheels.sh SET
-if [ -z "${SKIP_WHEELS:-}" ] && compgen -G "$wheels/*.whl" >/dev/null; then  # one call: axolotl and axolotl-contribs-lgpl share a folder
+# WHEELS: one or more sets of benchmarks/fetch_wheels.sh, e.g. "pinned deepspeed" (default pinned)
+wheel_files=()
+for set_name in ${WHEELS:-pinned}; do
+  [ -d ".whl/$set_name" ] || echo "WHEELS: no folder .whl/$set_name (benchmarks/fetch_wheels.sh $set_name)" >&2
+  for file in .whl/"$set_name"/*.whl; do [ -f "$file" ] && wheel_files+=("$file"); done
+done
+if [ -z "${SKIP_WHEELS:-}" ] && [ ${#wheel_files[@]} -gt 0 ]; then  # one call: axolotl and axolotl-contribs-lgpl share a folder
   rm -rf /tmp/site
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "$wheels"/*.whl $(compgen -G ".whl/axolotl/*.whl") || exit 1
+    "${wheel_files[@]}" $(compgen -G ".whl/axolotl/*.whl") || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ -d "$here/qlora_plugin" ]; then  # staged package beside this script (e.g. under .bench/)

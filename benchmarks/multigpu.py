@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Issue 17 on a machine with two GPUs: one GPU, DDP and FSDP2 with the recipe, and the 70B shape, in one call.
+"""Issue 17 on a machine with two GPUs: one GPU, DDP, FSDP2 and DeepSpeed ZeRO-3 with the recipe, and the 70B shape.
 
     python benchmarks/multigpu.py --out DIR [STAGE ...] [--variants ...] [--steps N] [--deadline S]
 
@@ -17,6 +17,12 @@ Stages (default ``8b 70b``), run in the order given:
   there, though the recipe still sees the FSDP launch): the logic of the three variants, the
   adapter check included, in about 15 s each.
 * any other shape of ``benchmarks/llama_shapes.py``: the three variants with the 8b settings.
+
+``deepspeed-zero3-2gpu`` (``accelerate launch`` with ``configs/accelerate/deepspeed-zero3.yaml``;
+it saves and checks its adapter too) runs only where ``--variants`` names it, and needs
+``deepspeed`` importable (``WHEELS="pinned deepspeed"`` on the device); without it the row says
+it was skipped and why. On a CPU (``tiny``) it runs on DeepSpeed's CPU accelerator over gloo,
+with ``--mixed_precision no`` (the tiny job computes in float32).
 
 ``--variants``, ``--steps``, ``--warmup``, ``--batch``, ``--seq`` and ``--build-in-place``
 override every stage named. Each variant runs ``benchmarks/multigpu_job.py`` as its own process
@@ -44,7 +50,11 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-VARIANTS = ("single-gpu", "ddp-2gpu", "fsdp2-2gpu")
+VARIANTS = ("single-gpu", "ddp-2gpu", "fsdp2-2gpu")  # each stage's default
+ZERO3 = "deepspeed-zero3-2gpu"
+ALL_VARIANTS = (*VARIANTS, ZERO3)  # what --variants may name
+CONFIGS = {"ddp-2gpu": "ddp.yaml", "fsdp2-2gpu": "fsdp2.yaml", ZERO3: "deepspeed-zero3.yaml"}
+SHARDED = ("fsdp2-2gpu", ZERO3)  # compared with DDP's losses; their 4-bit bytes are checked
 MIN_VARIANT_SECONDS = 45  # below this a variant cannot even load: it is skipped, and says so
 LOG_TAIL_LINES = 80
 
@@ -60,9 +70,12 @@ class Stage:
     steps: int = 30
     warmup: int = 5
     build_in_place: bool = False
-    save_adapter: tuple[str, ...] = ("fsdp2-2gpu",)
+    save_adapter: tuple[str, ...] = SHARDED
     learning_rate: float | None = None  # None: the recipe's
-    limits: dict[str, int] = field(default_factory=lambda: {"single-gpu": 150, "ddp-2gpu": 120, "fsdp2-2gpu": 180})
+    zero3_persistence_threshold: int | None = None  # None: DeepSpeed's (1e5 elements)
+    limits: dict[str, int] = field(
+        default_factory=lambda: {"single-gpu": 150, "ddp-2gpu": 120, "fsdp2-2gpu": 180, ZERO3: 240}
+    )
 
     @property
     def cpu(self) -> bool:
@@ -82,7 +95,17 @@ STAGES: dict[str, Stage] = {
         limits={"fsdp2-2gpu": 480},
     ),
     # lr 5e-3: at the recipe's 2e-4 the tiny model's losses barely move, and would agree whatever the update
-    "tiny": Stage("tiny", batch=2, seq=32, steps=4, warmup=1, learning_rate=5e-3, limits=dict.fromkeys(VARIANTS, 240)),
+    # persistence 0: DeepSpeed keeps parameters under 1e5 elements whole on every rank, i.e. all of the tiny shape's
+    "tiny": Stage(
+        "tiny",
+        batch=2,
+        seq=32,
+        steps=4,
+        warmup=1,
+        learning_rate=5e-3,
+        zero3_persistence_threshold=0,
+        limits=dict.fromkeys(ALL_VARIANTS, 240),
+    ),
 }
 
 
@@ -111,7 +134,7 @@ def stage_for(name: str, args: argparse.Namespace) -> Stage:
         key: getattr(args, key) for key in ("batch", "seq", "steps", "warmup") if getattr(args, key) is not None
     }
     if args.variants:
-        changes["variants"] = tuple(v for v in args.variants if v in VARIANTS)
+        changes["variants"] = tuple(v for v in args.variants if v in ALL_VARIANTS)
     if args.build_in_place:
         changes["build_in_place"] = True
     if args.no_save_adapter:
@@ -157,7 +180,8 @@ def make_checkpoint(shape: str, root: Path, config_only: bool) -> Path:
 
 def child_env(cpu: bool) -> dict[str, str]:
     """The variant's environment: this repository's ``src`` first on the path; no launch of ours leaks in."""
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_FSDP")}
+    ours = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+    env = {k: v for k, v in os.environ.items() if k not in ours}
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO / "src"), os.environ.get("PYTHONPATH", "")] if p)
     if cpu:
         env["OMP_NUM_THREADS"] = "1"
@@ -219,14 +243,28 @@ def failure_text(log: Path, error_files: list[Path]) -> str:
     return (signals[-1] if signals else " | ".join(lines[-4:]))[:1500]
 
 
-def launch_command(variant: str, processes: int = 2) -> list[str]:
-    """How ``variant`` starts ``multigpu_job.py``: alone, or by ``accelerate launch`` with the repository's config."""
+def launch_command(variant: str, processes: int = 2, cpu: bool = False) -> list[str]:
+    """How ``variant`` starts ``multigpu_job.py``: alone, or by ``accelerate launch`` with the repository's config.
+
+    On a CPU the recipe sets ``use_cpu`` (gloo DDP), except under DeepSpeed, which runs on its
+    CPU accelerator there, without the config's bf16 (``cpu``).
+    """
     job = str(HERE / "multigpu_job.py")
     if variant == "single-gpu":
         return [sys.executable, job, "--grad-accum", "2"]
-    config = REPO / "configs" / "accelerate" / ("ddp.yaml" if variant == "ddp-2gpu" else "fsdp2.yaml")
+    config = REPO / "configs" / "accelerate" / CONFIGS[variant]
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    return [*launcher, "--num_processes", str(processes), job]  # on a CPU the recipe sets use_cpu: gloo
+    launcher += ["--mixed_precision", "no"] if cpu and variant == ZERO3 else []
+    return [*launcher, "--num_processes", str(processes), job]
+
+
+def missing_package(variant: str) -> str | None:
+    """Why ``variant`` cannot run here (a package it needs is not importable), or None."""
+    import importlib.util
+
+    if variant == ZERO3 and importlib.util.find_spec("deepspeed") is None:
+        return "deepspeed is not installed (pip install deepspeed; on the device WHEELS='pinned deepspeed')"
+    return None
 
 
 def run_variant(stage: Stage, variant: str, model_dir: Path, work: Path, clock: Clock) -> dict[str, Any]:
@@ -243,13 +281,18 @@ def run_variant(stage: Stage, variant: str, model_dir: Path, work: Path, clock: 
     if limit < MIN_VARIANT_SECONDS:
         row["error"] = f"skipped: {max(limit, 0):.0f} s left of --deadline"
         return row | {"estimate_gib": estimate_gib(model_dir, stage, variant)}
-    command = launch_command(variant) + ["--model-dir", str(model_dir), "--out", str(out)]
+    if missing := missing_package(variant):
+        row["error"] = f"skipped: {missing}"
+        return row | {"estimate_gib": estimate_gib(model_dir, stage, variant)}
+    command = launch_command(variant, cpu=stage.cpu) + ["--model-dir", str(model_dir), "--out", str(out)]
     command += ["--steps", str(stage.steps), "--seq", str(stage.seq), "--batch", str(stage.batch)]
     command += ["--warmup", str(stage.warmup)]
     command += ["--compute-dtype", "float32"] if stage.cpu else []
     command += ["--learning-rate", str(stage.learning_rate)] if stage.learning_rate else []
     command += ["--build-in-place"] if stage.build_in_place else []
     command += ["--save-adapter"] if variant in stage.save_adapter else []
+    if variant == ZERO3 and stage.zero3_persistence_threshold is not None:
+        command += ["--zero3-persistence-threshold", str(stage.zero3_persistence_threshold)]
     env = child_env(stage.cpu)
     if variant == "single-gpu":
         env["CUDA_VISIBLE_DEVICES"] = "0"
@@ -277,14 +320,19 @@ def run_variant(stage: Stage, variant: str, model_dir: Path, work: Path, clock: 
 
 
 def estimate_gib(model_dir: Path, stage: Stage, variant: str) -> float | None:
-    """``qlora estimate``'s allocator peak per GPU (GiB) for the recipe the job trains; None if it fails."""
+    """``qlora estimate``'s allocator peak per GPU (GiB) for the recipe the job trains; None if it fails.
+
+    DeepSpeed ZeRO-3 is estimated as ``fsdp`` (the estimate has no ZeRO-3 strategy): both
+    partition weights, gradients and optimizer states and gather a layer at a time; ZeRO-3's
+    prefetch and bucket sizes are not modelled.
+    """
     from qlora_plugin.tools.estimate import GIB, Parallel, estimate
 
     sys.path.insert(0, str(HERE))
     from multigpu_job import job_recipe
 
     gpus = 1 if variant == "single-gpu" else 2
-    strategy = "fsdp" if variant.startswith("fsdp") else "ddp"
+    strategy = "fsdp" if variant in SHARDED else "ddp"
     try:
         recipe = job_recipe("float32" if stage.cpu else "auto", stage.learning_rate)
         result = estimate(model_dir, recipe, stage.seq, stage.batch, parallel=Parallel(gpus, strategy))
@@ -312,7 +360,7 @@ def annotate(rows: list[dict[str, Any]]) -> None:
         if single and not row.get("error") and row is not single:
             row["speedup_vs_single"] = round(row["tok_s"] / single["tok_s"], 3)
         row["loss_gap_vs_single_pct"] = loss_gap(row, single)
-        if row["variant"].startswith("fsdp"):
+        if row["variant"] in SHARDED:
             row["loss_gap_vs_ddp_pct"] = loss_gap(row, ddp)
 
 
@@ -342,6 +390,16 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     adapter = fsdp.get("adapter")
     whole = adapter and all(adapter.get(k) for k in ("shapes_match", "finite", "config"))
     lines.append(f"8B FSDP2 adapter saved whole: {verdict(json.dumps(adapter) if adapter else None, bool(whole))}")
+    zero3 = find("llama-3.1-8b", ZERO3)
+    trained = bool(zero3.get("losses")) and not zero3.get("error") if zero3 else None
+    gap = zero3.get("loss_gap_vs_ddp_pct")
+    lines.append(f"8B DeepSpeed ZeRO-3 trains: {verdict(trained, bool(trained))}")
+    lines.append(f"8B DeepSpeed ZeRO-3 losses within 1 % of DDP (largest gap %): {verdict(gap, (gap or 0) <= 1)}")
+    adapter = zero3.get("adapter")
+    whole = adapter and all(adapter.get(k) for k in ("shapes_match", "finite", "config"))
+    lines.append(
+        f"8B DeepSpeed ZeRO-3 adapter saved whole: {verdict(json.dumps(adapter) if adapter else None, bool(whole))}"
+    )
     worst = max(big["peak_gib"] + big["load_peak_gib"]) if big.get("peak_gib") else None
     lines.append(f"70B FSDP2 per-GPU peak (load or train) <= 70 GiB: {verdict(worst, (worst or 0) <= 70)}")
     if big.get("error"):
@@ -354,11 +412,19 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
                 f"estimate within 15 %, {name} (steady peak / estimate): {verdict(ratio, abs(ratio - 1) <= 0.15)}"
             )
         changed = row.get("weights_changed")
-        if changed is not None and row.get("fsdp"):
+        engine = row.get("sharding") or ("FSDP" if row.get("fsdp") else None)  # rows before ZeRO-3 say only fsdp
+        if changed is not None and engine:
             checked = sum(row.get("weights_checked", []))
             lines.append(
-                f"4-bit bytes intact under FSDP, {row['shape']} ({checked} layer copies checked; changed): "
+                f"4-bit bytes intact under {engine}, {row['shape']} ({checked} layer copies checked; changed): "
                 f"{verdict(sum(changed), sum(changed) == 0 and checked > 0)}"
+            )
+        held = row.get("local_4bit_fraction")
+        if held and engine:
+            split = all(abs(f * row["gpus"] - 1) < 0.05 for f in held)  # each rank holds about 1/N
+            lines.append(
+                f"4-bit weights partitioned under {engine}, {row['shape']} (each rank's resident share of the "
+                f"packed elements): {verdict(held, split)}"
             )
     return lines
 
@@ -425,7 +491,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stages", nargs="*", default=["8b", "70b"], help="8b, 70b, tiny or a shape; in this order")
     parser.add_argument("--out", type=Path, help="where multigpu.json, multigpu.md and variants.log go")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="only these (of each stage's)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=ALL_VARIANTS,
+        help=f"only these (default: each stage's; {ZERO3} only when named)",
+    )
     parser.add_argument("--model-root", type=Path, help="checkpoints and job files (default /dev/shm or /tmp)")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--warmup", type=int, help="steps left out of the timing")

@@ -18,12 +18,13 @@ update from the same global batch.
 Rank 0 writes the row: logged losses; tokens per second over the steps after ``--warmup``
 (tokens the model really received, counted by a forward pre-hook on every rank and summed);
 per rank the peak allocated and reserved memory while loading, over the whole ``train()``
-(FSDP's sharding included) and over the timed steps; whether every 4-bit layer computed with
-the exact packed bytes it had before training (FSDP2 hands each layer an all-gathered copy);
-versions and GPU. ``--save-adapter`` then saves the adapter through the trainer and checks it
-is a whole PEFT adapter. Each rank keeps ``ROW.rank<N>.progress.json`` current (phase, seconds,
-memory, last loss), so a run cut short still says how far it got; a failing rank writes
-``ROW.rank<N>.error.json`` with the exception.
+(FSDP's sharding included) and over the timed steps; under FSDP or DeepSpeed ZeRO-3, each
+rank's share of the packed 4-bit elements once the engine has partitioned them, and whether
+every 4-bit layer computed with the exact packed bytes it had before training (both engines
+hand each layer an all-gathered copy); versions and GPU. ``--save-adapter`` then saves the
+adapter through the trainer and checks it is a whole PEFT adapter. Each rank keeps
+``ROW.rank<N>.progress.json`` current (phase, seconds, memory, last loss), so a run cut short
+still says how far it got; a failing rank writes ``ROW.rank<N>.error.json`` with the exception.
 """
 
 from __future__ import annotations
@@ -118,11 +119,14 @@ def byte_checksum(tensor: Any) -> tuple[int, int]:
 class WeightWatch:
     """Checks each 4-bit layer's first forward against its packed bytes before training.
 
-    FSDP2 trains each layer with an all-gathered copy of its shards; a bitsandbytes report
-    (issue 1945) says bf16-stored NF4 bytes that read as NaN can come back altered, and a
-    random-init model's loss would not show it. Used under FSDP only: elsewhere the weights are
-    never copied, and hooks on the decoder layers would turn the fast path's CUDA graphs off.
-    A check that cannot run is counted in ``failed`` (with its first message), never raised.
+    FSDP2 and DeepSpeed ZeRO-3 train each layer with an all-gathered copy of its shards; a
+    bitsandbytes report (issue 1945) says bf16-stored NF4 bytes that read as NaN can come back
+    altered, and a random-init model's loss would not show it. The check runs when the layer's
+    forward has finished (a forward hook, registered before the engine's own), while the weight
+    it computed with is still gathered, whenever the engine gathered it. Used under those
+    engines only: elsewhere the weights are never copied, and hooks on the decoder layers would
+    turn the fast path's CUDA graphs off. A check that cannot run is counted in ``failed``
+    (with its first message), never raised.
     """
 
     def __init__(self, model: Any) -> None:
@@ -140,9 +144,9 @@ class WeightWatch:
                 self.before[name] = byte_checksum(weight)
                 if weight.is_floating_point():
                     self.nan_patterns += int(torch.isnan(weight).sum())
-                self.handles[name] = module.register_forward_pre_hook(partial(self._first_forward, name))
+                self.handles[name] = module.register_forward_hook(partial(self._first_forward, name))
 
-    def _first_forward(self, name: str, module: Any, _args: tuple[Any, ...]) -> None:
+    def _first_forward(self, name: str, module: Any, _args: tuple[Any, ...], _output: Any) -> None:
         self.handles.pop(name).remove()
         try:
             same = byte_checksum(module.weight.data) == self.before[name]
@@ -155,6 +159,35 @@ class WeightWatch:
     @property
     def checked(self) -> int:
         return len(self.before) - len(self.handles) - len(self.failed)
+
+
+def held_4bit(model: Any) -> tuple[int, int, int, int, int]:
+    """This rank's resident packed 4-bit elements, the whole model's, and counts of its 4-bit layers.
+
+    Returns (resident, full, partitioned layers, layers, persistent layers). Reads DeepSpeed
+    ZeRO-3's partition (``ds_tensor`` of ``ds_numel``; a "persistent" parameter, one below
+    ``stage3_param_persistence_threshold``, also stays gathered whole on every rank, so it counts
+    whole as well) or FSDP2's local shard of a DTensor; any other weight is held whole.
+    """
+    import bitsandbytes as bnb
+
+    resident = full = split = layers = persistent = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        weight = module.weight
+        if hasattr(weight, "ds_numel"):
+            whole, mine = int(weight.ds_numel), int(weight.ds_tensor.numel())
+            split += mine < whole
+            if getattr(weight, "ds_persist", False):
+                mine, persistent = mine + whole, persistent + 1
+        elif hasattr(weight, "to_local"):
+            whole, mine = weight.numel(), weight.to_local().numel()
+            split += mine < whole
+        else:
+            whole = mine = weight.numel()
+        resident, full, layers = resident + mine, full + whole, layers + 1
+    return resident, full, split, layers, persistent
 
 
 class Progress:
@@ -232,6 +265,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "(benchmarks/build_quantized.py), instead of loading weights from --model-dir",
     )
     parser.add_argument("--save-adapter", action="store_true", help="after the row: save the adapter and check it")
+    parser.add_argument(
+        "--zero3-persistence-threshold",
+        type=int,
+        help="under DeepSpeed: its stage3_param_persistence_threshold (parameters of at most this many elements "
+        "stay whole on every rank; DeepSpeed's default 1e5 keeps every weight of the tiny shape whole)",
+    )
     args = parser.parse_args(argv)
     if args.model_dir is None and not (args.build_in_place and args.shape):
         parser.error("pass --model-dir, or --build-in-place with --shape")
@@ -252,7 +291,7 @@ def train(args: argparse.Namespace) -> None:
         sys.path.insert(0, str(HERE))
     from bench_models import placeholder_tokenizer
 
-    from qlora_plugin.core.distributed import fsdp_in_effect
+    from qlora_plugin.core.distributed import fsdp_in_effect, sharding_engine, zero3_in_effect
     from qlora_plugin.fastpath.activation import wants_fast_path
 
     started = time.perf_counter()
@@ -275,12 +314,17 @@ def train(args: argparse.Namespace) -> None:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    plugin = getattr(settings, "deepspeed_plugin", None)  # accelerate's, under a DeepSpeed launch
+    if plugin is not None and args.zero3_persistence_threshold is not None:
+        zero = plugin.deepspeed_config.setdefault("zero_optimization", {})
+        zero["stage3_param_persistence_threshold"] = args.zero3_persistence_threshold
     world = int(settings.world_size)
     config = AutoConfig.from_pretrained(args.model_dir) if args.model_dir else shape_config(args.shape)
     rows = args.steps * args.grad_accum * args.batch * world
     data = Dataset.from_dict({"input_ids": synthetic_rows(rows, args.seq, config.vocab_size)})
     tokens = [0]
     stamps: dict[str, float] = {}
+    held: list[int] = []  # held_4bit at the first step, once the engine has partitioned the model
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def count(_module: Any, positional: tuple[Any, ...], keywords: dict[str, Any]) -> None:
@@ -292,6 +336,8 @@ def train(args: argparse.Namespace) -> None:
         """Starts the clock (and the steady-state memory peak) at step ``--warmup``; stops it after the last."""
 
         def on_step_begin(self, _args: Any, state: Any, *rest: Any, **kw: Any) -> None:
+            if not held and kw.get("model") is not None:
+                held.extend(held_4bit(kw["model"]))
             if state.global_step == args.warmup and "start" not in stamps:
                 sync()
                 if cuda:
@@ -333,7 +379,8 @@ def train(args: argparse.Namespace) -> None:
     }
     storage = next((str(p.dtype) for n, p in trainer.model.named_parameters() if type(p).__name__ == "Params4bit"), "")
     load_peak = torch.cuda.max_memory_allocated() / GIB if cuda else 0.0  # before the checksums' scratch
-    watch = WeightWatch(trainer.model) if fsdp_in_effect(recipe) else None
+    engine = sharding_engine(recipe)
+    watch = WeightWatch(trainer.model) if engine else None
     trainer.model.register_forward_pre_hook(count, with_kwargs=True)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -355,6 +402,7 @@ def train(args: argparse.Namespace) -> None:
             float(watch.checked if watch else -1),
             float(len(watch.changed) if watch else -1),
             float(watch.nan_patterns if watch else -1),
+            *[float(v) for v in (held or [-1, -1, -1, -1, -1])],
         ],
         dtype=torch.float64,
         device=trainer.args.device,
@@ -384,12 +432,21 @@ def train(args: argparse.Namespace) -> None:
         "seq": args.seq,
         "steps": args.steps,
         "fsdp": fsdp_in_effect(recipe),  # from the config or, under accelerate launch, the launch
+        "zero3": zero3_in_effect(recipe),
+        "sharding": engine,
         "fast_path": wants_fast_path(recipe),
         "optimizer": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
         "quant_storage": storage,
         "built_in_place": args.build_in_place,
     }
-    if watch:  # under FSDP: each rank's 4-bit layers, checked at their first sharded forward
+    if engine and ranks[0][11] > 0:  # each rank's share of the packed 4-bit elements, once partitioned
+        row |= {
+            "local_4bit_fraction": [round(r[8] / r[9], 4) for r in ranks],
+            "partitioned_4bit_layers": [int(r[10]) for r in ranks],
+            "persistent_4bit_layers": [int(r[12]) for r in ranks],  # ZeRO-3 keeps these whole too
+            "layers_4bit": int(ranks[0][11]),
+        }
+    if watch:  # under FSDP or ZeRO-3: each rank's 4-bit layers, checked at their first sharded forward
         row |= {
             "weights_checked": [int(r[5]) for r in ranks],
             "weights_changed": [int(r[6]) for r in ranks],

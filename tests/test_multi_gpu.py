@@ -113,6 +113,111 @@ def test_deepspeed_is_read_from_the_settings_and_the_launch(no_launch) -> None:
     assert deepspeed_requested()
 
 
+ZERO3_LAUNCH = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}  # accelerate launch's
+
+
+def test_the_zero_stage_is_read_from_the_settings_the_launch_and_a_config_file(no_launch, tmp_path) -> None:
+    from qlora_plugin.core.distributed import deepspeed_zero_stage, zero3_requested
+
+    assert deepspeed_zero_stage() is None and not zero3_requested()
+    assert zero3_requested({"deepspeed": {"zero_optimization": {"stage": 3}}})
+    assert deepspeed_zero_stage({"deepspeed": {"zero_optimization": {"stage": 2}}}) == 2
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 3}}))
+    assert zero3_requested({"deepspeed": str(config)})  # a path, as TrainingArguments(deepspeed=...) and Axolotl take
+    assert deepspeed_zero_stage({"deepspeed": str(tmp_path / "missing.json")}) is None
+    no_launch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert not zero3_requested()  # a stage without DeepSpeed on is nobody's launch
+    no_launch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert zero3_requested()
+    no_launch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    no_launch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))  # a config with deepspeed_config_file
+    assert zero3_requested()
+
+
+def test_under_zero3_the_recipe_shards_like_under_fsdp(no_launch, messages) -> None:
+    """4-bit weights in the compute dtype, the fast path off, torch's AdamW: each with one line naming ZeRO-3."""
+    import torch
+
+    from qlora_plugin.fastpath.activation import CPU_ENV, wants_fast_path
+
+    no_launch.setenv(CPU_ENV, "1")  # the fast path's PyTorch references serve a CPU: it would be on
+    no_launch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    no_launch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")  # ZeRO-2 leaves the weights whole: nothing changes
+    recipe = qlora_recipe(compute_dtype="bfloat16")
+    assert recipe.bnb_config(device="cpu").bnb_4bit_quant_storage == torch.uint8
+    assert wants_fast_path(recipe, "cpu") and recipe.training_args(device="cpu")["optim"] == "paged_adamw_32bit"
+    no_launch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    recipe = qlora_recipe(compute_dtype="bfloat16")
+    assert recipe.bnb_config(device="cpu").bnb_4bit_quant_storage == torch.bfloat16
+    assert not wants_fast_path(recipe, "cpu") and not wants_fast_path(recipe, "cuda")
+    assert recipe.training_args(device="cpu")["optim"] == "adamw_torch"
+    for words in ("stored as bfloat16", "fast path off", "optim adamw_torch instead of paged_adamw_32bit"):
+        said = [m for m in messages if words in m]
+        assert len(said) == 1 and "DeepSpeed ZeRO-3" in said[0], (words, messages)
+
+
+def test_a_zero3_config_in_the_settings_counts_like_the_launch(no_launch) -> None:
+    import torch
+
+    from qlora_plugin.core.distributed import remember_zero3, sharding_engine, zero3_requested
+
+    recipe = qlora_recipe(compute_dtype="bfloat16")
+    assert sharding_engine(recipe) is None
+    remember_zero3(recipe, zero3_requested({"deepspeed": {"zero_optimization": {"stage": 3}}}))  # as sft_config does
+    assert sharding_engine(recipe) == "DeepSpeed ZeRO-3"
+    assert recipe.bnb_config(device="cpu").bnb_4bit_quant_storage == torch.bfloat16
+
+
+def test_sft_config_with_a_zero3_config_in_its_settings(no_launch) -> None:
+    """``recipe.sft_config(deepspeed=...)``: transformers builds DeepSpeed's config there, so deepspeed must import."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (not a dependency; CI does not install it)")
+    recipe = qlora_recipe(compute_dtype="float32")
+    zero3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}
+    config = recipe.sft_config(output_dir="out", report_to="none", deepspeed=zero3)
+    assert config.model_init_kwargs["quantization_config"].bnb_4bit_quant_storage == torch.float32
+    assert config.model_init_kwargs["device_map"] is None and config.optim == "adamw_torch"
+
+
+def test_under_zero3_an_explicit_other_storage_is_one_line_naming_the_fix(no_launch) -> None:
+    for name, value in ZERO3_LAUNCH.items():
+        no_launch.setenv(name, value)
+    recipe = qlora_recipe(compute_dtype="bfloat16", quant_storage="uint8")
+    with pytest.raises(QLoRAConfigError) as error:
+        recipe.bnb_config(device="cpu")
+    message = str(error.value)
+    assert error.value.field == "quant_storage" and "\n" not in message
+    assert "under DeepSpeed ZeRO-3" in message and "quant_storage='auto' or 'bfloat16'" in message
+
+
+def test_axolotl_keys_under_a_zero3_config(no_launch) -> None:
+    from qlora_plugin.integrations.axolotl.expand import native_keys
+
+    keys = native_keys(qlora_recipe(), "cuda", zero3=True)
+    quantization = keys["bnb_config_kwargs"]
+    assert quantization["bnb_4bit_quant_storage"] == quantization["bnb_4bit_compute_dtype"] != "uint8"
+    assert keys["optimizer"] == "adamw_torch"
+    plain = native_keys(qlora_recipe(), "cuda")
+    assert plain["bnb_config_kwargs"]["bnb_4bit_quant_storage"] == "uint8"
+    assert plain["optimizer"] == "paged_adamw_32bit"
+
+
+def test_a_cpu_launch_under_deepspeed_names_gloo_instead_of_use_cpu(no_launch) -> None:
+    """With use_cpu accelerate drops DeepSpeed; with no backend named it counts one process (DeepSpeed on a CPU)."""
+    from qlora_plugin.integrations.transformers import training_args
+
+    no_launch.setenv("WORLD_SIZE", "2")
+    no_launch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    settings = training_args(qlora_recipe(), "cpu")
+    assert settings["ddp_backend"] == "gloo" and "use_cpu" not in settings
+    assert "ddp_backend" not in training_args(qlora_recipe(), "cuda")
+
+
 def test_a_cpu_launch_asks_transformers_for_gloo_ddp(no_launch) -> None:
     """Without ``use_cpu`` transformers sets up no DDP on a machine without CUDA: each rank trains alone."""
     from qlora_plugin.integrations.transformers import training_args
@@ -398,3 +503,33 @@ def test_the_multi_gpu_benchmark_runs_its_variants_on_a_cpu(tmp_path, build_in_p
     table = (out / "multigpu.md").read_text()
     assert "| tiny | ddp-2gpu | 2 |" in table and "Targets:" in table
     assert "===== tiny-ddp-2gpu" in (out / "variants.log").read_text()
+
+
+@pytest.mark.slow
+def test_the_multi_gpu_benchmark_runs_deepspeed_zero3_on_a_cpu(tmp_path) -> None:
+    """The deepspeed-zero3-2gpu variant on the tiny shape: DeepSpeed's CPU accelerator over gloo, beside DDP.
+
+    ZeRO-3 must partition every 4-bit layer (each rank holds half the packed elements), compute with the
+    exact packed bytes, train like DDP on the same global batch and save the whole adapter.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (not a dependency; CI does not install it)")
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "benchmarks" / "multigpu.py"), "tiny", "--out", str(out)]
+    command += ["--model-root", str(tmp_path / "models"), "--deadline", "500"]
+    command += ["--variants", "ddp-2gpu", "deepspeed-zero3-2gpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_env())
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ddp, zero3 = json.loads((out / "multigpu.json").read_text())
+    assert (zero3["variant"], zero3["sharding"], zero3["gpus"]) == ("deepspeed-zero3-2gpu", "DeepSpeed ZeRO-3", 2)
+    assert zero3["quant_storage"] == "torch.float32" and zero3["optimizer"] == "adamw_torch"
+    assert zero3["fast_path"] is False and zero3["zero3"] is True and zero3["fsdp"] is False
+    assert zero3["layers_4bit"] == 14 and zero3["partitioned_4bit_layers"] == [14, 14]
+    assert zero3["persistent_4bit_layers"] == [0, 0]  # the tiny stage sets DeepSpeed's persistence threshold to 0
+    assert zero3["local_4bit_fraction"] == [0.5, 0.5]  # each rank holds half of every layer's packed elements
+    assert zero3["weights_checked"] == [14, 14] and zero3["weights_changed"] == [0, 0]
+    assert zero3["losses"] == pytest.approx(ddp["losses"], rel=1e-5)  # the same global batch and update
+    assert zero3["adapter"]["shapes_match"] and zero3["adapter"]["tensors"] == 28 and zero3["adapter"]["finite"]
+    assert "4-bit weights partitioned under DeepSpeed ZeRO-3, tiny" in (out / "multigpu.md").read_text()

@@ -52,6 +52,41 @@ def test_the_fsdp2_config_turns_on_fsdp2_and_the_recipe_sees_it(monkeypatch) -> 
     assert recipe.bnb_config(device="cpu").bnb_4bit_quant_storage == torch.bfloat16
 
 
+def test_the_deepspeed_zero3_config_turns_on_zero3_and_the_recipe_sees_it(monkeypatch) -> None:
+    """accelerate's own parsing and environment for ``accelerate launch`` with the file (deepspeed not needed)."""
+    import torch
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    from qlora_plugin import qlora_recipe
+    from qlora_plugin.core.distributed import sharding_engine
+
+    path = CONFIGS / "accelerate" / "deepspeed-zero3.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.value == "DEEPSPEED" and config.num_processes == 2
+    assert config.deepspeed_config["zero_stage"] == 3 and config.mixed_precision == "bf16"
+    args = launch_command_parser().parse_args(["--config_file", str(path), "train.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    assert args.use_deepspeed and not args.use_fsdp and not args.cpu
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
+    _, env = prepare_deepspeed_cmd_env(args)
+    assert (env["ACCELERATE_USE_DEEPSPEED"], env["ACCELERATE_DEEPSPEED_ZERO_STAGE"]) == ("true", "3")
+    assert (
+        env["ACCELERATE_DEEPSPEED_ZERO3_INIT"] == "true"
+        and env["ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"] == "true"
+    )
+    assert env["ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"] == "none"
+    assert env["ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"] == "none"
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.setenv(name, env[name])  # as each launched process sees it
+    recipe = qlora_recipe(compute_dtype="bfloat16")
+    assert sharding_engine(recipe) == "DeepSpeed ZeRO-3"
+    assert recipe.bnb_config(device="cpu").bnb_4bit_quant_storage == torch.bfloat16
+    assert recipe.training_args(device="cpu")["optim"] == "adamw_torch"
+
+
 @pytest.mark.parametrize("optimizer", ["paged_adamw_32bit", "paged_adamw_8bit"])
 def test_under_fsdp_a_bitsandbytes_optimizer_becomes_torch_adamw_with_one_line(
     monkeypatch, caplog, optimizer: str

@@ -139,6 +139,52 @@ def test_the_targets_are_read_off_the_rows() -> None:
     assert "| llama-3.1-70b | fsdp2-2gpu | 2 | | | | | |" in text and "timed out after 200 s" in text
 
 
+def test_the_zero3_targets_are_read_off_its_row() -> None:
+    rows = [
+        _row("ddp-2gpu", 1950.0, [12.0, 11.0, 10.0]),
+        _row(
+            "deepspeed-zero3-2gpu",
+            900.0,
+            [12.0, 11.0, 10.05],
+            sharding="DeepSpeed ZeRO-3",
+            weights_checked=[7, 7],
+            weights_changed=[0, 0],
+            local_4bit_fraction=[0.5, 0.5],
+            adapter={"shapes_match": True, "finite": True, "config": True},
+        ),
+        _row("fsdp2-2gpu", 900.0, [12.0, 11.0, 10.0], sharding="FSDP", local_4bit_fraction=[1.0, 1.0]),
+    ]
+    multigpu.annotate(rows)
+    assert rows[1]["loss_gap_vs_ddp_pct"] == 0.5
+    said = "\n".join(multigpu.targets(rows))
+    assert "8B DeepSpeed ZeRO-3 trains: True, met" in said
+    assert "8B DeepSpeed ZeRO-3 losses within 1 % of DDP (largest gap %): 0.5, met" in said
+    assert "8B DeepSpeed ZeRO-3 adapter saved whole: " in said and said.count("saved whole: {") == 1
+    assert "4-bit bytes intact under DeepSpeed ZeRO-3, llama-3.1-8b (14 layer copies checked; changed): 0, met" in said
+    assert "4-bit weights partitioned under DeepSpeed ZeRO-3, llama-3.1-8b (each rank's resident share" in said
+    assert "elements): [0.5, 0.5], met" in said
+    assert (
+        "4-bit weights partitioned under FSDP, llama-3.1-8b (each rank's resident share of the packed "
+        "elements): [1.0, 1.0], MISSED" in said
+    )  # held whole on every rank: nothing saved
+
+
+def test_the_zero3_variant_launches_with_its_config_and_is_skipped_without_deepspeed(
+    tiny_config_dir, tmp_path, monkeypatch
+) -> None:
+    command = multigpu.launch_command("deepspeed-zero3-2gpu")
+    assert command[command.index("--config_file") + 1].endswith("configs/accelerate/deepspeed-zero3.yaml")
+    assert "--mixed_precision" not in command  # the config's bf16 on GPUs
+    on_cpu = multigpu.launch_command("deepspeed-zero3-2gpu", cpu=True)
+    assert on_cpu[on_cpu.index("--mixed_precision") + 1] == "no"  # the tiny job computes in float32
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # not importable here, as in CI
+    stage = multigpu.stage_for("tiny", multigpu.parse(["tiny", "--out", "x", "--variants", "deepspeed-zero3-2gpu"]))
+    assert stage.variants == ("deepspeed-zero3-2gpu",) and "deepspeed-zero3-2gpu" not in multigpu.STAGES["8b"].variants
+    row = multigpu.run_variant(stage, "deepspeed-zero3-2gpu", tiny_config_dir, tmp_path, multigpu.Clock(None))
+    assert row["error"].startswith("skipped: deepspeed is not installed") and row["estimate_gib"] > 0
+    assert not list(tmp_path.glob("*.log"))  # nothing was launched
+
+
 def test_a_failure_after_the_row_keeps_the_measurements() -> None:
     rows = [_row("fsdp2-2gpu", 900.0, [12.0, 11.0, 10.0], error_after_row="exit -11: exitcode  : -11")]
     multigpu.annotate(rows)
@@ -217,7 +263,7 @@ def test_a_job_failing_after_or_before_its_row(tiny_config_dir, tmp_path, monkey
     """After its row (the adapter save): measurements kept, the failure beside them; before: the error, and how far
     the ranks got."""
     monkeypatch.setattr(
-        multigpu, "launch_command", lambda variant: [sys.executable, "-c", FAKE_JOB.replace("MODE", mode)]
+        multigpu, "launch_command", lambda variant, **_: [sys.executable, "-c", FAKE_JOB.replace("MODE", mode)]
     )
     row = multigpu.run_variant(multigpu.STAGES["tiny"], "fsdp2-2gpu", tiny_config_dir, tmp_path, multigpu.Clock(None))
     if mode == "row":

@@ -1,4 +1,4 @@
-"""Multi-process launches as the recipe sees them: which rank, which device, whether FSDP shards the model.
+"""Multi-process launches as the recipe sees them: which rank, which device, whether FSDP or ZeRO-3 shards the model.
 
 The launchers are the existing engines (``accelerate launch``, ``torchrun``, Axolotl's
 multi-GPU configs); this module only reads what they set. Under DDP each rank needs the
@@ -6,10 +6,13 @@ whole 4-bit model on its own GPU (bitsandbytes weights cannot be moved by accele
 afterwards: "You can't train a model that has been loaded in 8-bit or 4-bit precision on
 a different device"); under FSDP the packed 4-bit weights must be stored in the dtype of
 the other parameters, or FSDP refuses to shard them ("Cannot flatten integer dtype tensors").
+DeepSpeed ZeRO-3 partitions every parameter too, and is treated the same way
+(:func:`sharding_engine`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,7 +20,12 @@ from typing import Any
 
 FSDP_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch` with an FSDP config, and by Axolotl
 DEEPSPEED_ENV = "ACCELERATE_USE_DEEPSPEED"  # set by `accelerate launch` with a DeepSpeed config
+ZERO_STAGE_ENV = "ACCELERATE_DEEPSPEED_ZERO_STAGE"  # ... with its `zero_stage`
+DEEPSPEED_CONFIG_ENV = "ACCELERATE_DEEPSPEED_CONFIG_FILE"  # ... or with its `deepspeed_config_file`
 _FSDP = "_qlora_fsdp"  # on a recipe: what the trainer's settings said (see remember_fsdp)
+_ZERO3 = "_qlora_zero3"  # on a recipe: what the trainer's settings said (see remember_zero3)
+FSDP_NAME = "FSDP"
+ZERO3_NAME = "DeepSpeed ZeRO-3"
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,31 @@ def deepspeed_requested(settings: Mapping[str, Any] | None = None) -> bool:
     return _truthy(os.environ.get(DEEPSPEED_ENV, "")) or bool(settings and settings.get("deepspeed"))
 
 
+def deepspeed_zero_stage(settings: Mapping[str, Any] | None = None) -> int | None:
+    """The ZeRO stage DeepSpeed runs at, or None where no DeepSpeed stage can be read.
+
+    ``settings``: the trainer's settings or an Axolotl config; their ``deepspeed`` is a
+    DeepSpeed config (a dict, or the path of its JSON file). Else the launch:
+    ``accelerate launch`` with a DeepSpeed config sets ``ACCELERATE_DEEPSPEED_ZERO_STAGE``
+    (its ``zero_stage``) or ``ACCELERATE_DEEPSPEED_CONFIG_FILE``.
+    """
+    config = settings.get("deepspeed") if settings else None
+    if config:
+        return _stage_of(config)
+    if not _truthy(os.environ.get(DEEPSPEED_ENV, "")):
+        return None
+    stage = os.environ.get(ZERO_STAGE_ENV, "").strip()
+    if stage.isdigit():
+        return int(stage)
+    path = os.environ.get(DEEPSPEED_CONFIG_ENV, "")
+    return _stage_of(path) if path else None
+
+
+def zero3_requested(settings: Mapping[str, Any] | None = None) -> bool:
+    """True when the settings or the launch say DeepSpeed ZeRO-3 (:func:`deepspeed_zero_stage`)."""
+    return deepspeed_zero_stage(settings) == 3
+
+
 def fsdp_requested(settings: Mapping[str, Any] | None = None, *, axolotl: bool = False) -> bool:
     """True when the trainer's settings or the launch say FSDP.
 
@@ -99,20 +132,60 @@ def fsdp_in_effect(recipe: Any) -> bool:
     return bool(recipe.__dict__.get(_FSDP, False)) or fsdp_requested()
 
 
+def remember_zero3(recipe: Any, zero3: bool) -> None:
+    """Record on ``recipe`` whether its trainer runs DeepSpeed ZeRO-3 (read by :func:`zero3_in_effect`)."""
+    recipe.__dict__[_ZERO3] = bool(zero3)
+
+
+def zero3_in_effect(recipe: Any) -> bool:
+    """True when ``recipe`` trains under DeepSpeed ZeRO-3: as its trainer's settings said, or as the launch says."""
+    return bool(recipe.__dict__.get(_ZERO3, False)) or zero3_requested()
+
+
+def sharding_engine(recipe: Any, fsdp: bool | None = None, zero3: bool | None = None) -> str | None:
+    """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` where one partitions ``recipe``'s model across ranks, else None.
+
+    ``fsdp``/``zero3``: what a config says (Axolotl's); None reads the recipe and the launch.
+    Both engines split each parameter between the ranks and gather it around a module's
+    forward, so the recipe adapts to them alike: 4-bit weights stored in the compute dtype,
+    the fast path's fused kernels off, torch's AdamW.
+    """
+    if fsdp_in_effect(recipe) if fsdp is None else fsdp:
+        return FSDP_NAME
+    if zero3_in_effect(recipe) if zero3 is None else zero3:
+        return ZERO3_NAME
+    return None
+
+
 FSDP_OPTIMIZER = "adamw_torch"
 
 
 def optimizer_under_fsdp(optimizer: str) -> str:
-    """The optimizer a recipe trains with when FSDP shards the model.
+    """The optimizer a recipe trains with when FSDP or DeepSpeed ZeRO-3 shards the model.
 
     bitsandbytes' optimizers (paged, 8-bit, 32-bit) cannot update FSDP2's sharded (DTensor)
     parameters: the first step fails with "Operator bitsandbytes.optimizer_update_32bit.default
     does not have a sharding strategy registered". torch's AdamW does the same update with
-    32-bit states, sharded with the parameters, so nothing needs paging. Others stay.
+    32-bit states, sharded with the parameters, so nothing needs paging. Under ZeRO-3 the
+    trainer's optimizer steps DeepSpeed's flat fp32 partitions of the adapters: the fast
+    path's fused paged AdamW does not apply (the fast path is off), and torch's AdamW is one
+    of the optimizers DeepSpeed tests ZeRO with. Others stay.
     """
     name = optimizer.lower()
     from_bitsandbytes = name.startswith("paged_") or "bnb" in name or name.endswith(("8bit", "32bit"))
     return FSDP_OPTIMIZER if from_bitsandbytes else optimizer
+
+
+def _stage_of(config: Any) -> int | None:
+    """``zero_optimization.stage`` of a DeepSpeed config (a dict or a JSON file), None where it has none."""
+    if isinstance(config, (str, os.PathLike)):
+        try:
+            with open(config, encoding="utf-8") as handle:
+                config = json.load(handle)
+        except (OSError, ValueError):
+            return None
+    stage = config.get("zero_optimization", {}).get("stage") if isinstance(config, Mapping) else None
+    return stage if isinstance(stage, int) and not isinstance(stage, bool) else None
 
 
 def _env_int(name: str, default: int) -> int:

@@ -91,8 +91,8 @@ HELP: dict[str, str] = {
     "quant_type": "4-bit data type of the frozen base (blocksize 64)",
     "double_quant": "quantize the 4-bit blocks' constants too (about 0.37 bits per weight saved)",
     "compute_dtype": "dtype of every GEMM; 'auto' is bfloat16 where the device has it, else float16",
-    "quant_storage": "storage dtype of the packed 4-bit weights; 'auto' is uint8, or the compute dtype under FSDP "
-    "(which cannot shard integer tensors)",
+    "quant_storage": "storage dtype of the packed 4-bit weights; 'auto' is uint8, or the compute dtype where FSDP "
+    "or DeepSpeed ZeRO-3 shards them",
     "optimizer": "the trainer's optimizer (paged: states in memory the driver may move to the host)",
     "learning_rate": "peak learning rate of the schedule",
     "max_grad_norm": "gradient clipping norm (0 turns clipping off)",

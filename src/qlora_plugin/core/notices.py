@@ -110,10 +110,10 @@ def _on_cuda(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def _optimizer_under_fsdp(recipe: QLoRARecipe) -> str | None:
-    """What the recipe's trainer settings name under FSDP, where they differ from ``recipe.optimizer``."""
-    from qlora_plugin.core.distributed import fsdp_in_effect, optimizer_under_fsdp
+    """What the recipe's trainer settings name under FSDP or ZeRO-3, where they differ from ``recipe.optimizer``."""
+    from qlora_plugin.core.distributed import optimizer_under_fsdp, sharding_engine
 
-    return optimizer_under_fsdp(recipe.optimizer) if fsdp_in_effect(recipe) else None
+    return optimizer_under_fsdp(recipe.optimizer) if sharding_engine(recipe) else None
 
 
 def _report_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -138,7 +138,9 @@ def _report_optimizer(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) 
     elif used == recipe.optimizer:
         log_once(logging.INFO, f"optimizer: {used}, as the recipe asks", recipe)
     elif used == _optimizer_under_fsdp(recipe):
-        log_once(logging.INFO, f"optimizer: {used}, the recipe's choice under FSDP", recipe)
+        from qlora_plugin.core.distributed import sharding_engine
+
+        log_once(logging.INFO, f"optimizer: {used}, the recipe's choice under {sharding_engine(recipe)}", recipe)
     else:
         log_once(
             logging.WARNING,

@@ -29,32 +29,45 @@ def bnb_config(recipe: QLoRARecipe, compute_dtype: torch.dtype) -> BitsAndBytesC
     )
 
 
-def storage_dtype(recipe: QLoRARecipe, compute_dtype: torch.dtype, fsdp: bool | None = None) -> torch.dtype:
+def storage_dtype(
+    recipe: QLoRARecipe, compute_dtype: torch.dtype, fsdp: bool | None = None, zero3: bool | None = None
+) -> torch.dtype:
     """The dtype the packed 4-bit weights are stored in (``quant_storage``).
 
-    ``"auto"``: uint8, or under FSDP (``fsdp``; default: as the trainer's settings or the
-    launch say, :func:`qlora_plugin.core.distributed.fsdp_in_effect`) the compute dtype, the storage
-    the FSDP QLoRA path of accelerate and Axolotl is built for (FSDP1 cannot flatten integer
-    tensors; torch 2.13's FSDP2 sharded uint8 storage correctly in a CPU probe, but the GPU
-    stack around it is unverified). Under FSDP an explicit storage dtype other than the compute
-    dtype is an error.
+    ``"auto"``: uint8, or where FSDP or DeepSpeed ZeRO-3 shards the model (``fsdp``, ``zero3``;
+    default: as the trainer's settings or the launch say,
+    :func:`qlora_plugin.core.distributed.sharding_engine`) the compute dtype. Under FSDP that is
+    the storage the FSDP QLoRA path of accelerate and Axolotl is built for (FSDP1 cannot flatten
+    integer tensors; torch 2.13's FSDP2 sharded uint8 storage correctly in a CPU probe, but the
+    GPU stack around it is unverified); under ZeRO-3 the storage of PEFT's "DeepSpeed ZeRO-3 +
+    QLoRA" guide, one dtype for every parameter ZeRO-3 partitions. There an explicit storage
+    dtype other than the compute dtype is an error.
     """
     import logging
 
     from qlora_plugin.core.device import torch_dtype
-    from qlora_plugin.core.distributed import fsdp_in_effect
+    from qlora_plugin.core.distributed import FSDP_NAME, sharding_engine
     from qlora_plugin.core.errors import QLoRAConfigError
     from qlora_plugin.core.notices import log_once
 
-    fsdp = fsdp_in_effect(recipe) if fsdp is None else fsdp
+    engine = sharding_engine(recipe, fsdp, zero3)
     compute = str(compute_dtype).removeprefix("torch.")
-    if not fsdp:
+    if engine is None:
         return torch_dtype("uint8" if recipe.quant_storage == "auto" else recipe.quant_storage)
+    if engine == FSDP_NAME:
+        why = "the storage FSDP's QLoRA path is built for; FSDP1 cannot shard uint8"
+        failure = (
+            "the storage the FSDP QLoRA path of accelerate and Axolotl is built for (FSDP1 fails on uint8: "
+            "'Cannot flatten integer dtype tensors')"
+        )
+    else:
+        why = "the storage of PEFT's ZeRO-3 QLoRA guide: one dtype for every parameter ZeRO-3 partitions"
+        failure = "the storage of PEFT's DeepSpeed ZeRO-3 + QLoRA guide, one dtype for every partitioned parameter"
     if recipe.quant_storage == "auto":
         log_once(
             logging.INFO,
-            f"qlora: FSDP shards the model, so the 4-bit weights are stored as {compute} "
-            "(quant_storage='auto': the storage FSDP's QLoRA path is built for; FSDP1 cannot shard uint8)",
+            f"qlora: {engine} shards the model, so the 4-bit weights are stored as {compute} "
+            f"(quant_storage='auto': {why})",
             recipe,
         )
         return compute_dtype
@@ -62,9 +75,7 @@ def storage_dtype(recipe: QLoRARecipe, compute_dtype: torch.dtype, fsdp: bool | 
         raise QLoRAConfigError(
             "quant_storage",
             recipe.quant_storage,
-            f"under FSDP the 4-bit weights must be stored in the compute dtype {compute}, the storage the FSDP "
-            "QLoRA path of accelerate and Axolotl is built for (FSDP1 fails on uint8: 'Cannot flatten integer "
-            "dtype tensors')",
+            f"under {engine} the 4-bit weights must be stored in the compute dtype {compute}, {failure}",
             f"set quant_storage='auto' or '{compute}' (the compute dtype)",
         )
     return compute_dtype

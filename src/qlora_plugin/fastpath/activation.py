@@ -94,18 +94,20 @@ CPU_ENV = "QLORA_FAST_PATH_ON_CPU"
 def wants_fast_path(recipe: QLoRARecipe, device: str | None = None) -> bool:
     """True when ``recipe`` trains through the kernels on ``device`` (default: the training device).
 
-    Never under FSDP: its sharded layers keep PEFT's forward (one log line says so).
+    Never under FSDP or DeepSpeed ZeRO-3: their sharded layers keep PEFT's forward (one log
+    line says so).
     """
     from qlora_plugin.core.device import training_device
-    from qlora_plugin.core.distributed import fsdp_in_effect
+    from qlora_plugin.core.distributed import sharding_engine
 
     device = device or training_device()
     serves = bool(recipe.fast_path) and (device == "cuda" or (device == "cpu" and os.environ.get(CPU_ENV) == "1"))
-    if serves and fsdp_in_effect(recipe):
+    engine = sharding_engine(recipe) if serves else None
+    if engine:
         log_once(
             logging.INFO,
-            "qlora fast path off: FSDP shards each 4-bit layer, so the layers train through PEFT's forward "
-            "(the fused kernels read a layer's whole NF4 weight)",
+            f"qlora fast path off: {engine} shards each 4-bit layer, so the layers train through PEFT's forward "
+            "(the fused kernels read a layer's whole NF4 weight, gathered only around the layer's own forward)",
             recipe,
         )
         return False

@@ -7,7 +7,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from qlora_plugin.core.device import precision_flags, training_device
-from qlora_plugin.core.distributed import current_launch, fsdp_in_effect, optimizer_under_fsdp
+from qlora_plugin.core.distributed import current_launch, optimizer_under_fsdp, sharding_engine, zero3_in_effect
 
 if TYPE_CHECKING:
     from qlora_plugin.core.recipe import QLoRARecipe
@@ -21,7 +21,10 @@ def training_args(recipe: QLoRARecipe, device: str | None = None) -> dict[str, A
     Precision follows the device: bf16/fp16 mixed precision on a GPU, neither
     on a CPU (where the trainers refuse them). On the CUDA fast path, also the
     settings of :data:`qlora_plugin.fastpath.activation.FAST_TRAINER_SETTINGS`. Under a
-    multi-process launch on a machine without CUDA, ``use_cpu=True`` (DDP over gloo).
+    multi-process launch on a machine without CUDA, ``use_cpu=True`` (DDP over gloo), or under
+    DeepSpeed ``ddp_backend="gloo"`` (DeepSpeed's CPU accelerator: accelerate runs DeepSpeed only
+    without ``use_cpu``, and counts its processes only with a backend named). Where FSDP or
+    DeepSpeed ZeRO-3 shards the model, a bitsandbytes optimizer becomes torch's AdamW.
     """
     from qlora_plugin.fastpath.activation import trainer_settings
 
@@ -37,20 +40,30 @@ def training_args(recipe: QLoRARecipe, device: str | None = None) -> dict[str, A
         **precision_flags(recipe.resolved_compute_dtype(device), device),
     }
     settings.update({name: getattr(recipe, name) for name in OPTIONAL_SETTINGS if getattr(recipe, name) is not None})
-    if device == "cpu" and current_launch().distributed:
+    from qlora_plugin.core.distributed import deepspeed_requested
+
+    if device == "cpu" and current_launch().distributed and (deepspeed_requested() or zero3_in_effect(recipe)):
+        settings["ddp_backend"] = "gloo"
+    elif device == "cpu" and current_launch().distributed:
         # Without it, transformers on a machine without a GPU sets up no DDP (accelerate picks
         # gloo only when told "cpu"), and each rank silently trains its own copy on all the data.
         settings["use_cpu"] = True
     settings.update(trainer_settings(recipe, device))
-    optimizer = optimizer_under_fsdp(recipe.optimizer) if fsdp_in_effect(recipe) else recipe.optimizer
+    engine = sharding_engine(recipe)
+    optimizer = optimizer_under_fsdp(recipe.optimizer) if engine else recipe.optimizer
     if optimizer != recipe.optimizer:
         settings["optim"] = optimizer
         from qlora_plugin.core.notices import log_once
 
+        why = (
+            "bitsandbytes' optimizers cannot update FSDP's sharded parameters"
+            if engine == "FSDP"
+            else "ZeRO-3 steps its flat fp32 partitions of the adapters, with the fast path's fused optimizer off"
+        )
         log_once(
             logging.INFO,
-            f"qlora under FSDP: optim {settings['optim']} instead of {recipe.optimizer} (bitsandbytes' "
-            "optimizers cannot update FSDP's sharded parameters; same update, 32-bit states, sharded)",
+            f"qlora under {engine}: optim {settings['optim']} instead of {recipe.optimizer} "
+            f"({why}; same update, 32-bit states, sharded)",
             recipe,
         )
     return settings

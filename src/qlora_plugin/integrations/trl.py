@@ -39,25 +39,37 @@ def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
     config's ``seed`` seeds the adapters the recipe builds (:mod:`qlora_plugin.core.seeding`).
     Under a multi-process launch on CUDA, a model given by name loads on this rank's GPU
     (``device_map={"": local_rank}`` unless ``model_init_kwargs`` has a ``device_map``, or under
-    DeepSpeed, which places the parameters itself); with
-    ``fsdp`` in ``overrides`` (or ``accelerate launch`` with an FSDP config), the 4-bit weights
-    are stored in the compute dtype and the fast path's kernels stay off
-    (:mod:`qlora_plugin.core.distributed`).
+    DeepSpeed, which places the parameters itself: ``device_map=None``); with
+    ``fsdp`` in ``overrides`` (or ``accelerate launch`` with an FSDP config), or a DeepSpeed
+    ZeRO-3 config in ``deepspeed`` (or ``accelerate launch`` with one), the 4-bit weights are
+    stored in the compute dtype, the fast path's kernels stay off and a bitsandbytes optimizer
+    becomes torch's AdamW (:mod:`qlora_plugin.core.distributed`).
     """
     from qlora_plugin.core.device import training_device
-    from qlora_plugin.core.distributed import deepspeed_requested, fsdp_requested, rank_device_map, remember_fsdp
+    from qlora_plugin.core.distributed import (
+        deepspeed_requested,
+        fsdp_requested,
+        rank_device_map,
+        remember_fsdp,
+        remember_zero3,
+        zero3_requested,
+    )
     from qlora_plugin.core.seeding import remember_seed
     from qlora_plugin.integrations.trainer_checks import check_sft_overrides
 
     check_sft_overrides(overrides, SFTConfig)
     remember_fsdp(recipe, fsdp_requested(overrides))  # before anything asks for the fast path or the storage
+    remember_zero3(recipe, zero3_requested(overrides))
     settings = recipe.training_args()
     settings.update(liger_loss_settings(recipe, overrides=overrides))
     compute_dtype = recipe.resolved_compute_dtype()
     loading = {"quantization_config": recipe.quantization_config(), "dtype": compute_dtype}
     user_loading = dict(overrides.pop("model_init_kwargs", None) or {})
-    device_map = None if deepspeed_requested(overrides) else rank_device_map(training_device())
-    if device_map is not None and "device_map" not in user_loading:
+    if "device_map" in user_loading:
+        pass  # the user's
+    elif deepspeed_requested(overrides):
+        loading["device_map"] = None  # DeepSpeed places the parameters; transformers refuses "auto" there
+    elif (device_map := rank_device_map(training_device())) is not None:
         loading["device_map"] = device_map  # each rank loads the whole 4-bit model on its own GPU
 
     replaced = {key: value for key, value in overrides.items() if key in settings and settings[key] != value}

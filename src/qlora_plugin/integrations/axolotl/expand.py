@@ -32,10 +32,11 @@ def recipe_from_section(section: Any) -> QLoRARecipe:
     return recipe_from_spec(spec_from_section(section))
 
 
-def native_keys(recipe: QLoRARecipe, device: str, fsdp: bool = False) -> dict[str, Any]:
+def native_keys(recipe: QLoRARecipe, device: str, fsdp: bool = False, zero3: bool = False) -> dict[str, Any]:
     """The Axolotl keys that make a run follow ``recipe`` on ``device``.
 
-    ``fsdp``: the config shards the model with FSDP; the 4-bit weights are then stored in
+    ``fsdp``, ``zero3``: the config shards the model with FSDP, or with DeepSpeed ZeRO-3
+    (``deepspeed:``); the 4-bit weights are then stored in
     the compute dtype (:func:`qlora_plugin.core.quantization.storage_dtype`) and a
     bitsandbytes optimizer becomes torch's AdamW
     (:func:`qlora_plugin.core.distributed.optimizer_under_fsdp`).
@@ -45,7 +46,7 @@ def native_keys(recipe: QLoRARecipe, device: str, fsdp: bool = False) -> dict[st
     from qlora_plugin.core.quantization import storage_dtype
 
     compute_dtype = recipe.resolved_compute_dtype(device)
-    storage = str(storage_dtype(recipe, compute_dtype, fsdp)).removeprefix("torch.")
+    storage = str(storage_dtype(recipe, compute_dtype, fsdp, zero3)).removeprefix("torch.")
     keys: dict[str, Any] = {
         "adapter": "qlora",
         "load_in_4bit": True,
@@ -62,7 +63,7 @@ def native_keys(recipe: QLoRARecipe, device: str, fsdp: bool = False) -> dict[st
         "peft_use_rslora": recipe.use_rslora,
         "peft_use_dora": recipe.use_dora,
         "peft_autocast_adapter_dtype": not recipe.fast_path,
-        "optimizer": optimizer_under_fsdp(recipe.optimizer) if fsdp else recipe.optimizer,
+        "optimizer": optimizer_under_fsdp(recipe.optimizer) if fsdp or zero3 else recipe.optimizer,
         "learning_rate": recipe.learning_rate,
         "max_grad_norm": recipe.max_grad_norm,
         "lr_scheduler": recipe.lr_scheduler_type,

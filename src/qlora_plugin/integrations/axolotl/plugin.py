@@ -61,7 +61,7 @@ class QLoRAPlugin(BasePlugin):
     def register(self, cfg: dict[str, Any]) -> None:
         """Check the section and write its native keys into ``cfg``."""
         from qlora_plugin.core.device import training_device
-        from qlora_plugin.core.distributed import fsdp_requested, remember_fsdp
+        from qlora_plugin.core.distributed import fsdp_requested, remember_fsdp, remember_zero3, zero3_requested
         from qlora_plugin.core.errors import QLoRAConfigError
         from qlora_plugin.integrations import exit_summary
 
@@ -71,11 +71,13 @@ class QLoRAPlugin(BasePlugin):
         route_messages(self.section_recipe, AXOLOTL_LOGGER)
         fsdp = fsdp_requested(cfg, axolotl=True)
         remember_fsdp(self.section_recipe, fsdp)
+        zero3 = zero3_requested(cfg)  # `deepspeed:` a ZeRO-3 config (its JSON file or its keys)
+        remember_zero3(self.section_recipe, zero3)
         recipe = self._discover_from_config(cfg.get("base_model"))
         route_messages(recipe, AXOLOTL_LOGGER)
         try:
-            keys = native_keys(recipe, device, fsdp)
-        except QLoRAConfigError as error:  # e.g. qlora.quant_storage: uint8 under FSDP
+            keys = native_keys(recipe, device, fsdp, zero3)
+        except QLoRAConfigError as error:  # e.g. qlora.quant_storage: uint8 under FSDP or ZeRO-3
             raise in_section(error) from error
         for warning in apply_keys(cfg, keys) + keep_lora_kernels_on_cuda(cfg, device):
             _log.warning(warning)
@@ -95,7 +97,7 @@ class QLoRAPlugin(BasePlugin):
 
     def pre_lora_load(self, cfg: Any, model: Any) -> None:
         """Discover the targets on the real model, seed the adapters and ready the base for training."""
-        from qlora_plugin.core.distributed import fsdp_in_effect, remember_fsdp
+        from qlora_plugin.core.distributed import fsdp_in_effect, remember_fsdp, remember_zero3, zero3_in_effect
         from qlora_plugin.core.fsdp_bytes import guard_packed_model
         from qlora_plugin.core.prepare import prepare_for_training
         from qlora_plugin.core.quantization import keep_nf4_layout
@@ -105,6 +107,7 @@ class QLoRAPlugin(BasePlugin):
         recipe = self.recipe = self.section_recipe.resolve(model)
         route_messages(recipe, AXOLOTL_LOGGER)
         remember_fsdp(recipe, fsdp_in_effect(self.section_recipe))  # the fast path stays off under FSDP
+        remember_zero3(recipe, zero3_in_effect(self.section_recipe))  # ... and under ZeRO-3
         guard_packed_model(model, recipe)  # under FSDP: 4-bit codes all-gathered as bytes
         targets = sorted(recipe.target_modules)
         _log.info("qlora: LoRA on %d modules: %s", len(targets), ", ".join(targets))
