@@ -7,7 +7,13 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from qlora_plugin.core.device import precision_flags, training_device
-from qlora_plugin.core.distributed import current_launch, optimizer_under_fsdp, sharding_engine, zero3_in_effect
+from qlora_plugin.core.distributed import (
+    current_launch,
+    fsdp_in_effect,
+    optimizer_under_fsdp,
+    sharding_engine,
+    zero3_in_effect,
+)
 
 if TYPE_CHECKING:
     from qlora_plugin.core.recipe import QLoRARecipe
