@@ -4,15 +4,24 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 out=${OUT:-$PWD/benchmarks/results/run-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
 # WHEELS: one or more sets of benchmarks/fetch_wheels.sh, e.g. "pinned deepspeed" (default pinned)
+# .whl/axolotl, when carried, comes first. pip refuses two wheels of one distribution, so a
+# distribution already taken from an earlier folder is skipped in a later one.
 wheel_files=()
-for set_name in ${WHEELS:-pinned}; do
-  [ -d ".whl/$set_name" ] || echo "WHEELS: no folder .whl/$set_name (benchmarks/fetch_wheels.sh $set_name)" >&2
-  for file in .whl/"$set_name"/*.whl; do [ -f "$file" ] && wheel_files+=("$file"); done
+declare -A taken=()
+for folder in $(compgen -G ".whl/axolotl") ${WHEELS:-pinned}; do
+  folder=.whl/${folder#.whl/}
+  [ -d "$folder" ] || echo "WHEELS: no folder $folder (benchmarks/fetch_wheels.sh ${folder#.whl/})" >&2
+  for file in "$folder"/*.whl; do
+    [ -f "$file" ] || continue
+    name=$(basename "$file"); name=${name%%-*}; name=${name,,}
+    [ -n "${taken[$name]:-}" ] && continue
+    taken[$name]=1; wheel_files+=("$file")
+  done
 done
-if [ -z "${SKIP_WHEELS:-}" ] && [ ${#wheel_files[@]} -gt 0 ]; then  # one call: axolotl and axolotl-contribs-lgpl share a folder
+if [ -z "${SKIP_WHEELS:-}" ] && [ ${#wheel_files[@]} -gt 0 ]; then
   rm -rf /tmp/site
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "${wheel_files[@]}" $(compgen -G ".whl/axolotl/*.whl") || exit 1
+    "${wheel_files[@]}" || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ -d "$here/qlora_plugin" ]; then  # staged package beside this script (e.g. under .bench/)
