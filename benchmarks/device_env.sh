@@ -22,6 +22,8 @@ if [ -z "${SKIP_WHEELS:-}" ] && [ ${#wheel_files[@]} -gt 0 ]; then
   rm -rf /tmp/site
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "${wheel_files[@]}" || exit 1
+fi
+if [ -d /tmp/site ]; then  # installed now, or by an earlier script of the same call (SKIP_WHEELS=1)
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ -d "$here/qlora_plugin" ]; then  # staged package beside this script (e.g. under .bench/)
