@@ -241,7 +241,9 @@ def kernel_config(
     reads nothing else and the model's forward is still its own); ``host_kernels``:
     the trainer's own LoRA kernels that are on. CUDA graphs go on at the speed point
     (the recompute mode "none") unless the environment sets ``QLORA_CUDA_GRAPHS=0``;
-    ``QLORA_PACKED_ATTENTION=0`` leaves packed rows to transformers' masked attention.
+    ``QLORA_PACKED_ATTENTION=0`` leaves packed rows to transformers' masked attention;
+    ``QLORA_TILED_MLP`` sets from how many tokens a step's MLPs run tiled (0: never; see
+    :func:`tiled_mlp_min_tokens`).
     """
     from qlora_plugin.fastpath.kernels import FastPathConfig
 
@@ -257,8 +259,31 @@ def kernel_config(
         cache_block_constants=mode == "none",  # +1/16 of the bf16 weight size: the speed point only
         cuda_graphs=mode == "none" and not host_kernels and os.environ.get("QLORA_CUDA_GRAPHS", "1") != "0",
         packed_attention=os.environ.get("QLORA_PACKED_ATTENTION", "1") != "0",
+        tiled_mlp_min_tokens=tiled_mlp_min_tokens(recipe),
         skip_lora=tuple(name for key in host_kernels for name in HOST_KERNEL_LAYERS.get(key, ())),
     )
+
+
+TILED_MLP_ENV = "QLORA_TILED_MLP"
+
+
+def tiled_mlp_min_tokens(recipe: QLoRARecipe) -> int:
+    """From how many tokens a step's MLPs run tiled: ``QLORA_TILED_MLP`` (whole number, 0 = never), or the default."""
+    from qlora_plugin.fastpath.kernels.tiled_mlp import DEFAULT_MIN_TOKENS
+
+    value = os.environ.get(TILED_MLP_ENV, "").strip()
+    if not value:
+        return DEFAULT_MIN_TOKENS
+    try:
+        return max(int(value), 0)
+    except ValueError:
+        log_once(
+            logging.WARNING,
+            f"{TILED_MLP_ENV}={value!r} is not a whole number of tokens; the MLPs tile from "
+            f"{DEFAULT_MIN_TOKENS} tokens (set 0 to never tile)",
+            recipe,
+        )
+        return DEFAULT_MIN_TOKENS
 
 
 def apply_recipe_fast_path(
@@ -327,6 +352,14 @@ def describe(result: Any, config: Any, recipe: QLoRARecipe, loss: str, host_kern
             else []
         ),
         *(["packed rows attended per sequence (no block-diagonal mask)"] if result.packed_attention else []),
+        *(
+            [
+                f"MLPs tiled in slices of {config.tiled_mlp_rows} tokens for steps of at least "
+                f"{config.tiled_mlp_min_tokens} tokens"
+            ]
+            if getattr(result, "tiled_mlps", 0)
+            else []
+        ),
         f"frozen weights in {str(config.compute_dtype).removeprefix('torch.')}, adapters kept fp32",
     ]
     if host_kernels:

@@ -11,10 +11,11 @@ from torch import nn
 from qlora_plugin.fastpath.kernels.attention import use_packed_attention
 from qlora_plugin.fastpath.kernels.casting import cast_adapters, cast_frozen_params
 from qlora_plugin.fastpath.kernels.dequant import make_dequantizer
-from qlora_plugin.fastpath.kernels.layers import patch_norms_and_mlps, patch_rope
+from qlora_plugin.fastpath.kernels.layers import patch_norms_and_mlps, patch_rope, patched_mlps
 from qlora_plugin.fastpath.kernels.lora_linear import LayerOptions, patch_lora_4bit_layers
 from qlora_plugin.fastpath.kernels.losses import patch_causal_lm_loss
 from qlora_plugin.fastpath.kernels.recompute import set_recompute
+from qlora_plugin.fastpath.kernels.tiled_mlp import DEFAULT_MIN_TOKENS, DEFAULT_ROWS, TiledMLPOptions, enable_tiled_mlp
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class FastPathConfig:
         bf16 weight size in memory, fewer launches per dequantization).
     packed_attention: attend to each sequence of a packed (padding-free) row on its own
         instead of through a block-diagonal mask (see ``attention``).
+    tiled_mlp_min_tokens: with the fast path's SwiGLU MLPs, calls over at least this many
+        tokens (batch x sequence) run in slices of ``tiled_mlp_rows`` tokens, each
+        recomputed alone in backward (see ``tiled_mlp``); 0 never tiles.
+    tiled_mlp_rows: tokens per slice of a tiled MLP.
     """
 
     compute_dtype: torch.dtype = torch.bfloat16
@@ -59,6 +64,8 @@ class FastPathConfig:
     triton_dropout: bool = True
     cache_block_constants: bool = False
     packed_attention: bool = True
+    tiled_mlp_min_tokens: int = DEFAULT_MIN_TOKENS
+    tiled_mlp_rows: int = DEFAULT_ROWS
 
 
 @dataclass
@@ -75,6 +82,7 @@ class FastPathReport:
     layers_recomputed: int = 0
     graphed_layers: int = 0
     packed_attention: int = 0
+    tiled_mlps: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -117,6 +125,8 @@ def apply_fast_path(
         )
     if cfg.fused_norm_mlp:
         report.norms_patched, report.mlps_patched = patch_norms_and_mlps(lm, mlps=cfg.fused_mlp)
+        tiling = TiledMLPOptions(rows=cfg.tiled_mlp_rows, min_tokens=cfg.tiled_mlp_min_tokens)
+        report.tiled_mlps = enable_tiled_mlp(patched_mlps(lm), tiling)
     if cfg.fused_rope:
         report.rope_patched = patch_rope(lm)
     if cfg.fused_loss:
