@@ -84,15 +84,14 @@ class TiledMLPFunction(torch.autograd.Function):
     def forward(
         ctx: Any, run: Callable[[torch.Tensor], torch.Tensor], rows: int, x: torch.Tensor, *params: torch.Tensor
     ) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        states = []
-        pieces = []
+        states: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+        def run_slice(piece: torch.Tensor) -> torch.Tensor:
+            states.append(_rng_state(x.device))
+            return run(piece)
+
         with torch.no_grad():
-            for start in range(0, flat.shape[0], rows):
-                states.append(_rng_state(x.device))
-                pieces.append(run(flat[start : start + rows]))
-        out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        del pieces
+            out = _by_slices(run_slice, x.reshape(-1, x.shape[-1]), rows)
         ctx.run, ctx.rows, ctx.states, ctx.params = run, rows, states, params  # parameters: leaves, kept by reference
         ctx.save_for_backward(x)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -139,10 +138,22 @@ def tiled_mlp(
     Without gradients the slices simply run one after another (nothing to keep).
     """
     if not torch.is_grad_enabled():
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.cat([run(flat[s : s + rows]) for s in range(0, flat.shape[0], rows)])
+        out = _by_slices(run, x.reshape(-1, x.shape[-1]), rows)
         return out.view(*x.shape[:-1], out.shape[-1])
     return TiledMLPFunction.apply(run, rows, x, *params)
+
+
+def _by_slices(run: Callable[[torch.Tensor], torch.Tensor], flat: torch.Tensor, rows: int) -> torch.Tensor:
+    """``run`` over slices of ``rows`` rows of ``flat``, written into one output (no concatenation copy)."""
+    first = run(flat[:rows])
+    if flat.shape[0] <= rows:
+        return first
+    out = first.new_empty((flat.shape[0], *first.shape[1:]))
+    out[:rows] = first
+    del first
+    for start in range(rows, flat.shape[0], rows):
+        out[start : start + rows] = run(flat[start : start + rows])
+    return out
 
 
 def chunked_mlp_reference(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: int) -> torch.Tensor:
