@@ -54,7 +54,8 @@ Activations, per token and decoder layer, counted as the tensors autograd saves
   With the tiled MLP, a layer keeps only the MLP's input per token (nothing of
   gate, up, their product or down_proj's input); one slice of :data:`TILED_MLP_ROWS`
   tokens holds those, and their gradient, during the MLP's backward
-  (4 x ``c`` x intermediate per slice token).
+  (4 x ``c`` x intermediate per slice token). The layer's attention backward, which
+  the MLP's used to dwarf, becomes a moment of its own (:func:`attention_backward_bytes`).
 
 Loss: transformers' loss takes the logits to float32 and saves float32
 log-probabilities; its backward holds those, their gradient and the logits'
@@ -441,6 +442,16 @@ def estimate_memory(
         + gathered_grads,
         "optimizer step": resident + optimizer_torch + components["gradients"],
     }
+    if tiled:  # the MLP's backward no longer dominates: attention's, later in the same layer, may
+        moments["attention backward"] = (
+            resident
+            + optimizer_torch
+            + components["gradients"]
+            + recomputed
+            + attention_backward_bytes(dims, c, a) * tokens
+            + gathered
+            + gathered_grads
+        )
     notes = []
     if recipe.use_dora:
         notes.append("DoRA's per-layer weight-norm temporaries are not modelled; expect more")
@@ -448,7 +459,7 @@ def estimate_memory(
         notes.append("no decoder layers found; activations may be far off")
     host_pinned = 0
     if path.recompute == "offload":
-        host_pinned = max(dims.layers - IN_FLIGHT_OFFLOADED, 0) * c * dims.hidden * tokens
+        host_pinned = dims.layers * c * dims.hidden * tokens  # every layer input is copied out
         notes.append(f"offloaded recompute keeps {host_pinned / GIB:.1f} GiB of layer inputs in pinned host memory")
     if tiled:
         slices = math.ceil(tokens / TILED_MLP_ROWS)
@@ -528,6 +539,23 @@ def layer_activation_bytes(
     gated = any(t.name.rsplit(".", 1)[-1] in GATED_LEAVES for t in report.linears)
     mlp = 0 if tiled else ((2 if path.kernels else 3) if gated else 1) * m * dims.intermediate
     return int(lora + norms + attention + mlp)
+
+
+def attention_backward_bytes(dims: Dimensions, c: int, a: int) -> int:
+    """Bytes per token alive while one decoder layer's attention runs backward (flash kernel, no mask).
+
+    What the layer still keeps then (attention's saved q, k, v, output and log-sum-exp, the
+    q/k/v projections' shared input and the input norm's statistics; the layer's input is
+    counted with the recompute), the gradients of the residual stream and of attention's
+    output, and the flash backward's own tensors: a float32 accumulator for the query
+    gradient, key and value gradients per query head (grouped-query attention sums them
+    afterwards) and the final query, key and value gradients.
+    """
+    q, kv = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
+    kept = c * (2 * q + 2 * kv) + 4 * dims.heads + c * dims.hidden + 4
+    flowing = 2 * a * dims.hidden
+    flash = 4 * q + (2 * c * q if kv < q else 0) + c * (q + 2 * kv)
+    return kept + flowing + flash
 
 
 def optimizer_bytes(sizes: list[int], optimizer: str, param_bytes: int, page_all: bool = False) -> tuple[int, int]:
