@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from multigpu import default_model_root, failure_text, run_group  # noqa: E402
+from multigpu import failure_text, run_group  # noqa: E402
 
 LENGTHS: dict[str, tuple[int, ...]] = {
     "tiny": (64, 128, 256),
@@ -111,6 +112,7 @@ def make_model(shape: str, root: Path, device: str, clock: Clock, log: Path) -> 
     command = [sys.executable, str(HERE / "bench_qlora.py"), "make-model", "--shape", shape, "--dir", str(root)]
     code = run_group(command, child_env(2048, device), limit, log)
     if code == 0:
+        shutil.rmtree(root / f"{shape}-bf16", ignore_errors=True)  # the attempts load the NF4 copy only
         return None
     return f"making the {shape} model failed: " + ("timed out" if code is None else failure_text(log, []))
 
@@ -320,13 +322,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--single-step-from", type=int, default=131072, help="from this length: one step, no warm-up")
     parser.add_argument("--deadline", type=float, help="seconds for the whole call; attempts are cut or skipped to fit")
     parser.add_argument("--attempt-limit", type=float, default=540.0, help="seconds one attempt may take")
-    parser.add_argument("--model-root", default=None, help="where the shapes' checkpoints are made (default /dev/shm)")
+    parser.add_argument("--model-root", default=None, help="where the shapes' NF4 checkpoints are made (default /tmp)")
     parser.add_argument("--device", default=os.environ.get("BENCH_DEVICE", "cuda"), choices=("cuda", "cpu"))
     parser.add_argument("--replot", metavar="DIR", help="redraw DIR's table and plot from its long_context.json")
     args = parser.parse_args(argv)
     if not args.replot and not args.out:
         parser.error("--out is required")
-    args.model_root = args.model_root or str(default_model_root() / "long-context")
+    # on disk, not in /dev/shm: offloaded layer inputs need the host's memory (97.7 GiB at 8B x 400,000 tokens)
+    args.model_root = args.model_root or "/tmp/qlora-long-context"
     return args
 
 
