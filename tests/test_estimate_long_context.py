@@ -63,3 +63,7 @@ def test_tiling_takes_the_mlp_out_of_the_per_token_bytes(llama_8b, capsys) -> No
     # with the MLP tiled, the attention backward (flash's float32 query-gradient accumulator and
     # per-query-head key/value gradients) is the layer's largest moment
     assert tiled["peak_moment"] == "attention backward" and untiled["peak_moment"] == "layer backward"
+    # each layer input kept on the GPU moves its bytes from the host to the GPU
+    kept = run("--seq", "400000", "--offload-keep-layers", "6")
+    assert kept["host_pinned"] == 26 * 4096 * 2 * 400000
+    assert kept["allocator_peak"] - tiled["allocator_peak"] == 6 * 4096 * 2 * 400000

@@ -152,16 +152,30 @@ def test_tiling_turns_on_from_the_threshold_and_the_environment_sets_it(monkeypa
     assert kernel_config(recipe, "cpu").tiled_mlp_min_tokens == 0
     monkeypatch.setenv("QLORA_TILED_MLP", "65536")
     assert kernel_config(recipe, "cpu").tiled_mlp_min_tokens == 65536
+    # and the layer inputs offloaded recompute keeps on the GPU (offload is CUDA-only: "full" on a CPU)
+    monkeypatch.setenv("QLORA_OFFLOAD_KEEP_LAYERS", "3")
+    offload = qlora_recipe(gradient_checkpointing="offload")
+    assert kernel_config(offload, "cuda").offload_keep_layers == 3
+    assert (
+        kernel_config(offload, "cpu").offload_keep_layers == 0
+        and kernel_config(recipe, "cuda").offload_keep_layers == 0
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="offloaded recompute and the Triton dropout need CUDA")
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_tiled_mlp_under_offloaded_recompute_on_cuda(tmp_path, dropout) -> None:
+@pytest.mark.parametrize("dropout,keep", [(0.0, 0), (0.1, 0), (0.1, 1)])
+def test_tiled_mlp_under_offloaded_recompute_on_cuda(tmp_path, dropout, keep) -> None:
+    """Also with the first layer's input kept on the GPU (``keep``): the same result."""
     path = tiny_llama_checkpoint(tmp_path / "llama")
 
     def model(tiled: bool):
         m = lora(load_4bit(path, device="cuda"), stock=False, dropout=dropout)
-        cfg = FastPathConfig(recompute="offload", tiled_mlp_min_tokens=64 if tiled else 0, tiled_mlp_rows=ROWS)
+        cfg = FastPathConfig(
+            recompute="offload",
+            tiled_mlp_min_tokens=64 if tiled else 0,
+            tiled_mlp_rows=ROWS,
+            offload_keep_layers=keep if tiled else 0,
+        )
         apply_fast_path(m, config=cfg)
         if not tiled and dropout:  # the same slices through plain autograd
             for mlp in patched_mlps(m):

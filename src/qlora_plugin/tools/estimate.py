@@ -48,9 +48,10 @@ Activations, per token and decoder layer, counted as the tensors autograd saves
   * compute-dtype copies of float32 adapters (autocast's, or the kernels'
     casts kept for backward): ``c`` x the trainable parameters.
   With ``full`` recompute only each layer's input (``a`` x hidden, ``a`` = 4
-  stock, ``c`` fast) stays; with ``offload`` only the two layers in flight (the
-  others wait in pinned host memory: ``layers`` x ``c`` x hidden per token, reported
-  as ``host_pinned``); one layer's activations come back during its backward.
+  stock, ``c`` fast) stays; with ``offload`` only the two layers in flight and the
+  ``offload_keep_layers`` kept on the GPU (the others wait in pinned host memory:
+  ``c`` x hidden per token each, reported as ``host_pinned``); one layer's
+  activations come back during its backward.
   With the tiled MLP, a layer keeps only the MLP's input per token (nothing of
   gate, up, their product or down_proj's input); one slice of :data:`TILED_MLP_ROWS`
   tokens holds those, and their gradient, during the MLP's backward
@@ -151,8 +152,20 @@ class TrainingPath:
     adapter_dtype: str = "float32"
     cached_constants: bool = False
     tiled_mlp: bool = True
+    offload_keep_layers: int = 0
 
     def __post_init__(self) -> None:
+        if self.offload_keep_layers and self.recompute != "offload":
+            raise QLoRAConfigError(
+                "--offload-keep-layers",
+                self.offload_keep_layers,
+                "only applies to offloaded recompute",
+                "add --recompute offload, or drop it",
+            )
+        if isinstance(self.offload_keep_layers, bool) or self.offload_keep_layers < 0:
+            raise QLoRAConfigError(
+                "--offload-keep-layers", self.offload_keep_layers, "must be a whole number >= 0", "pass 0 or more"
+            )
         if self.name not in PATHS:
             raise QLoRAConfigError(
                 "--path", self.name, "is not a path" + nearest(self.name, PATHS), f"use one of {list(PATHS)}"
@@ -409,7 +422,8 @@ def estimate_memory(
     final_norm = c * dims.hidden + 4 if path.kernels else 4 * dims.hidden
     rope = 2 * a * dims.head_dim
     inputs = 3 * 8  # input ids, labels, shifted labels (int64)
-    kept_inputs = {"none": 0, "full": dims.layers, "offload": min(IN_FLIGHT_OFFLOADED, dims.layers)}
+    on_gpu = min(IN_FLIGHT_OFFLOADED + path.offload_keep_layers, dims.layers)
+    kept_inputs = {"none": 0, "full": dims.layers, "offload": on_gpu}
     recomputed = (kept_inputs[path.recompute] * a * dims.hidden + final_norm + rope + inputs) * tokens
     full = (dims.layers * per_layer + final_norm + rope + inputs) * tokens + adapter_copies
     logits = loss_bytes(dims, path, tokens, c)
@@ -459,7 +473,8 @@ def estimate_memory(
         notes.append("no decoder layers found; activations may be far off")
     host_pinned = 0
     if path.recompute == "offload":
-        host_pinned = dims.layers * c * dims.hidden * tokens  # every layer input is copied out
+        offloaded = max(dims.layers - path.offload_keep_layers, 0)
+        host_pinned = offloaded * c * dims.hidden * tokens  # every offloaded layer input is copied out
         notes.append(f"offloaded recompute keeps {host_pinned / GIB:.1f} GiB of layer inputs in pinned host memory")
     if tiled:
         slices = math.ceil(tokens / TILED_MLP_ROWS)

@@ -32,6 +32,8 @@ class FastPathConfig:
         (another library's kernels compute them).
     recompute: "none", "full" or "offload" (see ``recompute.set_recompute``).
     recompute_every: checkpoint every k-th decoder layer only (with "full"/"offload").
+    offload_keep_layers: with "offload", the first this many checkpointed layers keep their
+        inputs on the GPU (spares host memory; see ``recompute.set_recompute``).
     fused_rope: Liger's rotary embedding on CUDA (swaps the modeling module's
         ``apply_rotary_pos_emb`` for a dispatching function with the same math).
     cuda_graphs: replay the decoder layers as CUDA graphs when batches keep one shape
@@ -58,6 +60,7 @@ class FastPathConfig:
     skip_lora: tuple[str, ...] = ()
     recompute: str = "none"
     recompute_every: int = 1
+    offload_keep_layers: int = 0
     fused_rope: bool = True
     cuda_graphs: bool = False
     triton_dequant: bool = False
@@ -135,7 +138,9 @@ def apply_fast_path(
             report.notes.append("loss not fused: model head or config not supported")
     if cfg.packed_attention:
         report.packed_attention = use_packed_attention(lm)
-    report.layers_recomputed = set_recompute(lm, cfg.recompute, every=cfg.recompute_every)
+    report.layers_recomputed = set_recompute(
+        lm, cfg.recompute, every=cfg.recompute_every, keep_on_gpu=cfg.offload_keep_layers
+    )
     if cfg.cuda_graphs and cfg.recompute == "none":
         from qlora_plugin.fastpath.kernels.graphs import enable_decoder_graphs
 

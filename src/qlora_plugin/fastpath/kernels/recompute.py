@@ -129,11 +129,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def set_recompute(model: nn.Module, mode: str = "none", *, every: int = 1) -> int:
+def set_recompute(model: nn.Module, mode: str = "none", *, every: int = 1, keep_on_gpu: int = 0) -> int:
     """Set what each decoder layer recomputes in backward; returns the layers checkpointed.
 
     ``mode`` is one of :data:`MODES`; with ``every=k`` only every k-th layer (0, k, 2k,
-    ...) is checkpointed and the others keep their activations.
+    ...) is checkpointed and the others keep their activations. With ``offload``, the first
+    ``keep_on_gpu`` checkpointed layers keep their inputs on the GPU (as ``full`` does):
+    GPU memory spent to spare host memory, which long rows can exhaust.
     """
     if mode not in MODES:
         raise ValueError(f"recompute mode must be one of {MODES}, got {mode!r}")
@@ -142,19 +144,19 @@ def set_recompute(model: nn.Module, mode: str = "none", *, every: int = 1) -> in
     layers = decoder_layers(model)
     if not allowed("transformers-checkpointing-layers"):
         return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
+    on_gpu: Callable[..., Any] = functools.partial(checkpoint, use_reentrant=False)
+    func = on_gpu
     if mode == "offload":
         device = next(p.device for p in model.parameters() if p.is_cuda) if torch.cuda.is_available() else None
         if device is None:
             raise ValueError("offloaded recompute needs the model on a CUDA device")
-        func: Callable[..., Any] = functools.partial(_offloaded_checkpoint, _HostStash(device))
-    else:
-        func = functools.partial(checkpoint, use_reentrant=False)
+        func = functools.partial(_offloaded_checkpoint, _HostStash(device))
     n = 0
     layer: Any  # transformers' GradientCheckpointingLayer: its checkpointing attributes are plain ones
     for i, layer in enumerate(layers):
         on = mode != "none" and i % every == 0
         layer.gradient_checkpointing = on
-        layer._gradient_checkpointing_func = func
+        layer._gradient_checkpointing_func = on_gpu if on and n < keep_on_gpu else func
         n += int(on)
     # The top-level flags transformers also reads (e.g. to drop the KV cache in training).
     m: Any
