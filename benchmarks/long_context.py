@@ -130,7 +130,8 @@ def estimate_gib(shape: str, variant: str, seq: int, model_root: Path) -> float 
         _, nf4_dir = model_dirs(model_root, shape)
         if "recipe" in spec:
             recipe = make_recipe(spec)
-            path = training_path(recipe)
+            keep = int(os.environ.get("QLORA_OFFLOAD_KEEP_LAYERS") or 0)  # what the attempt's fast path reads
+            path = training_path(recipe, offload_keep_layers=keep if recipe.gradient_checkpointing == "offload" else 0)
         else:  # TRL's path: PEFT's LoRA in bf16 over the bf16 base, TRL's chunked loss, full recompute
             recipe = qlora_recipe(lora_dropout=spec["dropout"])
             path = training_path(recipe, "fast", kernels=False, adapter_dtype="bfloat16", tiled_mlp=False)
