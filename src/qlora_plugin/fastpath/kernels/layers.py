@@ -3,7 +3,8 @@
 Patched per module instance, never per class, so other models in the process are
 untouched. On CUDA with Liger installed: Liger's RMSNorm (saves the input and one
 rstd per row instead of HF's fp32 copies) and SiLU-times-up (recomputes the SiLU in
-backward instead of saving it). Elsewhere: plain PyTorch with HF's numerics.
+backward instead of saving it). Elsewhere: plain PyTorch with HF's numerics. A SwiGLU
+MLP over a long row runs in slices of tokens (:mod:`tiled_mlp`).
 """
 
 from __future__ import annotations

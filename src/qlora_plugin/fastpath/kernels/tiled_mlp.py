@@ -10,11 +10,13 @@ random-number state each slice started from, and in backward recomputes one slic
 time, differentiates it, and accumulates the input gradient and the adapters' gradients.
 Only one slice's intermediates live at once, in forward and in backward.
 
-The result is the untiled MLP's (same products, summed in another order): LoRA dropout
-masks are drawn per slice, and backward restores each slice's CPU and CUDA generator
-state before recomputing it, as torch's checkpointing does for a whole layer, so the
-recomputed slice draws exactly the masks its forward used. The cost is one more forward
-of the MLP per step (the slices' recompute); at these lengths attention dominates the step.
+Without dropout the result is the untiled MLP's: the same products, the adapters'
+gradients summed slice by slice. With LoRA dropout each slice draws its own masks (the
+distribution of one draw over the whole row, not the same bits), and backward restores
+each slice's CPU and CUDA generator state before recomputing it, as torch's checkpointing
+does for a whole layer, so the recomputed slice uses exactly the masks its forward used.
+The cost is one more forward of the MLP per step (the slices' recompute); at these
+lengths attention dominates the step.
 
 The idea of tiling the MLP along the sequence is the one behind sequence tiling in
 ALST/Arctic Long Sequence Training (arXiv:2506.13996); this implementation is our own.
