@@ -322,7 +322,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps per attempt (below --single-step-from)")
     parser.add_argument("--single-step-from", type=int, default=131072, help="from this length: one step, no warm-up")
     parser.add_argument("--deadline", type=float, help="seconds for the whole call; attempts are cut or skipped to fit")
-    parser.add_argument("--attempt-limit", type=float, default=540.0, help="seconds one attempt may take")
+    parser.add_argument("--attempt-limit", type=float, default=580.0, help="seconds one attempt may take")
     parser.add_argument("--model-root", default=None, help="where the shapes' NF4 checkpoints are made (default /tmp)")
     parser.add_argument("--device", default=os.environ.get("BENCH_DEVICE", "cuda"), choices=("cuda", "cpu"))
     parser.add_argument("--replot", metavar="DIR", help="redraw DIR's table and plot from its long_context.json")
