@@ -1,7 +1,7 @@
 """The benchmark's fixed settings: device, batch shape, LoRA rank, model shapes and the measured variants.
 
-Kept apart so that every other ``bench_*`` module reads the same values (``BENCH_DEVICE`` and
-``BENCH_SEQ`` are read once, here, at import).
+Kept apart so that every other ``bench_*`` module reads the same values (``BENCH_DEVICE``,
+``BENCH_SEQ`` and ``BENCH_BATCH`` are read once, here, at import).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 from llama_shapes import SHAPES as LLAMA_SHAPES
 
 DEVICE = "cuda" if os.environ.get("BENCH_DEVICE", "cuda") == "cuda" else "cpu"
-BATCH, SEQ = 4, int(os.environ.get("BENCH_SEQ", 2048))
+BATCH, SEQ = int(os.environ.get("BENCH_BATCH", 4)), int(os.environ.get("BENCH_SEQ", 2048))
 RANK, ALPHA = 16, 32
 LR = 2e-4
 

@@ -30,9 +30,14 @@ def synthetic_batches(n: int, seed: int = 0, vocab: int = VOCAB) -> list[Any]:
     for _ in range(n):
         draws = torch.multinomial(probs.float(), BATCH * SEQ, replacement=True, generator=g).view(BATCH, SEQ)
         follow = torch.rand(BATCH, SEQ, generator=g) < 0.5
-        for t in range(1, SEQ):
-            draws[:, t] = torch.where(follow[:, t], succ[draws[:, t - 1]], draws[:, t])
-        out.append(ids[draws])
+        successor = succ.tolist()
+        rows = []
+        for row, row_follow in zip(draws.tolist(), follow.tolist(), strict=True):  # in Python: fast at long rows
+            for t in range(1, SEQ):
+                if row_follow[t]:
+                    row[t] = successor[row[t - 1]]
+            rows.append(row)
+        out.append(ids[torch.tensor(rows, dtype=draws.dtype)])
     return out
 
 

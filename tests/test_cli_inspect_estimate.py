@@ -147,6 +147,8 @@ def test_estimate_through_the_console_script(tiny_model_dir, capsys) -> None:
         "kernels": True,
         "adapter_dtype": "float32",
         "cached_constants": False,
+        "tiled_mlp": True,
+        "offload_keep_layers": 0,
     }
 
 

@@ -75,6 +75,20 @@ def register(commands: Any) -> None:
         default=None,
         help="fast path: the 4-bit block constants kept decoded in float32",
     )
+    path.add_argument(
+        "--tiled-mlp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fast path with kernels: steps of 32,768 tokens or more run each MLP in slices of 8,192 "
+        "tokens (default on, as the kernels do)",
+    )
+    path.add_argument(
+        "--offload-keep-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --recompute offload: the first N layer inputs stay on the GPU (QLORA_OFFLOAD_KEEP_LAYERS)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
@@ -186,4 +200,6 @@ def path_from_args(args: argparse.Namespace, recipe: Any) -> Any:
         kernels=args.kernels,
         adapter_dtype=args.adapter_dtype,
         cached_constants=args.cached_constants,
+        tiled_mlp=args.tiled_mlp,
+        offload_keep_layers=args.offload_keep_layers,
     )

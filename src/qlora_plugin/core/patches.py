@@ -78,7 +78,7 @@ PATCHES: dict[str, Patch] = {
         "transformers",
         ">=5.16,<5.25",
         "per-instance forward of Llama-style RMSNorm (weight, variance_epsilon) and SwiGLU MLP modules "
-        "(gate_proj, up_proj, down_proj, act_fn)",
+        "(gate_proj, up_proj, down_proj, act_fn); long rows run the MLP in slices of tokens (tiled MLP)",
         "the modules' own forwards",
     ),
     "transformers-rope-function": Patch(

@@ -243,7 +243,10 @@ def kernel_config(
     reads nothing else and the model's forward is still its own); ``host_kernels``:
     the trainer's own LoRA kernels that are on. CUDA graphs go on at the speed point
     (the recompute mode "none") unless the environment sets ``QLORA_CUDA_GRAPHS=0``;
-    ``QLORA_PACKED_ATTENTION=0`` leaves packed rows to transformers' masked attention.
+    ``QLORA_PACKED_ATTENTION=0`` leaves packed rows to transformers' masked attention;
+    ``QLORA_TILED_MLP`` sets from how many tokens a step's MLPs run tiled (0: never; see
+    :func:`tiled_mlp_min_tokens`); ``QLORA_OFFLOAD_KEEP_LAYERS=k`` keeps the first k layer
+    inputs on the GPU under offloaded recompute (less host memory).
     """
     from qlora_plugin.fastpath.kernels import FastPathConfig
 
@@ -259,8 +262,42 @@ def kernel_config(
         cache_block_constants=mode == "none",  # +1/16 of the bf16 weight size: the speed point only
         cuda_graphs=mode == "none" and not host_kernels and os.environ.get("QLORA_CUDA_GRAPHS", "1") != "0",
         packed_attention=os.environ.get("QLORA_PACKED_ATTENTION", "1") != "0",
+        tiled_mlp_min_tokens=tiled_mlp_min_tokens(recipe),
+        offload_keep_layers=offload_keep_layers(recipe) if mode == "offload" else 0,
         skip_lora=tuple(name for key in host_kernels for name in HOST_KERNEL_LAYERS.get(key, ())),
     )
+
+
+TILED_MLP_ENV = "QLORA_TILED_MLP"
+OFFLOAD_KEEP_ENV = "QLORA_OFFLOAD_KEEP_LAYERS"
+
+
+def tiled_mlp_min_tokens(recipe: QLoRARecipe) -> int:
+    """From how many tokens a step's MLPs run tiled: ``QLORA_TILED_MLP`` (whole number, 0 = never), or the default."""
+    from qlora_plugin.fastpath.kernels.tiled_mlp import DEFAULT_MIN_TOKENS
+
+    return _env_count(TILED_MLP_ENV, DEFAULT_MIN_TOKENS, recipe, "the MLPs tile from that many tokens (0: never)")
+
+
+def offload_keep_layers(recipe: QLoRARecipe) -> int:
+    """Layers whose inputs stay on the GPU under offloaded recompute: ``QLORA_OFFLOAD_KEEP_LAYERS`` (default 0)."""
+    return _env_count(OFFLOAD_KEEP_ENV, 0, recipe, "the first that many layers keep their inputs on the GPU")
+
+
+def _env_count(name: str, default: int, recipe: QLoRARecipe, meaning: str) -> int:
+    """A whole number >= 0 from the environment variable ``name``, else ``default`` (a bad value: one warning)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return max(int(value), 0)
+    except ValueError:
+        log_once(
+            logging.WARNING,
+            f"{name}={value!r} is not a whole number ({meaning}); using {default}",
+            recipe,
+        )
+        return default
 
 
 def apply_recipe_fast_path(
@@ -322,13 +359,26 @@ def describe(result: Any, config: Any, recipe: QLoRARecipe, loss: str, host_kern
         f"fused LoRA over {recipe.quant_type} on {result.lora_layers_fused} layers{dropout}",
         loss,
         f"RMSNorm on {result.norms_patched}, SwiGLU on {result.mlps_patched}, RoPE on {result.rope_patched} modules",
-        f"recompute '{config.recompute}' (gradient_checkpointing={recipe.gradient_checkpointing!r})",
+        f"recompute '{config.recompute}' (gradient_checkpointing={recipe.gradient_checkpointing!r})"
+        + (
+            f", the first {config.offload_keep_layers} layer inputs kept on the GPU"
+            if getattr(config, "offload_keep_layers", 0)
+            else ""
+        ),
         *(
             [f"CUDA graphs over {result.graphed_layers} decoder layers once batches repeat a shape"]
             if result.graphed_layers
             else []
         ),
         *(["packed rows attended per sequence (no block-diagonal mask)"] if result.packed_attention else []),
+        *(
+            [
+                f"MLPs tiled in slices of {config.tiled_mlp_rows} tokens for steps of at least "
+                f"{config.tiled_mlp_min_tokens} tokens"
+            ]
+            if getattr(result, "tiled_mlps", 0)
+            else []
+        ),
         f"frozen weights in {str(config.compute_dtype).removeprefix('torch.')}, adapters kept fp32",
     ]
     if host_kernels:

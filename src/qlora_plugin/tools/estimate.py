@@ -16,7 +16,9 @@ The path (:class:`TrainingPath`) says how the step runs:
     loss that never holds the full logits), ``kernels`` (fused LoRA over NF4,
     fused RMSNorm and SwiGLU that save less, and a paged AdamW that pages every
     state), ``adapter_dtype`` (float32 masters, or the compute dtype) and
-    ``cached_constants`` (the 4-bit block constants kept decoded in float32).
+    ``cached_constants`` (the 4-bit block constants kept decoded in float32) and
+    ``tiled_mlp`` (with the kernels, steps of at least :data:`TILED_MLP_MIN_TOKENS`
+    tokens run each MLP in slices of :data:`TILED_MLP_ROWS` tokens).
 
 Resident for the whole step
   * 4-bit weights: every linear layer but the output head, packed two per byte,
@@ -31,9 +33,10 @@ Resident for the whole step
 Activations, per token and decoder layer, counted as the tensors autograd saves
 (the 4-bit matmul saves none of its input beyond what LoRA saves):
   * each adapted layer with input width ``d``: with dropout the mask (1 byte x
-    ``d``) and the dropped input (``c`` x ``d``); without dropout the input
-    itself, shared by the layers that read the same tensor (q/k/v, gate/up,
-    and o_proj with attention's output on the fast path); the rank-``r``
+    ``d``) and the dropped input (``c`` x ``d``), or with the kernels (dropout drawn
+    in Triton) the input and a 1-bit mask (``d`` / 8); without dropout the input
+    itself; an input is shared by the layers that read the same tensor (q/k/v,
+    gate/up, and o_proj with attention's output on the fast path); the rank-``r``
     product (``c`` x ``r``);
   * each norm: its input in float32 (4 x hidden), or with the fused kernel in
     ``c`` plus one float32 per token;
@@ -45,8 +48,15 @@ Activations, per token and decoder layer, counted as the tensors autograd saves
   * compute-dtype copies of float32 adapters (autocast's, or the kernels'
     casts kept for backward): ``c`` x the trainable parameters.
   With ``full`` recompute only each layer's input (``a`` x hidden, ``a`` = 4
-  stock, ``c`` fast) stays; with ``offload`` only the two layers in flight;
-  one layer's activations come back during its backward.
+  stock, ``c`` fast) stays; with ``offload`` only the two layers in flight and the
+  ``offload_keep_layers`` kept on the GPU (the others wait in pinned host memory:
+  ``c`` x hidden per token each, reported as ``host_pinned``); one layer's
+  activations come back during its backward.
+  With the tiled MLP, a layer keeps only the MLP's input per token (nothing of
+  gate, up, their product or down_proj's input); one slice of :data:`TILED_MLP_ROWS`
+  tokens holds those, and their gradient, during the MLP's backward
+  (4 x ``c`` x intermediate per slice token). The layer's attention backward, which
+  the MLP's used to dwarf, becomes a moment of its own (:func:`attention_backward_bytes`).
 
 Loss: transformers' loss takes the logits to float32 and saves float32
 log-probabilities; its backward holds those, their gradient and the logits'
@@ -101,8 +111,18 @@ RECOMPUTE_MODES = ("none", "full", "offload")
 ADAPTER_DTYPES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 # What `fast_path=True` does on CUDA once the kernels are in: fused LoRA over NF4,
 # the fused loss, float32 adapter masters.
-FAST_PATH_DEFAULTS: dict[str, Any] = {"kernels": True, "fused_loss": True, "adapter_dtype": "float32"}
+FAST_PATH_DEFAULTS: dict[str, Any] = {
+    "kernels": True,
+    "fused_loss": True,
+    "adapter_dtype": "float32",
+    "tiled_mlp": True,
+}
 IN_FLIGHT_OFFLOADED = 2  # layer inputs on the GPU with offloaded recompute: the one copied out, the one prefetched
+# The fast path's tiled MLP (qlora_plugin.fastpath.kernels.tiled_mlp's defaults; kept here so the
+# estimate never imports torch): from this many tokens per step, slices of this many tokens.
+TILED_MLP_MIN_TOKENS = 32768
+TILED_MLP_ROWS = 8192
+MLP_LEAVES = {"gate_proj", "up_proj", "down_proj"}
 # GPUs and the memory their drivers report (MiB, nvidia-smi's total).
 GPUS: dict[str, tuple[str, int]] = {
     "t4-16gb": ("NVIDIA T4 16 GB", 15360),
@@ -131,8 +151,21 @@ class TrainingPath:
     kernels: bool = True
     adapter_dtype: str = "float32"
     cached_constants: bool = False
+    tiled_mlp: bool = True
+    offload_keep_layers: int = 0
 
     def __post_init__(self) -> None:
+        if self.offload_keep_layers and self.recompute != "offload":
+            raise QLoRAConfigError(
+                "--offload-keep-layers",
+                self.offload_keep_layers,
+                "only applies to offloaded recompute",
+                "add --recompute offload, or drop it",
+            )
+        if isinstance(self.offload_keep_layers, bool) or self.offload_keep_layers < 0:
+            raise QLoRAConfigError(
+                "--offload-keep-layers", self.offload_keep_layers, "must be a whole number >= 0", "pass 0 or more"
+            )
         if self.name not in PATHS:
             raise QLoRAConfigError(
                 "--path", self.name, "is not a path" + nearest(self.name, PATHS), f"use one of {list(PATHS)}"
@@ -154,6 +187,7 @@ class TrainingPath:
                 "fused_loss": self.fused_loss,
                 "kernels": self.kernels,
                 "cached_constants": self.cached_constants,
+                "tiled_mlp": self.tiled_mlp,
                 "adapter_dtype": ADAPTER_DTYPES[self.adapter_dtype] != 4,
             }
             for option, bad in wrong.items():
@@ -181,7 +215,13 @@ class TrainingPath:
         ]
         if self.cached_constants:
             parts.append("cached block constants")
+        if self.kernels and not self.tiled_mlp:
+            parts.append("MLP never tiled")
         return "fast path: " + ", ".join(parts)
+
+    def tiles(self, tokens: int) -> bool:
+        """Whether a step of ``tokens`` tokens runs its MLPs tiled (the fast path's kernels only)."""
+        return self.name == "fast" and self.kernels and self.tiled_mlp and tokens >= TILED_MLP_MIN_TOKENS
 
 
 STRATEGIES = ("ddp", "fsdp")
@@ -219,15 +259,17 @@ class Parallel:
 def training_path(recipe: QLoRARecipe | RecipeSpec, name: str | None = None, **options: Any) -> TrainingPath:
     """The path ``recipe`` trains on (``name`` and ``options`` override; ``None`` values are ignored).
 
-    ``recompute`` follows ``gradient_checkpointing`` (``full`` or ``none``); the
-    fast path's other options default to :data:`FAST_PATH_DEFAULTS`.
+    ``recompute`` follows ``gradient_checkpointing`` (``full``, ``none``, or ``offload`` on the
+    fast path); the fast path's other options default to :data:`FAST_PATH_DEFAULTS`.
     """
     name = name or ("fast" if recipe.fast_path else "stock")
-    values: dict[str, Any] = {"recompute": "full" if recipe.gradient_checkpointing else "none"}
+    checkpointing = recipe.gradient_checkpointing
+    recompute = "offload" if checkpointing == "offload" and name == "fast" else "full" if checkpointing else "none"
+    values: dict[str, Any] = {"recompute": recompute}
     if name == "fast":
         values.update(FAST_PATH_DEFAULTS)
     else:
-        values.update(fused_loss=False, kernels=False, adapter_dtype="float32")
+        values.update(fused_loss=False, kernels=False, adapter_dtype="float32", tiled_mlp=False)
     values.update({key: value for key, value in options.items() if value is not None})
     return TrainingPath(name=name, **values)
 
@@ -291,6 +333,7 @@ class MemoryEstimate:
     paged_optimizer: int
     notes: list[str] = field(default_factory=list)
     parallel: Parallel = field(default_factory=Parallel)
+    host_pinned: int = 0  # layer inputs in pinned host memory (offloaded recompute)
 
     @property
     def allocator_peak(self) -> int:
@@ -325,6 +368,7 @@ class MemoryEstimate:
             "peak": self.peak,
             "notes": self.notes,
             "parallel": asdict(self.parallel),
+            "host_pinned": self.host_pinned,
         }
 
 
@@ -372,12 +416,14 @@ def estimate_memory(
         gathered_grads = math.ceil(whole["gradients"] / layers)
         components["fsdp_all_gather"] = gathered + gathered_grads
 
-    per_layer = layer_activation_bytes(report, dims, path, c=c, a=a, m=m)
+    tiled = path.tiles(tokens)
+    per_layer = layer_activation_bytes(report, dims, path, c=c, a=a, m=m, tiled=tiled)
     adapter_copies = trainable * c if adapter_bytes > c else 0  # compute-dtype copies kept for backward
     final_norm = c * dims.hidden + 4 if path.kernels else 4 * dims.hidden
     rope = 2 * a * dims.head_dim
     inputs = 3 * 8  # input ids, labels, shifted labels (int64)
-    kept_inputs = {"none": 0, "full": dims.layers, "offload": min(IN_FLIGHT_OFFLOADED, dims.layers)}
+    on_gpu = min(IN_FLIGHT_OFFLOADED + path.offload_keep_layers, dims.layers)
+    kept_inputs = {"none": 0, "full": dims.layers, "offload": on_gpu}
     recomputed = (kept_inputs[path.recompute] * a * dims.hidden + final_norm + rope + inputs) * tokens
     full = (dims.layers * per_layer + final_norm + rope + inputs) * tokens + adapter_copies
     logits = loss_bytes(dims, path, tokens, c)
@@ -394,6 +440,8 @@ def estimate_memory(
     largest_weight = max((t.in_features * t.out_features for t in report.quantized_linears), default=0)
     mlp_gradients = (1 if path.kernels else 3) * m * dims.intermediate  # the fused SwiGLU works in place
     working = (2 * a * dims.hidden + mlp_gradients) * tokens + c * largest_weight
+    if tiled:  # one slice's gate, up, product and its gradient instead of the whole row's
+        working = 2 * a * dims.hidden * tokens + c * largest_weight + 4 * c * dims.intermediate * TILED_MLP_ROWS
     if path.recompute == "none":
         layer_backward = full + working
     else:
@@ -408,11 +456,29 @@ def estimate_memory(
         + gathered_grads,
         "optimizer step": resident + optimizer_torch + components["gradients"],
     }
+    if tiled:  # the MLP's backward no longer dominates: attention's, later in the same layer, may
+        moments["attention backward"] = (
+            resident
+            + optimizer_torch
+            + components["gradients"]
+            + recomputed
+            + attention_backward_bytes(dims, c, a) * tokens
+            + gathered
+            + gathered_grads
+        )
     notes = []
     if recipe.use_dora:
         notes.append("DoRA's per-layer weight-norm temporaries are not modelled; expect more")
     if not report.linears or not dims.layers:
         notes.append("no decoder layers found; activations may be far off")
+    host_pinned = 0
+    if path.recompute == "offload":
+        offloaded = max(dims.layers - path.offload_keep_layers, 0)
+        host_pinned = offloaded * c * dims.hidden * tokens  # every offloaded layer input is copied out
+        notes.append(f"offloaded recompute keeps {host_pinned / GIB:.1f} GiB of layer inputs in pinned host memory")
+    if tiled:
+        slices = math.ceil(tokens / TILED_MLP_ROWS)
+        notes.append(f"MLPs tiled: {slices} slices of {TILED_MLP_ROWS} tokens (from {TILED_MLP_MIN_TOKENS} tokens)")
     return MemoryEstimate(
         model=report.source,
         seq=seq,
@@ -425,6 +491,7 @@ def estimate_memory(
         paged_optimizer=optimizer_paged,
         notes=notes,
         parallel=parallel,
+        host_pinned=host_pinned,
     )
 
 
@@ -454,23 +521,30 @@ def fused_loss_chunk(tokens: int, vocab: int, hidden: int) -> int:
     return min(1 << max(rows - 1, 0).bit_length(), tokens)
 
 
-def layer_activation_bytes(report: ModelReport, dims: Dimensions, path: TrainingPath, *, c: int, a: int, m: int) -> int:
-    """Bytes autograd saves per token in one decoder layer without recompute."""
+def layer_activation_bytes(
+    report: ModelReport, dims: Dimensions, path: TrainingPath, *, c: int, a: int, m: int, tiled: bool = False
+) -> int:
+    """Bytes autograd saves per token in one decoder layer without recompute (``tiled``: the MLP tiled)."""
     recipe = report.recipe
     layers = max(dims.layers, 1)
     dropout = recipe.lora_dropout > 0
     fast = path.name == "fast"
+    bit_masks = fast and path.kernels  # dropout drawn in the Triton kernels: the input and 1 bit per element
     lora: float = 0
     counted: set[tuple[str, int]] = set()
     for target in report.target_linears:
         parent, leaf = target.name.rsplit(".", 1) if "." in target.name else ("", target.name)
-        if dropout:
+        key = (parent, target.in_features)
+        shared = (fast and leaf in SHARED_INPUTS and key in counted) or (fast and leaf in ATTENTION_OUTPUT_READERS)
+        counted.add(key)
+        if tiled and leaf in MLP_LEAVES:  # the tiled MLP keeps its input (gate/up's, counted once) and nothing else
+            lora += 0 if shared or leaf == "down_proj" else c * target.in_features
+            continue
+        if dropout and not bit_masks:
             lora += (1 + c) * target.in_features  # mask and dropped input
         else:
-            key = (parent, target.in_features)
-            shared = (fast and leaf in SHARED_INPUTS and key in counted) or (fast and leaf in ATTENTION_OUTPUT_READERS)
-            counted.add(key)
             lora += 0 if shared else c * target.in_features
+            lora += target.in_features / 8 if dropout else 0
         lora += c * recipe.r
     lora /= layers
     per_norm = c * dims.hidden + 4 if path.kernels else 4 * dims.hidden
@@ -478,8 +552,25 @@ def layer_activation_bytes(report: ModelReport, dims: Dimensions, path: Training
     q, kv = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
     attention = c * (2 * q + 2 * kv) + 4 * dims.heads
     gated = any(t.name.rsplit(".", 1)[-1] in GATED_LEAVES for t in report.linears)
-    mlp = ((2 if path.kernels else 3) if gated else 1) * m * dims.intermediate
+    mlp = 0 if tiled else ((2 if path.kernels else 3) if gated else 1) * m * dims.intermediate
     return int(lora + norms + attention + mlp)
+
+
+def attention_backward_bytes(dims: Dimensions, c: int, a: int) -> int:
+    """Bytes per token alive while one decoder layer's attention runs backward (flash kernel, no mask).
+
+    What the layer still keeps then (attention's saved q, k, v, output and log-sum-exp, the
+    q/k/v projections' shared input and the input norm's statistics; the layer's input is
+    counted with the recompute), the gradients of the residual stream and of attention's
+    output, and the flash backward's own tensors: a float32 accumulator for the query
+    gradient, key and value gradients per query head (grouped-query attention sums them
+    afterwards) and the final query, key and value gradients.
+    """
+    q, kv = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
+    kept = c * (2 * q + 2 * kv) + 4 * dims.heads + c * dims.hidden + 4
+    flowing = 2 * a * dims.hidden
+    flash = 4 * q + (2 * c * q if kv < q else 0) + c * (q + 2 * kv)
+    return kept + flowing + flash
 
 
 def optimizer_bytes(sizes: list[int], optimizer: str, param_bytes: int, page_all: bool = False) -> tuple[int, int]:

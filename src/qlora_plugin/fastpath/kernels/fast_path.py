@@ -11,10 +11,11 @@ from torch import nn
 from qlora_plugin.fastpath.kernels.attention import use_packed_attention
 from qlora_plugin.fastpath.kernels.casting import cast_adapters, cast_frozen_params
 from qlora_plugin.fastpath.kernels.dequant import make_dequantizer
-from qlora_plugin.fastpath.kernels.layers import patch_norms_and_mlps, patch_rope
+from qlora_plugin.fastpath.kernels.layers import patch_norms_and_mlps, patch_rope, patched_mlps
 from qlora_plugin.fastpath.kernels.lora_linear import LayerOptions, patch_lora_4bit_layers
 from qlora_plugin.fastpath.kernels.losses import patch_causal_lm_loss
 from qlora_plugin.fastpath.kernels.recompute import set_recompute
+from qlora_plugin.fastpath.kernels.tiled_mlp import DEFAULT_MIN_TOKENS, DEFAULT_ROWS, TiledMLPOptions, enable_tiled_mlp
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class FastPathConfig:
         (another library's kernels compute them).
     recompute: "none", "full" or "offload" (see ``recompute.set_recompute``).
     recompute_every: checkpoint every k-th decoder layer only (with "full"/"offload").
+    offload_keep_layers: with "offload", the first this many checkpointed layers keep their
+        inputs on the GPU (spares host memory; see ``recompute.set_recompute``).
     fused_rope: Liger's rotary embedding on CUDA (swaps the modeling module's
         ``apply_rotary_pos_emb`` for a dispatching function with the same math).
     cuda_graphs: replay the decoder layers as CUDA graphs when batches keep one shape
@@ -42,6 +45,10 @@ class FastPathConfig:
         bf16 weight size in memory, fewer launches per dequantization).
     packed_attention: attend to each sequence of a packed (padding-free) row on its own
         instead of through a block-diagonal mask (see ``attention``).
+    tiled_mlp_min_tokens: with the fast path's SwiGLU MLPs, calls over at least this many
+        tokens (batch x sequence) run in slices of ``tiled_mlp_rows`` tokens, each
+        recomputed alone in backward (see ``tiled_mlp``); 0 never tiles.
+    tiled_mlp_rows: tokens per slice of a tiled MLP.
     """
 
     compute_dtype: torch.dtype = torch.bfloat16
@@ -53,12 +60,15 @@ class FastPathConfig:
     skip_lora: tuple[str, ...] = ()
     recompute: str = "none"
     recompute_every: int = 1
+    offload_keep_layers: int = 0
     fused_rope: bool = True
     cuda_graphs: bool = False
     triton_dequant: bool = False
     triton_dropout: bool = True
     cache_block_constants: bool = False
     packed_attention: bool = True
+    tiled_mlp_min_tokens: int = DEFAULT_MIN_TOKENS
+    tiled_mlp_rows: int = DEFAULT_ROWS
 
 
 @dataclass
@@ -75,6 +85,7 @@ class FastPathReport:
     layers_recomputed: int = 0
     graphed_layers: int = 0
     packed_attention: int = 0
+    tiled_mlps: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -117,6 +128,8 @@ def apply_fast_path(
         )
     if cfg.fused_norm_mlp:
         report.norms_patched, report.mlps_patched = patch_norms_and_mlps(lm, mlps=cfg.fused_mlp)
+        tiling = TiledMLPOptions(rows=cfg.tiled_mlp_rows, min_tokens=cfg.tiled_mlp_min_tokens)
+        report.tiled_mlps = enable_tiled_mlp(patched_mlps(lm), tiling)
     if cfg.fused_rope:
         report.rope_patched = patch_rope(lm)
     if cfg.fused_loss:
@@ -125,7 +138,9 @@ def apply_fast_path(
             report.notes.append("loss not fused: model head or config not supported")
     if cfg.packed_attention:
         report.packed_attention = use_packed_attention(lm)
-    report.layers_recomputed = set_recompute(lm, cfg.recompute, every=cfg.recompute_every)
+    report.layers_recomputed = set_recompute(
+        lm, cfg.recompute, every=cfg.recompute_every, keep_on_gpu=cfg.offload_keep_layers
+    )
     if cfg.cuda_graphs and cfg.recompute == "none":
         from qlora_plugin.fastpath.kernels.graphs import enable_decoder_graphs
 

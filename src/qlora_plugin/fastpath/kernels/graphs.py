@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from qlora_plugin.fastpath.kernels.attention import SDPA_IMPLEMENTATIONS, batch_is_packed
+from qlora_plugin.fastpath.kernels.tiled_mlp import tiled_options, tiling_rows
 
 _EAGER_FORWARD = "_qlora_eager_forward"
 _GRAPHS = "_qlora_decoder_graphs"
@@ -136,6 +137,8 @@ class DecoderGraphs:
             self.eager_because = "not a CUDA training forward with grad"
         elif mask is not None:
             self.eager_because = "an attention mask"
+        elif tiling_rows(tiled_options(self.layers[0]), hidden.numel() // hidden.shape[-1]):
+            self.eager_because = "long rows (the MLP runs tiled, recomputing inside its own backward)"
         elif emb is None or kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
             self.eager_because = "a cache or no position embeddings"
         elif (model := self.model() if self.model is not None else None) is not None and batch_is_packed(

@@ -3,11 +3,13 @@
 Patched per module instance, never per class, so other models in the process are
 untouched. On CUDA with Liger installed: Liger's RMSNorm (saves the input and one
 rstd per row instead of HF's fp32 copies) and SiLU-times-up (recomputes the SiLU in
-backward instead of saving it). Elsewhere: plain PyTorch with HF's numerics.
+backward instead of saving it). Elsewhere: plain PyTorch with HF's numerics. A SwiGLU
+MLP over a long row runs in slices of tokens (:mod:`tiled_mlp`).
 """
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlora_plugin.fastpath.kernels._backend import use_liger
+from qlora_plugin.fastpath.kernels.tiled_mlp import mlp_forward
 
 _ORIG_FORWARD = "_qlora_fast_orig_forward"
 
@@ -130,8 +133,19 @@ def _norm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-def _swiglu_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def swiglu_mlp(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """A SwiGLU MLP module's computation, ``down(silu(gate(x)) * up(x))``, through :func:`silu_mul`."""
     return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+def _swiglu_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    # long rows run in slices of tokens (tiled_mlp); everything else in one call
+    return mlp_forward(self, x, functools.partial(swiglu_mlp, self))
+
+
+def patched_mlps(model: nn.Module) -> list[nn.Module]:
+    """The MLP modules of ``model`` that run the SwiGLU forward of :func:`patch_norms_and_mlps`."""
+    return [m for m in model.modules() if getattr(m.forward, "__func__", None) is _swiglu_forward]
 
 
 def _is_swiglu_mlp(module: nn.Module) -> bool:

@@ -7,7 +7,8 @@ inputs parked in pinned CPU memory.
 * ``full``: non-reentrant checkpoint of every ``every``-th layer (its input is kept,
   the rest recomputed in backward);
 * ``offload``: like ``full``, but each kept input is copied to pinned host memory on a
-  side stream during forward and brought back, one layer ahead, during backward.
+  side stream during forward (in pieces of at most :data:`HOST_PIECE_BYTES`) and brought
+  back, one layer ahead, during backward.
 """
 
 from __future__ import annotations
@@ -23,12 +24,19 @@ from torch.utils.checkpoint import checkpoint
 MODES = ("none", "full", "offload")
 
 
+# Host copies are made of pieces of at most this many bytes. torch's caching host allocator
+# rounds every pinned allocation up to a power of two: a 400,000-token layer input of the 8B
+# shape (3.3 GB) would take 4 GiB, 128 GiB for 32 layers. In 64 MiB pieces the rounding wastes
+# at most 64 MiB a layer, and the pieces are reused from one step to the next.
+HOST_PIECE_BYTES = 64 * 1024**2
+
+
 class _HostStash:
     """Pinned-host copies of layer inputs, with one-ahead prefetch in backward."""
 
     def __init__(self, device: torch.device) -> None:
         self.stream = torch.cuda.Stream(device)
-        self.entries: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self.entries: dict[int, tuple[list[torch.Tensor], torch.Tensor, torch.cuda.Event]] = {}
         self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self.next_id = 0
 
@@ -37,21 +45,31 @@ class _HostStash:
 
     def put(self, t: torch.Tensor) -> int:
         key, self.next_id = self.next_id, self.next_id + 1
-        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        flat = t.reshape(-1)
+        step = max(HOST_PIECE_BYTES // max(t.element_size(), 1), 1)
+        pieces = []
         self.stream.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(self.stream):
-            host.copy_(t, non_blocking=True)
+            for start in range(0, flat.numel(), step):
+                source = flat[start : start + step]
+                host = torch.empty(source.numel(), dtype=t.dtype, device="cpu", pin_memory=True)
+                host.copy_(source, non_blocking=True)
+                pieces.append(host)
             done = torch.cuda.Event()
             done.record(self.stream)
-        t.record_stream(self.stream)
-        self.entries[key] = (host, done)
+        flat.record_stream(self.stream)  # t's storage (or its contiguous copy) stays until the copies are done
+        self.entries[key] = (pieces, torch.empty(t.shape, dtype=t.dtype, device="meta"), done)  # shape and dtype
         return key
 
     def _to_device(self, key: int, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event]:
-        host, copied = self.entries.pop(key)
+        pieces, like, copied = self.entries.pop(key)
         self.stream.wait_event(copied)
         with torch.cuda.stream(self.stream):
-            dev = host.to(device, non_blocking=True)
+            dev = torch.empty_like(like, device=device)
+            flat, start = dev.view(-1), 0
+            for host in pieces:
+                flat[start : start + host.numel()].copy_(host, non_blocking=True)
+                start += host.numel()
             ready = torch.cuda.Event()
             ready.record(self.stream)
         return dev, ready
@@ -111,11 +129,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def set_recompute(model: nn.Module, mode: str = "none", *, every: int = 1) -> int:
+def set_recompute(model: nn.Module, mode: str = "none", *, every: int = 1, keep_on_gpu: int = 0) -> int:
     """Set what each decoder layer recomputes in backward; returns the layers checkpointed.
 
     ``mode`` is one of :data:`MODES`; with ``every=k`` only every k-th layer (0, k, 2k,
-    ...) is checkpointed and the others keep their activations.
+    ...) is checkpointed and the others keep their activations. With ``offload``, the first
+    ``keep_on_gpu`` checkpointed layers keep their inputs on the GPU (as ``full`` does):
+    GPU memory spent to spare host memory, which long rows can exhaust.
     """
     if mode not in MODES:
         raise ValueError(f"recompute mode must be one of {MODES}, got {mode!r}")
@@ -124,19 +144,19 @@ def set_recompute(model: nn.Module, mode: str = "none", *, every: int = 1) -> in
     layers = decoder_layers(model)
     if not allowed("transformers-checkpointing-layers"):
         return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
+    on_gpu: Callable[..., Any] = functools.partial(checkpoint, use_reentrant=False)
+    func = on_gpu
     if mode == "offload":
         device = next(p.device for p in model.parameters() if p.is_cuda) if torch.cuda.is_available() else None
         if device is None:
             raise ValueError("offloaded recompute needs the model on a CUDA device")
-        func: Callable[..., Any] = functools.partial(_offloaded_checkpoint, _HostStash(device))
-    else:
-        func = functools.partial(checkpoint, use_reentrant=False)
+        func = functools.partial(_offloaded_checkpoint, _HostStash(device))
     n = 0
     layer: Any  # transformers' GradientCheckpointingLayer: its checkpointing attributes are plain ones
     for i, layer in enumerate(layers):
         on = mode != "none" and i % every == 0
         layer.gradient_checkpointing = on
-        layer._gradient_checkpointing_func = func
+        layer._gradient_checkpointing_func = on_gpu if on and n < keep_on_gpu else func
         n += int(on)
     # The top-level flags transformers also reads (e.g. to drop the KV cache in training).
     m: Any

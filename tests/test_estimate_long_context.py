@@ -1,0 +1,69 @@
+"""``qlora estimate`` at long rows: offloaded recompute, the tiled MLP, batch 1.
+
+The untiled model is checked against three peaks measured on an H100 before the tiled MLP
+existed (Llama-3.1-8B shape, batch 1, the recipe with ``gradient_checkpointing="offload"``,
+``torch.cuda.max_memory_allocated``): 18.5 GiB at 65,536 tokens, 31.1 GiB at 131,072 and
+56.3 GiB at 262,144 (benchmarks/NOTES.md, "Long context").
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from qlora_plugin import qlora_recipe
+from qlora_plugin.commands.main import main
+from qlora_plugin.tools.estimate import GIB, TILED_MLP_MIN_TOKENS, TILED_MLP_ROWS, estimate, training_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from llama_shapes import llama_config  # noqa: E402
+
+MEASURED_UNTILED_8B = {65536: 18.5, 131072: 31.1, 262144: 56.3}
+
+
+@pytest.fixture(scope="module")
+def llama_8b(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("llama-8b")
+    llama_config("llama-3.1-8b").save_pretrained(directory)
+    return directory
+
+
+def test_the_estimate_follows_the_recipes_offload_and_the_kernels_defaults() -> None:
+    from qlora_plugin.fastpath.kernels.tiled_mlp import DEFAULT_MIN_TOKENS, DEFAULT_ROWS
+
+    assert (TILED_MLP_MIN_TOKENS, TILED_MLP_ROWS) == (DEFAULT_MIN_TOKENS, DEFAULT_ROWS)
+    path = training_path(qlora_recipe(gradient_checkpointing="offload"))
+    assert path.recompute == "offload" and path.tiled_mlp
+    assert training_path(qlora_recipe(gradient_checkpointing="offload", fast_path=False)).recompute == "full"
+
+
+@pytest.mark.parametrize("seq", sorted(MEASURED_UNTILED_8B))
+def test_untiled_offload_estimate_is_within_15_percent_of_the_h100_peaks(llama_8b, seq) -> None:
+    recipe = qlora_recipe(gradient_checkpointing="offload")
+    result = estimate(llama_8b, recipe, seq, 1, training_path(recipe, tiled_mlp=False))
+    assert abs(result.allocator_peak / GIB / MEASURED_UNTILED_8B[seq] - 1) <= 0.15
+
+
+def test_tiling_takes_the_mlp_out_of_the_per_token_bytes(llama_8b, capsys) -> None:
+    def run(*args: str) -> dict:
+        assert main(["estimate", str(llama_8b), "--batch", "1", "--recompute", "offload", "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    short_on, short_off = run("--seq", "16384"), run("--seq", "16384", "--no-tiled-mlp")
+    assert short_on["allocator_peak"] == short_off["allocator_peak"]  # below the threshold: nothing tiles
+    tiled, untiled = run("--seq", "400000"), run("--seq", "400000", "--no-tiled-mlp")
+    assert tiled["activations"]["per_layer_per_token"] < 0.5 * untiled["activations"]["per_layer_per_token"]
+    assert tiled["allocator_peak"] < 0.6 * untiled["allocator_peak"]
+    assert tiled["allocator_peak"] < 70 * GIB < untiled["allocator_peak"]  # 8B at 400k fits an 80 GB card only tiled
+    assert tiled["host_pinned"] == untiled["host_pinned"] == 32 * 4096 * 2 * 400000
+    assert any("MLPs tiled: 49 slices" in note for note in tiled["notes"])
+    # with the MLP tiled, the attention backward (flash's float32 query-gradient accumulator and
+    # per-query-head key/value gradients) is the layer's largest moment
+    assert tiled["peak_moment"] == "attention backward" and untiled["peak_moment"] == "layer backward"
+    # each layer input kept on the GPU moves its bytes from the host to the GPU
+    kept = run("--seq", "400000", "--offload-keep-layers", "6")
+    assert kept["host_pinned"] == 26 * 4096 * 2 * 400000
+    assert kept["allocator_peak"] - tiled["allocator_peak"] == 6 * 4096 * 2 * 400000
