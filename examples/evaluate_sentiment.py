@@ -18,6 +18,7 @@ the original checkpoint.
 Usage, from the repository root after ``make train``::
 
     python examples/evaluate_sentiment.py [--adapter outputs/qlora-smollm2] [--limit N] [--json out.json]
+        [--merged DIR]    # also a `qlora merge` output of the adapter
 """
 
 from __future__ import annotations
@@ -185,8 +186,19 @@ def balanced_subset(rows: list[dict[str, Any]], limit: int | None) -> list[dict[
     return [row for group in by_label.values() for row in group[:take]][:limit]
 
 
-def compare(base: Path, adapter: Path, rows: list[dict[str, Any]], greedy: bool = False) -> dict[str, Any]:
-    """Evaluate the 4-bit base alone, then the same base with the adapter."""
+def load_merged(merged: Path) -> tuple[Any, Any]:
+    """A ``qlora merge`` output (16-bit weights with the adapter folded in), computed in float32 as the base is."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    return AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval(), tokenizer
+
+
+def compare(
+    base: Path, adapter: Path, rows: list[dict[str, Any]], greedy: bool = False, merged: Path | None = None
+) -> dict[str, Any]:
+    """Evaluate the 4-bit base alone, then the same base with the adapter, then (``merged``) the merged model."""
     import torch
 
     check_adapter(adapter, TRAIN_COMMAND)
@@ -194,6 +206,9 @@ def compare(base: Path, adapter: Path, rows: list[dict[str, Any]], greedy: bool 
     model, tokenizer = load_base(base)
     results = {"n_test": len(rows), "base": evaluate(model, tokenizer, rows, greedy=greedy)}
     results["base+adapter"] = evaluate(with_adapter(model, adapter, TRAIN_COMMAND), tokenizer, rows, greedy=greedy)
+    if merged is not None:
+        merged_model, merged_tokenizer = load_merged(merged)
+        results["merged"] = evaluate(merged_model, merged_tokenizer, rows, greedy=greedy)
     return results
 
 
@@ -205,7 +220,9 @@ def table(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"chance {1 / len(counts):.1%}",
         f"{'model':<14} {'label scoring':>14} {'greedy exact':>13}  predicted",
     ]
-    for name in ("base", "base+adapter"):
+    for name in ("base", "base+adapter", "merged"):
+        if name not in results:
+            continue
         r = results[name]
         greedy = f"{r['greedy_exact']:.1%}" if "greedy_exact" in r else "-"
         lines.append(f"{name:<14} {r['label_scoring']:>14.1%} {greedy:>13}  {r['predicted']}")
@@ -220,12 +237,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--limit", type=int, help="evaluate a label-balanced subset of this size")
     parser.add_argument("--greedy", action="store_true", help="also check greedy replies (slower)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--merged", type=Path, help="also evaluate this `qlora merge` output of the adapter")
     args = parser.parse_args(argv)
 
     if not args.test.is_file():
         sys.exit(f"error: no held-out data at {args.test}. Prepare it first: {TRAIN_COMMAND}")
     rows = balanced_subset(read_rows(args.test), args.limit)
-    results = compare(args.base, args.adapter, rows, greedy=args.greedy)
+    results = compare(args.base, args.adapter, rows, greedy=args.greedy, merged=args.merged)
     print(table(results, rows))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -144,3 +144,22 @@ def test_the_readme_real_model_examples_answer_as_shown(real_run) -> None:
     for arguments, shown in examples:
         (answer,) = generate_sentiment.main(["--adapter", str(real_run), *arguments])
         assert answer.split()[0] == shown, (arguments, answer)
+
+
+@pytest.mark.real_job
+@needs_time
+def test_the_merged_model_answers_as_well_as_the_adapter(real_run, tmp_path) -> None:
+    """``qlora merge`` folds the adapter into 16-bit weights; held-out accuracy stays within one point."""
+    import evaluate_sentiment as ev
+
+    merged = tmp_path / "merged"
+    done = subprocess.run(
+        [sys.executable, "-m", "qlora_plugin.commands.main", "merge", str(real_run), "--out", str(merged)],
+        cwd=REPO, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = ev.read_rows(ev.DEFAULT_TEST)
+    results = ev.compare(ev.DEFAULT_BASE, real_run, rows, merged=merged)
+    tuned, folded = results["base+adapter"]["label_scoring"], results["merged"]["label_scoring"]
+    print(ev.table(results, rows))  # shown with -s: the figures the README quotes
+    assert abs(folded - tuned) <= 0.01, results
