@@ -97,7 +97,6 @@ def main(model_dir: str, out: str, built: str | None = None) -> None:
         }
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "result.json").write_text(json.dumps(result))
-    dist.barrier()  # every rank leaves the group together
     dist.destroy_process_group()
 
 
