@@ -383,23 +383,15 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         f"8B DDP tok/s over one GPU >= 1.85x: {verdict(speed, (speed or 0) >= 1.85)}",
         f"8B DDP losses within 1 % of one GPU (largest gap %): {verdict(gap, (gap or 0) <= 1)}",
     ]
-    trained = bool(fsdp.get("losses")) and not fsdp.get("error") if fsdp else None
-    gap = fsdp.get("loss_gap_vs_ddp_pct")
-    lines.append(f"8B FSDP2 trains: {verdict(trained, bool(trained))}")
-    lines.append(f"8B FSDP2 losses within 1 % of DDP (largest gap %): {verdict(gap, (gap or 0) <= 1)}")
-    adapter = fsdp.get("adapter")
-    whole = adapter and all(adapter.get(k) for k in ("shapes_match", "finite", "config"))
-    lines.append(f"8B FSDP2 adapter saved whole: {verdict(json.dumps(adapter) if adapter else None, bool(whole))}")
-    zero3 = find("llama-3.1-8b", ZERO3)
-    trained = bool(zero3.get("losses")) and not zero3.get("error") if zero3 else None
-    gap = zero3.get("loss_gap_vs_ddp_pct")
-    lines.append(f"8B DeepSpeed ZeRO-3 trains: {verdict(trained, bool(trained))}")
-    lines.append(f"8B DeepSpeed ZeRO-3 losses within 1 % of DDP (largest gap %): {verdict(gap, (gap or 0) <= 1)}")
-    adapter = zero3.get("adapter")
-    whole = adapter and all(adapter.get(k) for k in ("shapes_match", "finite", "config"))
-    lines.append(
-        f"8B DeepSpeed ZeRO-3 adapter saved whole: {verdict(json.dumps(adapter) if adapter else None, bool(whole))}"
-    )
+    for label, row in (("FSDP2", fsdp), ("DeepSpeed ZeRO-3", find("llama-3.1-8b", ZERO3))):
+        trained = bool(row.get("losses")) and not row.get("error") if row else None
+        gap = row.get("loss_gap_vs_ddp_pct")
+        adapter = row.get("adapter")
+        whole = adapter and all(adapter.get(k) for k in ("shapes_match", "finite", "config"))
+        lines.append(f"8B {label} trains: {verdict(trained, bool(trained))}")
+        lines.append(f"8B {label} losses within 1 % of DDP (largest gap %): {verdict(gap, (gap or 0) <= 1)}")
+        saved = verdict(json.dumps(adapter) if adapter else None, bool(whole))
+        lines.append(f"8B {label} adapter saved whole: {saved}")
     worst = max(big["peak_gib"] + big["load_peak_gib"]) if big.get("peak_gib") else None
     lines.append(f"70B FSDP2 per-GPU peak (load or train) <= 70 GiB: {verdict(worst, (worst or 0) <= 70)}")
     if big.get("error"):
