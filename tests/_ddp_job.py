@@ -21,7 +21,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from tiny import SENTENCES  # noqa: E402 - tests/ is this script's folder
+from _rank_exit import exit_rank  # noqa: E402 - tests/ is this script's folder
+from tiny import SENTENCES  # noqa: E402
 
 MAX_STEPS = 4
 
@@ -108,3 +109,4 @@ if __name__ == "__main__":
         preloaded="--preloaded" in sys.argv,
         fsdp="--fsdp" in sys.argv,
     )
+    exit_rank()

@@ -97,11 +97,12 @@ def main(model_dir: str, out: str, built: str | None = None) -> None:
         }
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "result.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     import argparse
+
+    from _rank_exit import exit_rank  # tests/ is this script's folder
 
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir")
@@ -109,3 +110,4 @@ if __name__ == "__main__":
     parser.add_argument("--built", metavar="DTYPE", help="build the model in place (float32 or bfloat16)")
     options = parser.parse_args()
     main(options.model_dir, options.out, options.built)
+    exit_rank()
