@@ -44,6 +44,37 @@ def test_fsdp_divides_what_it_shards_and_adds_the_gathered_layer(report) -> None
     assert four.peak < two.peak < one.peak + gathered
 
 
+def test_fsdp_sharding_holds_the_loaded_replica_and_its_shards(report) -> None:
+    one = estimate_memory(report, 1024, 2)
+    replica = sum(one.components[key] for key in ("weights_4bit", "unquantized_params", "adapters"))
+    for gpus in (2, 4):
+        sharded = estimate_memory(report, 1024, 2, parallel=Parallel(gpus, "fsdp"))
+        assert sharded.moments["fsdp sharding"] == replica + math.ceil(replica / gpus)
+    assert "fsdp sharding" not in estimate_memory(report, 1024, 2, parallel=Parallel(2, "ddp")).moments
+
+
+def test_the_70b_fsdp_estimate_is_its_measured_sharding_peak(tmp_path) -> None:
+    """Run 10 (two H100s, benchmarks/results/run10-multigpu): 70B at 1 x 2,048 peaked at 55.86 GiB per GPU
+    while sharding (29.52 GiB in the steps), and 8B at 4 x 2,048 at 8.67 GiB in its steps."""
+    import sys
+    from pathlib import Path
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    from llama_shapes import llama_config
+    from multigpu_job import job_recipe
+
+    measured = {"llama-3.1-70b": (1, 55.858, "fsdp sharding"), "llama-3.1-8b": (4, 8.667, "layer backward")}
+    for shape, (batch, peak_gib, moment) in measured.items():
+        llama_config(shape).save_pretrained(tmp_path / shape)
+        fsdp = estimate_memory(
+            analyze(tmp_path / shape, job_recipe("auto", None)), 2048, batch, parallel=Parallel(2, "fsdp")
+        )
+        assert fsdp.peak_moment == moment, shape
+        assert fsdp.optimizer == "adamw_torch" and fsdp.paged_optimizer == 0  # what the recipe trains with there
+        assert abs(peak_gib / (fsdp.allocator_peak / 1024**3) - 1) <= 0.15, shape
+
+
 def test_ddp_is_one_gpu_plus_the_gradient_buckets(report) -> None:
     one = estimate_memory(report, 1024, 2)
     two = estimate_memory(report, 1024, 2, parallel=Parallel(2, "ddp"))

@@ -76,12 +76,18 @@ Several GPUs (:class:`Parallel`, ``--gpus N --strategy ddp|fsdp``), per GPU:
     allocated when the model is wrapped and held for the whole step. One GPU: no DDP.
   * ``fsdp`` (FSDP2, each decoder layer its own unit, resharded after forward): the 4-bit
     weights, the unquantized parameters, the adapters, their gradients and the optimizer
-    states divided by N (rounded up); plus, during forward and backward, the parameters
-    FSDP all-gathers: one decoder layer unsharded (its 4-bit weights, norms and adapters,
-    and in backward its adapters' unsharded gradients before the reduce-scatter) and the
-    root unit (embeddings, untied head, final norm), which FSDP2 keeps unsharded from
-    forward through backward. Prefetching the next layer and the collectives' staging
-    buffers are not counted. Activations and the loss are per GPU, unchanged.
+    states (torch's AdamW, which the recipe trains with under FSDP) divided by N (rounded
+    up); plus, during forward and backward, the parameters FSDP all-gathers: one decoder
+    layer unsharded (its 4-bit weights, norms and adapters, and in backward its adapters'
+    unsharded gradients before the reduce-scatter) and the root unit (embeddings, untied
+    head, final norm), which FSDP2 keeps unsharded from forward through backward.
+    Prefetching the next layer and the collectives' staging buffers are not counted.
+    Activations and the loss are per GPU, unchanged.
+    Before the first step, sharding holds every rank's whole loaded replica (4-bit weights,
+    unquantized parameters, adapters) and its new shards at once: accelerate keeps the loaded
+    state dict while ``fully_shard`` copies each parameter's shard, and it does not move a
+    4-bit model to ``meta`` first. That moment (``fsdp sharding``) is the peak for a model
+    whose replica is large next to a step's activations (a 70B at 2,048 tokens).
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from qlora_plugin.core.distributed import optimizer_under_fsdp
 from qlora_plugin.core.errors import QLoRAConfigError, nearest
 
 if TYPE_CHECKING:
@@ -389,8 +396,11 @@ def estimate_memory(
     tokens = seq * batch
 
     trainable = report.trainable_params
+    optimizer = recipe.optimizer
+    if parallel.strategy == "fsdp" and parallel.gpus > 1:
+        optimizer = optimizer_under_fsdp(optimizer)  # what the recipe trains with there: nothing paged
     optimizer_torch, optimizer_paged = optimizer_bytes(
-        report.lora_tensor_sizes(), recipe.optimizer, adapter_bytes, page_all=path.kernels
+        report.lora_tensor_sizes(), optimizer, adapter_bytes, page_all=path.kernels
     )
     optimizer_torch, optimizer_paged = math.ceil(optimizer_torch / shards), math.ceil(optimizer_paged / shards)
     quantized_params = sum(t.in_features * t.out_features for t in report.quantized_linears)
@@ -456,6 +466,9 @@ def estimate_memory(
         + gathered_grads,
         "optimizer step": resident + optimizer_torch + components["gradients"],
     }
+    if parallel.strategy == "fsdp" and parallel.gpus > 1:  # the loaded replica and its shards, together
+        replica = whole["weights_4bit"] + whole["unquantized_params"] + whole["adapters"]
+        moments["fsdp sharding"] = replica + math.ceil(replica / shards)
     if tiled:  # the MLP's backward no longer dominates: attention's, later in the same layer, may
         moments["attention backward"] = (
             resident
@@ -484,7 +497,7 @@ def estimate_memory(
         seq=seq,
         batch=batch,
         path=path,
-        optimizer=recipe.optimizer,
+        optimizer=optimizer,
         components=components,
         activations=activations,
         moments=moments,
