@@ -19,7 +19,7 @@ QUIET_ENVIRONMENT = {
 }
 # Loggers that libraries give a level of their own (so the root's does not reach them), or that
 # print notices at import: torch's pytree deprecations, torchao's optional libraries, bitsandbytes'
-# offline kernel notice.
+# offline kernel notice, and the kernels hub's offline trust notice (kernels >= 0.17, beside Axolotl 0.21).
 QUIET_LOGGERS = (
     "torch.utils._pytree",
     "torchao",
@@ -29,6 +29,7 @@ QUIET_LOGGERS = (
     "peft",
     "datasets",
     "huggingface_hub",
+    "kernels",
 )
 
 
