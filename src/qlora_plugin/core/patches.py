@@ -130,7 +130,7 @@ PATCHES: dict[str, Patch] = {
     ),
     "torch-fsdp2-all-gather-bytes": Patch(
         "torch",
-        ">=2.11,<2.14",
+        ">=2.11,<2.15",  # the corruption and the fix seen on GPUs with 2.11; the wrapper's contract on CPUs to 2.14.1
         "torch.distributed.fsdp._fully_shard._fsdp_collectives._get_all_gather_input_metadatas, wrapped to "
         "answer uint8: FSDP2 all-gathers every unit as bytes, so bf16-stored 4-bit codes arrive unchanged",
         "FSDP2's own all-gather dtype, with one warning: on GPUs it can rewrite the packed codes that read as NaN",
