@@ -2,7 +2,8 @@
 
 On GPUs FSDP2's float all-gather turns the packed codes that read as NaN into one canonical NaN
 (benchmarks/results/run10-multigpu/probe); a CPU copies them exactly, so these tests check that
-the byte path is chosen, and tests/test_multi_gpu.py that it shards and computes exactly.
+the byte path is chosen (where the storage is chosen, and where a float-stored 4-bit layer is
+met), and tests/test_multi_gpu.py that it shards and computes exactly.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from qlora_plugin import qlora_recipe
 from qlora_plugin.core import patches
 from qlora_plugin.core.distributed import FSDP_ENV
 from qlora_plugin.core.fsdp_bytes import PATCH, all_gather_as_bytes, guard_packed_weights
-from qlora_plugin.core.quantization import quantize_linear
+from qlora_plugin.core.quantization import quantize_linear, storage_dtype
+
+
+def _back_to_stock(module: Any) -> None:
+    """FSDP2's own all-gather dtype choice again, as if the plugin had never turned the byte path on."""
+    current = module._get_all_gather_input_metadatas
+    module._get_all_gather_input_metadatas = getattr(current, "__wrapped__", current)
+    all_gather_as_bytes.cache_clear()
 
 
 @pytest.fixture
@@ -26,13 +34,9 @@ def collectives() -> Iterator[Any]:
     """FSDP2's collectives module with its stock all-gather dtype choice, restored afterwards."""
     from torch.distributed.fsdp._fully_shard import _fsdp_collectives as module
 
-    current = module._get_all_gather_input_metadatas
-    stock = getattr(current, "__wrapped__", current)
-    module._get_all_gather_input_metadatas = stock
-    all_gather_as_bytes.cache_clear()
+    _back_to_stock(module)
     yield module
-    module._get_all_gather_input_metadatas = stock
-    all_gather_as_bytes.cache_clear()
+    _back_to_stock(module)
     patches.allowed.cache_clear()
 
 
@@ -54,10 +58,23 @@ def test_under_fsdp_a_float_stored_layer_turns_the_byte_all_gather_on(collective
     assert _all_gather_dtype(collectives, one, one) == torch.bfloat16  # FSDP2's own choice: one dtype, floats
     layer, recipe = _quantized_layer(monkeypatch, fsdp=True)
     assert layer.weight.dtype == torch.bfloat16  # the recipe's storage under FSDP
+    _back_to_stock(collectives)  # a float-stored layer the recipe did not quantize
     guard_packed_weights(layer, recipe)
     dtypes, numels, dtype = collectives._get_all_gather_input_metadatas([[one], [one[:4]]])
     assert dtype == torch.uint8
     assert dtypes == [[torch.bfloat16], [torch.bfloat16]] and numels == [[6], [4]]  # per input, as FSDP2 said
+
+
+def test_choosing_float_storage_under_fsdp_turns_it_on(collectives, monkeypatch) -> None:
+    """Where the storage is chosen, before any layer exists: PEFT outside its tested range builds its own
+    LoRA layers, and the model's 4-bit weights still come from this choice."""
+    recipe = qlora_recipe(compute_dtype="bfloat16")
+    monkeypatch.delenv(FSDP_ENV, raising=False)
+    assert storage_dtype(recipe, torch.bfloat16) == torch.uint8
+    assert _all_gather_dtype(collectives, torch.zeros(2, dtype=torch.bfloat16)) == torch.bfloat16
+    monkeypatch.setenv(FSDP_ENV, "true")
+    assert storage_dtype(recipe, torch.bfloat16) == torch.bfloat16
+    assert _all_gather_dtype(collectives, torch.zeros(2, dtype=torch.bfloat16)) == torch.uint8
 
 
 def test_without_fsdp_nothing_is_replaced(collectives, monkeypatch) -> None:
@@ -101,6 +118,7 @@ def test_a_model_whose_lora_layers_another_library_builds_turns_it_on(collective
     from qlora_plugin.core.fsdp_bytes import guard_packed_model
 
     layer, recipe = _quantized_layer(monkeypatch, fsdp=True)
+    _back_to_stock(collectives)  # loaded by Axolotl with its own quantization config
     model = torch.nn.Sequential(torch.nn.LayerNorm(128), layer)
     guard_packed_model(torch.nn.Sequential(torch.nn.LayerNorm(128)), recipe)  # no 4-bit layer: nothing to do
     assert _all_gather_dtype(collectives, torch.zeros(2, dtype=torch.bfloat16)) == torch.bfloat16

@@ -1,14 +1,13 @@
 """FSDP2 moves float-stored 4-bit weights as bytes, so no packed code is rewritten on the way.
 
 Under FSDP the recipe stores the packed NF4 codes in the compute dtype (bf16), so that FSDP
-shards them with everything else. About 0.1 % of such bf16 containers hold a NaN bit pattern.
-When all the tensors one FSDP2 unit all-gathers share one dtype, torch copies them into the
-all-gather buffer with a float-aware CUDA copy that turns every NaN pattern into one canonical
-NaN (0x7FFF), so four packed codes change at each of those places, silently, at every forward
-(bitsandbytes issue 1945; measured on two H100s with torch 2.11:
-``benchmarks/results/run10-multigpu/probe``). Where a unit's dtypes differ, FSDP2 already
-all-gathers raw bytes (uint8), and those copies are exact. :func:`all_gather_as_bytes` makes
-it take that byte path for every unit: the same bytes travel, nothing is converted.
+shards them with everything else; some of those bf16 containers hold NaN bit patterns. When
+all the tensors one FSDP2 unit all-gathers share one dtype, torch copies them into the
+all-gather buffer as floats, and on GPUs that copy turns every NaN pattern into one canonical
+NaN, rewriting four packed codes each time (bitsandbytes issue 1945; docs/multi-gpu.md has the
+measurements). Where a unit's dtypes differ, FSDP2 already all-gathers raw bytes (uint8), and
+those copies are exact. :func:`all_gather_as_bytes` makes it take that byte path for every
+unit: the same bytes travel, nothing is converted.
 """
 
 from __future__ import annotations
@@ -27,29 +26,38 @@ if TYPE_CHECKING:
 PATCH = "torch-fsdp2-all-gather-bytes"
 
 
+def guard_float_storage(recipe: QLoRARecipe) -> None:
+    """4-bit weights are to be stored in a float dtype for FSDP: make FSDP2's all-gather byte-exact, and say so once.
+
+    Called where that storage is chosen (:func:`qlora_plugin.core.quantization.storage_dtype`)
+    and where a 4-bit layer is met under FSDP, so a model whose LoRA layers PEFT or Axolotl
+    build is covered too. The patch applies to the whole process; FSDP1 never calls it.
+    """
+    if all_gather_as_bytes():
+        log_once(
+            logging.INFO,
+            "qlora: FSDP2 (fully_shard) will all-gather the 4-bit weights as bytes (its float all-gather "
+            "rewrites packed codes that read as NaN on GPUs, bitsandbytes issue 1945)",
+            recipe,
+        )
+    else:
+        log_once(
+            logging.WARNING,
+            "qlora: FSDP2 (fully_shard) would all-gather the float-stored 4-bit weights as floats here, which "
+            "can rewrite some of their packed codes on GPUs (bitsandbytes issue 1945); the plugin's byte-exact "
+            "all-gather needs a torch version it was tested on (see the warning above)",
+            recipe,
+        )
+
+
 def guard_packed_weights(layer: nn.Module, recipe: QLoRARecipe) -> None:
     """Before FSDP shards ``layer``, make sure its float-stored 4-bit weight will be all-gathered as bytes."""
     from qlora_plugin.core.distributed import fsdp_in_effect
 
     weight = getattr(layer, "weight", None)
     float_stored = weight is not None and weight.is_floating_point()
-    if not float_stored or not fsdp_in_effect(recipe):
-        return
-    if all_gather_as_bytes():
-        log_once(
-            logging.INFO,
-            "qlora: FSDP2 all-gathers the 4-bit weights as bytes (its float all-gather rewrites packed codes "
-            "that read as NaN on GPUs, bitsandbytes issue 1945)",
-            recipe,
-        )
-    else:
-        log_once(
-            logging.WARNING,
-            "qlora: FSDP2 all-gathers the bf16-stored 4-bit weights as floats here, which can rewrite about "
-            "0.1 % of their packed codes on GPUs (bitsandbytes issue 1945); the plugin's byte-exact "
-            "all-gather needs a torch version it was tested on (see the warning above)",
-            recipe,
-        )
+    if float_stored and fsdp_in_effect(recipe):
+        guard_float_storage(recipe)
 
 
 def guard_packed_model(model: nn.Module, recipe: QLoRARecipe) -> None:
@@ -75,7 +83,9 @@ def all_gather_as_bytes() -> bool:
     import torch
     from torch.distributed.fsdp._fully_shard import _fsdp_collectives as collectives
 
-    original = collectives._get_all_gather_input_metadatas
+    original = getattr(collectives, "_get_all_gather_input_metadatas", None)
+    if original is None:  # only reachable with QLORA_UNTESTED_PATCHES on a torch that moved it
+        return False
     if getattr(original, "_qlora_as_bytes", False):
         return True
 

@@ -38,10 +38,10 @@ def storage_dtype(
     default: as the trainer's settings or the launch say,
     :func:`qlora_plugin.core.distributed.sharding_engine`) the compute dtype. Under FSDP that is
     the storage the FSDP QLoRA path of accelerate and Axolotl is built for (FSDP1 cannot flatten
-    integer tensors; torch 2.13's FSDP2 sharded uint8 storage correctly in a CPU probe, but the
-    GPU stack around it is unverified); under ZeRO-3 the storage of PEFT's "DeepSpeed ZeRO-3 +
-    QLoRA" guide, one dtype for every parameter ZeRO-3 partitions. There an explicit storage
-    dtype other than the compute dtype is an error.
+    integer tensors), and FSDP2 is made to all-gather it as bytes
+    (:func:`qlora_plugin.core.fsdp_bytes.guard_float_storage`); under ZeRO-3 the storage of
+    PEFT's "DeepSpeed ZeRO-3 + QLoRA" guide, one dtype for every parameter ZeRO-3 partitions.
+    There an explicit storage dtype other than the compute dtype is an error.
     """
     import logging
 
@@ -70,14 +70,17 @@ def storage_dtype(
             f"(quant_storage='auto': {why})",
             recipe,
         )
-        return compute_dtype
-    if recipe.quant_storage != compute:
+    elif recipe.quant_storage != compute:
         raise QLoRAConfigError(
             "quant_storage",
             recipe.quant_storage,
             f"under {engine} the 4-bit weights must be stored in the compute dtype {compute}, {failure}",
             f"set quant_storage='auto' or '{compute}' (the compute dtype)",
         )
+    if engine == FSDP_NAME:
+        from qlora_plugin.core.fsdp_bytes import guard_float_storage
+
+        guard_float_storage(recipe)
     return compute_dtype
 
 
