@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
 from qlora_plugin.commands.main import main
 from qlora_plugin.core.fields import recipe_spec
-from qlora_plugin.tools.estimate import Parallel, estimate_memory
+from qlora_plugin.tools.estimate import Parallel, estimate_memory, training_path
 from qlora_plugin.tools.inspection import analyze
 
 SHARDED = ("weights_4bit", "unquantized_params", "adapters", "gradients", "optimizer_states")
@@ -21,8 +22,10 @@ def report(eight_layer_config):
 
 
 def test_fsdp_divides_what_it_shards_and_adds_the_gathered_layer(report) -> None:
-    one = estimate_memory(report, 1024, 2)
+    without_kernels = replace(training_path(report.recipe), kernels=False, tiled_mlp=False)  # as under FSDP
+    one = estimate_memory(report, 1024, 2, path=without_kernels)
     two = estimate_memory(report, 1024, 2, parallel=Parallel(2, "fsdp"))
+    assert two.path == without_kernels  # the fast path's fused layer kernels stay off under FSDP
     for key in SHARDED:
         assert two.components[key] == math.ceil(one.components[key] / 2), key
     assert two.components["weights_4bit"] * 2 == pytest.approx(one.components["weights_4bit"], abs=1)
@@ -42,6 +45,7 @@ def test_fsdp_divides_what_it_shards_and_adds_the_gathered_layer(report) -> None
     four = estimate_memory(report, 1024, 2, parallel=Parallel(4, "fsdp"))
     assert four.components["weights_4bit"] == math.ceil(one.components["weights_4bit"] / 4)
     assert four.peak < two.peak < one.peak + gathered
+    assert estimate_memory(report, 1024, 2).components["activations"] < one.components["activations"]
 
 
 def test_fsdp_sharding_holds_the_loaded_replica_and_its_shards(report) -> None:
@@ -55,7 +59,8 @@ def test_fsdp_sharding_holds_the_loaded_replica_and_its_shards(report) -> None:
 
 def test_the_70b_fsdp_estimate_is_its_measured_sharding_peak(tmp_path) -> None:
     """Run 10 (two H100s, benchmarks/results/run10-multigpu): 70B at 1 x 2,048 peaked at 55.86 GiB per GPU
-    while sharding (29.52 GiB in the steps), and 8B at 4 x 2,048 at 8.67 GiB in its steps."""
+    while sharding (29.52 GiB in the steps); 8B and 1B at 4 x 2,048 at 8.67 and 3.22 GiB in their steps,
+    which run PEFT's forward (the fused kernels stay off under FSDP)."""
     import sys
     from pathlib import Path
 
@@ -64,7 +69,11 @@ def test_the_70b_fsdp_estimate_is_its_measured_sharding_peak(tmp_path) -> None:
     from llama_shapes import llama_config
     from multigpu_job import job_recipe
 
-    measured = {"llama-3.1-70b": (1, 55.858, "fsdp sharding"), "llama-3.1-8b": (4, 8.667, "layer backward")}
+    measured = {
+        "llama-3.1-70b": (1, 55.858, "fsdp sharding"),
+        "llama-3.1-8b": (4, 8.667, "layer backward"),
+        "llama-3.2-1b": (4, 3.224, "layer backward"),
+    }
     for shape, (batch, peak_gib, moment) in measured.items():
         llama_config(shape).save_pretrained(tmp_path / shape)
         fsdp = estimate_memory(
@@ -72,6 +81,7 @@ def test_the_70b_fsdp_estimate_is_its_measured_sharding_peak(tmp_path) -> None:
         )
         assert fsdp.peak_moment == moment, shape
         assert fsdp.optimizer == "adamw_torch" and fsdp.paged_optimizer == 0  # what the recipe trains with there
+        assert not fsdp.path.kernels and not fsdp.path.tiled_mlp
         assert abs(peak_gib / (fsdp.allocator_peak / 1024**3) - 1) <= 0.15, shape
 
 

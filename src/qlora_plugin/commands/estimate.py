@@ -7,6 +7,7 @@ from typing import Any
 
 from qlora_plugin.commands.options import add_recipe_options, recipe_from_args, subcommand
 from qlora_plugin.core.errors import QLoRAConfigError
+from qlora_plugin.fastpath.tiling_defaults import TILED_MLP_MIN_TOKENS, TILED_MLP_ROWS
 
 
 def register(commands: Any) -> None:
@@ -79,8 +80,8 @@ def register(commands: Any) -> None:
         "--tiled-mlp",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="fast path with kernels: steps of 32,768 tokens or more run each MLP in slices of 8,192 "
-        "tokens (default on, as the kernels do)",
+        help=f"fast path with kernels: steps of {TILED_MLP_MIN_TOKENS:,} tokens or more run each MLP in slices "
+        f"of {TILED_MLP_ROWS:,} tokens (default on, as the kernels do)",
     )
     path.add_argument(
         "--offload-keep-layers",

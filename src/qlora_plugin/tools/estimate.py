@@ -82,7 +82,8 @@ Several GPUs (:class:`Parallel`, ``--gpus N --strategy ddp|fsdp``), per GPU:
     unsharded gradients before the reduce-scatter) and the root unit (embeddings, untied
     head, final norm), which FSDP2 keeps unsharded from forward through backward.
     Prefetching the next layer and the collectives' staging buffers are not counted.
-    Activations and the loss are per GPU, unchanged.
+    Activations and the loss are per GPU, counted without the fast path's fused layer kernels,
+    which stay off under FSDP.
     Before the first step, sharding holds every rank's whole loaded replica (4-bit weights,
     unquantized parameters, adapters) and its new shards at once: accelerate keeps the loaded
     state dict while ``fully_shard`` copies each parameter's shard, and it does not move a
@@ -94,11 +95,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from qlora_plugin.core.distributed import optimizer_under_fsdp
 from qlora_plugin.core.errors import QLoRAConfigError, nearest
+from qlora_plugin.fastpath.tiling_defaults import TILED_MLP_MIN_TOKENS, TILED_MLP_ROWS
 
 if TYPE_CHECKING:
     from qlora_plugin.core.fields import RecipeSpec
@@ -127,8 +129,6 @@ FAST_PATH_DEFAULTS: dict[str, Any] = {
 IN_FLIGHT_OFFLOADED = 2  # layer inputs on the GPU with offloaded recompute: the one copied out, the one prefetched
 # The fast path's tiled MLP (qlora_plugin.fastpath.kernels.tiled_mlp's defaults; kept here so the
 # estimate never imports torch): from this many tokens per step, slices of this many tokens.
-TILED_MLP_MIN_TOKENS = 32768
-TILED_MLP_ROWS = 8192
 MLP_LEAVES = {"gate_proj", "up_proj", "down_proj"}
 # GPUs and the memory their drivers report (MiB, nvidia-smi's total).
 GPUS: dict[str, tuple[str, int]] = {
@@ -387,6 +387,8 @@ def estimate_memory(
     path = path or training_path(recipe)
     parallel = parallel or Parallel()
     shards = parallel.shards
+    if parallel.strategy == "fsdp" and parallel.gpus > 1 and path.kernels:
+        path = replace(path, kernels=False, tiled_mlp=False)  # sharded layers run PEFT's forward, not the kernels
     dims = Dimensions.from_config(report.config)
     stock = path.name == "stock"
     c = 4 if recipe.compute_dtype == "float32" else 2

@@ -36,15 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlora_plugin.fastpath.tiling_defaults import TILED_MLP_MIN_TOKENS, TILED_MLP_ROWS
+
 OPTIONS = "_qlora_tiled_mlp"
 _log = logging.getLogger("qlora_plugin")
 
-# Slices of 8,192 tokens: at the 8B shape one slice's backward holds about 1 GB of MLP
-# intermediates (4 x 8,192 x 14,336 x 2 bytes); the GEMMs stay large enough to run at full speed.
-DEFAULT_ROWS = 8192
-# Tile rows of at least 32,768 tokens (four slices): below that the intermediates are a few GB
-# at most, and the extra MLP forward would cost speed for little memory.
-DEFAULT_MIN_TOKENS = 32768
+DEFAULT_ROWS = TILED_MLP_ROWS
+DEFAULT_MIN_TOKENS = TILED_MLP_MIN_TOKENS
 
 
 @dataclass
