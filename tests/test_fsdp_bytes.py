@@ -103,8 +103,8 @@ def test_outside_the_tested_torch_versions_it_stays_off_with_a_warning(collectiv
     monkeypatch.setattr(patches, "installed_version", lambda p: "2.99.0" if p == "torch" else real(p))
     monkeypatch.delenv(patches.FORCE_ENV, raising=False)
     patches.allowed.cache_clear()
-    layer, recipe = _quantized_layer(monkeypatch, fsdp=True)
-    with caplog.at_level(logging.WARNING, logger="qlora_plugin"):
+    with caplog.at_level(logging.WARNING, logger="qlora_plugin"):  # choosing the storage warns already
+        layer, recipe = _quantized_layer(monkeypatch, fsdp=True)
         guard_packed_weights(layer, recipe)
         guard_packed_weights(layer, recipe)
     assert _all_gather_dtype(collectives, torch.zeros(2, dtype=torch.bfloat16)) == torch.bfloat16
