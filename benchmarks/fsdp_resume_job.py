@@ -29,17 +29,12 @@ STEPS = 8
 SAVE_EVERY = 4
 
 
-def rows() -> list[dict[str, str]]:
-    from evaluate_headlines import alpaca_prompt, read_rows
-
-    train = read_rows(REPO / "examples/assets/headlines/train.jsonl")
-    return [{"prompt": alpaca_prompt(row["input"], row["instruction"]), "completion": row["output"]} for row in train]
-
-
 def train(out: Path, resume: bool) -> None:
     import torch
     from datasets import Dataset
+    from evaluate_headlines import DEFAULT_BASE
     from trl import SFTConfig, SFTTrainer
+    from trl_sft import prompt_completion_rows
 
     from qlora_plugin import qlora_recipe
 
@@ -59,9 +54,9 @@ def train(out: Path, resume: bool) -> None:
         seed=0,
     )
     trainer = SFTTrainer(
-        model=str(REPO / "examples/assets/tiny-llama"),
+        model=str(DEFAULT_BASE),
         args=config,
-        train_dataset=Dataset.from_list(rows()),
+        train_dataset=Dataset.from_list(prompt_completion_rows()),
         peft_config=qlora_recipe(),
     )
     trainer.train(resume_from_checkpoint=True if resume else None)
@@ -80,17 +75,19 @@ def train(out: Path, resume: bool) -> None:
 
 def check_adapter(out: Path) -> None:
     import torch
+    from evaluate_headlines import DEFAULT_BASE
     from peft import PeftModel
     from transformers import AutoTokenizer
+    from trl_sft import prompt_completion_rows
 
     from qlora_plugin import qlora_recipe
 
-    base_dir = REPO / "examples/assets/tiny-llama"
+    base_dir = DEFAULT_BASE
     recipe = qlora_recipe()
     device = 0 if torch.cuda.is_available() else "cpu"
     model = PeftModel.from_pretrained(recipe.load_model(str(base_dir), device_map={"": device}), str(out / "adapter"))
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    row = rows()[0]
+    row = prompt_completion_rows()[0]
     prompt = tokenizer(row["prompt"]).input_ids
     ids = torch.tensor([tokenizer(row["prompt"] + row["completion"]).input_ids], device=model.device)
     labels = ids.clone()

@@ -26,6 +26,14 @@ from evaluate_headlines import DEFAULT_BASE, REPO, alpaca_prompt, read_rows  # n
 TRAIN = REPO / "examples/assets/headlines/train.jsonl"
 
 
+def prompt_completion_rows() -> list[dict[str, str]]:
+    """The training headlines as TRL prompt/completion pairs (Alpaca prompts): the loss covers only the completion."""
+    return [
+        {"prompt": alpaca_prompt(row["input"], row["instruction"]), "completion": row["output"]}
+        for row in read_rows(TRAIN)
+    ]
+
+
 def main(argv: list[str] | None = None) -> Path:
     from datasets import Dataset
     from trl import SFTTrainer
@@ -37,11 +45,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--max-steps", type=int, default=-1, help="stop early (default: 2 epochs)")
     args = parser.parse_args(argv)
 
-    # Alpaca rows as TRL prompt/completion pairs: the loss covers only the completion.
-    rows = read_rows(TRAIN)
-    dataset = Dataset.from_list(
-        [{"prompt": alpaca_prompt(row["input"], row["instruction"]), "completion": row["output"]} for row in rows]
-    )
+    dataset = Dataset.from_list(prompt_completion_rows())
     # As configs/qlora.yml: float32 compute (CPUs without bf16 units run bf16 far slower).
     recipe = qlora_recipe(
         compute_dtype="float32",

@@ -2,8 +2,8 @@
 
 gloo keeps worker threads and finished work objects (holding tensors) alive until the process
 group is destroyed; if any of them is still alive while the interpreter finalizes, the process
-can abort with "terminate called without an active exception" (about 1 job in 20 on a busy CPU
-runner, after its result was written). A job calls this once its result file is closed.
+can abort with "terminate called without an active exception" after its result was written.
+A job calls this once its result file is closed.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def guard_float_storage(recipe: QLoRARecipe) -> None:
 
     Called where that storage is chosen (:func:`qlora_plugin.core.quantization.storage_dtype`)
     and where a 4-bit layer is met under FSDP, so a model whose LoRA layers PEFT or Axolotl
-    build is covered too. The patch applies to the whole process; FSDP1 never calls it.
+    build is covered too. The patch applies to the whole process; FSDP1 never reaches the wrapped function.
     """
     if all_gather_as_bytes():
         log_once(

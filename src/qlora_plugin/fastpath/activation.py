@@ -274,9 +274,9 @@ OFFLOAD_KEEP_ENV = "QLORA_OFFLOAD_KEEP_LAYERS"
 
 def tiled_mlp_min_tokens(recipe: QLoRARecipe) -> int:
     """From how many tokens a step's MLPs run tiled: ``QLORA_TILED_MLP`` (whole number, 0 = never), or the default."""
-    from qlora_plugin.fastpath.kernels.tiled_mlp import DEFAULT_MIN_TOKENS
+    from qlora_plugin.fastpath.tiling_defaults import TILED_MLP_MIN_TOKENS
 
-    return _env_count(TILED_MLP_ENV, DEFAULT_MIN_TOKENS, recipe, "the MLPs tile from that many tokens (0: never)")
+    return _env_count(TILED_MLP_ENV, TILED_MLP_MIN_TOKENS, recipe, "the MLPs tile from that many tokens (0: never)")
 
 
 def offload_keep_layers(recipe: QLoRARecipe) -> int:

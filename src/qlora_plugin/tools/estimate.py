@@ -127,8 +127,6 @@ FAST_PATH_DEFAULTS: dict[str, Any] = {
     "tiled_mlp": True,
 }
 IN_FLIGHT_OFFLOADED = 2  # layer inputs on the GPU with offloaded recompute: the one copied out, the one prefetched
-# The fast path's tiled MLP (qlora_plugin.fastpath.kernels.tiled_mlp's defaults; kept here so the
-# estimate never imports torch): from this many tokens per step, slices of this many tokens.
 MLP_LEAVES = {"gate_proj", "up_proj", "down_proj"}
 # GPUs and the memory their drivers report (MiB, nvidia-smi's total).
 GPUS: dict[str, tuple[str, int]] = {
@@ -387,7 +385,8 @@ def estimate_memory(
     path = path or training_path(recipe)
     parallel = parallel or Parallel()
     shards = parallel.shards
-    if parallel.strategy == "fsdp" and parallel.gpus > 1 and path.kernels:
+    sharded = shards > 1  # FSDP over several GPUs
+    if sharded and path.kernels:
         path = replace(path, kernels=False, tiled_mlp=False)  # sharded layers run PEFT's forward, not the kernels
     dims = Dimensions.from_config(report.config)
     stock = path.name == "stock"
@@ -399,7 +398,7 @@ def estimate_memory(
 
     trainable = report.trainable_params
     optimizer = recipe.optimizer
-    if parallel.strategy == "fsdp" and parallel.gpus > 1:
+    if sharded:
         optimizer = optimizer_under_fsdp(optimizer)  # what the recipe trains with there: nothing paged
     optimizer_torch, optimizer_paged = optimizer_bytes(
         report.lora_tensor_sizes(), optimizer, adapter_bytes, page_all=path.kernels
@@ -420,7 +419,7 @@ def estimate_memory(
     if parallel.strategy == "ddp" and parallel.gpus > 1:
         components["ddp_buckets"] = whole["gradients"]
         resident += components["ddp_buckets"]
-    elif parallel.strategy == "fsdp" and parallel.gpus > 1:
+    elif sharded:
         layers = max(Dimensions.from_config(report.config).layers, 1)
         root = root_params(report) * frozen_bytes
         layer_params = (whole["weights_4bit"] + whole["unquantized_params"] - root + whole["adapters"]) / layers
@@ -468,7 +467,7 @@ def estimate_memory(
         + gathered_grads,
         "optimizer step": resident + optimizer_torch + components["gradients"],
     }
-    if parallel.strategy == "fsdp" and parallel.gpus > 1:  # the loaded replica and its shards, together
+    if sharded:  # the loaded replica and its shards, together
         replica = whole["weights_4bit"] + whole["unquantized_params"] + whole["adapters"]
         moments["fsdp sharding"] = replica + math.ceil(replica / shards)
     if tiled:  # the MLP's backward no longer dominates: attention's, later in the same layer, may

@@ -15,7 +15,8 @@ from qlora_plugin.fastpath.kernels.layers import patch_norms_and_mlps, patch_rop
 from qlora_plugin.fastpath.kernels.lora_linear import LayerOptions, patch_lora_4bit_layers
 from qlora_plugin.fastpath.kernels.losses import patch_causal_lm_loss
 from qlora_plugin.fastpath.kernels.recompute import set_recompute
-from qlora_plugin.fastpath.kernels.tiled_mlp import DEFAULT_MIN_TOKENS, DEFAULT_ROWS, TiledMLPOptions, enable_tiled_mlp
+from qlora_plugin.fastpath.kernels.tiled_mlp import TiledMLPOptions, enable_tiled_mlp
+from qlora_plugin.fastpath.tiling_defaults import TILED_MLP_MIN_TOKENS, TILED_MLP_ROWS
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,8 @@ class FastPathConfig:
     triton_dropout: bool = True
     cache_block_constants: bool = False
     packed_attention: bool = True
-    tiled_mlp_min_tokens: int = DEFAULT_MIN_TOKENS
-    tiled_mlp_rows: int = DEFAULT_ROWS
+    tiled_mlp_min_tokens: int = TILED_MLP_MIN_TOKENS
+    tiled_mlp_rows: int = TILED_MLP_ROWS
 
 
 @dataclass

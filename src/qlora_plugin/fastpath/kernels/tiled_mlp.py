@@ -41,9 +41,6 @@ from qlora_plugin.fastpath.tiling_defaults import TILED_MLP_MIN_TOKENS, TILED_ML
 OPTIONS = "_qlora_tiled_mlp"
 _log = logging.getLogger("qlora_plugin")
 
-DEFAULT_ROWS = TILED_MLP_ROWS
-DEFAULT_MIN_TOKENS = TILED_MLP_MIN_TOKENS
-
 
 @dataclass
 class TiledMLPOptions:
@@ -54,8 +51,8 @@ class TiledMLPOptions:
     ``calls``: tiled calls so far, and ``slices``: the slice count of the last one.
     """
 
-    rows: int = DEFAULT_ROWS
-    min_tokens: int = DEFAULT_MIN_TOKENS
+    rows: int = TILED_MLP_ROWS
+    min_tokens: int = TILED_MLP_MIN_TOKENS
     announced: bool = False
     calls: int = 0
     slices: int = 0
