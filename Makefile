@@ -21,6 +21,8 @@ LATEST := .venv-axolotl-latest
 LATEST_STAMP := $(LATEST)/.installed
 MUT := .venv-mut
 MUT_STAMP := $(MUT)/.installed
+# Every install goes through a wrapper that retries downloads cut off by the network (not resolver errors).
+PIP_INSTALL := bash scripts/pip_install.sh
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
 
 .PHONY: install prepare-real train train-tiny lint test test-newest test-axolotl-latest mutate
@@ -30,23 +32,23 @@ install: $(STAMP)
 # torch 2.13.0 first: a CPU build lies on this disk; an unpinned torch would pull a CUDA build of several GB.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[axolotl,dev]"
+	$(PIP_INSTALL) $(BIN)/pip --quiet --upgrade pip
+	$(PIP_INSTALL) $(BIN)/pip --quiet torch==2.13.0
+	$(PIP_INSTALL) $(BIN)/pip --quiet -e ".[axolotl,dev]"
 	touch $(STAMP)
 
 $(NEWEST_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(NEWEST)
-	$(NEWEST)/bin/pip install --quiet --upgrade pip
-	$(NEWEST)/bin/pip install --quiet torch==2.13.0
-	$(NEWEST)/bin/pip install --quiet --upgrade -e ".[dev]" transformers trl peft accelerate datasets
+	$(PIP_INSTALL) $(NEWEST)/bin/pip --quiet --upgrade pip
+	$(PIP_INSTALL) $(NEWEST)/bin/pip --quiet torch==2.13.0
+	$(PIP_INSTALL) $(NEWEST)/bin/pip --quiet --upgrade -e ".[dev]" transformers trl peft accelerate datasets
 	touch $(NEWEST_STAMP)
 
 # No torch file on disk for Python 3.12: pip takes the newest torch the machine allows from PyPI.
 $(LATEST_STAMP): pyproject.toml
 	$(PYTHON312) -m venv $(LATEST)
-	$(LATEST)/bin/pip install --quiet --upgrade pip
-	$(LATEST)/bin/pip install --quiet --upgrade -e ".[axolotl,dev]"
+	$(PIP_INSTALL) $(LATEST)/bin/pip --quiet --upgrade pip
+	$(PIP_INSTALL) $(LATEST)/bin/pip --quiet --upgrade -e ".[axolotl,dev]"
 	touch $(LATEST_STAMP)
 
 # Needs PyPI (pip download); a second run finds everything in place and does nothing.
@@ -81,9 +83,9 @@ test-axolotl-latest: $(LATEST_STAMP)
 
 $(MUT_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(MUT)
-	$(MUT)/bin/pip install --quiet --upgrade pip
-	$(MUT)/bin/pip install --quiet torch==2.13.0
-	$(MUT)/bin/pip install --quiet -e ".[axolotl,dev]" mutmut==3.8.1
+	$(PIP_INSTALL) $(MUT)/bin/pip --quiet --upgrade pip
+	$(PIP_INSTALL) $(MUT)/bin/pip --quiet torch==2.13.0
+	$(PIP_INSTALL) $(MUT)/bin/pip --quiet -e ".[axolotl,dev]" mutmut==3.8.1
 	touch $(MUT_STAMP)
 
 # Mutation testing of the modules in [tool.mutmut] (pyproject.toml), in its own environment; about
