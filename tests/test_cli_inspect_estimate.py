@@ -148,6 +148,7 @@ def test_estimate_through_the_console_script(tiny_model_dir, capsys) -> None:
         "adapter_dtype": "float32",
         "cached_constants": False,
         "tiled_mlp": True,
+        "tiled_mlp_min_tokens": 32768,
         "offload_keep_layers": 0,
     }
 

@@ -64,3 +64,29 @@ def test_tiling_takes_the_mlp_out_of_the_per_token_bytes(llama_8b, capsys) -> No
     kept = run("--seq", "400000", "--offload-keep-layers", "6")
     assert kept["host_pinned"] == 26 * 4096 * 2 * 400000
     assert kept["allocator_peak"] - tiled["allocator_peak"] == 6 * 4096 * 2 * 400000
+
+
+def test_the_estimate_reads_the_environment_training_reads(llama_8b, capsys, monkeypatch) -> None:
+    """``QLORA_TILED_MLP`` and ``QLORA_OFFLOAD_KEEP_LAYERS`` change what training does, so the estimate follows them."""
+
+    def run(*args: str) -> dict:
+        assert main(["estimate", str(llama_8b), "--batch", "1", "--recompute", "offload", "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    default = run("--seq", "400000")
+    monkeypatch.setenv("QLORA_TILED_MLP", "0")
+    never = run("--seq", "400000")
+    assert never["path"]["tiled_mlp_min_tokens"] == 0
+    assert never["allocator_peak"] == run("--seq", "400000", "--no-tiled-mlp")["allocator_peak"]
+    assert never["allocator_peak"] > default["allocator_peak"]
+    monkeypatch.setenv("QLORA_TILED_MLP", "500000")  # a threshold above the row: nothing tiles
+    assert run("--seq", "400000")["allocator_peak"] == never["allocator_peak"]
+    monkeypatch.setenv("QLORA_TILED_MLP", "16384")  # a threshold below: 16,384-token rows tile
+    assert run("--seq", "16384")["allocator_peak"] < run("--seq", "16384", "--no-tiled-mlp")["allocator_peak"]
+    monkeypatch.delenv("QLORA_TILED_MLP")
+    monkeypatch.setenv("QLORA_OFFLOAD_KEEP_LAYERS", "6")
+    kept = run("--seq", "400000")
+    assert kept["path"]["offload_keep_layers"] == 6 and kept["host_pinned"] == 26 * 4096 * 2 * 400000
+    assert run("--seq", "400000", "--offload-keep-layers", "0")["host_pinned"] == 32 * 4096 * 2 * 400000
+    # full recompute keeps every layer input anyway: the variable does not apply, as in training
+    assert run("--seq", "16384", "--recompute", "full")["path"]["offload_keep_layers"] == 0

@@ -81,14 +81,16 @@ def register(commands: Any) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help=f"fast path with kernels: steps of {TILED_MLP_MIN_TOKENS:,} tokens or more run each MLP in slices "
-        f"of {TILED_MLP_ROWS:,} tokens (default on, as the kernels do)",
+        f"of {TILED_MLP_ROWS:,} tokens (default on, as the kernels do; QLORA_TILED_MLP=N moves the threshold, "
+        "as in training)",
     )
     path.add_argument(
         "--offload-keep-layers",
         type=int,
         default=None,
         metavar="N",
-        help="with --recompute offload: the first N layer inputs stay on the GPU (QLORA_OFFLOAD_KEEP_LAYERS)",
+        help="with --recompute offload: the first N layer inputs stay on the GPU (default QLORA_OFFLOAD_KEEP_LAYERS, "
+        "else 0)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from qlora_plugin.core.fields import RecipeSpec
     from qlora_plugin.core.recipe import QLoRARecipe
 
 PACKAGE_LOGGER = "qlora_plugin"
@@ -41,7 +42,7 @@ def report(level: int, message: str, *args: Any, recipe: Any = None) -> None:
     logger_for(recipe).log(level, message, *args)
 
 
-def log_once(level: int, message: str, recipe: QLoRARecipe) -> None:
+def log_once(level: int, message: str, recipe: QLoRARecipe | RecipeSpec) -> None:
     """Log ``message`` the first time it comes up for ``recipe`` (so once per run, not per layer)."""
     said = recipe.__dict__.setdefault("_qlora_said", set())
     if message not in said:

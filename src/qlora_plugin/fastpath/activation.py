@@ -32,6 +32,7 @@ from qlora_plugin.core.notices import log_once
 if TYPE_CHECKING:
     from torch import nn
 
+    from qlora_plugin.core.fields import RecipeSpec
     from qlora_plugin.core.recipe import QLoRARecipe
     from qlora_plugin.fastpath.kernels import FastPathReport
 
@@ -272,19 +273,19 @@ TILED_MLP_ENV = "QLORA_TILED_MLP"
 OFFLOAD_KEEP_ENV = "QLORA_OFFLOAD_KEEP_LAYERS"
 
 
-def tiled_mlp_min_tokens(recipe: QLoRARecipe) -> int:
+def tiled_mlp_min_tokens(recipe: QLoRARecipe | RecipeSpec) -> int:
     """From how many tokens a step's MLPs run tiled: ``QLORA_TILED_MLP`` (whole number, 0 = never), or the default."""
     from qlora_plugin.fastpath.tiling_defaults import TILED_MLP_MIN_TOKENS
 
     return _env_count(TILED_MLP_ENV, TILED_MLP_MIN_TOKENS, recipe, "the MLPs tile from that many tokens (0: never)")
 
 
-def offload_keep_layers(recipe: QLoRARecipe) -> int:
+def offload_keep_layers(recipe: QLoRARecipe | RecipeSpec) -> int:
     """Layers whose inputs stay on the GPU under offloaded recompute: ``QLORA_OFFLOAD_KEEP_LAYERS`` (default 0)."""
     return _env_count(OFFLOAD_KEEP_ENV, 0, recipe, "the first that many layers keep their inputs on the GPU")
 
 
-def _env_count(name: str, default: int, recipe: QLoRARecipe, meaning: str) -> int:
+def _env_count(name: str, default: int, recipe: QLoRARecipe | RecipeSpec, meaning: str) -> int:
     """A whole number >= 0 from the environment variable ``name``, else ``default`` (a bad value: one warning)."""
     value = os.environ.get(name, "").strip()
     if not value:

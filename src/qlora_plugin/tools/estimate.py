@@ -17,8 +17,10 @@ The path (:class:`TrainingPath`) says how the step runs:
     fused RMSNorm and SwiGLU that save less, and a paged AdamW that pages every
     state), ``adapter_dtype`` (float32 masters, or the compute dtype) and
     ``cached_constants`` (the 4-bit block constants kept decoded in float32) and
-    ``tiled_mlp`` (with the kernels, steps of at least :data:`TILED_MLP_MIN_TOKENS`
-    tokens run each MLP in slices of :data:`TILED_MLP_ROWS` tokens).
+    ``tiled_mlp`` (with the kernels, steps of at least ``tiled_mlp_min_tokens``
+    tokens run each MLP in slices of :data:`TILED_MLP_ROWS` tokens). Like training,
+    the fast path reads ``QLORA_TILED_MLP`` and ``QLORA_OFFLOAD_KEEP_LAYERS`` from the
+    environment unless the options set them.
 
 Resident for the whole step
   * 4-bit weights: every linear layer but the output head, packed two per byte,
@@ -100,6 +102,7 @@ from typing import TYPE_CHECKING, Any
 
 from qlora_plugin.core.distributed import optimizer_under_fsdp
 from qlora_plugin.core.errors import QLoRAConfigError, nearest
+from qlora_plugin.fastpath.activation import offload_keep_layers, tiled_mlp_min_tokens
 from qlora_plugin.fastpath.tiling_defaults import TILED_MLP_MIN_TOKENS, TILED_MLP_ROWS
 
 if TYPE_CHECKING:
@@ -157,9 +160,14 @@ class TrainingPath:
     adapter_dtype: str = "float32"
     cached_constants: bool = False
     tiled_mlp: bool = True
+    tiled_mlp_min_tokens: int = TILED_MLP_MIN_TOKENS
     offload_keep_layers: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.tiled_mlp_min_tokens, bool) or self.tiled_mlp_min_tokens < 0:
+            raise QLoRAConfigError(
+                "QLORA_TILED_MLP", self.tiled_mlp_min_tokens, "must be a whole number >= 0", "pass 0 (never) or more"
+            )
         if self.offload_keep_layers and self.recompute != "offload":
             raise QLoRAConfigError(
                 "--offload-keep-layers",
@@ -220,13 +228,16 @@ class TrainingPath:
         ]
         if self.cached_constants:
             parts.append("cached block constants")
-        if self.kernels and not self.tiled_mlp:
+        if self.kernels and not (self.tiled_mlp and self.tiled_mlp_min_tokens):
             parts.append("MLP never tiled")
+        elif self.kernels and self.tiled_mlp_min_tokens != TILED_MLP_MIN_TOKENS:
+            parts.append(f"MLP tiled from {self.tiled_mlp_min_tokens:,} tokens")
         return "fast path: " + ", ".join(parts)
 
     def tiles(self, tokens: int) -> bool:
         """Whether a step of ``tokens`` tokens runs its MLPs tiled (the fast path's kernels only)."""
-        return self.name == "fast" and self.kernels and self.tiled_mlp and tokens >= TILED_MLP_MIN_TOKENS
+        fast_kernels = self.name == "fast" and self.kernels and self.tiled_mlp
+        return fast_kernels and 0 < self.tiled_mlp_min_tokens <= tokens
 
 
 STRATEGIES = ("ddp", "fsdp")
@@ -265,7 +276,8 @@ def training_path(recipe: QLoRARecipe | RecipeSpec, name: str | None = None, **o
     """The path ``recipe`` trains on (``name`` and ``options`` override; ``None`` values are ignored).
 
     ``recompute`` follows ``gradient_checkpointing`` (``full``, ``none``, or ``offload`` on the
-    fast path); the fast path's other options default to :data:`FAST_PATH_DEFAULTS`.
+    fast path); the fast path's other options default to :data:`FAST_PATH_DEFAULTS`, and the
+    tiling threshold and the layers kept under offload to the environment training reads.
     """
     name = name or ("fast" if recipe.fast_path else "stock")
     checkpointing = recipe.gradient_checkpointing
@@ -276,6 +288,10 @@ def training_path(recipe: QLoRARecipe | RecipeSpec, name: str | None = None, **o
     else:
         values.update(fused_loss=False, kernels=False, adapter_dtype="float32", tiled_mlp=False)
     values.update({key: value for key, value in options.items() if value is not None})
+    if name == "fast":
+        values.setdefault("tiled_mlp_min_tokens", tiled_mlp_min_tokens(recipe))
+        if values["recompute"] == "offload":
+            values.setdefault("offload_keep_layers", offload_keep_layers(recipe))
     return TrainingPath(name=name, **values)
 
 
@@ -492,7 +508,8 @@ def estimate_memory(
         notes.append(f"offloaded recompute keeps {host_pinned / GIB:.1f} GiB of layer inputs in pinned host memory")
     if tiled:
         slices = math.ceil(tokens / TILED_MLP_ROWS)
-        notes.append(f"MLPs tiled: {slices} slices of {TILED_MLP_ROWS} tokens (from {TILED_MLP_MIN_TOKENS} tokens)")
+        threshold = path.tiled_mlp_min_tokens
+        notes.append(f"MLPs tiled: {slices} slices of {TILED_MLP_ROWS} tokens (from {threshold} tokens)")
     return MemoryEstimate(
         model=report.source,
         seq=seq,
