@@ -184,6 +184,19 @@ def test_sft_config_with_a_zero3_config_in_its_settings(no_launch) -> None:
     assert config.model_init_kwargs["device_map"] is None and config.optim == "adamw_torch"
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_sft_config_with_deepspeed_in_its_settings_keeps_it_on_a_cpu_launch(no_launch, stage) -> None:
+    """On a CPU launch ``use_cpu`` would make accelerate drop DeepSpeed; the config names gloo instead."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (not a dependency; CI does not install it)")
+    no_launch.setenv("WORLD_SIZE", "2")
+    zero = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto"}
+    config = qlora_recipe().sft_config(output_dir="out", report_to="none", deepspeed=zero)
+    assert config.ddp_backend == "gloo" and not config.use_cpu
+
+
 def test_under_zero3_an_explicit_other_storage_is_one_line_naming_the_fix(no_launch) -> None:
     for name, value in ZERO3_LAUNCH.items():
         no_launch.setenv(name, value)

@@ -61,6 +61,10 @@ def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
     remember_fsdp(recipe, fsdp_requested(overrides))  # before anything asks for the fast path or the storage
     remember_zero3(recipe, zero3_requested(overrides))
     settings = recipe.training_args()
+    if deepspeed_requested(overrides) and settings.pop("use_cpu", False):
+        # DeepSpeed in the settings on a CPU launch: use_cpu would make accelerate drop DeepSpeed
+        # (see training_args, which reads only the launch); gloo keeps it and counts the processes.
+        settings["ddp_backend"] = "gloo"
     settings.update(liger_loss_settings(recipe, overrides=overrides))
     compute_dtype = recipe.resolved_compute_dtype()
     loading = {"quantization_config": recipe.quantization_config(), "dtype": compute_dtype}
