@@ -111,3 +111,47 @@ def test_the_report_averages_seeds_and_checks_the_targets(tmp_path) -> None:
     quality.report(tmp_path)
     table = (tmp_path / "quality.md").read_text()
     assert "| qlora-plugin | 2 | 1.0150 ± 0.0071 | +0.50 % | 80.5 % ± 0.7 | -0.5 pt |" in table
+
+
+@pytest.mark.slow
+def test_quant_error_compares_the_storages_on_a_prepared_cache(tmp_path) -> None:
+    import quant_error
+
+    cache = tiny_cache(tmp_path / "cache")
+    out = tmp_path / "out"
+    quant_error.main(["--cache", str(cache), "--models", "tiny-chat", "--tasks", "sentiment", "--out", str(out)])
+    payload = json.loads((out / "quant_error.json").read_text())
+    errors = payload["weight_error"]["tiny-chat"]
+    # NF4's levels are the quantiles of a normal distribution: on Gaussian weights it must beat FP4
+    assert 0 < errors["gaussian"]["nf4"] < errors["gaussian"]["fp4"] < 0.1
+    assert 0 < errors["model"]["nf4"] < 0.1 and 0 < errors["model"]["fp4"] < 0.1
+    assert [row["storage"] for row in payload["base"]] == list(quant_error.STORAGES)
+    for row in payload["base"]:
+        assert math.isfinite(row["eval_loss"]) and 0.0 <= row["accuracy"] <= 1.0 and row["n_test"] == 6
+    assert "| tiny-chat | sentiment | nf4 |" in (out / "quant_error.md").read_text()
+
+
+def test_quant_error_eval_loss_is_the_mean_over_answer_tokens(tmp_path) -> None:
+    """Padded batches give the token-weighted mean of each row's own loss (the trainers' eval loss)."""
+    import torch
+    from datasets import Dataset
+    from quant_error import eval_loss
+    from tiny import tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(tmp_path / "m", vocab_size=40)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    rows = {
+        "input_ids": [[1, 5, 6, 7, 8, 9], [1, 11, 12], [1, 3, 4, 20, 21]],
+        "labels": [[-100, -100, -100, 7, 8, 9], [-100, -100, 12], [-100, -100, -100, -100, 21]],
+    }
+    expected_sum = expected_count = 0.0
+    for ids, labels in zip(rows["input_ids"], rows["labels"], strict=True):
+        answer = sum(label != -100 for label in labels[1:])
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
+        expected_sum += loss * answer
+        expected_count += answer
+    assert eval_loss(model, Dataset.from_dict(rows), pad_id=0, batch_size=2) == pytest.approx(
+        expected_sum / expected_count, rel=1e-5
+    )
