@@ -24,6 +24,7 @@ ZERO_STAGE_ENV = "ACCELERATE_DEEPSPEED_ZERO_STAGE"  # ... with its `zero_stage`
 DEEPSPEED_CONFIG_ENV = "ACCELERATE_DEEPSPEED_CONFIG_FILE"  # ... or with its `deepspeed_config_file`
 _FSDP = "_qlora_fsdp"  # on a recipe: what the trainer's settings said (see remember_fsdp)
 _ZERO3 = "_qlora_zero3"  # on a recipe: what the trainer's settings said (see remember_zero3)
+_DEEPSPEED = "_qlora_deepspeed"  # on a recipe: what the trainer's settings said (see remember_deepspeed)
 FSDP_NAME = "FSDP"
 ZERO3_NAME = "DeepSpeed ZeRO-3"
 
@@ -130,6 +131,16 @@ def remember_fsdp(recipe: Any, fsdp: bool) -> None:
 def fsdp_in_effect(recipe: Any) -> bool:
     """True when ``recipe`` trains under FSDP: as its trainer's settings said, or as the launch says."""
     return bool(recipe.__dict__.get(_FSDP, False)) or fsdp_requested()
+
+
+def remember_deepspeed(recipe: Any, deepspeed: bool) -> None:
+    """Record on ``recipe`` whether its trainer runs DeepSpeed at any stage (read by :func:`deepspeed_in_effect`)."""
+    recipe.__dict__[_DEEPSPEED] = bool(deepspeed)
+
+
+def deepspeed_in_effect(recipe: Any) -> bool:
+    """True when ``recipe`` trains under DeepSpeed: as its trainer's settings said, or as the launch says."""
+    return bool(recipe.__dict__.get(_DEEPSPEED, False)) or deepspeed_requested()
 
 
 def remember_zero3(recipe: Any, zero3: bool) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from qlora_plugin.core.device import precision_flags, training_device
 from qlora_plugin.core.distributed import (
     current_launch,
+    deepspeed_in_effect,
     fsdp_in_effect,
     optimizer_under_fsdp,
     sharding_engine,
@@ -46,9 +47,7 @@ def training_args(recipe: QLoRARecipe, device: str | None = None) -> dict[str, A
         **precision_flags(recipe.resolved_compute_dtype(device), device),
     }
     settings.update({name: getattr(recipe, name) for name in OPTIONAL_SETTINGS if getattr(recipe, name) is not None})
-    from qlora_plugin.core.distributed import deepspeed_requested
-
-    if device == "cpu" and current_launch().distributed and (deepspeed_requested() or zero3_in_effect(recipe)):
+    if device == "cpu" and current_launch().distributed and (deepspeed_in_effect(recipe) or zero3_in_effect(recipe)):
         settings["ddp_backend"] = "gloo"
     elif device == "cpu" and current_launch().distributed:
         # Without it, transformers on a machine without a GPU sets up no DDP (accelerate picks

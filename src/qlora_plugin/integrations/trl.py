@@ -50,6 +50,7 @@ def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
         deepspeed_requested,
         fsdp_requested,
         rank_device_map,
+        remember_deepspeed,
         remember_fsdp,
         remember_zero3,
         zero3_requested,
@@ -60,18 +61,16 @@ def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
     check_sft_overrides(overrides, SFTConfig)
     remember_fsdp(recipe, fsdp_requested(overrides))  # before anything asks for the fast path or the storage
     remember_zero3(recipe, zero3_requested(overrides))
+    deepspeed = deepspeed_requested(overrides)
+    remember_deepspeed(recipe, deepspeed)  # training_args then names gloo, not use_cpu, on a CPU launch
     settings = recipe.training_args()
-    if deepspeed_requested(overrides) and settings.pop("use_cpu", False):
-        # DeepSpeed in the settings on a CPU launch: use_cpu would make accelerate drop DeepSpeed
-        # (see training_args, which reads only the launch); gloo keeps it and counts the processes.
-        settings["ddp_backend"] = "gloo"
     settings.update(liger_loss_settings(recipe, overrides=overrides))
     compute_dtype = recipe.resolved_compute_dtype()
     loading = {"quantization_config": recipe.quantization_config(), "dtype": compute_dtype}
     user_loading = dict(overrides.pop("model_init_kwargs", None) or {})
     if "device_map" in user_loading:
         pass  # the user's
-    elif deepspeed_requested(overrides):
+    elif deepspeed:
         loading["device_map"] = None  # DeepSpeed places the parameters; transformers refuses "auto" there
     elif (device_map := rank_device_map(training_device())) is not None:
         loading["device_map"] = device_map  # each rank loads the whole 4-bit model on its own GPU
