@@ -59,17 +59,15 @@ def weight_error(model: Any, quant_type: str, gaussian: bool, seed: int = 0) -> 
 
 
 def load(model_dir: Path, storage: str) -> Any:
+    """The base in bf16, or in 4 bits with the recipe's bitsandbytes config for ``storage`` (nf4/fp4)."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from qlora_plugin import qlora_recipe
 
     if storage == "bf16":
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=storage,
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
+    quantization = qlora_recipe(quant_type=storage, compute_dtype="bfloat16").bnb_config()
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, quantization_config=quantization)
 
 
@@ -171,11 +169,11 @@ def main(argv: list[str] | None = None) -> None:
         }
         del reference
         tasks = [load_task(tokenizer, args.cache / task, settings) for task in args.tasks]
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         for storage in STORAGES:
             model = load(model_dir, storage)
             for task in tasks:
                 started = time.perf_counter()
-                pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
                 row = {
                     "model": model_name,
                     "task": task.name,
