@@ -58,6 +58,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
         quant=True, trl=True, dropout=0.05, recipe=dict(gradient_checkpointing="offload"), fused_optim=True
     ),
     "qlora-plugin-default": dict(quant=True, trl=True, dropout=0.05, recipe={}),
+    # the mission's line: the user's own SFTConfig (bf16, gradient checkpointing, no optim) beside
+    # peft_config=qlora_recipe(); --trainer-args adds to it (e.g. a loss_type)
+    "qlora-plugin-own-config": dict(
+        quant=True, trl=True, dropout=0.05, recipe={}, own_config=dict(gradient_checkpointing=True)
+    ),
+    # Unsloth's FastLanguageModel + its patched SFTTrainer, as its docs show (bench_unsloth.py)
+    "unsloth-qlora": dict(quant=True, unsloth=True, dropout=0.0, grad_ckpt="unsloth"),
     "qlora-plugin-bnb-optim": dict(
         quant=True, trl=True, dropout=0.05, recipe=dict(gradient_checkpointing=False), fused_optim=False
     ),

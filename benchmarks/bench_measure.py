@@ -214,3 +214,31 @@ def graphs_state(model: Any) -> dict[str, Any] | None:
                 last_key=str(graphs.last_key),
             )
     return None
+
+
+class TokenCounter:
+    """Counts the tokens a model really receives in training forwards (a forward pre-hook).
+
+    What a step trains on is what reaches the model: a trainer may accumulate several
+    micro-batches behind ``per_device_train_batch_size`` (Unsloth's does), pad, or pack.
+    ``reset()`` starts the window (at the first timed step); ``count`` is the tokens since.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.count = 0
+        self.forwards = 0
+        self.handle = model.register_forward_pre_hook(self._seen, with_kwargs=True)
+
+    def _seen(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not module.training:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None and kwargs.get("inputs_embeds") is not None:
+            self.count += int(kwargs["inputs_embeds"].shape[:-1].numel())
+        elif ids is not None:
+            self.count += int(ids.numel())
+        self.forwards += 1
+
+    def reset(self) -> None:
+        self.count = 0
+        self.forwards = 0

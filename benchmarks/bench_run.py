@@ -15,6 +15,7 @@ from typing import Any
 from bench_config import ALPHA, BATCH, DEVICE, LR, RANK, SEQ, VARIANTS
 from bench_measure import (
     Events,
+    TokenCounter,
     gib,
     gpu_name,
     graphs_state,
@@ -40,7 +41,7 @@ def cmd_run(a: argparse.Namespace) -> None:
     """One variant on one shape: SFTTrainer rows go to ``run_trl``, others train in a plain loop; appends a row."""
     import torch
 
-    if VARIANTS[a.variant].get("trl"):
+    if VARIANTS[a.variant].get("trl") or VARIANTS[a.variant].get("unsloth"):
         return run_trl(a)
     overrides = json.loads(a.plugin) if a.plugin else None
     t0 = time.time()
@@ -115,13 +116,15 @@ def run_trl(a: argparse.Namespace) -> None:
     import logging
     import tempfile
 
+    spec = dict(VARIANTS[a.variant])
+    if spec.get("unsloth"):
+        import unsloth  # noqa: F401  (first: it patches transformers, PEFT and TRL as they are imported)
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    spec = dict(VARIANTS[a.variant])
     if a.dropout is not None:
         spec["dropout"] = a.dropout
     if a.recipe and "recipe" in spec:
@@ -145,11 +148,13 @@ def run_trl(a: argparse.Namespace) -> None:
 
     logging.getLogger("qlora_plugin").addHandler(Keep())
     logging.getLogger("qlora_plugin").setLevel(logging.INFO)
-    if recipe is not None:
+    tok = placeholder_tokenizer()
+    if spec.get("unsloth"):
+        model, tok = unsloth_model(nf4_dir, tok, spec)
+    elif recipe is not None:
         model = recipe.load_model(nf4_dir, **kw)
     else:
         model = AutoModelForCausalLM.from_pretrained(nf4_dir, **kw)
-    tok = placeholder_tokenizer()
     n = a.warmup + a.steps
     batches = synthetic_batches(min(n, 4))
     rows = [batches[i % len(batches)][j].tolist() for i in range(n) for j in range(BATCH)]
@@ -157,6 +162,7 @@ def run_trl(a: argparse.Namespace) -> None:
     times: list[float] = []
     logged: list[float] = []
     opt_events = Events()
+    counters: list[TokenCounter] = []
 
     # host-side phases of each step (no extra syncs: a phase that waits on the GPU shows it). With
     # --profile, the GPU is also drained at each step's start and end; otherwise only around the timed
@@ -180,6 +186,8 @@ def run_trl(a: argparse.Namespace) -> None:
         def on_step_begin(self, args: Any, state: Any, *rest: Any, **kw: Any) -> None:
             if step_sync or state.global_step == a.warmup:
                 sync()
+            if state.global_step == a.warmup and counters:
+                counters[0].reset()
             if (a.profile or a.timeline) and state.global_step == a.warmup:
                 from torch.profiler import ProfilerActivity, profile
 
@@ -247,9 +255,16 @@ def run_trl(a: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory() as out:
         extra: dict[str, Any] = {}
-        if recipe is not None:
+        peft_config: Any
+        if spec.get("unsloth"):  # Unsloth's docs: its model (adapters already on) in TRL's trainer
+            cfg = SFTConfig(output_dir=out, bf16=True, optim="paged_adamw_32bit", **common)
+            peft_config = None
+        elif recipe is not None and "own_config" in spec:  # the user's SFTConfig, the recipe as peft_config only
+            cfg = SFTConfig(output_dir=out, bf16=DEVICE == "cuda", **spec["own_config"], **common)
+            peft_config = recipe
+        elif recipe is not None:
             cfg = recipe.sft_config(output_dir=out, **common)
-            peft_config: Any = recipe
+            peft_config = recipe
             if spec.get("fused_optim") is True:
                 extra["optimizer_cls_and_kwargs"] = recipe.optimizer_cls_and_kwargs(cfg)
             elif spec.get("fused_optim") is False:  # bitsandbytes' own, which the recipe would replace
@@ -292,6 +307,7 @@ def run_trl(a: argparse.Namespace) -> None:
             callbacks=[Timer()],
             **extra,
         )
+        counters.append(TokenCounter(trainer.model))
         if a.timeline:
             from timeline import annotate_trainer
 
@@ -302,6 +318,7 @@ def run_trl(a: argparse.Namespace) -> None:
     starts, ends = times[0::2], times[1::2]
     timed = ends[-1] - starts[a.warmup]  # includes data loading and logging between steps, as in real use
     step_s = timed / a.steps
+    tokens = counters[0].count
     opt_ms = opt_events.mean_ms(skip=a.warmup)
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     adapter_dtype = str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad))
@@ -309,13 +326,16 @@ def run_trl(a: argparse.Namespace) -> None:
         from qlora_plugin.fastpath.activation import recompute_mode
 
         grad_ckpt = recompute_mode(recipe) if DEVICE == "cuda" else str(recipe.gradient_checkpointing)
+    elif spec.get("unsloth"):
+        grad_ckpt = "unsloth (offloaded)"
     else:
         grad_ckpt = "full" if spec["grad_ckpt"] else "none"
     paged = optimizer.paged_bytes() if hasattr(optimizer, "paged_bytes") else None
     row = dict(
         shape=a.shape,
         variant=a.tag or a.variant,
-        tok_s=round(BATCH * SEQ / step_s),
+        tok_s=round(tokens / timed),
+        tokens_per_step=tokens // a.steps,
         step_s=round(step_s, 4),
         peak_gib=gib(peak),
         loss_first=round(logged[0], 4) if logged else None,
@@ -337,7 +357,18 @@ def run_trl(a: argparse.Namespace) -> None:
         load_s=round(load_s, 1),
         gpu=gpu_name(),
         versions=package_versions(),
-        path="SFTTrainer + recipe" if recipe is not None else "SFTTrainer + LoraConfig",
+        path=(
+            "Unsloth FastLanguageModel + SFTTrainer"
+            if spec.get("unsloth")
+            else "SFTTrainer + LoraConfig"
+            if recipe is None
+            else "own SFTConfig + peft_config=recipe"
+            if "own_config" in spec
+            else "SFTTrainer + recipe.sft_config"
+        ),
+        loss_type=getattr(cfg, "loss_type", None),
+        use_liger_kernel=getattr(cfg, "use_liger_kernel", None),
+        optim=str(getattr(cfg.optim, "value", cfg.optim)),
         plugin_reports=reports,
         logging_steps=a.logging_steps,
         plugin_overrides=a.plugin or None,
@@ -361,3 +392,26 @@ def run_trl(a: argparse.Namespace) -> None:
     row["trainer_args"] = a.trainer_args or None
     row["trl_metrics"] = a.trl_metrics
     record_row(Path(a.json), row)
+
+
+def unsloth_model(nf4_dir: Path, tokenizer: Any, spec: dict[str, Any]) -> tuple[Any, Any]:
+    """Unsloth's QLoRA as its docs show it: ``FastLanguageModel`` over the same pre-quantized NF4
+    checkpoint, adapters on the seven projections, its offloaded gradient checkpointing."""
+    import torch
+    from unsloth import FastLanguageModel
+
+    tokenizer.save_pretrained(nf4_dir)  # Unsloth loads the tokenizer from the model's folder
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=str(nf4_dir), max_seq_length=SEQ, dtype=torch.bfloat16, load_in_4bit=True, local_files_only=True
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=RANK,
+        lora_alpha=ALPHA,
+        lora_dropout=spec["dropout"],
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        bias="none",
+        use_gradient_checkpointing=spec["grad_ckpt"],
+        random_state=0,
+    )
+    return model, tokenizer
