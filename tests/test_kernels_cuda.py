@@ -435,3 +435,36 @@ def test_packed_attention_cuda_in_float32_avoids_the_flash_kernel() -> None:
         use_packed_attention(model)
         packed = model(input_ids=ids, position_ids=positions).logits
     assert rel_err(packed, separate) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "rows, hidden_size, vocab", [(2048, 4096, 128256), (2048, 2048, 128256), (333, 64, 5000), (5, 96, 4099)]
+)
+@pytest.mark.parametrize("counted", ["all", "some", "none"])
+def test_loss_with_stats_matches_float64(rows, hidden_size, vocab, counted) -> None:
+    """The Triton loss with TRL's statistics (bf16 GEMMs, chunked) against float64 autograd over the same inputs."""
+    from qlora_plugin.fastpath.kernels.loss_stats import linear_cross_entropy_stats, row_stats_reference
+
+    hidden = (torch.randn(rows, hidden_size, device=DEV) * 2).to(torch.bfloat16).requires_grad_(True)
+    weight = (torch.randn(vocab, hidden_size, device=DEV) / hidden_size**0.5).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (rows,), device=DEV)
+    if counted == "some":
+        targets[torch.rand(rows, device=DEV) < 0.4] = -100
+    elif counted == "none":
+        targets[:] = -100
+    stats = linear_cross_entropy_stats(hidden, weight, targets)
+    (stats.loss * 3.0).backward()
+    h64 = hidden.detach().double().requires_grad_(True)
+    logits = h64 @ weight.double().t()
+    n_valid = int((targets != -100).sum())
+    want = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / max(n_valid, 1)
+    (want * 3.0).backward()
+    _, entropy, correct = row_stats_reference(logits.detach(), targets)
+    assert int(stats.num_valid_tokens) == n_valid
+    if n_valid == 0:
+        assert float(stats.loss) == 0.0 and not hidden.grad.any()
+        return
+    assert rel_err(stats.loss.detach().double(), want.detach()) < 5e-3
+    assert rel_err(stats.entropy_sum.double(), entropy.sum()) < 5e-3
+    assert abs(float(stats.num_correct_tokens) - float(correct.sum())) <= max(2, 0.01 * n_valid)  # bf16 ties
+    assert rel_err(hidden.grad.double(), h64.grad) < 2e-2

@@ -94,6 +94,14 @@ PATCHES: dict[str, Patch] = {
         "training loss without logits",
         "the model's own loss from full logits",
     ),
+    "trl-chunked-loss-forward": Patch(
+        "trl",
+        ">=1.9,<1.15",
+        "the per-instance forward TRL's SFTTrainer puts on a model for loss_type='chunked_nll' (its default "
+        "without Liger), replaced by the fast path's logit-free loss returning the same loss, token accuracy, "
+        "entropy and token count",
+        "TRL's chunked loss (float32 head GEMMs, recomputed in backward)",
+    ),
     "transformers-checkpointing-layers": Patch(
         "transformers",
         ">=5.16,<5.25",

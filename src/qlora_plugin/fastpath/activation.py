@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from qlora_plugin.core.notices import log_once
+from qlora_plugin.core.patches import allowed
 
 if TYPE_CHECKING:
     from torch import nn
@@ -69,8 +70,6 @@ def apply_trainer_settings(trainer: Any, settings: dict[str, Any]) -> None:
     ``accelerator_config`` fields also go on the trainer's accelerator, which read
     them when it was made; the train dataloader is prepared with them later, in ``train()``.
     """
-    from qlora_plugin.core.patches import allowed
-
     for key, value in settings.items():
         if key != "accelerator_config":
             setattr(trainer.args, key, value)
@@ -236,12 +235,18 @@ def _first_forward(module: nn.Module, args: Any) -> None:
 
 
 def kernel_config(
-    recipe: QLoRARecipe, device: str, *, fuse_loss: bool = False, host_kernels: Iterable[str] = ()
+    recipe: QLoRARecipe,
+    device: str,
+    *,
+    fuse_loss: bool = False,
+    loss_stats: bool = False,
+    host_kernels: Iterable[str] = (),
 ) -> Any:
     """The :class:`qlora_plugin.fastpath.kernels.FastPathConfig` the recipe asks for on ``device``.
 
     ``fuse_loss``: compute the training loss without logits (only where the trainer
-    reads nothing else and the model's forward is still its own); ``host_kernels``:
+    reads nothing else and the model's forward is still its own); ``loss_stats``: the loss's
+    output carries TRL's chunked-loss statistics (it replaces TRL's forward); ``host_kernels``:
     the trainer's own LoRA kernels that are on. CUDA graphs go on at the speed point
     (the recompute mode "none") unless the environment sets ``QLORA_CUDA_GRAPHS=0``;
     ``QLORA_PACKED_ATTENTION=0`` leaves packed rows to transformers' masked attention;
@@ -258,6 +263,7 @@ def kernel_config(
     return FastPathConfig(
         compute_dtype=recipe.resolved_compute_dtype(device),
         fused_loss=fuse_loss,
+        loss_stats=loss_stats,
         fused_mlp="lora_mlp_kernel" not in host_kernels,
         recompute=mode,
         cache_block_constants=mode == "none",  # +1/16 of the bf16 weight size: the speed point only
@@ -313,7 +319,14 @@ def apply_recipe_fast_path(
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(base.parameters()).device.type
     forward_owner = loss_forward_owner(base)
-    config = kernel_config(recipe, device, fuse_loss=own_loss and forward_owner is None, host_kernels=host_kernels)
+    replace_trl = forward_owner == "trl-chunked" and allowed("trl-chunked-loss-forward")
+    config = kernel_config(
+        recipe,
+        device,
+        fuse_loss=(own_loss and forward_owner is None) or replace_trl,
+        loss_stats=replace_trl,
+        host_kernels=host_kernels,
+    )
     result = apply_fast_path(model, config=config)
     model.__dict__[_DONE] = True
     log_once(
@@ -321,14 +334,25 @@ def apply_recipe_fast_path(
         describe(result, config, recipe, loss_description(result, forward_owner, own_loss), tuple(host_kernels)),
         recipe,
     )
+    if forward_owner is None and not result.loss_fused and not own_loss:
+        log_once(logging.WARNING, FULL_LOGITS_WARNING, recipe)
     return result
 
 
+# The one setting that costs a user's own SFTConfig most beside the README's recipe.sft_config().
+FULL_LOGITS_WARNING = (
+    "qlora: the training loss is computed from full logits (TRL's loss_type='nll' or 'dft', or your own loop): "
+    "one float per vocabulary entry and token, slower and several GiB more than a loss without logits; with TRL, "
+    "leave loss_type unset (chunked_nll, which the fast path computes without logits) or set use_liger_kernel=True"
+)
+
+
 def loss_forward_owner(causal_lm: nn.Module) -> str | None:
-    """Whose logit-free loss replaced the model's forward: ``"liger"``, ``"trl"``, or None (its own forward).
+    """Whose logit-free loss replaced the model's forward: ``"liger"``, ``"trl-chunked"`` (TRL's
+    ``chunked_nll``), ``"trl"`` (TRL's fused LM head), or None (the model's own forward).
 
     Told by where the forward's code lives: TRL's replacement copies the model's name and
-    module onto itself (``functools.wraps``), its code object keeps TRL's file.
+    module onto itself (``functools.wraps``), its code object keeps TRL's file and name.
     """
     func = getattr(causal_lm.forward, "__func__", causal_lm.forward)
     code = getattr(func, "__code__", None)
@@ -336,7 +360,7 @@ def loss_forward_owner(causal_lm: nn.Module) -> str | None:
     if "/liger_kernel/" in path:
         return "liger"
     if "/trl/" in path:
-        return "trl"
+        return "trl-chunked" if code is not None and code.co_name == "_chunked_ce_forward" else "trl"
     return None
 
 
@@ -344,7 +368,12 @@ def loss_description(result: Any, forward_owner: str | None, own_loss: bool) -> 
     """Where the training loss comes from, for the fast path's log line."""
     if forward_owner == "liger":
         return "loss without logits: Liger's fused linear cross-entropy (the trainer's use_liger_kernel)"
-    if forward_owner == "trl":
+    if forward_owner == "trl-chunked" and result.loss_fused:
+        return (
+            "loss without logits: the plugin's in place of TRL's chunked_nll (the same loss, token accuracy and "
+            "entropy, from bf16 head GEMMs done once)"
+        )
+    if forward_owner in ("trl", "trl-chunked"):
         return "loss without logits: TRL's own (chunked_nll, or its fused LM head)"
     if result.loss_fused:
         return "loss without logits: the plugin's"

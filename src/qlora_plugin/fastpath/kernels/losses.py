@@ -9,6 +9,7 @@ over ``num_items_in_batch``.
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any, cast
 
@@ -21,6 +22,7 @@ from qlora_plugin.fastpath.kernels._backend import use_liger
 
 IGNORE_INDEX = -100
 _ORIG_FORWARD = "_qlora_fast_orig_forward"
+_WITH_STATS = "_qlora_loss_with_stats"
 
 
 def _chunk_ce_sum(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -78,9 +80,33 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
 
 
+@functools.cache
+def causal_lm_output_with_stats() -> type:
+    """transformers' causal-LM output plus the fields TRL's chunked-loss forward returns.
+
+    TRL's SFTTrainer (``loss_type="chunked_nll"``) reads ``num_correct_tokens``,
+    ``entropy_sum`` and ``num_valid_tokens`` from the model's output for its logged
+    accuracy and entropy. Made on first use: importing this module loads no transformers.
+    """
+    from dataclasses import dataclass
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    @dataclass
+    class CausalLMOutputWithStats(CausalLMOutputWithPast):
+        num_correct_tokens: torch.Tensor | None = None
+        entropy_sum: torch.Tensor | None = None
+        num_valid_tokens: torch.Tensor | None = None
+        aux_loss: torch.Tensor | None = None
+
+    return CausalLMOutputWithStats
+
+
 def _fused_loss_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     labels = kwargs.get("labels")
     if labels is None or not self.training or args or kwargs.get("return_dict") is False:
+        return getattr(self, _ORIG_FORWARD)(*args, **kwargs)
+    if kwargs.get("output_router_logits"):  # a mixture-of-experts balancing loss is added by the forward replaced
         return getattr(self, _ORIG_FORWARD)(*args, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -95,7 +121,21 @@ def _fused_loss_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     hidden = outputs.last_hidden_state
     if targets is None:
         targets = shift_labels(labels.to(hidden.device))
-    loss = linear_cross_entropy(hidden, self.get_output_embeddings().weight, targets, num_items)
+    head = self.get_output_embeddings().weight
+    if self.__dict__.get(_WITH_STATS):
+        from qlora_plugin.fastpath.kernels.loss_stats import linear_cross_entropy_stats
+
+        stats = linear_cross_entropy_stats(hidden, head, targets, num_items)
+        return causal_lm_output_with_stats()(
+            loss=stats.loss,
+            logits=None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            num_correct_tokens=stats.num_correct_tokens,
+            entropy_sum=stats.entropy_sum,
+            num_valid_tokens=stats.num_valid_tokens,
+        )
+    loss = linear_cross_entropy(hidden, head, targets, num_items)
     return CausalLMOutputWithPast(
         loss=cast("torch.FloatTensor", loss),  # transformers annotates FloatTensor; any float dtype is meant
         logits=None,
@@ -104,12 +144,15 @@ def _fused_loss_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     )
 
 
-def patch_causal_lm_loss(causal_lm: Any) -> bool:
+def patch_causal_lm_loss(causal_lm: Any, *, with_stats: bool = False) -> bool:
     """Make ``causal_lm`` compute its training loss without logits; returns whether it was patched.
 
     Only plain decoder LMs qualify: a ``.model`` decoder, an untied-or-tied linear
     output head without bias, and no logit soft-capping or scaling. In training with
-    ``labels``, the patched forward returns ``logits=None``; otherwise it is unchanged.
+    ``labels``, the patched forward returns ``logits=None``; otherwise it is unchanged
+    (the forward it replaced runs). ``with_stats``: the output also carries TRL's
+    chunked-loss statistics (see :func:`causal_lm_output_with_stats`), for a forward that
+    replaces TRL's own.
     """
     if hasattr(causal_lm, _ORIG_FORWARD):
         return True
@@ -130,5 +173,6 @@ def patch_causal_lm_loss(causal_lm: Any) -> bool:
     if not ok:
         return False
     setattr(causal_lm, _ORIG_FORWARD, causal_lm.forward)
+    causal_lm.__dict__[_WITH_STATS] = with_stats
     causal_lm.forward = types.MethodType(_fused_loss_forward, causal_lm)
     return True
