@@ -101,6 +101,18 @@ def test_the_users_own_config_with_paged_adamw_gets_it_and_the_same_losses_as_bi
     assert len(_losses(fused)) == 4
 
 
+def test_the_users_own_config_naming_no_optimizer_gets_the_recipes_with_one_line(
+    checkpoint, tmp_path, fast_path_on_cpu, caplog
+) -> None:
+    """SFTConfig(...) without optim (transformers' default, adamw_torch_fused) beside peft_config=recipe: the
+    recipe's paged AdamW (fused), said once; its moments are paged, not held on the GPU beside the model."""
+    with caplog.at_level(logging.INFO, logger="qlora_plugin"):
+        trainer = _train(checkpoint, tmp_path, qlora_recipe(compute_dtype="float32"), own_config={"seed": 3})
+    assert _optimizer_type(trainer) == FUSED
+    lines = [r.getMessage() for r in caplog.records if "optim is left at its default" in r.getMessage()]
+    assert len(lines) == 1 and "adamw_torch_fused" in lines[0]
+
+
 def test_other_optimizers_and_other_models_are_left_to_the_trainer(checkpoint, tmp_path, fast_path_on_cpu) -> None:
     from peft import LoraConfig
 

@@ -80,22 +80,45 @@ def describe_settings(settings: dict[str, Any]) -> str:
 
 
 def fused_optimizer_for(args: Any, model: Any) -> tuple[type, dict[str, Any]] | None:
-    """The fused paged AdamW for a trainer about to build ``optim=paged_adamw_32bit`` over a recipe's model, else None.
+    """The fused paged AdamW for a trainer about to build its optimizer over a recipe's model, else None.
 
-    Same update and paged 32-bit moments as the optimizer ``optim`` names; None for a
-    model the recipe did not build, another ``optim``, ``optim_args``, or off the fast path.
-    When it answers, the model's trainable weights are float32 (cast back if a trainer made
-    them bf16), the master weights the fast path keeps.
+    Answers where ``optim`` is ``paged_adamw_32bit`` (the recipe's) or left at the config's
+    default (a user's own ``SFTConfig`` that names no optimizer: the recipe's QLoRA optimizer
+    applies, one line says so): the same update and paged 32-bit moments as bitsandbytes'.
+    None for a model the recipe did not build, another ``optim``, ``optim_args``, or off the
+    fast path. When it answers, the model's trainable weights are float32 (cast back if a
+    trainer made them bf16), the master weights the fast path keeps.
     """
-    from qlora_plugin.core.notices import recipe_of_model
+    from qlora_plugin.core.notices import log_once, recipe_of_model
 
     optim = getattr(getattr(args, "optim", None), "value", getattr(args, "optim", None))
-    if model is None or optim != "paged_adamw_32bit" or getattr(args, "optim_args", None):
+    left_default = optim == optim_default(args)
+    if model is None or not (optim == "paged_adamw_32bit" or left_default) or getattr(args, "optim_args", None):
         return None
     recipe = recipe_of_model(model)
     if recipe is None or recipe.optimizer != "paged_adamw_32bit":
         return None
-    return fused_optimizer_over(model, recipe, args)
+    fused = fused_optimizer_over(model, recipe, args)
+    if fused is not None and left_default and optim != "paged_adamw_32bit":
+        log_once(
+            logging.INFO,
+            f"qlora: optim is left at its default ({optim}); training with the recipe's paged AdamW with 32-bit "
+            "states (fused). Name another optim in your config to train with it instead.",
+            recipe,
+        )
+    return fused
+
+
+def optim_default(args: Any) -> str | None:
+    """The ``optim`` a config class gives when none is named (transformers 5: ``adamw_torch_fused``)."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(args):
+        return None
+    field = next((f for f in dataclasses.fields(args) if f.name == "optim"), None)
+    if field is None or field.default is dataclasses.MISSING:
+        return None
+    return str(getattr(field.default, "value", field.default))
 
 
 def fused_optimizer_over(model: Any, recipe: Any, args: Any) -> tuple[type, dict[str, Any]] | None:
@@ -159,8 +182,8 @@ def offer_fused_optimizer() -> bool:
     ``optimizer_cls_and_kwargs`` or ``optimizers``. The wrapper answers only for a
     model the recipe built (:func:`fused_optimizer_for`) and defers to transformers
     for every other model, so ``SFTTrainer(..., args=recipe.sft_config(...),
-    peft_config=recipe)`` and a user's own ``optim="paged_adamw_32bit"`` need no extra
-    argument. Outside the tested transformers versions nothing is wrapped
+    peft_config=recipe)``, a user's own ``optim="paged_adamw_32bit"`` and a user's config
+    that names no ``optim`` need no extra argument. Outside the tested transformers versions nothing is wrapped
     (:mod:`qlora_plugin.core.patches`). Returns whether the wrapper is in place.
     """
     from qlora_plugin.core.patches import allowed
