@@ -168,7 +168,8 @@ def test_fast_path_trainer_settings_are_training_arguments_on_cuda_only():
 
 
 def test_a_forward_trl_made_logit_free_is_recognised_as_trls(checkpoint):
-    """Whichever way this TRL release makes the loss logit-free, the fast path leaves it to TRL."""
+    """Whichever way this TRL release makes the loss logit-free, the fast path tells it: TRL's fused LM head
+    ("trl", left to TRL) or TRL's chunked_nll forward ("trl-chunked", which the fast path replaces)."""
     from _tiny_qlora import load_4bit
     from trl.trainer import sft_trainer, utils
 
@@ -176,6 +177,7 @@ def test_a_forward_trl_made_logit_free_is_recognised_as_trls(checkpoint):
     assert speed.loss_forward_owner(model) is None
     if hasattr(utils, "add_fused_lm_head"):  # TRL releases with a fused LM head
         utils.add_fused_lm_head(model)
+        assert speed.loss_forward_owner(model) == "trl"
     else:  # TRL 1.9's chunked_nll
         sft_trainer._patch_chunked_ce_lm_head(model, chunk_size=256)
-    assert speed.loss_forward_owner(model) == "trl"
+        assert speed.loss_forward_owner(model) == "trl-chunked"
