@@ -468,3 +468,46 @@ def test_loss_with_stats_matches_float64(rows, hidden_size, vocab, counted) -> N
     assert rel_err(stats.entropy_sum.double(), entropy.sum()) < 5e-3
     assert abs(float(stats.num_correct_tokens) - float(correct.sum())) <= max(2, 0.01 * n_valid)  # bf16 ties
     assert rel_err(hidden.grad.double(), h64.grad) < 2e-2
+
+
+def test_offload_keeps_what_the_host_has_no_room_for_on_the_gpu_with_full_recomputes_gradients(
+    checkpoint, monkeypatch, caplog
+) -> None:
+    """Host memory reported short: the first layers' inputs stay on the GPU (one log line), the rest go to the
+    host, and loss and gradients equal full recompute's."""
+    import logging
+
+    from qlora_plugin.fastpath.kernels import recompute, stash_plan
+
+    x = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(6)).to(DEV)
+    per_layer = 2 * 64 * lora(load_4bit(checkpoint, DEV), stock=False).config.hidden_size * 2
+    # room for exactly one layer input beyond the reserve
+    monkeypatch.setattr(recompute, "host_memory", lambda: (stash_plan.HOST_RESERVE_MIN + per_layer, 8 * stash_plan.GIB))
+    monkeypatch.setattr(recompute, "HOST_PIECE_BYTES", 4096)
+    results = []
+    for mode in ("full", "offload"):
+        model = lora(load_4bit(checkpoint, DEV), stock=False)
+        apply_fast_path(model, config=FastPathConfig(recompute=mode))
+        model.train()
+        with caplog.at_level(logging.INFO, logger="qlora_plugin"):
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+        results.append((float(loss), lora_grads(model)))
+    assert "keeps the first" in caplog.text and "on the GPU" in caplog.text
+    (loss_full, grads_full), (loss_offload, grads_offload) = results
+    assert abs(loss_offload - loss_full) <= 1e-6 * abs(loss_full)
+    for key, grad in grads_full.items():
+        assert rel_err(grads_offload[key], grad) < 1e-6, key
+
+
+def test_offload_refuses_a_step_that_fits_neither_side_before_a_layer_runs(checkpoint, monkeypatch) -> None:
+    from qlora_plugin.fastpath.kernels import recompute, stash_plan
+
+    monkeypatch.setattr(recompute, "host_memory", lambda: (0, 8 * stash_plan.GIB))
+    monkeypatch.setattr(stash_plan, "GPU_RESERVE", 10**15)  # no GPU room either
+    model = lora(load_4bit(checkpoint, DEV), stock=False)
+    apply_fast_path(model, config=FastPathConfig(recompute="offload"))
+    model.train()
+    x = torch.randint(0, VOCAB, (2, 64), device=DEV)
+    with pytest.raises(stash_plan.StashTooLarge, match="shorten max_length"):
+        model(input_ids=x, labels=x)

@@ -8,18 +8,26 @@ inputs parked in pinned CPU memory.
   the rest recomputed in backward);
 * ``offload``: like ``full``, but each kept input is copied to pinned host memory on a
   side stream during forward (in pieces of at most :data:`HOST_PIECE_BYTES`) and brought
-  back, one layer ahead, during backward.
+  back, one layer ahead, during backward. Where the host has no room for a step's inputs,
+  the first layers keep theirs on the GPU, split at each step's first layer from the memory
+  free on both sides (:mod:`qlora_plugin.fastpath.kernels.stash_plan`); a step that fits
+  neither side stops before its first layer runs, with one line saying so.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from qlora_plugin.fastpath.kernels.stash_plan import StashPlan, host_memory, plan_stash
+
+_log = logging.getLogger("qlora_plugin")
 
 MODES = ("none", "full", "offload")
 
@@ -34,11 +42,49 @@ HOST_PIECE_BYTES = 64 * 1024**2
 class _HostStash:
     """Pinned-host copies of layer inputs, with one-ahead prefetch in backward."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, layers: int) -> None:
         self.stream = torch.cuda.Stream(device)
         self.entries: dict[int, tuple[list[torch.Tensor], torch.Tensor, torch.cuda.Event]] = {}
         self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self.next_id = 0
+        self.layers = layers  # offloaded layers per step
+        self.plan: StashPlan | None = None
+        self.host_held = 0  # pinned bytes the host allocator keeps for this stash from earlier steps
+        self.reported: set[int] = set()
+
+    def keeps_on_gpu(self, index: int, hidden: torch.Tensor) -> bool:
+        """Whether the ``index``-th offloaded layer of this step keeps its input on the GPU; planned at index 0."""
+        if index == 0 or self.plan is None:
+            self.plan = self._plan(hidden)
+        return self.plan.keeps_on_gpu(index)
+
+    def _plan(self, hidden: torch.Tensor) -> StashPlan:
+        available, total = host_memory()
+        free, _ = torch.cuda.mem_get_info(hidden.device)
+        cached = torch.cuda.memory_reserved(hidden.device) - torch.cuda.memory_allocated(hidden.device)
+        plan = plan_stash(
+            self.layers,
+            hidden.numel() * hidden.element_size(),
+            host_available=available,
+            host_total=total,
+            gpu_free=free + cached,
+            piece_bytes=HOST_PIECE_BYTES,
+            host_held=self.host_held,
+            tokens=hidden.shape[:-1].numel(),
+        )
+        self.host_held = max(self.host_held, plan.on_host * plan.bytes_per_layer)
+        if plan.on_gpu and plan.on_gpu not in self.reported:
+            self.reported.add(plan.on_gpu)
+            _log.info(
+                "qlora offload: a step of %s tokens keeps the first %d of %d layer inputs on the GPU "
+                "(%.2f GiB each; pinned host memory has room for the other %d)",
+                f"{hidden.shape[:-1].numel():,}",
+                plan.on_gpu,
+                self.layers,
+                plan.bytes_per_layer / 1024**3,
+                plan.on_host,
+            )
+        return plan
 
     def reset(self) -> None:
         self.next_id = 0
@@ -113,9 +159,13 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         return None, None, hidden.grad
 
 
-def _offloaded_checkpoint(stash: _HostStash, run: Callable[..., Any], hidden: torch.Tensor, *rest: Any) -> Any:
+def _offloaded_checkpoint(
+    stash: _HostStash, index: int, run: Callable[..., Any], hidden: torch.Tensor, *rest: Any
+) -> Any:
     if not torch.is_grad_enabled():
         return run(hidden, *rest)
+    if stash.keeps_on_gpu(index, hidden):
+        return checkpoint(run, hidden, *rest, use_reentrant=False)
     fn = run if not rest else (lambda h: run(h, *rest))
     if not hidden.requires_grad:  # e.g. the first layer under a frozen embedding: stay on the graph
         hidden = hidden.detach().requires_grad_(True)
@@ -135,7 +185,8 @@ def set_recompute(model: nn.Module, mode: str = "none", *, every: int = 1, keep_
     ``mode`` is one of :data:`MODES`; with ``every=k`` only every k-th layer (0, k, 2k,
     ...) is checkpointed and the others keep their activations. With ``offload``, the first
     ``keep_on_gpu`` checkpointed layers keep their inputs on the GPU (as ``full`` does):
-    GPU memory spent to spare host memory, which long rows can exhaust.
+    GPU memory spent to spare host memory, which long rows can exhaust; of the others, as
+    many as the host has no room for at a step stay on the GPU too (see the module's doc).
     """
     if mode not in MODES:
         raise ValueError(f"recompute mode must be one of {MODES}, got {mode!r}")
@@ -145,18 +196,21 @@ def set_recompute(model: nn.Module, mode: str = "none", *, every: int = 1, keep_
     if not allowed("transformers-checkpointing-layers"):
         return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
     on_gpu: Callable[..., Any] = functools.partial(checkpoint, use_reentrant=False)
-    func = on_gpu
+    stash: _HostStash | None = None
     if mode == "offload":
         device = next(p.device for p in model.parameters() if p.is_cuda) if torch.cuda.is_available() else None
         if device is None:
             raise ValueError("offloaded recompute needs the model on a CUDA device")
-        func = functools.partial(_offloaded_checkpoint, _HostStash(device))
+        checkpointed = sum(1 for i in range(len(layers)) if i % every == 0)
+        stash = _HostStash(device, max(checkpointed - keep_on_gpu, 0))
     n = 0
     layer: Any  # transformers' GradientCheckpointingLayer: its checkpointing attributes are plain ones
     for i, layer in enumerate(layers):
         on = mode != "none" and i % every == 0
         layer.gradient_checkpointing = on
-        layer._gradient_checkpointing_func = on_gpu if on and n < keep_on_gpu else func
+        layer._gradient_checkpointing_func = on_gpu
+        if on and stash is not None and n >= keep_on_gpu:
+            layer._gradient_checkpointing_func = functools.partial(_offloaded_checkpoint, stash, n - keep_on_gpu)
         n += int(on)
     # The top-level flags transformers also reads (e.g. to drop the KV cache in training).
     m: Any
