@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "qlora_plugin"
-LAYERS = ("core", "fastpath", "integrations", "tools", "commands")
+LAYERS = ("core", "build", "fastpath", "integrations", "tools", "commands")
 FACADE = 99
 
 

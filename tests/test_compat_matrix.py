@@ -37,7 +37,11 @@ CELLS = [
     Cell("dpo", trainer="dpo", data="preference"),
     Cell("grpo", trainer="grpo", data="prompt_only", compare=False),
     *(Cell(f"family-{family}", family=family) for family in ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")),
-    Cell("family-qwen2-moe", family="qwen2_moe", recipe={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}),
+    Cell(
+        "family-qwen2-moe",
+        family="qwen2_moe",
+        recipe={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "lora_on_experts": False},
+    ),
 ]
 
 

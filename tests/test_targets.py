@@ -58,13 +58,17 @@ def test_peft_resolves_the_unbound_recipe_to_the_same_modules(arch: str) -> None
 
 def test_unbound_recipe_on_mixtral_asks_to_discover_first() -> None:
     """PEFT maps "all-linear" on Mixtral to the fused experts and the router; the recipe
-    refuses that with the fix, and the bound recipe adapts what the rule says."""
+    refuses that with the fix, and the bound recipe adapts what the rule says: the linear
+    layers, and the experts (never the router) through target_parameters."""
     from peft import get_peft_model
 
     with pytest.raises(QLoRAConfigError, match=r"model=<path or model>"):
         get_peft_model(build("mixtral"), qlora_recipe())
     model = get_peft_model(build("mixtral"), qlora_recipe(model=build("mixtral")))
-    assert not model.peft_config["default"].target_parameters
+    assert set(model.peft_config["default"].target_parameters) == {
+        "model.layers.0.mlp.experts.gate_up_proj",
+        "model.layers.0.mlp.experts.down_proj",
+    }
 
 
 def test_discovery_from_a_path_reads_only_the_config(tmp_path) -> None:

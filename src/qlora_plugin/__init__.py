@@ -2,7 +2,7 @@
 
 ``import qlora_plugin`` stays light (no torch, transformers or PEFT): the recipe is
 imported when first used. This module is the public facade, above every layer
-(``core`` < ``fastpath`` < ``integrations`` < ``tools`` < ``commands``): it fills the
+(``core`` < ``build`` < ``fastpath`` < ``integrations`` < ``tools`` < ``commands``): it fills the
 core's seams (:mod:`qlora_plugin.core.seams`) with functions that import the layer
 they belong to only when called.
 """
@@ -58,11 +58,27 @@ def _callbacks(recipe: Any) -> list[Any]:
 
 def _lora_layer_built(layer: Any, recipe: Any) -> None:
     from qlora_plugin.fastpath.activation import arm_for_layer, wants_fast_path
+    from qlora_plugin.integrations import moe_check
     from qlora_plugin.integrations.transformers import offer_fused_optimizer
 
+    moe_check.arm(recipe)  # MoE experts: in 4 bits and adapted as asked, before the first step
     arm_for_layer(layer, recipe)
     if wants_fast_path(recipe) and recipe.optimizer == "paged_adamw_32bit":
         offer_fused_optimizer()
+
+
+def _expert_lora_layers() -> dict[type, Any]:
+    from torch import nn
+
+    from qlora_plugin.build.moe_experts import make_expert_lora_layer
+
+    return {nn.Module: make_expert_lora_layer}  # last in the mapping: any module PEFT targets a parameter of
+
+
+def _quantize_experts(model: Any, recipe: Any) -> int:
+    from qlora_plugin.build.moe_experts import quantize_experts
+
+    return quantize_experts(model, recipe)
 
 
 seams.provide("sft_config", _sft_config)
@@ -70,3 +86,5 @@ seams.provide("training_args", _training_args)
 seams.provide("optimizer_cls_and_kwargs", _optimizer_cls_and_kwargs)
 seams.provide("callbacks", _callbacks)
 seams.provide("lora_layer_built", _lora_layer_built)
+seams.provide("expert_lora_layers", _expert_lora_layers)
+seams.provide("quantize_experts", _quantize_experts)

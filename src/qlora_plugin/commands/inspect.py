@@ -60,6 +60,14 @@ def run(args: argparse.Namespace) -> int:
             {2, 4, 5},
         )
     )
+    if report.experts:
+        experts = report.expert_summary()
+        out.print(
+            f"\nmixture-of-experts: {experts['modules']} expert modules x {experts['experts_per_module']} experts, "
+            f"{experts['parameters']} fused expert parameters ({count(experts['weights'])} weights; "
+            f"{', '.join(experts['names'])}): [bold]{experts['quantized_4bit']} in 4 bits[/bold], "
+            f"[bold]{experts['with_adapters']} with LoRA[/bold] ({experts['lora_params']:,} LoRA parameters)"
+        )
     share = 100 * report.trainable_params / max(report.base_params, 1)
     out.print(
         f"\ntrainable LoRA parameters: [bold]{report.trainable_params:,}[/bold] "
@@ -67,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     )
     out.print(
         f"base in 4 bits: [bold]{gib(sizes['total'])} GiB[/bold] = {gib(sizes['linear_4bit'])} GiB 4-bit linear "
-        f"weights with their constants + {gib(sizes['unquantized'])} GiB kept in the compute dtype "
+        f"{'and expert ' if report.experts else ''}weights with their constants + {gib(sizes['unquantized'])} GiB "
+        "kept in the compute dtype "
         f"(embeddings, {'tied ' if report.tied_head else ''}output head, norms); "
         f"{gib(sizes['all_16bit'])} GiB in bf16"
     )

@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "lora_dropout": 0.05,
     "target_modules": "auto",
     "exclude_modules": None,
+    "lora_on_experts": True,
     "use_rslora": False,
     "use_dora": False,
     "quant_type": "nf4",
@@ -86,6 +87,9 @@ HELP: dict[str, str] = {
     "a list of module names (q_proj matches model.layers.0.self_attn.q_proj); one name as a string, the same as "
     "a one-name list; any other string, a regular expression over full names, as in PEFT",
     "exclude_modules": "module names (or a pattern) to leave out of the targets",
+    "lora_on_experts": "on mixture-of-experts models, LoRA on the fused experts too (their gate_up_proj/down_proj "
+    "through PEFT's target_parameters; adapters then train without dropout); False: on the linear layers only. "
+    "Experts are stored in 4 bits either way",
     "use_rslora": "rank-stabilised LoRA: scale by lora_alpha / sqrt(r)",
     "use_dora": "weight-decomposed LoRA (DoRA); PEFT's forward, not the fused kernels",
     "quant_type": "4-bit data type of the frozen base (blocksize 64)",
@@ -122,7 +126,7 @@ def metadata(name: str) -> dict[str, Any]:
 
 
 ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "lora_r": "r"}
-BOOLEANS = ("double_quant", "fast_path", "use_rslora", "use_dora")
+BOOLEANS = ("double_quant", "fast_path", "use_rslora", "use_dora", "lora_on_experts")
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAMES_IN_ONE_STRING = re.compile(r"\s*\w+(\s*[,\s]\s*\w+)+\s*")
 

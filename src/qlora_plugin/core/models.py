@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from qlora_plugin.core import seams
 from qlora_plugin.core.errors import QLoRAConfigError
 
 if TYPE_CHECKING:
@@ -84,4 +85,5 @@ def load_quantized(path: str | os.PathLike[str], recipe: QLoRARecipe, **kwargs: 
     kwargs.setdefault("dtype", recipe.resolved_compute_dtype())
     model = auto_class(config).from_pretrained(os.fspath(path), **kwargs)
     keep_nf4_layout(model)
+    seams.call("quantize_experts", model, recipe)  # fused MoE experts in 4 bits (qlora_plugin.build.moe_experts)
     return prepare_for_training(model, recipe)

@@ -49,6 +49,14 @@ PATCHES: dict[str, Patch] = {
         "the forward of each peft.tuners.lora.bnb.Linear4bit (fused LoRA over the 4-bit weight)",
         "PEFT's LoRA forward",
     ),
+    "peft-param-wrapper-forward": Patch(
+        "peft",
+        ">=0.20,<0.22",
+        "ParamWrapper.forward and ParamWrapper.merge (LoRA over target_parameters), wrapped: over 4-bit MoE experts "
+        "each expert's low-rank update goes to its own tokens (no dense delta over all experts), and merging into "
+        "4 bits is refused; other wrappers keep PEFT's; the wrappers nest by the class name 'ParamWrapper'",
+        "MoE experts stay in 16 bits, with PEFT's own ParamWrapper LoRA on them",
+    ),
     "bnb-quant-state": Patch(
         "bitsandbytes",
         ">=0.50,<0.51",
@@ -80,6 +88,14 @@ PATCHES: dict[str, Patch] = {
         "per-instance forward of Llama-style RMSNorm (weight, variance_epsilon) and SwiGLU MLP modules "
         "(gate_proj, up_proj, down_proj, act_fn); long rows run the MLP in slices of tokens (tiled MLP)",
         "the modules' own forwards",
+    ),
+    "transformers-fused-experts": Patch(
+        "transformers",
+        ">=5.16,<5.25",
+        "fused MoE experts modules (use_experts_implementation: 3-D gate_up_proj/up_proj/down_proj, has_gate, "
+        "has_bias, is_transposed, _apply_gate, act_fn; called as experts(hidden, top_k_index, top_k_weights)) "
+        "replaced by the plugin's 4-bit experts",
+        "MoE experts stay in 16 bits, with PEFT's own ParamWrapper LoRA on them",
     ),
     "transformers-rope-function": Patch(
         "transformers",

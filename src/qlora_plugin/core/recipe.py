@@ -76,6 +76,7 @@ class QLoRARecipe(LoraConfig):
     exclude_modules: list[str] | str | None = field(
         default=DEFAULTS["exclude_modules"], metadata=_inherited("exclude_modules")
     )
+    lora_on_experts: bool = field(default=DEFAULTS["lora_on_experts"], metadata=metadata("lora_on_experts"))
     use_rslora: bool = field(default=DEFAULTS["use_rslora"], metadata=_inherited("use_rslora"))
     use_dora: bool = field(default=DEFAULTS["use_dora"], metadata=_inherited("use_dora"))
     task_type: str | None = field(  # type: ignore[assignment]
@@ -221,10 +222,42 @@ class QLoRARecipe(LoraConfig):
 
         module = as_model(model)
         if self.targets_are_auto:
-            return self.replace(target_modules=discover_targets(module, self))
-        assert self.target_modules is not None  # the field checks never leave it None
-        named = check_targets_exist(module, self.target_modules)
-        return self.replace(target_modules=named) if isinstance(self.target_modules, str) else self
+            resolved = self.replace(target_modules=discover_targets(module, self))
+        else:
+            assert self.target_modules is not None  # the field checks never leave it None
+            named = check_targets_exist(module, self.target_modules)
+            resolved = self.replace(target_modules=named) if isinstance(self.target_modules, str) else self
+        return resolved._with_experts(module)
+
+    def _with_experts(self, module: nn.Module) -> QLoRARecipe:
+        """This recipe with the fused MoE experts of ``module`` in ``target_parameters`` (``lora_on_experts``).
+
+        PEFT's LoRA over a parameter (``ParamWrapper``) has no dropout, and PEFT refuses to load
+        such an adapter saved with one: where experts are targeted, ``lora_dropout`` is 0.
+        """
+        from qlora_plugin.core.experts import expert_target_parameters
+        from qlora_plugin.core.targets import user_excluded
+
+        names = expert_target_parameters(module) if self.lora_on_experts else []
+        exclude = self._user_exclude_modules
+        names = [n for n in names if not (user_excluded(n, exclude) or user_excluded(n.rpartition(".")[0], exclude))]
+        if not names:
+            return self
+        resolved = self.replace(lora_dropout=0.0)
+        if self.lora_dropout:
+            import logging
+
+            from qlora_plugin.core.notices import log_once
+
+            log_once(
+                logging.WARNING,
+                f"qlora: LoRA on {len(names)} fused MoE expert parameters trains without dropout (PEFT's "
+                f"target_parameters format has none), so lora_dropout={self.lora_dropout} becomes 0 for all adapters "
+                "(set lora_on_experts=False to keep dropout and LoRA on the linear layers only)",
+                resolved,
+            )
+        resolved.target_parameters = names
+        return resolved
 
     def load_model(self, path: str | os.PathLike[str], **kwargs: Any) -> PreTrainedModel:
         """Load a causal LM with its base in 4 bits, ready for the adapters."""
@@ -244,7 +277,8 @@ class QLoRARecipe(LoraConfig):
 
         # PEFT types the mapping's values as layer classes; it calls them, so a factory function works too
         factory = cast("type[nn.Module]", make_lora_layer)
-        self._register_custom_module({torch.nn.Linear: factory, Conv1D: factory})
+        # fused MoE experts (PEFT's target_parameters): qlora_plugin.build.moe_experts, through the seam
+        self._register_custom_module({torch.nn.Linear: factory, Conv1D: factory, **seams.call("expert_lora_layers")})
 
 
 LORA_FIELDS = frozenset(f.name for f in dataclasses.fields(LoraConfig))

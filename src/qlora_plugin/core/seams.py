@@ -12,7 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-SLOTS = ("sft_config", "training_args", "optimizer_cls_and_kwargs", "callbacks", "lora_layer_built")
+SLOTS = (
+    "sft_config",
+    "training_args",
+    "optimizer_cls_and_kwargs",
+    "callbacks",
+    "lora_layer_built",
+    "expert_lora_layers",
+    "quantize_experts",
+)
 _providers: dict[str, Callable[..., Any]] = {}
 
 

@@ -215,5 +215,8 @@ def _free_name(path: Path) -> Path:
 
 
 def recipe_callbacks(recipe: Any) -> list[Any]:
-    """The callbacks ``recipe.callbacks()`` returns: a :class:`CheckpointGuard` for the recipe."""
-    return [CheckpointGuard(recipe)]
+    """The callbacks ``recipe.callbacks()`` returns: a :class:`CheckpointGuard` for the recipe, and the
+    mixture-of-experts check (:class:`qlora_plugin.integrations.moe_check.ExpertsCheck`)."""
+    from qlora_plugin.integrations.moe_check import ExpertsCheck
+
+    return [CheckpointGuard(recipe), ExpertsCheck(recipe)]

@@ -24,7 +24,12 @@ The path (:class:`TrainingPath`) says how the step runs:
 
 Resident for the whole step
   * 4-bit weights: every linear layer but the output head, packed two per byte,
-    plus the blockwise constants (see :func:`qlora_plugin.tools.model_report.nf4_bytes`).
+    plus the blockwise constants (see :func:`qlora_plugin.tools.model_report.nf4_bytes`);
+    and the fused experts of mixture-of-experts models, stored the same way one expert at
+    a time (:func:`qlora_plugin.tools.model_report.experts_nf4_bytes`). LoRA on experts adds
+    one A and B per expert; each routed copy of a token keeps its input and rank-``r``
+    product per adapted expert parameter (:func:`expert_lora_bytes`), and the MLP terms
+    below use ``num_experts_per_tok`` x the expert width.
   * Unquantized parameters (embeddings, untied head, norms, biases): 4 bytes
     each on the stock path, ``c`` on the fast path.
   * Adapters, and once the step runs their gradients and optimizer states.
@@ -464,7 +469,11 @@ def estimate_memory(
     components["activations"] = full if path.recompute == "none" else recomputed
     components["loss"] = logits
 
-    largest_weight = max((t.in_features * t.out_features for t in report.quantized_linears), default=0)
+    largest_weight = max(
+        [t.in_features * t.out_features for t in report.quantized_linears]
+        + [p.in_features * p.out_features for p in report.expert_params],  # one expert dequantized at a time
+        default=0,
+    )
     mlp_gradients = (1 if path.kernels else 3) * m * dims.intermediate  # the fused SwiGLU works in place
     working = (2 * a * dims.hidden + mlp_gradients) * tokens + c * largest_weight
     if tiled:  # one slice's gate, up, product and its gradient instead of the whole row's
@@ -577,14 +586,30 @@ def layer_activation_bytes(
             lora += 0 if shared else c * target.in_features
             lora += target.in_features / 8 if dropout else 0
         lora += c * recipe.r
+    lora += expert_lora_bytes(report, c)
     lora /= layers
     per_norm = c * dims.hidden + 4 if path.kernels else 4 * dims.hidden
     norms = per_norm * max(report.norm_count - 1, 0) / layers
     q, kv = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
     attention = c * (2 * q + 2 * kv) + 4 * dims.heads
-    gated = any(t.name.rsplit(".", 1)[-1] in GATED_LEAVES for t in report.linears)
+    gated = any(t.name.rsplit(".", 1)[-1] in GATED_LEAVES for t in report.linears) or any(
+        p.name.rsplit(".", 1)[-1] in GATED_LEAVES for p in report.expert_params
+    )
     mlp = 0 if tiled else ((2 if path.kernels else 3) if gated else 1) * m * dims.intermediate
     return int(lora + norms + attention + mlp)
+
+
+def expert_lora_bytes(report: ModelReport, c: int) -> int:
+    """Bytes per token, summed over the layers, that LoRA on fused MoE experts saves for backward.
+
+    Each of a token's ``num_experts_per_tok`` routed copies keeps, per adapted expert
+    parameter, its input row (``c`` x in) and the rank-``r`` product (``c`` x r).
+    """
+    if not report.target_expert_params:
+        return 0
+    text = report.config.get_text_config() if hasattr(report.config, "get_text_config") else report.config
+    top_k = int(getattr(text, "num_experts_per_tok", 1) or 1)
+    return sum(top_k * c * (p.in_features + report.recipe.r) for p in report.target_expert_params)
 
 
 def attention_backward_bytes(dims: Dimensions, c: int, a: int) -> int:

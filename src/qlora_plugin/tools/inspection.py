@@ -73,16 +73,22 @@ def analyze_module(model: str | os.PathLike[str] | nn.Module, recipe: QLoRARecip
                     out_features, in_features = weight.shape
             linears.append(Linear(name, int(in_features), int(out_features), getattr(layer, "bias", None) is not None))
             linear_params.add(f"{name}.weight")
-    other = {name: p.numel() for name, p in module.named_parameters() if name not in linear_params}
+    from qlora_plugin.core.experts import find_experts, unwrapped_name
+    from qlora_plugin.core.patches import allowed
+
+    experts = find_experts(module)
+    expert_names = {param.name for experts_module in experts for param in experts_module.params}
+    other = {
+        name: p.numel()
+        for name, p in module.named_parameters()
+        if name not in linear_params and unwrapped_name(name) not in expert_names
+    }
     head, embeddings = module.get_output_embeddings(), module.get_input_embeddings()
     tied = head is not None and embeddings is not None and head.weight is embeddings.weight
     targets = adapted_names(linears, resolved)
-    fused = {}
-    from qlora_plugin.core.targets import VISION_PARTS
-
-    for name, param in module.named_parameters():
-        if param.dim() >= 3 and not any(part in VISION_PARTS for part in name.split(".")):
-            fused[name] = "fused expert weights (a 3-D parameter, not a linear layer: LoRA adapts linear layers)"
+    experts_4bit = all(m.quantized for m in experts) or (
+        allowed("transformers-fused-experts") and allowed("peft-param-wrapper-forward")
+    )
     norms = sum(1 for layer in module.modules() if "norm" in type(layer).__name__.lower())
     return build_report(
         source=source,
@@ -96,7 +102,9 @@ def analyze_module(model: str | os.PathLike[str] | nn.Module, recipe: QLoRARecip
         other_params=other,
         tied_head=tied,
         norm_count=norms,
-        extra_skipped=fused,
+        experts=experts,
+        expert_targets=sorted(resolved.target_parameters or []),
+        experts_4bit=experts_4bit,
     )
 
 

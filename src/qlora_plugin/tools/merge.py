@@ -131,7 +131,11 @@ def check_out(out: Path, force: bool, keep: list[Path]) -> None:
 
 
 def load_dequantized_base(base: str, recipe: QLoRARecipe, dtype: torch.dtype) -> Any:
-    """The base as training saw it: loaded in 4 bits with the recipe, then dequantized to ``dtype``."""
+    """The base as training saw it: loaded in 4 bits with the recipe, then dequantized to ``dtype``.
+
+    Mixture-of-experts experts, which bitsandbytes loads in 16 bits, go through the plugin's 4-bit
+    storage and back, as training stored them.
+    """
     import torch
 
     from qlora_plugin.core.models import auto_class, load_config
@@ -144,6 +148,9 @@ def load_dequantized_base(base: str, recipe: QLoRARecipe, dtype: torch.dtype) ->
         device_map={"": device},
     )
     model = model.dequantize()
+    from qlora_plugin.build.moe_experts import roundtrip_experts
+
+    roundtrip_experts(model, recipe)  # fused MoE experts: bitsandbytes leaves them in 16 bits, training did not
     return model.to(dtype)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from qlora_plugin.core.experts import ExpertParam, ExpertsModule
     from qlora_plugin.core.fields import RecipeSpec
     from qlora_plugin.core.recipe import QLoRARecipe
 
@@ -48,6 +49,48 @@ class ModelReport:
     norm_count: int = 0  # normalization layers, the final one included
     layer_count: int = 0
     groups: list[dict[str, Any]] = field(default_factory=list)
+    experts: list[ExpertsModule] = field(default_factory=list)  # fused MoE experts (qlora_plugin.core.experts)
+    expert_targets: list[str] = field(default_factory=list)  # expert parameters with LoRA (target_parameters)
+    experts_4bit: bool = True  # the plugin stores the experts in 4 bits (tested transformers and PEFT)
+
+    # -- mixture-of-experts experts ------------------------------------------------
+
+    @property
+    def expert_params(self) -> list[ExpertParam]:
+        return [param for module in self.experts for param in module.params]
+
+    @property
+    def target_expert_params(self) -> list[ExpertParam]:
+        targets = set(self.expert_targets)
+        return [param for param in self.expert_params if param.name in targets]
+
+    def expert_bytes(self) -> int:
+        """Bytes of the experts: 4-bit codes and constants as the plugin stacks them, else 2 bytes a weight."""
+        if not self.experts_4bit:
+            return 0
+        return sum(
+            experts_nf4_bytes(p.num_experts, p.in_features * p.out_features, self.recipe.double_quant)
+            for p in self.expert_params
+        )
+
+    def expert_summary(self) -> dict[str, Any]:
+        """Counts for ``inspect``: expert modules and parameters, how many in 4 bits and how many with adapters."""
+        params = self.expert_params
+        quantized = [p for module in self.experts for p in module.params if module.quantized or self.experts_4bit]
+        return {
+            "modules": len(self.experts),
+            "experts_per_module": max((module.num_experts for module in self.experts), default=0),
+            "parameters": len(params),
+            "weights": sum(p.numel for p in params),
+            "quantized_4bit": len(quantized),
+            "with_adapters": len(self.target_expert_params),
+            "lora_params": sum(
+                self.recipe.r * p.num_experts * (p.in_features + p.out_features)
+                for p in params
+                if p.name in set(self.expert_targets)
+            ),
+            "names": sorted({LAYER_INDEX.sub(".*", p.name) for p in params}),
+        }
 
     # -- sizes -------------------------------------------------------------------
 
@@ -62,10 +105,12 @@ class ModelReport:
         return [layer for layer in self.linears if layer.name not in self.heads]
 
     def lora_param_counts(self) -> list[int]:
-        """Trainable parameters of each adapted layer (A, B, and DoRA's magnitude)."""
+        """Trainable parameters of each adapted layer (A, B, and DoRA's magnitude), then of each adapted
+        expert parameter (one A and B per expert)."""
         r = self.recipe.r
         extra = 1 if self.recipe.use_dora else 0
-        return [r * (t.in_features + t.out_features) + extra * t.out_features for t in self.target_linears]
+        linear = [r * (t.in_features + t.out_features) + extra * t.out_features for t in self.target_linears]
+        return linear + [r * p.num_experts * (p.in_features + p.out_features) for p in self.target_expert_params]
 
     def lora_tensor_sizes(self) -> list[int]:
         """Element counts of each trainable tensor (what the optimizer sees one by one)."""
@@ -75,6 +120,8 @@ class ModelReport:
             sizes += [r * t.in_features, r * t.out_features]
             if self.recipe.use_dora:
                 sizes.append(t.out_features)
+        for p in self.target_expert_params:  # PEFT stacks the experts' A and B: one tensor each
+            sizes += [r * p.num_experts * p.in_features, r * p.num_experts * p.out_features]
         return sizes
 
     @property
@@ -84,18 +131,25 @@ class ModelReport:
     @property
     def base_params(self) -> int:
         """Parameters of the base model (a tied head counted once)."""
-        return sum(t.in_features * t.out_features for t in self.quantized_linears) + self.unquantized_params()
+        linear = sum(t.in_features * t.out_features for t in self.quantized_linears)
+        return (
+            linear + self.unquantized_params() + (sum(p.numel for p in self.expert_params) if self.experts_4bit else 0)
+        )
 
     def quantized_bytes(self) -> int:
-        """Bytes of the 4-bit linear weights with their quantization constants."""
-        return sum(nf4_bytes(t.in_features * t.out_features, self.recipe.double_quant) for t in self.quantized_linears)
+        """Bytes of the 4-bit weights (linear layers, and MoE experts) with their quantization constants."""
+        linear = sum(
+            nf4_bytes(t.in_features * t.out_features, self.recipe.double_quant) for t in self.quantized_linears
+        )
+        return linear + self.expert_bytes()
 
     def unquantized_params(self) -> int:
         """Parameters kept in 16/32 bits: embeddings, output head, norms, biases."""
         head = (
             0 if self.tied_head else sum(t.in_features * t.out_features for t in self.linears if t.name in self.heads)
         )
-        return sum(self.other_params.values()) + head
+        experts = 0 if self.experts_4bit else sum(p.numel for p in self.expert_params)
+        return sum(self.other_params.values()) + head + experts
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -112,6 +166,7 @@ class ModelReport:
             "quantized_linear_bytes": self.quantized_bytes(),
             "unquantized_params": self.unquantized_params(),
             "tied_output_head": self.tied_head,
+            **({"experts": self.expert_summary() | {"target_parameters": self.expert_targets}} if self.experts else {}),
         }
 
 
@@ -127,6 +182,23 @@ def nf4_bytes(numel: int, double_quant: bool, blocksize: int = 64) -> int:
     blocks = math.ceil(numel / blocksize)
     tensors = [math.ceil(numel / 2), 16 * 4]
     tensors += [blocks, math.ceil(blocks / 256) * 4, 256 * 4, 4] if double_quant else [blocks * 4]
+    return sum(_allocated(size) for size in tensors)
+
+
+def experts_nf4_bytes(experts: int, numel: int, double_quant: bool, blocksize: int = 64) -> int:
+    """Bytes of one fused expert parameter in the plugin's 4-bit storage (``qlora_plugin.build.moe_experts``).
+
+    Each expert is quantized on its own (``numel`` weights each) and the experts' codes and
+    constants are stacked: one tensor of codes, one of absmax (a uint8 each with double quant,
+    plus per expert a float32 second-level absmax per 256 blocks and a float32 offset; else a
+    float32 each), each rounded to the allocator's blocks; the two code books are shared.
+    """
+    blocks = math.ceil(numel / blocksize)
+    tensors = [experts * math.ceil(numel / 2)]
+    if double_quant:
+        tensors += [experts * blocks, experts * math.ceil(blocks / 256) * 4, experts * 4]
+    else:
+        tensors += [experts * blocks * 4]
     return sum(_allocated(size) for size in tensors)
 
 
@@ -177,6 +249,9 @@ def build_report(
     tied_head: bool,
     norm_count: int,
     extra_skipped: dict[str, str] | None = None,
+    experts: list[ExpertsModule] | None = None,
+    expert_targets: list[str] | None = None,
+    experts_4bit: bool = True,
 ) -> ModelReport:
     """A :class:`ModelReport` with the skipped layers explained and the targets grouped."""
     target_set = set(targets)
@@ -198,6 +273,9 @@ def build_report(
         heads=heads,
         other_params=other_params,
         tied_head=tied_head,
+        experts=experts or [],
+        expert_targets=list(expert_targets or []),
+        experts_4bit=experts_4bit,
     )
     report.norm_count = norm_count
     report.groups = group_targets(report)

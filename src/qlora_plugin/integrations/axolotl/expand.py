@@ -78,6 +78,8 @@ def native_keys(recipe: QLoRARecipe, device: str, fsdp: bool = False, zero3: boo
         "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
     }
     keys.update({key: value for key, value in optional.items() if value is not None})
+    if recipe.target_parameters:  # fused MoE experts, found on the model (qlora_plugin.core.experts)
+        keys["lora_target_parameters"] = sorted(recipe.target_parameters)
     if not recipe.targets_are_auto:  # names (sorted), or a pattern the loaded model resolves
         targets = recipe.target_modules
         assert targets is not None  # the field checks never leave it None

@@ -3,7 +3,9 @@
 ``register`` (raw config, before Axolotl validates it) expands the section
 into Axolotl's own keys, so Axolotl's validation and loader do the work.
 ``pre_lora_load`` (real model in hand) discovers the target modules through
-the plugin hooks, seeds the adapters' initialisation from ``seed``, puts the base
+the plugin hooks (on a mixture-of-experts model it also stores the fused experts in 4
+bits and targets them through ``lora_target_parameters``), seeds the adapters'
+initialisation from ``seed``, puts the base
 on the recipe's path, and saves the expanded config with the targets written out
 and ``qlora_recipe.json`` beside it (and, through :class:`CheckpointGuard`, in
 every checkpoint, which is complete or absent). ``load_datasets`` runs the data
@@ -106,6 +108,7 @@ class QLoRAPlugin(BasePlugin):
         keep_nf4_layout(model)
         recipe = self.recipe = self.section_recipe.resolve(model)
         route_messages(recipe, AXOLOTL_LOGGER)
+        self._experts_in_4bit(cfg, model, recipe)
         remember_fsdp(recipe, fsdp_in_effect(self.section_recipe))  # the fast path stays off under FSDP
         remember_zero3(recipe, zero3_in_effect(self.section_recipe))  # ... and under ZeRO-3
         guard_packed_model(model, recipe)  # under FSDP: 4-bit codes all-gathered as bytes
@@ -140,7 +143,8 @@ class QLoRAPlugin(BasePlugin):
             write_recipe_file(self.recipe, cfg.output_dir)
 
     def post_lora_load(self, cfg: Any, model: Any) -> None:
-        """On CUDA with the fast path: put the kernels on at the model's first training forward.
+        """Check a mixture-of-experts model's experts; on CUDA with the fast path, put the kernels on at the
+        model's first training forward.
 
         Axolotl's supervised trainer reads only the model's loss in training, so the fast
         path may compute it without logits; preference training (``rl``) and ORPO read
@@ -149,7 +153,12 @@ class QLoRAPlugin(BasePlugin):
         from qlora_plugin.fastpath.activation import arm, wants_fast_path
         from qlora_plugin.integrations.axolotl.expand import LORA_KERNELS
 
-        if self.recipe is None or not wants_fast_path(self.recipe):
+        if self.recipe is None:
+            return
+        from qlora_plugin.core.experts import check_experts
+
+        check_experts(model, self.recipe)  # MoE experts in 4 bits and adapted as the recipe says
+        if not wants_fast_path(self.recipe):
             return
         own_loss = not cfg.get("rl") and not cfg.get("orpo_alpha")
         arm(model, self.recipe, host_kernels=[key for key in LORA_KERNELS if cfg.get(key)], own_loss=own_loss)
@@ -178,6 +187,20 @@ class QLoRAPlugin(BasePlugin):
         chosen = fused_optimizer_over(trainer.model, self.recipe, trainer.args)
         if chosen is not None:
             trainer.optimizer_cls_and_kwargs = chosen
+
+    def _experts_in_4bit(self, cfg: Any, model: Any, recipe: Any) -> None:
+        """Store a mixture-of-experts model's fused experts in 4 bits and hand Axolotl their LoRA targets."""
+        from qlora_plugin.build.moe_experts import quantize_experts
+
+        if quantize_experts(model, recipe):
+            _log.info("qlora: mixture-of-experts experts stored in 4 bits (%s)", recipe.quant_type)
+        parameters = sorted(recipe.target_parameters or [])
+        if parameters:
+            _log.info("qlora: LoRA on %d fused expert parameters", len(parameters))
+            cfg.lora_dropout = recipe.lora_dropout
+        cfg.lora_target_parameters = parameters or None
+        self.expanded["lora_target_parameters"] = parameters or None
+        self.expanded["lora_dropout"] = recipe.lora_dropout
 
     def _discover_from_config(self, base_model: Any) -> Any:
         """The section's recipe with targets found from the model's config (meta device).

@@ -1,0 +1,457 @@
+"""Mixture-of-experts models: fused experts stored in 4 bits, LoRA on them in PEFT's format, the 4-bit forward
+against references, saving, reloading, merging, what ``inspect``/``estimate`` report and when training refuses."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+
+import pytest
+import torch
+from tiny_moe import FAMILIES, moe_model, moe_model_dir
+from torch import nn
+
+from qlora_plugin import QLoRAConfigError, qlora_recipe
+from qlora_plugin.build.moe_experts import (
+    QuantizedExperts,
+    is_fused_experts,
+    make_expert_lora_layer,
+    quantize_experts,
+    quantize_module,
+)
+from qlora_plugin.core import patches
+from qlora_plugin.core.experts import check_experts, find_experts
+
+TOKENS = 24
+
+
+def first_experts(model: nn.Module) -> nn.Module:
+    return next(module for module in model.modules() if is_fused_experts(module))
+
+
+def routing(tokens: int = TOKENS, only: tuple[int, ...] = (0, 1, 2, 3), seed: int = 0):
+    """Top-2 expert indices among ``only`` and normalised weights for ``tokens`` tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.tensor(only)
+    index = torch.stack([pool[torch.randperm(len(only), generator=generator)[:2]] for _ in range(tokens)])
+    weights = torch.rand(tokens, 2, generator=generator)
+    return index, weights / weights.sum(-1, keepdim=True)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+
+
+@pytest.fixture
+def versions(monkeypatch) -> Iterator[dict[str, str | None]]:
+    """Installed versions to pretend (the registry's cached answers are reset before and after)."""
+    real = patches.installed_version
+    pretended: dict[str, str | None] = {}
+    monkeypatch.setattr(patches, "installed_version", lambda name: pretended.get(name, real(name)))
+    monkeypatch.delenv(patches.FORCE_ENV, raising=False)
+    patches.allowed.cache_clear()
+    yield pretended
+    patches.allowed.cache_clear()
+
+
+# -- storage and forward -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_4bit_forward_equals_transformers_forward_over_the_dequantized_experts(family) -> None:
+    experts = first_experts(moe_model(family))
+    reference = copy.deepcopy(experts)
+    reference.config._experts_implementation = "eager"  # transformers' own per-expert loop
+    quantized = quantize_module(experts, qlora_recipe(compute_dtype="float32"))
+    with torch.no_grad():
+        for name in quantized.expert_shapes:
+            original = getattr(reference, name)
+            restored = quantized.dequantized_param(name)
+            assert restored.shape == original.shape
+            assert (restored - original).abs().mean() < 0.4 * original.abs().mean()  # NF4's error, in its layout
+            setattr(reference, name, nn.Parameter(restored))
+    x = torch.randn(TOKENS, 64)
+    index, weights = routing()
+    expected = reference(x, index, weights)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(quantized(x, index, weights), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_experts_are_nf4_blocksize_64_with_double_quant_and_the_routers_untouched() -> None:
+    import bitsandbytes.functional as bnbf
+
+    model = moe_model("qwen3_moe")
+    block = model.model.layers[0].mlp
+    router, router_weight = block.gate, block.gate.weight.detach().clone()
+    original = block.experts.gate_up_proj.detach().clone()
+    assert quantize_experts(model, qlora_recipe(compute_dtype="float32")) == 2
+    experts = block.experts
+    assert isinstance(experts, QuantizedExperts)
+    state = experts.quant_state("gate_up_proj", 1)
+    assert (state.quant_type, state.blocksize, state.nested, state.state2.blocksize) == ("nf4", 64, True, 256)
+    assert experts.gate_up_proj_codes.dtype == torch.uint8 and experts.gate_up_proj_codes.shape == (4, 64 * 64 // 2)
+    packed, expected_state = bnbf.quantize_4bit(original[1], blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(experts.dequantized("gate_up_proj", 1), bnbf.dequantize_4bit(packed, expected_state))
+    stored = sum(buffer.numel() * buffer.element_size() for buffer in experts.buffers())
+    weights = sum(p.numel for m in find_experts(model)[:1] for p in m.params)
+    assert stored < 0.6 * weights  # about half a byte a weight, constants included (16-bit: 2 bytes)
+    assert block.gate is router and torch.equal(router.weight, router_weight) and router.weight.dtype == torch.float32
+    assert not [name for name, p in model.named_parameters() if p.dim() == 3 and p.is_floating_point()]
+
+
+def test_moving_or_casting_the_model_keeps_the_experts_packed_and_exact() -> None:
+    quantized = quantize_module(first_experts(moe_model("gpt_oss")), qlora_recipe(compute_dtype="float32"))
+    x = torch.randn(TOKENS, 64)
+    index, weights = routing()
+    expected = quantized(x, index, weights)
+    quantized.to(torch.float64).to("cpu").float()  # what trainers and PEFT's fp32 upcasts do to a model
+    for name in quantized.expert_shapes:
+        placeholder = quantized._parameters[name]
+        assert placeholder.dtype == torch.uint8 and placeholder.stride() == (0, 0, 0)  # still one byte
+    assert quantized.code.dtype == torch.int32  # the constants' bits, untouched by the casts
+    torch.testing.assert_close(quantized(x, index, weights), expected, rtol=0, atol=0)
+    for moved in (copy.deepcopy(quantized), copy.deepcopy(quantized).to("meta")):  # a copy, another device
+        assert all(moved._parameters[name].stride() == (0, 0, 0) for name in moved.expert_shapes)
+
+
+def test_the_forward_dequantizes_only_the_experts_tokens_are_routed_to(monkeypatch) -> None:
+    quantized = quantize_module(first_experts(moe_model("mixtral")), qlora_recipe(compute_dtype="float32"))
+    seen: list[tuple[str, int]] = []
+    original = QuantizedExperts.quant_state
+    monkeypatch.setattr(
+        QuantizedExperts,
+        "quant_state",
+        lambda self, name, expert: seen.append((name, expert)) or original(self, name, expert),
+    )
+    index, weights = routing(only=(1, 3))
+    quantized(torch.randn(TOKENS, 64), index, weights)
+    assert {expert for _, expert in seen} == {1, 3}
+    assert len(seen) == 4  # one dequantization per projection and routed expert
+
+
+def wrapped(family: str, compute_dtype: str = "float32", r: int = 4):
+    """A 4-bit experts module inside PEFT's nested ParamWrappers, as PEFT builds them, LoRA weights drawn non-zero."""
+    model = moe_model(family)
+    recipe = qlora_recipe(model=model, compute_dtype=compute_dtype, r=r, lora_alpha=2 * r)
+    experts = quantize_module(first_experts(model), recipe)
+    inner = make_expert_lora_layer(experts, "default", recipe, r=r, lora_alpha=2 * r, parameter_name="gate_up_proj")
+    outer = make_expert_lora_layer(inner, "default", recipe, r=r, lora_alpha=2 * r, parameter_name="down_proj")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in outer.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return experts, inner, outer
+
+
+def reference_forward(experts: QuantizedExperts, wrappers, x, index, weights) -> torch.Tensor:
+    """Plain torch in float64: each routed expert's dequantized weight plus PEFT's own delta (B_e A_e * scaling)."""
+    full = {
+        w.parameter_name: experts.dequantized_param(w.parameter_name, torch.float64)
+        + w.get_delta_weight("default").double()
+        for w in wrappers
+    }
+    bias = {name: experts._parameters.get(f"{name}_bias") for name in full}
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for token in range(x.shape[0]):
+        for slot in range(index.shape[1]):
+            e = int(index[token, slot])
+            h = x[token].double()
+            for name in ("gate_up_proj", "down_proj"):
+                matrix = full[name][e]
+                h = h @ matrix if experts.is_transposed else matrix @ h
+                if bias[name] is not None:
+                    h = h + bias[name][e].double()
+                if name == "gate_up_proj":
+                    h = experts._gate(h[None])[0]
+            out[token] += weights[token, slot].double() * h
+    return out
+
+
+@pytest.mark.parametrize(
+    ("family", "compute_dtype"), [("qwen3_moe", "float32"), ("gpt_oss", "float32"), ("mixtral", "bfloat16")]
+)
+def test_lora_gradients_on_experts_match_a_plain_torch_reference(family, compute_dtype) -> None:
+    experts, inner, outer = wrapped(family, compute_dtype)
+    x = torch.randn(TOKENS, 64, requires_grad=True)
+    index, weights = routing()
+    direction = torch.randn(TOKENS, 64, dtype=torch.float64)
+    lora = {name: p for name, p in outer.named_parameters() if "lora_" in name}
+
+    def gradients(output: torch.Tensor) -> dict[str, torch.Tensor]:
+        for p in [*lora.values(), x]:
+            p.grad = None
+        (output.double() * direction).sum().backward()
+        return {name: p.grad.clone() for name, p in lora.items()} | {"input": x.grad.clone()}
+
+    ours = gradients(outer(x, index, weights))
+    expected = gradients(reference_forward(experts, [inner, outer], x, index, weights))
+    assert set(ours) == {"input", *lora} and len(lora) == 4
+    for name in ours:
+        assert ours[name].abs().max() > 0, name
+        assert cosine(ours[name], expected[name]) >= 0.999, (name, cosine(ours[name], expected[name]))
+
+
+def test_backward_keeps_no_dequantized_expert_weight() -> None:
+    experts, _, outer = wrapped("qwen3_moe")
+    matrices = {tuple(experts.matrix_shape(name)) for name in experts.expert_shapes}
+    matrices |= {shape[::-1] for shape in matrices}
+    saved: list[tuple[int, ...]] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    index, weights = routing()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        outer(torch.randn(TOKENS, 64, requires_grad=True), index, weights).sum().backward()
+    assert saved and not matrices & set(saved), saved
+
+
+# -- PEFT format, reload, merge ---------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapters_on_4bit_experts_have_peft_s_own_names_and_shapes(family) -> None:
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    recipe = qlora_recipe(model=moe_model(family), compute_dtype="float32")
+    ours = get_peft_model(moe_model(family), recipe)  # 16-bit experts: quantized as PEFT wraps them
+    assert all(m.quantized and m.adapted == {p.name for p in m.params} for m in find_experts(ours))
+    native = get_peft_model(
+        moe_model(family),
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            target_modules=sorted(recipe.target_modules),
+            target_parameters=recipe.target_parameters,
+        ),
+    )
+    shapes = {key: tuple(value.shape) for key, value in get_peft_model_state_dict(ours).items()}
+    assert any(".experts." in key for key in shapes)
+    assert shapes == {key: tuple(value.shape) for key, value in get_peft_model_state_dict(native).items()}
+    trainable = [name for name, p in ours.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tmp_path_factory):
+    """A tiny Qwen3-MoE on disk, loaded in 4 bits through the recipe, its adapters drawn non-zero and saved."""
+    from peft import get_peft_model
+
+    directory = tmp_path_factory.mktemp("moe")
+    base = moe_model_dir("qwen3_moe", directory / "base")
+    recipe = qlora_recipe(model=base, compute_dtype="float32")
+    model = get_peft_model(recipe.load_model(base), recipe)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.save_pretrained(directory / "adapter")
+    ids = torch.randint(4, 40, (2, 16), generator=generator)
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids).logits
+    return base, directory / "adapter", recipe, ids, logits
+
+
+def test_the_recipe_loads_the_base_with_its_experts_in_4bits(trained_adapter) -> None:
+    base, _, recipe, _, _ = trained_adapter
+    model = recipe.load_model(base)
+    assert [m.quantized for m in find_experts(model)] == [True, True]
+    assert not [name for name, p in model.named_parameters() if p.dim() == 3 and p.is_floating_point()]
+
+
+def test_the_saved_adapter_reloads_onto_a_fresh_4bit_base_with_the_same_logits(trained_adapter) -> None:
+    import json
+
+    from peft import PeftModel
+
+    base, adapter, recipe, ids, logits = trained_adapter
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == sorted(recipe.target_parameters) and config["lora_dropout"] == 0
+    reloaded = PeftModel.from_pretrained(recipe.load_model(base), adapter)  # PEFT's own loader builds the layers
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(input_ids=ids).logits, logits)
+
+
+def test_peft_alone_loads_the_adapter_onto_the_dequantized_base(trained_adapter) -> None:
+    from peft import PeftModel
+
+    from qlora_plugin.tools.merge import load_dequantized_base
+
+    base, adapter, recipe, ids, logits = trained_adapter
+    model = PeftModel.from_pretrained(load_dequantized_base(str(base), recipe, torch.float32), adapter)
+    assert not find_experts(model)[0].quantized  # 16-bit experts, PEFT's ParamWrapper forward
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_equals_the_adapter_on_the_4bit_base(trained_adapter, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from qlora_plugin.tools.merge import merge_adapter
+
+    _, adapter, _, ids, logits = trained_adapter
+    result = merge_adapter(adapter, tmp_path / "merged", dtype="fp32", show_progress=False)
+    assert result["merged_layers"] == 8 + 4  # attention projections, and the nested expert wrappers
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any(".lora_" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_merging_into_4bit_experts_is_refused_with_the_fix(trained_adapter) -> None:
+    from peft import PeftModel
+
+    base, adapter, recipe, _, _ = trained_adapter
+    model = PeftModel.from_pretrained(recipe.load_model(base), adapter)
+    experts = model.base_model.model.model.layers[0].mlp.experts
+    with pytest.raises(QLoRAConfigError, match="qlora merge"):
+        experts.merge()
+
+
+# -- the recipe's targets -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_discovery_targets_the_experts_and_never_a_router(family, caplog) -> None:
+    model = moe_model(family)
+    with caplog.at_level(logging.WARNING, logger="qlora_plugin"):
+        recipe = qlora_recipe(model=model)
+    expected = sorted(p.name for m in find_experts(model) for p in m.params)
+    assert sorted(recipe.target_parameters) == expected and len(expected) == 4
+    assert all(name.rsplit(".", 1)[-1] in ("gate_up_proj", "down_proj") for name in expected)
+    assert not [
+        name for name in recipe.target_modules if name.rsplit(".", 1)[-1] in ("gate", "router", "shared_expert_gate")
+    ]
+    assert recipe.lora_dropout == 0.0
+    assert sum("without dropout" in r.getMessage() for r in caplog.records) == 1
+
+    linear_only = qlora_recipe(model=model, lora_on_experts=False)
+    assert not linear_only.target_parameters and linear_only.lora_dropout == 0.05
+    assert sorted(linear_only.target_modules) == sorted(recipe.target_modules)
+    assert not qlora_recipe(model=model, exclude_modules=["experts"]).target_parameters
+
+
+def test_a_dense_model_gets_no_target_parameters(tiny_model_dir) -> None:
+    recipe = qlora_recipe(model=tiny_model_dir)
+    assert not recipe.target_parameters and recipe.lora_dropout == 0.05
+
+
+# -- refusals and the fallback ------------------------------------------------------
+
+
+def test_training_refuses_experts_left_in_16_bits_in_one_line() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = moe_model("gpt_oss")
+    names = qlora_recipe(model=model).target_parameters
+    plain = get_peft_model(model, LoraConfig(target_modules=["q_proj"], target_parameters=names))  # not the recipe
+    with pytest.raises(QLoRAConfigError) as error:
+        check_experts(plain, qlora_recipe())
+    message = str(error.value)
+    assert "\n" not in message and "2 of its 2 mixture-of-experts expert modules" in message
+    assert "16 bits" in message and "recipe.load_model" in message
+
+
+def test_training_refuses_experts_without_adapters_unless_the_recipe_says_so() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = moe_model("qwen3_moe")
+    recipe = qlora_recipe(compute_dtype="float32")
+    quantize_experts(model, recipe)
+    attention_only = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(QLoRAConfigError) as error:
+        check_experts(attention_only, recipe)
+    assert "\n" not in str(error.value) and "carry no LoRA adapter" in str(error.value)
+    assert "lora_on_experts=False" in str(error.value)
+    check_experts(attention_only, qlora_recipe(lora_on_experts=False))
+
+
+def test_the_trainer_callbacks_store_the_experts_in_4bits_and_check_them_before_the_first_step() -> None:
+    from qlora_plugin.integrations.moe_check import ExpertsCheck
+
+    checks = [c for c in qlora_recipe(compute_dtype="float32").callbacks() if isinstance(c, ExpertsCheck)]
+    assert len(checks) == 1
+    model = moe_model("mixtral")
+    with pytest.raises(QLoRAConfigError, match="carry no LoRA adapter"):
+        checks[0].on_train_begin(None, None, None, model=model)
+    assert [m.quantized for m in find_experts(model)] == [True, True]
+
+
+@pytest.mark.parametrize("lora_on_experts", [False, True])
+def test_the_first_training_forward_stores_16bit_experts_in_4bits_and_refuses_missing_adapters(
+    lora_on_experts, caplog
+) -> None:
+    from peft import get_peft_model
+
+    recipe = qlora_recipe(compute_dtype="float32", target_modules=["q_proj", "v_proj"], lora_on_experts=lora_on_experts)
+    model = get_peft_model(moe_model("qwen3_moe"), recipe)  # never resolved on the model: experts untouched so far
+    assert [m.quantized for m in find_experts(model)] == [False, False]
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        model.eval()(input_ids=ids)  # evaluation is left alone
+    assert [m.quantized for m in find_experts(model)] == [False, False]
+    model.train()
+    with caplog.at_level(logging.WARNING, logger="qlora_plugin"):
+        if lora_on_experts:
+            with pytest.raises(QLoRAConfigError, match="carry no LoRA adapter"):
+                model(input_ids=ids, labels=ids)
+        else:
+            model(input_ids=ids, labels=ids).loss.backward()
+    assert [m.quantized for m in find_experts(model)] == [True, True]
+    assert sum("stored in 4 bits now" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_outside_the_tested_transformers_experts_stay_16bit_with_one_warning(versions, caplog) -> None:
+    from peft import get_peft_model
+
+    versions["transformers"] = "5.99.0"
+    model = moe_model("qwen3_moe")
+    recipe = qlora_recipe(model=model, compute_dtype="float32")
+    with caplog.at_level(logging.WARNING, logger="qlora_plugin"):
+        assert quantize_experts(model, recipe) == 0
+        peft_model = get_peft_model(model, recipe)
+        check_experts(peft_model, recipe)  # announced, so not refused
+    warnings = [r.getMessage() for r in caplog.records if "transformers-fused-experts" in r.getMessage()]
+    assert len(warnings) == 1 and "5.99.0" in warnings[0]
+    assert [(m.quantized, len(m.adapted)) for m in find_experts(peft_model)] == [(False, 2), (False, 2)]
+    ids = torch.randint(0, 128, (2, 8))
+    peft_model(input_ids=ids, labels=ids).loss.backward()  # PEFT's own ParamWrapper over 16-bit experts
+
+
+# -- inspect and estimate -----------------------------------------------------------
+
+
+def test_inspect_lists_the_experts_in_4bits_and_with_adapters(tmp_path) -> None:
+    from cli_helpers import run_json
+    from tiny_moe import moe_config
+
+    moe_config("qwen3_moe").save_pretrained(tmp_path)
+    experts = run_json("inspect", tmp_path)["experts"]
+    assert (experts["modules"], experts["experts_per_module"], experts["parameters"]) == (2, 4, 4)
+    assert (experts["quantized_4bit"], experts["with_adapters"]) == (4, 4)
+    assert experts["lora_params"] == 2 * 16 * 4 * ((64 + 64) + (32 + 64))
+    linear_only = run_json("inspect", tmp_path, "--set", "lora_on_experts=false")["experts"]
+    assert (linear_only["quantized_4bit"], linear_only["with_adapters"]) == (4, 0)
+
+
+def test_estimate_counts_the_experts_in_4bits(tmp_path, versions) -> None:
+    from tiny_moe import moe_config
+
+    from qlora_plugin.tools.estimate import estimate
+    from qlora_plugin.tools.model_report import experts_nf4_bytes
+
+    moe_config("qwen3_moe").save_pretrained(tmp_path)
+    recipe = qlora_recipe()
+    four_bit = estimate(tmp_path, recipe, 64, 2)
+    expert_bytes = 2 * (experts_nf4_bytes(4, 64 * 64, True) + experts_nf4_bytes(4, 32 * 64, True))
+    assert expert_bytes < 49152  # about half a byte a weight
+    versions["transformers"] = "5.99.0"  # experts left in 16 bits
+    patches.allowed.cache_clear()
+    sixteen_bit = estimate(tmp_path, recipe, 64, 2)
+    weights = 2 * 4 * (64 * 64 + 32 * 64)
+    assert four_bit.components["weights_4bit"] - sixteen_bit.components["weights_4bit"] == expert_bytes
+    assert sixteen_bit.components["unquantized_params"] - four_bit.components["unquantized_params"] == 2 * weights
