@@ -87,6 +87,8 @@ def test_experts_are_nf4_blocksize_64_with_double_quant_and_the_routers_untouche
     original = block.experts.gate_up_proj.detach().clone()
     assert quantize_experts(model, qlora_recipe(compute_dtype="float32")) == 2
     experts = block.experts
+    assert quantize_experts(model, qlora_recipe(compute_dtype="float32")) == 0  # once in 4 bits, left alone
+    assert block.experts is experts
     assert isinstance(experts, QuantizedExperts)
     state = experts.quant_state("gate_up_proj", 1)
     assert (state.quant_type, state.blocksize, state.nested, state.state2.blocksize) == ("nf4", 64, True, 256)

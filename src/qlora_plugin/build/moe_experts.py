@@ -323,8 +323,9 @@ class QuantizedExperts(nn.Module):
 
 
 def _weight(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The 16/32-bit 3-D expert weight ``name`` of ``module`` (not the 4-bit experts' placeholders), or None."""
     param = module._parameters.get(name)
-    return param if param is not None and param.dim() == 3 else None
+    return param if param is not None and param.dim() == 3 and param.is_floating_point() else None
 
 
 def _split(lora_a: torch.Tensor, lora_b: torch.Tensor, experts: int) -> tuple[tuple[torch.Tensor, ...], ...]:
