@@ -266,12 +266,14 @@ def test_every_config_in_the_repository_loads_the_plugin_and_convert_writes_it(t
 
 @pytest.fixture
 def adapter(tmp_path, tiny_model_dir) -> Path:
-    """An adapter directory as far as the refusals read it: its config, with no record of the 4-bit format."""
+    """An adapter directory as far as the refusals read it: its config and a weights file, with no record of the
+    4-bit format."""
     directory = tmp_path / "adapter"
     directory.mkdir()
     (directory / "adapter_config.json").write_text(
         json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "base_model_name_or_path": str(tiny_model_dir)})
     )
+    (directory / "adapter_model.safetensors").write_bytes(b"")  # never read: every refusal comes before loading
     return directory
 
 

@@ -119,7 +119,7 @@ def test_inspect_rejects_bad_recipe_input(tiny_model_dir, args, expected, capsys
 def test_inspect_and_estimate_reject_missing_paths_and_other_models(tmp_path, not_a_causal_lm, capsys) -> None:
     for command in (["inspect"], ["estimate", "--seq", "64"]):
         assert main([command[0], str(tmp_path / "nowhere"), *command[1:]]) == 2
-        assert "no model config could be read there" in capsys.readouterr().err
+        assert "nowhere': does not exist" in capsys.readouterr().err
         assert main([command[0], str(not_a_causal_lm), *command[1:]]) == 2
         assert "model='vit': is not a causal language model" in capsys.readouterr().err
 

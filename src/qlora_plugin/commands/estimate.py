@@ -120,10 +120,11 @@ def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
     path = path_from_args(args, recipe)
     report = analyze(args.model, recipe)
+    warnings = report.warnings(args.seq)
     result = estimate_memory(report, args.seq, args.batch, path, parallel)
     fits = gpu_table(report, args.seq, args.batch, path, gpus, parallel)
     if args.json:
-        print_json(result.to_dict() | {"gpus": fits})
+        print_json(result.to_dict() | {"gpus": fits, "warnings": warnings})
         return 0
     out = console()
     dims = Dimensions.from_config(report.config)
@@ -169,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
     out.print(table("Memory of one training step (GiB)", ["component", "GiB", "notes"], rows, {1}))
     for note in result.notes:
         out.print(f"[yellow]note:[/yellow] {note}")
+    for warning in warnings:
+        out.print(f"[yellow]warning:[/yellow] {warning}")
     out.print()
     rows = [
         [

@@ -86,4 +86,6 @@ def run(args: argparse.Namespace) -> int:
         out.print(table("Linear layers without adapters", ["module", "layers", "count", "why"], rows, {2}))
     else:
         out.print("every linear layer gets an adapter")
+    for warning in report.warnings():
+        out.print(f"[yellow]warning:[/yellow] {warning}")
     return 0

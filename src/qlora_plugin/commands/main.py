@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     from qlora_plugin import __version__
+    from qlora_plugin.commands.options import OneLineParser
 
-    parser = argparse.ArgumentParser(prog="qlora", description="QLoRA recipes for TRL and Axolotl.")
+    parser = OneLineParser(prog="qlora", description="QLoRA recipes for TRL and Axolotl.")
     parser.add_argument("--version", action="version", version=f"qlora-plugin {__version__}")
     parser.add_argument(
         "--verbose",

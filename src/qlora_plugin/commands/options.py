@@ -8,7 +8,7 @@ and checked by the same rules (:mod:`qlora_plugin.core.fields`).
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, NoReturn
 
 from qlora_plugin.core.errors import QLoRAConfigError
 from qlora_plugin.core.fields import RecipeSpec, recipe_spec
@@ -50,7 +50,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def recipe_from_args(args: argparse.Namespace) -> RecipeSpec:
     """The recipe ``--preset`` and ``--set`` describe, checked (no PEFT import)."""
-    return recipe_spec(args.preset, **parse_overrides(args.overrides))
+    overrides = parse_overrides(args.overrides)
+    if "preset" in overrides:
+        raise QLoRAConfigError(
+            "--set preset",
+            overrides["preset"],
+            "the preset is chosen with --preset, not --set (--set overrides the preset's fields)",
+            f"write --preset {overrides['preset']}",
+        )
+    return recipe_spec(args.preset, **overrides)
 
 
 def subcommand(commands: Any, name: str, help: str, example: str) -> argparse.ArgumentParser:
@@ -69,3 +77,32 @@ def subcommand(commands: Any, name: str, help: str, example: str) -> argparse.Ar
         help="show the warnings of torch, transformers, bitsandbytes and other libraries",
     )
     return parser
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line with the fix, like every other bad input (exit 2).
+
+    argparse's own report is the usage block and a line without a fix. Subcommand parsers made by
+    ``add_subparsers`` are of the parent's class, so every ``qlora`` subcommand answers the same way.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}. Fix: {argparse_fix(message, self.prog)}\n")
+
+
+def argparse_fix(message: str, prog: str) -> str:
+    """The fix for one of argparse's error messages."""
+    help_hint = f"`{prog} --help` lists the options, with an example"
+    if message.startswith("the following arguments are required"):
+        return f"add them; {help_hint}"
+    if message.startswith("unrecognized arguments"):
+        return f"remove them or correct their spelling; {help_hint}"
+    if "invalid int value" in message:
+        return f"pass a whole number there; {help_hint}"
+    if "invalid choice" in message:
+        return "use one of the choices listed"
+    if "expected one argument" in message:
+        return f"give the option a value right after it; {help_hint}"
+    if "ignored explicit argument" in message:
+        return f"this switch takes no value: drop the '=...'; {help_hint}"
+    return help_hint

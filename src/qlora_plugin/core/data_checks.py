@@ -87,7 +87,18 @@ def _check_entry(index: int, entry: Any, sequence_len: int, tokenizer: Any, repo
             "is missing",
             "give each dataset a path, e.g. `- path: ./train.jsonl`",
         )
-    path = Path(os.path.expanduser(str(entry["path"])))
+    if not isinstance(entry["path"], str):
+        raise QLoRAConfigError(
+            f"{name}.path",
+            entry["path"],
+            f"must be a file path or a hub dataset name, not {type(entry['path']).__name__}",
+            "write the path as text, e.g. `- path: ./train.jsonl`",
+        )
+    path = Path(os.path.expanduser(entry["path"]))
+    if os.path.lexists(path) and path.is_dir():
+        from qlora_plugin.core.files import require
+
+        require(path, "directory", f"{name}.path", "make the directory readable, or point the dataset elsewhere")
     if not path.exists():
         if str(entry["path"]).startswith(LOCAL_PREFIXES) or path.suffix in JSON_SUFFIXES:
             raise QLoRAConfigError(
@@ -137,7 +148,15 @@ def read_rows(file: Path, field: str = "path") -> Iterator[tuple[int, dict[str, 
 
     ``field`` names the config key that points at the file, for the error of an empty one.
     """
-    text = file.read_text(encoding="utf-8", errors="replace")
+    from qlora_plugin.core.files import require
+
+    require(file, "file", field, "make the file readable, or point the dataset at a readable one")
+    try:
+        text = file.read_text(encoding="utf-8", errors="replace")
+    except OSError as error:
+        raise QLoRAConfigError(
+            field, os.fspath(file), f"cannot be read ({error.strerror or error})", "point it at a readable file"
+        ) from None
     if not text.strip() or text.strip() == "[]":
         raise QLoRAConfigError(
             field,

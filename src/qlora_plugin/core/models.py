@@ -22,19 +22,56 @@ def as_model(model: nn.Module | str | os.PathLike[str]) -> nn.Module:
     return model
 
 
-def load_config(path: str | os.PathLike[str]) -> PretrainedConfig:
-    """Read a model's config (a local directory, or a hub id where a hub is reachable)."""
+def load_config(path: str | os.PathLike[str], field: str = "model") -> PretrainedConfig:
+    """Read a model's config: a local directory's ``config.json``, or a hub id where the hub may be asked.
+
+    A local path (or any name while ``HF_HUB_OFFLINE`` is set) is read from disk only, and each
+    fault is named as what it is (:mod:`qlora_plugin.core.files`); the sizes are checked before
+    transformers builds anything from them (:func:`qlora_plugin.core.model_limits.check_model_config`).
+    ``field`` names the input in errors (``model``, ``--base``, ``base_model``).
+    """
     from transformers import AutoConfig
 
+    from qlora_plugin.core.files import hub_offline, looks_local, read_json, require
+    from qlora_plugin.core.model_limits import check_model_config
+
+    name = os.fspath(path)
+    if looks_local(name):
+        directory = require(name, "directory", field, "pass a directory that holds the model's config.json")
+        file = directory / "config.json"
+        check_model_config(read_json(file, field, "restore the model's config.json"), os.fspath(file))
+        name = os.fspath(directory)
     try:
-        return AutoConfig.from_pretrained(os.fspath(path))
-    except (OSError, ValueError) as error:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as error:
+        if hub_offline():
+            raise QLoRAConfigError(
+                field,
+                name,
+                "is no local directory nor in the hub cache, and HF_HUB_OFFLINE is set, so the hub is not asked",
+                "pass a local model directory, or unset HF_HUB_OFFLINE to let the hub be asked for this id",
+            ) from error
         raise QLoRAConfigError(
-            "model",
-            os.fspath(path),
-            f"no model config could be read there ({error.__class__.__name__})",
-            "pass a directory that holds config.json, or a hub id while the hub is reachable",
+            field,
+            name,
+            f"no model config could be read for this hub id ({_first_line(error)})",
+            "check the id on the hub and your access to it, or pass a local model directory",
         ) from error
+    except Exception as error:  # noqa: BLE001 - transformers refuses a bad config with many error types
+        raise QLoRAConfigError(
+            field,
+            name,
+            f"its config.json describes no model transformers can build ({type(error).__name__}: {_first_line(error)})",
+            "restore the model's original config.json",
+        ) from error
+    check_model_config(config.to_dict(), f"{os.fspath(path)} config")
+    return config
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message, cut to a readable length."""
+    text = " ".join(str(error).split("\n", 1)[0].split())
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def auto_class(config: PretrainedConfig) -> Any:
@@ -63,7 +100,18 @@ def meta_model(path: str | os.PathLike[str]) -> nn.Module:
 
     config = load_config(path)
     with torch.device("meta"):
-        return auto_class(config).from_config(config)
+        try:
+            return auto_class(config).from_config(config)
+        except QLoRAConfigError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a config transformers read but cannot build a model from
+            raise QLoRAConfigError(
+                "model",
+                os.fspath(path),
+                f"its config.json describes no model transformers can build ({type(error).__name__}: "
+                f"{_first_line(error)})",
+                "restore the model's original config.json",
+            ) from error
 
 
 def load_quantized(path: str | os.PathLike[str], recipe: QLoRARecipe, **kwargs: Any) -> PreTrainedModel:

@@ -113,7 +113,7 @@ def find_records(adapter_dir: Path, adapter_config: dict[str, Any]) -> list[Reco
         readers = ((RECIPE_FILE, _from_recipe), (EXPANDED_CONFIG, _from_expanded), (MODEL_CONFIG, _from_model_config))
         for name, reader in readers:
             file = directory / name
-            if file.is_file():
+            if os.path.lexists(file):
                 record = reader(file, adapter_config)
                 if record is not None:
                     records.append(record)
@@ -157,8 +157,11 @@ def _from_recipe(file: Path, adapter_config: dict[str, Any]) -> Record | None:
 def _from_expanded(file: Path, adapter_config: dict[str, Any]) -> Record | None:
     import yaml
 
+    from qlora_plugin.core.files import read_text
+
+    text = read_text(file, file.name, "restore the file from the run, or delete it and pass --quant-type")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError:
         return None
     kwargs = (data or {}).get("bnb_config_kwargs") if isinstance(data, dict) else None
@@ -178,12 +181,6 @@ def _from_model_config(file: Path, adapter_config: dict[str, Any]) -> Record | N
 
 
 def _read_json(file: Path) -> Any:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise QLoRAConfigError(
-            os.fspath(file),
-            None,
-            f"cannot be read as JSON ({error})",
-            "restore the file from the run, or delete it and pass --quant-type",
-        ) from None
+    from qlora_plugin.core.files import read_json
+
+    return read_json(file, file.name, "restore the file from the run, or delete it and pass --quant-type")

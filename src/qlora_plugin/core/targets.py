@@ -81,7 +81,17 @@ def rule_targets(linear_names: list[str], heads: set[str]) -> list[str]:
 
 def without_user_exclusions(found: list[str], recipe: Any, model_name: str) -> list[str]:
     """``found`` less the recipe's ``exclude_modules``; an error if nothing is left."""
+    exclude = getattr(recipe, "_user_exclude_modules", recipe.exclude_modules)
     targets = [name for name in found if not user_excluded(name, recipe.exclude_modules)]
+    if found and not targets:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in found})
+        raise QLoRAConfigError(
+            "exclude_modules",
+            exclude,
+            f"leaves no layer to adapt: it excludes all {len(found)} linear layers the rule found in {model_name} "
+            f"({leaves})",
+            f"exclude fewer modules, e.g. keep {leaves[:2]} out of exclude_modules",
+        )
     if not targets:
         raise QLoRAConfigError(
             "target_modules",

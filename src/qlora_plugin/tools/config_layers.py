@@ -63,6 +63,9 @@ def report_from_config(path: str | os.PathLike[str], recipe: QLoRARecipe | Recip
     config = _read_config(Path(path))
     if config is None or _plugins_choose_targets():
         return None
+    from qlora_plugin.core.model_limits import check_model_config
+
+    check_model_config(config, os.fspath(Path(path) / "config.json"))
     family = FAMILIES.get(config.get("model_type", ""))
     if family is None or any(config.get(key) is None for key in REQUIRED):
         return None

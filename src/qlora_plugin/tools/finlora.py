@@ -12,7 +12,6 @@ caller asks for them to be converted as 4-bit runs.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -53,20 +52,10 @@ FINLORA_DATASET_TYPE = {
 
 def read_entry(configs: str | os.PathLike[str], name: str) -> dict[str, Any]:
     """The entry ``name`` of a FinLoRA-style configs file, checked for the keys a run needs."""
-    path = Path(configs)
-    if not path.is_file():
-        raise QLoRAConfigError(
-            "CONFIGS_JSON", os.fspath(path), "does not exist", "pass the path of FinLoRA's lora/finetune_configs.json"
-        )
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise QLoRAConfigError(
-            "CONFIGS_JSON",
-            os.fspath(path),
-            f"is not valid JSON ({error})",
-            "fix the file; it maps run names to their settings",
-        ) from error
+    from qlora_plugin.core.files import read_json, require
+
+    path = require(configs, "file", "CONFIGS_JSON", "pass the path of FinLoRA's lora/finetune_configs.json")
+    entries = read_json(path, "CONFIGS_JSON", "fix the file; it maps run names to their settings")
     if not isinstance(entries, dict):
         raise QLoRAConfigError(
             "CONFIGS_JSON",

@@ -33,51 +33,80 @@ if TYPE_CHECKING:
     from qlora_plugin.core.recipe import QLoRARecipe
 
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's names, safetensors first
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 
 
 def read_adapter(adapter_dir: str | os.PathLike[str], base: str | None = None) -> tuple[dict[str, Any], str]:
-    """The adapter's config and the base model it names (or ``base``)."""
-    path = Path(adapter_dir)
-    if not path.is_dir():
-        raise QLoRAConfigError(
-            "ADAPTER_DIR", os.fspath(path), "is not a directory", "pass the directory the trainer saved the adapter to"
-        )
+    """The adapter's config and the base model it names (or ``base``), each file checked for what it is.
+
+    The adapter's weights must be on disk: PEFT would otherwise ask the hub for them and report a
+    network error. A local base path is read as a path only; a relative one is read from the working
+    directory, as PEFT and transformers read it, and an error says so.
+    """
+    from qlora_plugin.core.files import read_json, require
+
+    restore = "restore the adapter directory from the run that trained it"
+    path = require(adapter_dir, "directory", "ADAPTER_DIR", "pass the directory the trainer saved the adapter to")
     config_file = path / ADAPTER_CONFIG
-    if not config_file.is_file():
+    if not os.path.lexists(config_file):
         raise QLoRAConfigError(
             "ADAPTER_DIR",
-            os.fspath(path),
+            os.fspath(adapter_dir),
             f"holds no {ADAPTER_CONFIG}",
             "pass a directory with adapter_config.json and adapter_model.safetensors",
         )
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise QLoRAConfigError(
-            os.fspath(config_file),
-            None,
-            f"is not valid JSON ({error})",
-            "restore the adapter directory from the run that trained it",
-        ) from None
+    config = read_json(config_file, "ADAPTER_DIR", restore)
     if not isinstance(config, dict):
         raise QLoRAConfigError(
-            os.fspath(config_file),
-            config,
-            "is not a JSON object",
-            "restore the adapter directory from the run that trained it",
+            os.fspath(config_file), type(config).__name__, "is not a JSON object", restore
         )
+    weights = [path / name for name in ADAPTER_WEIGHTS if os.path.lexists(path / name)]
+    if not weights:
+        raise QLoRAConfigError(
+            "ADAPTER_DIR",
+            os.fspath(adapter_dir),
+            f"holds no {ADAPTER_WEIGHTS[0]} (the adapter's weights): the save was cut short, or this is not the "
+            "adapter's directory",
+            "pass the directory that holds adapter_model.safetensors beside adapter_config.json",
+        )
+    require(weights[0], "file", "ADAPTER_DIR", restore)
     if config.get("peft_type", "LORA") != "LORA":
         raise QLoRAConfigError(
             "peft_type", config.get("peft_type"), "is not a LoRA adapter", "merge LoRA / QLoRA adapters only"
         )
+    field = "--base" if base else "base_model_name_or_path"
     base = base or config.get("base_model_name_or_path")
     if not base:
         raise QLoRAConfigError(
             "base_model_name_or_path", None, "the adapter does not name its base model", "pass --base PATH"
         )
+    if not isinstance(base, str):
+        raise QLoRAConfigError(
+            f"{ADAPTER_CONFIG}: base_model_name_or_path", base, "is not a model path or hub id", "pass --base PATH"
+        )
+    check_base(base, field)
     return config, base
+
+
+def check_base(base: str, field: str) -> None:
+    """A base given as a path must be a model directory; a relative one is read from the working directory."""
+    from qlora_plugin.core.files import looks_local, path_problem
+
+    if not looks_local(base):
+        return  # a hub id: read from the hub, or from its cache while HF_HUB_OFFLINE is set
+    found = Path(os.path.expanduser(base))
+    problem = path_problem(found, "directory")
+    if problem is None:
+        return
+    where = "" if found.is_absolute() else f" (a relative path, read from the working directory {os.getcwd()})"
+    raise QLoRAConfigError(
+        field,
+        base,
+        problem + where,
+        "pass --base with the base model's directory (run from the directory training ran in, for a relative path)",
+    )
 
 
 def adapter_recipe(

@@ -151,6 +151,27 @@ class ModelReport:
         experts = 0 if self.experts_4bit else sum(p.numel for p in self.expert_params)
         return sum(self.other_params.values()) + head + experts
 
+    def config_values(self) -> dict[str, Any]:
+        """The model's config as plain keys (a transformers config, or the namespace read from config.json)."""
+        to_dict = getattr(self.config, "to_dict", None)
+        if callable(to_dict):
+            return dict(to_dict())
+        return dict(vars(self.config)) if self.config is not None else {}
+
+    def warnings(self, seq: int | None = None, seq_field: str = "--seq") -> list[str]:
+        """What the recipe (and a sequence length ``seq``) asks beyond this model's limits.
+
+        The rank against each adapted layer's width, and ``seq`` against the model's positions
+        (:mod:`qlora_plugin.core.model_limits`; a length a learned position table cannot take is an error).
+        """
+        from qlora_plugin.core.model_limits import check_sequence_length, rank_warnings
+
+        found = rank_warnings(self.recipe.r, [(t.name, t.in_features, t.out_features) for t in self.target_linears])
+        if seq is not None:
+            seq_warning = check_sequence_length(seq, seq_field, self.config_values(), self.architecture)
+            found += [seq_warning] if seq_warning else []
+        return found
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.source,
@@ -167,6 +188,7 @@ class ModelReport:
             "unquantized_params": self.unquantized_params(),
             "tied_output_head": self.tied_head,
             **({"experts": self.expert_summary() | {"target_parameters": self.expert_targets}} if self.experts else {}),
+            "warnings": self.warnings(),
         }
 
 

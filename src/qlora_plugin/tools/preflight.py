@@ -18,9 +18,6 @@ from typing import Any
 
 from qlora_plugin.core.errors import QLoRAConfigError
 
-LOCAL_PREFIXES = ("/", "./", "../", "~")
-
-
 @dataclass
 class Preflight:
     """The findings on one config: errors (each one line), warnings, notes, and what passed."""
@@ -76,15 +73,11 @@ def read_config(path: Path) -> dict[str, Any]:
     """The YAML mapping at ``path``; one clear error when there is none."""
     import yaml
 
-    if not path.is_file():
-        raise QLoRAConfigError(
-            "CONFIG",
-            os.fspath(path),
-            "does not exist" if not path.exists() else "is not a file",
-            "pass the path of an Axolotl YAML config",
-        )
+    from qlora_plugin.core.files import read_text
+
+    text = read_text(path, "CONFIG", "pass the path of an Axolotl YAML config")
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -154,19 +147,33 @@ def _check_targets(config: dict[str, Any], spec: Any, result: Preflight) -> None
             QLoRAConfigError("base_model", None, "is missing", "set base_model to a model directory or hub id")
         )
         return
-    local = Path(os.path.expanduser(str(base)))
-    if not local.exists():
-        if str(base).startswith(LOCAL_PREFIXES):
-            result.errors.append(
-                QLoRAConfigError(
-                    "base_model",
-                    str(base),
-                    f"no such directory (relative paths are read from {os.getcwd()})",
-                    "correct the path, or run from the directory it is relative to",
-                )
+    from qlora_plugin.core.files import looks_local, path_problem
+
+    if not isinstance(base, str):
+        result.errors.append(
+            QLoRAConfigError(
+                "base_model",
+                base,
+                f"must be a model directory or hub id, not {type(base).__name__}",
+                "write it as text, e.g. base_model: ./models/my-model",
             )
-        else:
-            result.notes.append(f"base_model {base} is a hub id: targets are found when the model loads")
+        )
+        return
+    local = Path(os.path.expanduser(base))
+    if not looks_local(base):
+        result.notes.append(f"base_model {base} is a hub id: targets are found when the model loads")
+        return
+    problem = path_problem(local, "directory")
+    if problem is not None:
+        where = "" if local.is_absolute() else f" (relative paths are read from {os.getcwd()})"
+        result.errors.append(
+            QLoRAConfigError(
+                "base_model",
+                base,
+                problem + where,
+                "correct the path, or run from the directory it is relative to",
+            )
+        )
         return
     try:
         report = report_from_config(local, spec)
