@@ -16,7 +16,11 @@ def register(commands: Any) -> None:
         "show what the recipe adapts in a model, its trainable parameters and 4-bit size",
         "qlora inspect ./Llama-3.2-1B --preset paper --set r=32",
     )
-    parser.add_argument("model", help="a local model directory (only config.json is read) or a hub id")
+    parser.add_argument(
+        "model",
+        help="a local model directory (only config.json is read) or a hub id; or a run's output directory or "
+        "checkpoint, to show what it trained (its qlora_recipe.json)",
+    )
     add_recipe_options(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
@@ -25,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
     """``qlora inspect``."""
     from qlora_plugin.tools.console import console, count, gib, print_json, table
     from qlora_plugin.tools.inspection import analyze, base_sizes, describe_recipe, group_skipped
+    from qlora_plugin.tools.run_inspection import is_run
 
+    if is_run(args.model):
+        return show_run(args)
     report = analyze(args.model, recipe_from_args(args))
     sizes = base_sizes(report)
     skipped = group_skipped(report)
@@ -88,4 +95,26 @@ def run(args: argparse.Namespace) -> int:
         out.print("every linear layer gets an adapter")
     for warning in report.warnings():
         out.print(f"[yellow]warning:[/yellow] {warning}")
+    return 0
+
+
+def show_run(args: argparse.Namespace) -> int:
+    """``qlora inspect RUN``: the record of what a run trained."""
+    from qlora_plugin.core.errors import QLoRAConfigError
+    from qlora_plugin.tools.console import print_json
+    from qlora_plugin.tools.run_inspection import inspect_run
+
+    if args.overrides or args.preset != "default":
+        raise QLoRAConfigError(
+            "--set/--preset",
+            args.overrides or args.preset,
+            f"{args.model} is a run: its record says what it trained, and no recipe changes that",
+            "drop --set/--preset, or inspect the base model directory with them",
+        )
+    run = inspect_run(args.model)
+    if args.json:
+        print_json(run.to_dict())
+        return 0
+    for line in run.lines():
+        print(line)
     return 0

@@ -14,8 +14,10 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from qlora_plugin.core import seams
+from qlora_plugin.core.adapter_shapes import guard_adapter_shapes
 from qlora_plugin.core.errors import QLoRAConfigError
 from qlora_plugin.core.notices import log_once, watch_optimizer
+from qlora_plugin.core.run_record import BaseFormat, note_built_layer
 
 if TYPE_CHECKING:
     from torch import nn
@@ -60,8 +62,30 @@ def make_lora_layer(target: nn.Module, adapter_name: str, config: QLoRARecipe, *
     kwargs["fan_in_fan_out"] = False  # the 4-bit base stores (out, in) even for Conv1D
     from qlora_plugin.core.seeding import seeded_layer_init
 
-    with seeded_layer_init(config, kwargs.get("target_name")):
+    with seeded_layer_init(kwargs.get("target_name")):
         layer = LoraLinear4bit(target, adapter_name, config=config, **kwargs)
+    note_built_layer(layer, config, kwargs.get("target_name"))
+    guard_adapter_shapes(layer)
+    report_base_format(target, config)
     watch_optimizer(layer, config)
     seams.call("lora_layer_built", layer, config)  # the fast path arms itself here (qlora_plugin.core.seams)
     return layer
+
+
+def report_base_format(target: nn.Module, recipe: QLoRARecipe) -> None:
+    """Say once, as a warning, where the base was loaded in another 4-bit format than the recipe's.
+
+    The run trains over what was loaded (a model loaded in FP4 by hand stays FP4), and
+    ``qlora_recipe.json`` records that (:mod:`qlora_plugin.core.run_record`).
+    """
+    found = BaseFormat.of_layer(target)
+    if found is None or (found.quant_type, found.double_quant) == (recipe.quant_type, recipe.double_quant):
+        return
+    log_once(
+        logging.WARNING,
+        f"the base model was loaded as {found.describe()}, but the recipe says {recipe.quant_type} "
+        f"(double quant {recipe.double_quant}): training runs over {found.quant_type}, and qlora_recipe.json records "
+        f"{found.quant_type}. To train over {recipe.quant_type}, load the model with recipe.load_model(...) or "
+        "args=recipe.sft_config(...); to silence this, set the recipe's quant_type and double_quant to match",
+        recipe,
+    )

@@ -150,7 +150,10 @@ class QLoRARecipe(LoraConfig):
         return {key: value for key, value in super().to_dict().items() if key in LORA_FIELDS}
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Write adapter_config.json (plain LoRA) and qlora_recipe.json beside it."""
+        """Write adapter_config.json (plain LoRA) and qlora_recipe.json beside it (what the model trained on)."""
+        from qlora_plugin.core.run_record import record_fields
+
+        record_fields(self)  # a recipe whose models disagree on their 4-bit format fails before anything is written
         super().save_pretrained(save_directory, **kwargs)
         write_recipe_file(self, save_directory)
 
@@ -305,11 +308,16 @@ def qlora_recipe(preset: str = "default", *, model: Any = None, **overrides: Any
     return recipe.resolve(model) if model is not None else recipe
 
 
-def write_recipe_file(recipe: QLoRARecipe, directory: str | os.PathLike[str]) -> None:
-    """Write ``qlora_recipe.json`` into ``directory`` through a temporary file, so it is whole or absent."""
+def write_recipe_file(recipe: QLoRARecipe, directory: str | os.PathLike[str], model: Any = None) -> None:
+    """Write ``qlora_recipe.json`` into ``directory`` through a temporary file, so it is whole or absent.
+
+    The record is what ``model`` trained on (:func:`qlora_plugin.core.run_record.record_fields`):
+    its 4-bit format, rank and adapted layers in place of the recipe's intention.
+    """
+    from qlora_plugin.core.run_record import record_fields
     from qlora_plugin.core.safe_io import write_text_atomically
 
-    text = json.dumps(recipe.recipe_fields(), indent=2, sort_keys=True)
+    text = json.dumps(record_fields(recipe, model), indent=2, sort_keys=True)
     write_text_atomically(os.path.join(os.fspath(directory), RECIPE_FILE), text)
 
 

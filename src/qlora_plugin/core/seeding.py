@@ -7,22 +7,44 @@ each LoRA layer is drawn from its own generator seeded by the run's seed and
 the layer's name (the same weights whatever ran before, and the global
 generator untouched); the Axolotl plugin seeds the global generator just before
 Axolotl builds its layers.
+
+The run's seed is the ``seed`` of the trainer whose construction builds the layers
+(TRL's ``SFTTrainer`` wraps the model while its ``__init__`` runs, with the
+``SFTConfig`` it was given): it travels with that config, never with the recipe, so
+one recipe behind several configs or trainers gives each its own seed. Layers built
+outside a trainer (``get_peft_model`` by hand) use :data:`DEFAULT_SEED`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import zlib
 from collections.abc import Iterator
 from typing import Any
 
 DEFAULT_SEED = 42  # transformers' TrainingArguments.seed default
-_SEED = "_qlora_init_seed"
 
 
-def remember_seed(recipe: Any, seed: int | None) -> None:
-    """Use ``seed`` (the trainer's) for the adapters ``recipe`` builds from now on."""
-    recipe.__dict__[_SEED] = DEFAULT_SEED if seed is None else int(seed)
+def seed_of_trainer_being_built() -> int | None:
+    """The ``seed`` of the arguments of the transformers ``Trainer`` whose ``__init__`` is running, or None.
+
+    Read from the call stack: the trainer under construction is a caller of PEFT's layer
+    building, and its ``args`` are in that frame.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__init__":
+            owner = frame.f_locals.get("self")
+            seed = getattr(frame.f_locals.get("args"), "seed", None)
+            if _is_trainer(owner) and isinstance(seed, int) and not isinstance(seed, bool):
+                return seed
+        frame = frame.f_back
+    return None
+
+
+def _is_trainer(owner: Any) -> bool:
+    return any(cls.__name__ == "Trainer" and cls.__module__.startswith("transformers.") for cls in type(owner).__mro__)
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -31,13 +53,13 @@ def layer_seed(seed: int, name: str) -> int:
 
 
 @contextlib.contextmanager
-def seeded_layer_init(recipe: Any, name: str | None) -> Iterator[None]:
+def seeded_layer_init(name: str | None) -> Iterator[None]:
     """Build one LoRA layer from a generator of its own, seeded by the run and the layer name."""
     import torch
 
-    seed = recipe.__dict__.get(_SEED, DEFAULT_SEED)
+    seed = seed_of_trainer_being_built()
     with torch.random.fork_rng(devices=[]):  # PEFT creates the adapter weights on the CPU, then moves them
-        torch.manual_seed(layer_seed(seed, name or ""))
+        torch.manual_seed(layer_seed(DEFAULT_SEED if seed is None else seed, name or ""))
         yield
 
 

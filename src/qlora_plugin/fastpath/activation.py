@@ -329,9 +329,19 @@ def apply_recipe_fast_path(
     )
     result = apply_fast_path(model, config=config)
     model.__dict__[_DONE] = True
+    from qlora_plugin.core.run_record import model_format
+
+    trained = model_format(base)
     log_once(
         logging.INFO,
-        describe(result, config, recipe, loss_description(result, forward_owner, own_loss), tuple(host_kernels)),
+        describe(
+            result,
+            config,
+            recipe,
+            loss_description(result, forward_owner, own_loss),
+            tuple(host_kernels),
+            trained.quant_type if trained is not None else recipe.quant_type,
+        ),
         recipe,
     )
     if forward_owner is None and not result.loss_fused and not own_loss:
@@ -382,11 +392,13 @@ def loss_description(result: Any, forward_owner: str | None, own_loss: bool) -> 
     return "loss from full logits: left to the trainer, which reads them (TRL loss_type 'nll'/'dft', or your own loop)"
 
 
-def describe(result: Any, config: Any, recipe: QLoRARecipe, loss: str, host_kernels: tuple[str, ...]) -> str:
-    """One line: which parts of the fast path are on."""
+def describe(
+    result: Any, config: Any, recipe: QLoRARecipe, loss: str, host_kernels: tuple[str, ...], quant_type: str = ""
+) -> str:
+    """One line: which parts of the fast path are on (``quant_type``: the base's, as loaded)."""
     dropout = f", LoRA dropout {recipe.lora_dropout}" if recipe.lora_dropout else ""
     parts = [
-        f"fused LoRA over {recipe.quant_type} on {result.lora_layers_fused} layers{dropout}",
+        f"fused LoRA over {quant_type or recipe.quant_type} on {result.lora_layers_fused} layers{dropout}",
         loss,
         f"RMSNorm on {result.norms_patched}, SwiGLU on {result.mlps_patched}, RoPE on {result.rope_patched} modules",
         f"recompute '{config.recompute}' (gradient_checkpointing={recipe.gradient_checkpointing!r})"

@@ -35,6 +35,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from qlora_plugin.core.errors import QLoRAConfigError
 from qlora_plugin.core.notices import report
 
 MANIFEST = "qlora_checkpoint.json"
@@ -130,6 +131,8 @@ class CheckpointGuard(TrainerCallback):
             )
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step > 0:  # resumed: the checkpoint's record must describe the model that goes on
+            check_resume(Path(args.output_dir) / f"checkpoint-{state.global_step}", kwargs.get("model"))
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             self._previous_sigterm = signal.signal(signal.SIGTERM, _stop_on_sigterm)
 
@@ -152,7 +155,7 @@ class CheckpointGuard(TrainerCallback):
         if self.recipe is not None:
             from qlora_plugin.core.recipe import write_recipe_file
 
-            write_recipe_file(self.recipe, directory)
+            write_recipe_file(self.recipe, directory, kwargs.get("model"))
         write_manifest(directory)
 
     def _expect(self, args: Any, state: Any, control: Any) -> None:
@@ -212,6 +215,46 @@ def _free_name(path: Path) -> Path:
         candidate = path.with_name(f"{path.name}.{number}")
         number += 1
     return candidate
+
+
+def check_resume(checkpoint: Path, model: Any, r: int | None = None) -> None:
+    """Compare ``checkpoint``'s ``qlora_recipe.json`` with the model that resumes from it; one line on a difference.
+
+    The base's 4-bit format (data type, double quantization, block size) and, given ``r``,
+    the rank: resuming NF4 checkpoints over an FP4 base, or with another rank, trains another
+    model than the one the checkpoints hold.
+    """
+    from qlora_plugin.core.fields import RECIPE_FILE
+    from qlora_plugin.core.files import read_json
+    from qlora_plugin.core.run_record import compare_record, model_format
+
+    file = checkpoint / RECIPE_FILE
+    if model is None or not os.path.lexists(file):
+        return
+    fields = read_json(file, RECIPE_FILE, f"restore it, or delete {checkpoint} to resume from an earlier checkpoint")
+    if not isinstance(fields, dict):
+        return
+    fix = (
+        f"resume with the recipe {checkpoint.name} was trained with (quant_type={fields.get('quant_type')!r}, "
+        f"double_quant={fields.get('double_quant')!r}, r={fields.get('r')!r}), or start a new run in another output_dir"
+    )
+    loaded = model_format(model)
+    if loaded is not None:
+        compare_record(fields, loaded, os.fspath(file), "this run's base", fix)
+    if r is not None and "r" in fields and fields["r"] != r:
+        raise QLoRAConfigError("r", r, f"{file} records r={fields['r']!r}", fix)
+
+
+def resume_checkpoint(cfg: Any) -> Path | None:
+    """The checkpoint an Axolotl config resumes from: ``resume_from_checkpoint``, or with
+    ``auto_resume_from_checkpoints`` the newest complete one in ``output_dir``; else None."""
+    explicit = cfg.get("resume_from_checkpoint")
+    if isinstance(explicit, str) and explicit:
+        return Path(explicit)
+    if cfg.get("auto_resume_from_checkpoints") and cfg.get("output_dir"):
+        found = complete_checkpoints(cfg["output_dir"])
+        return found[-1] if found else None
+    return None
 
 
 def recipe_callbacks(recipe: Any) -> list[Any]:

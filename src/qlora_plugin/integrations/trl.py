@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from trl import SFTConfig
 
-from qlora_plugin.core.notices import log_once
+from qlora_plugin.core.notices import report
 from qlora_plugin.integrations.transformers import describe_settings
 
 if TYPE_CHECKING:
@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
     """An ``SFTConfig`` holding the recipe's settings; ``overrides`` win and are reported.
 
-    ``overrides`` are checked first (:mod:`qlora_plugin.integrations.trainer_checks`), and the
-    config's ``seed`` seeds the adapters the recipe builds (:mod:`qlora_plugin.core.seeding`).
+    ``overrides`` are checked first (:mod:`qlora_plugin.integrations.trainer_checks`); the
+    config's ``seed`` seeds the adapters a trainer given it builds (:mod:`qlora_plugin.core.seeding`).
     Under a multi-process launch on CUDA, a model given by name loads on this rank's GPU
     (``device_map={"": local_rank}`` unless ``model_init_kwargs`` has a ``device_map``, or under
     DeepSpeed, which places the parameters itself: ``device_map=None``); with
@@ -55,7 +55,6 @@ def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
         remember_zero3,
         zero3_requested,
     )
-    from qlora_plugin.core.seeding import remember_seed
     from qlora_plugin.integrations.trainer_checks import check_sft_overrides
 
     check_sft_overrides(overrides, SFTConfig)
@@ -78,19 +77,28 @@ def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
     replaced = {key: value for key, value in overrides.items() if key in settings and settings[key] != value}
     replaced.update({f"model_init_kwargs[{key!r}]": value for key, value in user_loading.items() if key in loading})
     config = SFTConfig(**{**settings, **overrides, "model_init_kwargs": {**loading, **user_loading}})
-    remember_seed(recipe, config.seed)
 
     active = {key: value for key, value in settings.items() if key not in replaced}
+    quantization = config.model_init_kwargs.get("quantization_config")
     message = (
-        f"qlora recipe '{recipe.preset}' in SFTConfig: models given by name load as 4-bit "
-        f"{recipe.quant_type} (double quant {recipe.double_quant}, "
-        f"compute {str(compute_dtype).removeprefix('torch.')}); "
-        f"{describe_settings(active)}"
+        f"qlora recipe '{recipe.preset}' in SFTConfig: models given by name load as "
+        f"{describe_quantization(quantization)}; {describe_settings(active)}"
     )
     if replaced:
         message += f". Not in effect, replaced by your arguments: {describe_settings(replaced)}"
-    log_once(logging.WARNING if replaced else logging.INFO, message, recipe)
+    report(logging.WARNING if replaced else logging.INFO, message, recipe=recipe)  # each call says what it made
     return config
+
+
+def describe_quantization(quantization: Any) -> str:
+    """``4-bit nf4 (double quant True, compute bfloat16)`` for a 4-bit ``BitsAndBytesConfig``, in words otherwise."""
+    if not getattr(quantization, "load_in_4bit", False):
+        return f"{type(quantization).__name__} {quantization!r}" if quantization is not None else "16-bit (no quantization)"
+    compute = str(getattr(quantization, "bnb_4bit_compute_dtype", None)).removeprefix("torch.")
+    return (
+        f"4-bit {quantization.bnb_4bit_quant_type} (double quant {quantization.bnb_4bit_use_double_quant}, "
+        f"compute {compute})"
+    )
 
 
 def trl_computes_loss_without_logits() -> bool:

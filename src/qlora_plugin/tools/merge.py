@@ -125,11 +125,19 @@ def adapter_recipe(
     )
     from qlora_plugin.core.recipe import QLoRARecipe, qlora_recipe
 
-    fields: dict[str, Any] = {"quant_type": trained.quant_type, "double_quant": trained.double_quant}
+    from qlora_plugin.core.fields import RECIPE_FIELDS
+
+    # the compute dtype is the run's; dequantizing to --dtype does not depend on it, and this machine may lack it
+    fields: dict[str, Any] = {
+        "quant_type": trained.quant_type,
+        "double_quant": trained.double_quant,
+        "compute_dtype": "auto",
+    }
     if trained.recipe_fields is None:
         return qlora_recipe(**fields), trained
+    recorded = {key: value for key, value in trained.recipe_fields.items() if key in RECIPE_FIELDS}
     try:
-        return QLoRARecipe(**{**trained.recipe_fields, **fields}), trained
+        return QLoRARecipe(**{**recorded, **fields}), trained
     except QLoRAConfigError as error:
         raise QLoRAConfigError(
             f"qlora_recipe.json: {error.field}",
@@ -159,23 +167,39 @@ def check_out(out: Path, force: bool, keep: list[Path]) -> None:
         )
 
 
-def load_dequantized_base(base: str, recipe: QLoRARecipe, dtype: torch.dtype) -> Any:
+def load_dequantized_base(base: str, recipe: QLoRARecipe, dtype: torch.dtype, trained: TrainedFormat) -> Any:
     """The base as training saw it: loaded in 4 bits with the recipe, then dequantized to ``dtype``.
 
     Mixture-of-experts experts, which bitsandbytes loads in 16 bits, go through the plugin's 4-bit
-    storage and back, as training stored them.
+    storage and back, as training stored them. What was loaded is compared with the record first
+    (a base stored pre-quantized keeps its own format, whatever the recipe asks): another format
+    is an error naming both.
     """
     import torch
 
     from qlora_plugin.core.models import auto_class, load_config
+    from qlora_plugin.core.run_record import compare_record, model_format
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = auto_class(load_config(base)).from_pretrained(
+    model = auto_class(load_config(base, "--base")).from_pretrained(
         base,
         quantization_config=recipe.bnb_config(device),
         dtype=dtype,
         device_map={"": device},
     )
+    loaded = model_format(model)
+    if loaded is not None:
+        record = {"quant_type": recipe.quant_type, "double_quant": recipe.double_quant}
+        if trained.recipe_fields is not None and "blocksize" in trained.recipe_fields:
+            record["blocksize"] = trained.recipe_fields["blocksize"]
+        compare_record(
+            record,
+            loaded,
+            trained.source,
+            f"the base {base} as loaded",
+            "pass the base the adapter was trained on, unquantized, with --base (a base saved in 4 bits keeps its "
+            "own format), or --quant-type/--double-quant to merge as it is",
+        )
     model = model.dequantize()
     from qlora_plugin.build.moe_experts import roundtrip_experts
 
@@ -219,7 +243,7 @@ def merge_adapter(
 
     with _progress(show_progress) as progress, staged_directory(out_path) as staging:
         step = progress.add_task("load the base in 4 bits and dequantize", total=1)
-        model = load_dequantized_base(base, recipe, target_dtype)
+        model = load_dequantized_base(base, recipe, target_dtype, trained)
         progress.advance(step)
         step = progress.add_task("load the adapter", total=1)
         from peft import PeftModel

@@ -103,17 +103,28 @@ class QLoRAPlugin(BasePlugin):
         from qlora_plugin.core.fsdp_bytes import guard_packed_model
         from qlora_plugin.core.prepare import prepare_for_training
         from qlora_plugin.core.quantization import keep_nf4_layout
+        from qlora_plugin.core.run_record import model_format
         from qlora_plugin.core.seeding import seed_before_adapters
+        from qlora_plugin.integrations.checkpoints import check_resume, resume_checkpoint
 
         keep_nf4_layout(model)
         recipe = self.recipe = self.section_recipe.resolve(model)
+        resumed = resume_checkpoint(cfg)
+        if resumed is not None:  # before Axolotl loads its weights: a clear line, not a torch size mismatch
+            check_resume(resumed, model, recipe.r)
         route_messages(recipe, AXOLOTL_LOGGER)
         self._experts_in_4bit(cfg, model, recipe)
         remember_fsdp(recipe, fsdp_in_effect(self.section_recipe))  # the fast path stays off under FSDP
         remember_zero3(recipe, zero3_in_effect(self.section_recipe))  # ... and under ZeRO-3
         guard_packed_model(model, recipe)  # under FSDP: 4-bit codes all-gathered as bytes
         targets = sorted(recipe.target_modules)
-        _log.info("qlora: LoRA on %d modules: %s", len(targets), ", ".join(targets))
+        base = model_format(model)
+        _log.info(
+            "qlora: LoRA on %d modules over a %s base: %s",
+            len(targets),
+            base.describe() if base is not None else "16-bit",
+            ", ".join(targets),
+        )
         native = cfg.get("lora_target_modules")
         if native and sorted([native] if isinstance(native, str) else native) != targets:
             _log.warning(
@@ -127,7 +138,7 @@ class QLoRAPlugin(BasePlugin):
             prepare_for_training(model, recipe)
         seed_before_adapters(cfg.get("seed"))
         self.expanded["lora_target_modules"] = targets
-        self._save_outputs(Path(cfg.output_dir))
+        self._save_outputs(Path(cfg.output_dir), model)
 
     def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list[Any]:
         """The checkpoint guard: checkpoints complete or absent, each with the recipe; resume skips broken ones."""
@@ -140,7 +151,7 @@ class QLoRAPlugin(BasePlugin):
         if self.recipe is not None and Path(cfg.output_dir).is_dir():
             from qlora_plugin.core.recipe import write_recipe_file
 
-            write_recipe_file(self.recipe, cfg.output_dir)
+            write_recipe_file(self.recipe, cfg.output_dir, model)
 
     def post_lora_load(self, cfg: Any, model: Any) -> None:
         """Check a mixture-of-experts model's experts; on CUDA with the fast path, put the kernels on at the
@@ -223,7 +234,7 @@ class QLoRAPlugin(BasePlugin):
         except QLoRAConfigError as error:
             raise in_section(error) from error
 
-    def _save_outputs(self, output_dir: Path) -> None:
+    def _save_outputs(self, output_dir: Path, model: Any) -> None:
         """Write the config as plain Axolotl keys (no plugin needed to rerun it) and the recipe, atomically."""
         from qlora_plugin.core.recipe import write_recipe_file
         from qlora_plugin.core.safe_io import write_text_atomically
@@ -236,7 +247,7 @@ class QLoRAPlugin(BasePlugin):
             "# Runs without the plugin: `axolotl train` this file.\n"
         )
         write_text_atomically(output_dir / EXPANDED_CONFIG, header + yaml.safe_dump(plain, sort_keys=True))
-        write_recipe_file(self.recipe, output_dir)
+        write_recipe_file(self.recipe, output_dir, model)
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
