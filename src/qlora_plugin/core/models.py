@@ -16,9 +16,12 @@ if TYPE_CHECKING:
 
 
 def as_model(model: nn.Module | str | os.PathLike[str]) -> nn.Module:
-    """``model`` itself, or the model its path names built on the meta device."""
+    """``model`` itself (a PEFT model's base), or the model its path names built on the meta device."""
     if isinstance(model, (str, os.PathLike)):
         return meta_model(model)
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model) and hasattr(model, "peft_config"):
+        return get_base_model()  # its LoRA layers count as the linear layers they wrap (targets.linear_layer_names)
     return model
 
 

@@ -60,9 +60,20 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it, with the umask's permissions."""
+def real_destination(path: str | os.PathLike[str]) -> Path:
+    """Where a write to ``path`` lands: ``path``, or the target of the symbolic link it is.
+
+    A link is honoured, never replaced: the new file or directory is renamed onto its target,
+    and the link keeps pointing at it.
+    """
     target = Path(path)
+    return Path(os.path.realpath(target)) if target.is_symlink() else target
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` (a link's target, for a link) through a temporary file beside it, with the
+    umask's permissions."""
+    target = real_destination(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
@@ -79,8 +90,18 @@ def check_writable_destination(out: Path, field: str) -> None:
 
     The parent must be a writable directory (the temporary copy goes there), and
     ``out`` must not be a mount point (a rename onto one fails with "Device or
-    resource busy" only at the very end).
+    resource busy" only at the very end). A symbolic link is checked as its target, which
+    the write replaces (:func:`real_destination`); a link to nothing is refused.
     """
+    if out.is_symlink():
+        if not out.exists():
+            raise QLoRAConfigError(
+                field,
+                os.fspath(out),
+                f"is a symbolic link to {os.readlink(out)!r}, which does not exist (or loops)",
+                "create the link's target first, or pass the path to write directly",
+            )
+        out = real_destination(out)
     existing = out.parent
     while not existing.exists():
         existing = existing.parent
@@ -156,7 +177,7 @@ def _alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def staged_directory(out: Path) -> Iterator[Path]:
-    """A temporary directory beside ``out`` that becomes ``out`` if the block completes.
+    """A temporary directory beside ``out`` (a link's target, for a link) that becomes it if the block completes.
 
     Nothing is left behind whatever happens: on an exception (an interruption
     included) the temporary directory is removed, and one a killed process left
@@ -164,6 +185,7 @@ def staged_directory(out: Path) -> Iterator[Path]:
     aside and back if the final rename fails, and deleted once it succeeds.
     The two renames run with SIGINT and SIGTERM held, so a signal cannot fall between them.
     """
+    out = real_destination(out)  # a link stays a link: its target is what gets replaced
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_copies(out)
     mode = directory_mode(out)

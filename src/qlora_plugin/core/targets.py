@@ -55,8 +55,26 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
-    """Names of every linear layer in ``model``, in module order."""
-    return [name for name, module in model.named_modules() if name and is_linear(module)]
+    """Names of every linear layer in ``model``, in module order.
+
+    A layer PEFT already wrapped with LoRA counts under its own name (``...q_proj``), never its
+    parts (``...q_proj.base_layer``, ``...q_proj.lora_A.default``): targets found on a PEFT model
+    are those of its base.
+    """
+    names: list[str] = []
+    inside = ""  # the LoRA wrapper whose parts named_modules (pre-order) is walking through
+    for name, module in model.named_modules():
+        if not name or (inside and name.startswith(inside + ".")):
+            continue
+        base = getattr(module, "base_layer", None)
+        if base is not None and hasattr(module, "lora_A"):
+            inside = name
+            if is_linear(base) or is_linear(getattr(base, "base_layer", base)):
+                names.append(name)
+            continue
+        if is_linear(module):
+            names.append(name)
+    return names
 
 
 def output_head_names(model: nn.Module) -> set[str]:

@@ -143,8 +143,9 @@ def axolotl_config(
 
 def write_atomically(path: Path, text: str, force: bool) -> None:
     """Write ``text`` to ``path`` through a temporary file beside it; refuse to overwrite without ``force``."""
-    from qlora_plugin.core.safe_io import write_text_atomically
+    from qlora_plugin.core.safe_io import check_writable_destination, write_text_atomically
 
+    check_writable_destination(path, "--out")
     if path.is_dir():
         raise QLoRAConfigError("--out", os.fspath(path), "is a directory", "name the YAML file to write")
     if path.exists() and not force:

@@ -161,6 +161,10 @@ def check_out(out: Path, force: bool, keep: list[Path]) -> None:
             )
     if out.exists() and not out.is_dir():
         raise QLoRAConfigError("--out", os.fspath(out), "is a file", "choose a directory path")
+    if out.is_dir():
+        from qlora_plugin.core.files import require
+
+        require(out, "directory", "--out", "choose a directory you can read and write")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise QLoRAConfigError(
             "--out", os.fspath(out), "is not empty", "choose a new directory, or pass --force to replace it"
@@ -230,8 +234,8 @@ def merge_adapter(
     config, base = read_adapter(adapter_dir, base)
     out_path = Path(out)
     keep = [Path(adapter_dir)] + ([Path(base)] if Path(base).exists() else [])
+    check_writable_destination(out_path, "--out")  # first: a link to nothing, an unwritable or file parent
     check_out(out_path, force, keep)
-    check_writable_destination(out_path, "--out")
     recipe, trained = adapter_recipe(
         adapter_dir, config, quant_type=quant_type, double_quant=double_quant, assume_default=assume_default_recipe
     )
