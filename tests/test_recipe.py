@@ -126,7 +126,11 @@ def test_saved_adapter_config_is_plain_lora_and_the_recipe_sits_beside_it(tmp_pa
     loaded = PeftConfig.from_pretrained(str(tmp_path))
     assert type(loaded) is LoraConfig and loaded.r == 8
     assert "optimizer" not in json.loads((tmp_path / "adapter_config.json").read_text())
-    assert json.loads((tmp_path / "qlora_recipe.json").read_text()) == recipe.recipe_fields()
+    # no model built with it: the record is the recipe's, and says so
+    assert json.loads((tmp_path / "qlora_recipe.json").read_text()) == {
+        **recipe.recipe_fields(),
+        "recorded_from": "recipe",
+    }
 
 
 def test_replace_keeps_everything_else() -> None:

@@ -94,5 +94,5 @@ def test_named_targets_that_match_nothing_list_the_linear_layers() -> None:
 
 
 def test_a_path_without_a_model_config_is_a_clear_error(tmp_path) -> None:
-    with pytest.raises(QLoRAConfigError, match="no model config"):
+    with pytest.raises(QLoRAConfigError, match="holds no config.json"):
         qlora_recipe(model=str(tmp_path))

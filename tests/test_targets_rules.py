@@ -116,9 +116,9 @@ def test_excluding_every_discovered_layer_is_an_error_with_a_fix() -> None:
     everything = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     with pytest.raises(QLoRAConfigError) as error:
         qlora_recipe(model=build("llama"), exclude_modules=everything)
-    assert (error.value.field, error.value.value) == ("target_modules", "auto")
-    assert error.value.problem.startswith("found no linear layer to adapt in ")
-    assert error.value.fix == "name the modules yourself, e.g. target_modules=['q_proj', 'v_proj']"
+    assert (error.value.field, error.value.value) == ("exclude_modules", everything)  # blamed on what excluded them
+    assert error.value.problem.startswith("leaves no layer to adapt: it excludes all 14 linear layers the rule found")
+    assert "exclude fewer modules" in error.value.fix
 
 
 def test_a_module_without_output_embeddings_has_no_head() -> None:

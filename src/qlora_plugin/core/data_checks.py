@@ -66,8 +66,10 @@ def check_datasets(cfg: Mapping[str, Any]) -> DataReport:
             )
         )
         return report
-    sequence_len = cfg.get("sequence_len") or DEFAULT_SEQUENCE_LEN
-    tokenizer = load_tokenizer(cfg.get("tokenizer_config") or cfg.get("base_model"))
+    sequence_len = cfg.get("sequence_len")
+    if isinstance(sequence_len, bool) or not isinstance(sequence_len, int) or sequence_len < 1:
+        sequence_len = DEFAULT_SEQUENCE_LEN  # a wrong one is reported with the config's keys
+    tokenizer = load_tokenizer(_text(cfg.get("tokenizer_config")) or _text(cfg.get("base_model")))
     if tokenizer is None:
         report.notes.append("lengths not checked: no local tokenizer.json with the base model")
     for index, entry in enumerate(entries):

@@ -16,7 +16,13 @@ class QLoRAConfigError(ValueError):
 
     def __init__(self, field: str, value: Any, problem: str, fix: str) -> None:
         self.field, self.value, self.problem, self.fix = field, value, problem, fix
-        super().__init__(f"{field}={value!r}: {problem}. Fix: {fix}")
+        super().__init__(one_line(f"{field}={value!r}: {problem}. Fix: {fix}"))
+
+
+def one_line(text: str) -> str:
+    """``text`` with every character that ends a line (``\r``, ``\x85``, ``\u2028``, ...) or is a control
+    character written as its escape, so a message that quotes user input stays one line on any terminal."""
+    return "".join(char if char.isprintable() or char == " " else repr(char)[1:-1] for char in text)
 
 
 def nearest(word: str, choices: Iterable[str]) -> str:

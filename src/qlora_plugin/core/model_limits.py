@@ -38,6 +38,14 @@ SIZE_LIMITS: dict[str, int] = {
     "max_position_embeddings": 1 << 40,
     "n_positions": 1 << 40,
 }
+# Keys read before transformers checks them, that are not sizes: what each must be, with an example.
+OTHER_KEYS: dict[str, tuple[tuple[type, ...], str, str]] = {
+    "model_type": ((str,), "the family's name as text", '"llama"'),
+    "architectures": ((list,), "a list of class names", '["LlamaForCausalLM"]'),
+    "tie_word_embeddings": ((bool,), "true or false", "false"),
+    "attention_bias": ((bool,), "true or false", "false"),
+    "mlp_bias": ((bool,), "true or false", "false"),
+}
 HIDDEN = ("hidden_size", "n_embd", "d_model")
 HEADS = ("num_attention_heads", "n_head")
 POSITIONS = ("max_position_embeddings", "n_positions")
@@ -66,6 +74,16 @@ def check_model_config(config: Mapping[str, Any], where: str) -> None:
 
 
 def _check_sizes(config: Mapping[str, Any], where: str) -> None:
+    for key, (kinds, what, example) in OTHER_KEYS.items():
+        value = config.get(key)
+        bad_items = isinstance(value, list) and not all(isinstance(item, str) for item in value)
+        if value is not None and (not isinstance(value, kinds) or bad_items):
+            raise QLoRAConfigError(
+                f"{where}: {key}",
+                value,
+                f"must be {what}, not {type(value).__name__}",
+                f"restore {key} from the model's original config.json (e.g. {example})",
+            )
     for key, limit in SIZE_LIMITS.items():
         value = config.get(key)
         if value is None:

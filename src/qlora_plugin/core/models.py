@@ -42,6 +42,10 @@ def load_config(path: str | os.PathLike[str], field: str = "model") -> Pretraine
     if looks_local(name):
         directory = require(name, "directory", field, "pass a directory that holds the model's config.json")
         file = directory / "config.json"
+        if not os.path.lexists(file):
+            raise QLoRAConfigError(
+                field, name, "holds no config.json, so it is no model directory", "pass the model's own directory"
+            )
         check_model_config(read_json(file, field, "restore the model's config.json"), os.fspath(file))
         name = os.fspath(directory)
     try:

@@ -117,6 +117,7 @@ class CheckpointGuard(TrainerCallback):
         self._previous_sigterm: Any = None
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        check_max_length(args, kwargs.get("model"), self.recipe)
         if not args.should_save:
             return
         for source, target, reason in set_aside_incomplete(args.output_dir):
@@ -215,6 +216,21 @@ def _free_name(path: Path) -> Path:
         candidate = path.with_name(f"{path.name}.{number}")
         number += 1
     return candidate
+
+
+def check_max_length(args: Any, model: Any, recipe: Any = None) -> None:
+    """The trainer's ``max_length`` against the positions ``model`` has: refused where a learned position
+    table cannot take longer rows (an index error deep in the model otherwise), else a warning past them."""
+    from qlora_plugin.core.model_limits import check_sequence_length
+
+    config = getattr(model, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    if not callable(to_dict):
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    warning = check_sequence_length(getattr(args, "max_length", None), "max_length", to_dict(), type(base).__name__)
+    if warning:
+        report(logging.WARNING, "qlora: %s", warning, recipe=recipe)
 
 
 def check_resume(checkpoint: Path, model: Any, r: int | None = None) -> None:

@@ -20,11 +20,15 @@ also pass ``optimizer_cls_and_kwargs=recipe.optimizer_cls_and_kwargs(args)``.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from trl import SFTConfig
 
+from qlora_plugin.core.errors import QLoRAConfigError
 from qlora_plugin.core.notices import report
 from qlora_plugin.integrations.transformers import describe_settings
 
@@ -45,6 +49,15 @@ def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
     stored in the compute dtype, the fast path's kernels stay off and a bitsandbytes optimizer
     becomes torch's AdamW (:mod:`qlora_plugin.core.distributed`).
     """
+    from qlora_plugin.integrations.trainer_checks import check_sft_overrides
+
+    check_sft_overrides(overrides, SFTConfig)
+    with _unchanged_on_failure(recipe):
+        return _sft_config(recipe, overrides)
+
+
+def _sft_config(recipe: QLoRARecipe, overrides: dict[str, Any]) -> SFTConfig:
+    """:func:`sft_config` once its arguments are checked."""
     from qlora_plugin.core.device import training_device
     from qlora_plugin.core.distributed import (
         deepspeed_requested,
@@ -55,9 +68,7 @@ def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
         remember_zero3,
         zero3_requested,
     )
-    from qlora_plugin.integrations.trainer_checks import check_sft_overrides
 
-    check_sft_overrides(overrides, SFTConfig)
     remember_fsdp(recipe, fsdp_requested(overrides))  # before anything asks for the fast path or the storage
     remember_zero3(recipe, zero3_requested(overrides))
     deepspeed = deepspeed_requested(overrides)
@@ -76,7 +87,7 @@ def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
 
     replaced = {key: value for key, value in overrides.items() if key in settings and settings[key] != value}
     replaced.update({f"model_init_kwargs[{key!r}]": value for key, value in user_loading.items() if key in loading})
-    config = SFTConfig(**{**settings, **overrides, "model_init_kwargs": {**loading, **user_loading}})
+    config = _build_config({**settings, **overrides, "model_init_kwargs": {**loading, **user_loading}}, overrides)
 
     active = {key: value for key, value in settings.items() if key not in replaced}
     quantization = config.model_init_kwargs.get("quantization_config")
@@ -88,6 +99,34 @@ def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
         message += f". Not in effect, replaced by your arguments: {describe_settings(replaced)}"
     report(logging.WARNING if replaced else logging.INFO, message, recipe=recipe)  # each call says what it made
     return config
+
+
+@contextlib.contextmanager
+def _unchanged_on_failure(recipe: QLoRARecipe) -> Iterator[None]:
+    """A call that fails leaves the recipe as it found it: what it noted on the recipe is put back."""
+    noted = {key: copy.copy(value) for key, value in recipe.__dict__.items() if key.startswith("_qlora_")}
+    try:
+        yield
+    except BaseException:
+        for key in [key for key in recipe.__dict__ if key.startswith("_qlora_")]:
+            del recipe.__dict__[key]
+        recipe.__dict__.update(noted)
+        raise
+
+
+def _build_config(arguments: dict[str, Any], overrides: dict[str, Any]) -> SFTConfig:
+    """TRL's ``SFTConfig`` from ``arguments``; a combination it refuses is one line naming the caller's arguments."""
+    try:
+        return SFTConfig(**arguments)
+    except (ValueError, TypeError) as error:
+        first = " ".join(str(error).split("\n", 1)[0].split())
+        named = sorted(key for key in overrides if key in str(error)) or sorted(overrides)
+        raise QLoRAConfigError(
+            f"sft_config({', '.join(named)})",
+            {key: overrides[key] for key in named},
+            f"TRL's SFTConfig refuses these arguments: {first[:300]}",
+            "change the arguments it names, or leave them out for the recipe's settings",
+        ) from error
 
 
 def describe_quantization(quantization: Any) -> str:

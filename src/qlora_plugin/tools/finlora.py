@@ -12,7 +12,9 @@ caller asks for them to be converted as 4-bit runs.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -111,34 +113,64 @@ def axolotl_config(
     sequence_len: int = 4096,
     force_4bit: bool = False,
 ) -> tuple[dict[str, Any], list[str]]:
-    """The Axolotl config for ``entry`` and notes on what was mapped or ignored."""
+    """The Axolotl config for ``entry`` and notes on what was mapped or ignored.
+
+    Every value written is checked first: the recipe fields by the recipe's rules (and written
+    as the numbers they mean), the model and dataset as non-empty text, the options as the
+    command line gives them; ``name`` only goes into a path as a plain file name.
+    """
     from qlora_plugin.core.fields import recipe_spec
 
     notes = quant_bits(entry, name, force_4bit)
+    for option, value in (("--preset", preset), ("--base-model", base_model), ("--dataset-type", dataset_type)):
+        if value is not None and not value.strip():
+            raise QLoRAConfigError(option, value, "is empty", f"give {option} a value, or leave the option out")
     section: dict[str, Any] = {"preset": preset} if preset else {}
     for key, field in RECIPE_KEYS.items():
         if key in entry and not (key == "peft_use_dora" and entry[key] is False):
             section[field] = entry[key]
     try:
-        recipe_spec(preset or "default", **{k: v for k, v in section.items() if k != "preset"})
+        spec = recipe_spec(preset or "default", **{k: v for k, v in section.items() if k != "preset"})
     except QLoRAConfigError as error:
         finlora_key = {v: k for k, v in RECIPE_KEYS.items()}.get(error.field, error.field)
         raise QLoRAConfigError(f"{name}.{finlora_key}", error.value, error.problem, error.fix) from error
-    ignored = sorted(set(entry) - set(RECIPE_KEYS) - OTHER_KEYS)
+    checked = spec.recipe_fields()
+    section = {field: checked[field] if field != "preset" else value for field, value in section.items()}
+    ignored = sorted(set(entry) - set(RECIPE_KEYS) - OTHER_KEYS, key=str)
     if ignored:
         notes.append(f"keys with no QLoRA meaning here, left out: {ignored}")
     if sequence_len < 1:
         raise QLoRAConfigError("--sequence-len", sequence_len, "must be at least 1", "pass e.g. --sequence-len 4096")
+    model = base_model or _text(entry, name, "base_model", "pass --base-model PATH, or set base_model in the entry")
+    data = _text(entry, name, "dataset_path", "set dataset_path to the training file, e.g. ./data/train.jsonl")
+    folder = file_name(name)
+    if folder != name:
+        notes.append(f"output_dir uses {folder!r}: the entry's name is not a plain file name")
     dataset = FINLORA_DATASET_TYPE if dataset_type == "finlora" else dataset_type
     config = {
-        "base_model": base_model or entry["base_model"],
+        "base_model": model,
         "plugins": [PLUGIN],
         "qlora": section,
-        "datasets": [{"path": entry["dataset_path"], "type": dataset}],
+        "datasets": [{"path": data, "type": dataset}],
         "sequence_len": sequence_len,
-        "output_dir": f"./outputs/{name}",
+        "output_dir": f"./outputs/{folder}",
     }
     return config, notes
+
+
+def _text(entry: dict[str, Any], name: str, key: str, fix: str) -> str:
+    """The entry's ``key`` as non-empty text (a path or hub id), or one clear error."""
+    value = entry[key]
+    if not isinstance(value, str) or not value.strip():
+        kind = "empty" if isinstance(value, str) else f"{type(value).__name__}, not a path or hub id"
+        raise QLoRAConfigError(f"{name}.{key}", value, f"is {kind}", fix)
+    return value.strip()
+
+
+def file_name(name: str) -> str:
+    """``name`` as one plain path component (letters, digits, ``._-``), for the paths built from it."""
+    plain = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
+    return plain if plain else "run"
 
 
 def write_atomically(path: Path, text: str, force: bool) -> None:
@@ -167,9 +199,12 @@ def convert(
 
     entry = read_entry(configs, name)
     config, notes = axolotl_config(entry, name, **options)
-    target = Path(out) if out else Path("configs") / f"{name}.yml"
+    if out is not None and not os.fspath(out).strip():
+        raise QLoRAConfigError("--out", out, "is empty", "name the YAML file to write, or leave --out out")
+    target = Path(out) if out else Path("configs") / f"{file_name(name)}.yml"
+    source = json.dumps(os.path.basename(os.fspath(configs)))  # quoted and escaped: a comment stays one line
     header = (
-        f"# Converted by `qlora convert-finlora` from {os.path.basename(os.fspath(configs))}, entry {name}.\n"
+        f"# Converted by `qlora convert-finlora` from {source}, entry {json.dumps(name)}.\n"
         "# dataset paths are as FinLoRA gives them: relative to the directory axolotl runs in.\n"
     )
     write_atomically(target, header + yaml.safe_dump(config, sort_keys=False), force)

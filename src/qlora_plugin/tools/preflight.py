@@ -56,6 +56,11 @@ def check_config(path: str | os.PathLike[str]) -> Preflight:
         result.errors.append(error)
         return result
     _check_plugin_line(config, result)
+    from qlora_plugin.core.section import check_axolotl_keys
+
+    wrong_key = check_axolotl_keys(config)
+    if wrong_key is not None:
+        result.errors.append(wrong_key)
     spec = _check_section(config, result)
     if spec is not None:
         _check_targets(config, spec, result)
@@ -91,6 +96,12 @@ def read_config(path: Path) -> dict[str, Any]:
         raise QLoRAConfigError(
             "CONFIG", os.fspath(path), "is not a mapping of Axolotl keys", "write the config as `key: value` lines"
         )
+    from qlora_plugin.core.section import misplaced_section
+    from qlora_plugin.core.yaml_strict import duplicate_key
+
+    structure = duplicate_key(text, os.fspath(path)) or misplaced_section(config)
+    if structure is not None:
+        raise structure
     return config
 
 
@@ -142,6 +153,8 @@ def _check_targets(config: dict[str, Any], spec: Any, result: Preflight) -> None
     from qlora_plugin.tools.config_layers import report_from_config
 
     base = config.get("base_model")
+    if base is not None and not (isinstance(base, str) and base.strip()):
+        return  # reported as a wrong key
     if not base:
         result.errors.append(
             QLoRAConfigError("base_model", None, "is missing", "set base_model to a model directory or hub id")
@@ -184,3 +197,12 @@ def _check_targets(config: dict[str, Any], spec: Any, result: Preflight) -> None
         result.notes.append(f"base_model {base}: targets are found when the model loads (not a family read here)")
         return
     result.checked.append(f"base_model {base}: {report.architecture}, LoRA on {len(report.targets)} linear layers")
+    try:
+        result.warnings += report.warnings(_sequence_len(config), "sequence_len")
+    except QLoRAConfigError as error:
+        result.errors.append(error)
+
+
+def _sequence_len(config: dict[str, Any]) -> int | None:
+    value = config.get("sequence_len")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

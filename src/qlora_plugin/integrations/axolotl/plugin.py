@@ -68,6 +68,7 @@ class QLoRAPlugin(BasePlugin):
         from qlora_plugin.integrations import exit_summary
 
         exit_summary.install()
+        check_structure(cfg)
         device = training_device()
         self.section_recipe = recipe_from_section(cfg.get(SECTION))
         route_messages(self.section_recipe, AXOLOTL_LOGGER)
@@ -75,7 +76,7 @@ class QLoRAPlugin(BasePlugin):
         remember_fsdp(self.section_recipe, fsdp)
         zero3 = zero3_requested(cfg)  # `deepspeed:` a ZeRO-3 config (its JSON file or its keys)
         remember_zero3(self.section_recipe, zero3)
-        recipe = self._discover_from_config(cfg.get("base_model"))
+        recipe = self._discover_from_config(cfg.get("base_model"), cfg.get("sequence_len"))
         route_messages(recipe, AXOLOTL_LOGGER)
         try:
             keys = native_keys(recipe, device, fsdp, zero3)
@@ -213,11 +214,12 @@ class QLoRAPlugin(BasePlugin):
         self.expanded["lora_target_parameters"] = parameters or None
         self.expanded["lora_dropout"] = recipe.lora_dropout
 
-    def _discover_from_config(self, base_model: Any) -> Any:
+    def _discover_from_config(self, base_model: Any, sequence_len: Any = None) -> Any:
         """The section's recipe with targets found from the model's config (meta device).
 
         The real model confirms them in ``pre_lora_load``; where the config
-        cannot be read now (a hub id while offline), discovery waits for it.
+        cannot be read now (a hub id while offline), discovery waits for it. ``sequence_len``
+        is checked against the model's positions here too.
         """
         from qlora_plugin.core.errors import QLoRAConfigError
         from qlora_plugin.core.models import meta_model
@@ -229,6 +231,11 @@ class QLoRAPlugin(BasePlugin):
         except (OSError, QLoRAConfigError) as error:
             _log.info("qlora: target discovery waits for the loaded model (%s)", error)
             return self.section_recipe
+        from qlora_plugin.core.model_limits import check_sequence_length
+
+        warning = check_sequence_length(sequence_len, "sequence_len", model.config.to_dict(), type(model).__name__)
+        if warning:
+            _log.warning("qlora: %s", warning)
         try:
             return self.section_recipe.resolve(model)
         except QLoRAConfigError as error:
@@ -248,6 +255,27 @@ class QLoRAPlugin(BasePlugin):
         )
         write_text_atomically(output_dir / EXPANDED_CONFIG, header + yaml.safe_dump(plain, sort_keys=True))
         write_recipe_file(self.recipe, output_dir, model)
+
+
+def check_structure(cfg: Any) -> None:
+    """Refuse a config whose structure Axolotl would read silently otherwise: a key given twice in its YAML file
+    (the last one wins), a ``qlora:`` section nested where Axolotl never reads it, or a key the plugin reads
+    holding the wrong kind of value (Axolotl validates its keys only after the plugin has used them)."""
+    import os
+
+    from qlora_plugin.core.section import check_axolotl_keys, misplaced_section
+    from qlora_plugin.core.yaml_strict import duplicate_key
+
+    path = cfg.get("axolotl_config_path")
+    if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            found = duplicate_key(handle.read(), os.fspath(path))
+        if found is not None:
+            raise found
+    plain = _plain(cfg)
+    found = misplaced_section(plain) or check_axolotl_keys(plain)
+    if found is not None:
+        raise found
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
