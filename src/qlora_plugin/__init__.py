@@ -32,7 +32,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'qlora_plugin' has no attribute {name!r}")
 
 
-def _sft_config(recipe: Any, **overrides: Any) -> Any:
+def _sft_config(recipe: Any, /, **overrides: Any) -> Any:
     from qlora_plugin.integrations.trl import sft_config
 
     return sft_config(recipe, **overrides)

@@ -197,7 +197,7 @@ class QLoRARecipe(LoraConfig):
         """
         return seams.call("optimizer_cls_and_kwargs", self, args)
 
-    def sft_config(self, **overrides: Any) -> SFTConfig:
+    def sft_config(self, /, **overrides: Any) -> SFTConfig:
         """A TRL ``SFTConfig`` with the recipe's settings; ``overrides`` win (and are logged).
 
         Made by :mod:`qlora_plugin.integrations.trl` (through :mod:`qlora_plugin.core.seams`).

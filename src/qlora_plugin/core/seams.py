@@ -31,7 +31,7 @@ def provide(slot: str, function: Callable[..., Any]) -> None:
     _providers[slot] = function
 
 
-def call(slot: str, *args: Any, **kwargs: Any) -> Any:
+def call(slot: str, /, *args: Any, **kwargs: Any) -> Any:
     """Call the function that fills ``slot``."""
     try:
         function = _providers[slot]

@@ -44,6 +44,8 @@ RECIPE_RULES = {
 # Arguments whose annotation is narrower than what the config takes: transformers 5 annotates
 # `fsdp` as `str | None` but asks for `fsdp=True` (a string is deprecated there).
 WIDER_THAN_ANNOTATED: dict[str, tuple[type, ...]] = {"fsdp": (bool, list)}
+# Settings transformers takes as a dict or as the text of a JSON object; any other text fails only in training.
+JSON_DICT_FIELDS = ("accelerator_config", "fsdp_config", "gradient_checkpointing_kwargs", "lr_scheduler_kwargs")
 # Loading arguments that fight the recipe's 4-bit base.
 NOT_WITH_A_4BIT_BASE = ("load_in_8bit", "load_in_4bit")
 
@@ -65,6 +67,12 @@ def check_sft_overrides(overrides: dict[str, Any], config_class: type | None = N
             _check_warmup(value)
         if key == "model_init_kwargs" and value is not None:
             check_model_init_kwargs(value)
+        if key in JSON_DICT_FIELDS and value is not None:
+            _check_settings_mapping(key, value)
+        if key == "deepspeed" and isinstance(value, str) and not value.lstrip().startswith("{"):
+            from qlora_plugin.core.files import require
+
+            require(value, "file", "deepspeed", "pass the path of a DeepSpeed JSON config, or a dict")
 
 
 def check_model_init_kwargs(kwargs: Any) -> None:
@@ -92,6 +100,49 @@ def check_model_init_kwargs(kwargs: Any) -> None:
             "is an 8-bit config; QLoRA trains over a 4-bit base",
             "remove it and let the recipe's 4-bit config load the model",
         )
+
+
+def _check_settings_mapping(key: str, value: Any) -> None:
+    """A dict-valued setting: a dict, or text holding a JSON object; checkpointing's keys are torch's."""
+    import json
+
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise QLoRAConfigError(
+                key,
+                value,
+                "is text that is no JSON object (transformers reads this setting as a dict)",
+                f'pass a dict such as {key}={EXAMPLES.get(key, "{}")}, or its JSON text',
+            )
+        value = parsed
+    if key == "gradient_checkpointing_kwargs" and isinstance(value, dict):
+        allowed = _checkpoint_arguments()
+        unknown = sorted(str(name) for name in value if name not in allowed)
+        if unknown:
+            raise QLoRAConfigError(
+                key,
+                value,
+                f"names {unknown}, which torch.utils.checkpoint.checkpoint does not take"
+                + nearest(unknown[0], allowed),
+                f"use its arguments {sorted(allowed)}, e.g. {EXAMPLES[key]}",
+            )
+
+
+EXAMPLES = {"gradient_checkpointing_kwargs": '{"use_reentrant": False}', "lr_scheduler_kwargs": '{"min_lr": 1e-6}'}
+
+
+@functools.cache
+def _checkpoint_arguments() -> frozenset[str]:
+    import inspect
+
+    from torch.utils.checkpoint import checkpoint
+
+    parameters = inspect.signature(checkpoint).parameters.values()
+    return frozenset(p.name for p in parameters if p.kind is p.KEYWORD_ONLY or p.name == "use_reentrant")
 
 
 @functools.cache

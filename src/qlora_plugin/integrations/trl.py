@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from qlora_plugin.core.recipe import QLoRARecipe
 
 
-def sft_config(recipe: QLoRARecipe, **overrides: Any) -> SFTConfig:
+def sft_config(recipe: QLoRARecipe, /, **overrides: Any) -> SFTConfig:
     """An ``SFTConfig`` holding the recipe's settings; ``overrides`` win and are reported.
 
     ``overrides`` are checked first (:mod:`qlora_plugin.integrations.trainer_checks`); the
@@ -118,7 +118,7 @@ def _build_config(arguments: dict[str, Any], overrides: dict[str, Any]) -> SFTCo
     """TRL's ``SFTConfig`` from ``arguments``; a combination it refuses is one line naming the caller's arguments."""
     try:
         return SFTConfig(**arguments)
-    except (ValueError, TypeError) as error:
+    except Exception as error:  # noqa: BLE001 - TRL and transformers refuse combinations with many error types
         first = " ".join(str(error).split("\n", 1)[0].split())
         named = sorted(key for key in overrides if key in str(error)) or sorted(overrides)
         raise QLoRAConfigError(
