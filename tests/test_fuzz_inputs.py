@@ -124,20 +124,23 @@ def quick_command(draw: Any, places: dict[str, Path]) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "words"),
     [
-        ["inspect", "{model}", "--set", "preset=paper"],  # a field given through the wrong door
-        ["inspect", "{model}", "--set", "exclude_modules=.*"],  # excludes every layer: blamed on exclude_modules
-        ["estimate", "{model}", "--seq", "100000"],  # past the model's 64 positions: a warning, exit 0
-        ["estimate", "{model}", "--seq", "x"],  # argparse's own errors are one line with a fix too
-        ["inspect", "{adapter}", "--set", "r=8"],  # a run's record takes no recipe options
-        ["inspect", "{empty-dir}"],  # a directory without config.json
-        ["inspect", "{a-file}"],  # a file where a directory belongs
-        ["inspect", "org/model"],  # a hub id while HF_HUB_OFFLINE is set: not in the cache, said so
+        (["inspect", "{model}", "--set", "preset=paper"], "--preset paper"),  # a field through the wrong door
+        (["inspect", "{model}", "--set", "exclude_modules=.*"], "exclude_modules='.*': leaves no layer"),
+        (["estimate", "{model}", "--seq", "100000"], "more than the 64 positions"),  # a warning, exit 0
+        (["estimate", "{model}", "--seq", "x"], "invalid int value: 'x'. Fix: "),  # argparse's, one line
+        (["inspect", "{adapter}", "--set", "r=8"], "is a run"),  # a run's record takes no recipe options
+        (["inspect", "{empty-dir}"], "holds no config.json"),
+        (["inspect", "{a-file}"], "is a file, not a directory"),
+        (["inspect", "org/model"], "HF_HUB_OFFLINE is set"),  # not in the hub cache: the hub is not asked
     ],
 )
-def test_what_the_harness_found_in_the_quick_subcommands(places, tmp_path, argv) -> None:
-    check_cli([arg.format(**{key: str(value) for key, value in places.items()}) for arg in argv], tmp_path)
+def test_what_the_harness_found_in_the_quick_subcommands(places, tmp_path, argv, words) -> None:
+    argv = [arg.format(**{key: str(value) for key, value in places.items()}) for arg in argv]
+    check_cli(argv, tmp_path)
+    _, stdout, stderr = run_cli(argv, tmp_path)
+    assert words in " ".join((stdout + stderr).split()), stdout + stderr
 
 
 @fuzz_settings(60)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_plugin.core.errors import QLoRAConfigError
+from qlora_plugin.core.fields import RECIPE_FIELDS
 
 @dataclass
 class Preflight:
@@ -162,16 +163,6 @@ def _check_targets(config: dict[str, Any], spec: Any, result: Preflight) -> None
         return
     from qlora_plugin.core.files import looks_local, path_problem
 
-    if not isinstance(base, str):
-        result.errors.append(
-            QLoRAConfigError(
-                "base_model",
-                base,
-                f"must be a model directory or hub id, not {type(base).__name__}",
-                "write it as text, e.g. base_model: ./models/my-model",
-            )
-        )
-        return
     local = Path(os.path.expanduser(base))
     if not looks_local(base):
         result.notes.append(f"base_model {base} is a hub id: targets are found when the model loads")
@@ -189,18 +180,32 @@ def _check_targets(config: dict[str, Any], spec: Any, result: Preflight) -> None
         )
         return
     try:
+        positions = _check_positions(local, config)
         report = report_from_config(local, spec)
     except QLoRAConfigError as error:
-        result.errors.append(in_section(error))
+        result.errors.append(in_section(error) if error.field in RECIPE_FIELDS else error)
         return
+    result.warnings += [positions] if positions else []
     if report is None:
         result.notes.append(f"base_model {base}: targets are found when the model loads (not a family read here)")
         return
     result.checked.append(f"base_model {base}: {report.architecture}, LoRA on {len(report.targets)} linear layers")
-    try:
-        result.warnings += report.warnings(_sequence_len(config), "sequence_len")
-    except QLoRAConfigError as error:
-        result.errors.append(error)
+    result.warnings += report.warnings()
+
+
+def _check_positions(model: Path, config: dict[str, Any]) -> str | None:
+    """``sequence_len`` against the positions in the base's config.json: an error where they are a learned
+    table, else a warning past them (returned), or None."""
+    from qlora_plugin.core.files import read_json
+    from qlora_plugin.core.model_limits import check_model_config, check_sequence_length
+
+    file = model / "config.json"
+    if not os.path.lexists(file):
+        return None  # the targets' check names a directory without a config
+    model_config = read_json(file, "base_model", "restore the model's config.json")
+    check_model_config(model_config, os.fspath(file))
+    name = str(model_config.get("model_type", model))
+    return check_sequence_length(_sequence_len(config), "sequence_len", model_config, name)
 
 
 def _sequence_len(config: dict[str, Any]) -> int | None:
