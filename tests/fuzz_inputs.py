@@ -21,7 +21,6 @@ import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from bad_inputs import snapshot, stderr_lines
 from hypothesis import HealthCheck, settings

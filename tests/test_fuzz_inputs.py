@@ -265,7 +265,9 @@ def axolotl_config(draw: Any) -> tuple[dict[str, Any], str]:
     if draw(st.integers(0, 5)) == 0:
         changes["base_model"] = draw(st.one_of(TEXTS, NUMBERS, st.none(), st.just("./data.jsonl")))
     if draw(st.integers(0, 5)) == 0:
-        changes["datasets"] = draw(st.one_of(VALUES, st.just([{"path": "./data.jsonl", "type": "alpaca", "qlora": {}}])))
+        changes["datasets"] = draw(
+            st.one_of(VALUES, st.just([{"path": "./data.jsonl", "type": "alpaca", "qlora": {}}]))
+        )
     raw = draw(st.sampled_from(["", "", "", "qlora: {r: 4}\n", "base_model: ./model\n"]))
     return changes, raw
 

@@ -75,7 +75,11 @@ def test_a_model_loaded_in_fp4_is_recorded_as_fp4_in_the_adapter_and_each_checkp
     for directory in (fp4_run, fp4_run / "checkpoint-2"):
         saved = record(directory)
         assert (saved["quant_type"], saved["double_quant"], saved["blocksize"]) == ("fp4", False, 64), directory
-        assert (saved["compute_dtype"], saved["quant_storage"], saved["recorded_from"]) == ("bfloat16", "uint8", "model")
+        assert (saved["compute_dtype"], saved["quant_storage"], saved["recorded_from"]) == (
+            "bfloat16",
+            "uint8",
+            "model",
+        )
         assert saved["r"] == 16 and len(saved["target_modules"]) == 14
 
 

@@ -16,7 +16,6 @@ no record at all, are an error unless the caller says which format to use.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass

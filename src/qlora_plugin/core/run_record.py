@@ -37,7 +37,7 @@ class BaseFormat:
     def of_layer(cls, layer: Any) -> BaseFormat | None:
         """The format of a bitsandbytes ``Linear4bit`` (or a LoRA layer over one), None for any other layer."""
         layer = getattr(layer, "base_layer", layer)
-        weight = getattr(layer, "weight", None)
+        weight: Any = getattr(layer, "weight", None)  # bitsandbytes' Params4bit, where it is one
         quant_type = getattr(weight, "quant_type", None)
         if quant_type not in ("nf4", "fp4") or not hasattr(weight, "compress_statistics"):
             return None
@@ -57,7 +57,7 @@ class BaseFormat:
 
 
 def note_built_layer(layer: Any, recipe: Any, name: str | None) -> None:
-    """Remember that ``recipe`` built the LoRA layer ``layer`` for the module ``name`` (weakly: a freed model drops out)."""
+    """Remember that ``recipe`` built ``layer`` for the module ``name`` (weakly: a freed model drops out)."""
     _built[layer] = (recipe, name or "")
 
 

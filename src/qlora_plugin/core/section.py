@@ -113,7 +113,7 @@ def check_axolotl_keys(config: Any) -> QLoRAConfigError | None:
         if not wrong and isinstance(value, str):
             wrong = not value.strip()
         if not wrong and key == "sequence_len":
-            wrong = value < 1
+            wrong = isinstance(value, int) and value < 1
         if not wrong and isinstance(value, list):
             wrong = not all(isinstance(item, str) and item.strip() for item in value)
         if wrong:

@@ -21,6 +21,7 @@ import contextlib
 import sys
 import zlib
 from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 DEFAULT_SEED = 42  # transformers' TrainingArguments.seed default
@@ -32,7 +33,7 @@ def seed_of_trainer_being_built() -> int | None:
     Read from the call stack: the trainer under construction is a caller of PEFT's layer
     building, and its ``args`` are in that frame.
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "__init__":
             owner = frame.f_locals.get("self")

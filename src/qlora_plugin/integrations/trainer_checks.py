@@ -116,7 +116,7 @@ def _check_settings_mapping(key: str, value: Any) -> None:
                 key,
                 value,
                 "is text that is no JSON object (transformers reads this setting as a dict)",
-                f'pass a dict such as {key}={EXAMPLES.get(key, "{}")}, or its JSON text',
+                f"pass a dict such as {key}={EXAMPLES.get(key, '{}')}, or its JSON text",
             )
         value = parsed
     if key == "gradient_checkpointing_kwargs" and isinstance(value, dict):

@@ -90,7 +90,7 @@ def _sft_config(recipe: QLoRARecipe, overrides: dict[str, Any]) -> SFTConfig:
     config = _build_config({**settings, **overrides, "model_init_kwargs": {**loading, **user_loading}}, overrides)
 
     active = {key: value for key, value in settings.items() if key not in replaced}
-    quantization = config.model_init_kwargs.get("quantization_config")
+    quantization = {**loading, **user_loading}.get("quantization_config")
     message = (
         f"qlora recipe '{recipe.preset}' in SFTConfig: models given by name load as "
         f"{describe_quantization(quantization)}; {describe_settings(active)}"
@@ -132,7 +132,11 @@ def _build_config(arguments: dict[str, Any], overrides: dict[str, Any]) -> SFTCo
 def describe_quantization(quantization: Any) -> str:
     """``4-bit nf4 (double quant True, compute bfloat16)`` for a 4-bit ``BitsAndBytesConfig``, in words otherwise."""
     if not getattr(quantization, "load_in_4bit", False):
-        return f"{type(quantization).__name__} {quantization!r}" if quantization is not None else "16-bit (no quantization)"
+        return (
+            f"{type(quantization).__name__} {quantization!r}"
+            if quantization is not None
+            else "16-bit (no quantization)"
+        )
     compute = str(getattr(quantization, "bnb_4bit_compute_dtype", None)).removeprefix("torch.")
     return (
         f"4-bit {quantization.bnb_4bit_quant_type} (double quant {quantization.bnb_4bit_use_double_quant}, "

@@ -18,7 +18,6 @@ permissions ``mkdir`` would give, or those of the ``--out`` it replaces.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,9 +58,7 @@ def read_adapter(adapter_dir: str | os.PathLike[str], base: str | None = None) -
         )
     config = read_json(config_file, "ADAPTER_DIR", restore)
     if not isinstance(config, dict):
-        raise QLoRAConfigError(
-            os.fspath(config_file), type(config).__name__, "is not a JSON object", restore
-        )
+        raise QLoRAConfigError(os.fspath(config_file), type(config).__name__, "is not a JSON object", restore)
     weights = [path / name for name in ADAPTER_WEIGHTS if os.path.lexists(path / name)]
     if not weights:
         raise QLoRAConfigError(
@@ -123,9 +120,8 @@ def adapter_recipe(
     trained = trained_format(
         adapter_dir, adapter_config, quant_type=quant_type, double_quant=double_quant, assume_default=assume_default
     )
-    from qlora_plugin.core.recipe import QLoRARecipe, qlora_recipe
-
     from qlora_plugin.core.fields import RECIPE_FIELDS
+    from qlora_plugin.core.recipe import QLoRARecipe, qlora_recipe
 
     # the compute dtype is the run's; dequantizing to --dtype does not depend on it, and this machine may lack it
     fields: dict[str, Any] = {

@@ -19,6 +19,7 @@ from typing import Any
 from qlora_plugin.core.errors import QLoRAConfigError
 from qlora_plugin.core.fields import RECIPE_FIELDS
 
+
 @dataclass
 class Preflight:
     """The findings on one config: errors (each one line), warnings, notes, and what passed."""

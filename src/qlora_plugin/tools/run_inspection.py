@@ -63,7 +63,7 @@ class RunReport:
 
 
 def is_run(path: str | os.PathLike[str]) -> bool:
-    """True for a directory a run wrote (an adapter or a checkpoint), not a model: a record or adapter, no config.json."""
+    """True for a directory a run wrote (an adapter or a checkpoint): a record or an adapter, no config.json."""
     directory = Path(os.path.expanduser(os.fspath(path)))
     if not directory.is_dir() or os.path.lexists(directory / "config.json"):
         return False

@@ -233,7 +233,8 @@ class QLoRAPlugin(BasePlugin):
             return self.section_recipe
         from qlora_plugin.core.model_limits import check_sequence_length
 
-        warning = check_sequence_length(sequence_len, "sequence_len", model.config.to_dict(), type(model).__name__)
+        config: Any = model.config  # a transformers PretrainedConfig
+        warning = check_sequence_length(sequence_len, "sequence_len", config.to_dict(), type(model).__name__)
         if warning:
             _log.warning("qlora: %s", warning)
         try:
