@@ -25,17 +25,29 @@ JOB = Path(__file__).with_name("_trl_job.py")
 
 
 def initial_adapters(tiny_model_dir: Path, global_seed: int, run_seed: int | None = None) -> dict[str, torch.Tensor]:
+    """The adapters PEFT builds by hand (no run seed), or a TRL trainer built with ``seed=run_seed``."""
+    import tempfile
+
+    from datasets import Dataset
     from peft import get_peft_model
+    from trl import SFTTrainer
 
     from qlora_plugin import qlora_recipe
-    from qlora_plugin.core.seeding import remember_seed
 
     recipe = qlora_recipe()
-    if run_seed is not None:
-        remember_seed(recipe, run_seed)
     torch.manual_seed(global_seed)  # whatever ran before: another model, a data shuffle
-    model = get_peft_model(recipe.load_model(tiny_model_dir), recipe)
-    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_A" in name}
+    if run_seed is None:
+        model = get_peft_model(recipe.load_model(tiny_model_dir), recipe)
+    else:
+        with tempfile.TemporaryDirectory() as out:
+            args = recipe.sft_config(output_dir=out, seed=run_seed, report_to="none", max_length=16)
+            data = Dataset.from_dict({"text": ["the cat sat on the mat"] * 4})
+            model = SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=data, peft_config=recipe).model
+    return {
+        name.removeprefix("base_model.model."): p.detach().clone()
+        for name, p in model.named_parameters()
+        if "lora_A" in name
+    }
 
 
 def test_adapters_start_from_the_runs_seed_not_from_whatever_ran_before(tiny_model_dir) -> None:
