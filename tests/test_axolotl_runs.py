@@ -106,8 +106,28 @@ def test_every_output_of_the_run_carries_the_recipe(fp4_run) -> None:
     for directory in (out, out / "checkpoint-3", out / "checkpoint-6"):
         recipe = json.loads((directory / "qlora_recipe.json").read_text())
         assert (recipe["quant_type"], recipe["double_quant"], recipe["learning_rate"]) == ("fp4", True, 0.01)
+        assert (recipe["recorded_from"], recipe["blocksize"], recipe["compute_dtype"]) == ("model", 64, "float32")
     manifest = json.loads((out / "checkpoint-3" / "qlora_checkpoint.json").read_text())["files"]
     assert manifest["optimizer.pt"] == (out / "checkpoint-3" / "optimizer.pt").stat().st_size
+
+
+def test_a_resume_with_another_recipe_stops_before_axolotl_loads_the_checkpoint(fp4_run, tiny_model_dir) -> None:
+    """What the plugin runs in pre_lora_load: the checkpoint Axolotl will resume from, compared with the model."""
+    from qlora_plugin import QLoRAConfigError, qlora_recipe
+    from qlora_plugin.integrations.checkpoints import check_resume, resume_checkpoint
+
+    out, _ = fp4_run
+    checkpoint = resume_checkpoint({"auto_resume_from_checkpoints": True, "output_dir": str(out)})
+    assert checkpoint == out / "checkpoint-6"
+    assert resume_checkpoint({"resume_from_checkpoint": str(out / "checkpoint-3")}) == out / "checkpoint-3"
+    with pytest.raises(QLoRAConfigError) as error:
+        check_resume(checkpoint, qlora_recipe().load_model(tiny_model_dir))  # an NF4 base under FP4 checkpoints
+    assert error.value.field == "quant_type" and "records quant_type='fp4'" in str(error.value)
+    fp4 = qlora_recipe(quant_type="fp4", compute_dtype="float32").load_model(tiny_model_dir)
+    with pytest.raises(QLoRAConfigError) as error:
+        check_resume(checkpoint, fp4, r=32)
+    assert error.value.field == "r" and "records r=16" in str(error.value)
+    check_resume(checkpoint, fp4, r=16)  # the same recipe resumes
 
 
 def merged_logits(directory: Path, tiny_model_dir: Path) -> torch.Tensor:

@@ -220,3 +220,12 @@ def test_a_symlink_to_nothing_is_refused(fp4_run, tmp_path) -> None:
     os.symlink(tmp_path / "nothing", tmp_path / "LINK")
     status, _, stderr = run_cli(["merge", str(fp4_run), "--out", "LINK"], tmp_path)
     assert status == 2 and "symbolic link" in stderr and (tmp_path / "LINK").is_symlink()
+
+
+def test_a_relative_base_says_where_it_was_read_from(fp4_run, tiny_model_dir, tmp_path) -> None:
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "base")
+    status, stdout = check_cli(["merge", str(fp4_run), "--out", "merged", "--base", "./base"], tmp_path,
+                               (tmp_path / "merged",))  # fmt: skip
+    assert status == 0 and f"base ./base read from {tmp_path / 'base'}" in " ".join(stdout.split())

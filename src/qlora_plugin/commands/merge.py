@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         f"(dequantized from {summary['quantization']}) -> [bold]{summary['out']}[/bold] ({summary['dtype']})"
     )
     out.print(f"4-bit format from {summary['quantization_from']}")
+    if summary["base_path"] and summary["base_path"] != summary["base"]:
+        out.print(f"base {summary['base']} read from {summary['base_path']} (relative to the working directory)")
     if summary["quantization_note"]:
         out.print(f"[yellow]note:[/yellow] {summary['quantization_note']}")
     if summary["tokenizer_from"] is None:

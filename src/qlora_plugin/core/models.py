@@ -101,11 +101,11 @@ def auto_class(config: PretrainedConfig) -> Any:
     )
 
 
-def meta_model(path: str | os.PathLike[str]) -> nn.Module:
-    """Build the model ``path`` describes on the meta device: modules, no weights."""
+def meta_model(path: str | os.PathLike[str], field: str = "model") -> nn.Module:
+    """Build the model ``path`` describes on the meta device: modules, no weights (``field``: the input, in errors)."""
     import torch
 
-    config = load_config(path)
+    config = load_config(path, field)
     with torch.device("meta"):
         try:
             return auto_class(config).from_config(config)
@@ -113,7 +113,7 @@ def meta_model(path: str | os.PathLike[str]) -> nn.Module:
             raise
         except Exception as error:  # noqa: BLE001 - a config transformers read but cannot build a model from
             raise QLoRAConfigError(
-                "model",
+                field,
                 os.fspath(path),
                 f"its config.json describes no model transformers can build ({type(error).__name__}: "
                 f"{_first_line(error)})",

@@ -268,6 +268,7 @@ def merge_adapter(
     return {
         "out": os.fspath(out_path),
         "base": base,
+        "base_path": _local_path(base),
         "adapter": os.fspath(adapter_dir),
         "dtype": DTYPES[dtype],
         "merged_layers": len(layers),
@@ -277,6 +278,13 @@ def merge_adapter(
         "tokenizer_from": tokenizer_from,
         "files": files,
     }
+
+
+def _local_path(base: str) -> str | None:
+    """The absolute directory a base given as a path was read from (a relative one: from the working directory)."""
+    from qlora_plugin.core.files import looks_local
+
+    return os.path.abspath(os.path.expanduser(base)) if looks_local(base) else None
 
 
 def _save_tokenizer(adapter_dir: Path, base: str, staging: Path) -> str | None:

@@ -226,9 +226,13 @@ class QLoRAPlugin(BasePlugin):
 
         if not base_model:
             return self.section_recipe
+        from qlora_plugin.core.files import looks_local
+
         try:
-            model = meta_model(str(base_model))
+            model = meta_model(str(base_model), "base_model")
         except (OSError, QLoRAConfigError) as error:
+            if looks_local(str(base_model)) and isinstance(error, QLoRAConfigError):
+                raise  # a local path is read from disk only: what is wrong with it is said now
             _log.info("qlora: target discovery waits for the loaded model (%s)", error)
             return self.section_recipe
         from qlora_plugin.core.model_limits import check_sequence_length
