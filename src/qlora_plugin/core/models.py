@@ -28,9 +28,10 @@ def as_model(model: nn.Module | str | os.PathLike[str]) -> nn.Module:
 def load_config(path: str | os.PathLike[str], field: str = "model") -> PretrainedConfig:
     """Read a model's config: a local directory's ``config.json``, or a hub id where the hub may be asked.
 
-    A local path (or any name while ``HF_HUB_OFFLINE`` is set) is read from disk only, and each
-    fault is named as what it is (:mod:`qlora_plugin.core.files`); the sizes are checked before
-    transformers builds anything from them (:func:`qlora_plugin.core.model_limits.check_model_config`).
+    A local path is read from disk only, each fault named as what it is (:mod:`qlora_plugin.core.files`);
+    a hub id while ``HF_HUB_OFFLINE`` is set is read from the hub cache only, and said so when it is not
+    there. The sizes are checked before transformers builds anything from them
+    (:func:`qlora_plugin.core.model_limits.check_model_config`).
     ``field`` names the input in errors (``model``, ``--base``, ``base_model``).
     """
     from transformers import AutoConfig
@@ -39,7 +40,8 @@ def load_config(path: str | os.PathLike[str], field: str = "model") -> Pretraine
     from qlora_plugin.core.model_limits import check_model_config
 
     name = os.fspath(path)
-    if looks_local(name):
+    local = looks_local(name)
+    if local:
         directory = require(name, "directory", field, "pass a directory that holds the model's config.json")
         file = directory / "config.json"
         if not os.path.lexists(file):
@@ -50,7 +52,12 @@ def load_config(path: str | os.PathLike[str], field: str = "model") -> Pretraine
         name = os.fspath(directory)
     try:
         config = AutoConfig.from_pretrained(name)
-    except OSError as error:
+    except Exception as error:  # noqa: BLE001 - transformers and the hub client refuse with many error types
+        if local:
+            problem = f"its config.json describes no model transformers can build ({type(error).__name__}: "
+            raise QLoRAConfigError(
+                field, name, problem + f"{_first_line(error)})", "restore the model's original config.json"
+            ) from error
         if hub_offline():
             raise QLoRAConfigError(
                 field,
@@ -61,15 +68,8 @@ def load_config(path: str | os.PathLike[str], field: str = "model") -> Pretraine
         raise QLoRAConfigError(
             field,
             name,
-            f"no model config could be read for this hub id ({_first_line(error)})",
+            f"is no local directory, and no model config could be read for it as a hub id ({_first_line(error)})",
             "check the id on the hub and your access to it, or pass a local model directory",
-        ) from error
-    except Exception as error:  # noqa: BLE001 - transformers refuses a bad config with many error types
-        raise QLoRAConfigError(
-            field,
-            name,
-            f"its config.json describes no model transformers can build ({type(error).__name__}: {_first_line(error)})",
-            "restore the model's original config.json",
         ) from error
     check_model_config(config.to_dict(), f"{os.fspath(path)} config")
     return config

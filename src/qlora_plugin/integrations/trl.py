@@ -132,11 +132,7 @@ def _build_config(arguments: dict[str, Any], overrides: dict[str, Any]) -> SFTCo
 def describe_quantization(quantization: Any) -> str:
     """``4-bit nf4 (double quant True, compute bfloat16)`` for a 4-bit ``BitsAndBytesConfig``, in words otherwise."""
     if not getattr(quantization, "load_in_4bit", False):
-        return (
-            f"{type(quantization).__name__} {quantization!r}"
-            if quantization is not None
-            else "16-bit (no quantization)"
-        )
+        return type(quantization).__name__ if quantization is not None else "16-bit (no quantization)"
     compute = str(getattr(quantization, "bnb_4bit_compute_dtype", None)).removeprefix("torch.")
     return (
         f"4-bit {quantization.bnb_4bit_quant_type} (double quant {quantization.bnb_4bit_use_double_quant}, "

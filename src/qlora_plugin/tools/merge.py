@@ -58,7 +58,9 @@ def read_adapter(adapter_dir: str | os.PathLike[str], base: str | None = None) -
         )
     config = read_json(config_file, "ADAPTER_DIR", restore)
     if not isinstance(config, dict):
-        raise QLoRAConfigError(os.fspath(config_file), type(config).__name__, "is not a JSON object", restore)
+        raise QLoRAConfigError(
+            ADAPTER_CONFIG, os.fspath(config_file), f"holds a JSON {type(config).__name__}, not an object", restore
+        )
     weights = [path / name for name in ADAPTER_WEIGHTS if os.path.lexists(path / name)]
     if not weights:
         raise QLoRAConfigError(
