@@ -442,10 +442,13 @@ def make_expert_lora_layer(target: nn.Module, adapter_name: str, config: Any, **
             "stores them in 4 bits before training.",
             config,
         )
+    from qlora_plugin.core.run_record import note_built_layer
     from qlora_plugin.core.seeding import seeded_layer_init
 
-    with seeded_layer_init(config, kwargs.get("target_name")):
-        return ParamWrapper(target, adapter_name, config=config, **kwargs)
+    with seeded_layer_init(kwargs.get("target_name")):
+        wrapper = ParamWrapper(target, adapter_name, config=config, **kwargs)
+    note_built_layer(wrapper, config, kwargs.get("target_name"))  # qlora_recipe.json records its target_parameters
+    return wrapper
 
 
 def wrapped_experts(wrapper: Any) -> tuple[Any, dict[str, list[Adapter]]]:

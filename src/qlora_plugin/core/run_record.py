@@ -90,7 +90,16 @@ def record_fields(recipe: Any, model: Any = None) -> dict[str, Any]:
         fields["r"] = ranks.most_common(1)[0][0]
         if len(ranks) > 1:
             fields["ranks"] = {name: _rank(module) for name, module in sorted(adapters.items())}
-        fields["target_modules"] = sorted(adapters)
+        on_layers = sorted(name for name, module in adapters.items() if not hasattr(module, "parameter_name"))
+        on_parameters = sorted(  # PEFT's ParamWrapper (target_parameters: fused MoE experts), nested per parameter
+            f"{name.replace('.base_layer', '')}.{module.parameter_name}"
+            for name, module in adapters.items()
+            if hasattr(module, "parameter_name")
+        )
+        if on_layers:
+            fields["target_modules"] = on_layers
+        if on_parameters:
+            fields["target_parameters"] = on_parameters
     return {**fields, "recorded_from": "model"}
 
 
