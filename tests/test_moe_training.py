@@ -54,6 +54,10 @@ def test_sft_trainer_trains_lora_on_4bit_experts(family, by_name, memorisable_da
     assert_learned([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
     after = dict(trainer.model.named_parameters())
     assert before and all(not torch.equal(before[n], after[n]) for n in before)  # the expert adapters trained
+    trainer.save_model(str(tmp_path / "adapter"))
+    record = json.loads((tmp_path / "adapter" / "qlora_recipe.json").read_text())
+    assert record["recorded_from"] == "model" and len(record["target_parameters"]) == 4  # 2 layers x 2 projections
+    assert all(".experts." in name for name in record["target_parameters"])
 
 
 def test_an_unresolved_recipe_on_a_moe_model_stops_before_the_first_step(memorisable_dataset, tmp_path) -> None:

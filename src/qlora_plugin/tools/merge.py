@@ -125,12 +125,7 @@ def adapter_recipe(
     from qlora_plugin.core.fields import RECIPE_FIELDS
     from qlora_plugin.core.recipe import QLoRARecipe, qlora_recipe
 
-    # the compute dtype is the run's; dequantizing to --dtype does not depend on it, and this machine may lack it
-    fields: dict[str, Any] = {
-        "quant_type": trained.quant_type,
-        "double_quant": trained.double_quant,
-        "compute_dtype": "auto",
-    }
+    fields: dict[str, Any] = {"quant_type": trained.quant_type, "double_quant": trained.double_quant}
     if trained.recipe_fields is None:
         return qlora_recipe(**fields), trained
     recorded = {key: value for key, value in trained.recipe_fields.items() if key in RECIPE_FIELDS}
@@ -169,13 +164,15 @@ def check_out(out: Path, force: bool, keep: list[Path]) -> None:
         )
 
 
-def load_dequantized_base(base: str, recipe: QLoRARecipe, dtype: torch.dtype, trained: TrainedFormat) -> Any:
+def load_dequantized_base(
+    base: str, recipe: QLoRARecipe, dtype: torch.dtype, trained: TrainedFormat | None = None
+) -> Any:
     """The base as training saw it: loaded in 4 bits with the recipe, then dequantized to ``dtype``.
 
     Mixture-of-experts experts, which bitsandbytes loads in 16 bits, go through the plugin's 4-bit
-    storage and back, as training stored them. What was loaded is compared with the record first
-    (a base stored pre-quantized keeps its own format, whatever the recipe asks): another format
-    is an error naming both.
+    storage and back, as training stored them. What was loaded is compared with the record
+    (``trained``; else the recipe) first: a base stored pre-quantized keeps its own format, whatever
+    the recipe asks, and another format is an error naming both.
     """
     import torch
 
@@ -192,12 +189,12 @@ def load_dequantized_base(base: str, recipe: QLoRARecipe, dtype: torch.dtype, tr
     loaded = model_format(model)
     if loaded is not None:
         record = {"quant_type": recipe.quant_type, "double_quant": recipe.double_quant}
-        if trained.recipe_fields is not None and "blocksize" in trained.recipe_fields:
+        if trained is not None and trained.recipe_fields is not None and "blocksize" in trained.recipe_fields:
             record["blocksize"] = trained.recipe_fields["blocksize"]
         compare_record(
             record,
             loaded,
-            trained.source,
+            trained.source if trained is not None else "the recipe",
             f"the base {base} as loaded",
             "pass the base the adapter was trained on, unquantized, with --base (a base saved in 4 bits keeps its "
             "own format), or --quant-type/--double-quant to merge as it is",
