@@ -156,7 +156,10 @@ def remove_abandoned_copies(out: Path) -> list[Path]:
     for path in out.parent.glob(f".{glob_escape(out.name)}.*"):
         parts = path.name[len(out.name) + 2 :].split(".")
         if len(parts) == 3 and parts[0].isdigit() and parts[2] in ("partial", "old") and not _alive(int(parts[0])):
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 
@@ -209,6 +212,52 @@ def staged_directory(out: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     shutil.rmtree(previous, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_files(outs: list[Path]) -> Iterator[list[Path]]:
+    """Temporary files beside each of ``outs`` that replace them together if the block completes.
+
+    As :func:`staged_directory`, for files that belong together (a model and the file that
+    names it): on any exception every temporary file is removed and every ``out`` is as it
+    was; existing ``outs`` are moved aside during the renames and put back if one fails.
+    """
+    mask = current_umask()
+    staged: list[Path] = []
+    try:
+        for out in outs:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            remove_abandoned_copies(out)
+            handle, name = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent)
+            os.close(handle)
+            staged.append(Path(name))
+        yield staged
+        for out, path in zip(outs, staged, strict=True):
+            os.chmod(path, stat.S_IMODE(out.stat().st_mode) if out.is_file() else 0o666 & ~mask)
+        with signals_held():
+            done: list[tuple[Path, Path | None]] = []
+            try:
+                for out, path in zip(outs, staged, strict=True):
+                    aside = None
+                    if out.exists():
+                        aside = path.with_name(path.name.removesuffix(".partial") + ".old")
+                        os.rename(out, aside)
+                    done.append((out, aside))
+                    os.rename(path, out)
+            except BaseException:
+                for out, aside in reversed(done):
+                    if aside is not None:
+                        os.replace(aside, out)
+                    elif out.exists():
+                        out.unlink()
+                raise
+        for _, aside in done:
+            if aside is not None:
+                aside.unlink(missing_ok=True)
+    except BaseException:
+        for path in staged:
+            path.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager
