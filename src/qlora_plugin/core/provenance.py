@@ -73,6 +73,17 @@ def trained_format(
         overruled = [r.describe() for r in records if (r.quant_type, r.double_quant) != chosen]
         note = f"the command line overrules: {'; '.join(overruled)}" if overruled else None
         return TrainedFormat(*chosen, source="the command line", recipe_fields=recipe_fields, note=note)
+    untrained = not_4bit_record(Path(adapter_dir), records)
+    if untrained is not None:
+        file, says = untrained
+        raise QLoRAConfigError(
+            os.fspath(file),
+            says,
+            "says the run trained on a base that was not 4-bit; this merges QLoRA adapters into the 4-bit base "
+            "dequantized, which would give a different model",
+            "merge it on the base it was trained on (PeftModel.from_pretrained(base, ADAPTER).merge_and_unload(), "
+            "then save_pretrained) and export that folder; or pass --quant-type if training was 4-bit after all",
+        )
     formats = {(r.quant_type, r.double_quant) for r in records}
     if len(formats) > 1:
         raise QLoRAConfigError(
@@ -119,6 +130,35 @@ def find_records(adapter_dir: Path, adapter_config: dict[str, Any]) -> list[Reco
         if records:
             break  # the checkpoint's own records speak for it; the run's only when it has none
     return records
+
+
+def not_4bit_record(adapter_dir: Path, records: list[Record]) -> tuple[Path, str] | None:
+    """A run record beside the adapter that says its base was not 4-bit (8-bit, another method, or 16-bit)."""
+    directories = [adapter_dir]
+    if CHECKPOINT_NAME.fullmatch(adapter_dir.resolve().name):
+        directories.append(adapter_dir.resolve().parent)
+    for directory in directories:
+        expanded = directory / EXPANDED_CONFIG
+        if expanded.is_file():
+            import yaml
+
+            try:
+                data = yaml.safe_load(expanded.read_text(encoding="utf-8"))
+            except yaml.YAMLError:
+                data = None
+            if isinstance(data, dict) and (data.get("load_in_8bit") or data.get("adapter") == "lora"):
+                key = "load_in_8bit" if data.get("load_in_8bit") else "adapter"
+                return expanded, f"{key}: {data[key]}"
+        config = directory / MODEL_CONFIG
+        if config.is_file():
+            data = _read_json(config)
+            quantization = data.get("quantization_config") if isinstance(data, dict) else None
+            if isinstance(quantization, dict) and not quantization.get("load_in_4bit"):
+                method = quantization.get("quant_method", "?")
+                return config, "load_in_8bit" if quantization.get("load_in_8bit") else f"quant_method {method}"
+            if isinstance(data, dict) and quantization is None and not records:
+                return config, "no quantization_config"
+    return None
 
 
 def _from_recipe(file: Path, adapter_config: dict[str, Any]) -> Record | None:
