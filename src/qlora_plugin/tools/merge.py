@@ -234,30 +234,15 @@ def merge_adapter(
     recipe, trained = adapter_recipe(
         adapter_dir, config, quant_type=quant_type, double_quant=double_quant, assume_default=assume_default_recipe
     )
-    import torch
+    from qlora_plugin.tools.adapter_fit import check_adapter_fits
 
+    check_adapter_fits(adapter_dir, base)
     from qlora_plugin.core.device import torch_dtype
 
     target_dtype = torch_dtype(DTYPES[dtype])
 
-    with _progress(show_progress) as progress, staged_directory(out_path) as staging:
-        step = progress.add_task("load the base in 4 bits and dequantize", total=1)
-        model = load_dequantized_base(base, recipe, target_dtype, trained)
-        progress.advance(step)
-        step = progress.add_task("load the adapter", total=1)
-        from peft import PeftModel
-        from peft.tuners.lora import LoraLayer
-
-        peft_model = PeftModel.from_pretrained(model, os.fspath(adapter_dir))
-        progress.advance(step)
-        layers = [module for module in peft_model.modules() if isinstance(module, LoraLayer)]
-        step = progress.add_task("merge the LoRA weights", total=len(layers))
-        with torch.no_grad():
-            for layer in layers:
-                layer.merge(safe_merge=True)
-                progress.advance(step)
-        merged = peft_model.unload()
-        merged.to(target_dtype)
+    with progress_bars(show_progress) as progress, staged_directory(out_path) as staging:
+        merged, merged_layers = merge_into_base(adapter_dir, base, recipe, target_dtype, progress, trained)
         step = progress.add_task("save safetensors and the tokenizer", total=2)
         merged.save_pretrained(staging, safe_serialization=True)
         progress.advance(step)
@@ -270,7 +255,7 @@ def merge_adapter(
         "base_path": _local_path(base),
         "adapter": os.fspath(adapter_dir),
         "dtype": DTYPES[dtype],
-        "merged_layers": len(layers),
+        "merged_layers": merged_layers,
         "quantization": f"{recipe.quant_type}, double quant {recipe.double_quant}",
         "quantization_from": trained.source,
         "quantization_note": trained.note,
@@ -286,11 +271,47 @@ def _local_path(base: str) -> str | None:
     return os.path.abspath(os.path.expanduser(base)) if looks_local(base) else None
 
 
+def merge_into_base(
+    adapter_dir: str | os.PathLike[str],
+    base: str,
+    recipe: QLoRARecipe,
+    dtype: torch.dtype,
+    progress: Any,
+    trained: TrainedFormat | None = None,
+) -> tuple[Any, int]:
+    """The base as training saw it (4-bit, dequantized to ``dtype``; checked against the record ``trained``)
+    with the adapter folded in, and the number of LoRA layers merged; each step is a task on ``progress``."""
+    import torch
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    step = progress.add_task("load the base in 4 bits and dequantize", total=1)
+    model = load_dequantized_base(base, recipe, dtype, trained)
+    progress.advance(step)
+    step = progress.add_task("load the adapter", total=1)
+    peft_model = PeftModel.from_pretrained(model, os.fspath(adapter_dir))
+    progress.advance(step)
+    layers = [module for module in peft_model.modules() if isinstance(module, LoraLayer)]
+    step = progress.add_task("merge the LoRA weights", total=len(layers))
+    with torch.no_grad():
+        for layer in layers:
+            layer.merge(safe_merge=True)
+            progress.advance(step)
+    merged = peft_model.unload()
+    merged.to(dtype)
+    return merged, len(layers)
+
+
+def tokenizer_source(adapter_dir: Path, base: str) -> str:
+    """Where the tokenizer is: the adapter's own folder if it saved one, else the base."""
+    return os.fspath(adapter_dir) if any((adapter_dir / f).is_file() for f in TOKENIZER_FILES) else base
+
+
 def _save_tokenizer(adapter_dir: Path, base: str, staging: Path) -> str | None:
     """Copy the tokenizer (the adapter's own if it has one, else the base's) into ``staging``."""
     from transformers import AutoTokenizer
 
-    source = os.fspath(adapter_dir) if any((adapter_dir / f).is_file() for f in TOKENIZER_FILES) else base
+    source = tokenizer_source(adapter_dir, base)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError):
@@ -300,7 +321,8 @@ def _save_tokenizer(adapter_dir: Path, base: str, staging: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def _progress(show: bool) -> Iterator[Any]:
+def progress_bars(show: bool) -> Iterator[Any]:
+    """Rich progress bars on stderr (none when ``show`` is false); each step adds a task."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from qlora_plugin.tools.console import console
