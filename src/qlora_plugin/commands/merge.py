@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qlora_plugin.commands.options import subcommand
+from qlora_plugin.commands.options import add_trained_format_options, subcommand
 
 
 def register(commands: Any) -> None:
@@ -21,22 +21,7 @@ def register(commands: Any) -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="saved dtype (default bf16)")
     parser.add_argument("--base", default=None, help="the base model (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    trained = parser.add_argument_group(
-        "the 4-bit base the adapter was trained against (read from qlora_recipe.json, qlora_expanded.yml or the run's "
-        "config.json; needed only where none of them says)"
-    )
-    trained.add_argument("--quant-type", choices=["nf4", "fp4"], default=None, help="the 4-bit data type of training")
-    trained.add_argument(
-        "--double-quant",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="whether training quantized the block constants too",
-    )
-    trained.add_argument(
-        "--assume-default-recipe",
-        action="store_true",
-        help="no record says: take the recipe's defaults (NF4 with double quant)",
-    )
+    add_trained_format_options(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON summary at the end")
 
 

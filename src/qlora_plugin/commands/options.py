@@ -106,3 +106,23 @@ def argparse_fix(message: str, prog: str) -> str:
     if "ignored explicit argument" in message:
         return f"this switch takes no value: drop the '=...'; {help_hint}"
     return help_hint
+
+
+def add_trained_format_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--quant-type``, ``--[no-]double-quant`` and ``--assume-default-recipe`` (merge, export)."""
+    trained = parser.add_argument_group(
+        "the 4-bit base the adapter was trained against (read from qlora_recipe.json, qlora_expanded.yml or the run's "
+        "config.json; needed only where none of them says)"
+    )
+    trained.add_argument("--quant-type", choices=["nf4", "fp4"], default=None, help="the 4-bit data type of training")
+    trained.add_argument(
+        "--double-quant",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether training quantized the block constants too",
+    )
+    trained.add_argument(
+        "--assume-default-recipe",
+        action="store_true",
+        help="no record says: take the recipe's defaults (NF4 with double quant)",
+    )
