@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "estimate": "estimate",
     "check": "check",
     "merge": "merge",
+    "export": "export",
     "convert-finlora": "convert_finlora",
 }
 
