@@ -18,8 +18,8 @@ def register(commands: Any) -> None:
     )
     parser.add_argument(
         "model",
-        help="a local model directory (only config.json is read) or a hub id; or a run's output directory or "
-        "checkpoint, to show what it trained (its qlora_recipe.json)",
+        help="a local model directory (only config.json is read) or a hub id; a run's output directory or "
+        "checkpoint, to show what it trained (its qlora_recipe.json); or a .gguf file, to read it back",
     )
     add_recipe_options(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -27,6 +27,12 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``qlora inspect``."""
+    from qlora_plugin.tools.gguf_read import is_gguf
+
+    if is_gguf(args.model):
+        from qlora_plugin.commands.inspect_gguf import show
+
+        return show(args.model, args.json)
     from qlora_plugin.tools.console import console, count, gib, print_json, table
     from qlora_plugin.tools.inspection import analyze, base_sizes, describe_recipe, group_skipped
     from qlora_plugin.tools.run_inspection import is_run
