@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from qlora_plugin.core.errors import QLoRAConfigError
 
@@ -43,9 +43,11 @@ def check_adapter_fits(adapter_dir: str | os.PathLike[str], base: str) -> int:
         if kind is None:
             continue
         module = modules.get(name)
-        weight = getattr(module, "weight", None)
-        if module is None or weight is None or weight.dim() != 2:
+        if module is None and not _is_parameter(modules, name):
             _misfit(adapter_dir, base, f"adapts {name}, a layer the base does not have")
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() != 2:
+            continue  # LoRA on a parameter (MoE experts, PEFT's target_parameters): PEFT checks its shapes
         out_features, in_features = (weight.shape[1], weight.shape[0]) if "embedding" in kind else weight.shape
         expected = tuple(
             {"in": in_features, "out": out_features}.get(d, shape[i]) for i, d in enumerate(LORA_SHAPES[kind])
@@ -58,13 +60,21 @@ def check_adapter_fits(adapter_dir: str | os.PathLike[str], base: str) -> int:
     return checked
 
 
+def _is_parameter(modules: dict[str, Any], name: str) -> bool:
+    """True where ``name`` is a parameter of a module (``...experts.gate_up_proj``), not a module."""
+    import torch
+
+    owner, _, attribute = name.rpartition(".")
+    return owner in modules and isinstance(getattr(modules[owner], attribute, None), torch.nn.Parameter)
+
+
 def _split(key: str) -> tuple[str, str | None]:
     """``base_model.model.<module>.<lora weight>`` -> (module name, kind); kind None for other saved weights."""
     name = key.removeprefix(PREFIX)
     for kind in LORA_SHAPES:
         marker = "." + kind
-        if marker in name:
-            return name.split(marker, 1)[0], kind
+        if marker in name:  # PEFT's nested wrappers (two parameters of one module) add ".base_layer"
+            return name.split(marker, 1)[0].replace(".base_layer", ""), kind
     return name, None
 
 
