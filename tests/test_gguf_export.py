@@ -478,6 +478,10 @@ def test_force_replaces_the_file_and_the_modelfile_together(families, tmp_path) 
     assert out.stat().st_size > first and (tmp_path / "Modelfile").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "m.gguf"]
     assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+    link = tmp_path / "link.gguf"
+    link.symlink_to(out.name)
+    export_gguf(families["qwen2"], link, "q8_0", force=True, show_progress=False)
+    assert link.is_symlink() and out.stat().st_size == first  # the link stays; its target is replaced
 
 
 def current_umask() -> int:

@@ -220,8 +220,10 @@ def staged_files(outs: list[Path]) -> Iterator[list[Path]]:
 
     As :func:`staged_directory`, for files that belong together (a model and the file that
     names it): on any exception every temporary file is removed and every ``out`` is as it
-    was; existing ``outs`` are moved aside during the renames and put back if one fails.
+    was; existing ``outs`` are moved aside during the renames and put back if one fails. A link
+    stays a link: its target is what gets replaced.
     """
+    outs = [real_destination(out) for out in outs]
     mask = current_umask()
     staged: list[Path] = []
     try:
