@@ -9,18 +9,18 @@ import pytest
 
 from qlora_plugin import QLoRAConfigError
 from qlora_plugin.core.recipe import qlora_recipe
-from qlora_plugin.core.section import (
-    PLUGIN,
-    in_section,
-    names_the_plugin,
-    spec_from_section,
-)
 from qlora_plugin.integrations.axolotl.expand import (
     LORA_KERNELS,
     apply_keys,
     keep_lora_kernels_on_cuda,
     native_keys,
     recipe_from_section,
+)
+from qlora_plugin.integrations.axolotl.section import (
+    PLUGIN,
+    in_section,
+    names_the_plugin,
+    spec_from_section,
 )
 
 DEFAULT_ON_CPU = {

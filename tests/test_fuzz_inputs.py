@@ -477,7 +477,7 @@ def test_finlora_entries(tmp_path, case) -> None:
             assert all(isinstance(config[key], str) and config[key].strip() for key in ("base_model", "output_dir"))
             assert isinstance(config["datasets"][0]["path"], str) and config["datasets"][0]["path"].strip()
             assert ".." not in Path(config["output_dir"]).parts
-            from qlora_plugin.core.section import spec_from_section
+            from qlora_plugin.integrations.axolotl.section import spec_from_section
 
             spec_from_section(config["qlora"])  # what was written reads back as a valid section
 

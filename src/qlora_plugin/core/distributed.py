@@ -105,22 +105,17 @@ def zero3_requested(settings: Mapping[str, Any] | None = None) -> bool:
     return deepspeed_zero_stage(settings) == 3
 
 
-def fsdp_requested(settings: Mapping[str, Any] | None = None, *, axolotl: bool = False) -> bool:
+def fsdp_requested(settings: Mapping[str, Any] | None = None) -> bool:
     """True when the trainer's settings or the launch say FSDP.
 
     ``settings``: ``TrainingArguments``/``SFTConfig`` keyword arguments (FSDP is on when ``fsdp``
-    is), or with ``axolotl`` an Axolotl config (a non-empty ``fsdp_config`` or the older ``fsdp``
-    list; ``fsdp_version`` alone is not FSDP there). The launch: ``ACCELERATE_USE_FSDP``
-    (``accelerate launch`` with an FSDP config file sets it).
+    is). The launch: ``ACCELERATE_USE_FSDP`` (``accelerate launch`` with an FSDP config file sets it).
     """
     if _truthy(os.environ.get(FSDP_ENV, "")):
         return True
     if not settings:
         return False
-    fsdp = settings.get("fsdp")
-    if fsdp not in (None, False, "", [], ()):
-        return True
-    return axolotl and bool(settings.get("fsdp_config"))
+    return settings.get("fsdp") not in (None, False, "", [], ())
 
 
 def remember_fsdp(recipe: Any, fsdp: bool) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_plugin.core.errors import QLoRAConfigError, nearest
-from qlora_plugin.core.section import PLUGIN
+from qlora_plugin.integrations.axolotl.section import PLUGIN
 
 REQUIRED = (
     "base_model",

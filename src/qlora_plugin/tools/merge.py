@@ -2,7 +2,7 @@
 
 The adapter was trained against the 4-bit base, so that is what it is merged
 into: the base is loaded with the quantization training used (read from the
-run's records, :mod:`qlora_plugin.core.provenance`; never guessed), dequantized to
+run's records, :mod:`qlora_plugin.tools.provenance`; never guessed), dequantized to
 ``--dtype``, the LoRA weights are added to the dequantized weights, and the
 result is saved as safetensors with the tokenizer. It loads with
 ``AutoModelForCausalLM.from_pretrained`` alone: no PEFT, no bitsandbytes.
@@ -28,8 +28,8 @@ from qlora_plugin.core.errors import QLoRAConfigError
 if TYPE_CHECKING:
     import torch
 
-    from qlora_plugin.core.provenance import TrainedFormat
     from qlora_plugin.core.recipe import QLoRARecipe
+    from qlora_plugin.tools.provenance import TrainedFormat
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's names, safetensors first
@@ -117,7 +117,7 @@ def adapter_recipe(
     assume_default: bool = False,
 ) -> tuple[QLoRARecipe, TrainedFormat]:
     """The recipe to load the base with: the run's recorded one, with the 4-bit format training used."""
-    from qlora_plugin.core.provenance import trained_format
+    from qlora_plugin.tools.provenance import trained_format
 
     trained = trained_format(
         adapter_dir, adapter_config, quant_type=quant_type, double_quant=double_quant, assume_default=assume_default

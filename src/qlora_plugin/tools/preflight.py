@@ -5,7 +5,7 @@ no ``plugins:`` line trains without the plugin: a 16-bit full fine-tune, or a
 pydantic error about ``learning_rate``. The plugin cannot see that case (it is
 not loaded), so this command does: the plugin line, the section (every field, as
 the plugin reads it), the targets on a local base model, and the data
-(:mod:`qlora_plugin.core.data_checks`). Each problem is one line naming the key or
+(:mod:`qlora_plugin.integrations.axolotl.data_checks`). Each problem is one line naming the key or
 file, the value and the fix. Nothing here imports torch, PEFT or Axolotl.
 """
 
@@ -58,7 +58,7 @@ def check_config(path: str | os.PathLike[str]) -> Preflight:
         result.errors.append(error)
         return result
     _check_plugin_line(config, result)
-    from qlora_plugin.core.section import check_axolotl_keys
+    from qlora_plugin.integrations.axolotl.section import check_axolotl_keys
 
     wrong_key = check_axolotl_keys(config)
     if wrong_key is not None:
@@ -66,7 +66,7 @@ def check_config(path: str | os.PathLike[str]) -> Preflight:
     spec = _check_section(config, result)
     if spec is not None:
         _check_targets(config, spec, result)
-    from qlora_plugin.core.data_checks import check_datasets
+    from qlora_plugin.integrations.axolotl.data_checks import check_datasets
 
     data = check_datasets(config)
     result.errors += data.errors
@@ -98,7 +98,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise QLoRAConfigError(
             "CONFIG", os.fspath(path), "is not a mapping of Axolotl keys", "write the config as `key: value` lines"
         )
-    from qlora_plugin.core.section import misplaced_section
+    from qlora_plugin.integrations.axolotl.section import misplaced_section
     from qlora_plugin.core.yaml_strict import duplicate_key
 
     structure = duplicate_key(text, os.fspath(path)) or misplaced_section(config)
@@ -108,7 +108,7 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def _check_plugin_line(config: dict[str, Any], result: Preflight) -> None:
-    from qlora_plugin.core.section import PLUGIN, SECTION, names_the_plugin
+    from qlora_plugin.integrations.axolotl.section import PLUGIN, SECTION, names_the_plugin
 
     if SECTION not in config:
         result.errors.append(
@@ -135,7 +135,7 @@ def _check_plugin_line(config: dict[str, Any], result: Preflight) -> None:
 
 
 def _check_section(config: dict[str, Any], result: Preflight) -> Any:
-    from qlora_plugin.core.section import SECTION, spec_from_section
+    from qlora_plugin.integrations.axolotl.section import SECTION, spec_from_section
     from qlora_plugin.tools.inspection import describe_recipe
 
     if SECTION not in config:
@@ -151,7 +151,7 @@ def _check_section(config: dict[str, Any], result: Preflight) -> Any:
 
 def _check_targets(config: dict[str, Any], spec: Any, result: Preflight) -> None:
     """Resolve the section's targets on a local base model read from its config (no weights, no torch)."""
-    from qlora_plugin.core.section import in_section
+    from qlora_plugin.integrations.axolotl.section import in_section
     from qlora_plugin.tools.config_layers import report_from_config
 
     base = config.get("base_model")

@@ -12,9 +12,11 @@ before any model is loaded.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from qlora_plugin.core.section import SECTION, in_section, spec_from_section  # noqa: F401 - in_section used by plugin.py
+from qlora_plugin.core.distributed import fsdp_requested
+from qlora_plugin.integrations.axolotl.section import SECTION, in_section, spec_from_section  # noqa: F401 - in_section used by plugin.py
 
 if TYPE_CHECKING:
     from qlora_plugin.core.recipe import QLoRARecipe
@@ -30,6 +32,15 @@ def recipe_from_section(section: Any) -> QLoRARecipe:
     from qlora_plugin.core.recipe import recipe_from_spec
 
     return recipe_from_spec(spec_from_section(section))
+
+
+def fsdp_configured(cfg: Mapping[str, Any]) -> bool:
+    """True when an Axolotl config (or the launch) says FSDP.
+
+    A non-empty ``fsdp_config``, or the older ``fsdp`` list; ``fsdp_version`` alone is not FSDP
+    in Axolotl's config. The launch: as :func:`qlora_plugin.core.distributed.fsdp_requested`.
+    """
+    return fsdp_requested(cfg) or bool(cfg.get("fsdp_config"))
 
 
 def native_keys(recipe: QLoRARecipe, device: str, fsdp: bool = False, zero3: bool = False) -> dict[str, Any]:

@@ -9,7 +9,7 @@ initialisation from ``seed``, puts the base
 on the recipe's path, and saves the expanded config with the targets written out
 and ``qlora_recipe.json`` beside it (and, through :class:`CheckpointGuard`, in
 every checkpoint, which is complete or absent). ``load_datasets`` runs the data
-preflight (:mod:`qlora_plugin.core.data_checks`) before Axolotl reads any data. On
+preflight (:mod:`qlora_plugin.integrations.axolotl.data_checks`) before Axolotl reads any data. On
 CUDA with the recipe's ``fast_path``, ``post_lora_load`` arms the kernels for the
 first training forward and ``post_trainer_create`` gives the trainer the fused
 paged AdamW. A rejected section or dataset ends the process with one line
@@ -36,6 +36,7 @@ from qlora_plugin.core.notices import route_messages
 from qlora_plugin.integrations.axolotl.expand import (
     SECTION,
     apply_keys,
+    fsdp_configured,
     in_section,
     keep_lora_kernels_on_cuda,
     native_keys,
@@ -63,7 +64,7 @@ class QLoRAPlugin(BasePlugin):
     def register(self, cfg: dict[str, Any]) -> None:
         """Check the section and write its native keys into ``cfg``."""
         from qlora_plugin.core.device import training_device
-        from qlora_plugin.core.distributed import fsdp_requested, remember_fsdp, remember_zero3, zero3_requested
+        from qlora_plugin.core.distributed import remember_fsdp, remember_zero3, zero3_requested
         from qlora_plugin.core.errors import QLoRAConfigError
         from qlora_plugin.integrations import exit_summary
 
@@ -72,7 +73,7 @@ class QLoRAPlugin(BasePlugin):
         device = training_device()
         self.section_recipe = recipe_from_section(cfg.get(SECTION))
         route_messages(self.section_recipe, AXOLOTL_LOGGER)
-        fsdp = fsdp_requested(cfg, axolotl=True)
+        fsdp = fsdp_configured(cfg)
         remember_fsdp(self.section_recipe, fsdp)
         zero3 = zero3_requested(cfg)  # `deepspeed:` a ZeRO-3 config (its JSON file or its keys)
         remember_zero3(self.section_recipe, zero3)
@@ -88,7 +89,7 @@ class QLoRAPlugin(BasePlugin):
 
     def load_datasets(self, cfg: Any, preprocess: bool = False) -> None:
         """Check the configured data before Axolotl reads it; Axolotl then loads it as usual (None)."""
-        from qlora_plugin.core.data_checks import check_datasets
+        from qlora_plugin.integrations.axolotl.data_checks import check_datasets
 
         found = check_datasets(cfg)
         for warning in found.warnings:
@@ -268,7 +269,7 @@ def check_structure(cfg: Any) -> None:
     holding the wrong kind of value (Axolotl validates its keys only after the plugin has used them)."""
     import os
 
-    from qlora_plugin.core.section import check_axolotl_keys, misplaced_section
+    from qlora_plugin.integrations.axolotl.section import check_axolotl_keys, misplaced_section
     from qlora_plugin.core.yaml_strict import duplicate_key
 
     path = cfg.get("axolotl_config_path")
