@@ -96,8 +96,9 @@ $(MUT_STAMP): pyproject.toml
 	$(PIP_INSTALL) $(MUT)/bin/pip --quiet -e ".[axolotl,dev]" mutmut==3.8.1
 	touch $(MUT_STAMP)
 
-# Mutation testing of the modules in [tool.mutmut] (pyproject.toml), in its own environment; about
-# 1.5 h on two shared cores, so not in CI. It resumes where it stopped; `rm -rf mutants` starts over.
+# Mutation testing of the modules in [tool.mutmut] (pyproject.toml), in its own environment; hours on
+# two shared cores (the recipe, the patch registry and the TRL adapter reach most of the suite), so not
+# in CI. It resumes where it stopped; `rm -rf mutants` starts over. docs/mutation.md has the score.
 mutate: $(MUT_STAMP)
 	OMP_NUM_THREADS=1 $(OFFLINE) nice -n 15 $(MUT)/bin/mutmut run --max-children 2
 	$(MUT)/bin/mutmut export-cicd-stats

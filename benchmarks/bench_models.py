@@ -204,12 +204,12 @@ def build_recipe(nf4_dir: Path, spec: dict[str, Any], kw: dict[str, Any]) -> tup
 
         opt = bnb.optim.PagedAdamW32bit(params, lr=LR, weight_decay=0.0)
     model.train()
-    from qlora_plugin.fastpath.activation import recompute_mode
+    from qlora_plugin.build.context import RECOMPUTE
 
     info = {
         "lora_dropout": spec["dropout"],
         "optimizer": type(opt).__name__,
-        "grad_ckpt": recompute_mode(recipe),
+        "grad_ckpt": RECOMPUTE[recipe.gradient_checkpointing],
         "adapter_dtype": "float32 (after the first forward)",
         "recipe": recipe.recipe_fields(),
     }

@@ -323,9 +323,9 @@ def run_trl(a: argparse.Namespace) -> None:
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     adapter_dtype = str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad))
     if recipe is not None:
-        from qlora_plugin.fastpath.activation import recompute_mode
+        from qlora_plugin.build.context import RECOMPUTE
 
-        grad_ckpt = recompute_mode(recipe) if DEVICE == "cuda" else str(recipe.gradient_checkpointing)
+        grad_ckpt = RECOMPUTE[recipe.gradient_checkpointing] if DEVICE == "cuda" else str(recipe.gradient_checkpointing)
     elif spec.get("unsloth"):
         grad_ckpt = "unsloth (offloaded)"
     else:

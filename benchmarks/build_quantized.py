@@ -41,7 +41,7 @@ def build_quantized(config: Any, recipe: Any, device: str, seed: int = 1234, qua
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qlora_plugin.core.quantization import quantize_linear
+    from qlora_plugin.build.quantization import quantize_linear
 
     compute = recipe.resolved_compute_dtype(torch.device(device).type)
     with torch.device("meta"):

@@ -41,14 +41,10 @@ VARIANTS: dict[str, tuple[str, str | None, bool, bool]] = {
 
 def use_byte_all_gather(as_bytes: bool) -> None:
     """Turn the plugin's byte-exact FSDP2 all-gather on or off (the recipe turns it on when it builds LoRA layers)."""
-    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as collectives
+    from qlora_plugin.build.fsdp_bytes import PATCH, all_gather_as_bytes
+    from qlora_plugin.core import patches
 
-    from qlora_plugin.core.fsdp_bytes import all_gather_as_bytes
-
-    current = collectives._get_all_gather_input_metadatas
-    stock = getattr(current, "__wrapped__", current)
-    collectives._get_all_gather_input_metadatas = stock
-    all_gather_as_bytes.cache_clear()
+    patches.revert(PATCH)  # FSDP2's own choice, as the registry found it
     if as_bytes:
         all_gather_as_bytes()
 

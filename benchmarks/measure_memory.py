@@ -47,7 +47,7 @@ def build_quantized(config: Any, device: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     from qlora_plugin import qlora_recipe
-    from qlora_plugin.core.quantization import quantize_linear
+    from qlora_plugin.build.quantization import quantize_linear
 
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
@@ -76,7 +76,7 @@ def prepare(model: torch.nn.Module, fast: bool, checkpointing: bool) -> torch.nn
     from peft import get_peft_model
 
     from qlora_plugin import qlora_recipe
-    from qlora_plugin.core.prepare import prepare_for_training
+    from qlora_plugin.build.prepare import prepare_for_training
 
     recipe = qlora_recipe(r=16, fast_path=fast, gradient_checkpointing=checkpointing, model=model)
     model = prepare_for_training(model, recipe)

@@ -122,7 +122,7 @@ def build(shape: str, device: str, recipe: Any, experts_4bit: bool) -> Any:
     from transformers import AutoModelForCausalLM
 
     from qlora_plugin.build.moe_experts import quantize_module
-    from qlora_plugin.core.quantization import quantize_linear
+    from qlora_plugin.build.quantization import quantize_linear
 
     config = config_of(shape)
     dtype = torch.bfloat16
@@ -155,7 +155,7 @@ def measure(variant: str, shape: str, device: str, steps: int, warmup: int) -> d
     from peft import LoraConfig, get_peft_model
 
     from qlora_plugin import qlora_recipe
-    from qlora_plugin.core.prepare import prepare_for_training
+    from qlora_plugin.build.prepare import prepare_for_training
 
     cuda = device == "cuda"
     row: dict[str, Any] = {"variant": variant, "shape": shape, "device": device, "seq": SEQ[shape], "batch": 1}

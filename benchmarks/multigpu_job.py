@@ -291,8 +291,8 @@ def train(args: argparse.Namespace) -> None:
         sys.path.insert(0, str(HERE))
     from bench_models import placeholder_tokenizer
 
-    from qlora_plugin.core.distributed import fsdp_in_effect, sharding_engine, zero3_in_effect
-    from qlora_plugin.fastpath.activation import wants_fast_path
+    from qlora_plugin.build.context import context_of
+    from qlora_plugin.build.lora_layers import context_for
 
     started = time.perf_counter()
     progress = Progress(args.out)
@@ -379,7 +379,8 @@ def train(args: argparse.Namespace) -> None:
     }
     storage = next((str(p.dtype) for n, p in trainer.model.named_parameters() if type(p).__name__ == "Params4bit"), "")
     load_peak = torch.cuda.max_memory_allocated() / GIB if cuda else 0.0  # before the checksums' scratch
-    engine = sharding_engine(recipe)
+    run = context_of(trainer.model) or context_for(recipe)  # the run the model was built in
+    engine = run.sharding
     watch = WeightWatch(trainer.model) if engine else None
     trainer.model.register_forward_pre_hook(count, with_kwargs=True)
     if cuda:
@@ -431,10 +432,10 @@ def train(args: argparse.Namespace) -> None:
         "grad_accum": args.grad_accum,
         "seq": args.seq,
         "steps": args.steps,
-        "fsdp": fsdp_in_effect(recipe),  # from the config or, under accelerate launch, the launch
-        "zero3": zero3_in_effect(recipe),
+        "fsdp": engine == "FSDP",  # from the config or, under accelerate launch, the launch
+        "zero3": engine == "DeepSpeed ZeRO-3",
         "sharding": engine,
-        "fast_path": wants_fast_path(recipe),
+        "fast_path": run.fast_path_on(),
         "optimizer": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
         "quant_storage": storage,
         "built_in_place": args.build_in_place,

@@ -2,11 +2,17 @@
 
     python scripts/check_layers.py [--graph]
 
-Every ``import`` and ``from ... import`` of the package's own modules counts, at module
-level and inside functions alike (``if TYPE_CHECKING:`` blocks excepted: they never run).
-Layers, lowest first, are the subpackages named in :data:`LAYERS`; a module may import
-from its own layer or a lower one. The package's ``__init__`` and ``axolotl`` (the public
-facade) sit above every layer. Exits 1 with one line per violation.
+Every ``import`` and ``from ... import`` of the package's own modules counts: at module
+level, inside functions and under ``if TYPE_CHECKING:`` alike (an annotation that needs a
+module is a dependency on it, and an import deferred into a function is still a way from
+one module to another). Layers, lowest first, are the subpackages named in :data:`LAYERS`;
+a module may import from its own layer or a lower one. The package's ``__init__`` and
+``axolotl`` (the public facade) sit above every layer.
+
+Imports of the package's own modules belong at the top of a module. One inside a function is
+allowed only where :data:`DEFERRED` names the module and the heavy third-party import it
+defers (so ``qlora --help`` and the config-only subcommands never load torch). Exits 1 with one
+line per violation.
 """
 
 from __future__ import annotations
@@ -19,6 +25,17 @@ ROOT = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "qlora_plugin"
 LAYERS = ("core", "build", "fastpath", "integrations", "tools", "commands")
 FACADE = 99
+# Modules allowed to import package modules inside functions, and the heavy import each defers.
+DEFERRED = {
+    "qlora_plugin": "the seams it fills: each layer behind them imports torch, transformers or TRL",
+    "qlora_plugin.tools.inspection": "the recipe (PEFT) and the model loader (transformers), only for a model",
+    "qlora_plugin.tools.merge": "the recipe (PEFT) and the model loader (transformers), only when merging",
+    "qlora_plugin.tools.gguf_export": "the model loader (transformers), only when exporting",
+    "qlora_plugin.tools.adapter_fit": "the model built on the meta device (transformers), only for a base's shapes",
+    "qlora_plugin.fastpath.kernels.lora_linear": "bitsandbytes and the Triton dropout kernels (both load Triton)",
+    "qlora_plugin.fastpath.kernels.dequant": "the Triton NF4 kernel, on CUDA only",
+    "qlora_plugin.fastpath.kernels.loss_stats": "the Triton loss-statistics kernel, on CUDA only",
+}
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -35,25 +52,14 @@ def layer_of(module: str) -> int:
     return FACADE
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def imports_of(path: Path, modules: set[str], root: Path = ROOT) -> set[str]:
-    """The package's own modules that ``path`` imports when it runs."""
+    """The package's own modules that ``path`` imports, anywhere in it (functions and ``TYPE_CHECKING`` too)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     this = module_name(path, root)
     package = this if path.name == "__init__.py" else this.rsplit(".", 1)[0]
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -68,6 +74,32 @@ def imports_of(path: Path, modules: set[str], root: Path = ROOT) -> set[str]:
 
     visit(tree)
     return {name for name in found if name in modules and name != this}
+
+
+def deferred_imports(path: Path, modules: set[str], root: Path = ROOT) -> set[str]:
+    """The package's own modules ``path`` imports inside a function."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for function in ast.walk(tree):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(function):
+                if isinstance(node, ast.Import):
+                    found.update(alias.name for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    found.add(node.module)
+    return {name for name in found if name in modules}
+
+
+def deferred_problems(root: Path = ROOT) -> list[str]:
+    """One line per function-local import of a package module where :data:`DEFERRED` allows none."""
+    paths = {module_name(p, root): p for p in (root / PACKAGE).rglob("*.py")}
+    problems = []
+    for module, path in sorted(paths.items()):
+        if module in DEFERRED:
+            continue
+        for target in sorted(deferred_imports(path, set(paths), root)):
+            problems.append(f"import inside a function: {module} imports {target} (move it to the top)")
+    return problems
 
 
 def graph(root: Path = ROOT) -> dict[str, set[str]]:
@@ -136,7 +168,7 @@ def problems_in(edges: dict[str, set[str]]) -> list[str]:
 
 def main() -> int:
     edges = graph()
-    problems = problems_in(edges)
+    problems = problems_in(edges) + deferred_problems()
     if "--graph" in sys.argv:
         for module, targets in edges.items():
             print(f"{module} -> {', '.join(sorted(targets)) or '-'}")

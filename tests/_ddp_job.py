@@ -76,7 +76,7 @@ def main(
     trainer.train()
     trainer.save_model(str(Path(out) / "adapter"))
 
-    from qlora_plugin.core.distributed import current_launch, rank_device_map
+    from qlora_plugin.build.distributed import current_launch, rank_device_map
 
     launch = current_launch()
     devices = sorted({str(p.device) for n, p in trainer.model.named_parameters() if "base_layer" in n})

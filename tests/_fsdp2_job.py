@@ -35,7 +35,7 @@ def main(model_dir: str, out: str, built: str | None = None) -> None:
     from torch.distributed.fsdp._fully_shard import _fsdp_collectives as collectives
 
     from qlora_plugin import qlora_recipe
-    from qlora_plugin.fastpath.activation import wants_fast_path
+    from qlora_plugin.build.lora_layers import context_for
 
     dist.init_process_group("gloo")
     recipe = qlora_recipe(compute_dtype=built or "float32", lora_dropout=0.0, gradient_checkpointing=False)
@@ -92,7 +92,7 @@ def main(model_dir: str, out: str, built: str | None = None) -> None:
             ),
             "layers_compared": len(changed),
             "bytes_changed": sum(changed.values()),
-            "fast_path": wants_fast_path(recipe, "cpu"),
+            "fast_path": context_for(recipe).fast_path_on("cpu"),
             "all_gather_as_bytes": getattr(collectives._get_all_gather_input_metadatas, "_qlora_as_bytes", False),
         }
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,7 @@ def build(name: str) -> Any:
     """A real (CPU, random-init) tiny model of architecture ``name``."""
     import torch
 
-    from qlora_plugin.core.models import auto_class
+    from qlora_plugin.build.models import auto_class
 
     config = configs()[name]
     torch.manual_seed(0)

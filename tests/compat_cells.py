@@ -682,7 +682,7 @@ def _run_axolotl_cell(cell: Cell, setting: Setting, path: Path, work: Path) -> R
 
 def fast_path_on_cpu() -> contextlib.AbstractContextManager[None]:
     """The environment the CPU cells run the fast path in."""
-    from qlora_plugin.fastpath.activation import CPU_ENV
+    from qlora_plugin.core.environment import FAST_PATH_ON_CPU as CPU_ENV
 
     @contextlib.contextmanager
     def switched() -> Iterator[None]:

@@ -87,9 +87,10 @@ def package_logger_as_found():
 @pytest.fixture
 def fast_path_on_cpu(monkeypatch):
     """The fast path on a CPU (its PyTorch reference paths), with no model left waiting for it before or after."""
+    from qlora_plugin.core.environment import FAST_PATH_ON_CPU
     from qlora_plugin.fastpath import activation
 
-    monkeypatch.setenv(activation.CPU_ENV, "1")
+    monkeypatch.setenv(FAST_PATH_ON_CPU, "1")
     activation.disarm()
     yield
     activation.disarm()

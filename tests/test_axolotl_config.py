@@ -179,6 +179,7 @@ def test_the_trainer_gets_the_fast_paths_settings_on_cuda_only(monkeypatch, tmp_
     from transformers import TrainingArguments
 
     from qlora_plugin import qlora_recipe
+    from qlora_plugin.build.context import make_context
     from qlora_plugin.integrations.axolotl.plugin import QLoRAPlugin
 
     plugin = QLoRAPlugin()
@@ -188,6 +189,7 @@ def test_the_trainer_gets_the_fast_paths_settings_on_cuda_only(monkeypatch, tmp_
     # what training_device() reads: a patched training_device would stay bound in any
     # module that first imports it during this test
     monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
+    plugin.context = make_context(plugin.recipe)  # as register makes it, on this device
     # an optimizer already made: only the settings change
     trainer = SimpleNamespace(args=args, accelerator=accelerator, optimizer=object())
     plugin.post_trainer_create(None, trainer)

@@ -1,4 +1,4 @@
-"""The ``qlora:`` section as Axolotl keys, function by function (core/section.py and
+"""The ``qlora:`` section as Axolotl keys, function by function (integrations/axolotl/section.py and
 integrations/axolotl/expand.py): the exact keys a recipe becomes, how they are written over a
 config and what each replacement says. test_axolotl_config.py runs the same code through Axolotl's
 load_cfg; these pin the details it does not look at (docs/mutation.md)."""
@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from qlora_plugin import QLoRAConfigError
+from qlora_plugin.build.context import make_context
 from qlora_plugin.core.recipe import qlora_recipe
 from qlora_plugin.integrations.axolotl.expand import (
     LORA_KERNELS,
@@ -105,8 +106,13 @@ def test_the_plugin_is_named_by_either_path_in_a_plugins_list() -> None:
 # -- the keys --------------------------------------------------------------------------------------
 
 
+def keys_on(recipe, device: str) -> dict:
+    """The Axolotl keys of ``recipe`` in a run on ``device`` (no launch, no sharding)."""
+    return native_keys(recipe, make_context(recipe, device=device))
+
+
 def test_the_default_recipe_on_a_cpu_is_exactly_these_keys() -> None:
-    assert native_keys(qlora_recipe(), "cpu") == DEFAULT_ON_CPU
+    assert keys_on(qlora_recipe(), "cpu") == DEFAULT_ON_CPU
 
 
 def test_optional_settings_explicit_targets_and_the_switches_reach_their_keys() -> None:
@@ -123,7 +129,7 @@ def test_optional_settings_explicit_targets_and_the_switches_reach_their_keys() 
         lr_scheduler_type="constant",
         optimizer="adamw_torch",
     )
-    keys = native_keys(recipe, "cuda")
+    keys = keys_on(recipe, "cuda")
     assert keys == {
         **DEFAULT_ON_CPU,
         "bnb_config_kwargs": {
@@ -150,10 +156,7 @@ def test_optional_settings_explicit_targets_and_the_switches_reach_their_keys() 
 
 
 def test_a_target_pattern_is_passed_on_as_a_pattern_and_offload_checkpointing_is_on() -> None:
-    keys = native_keys(
-        qlora_recipe(target_modules=r".*q_proj", gradient_checkpointing="offload"),
-        "cpu",
-    )
+    keys = keys_on(qlora_recipe(target_modules=r".*q_proj", gradient_checkpointing="offload"), "cpu")
     assert keys["lora_target_modules"] == ".*q_proj"
     assert keys["gradient_checkpointing"] is True and keys["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
 
@@ -167,7 +170,7 @@ def test_the_compute_dtype_and_precision_follow_the_device_asked_for_not_the_one
 
     other = "cpu" if training_device() == "cuda" else "cuda"  # on a CPU: 'auto' on CUDA without bf16 is float16
     dtype = resolve_compute_dtype("auto", other)
-    keys = native_keys(qlora_recipe(), other)
+    keys = keys_on(qlora_recipe(), other)
     assert keys["bnb_config_kwargs"]["bnb_4bit_compute_dtype"] == str(dtype).removeprefix("torch.")
     assert {"bf16": keys["bf16"], "fp16": keys["fp16"]} == precision_flags(dtype, other)
 

@@ -60,7 +60,7 @@ def test_its_4bit_layers_are_what_loading_the_same_weights_through_the_recipe_gi
 
 def test_no_two_layers_are_16_bit_at_once(config, monkeypatch) -> None:
     """The point of building layer by layer: the 16-bit model never exists whole."""
-    from qlora_plugin.core import quantization
+    from qlora_plugin.build import quantization
 
     recipe = qlora_recipe(compute_dtype="float32")
     models: list[torch.nn.Module] = []

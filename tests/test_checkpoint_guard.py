@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
+from qlora_plugin.core import patches
 from qlora_plugin.integrations import checkpoints
 from qlora_plugin.integrations.checkpoints import (
     MANIFEST,
@@ -165,15 +166,15 @@ def test_complete_checkpoints_leave_out_incomplete_ones_and_other_names(tmp_path
 
 
 def test_the_guard_sets_incomplete_checkpoints_aside_when_the_trainer_starts(tmp_path, caplog) -> None:
-    from qlora_plugin.core.notices import route_messages
+    from qlora_plugin.build.context import make_context
     from qlora_plugin.core.recipe import qlora_recipe
 
     recipe = qlora_recipe()
-    route_messages(recipe, "qlora_tests.routed")  # as the Axolotl plugin routes a run's messages
+    run = make_context(recipe, logger_name="qlora_tests.routed")  # as the Axolotl plugin routes a run's messages
     args = trainer_args(tmp_path)
     broken = checkpoint(Path(args.output_dir), 3, state=None)
     with caplog.at_level(logging.WARNING):
-        CheckpointGuard(recipe).on_init_end(args, TrainerState(), TrainerControl())
+        CheckpointGuard(recipe, run).on_init_end(args, TrainerState(), TrainerControl())
     assert not broken.exists() and (Path(args.output_dir) / ".incomplete-checkpoint-3").is_dir()
     assert [(record.name, record.getMessage()) for record in caplog.records] == [
         (
@@ -201,7 +202,7 @@ def test_a_save_is_watched_from_the_step_that_asks_for_it_until_the_trainer_repo
     assert checkpoints._writing == {}
     guard.on_step_end(args, state, TrainerControl(should_save=True))
     assert checkpoints._writing == {directory: Path(args.output_dir)}
-    assert checkpoints._exit_check_installed
+    assert checkpoints.PATCH in patches.applied()  # the exit handler, through the patch registry
 
     checkpoints._writing.clear()
     guard.on_epoch_end(args, state, TrainerControl(should_save=True))

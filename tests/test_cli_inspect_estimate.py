@@ -79,7 +79,7 @@ def bitsandbytes_bytes(model_dir: Path) -> int:
     import torch
 
     from qlora_plugin import qlora_recipe
-    from qlora_plugin.core.quantization import is_4bit
+    from qlora_plugin.build.quantization import is_4bit
 
     model = qlora_recipe().load_model(model_dir)
     storages: dict[int, int] = {}  # shared tensors (bitsandbytes caches its code books) counted once

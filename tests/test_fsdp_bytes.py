@@ -16,17 +16,17 @@ import pytest
 import torch
 
 from qlora_plugin import qlora_recipe
+from qlora_plugin.build.context import make_context
+from qlora_plugin.build.distributed import FSDP_ENV
+from qlora_plugin.build.fsdp_bytes import PATCH, guard_packed_weights
+from qlora_plugin.build.quantization import quantize_linear, storage_dtype
 from qlora_plugin.core import patches
-from qlora_plugin.core.distributed import FSDP_ENV
-from qlora_plugin.core.fsdp_bytes import PATCH, all_gather_as_bytes, guard_packed_weights
-from qlora_plugin.core.quantization import quantize_linear, storage_dtype
 
 
 def _back_to_stock(module: Any) -> None:
     """FSDP2's own all-gather dtype choice again, as if the plugin had never turned the byte path on."""
-    current = module._get_all_gather_input_metadatas
-    module._get_all_gather_input_metadatas = getattr(current, "__wrapped__", current)
-    all_gather_as_bytes.cache_clear()
+    patches.revert(PATCH)
+    assert not hasattr(module._get_all_gather_input_metadatas, "__wrapped__")
 
 
 @pytest.fixture
@@ -45,21 +45,23 @@ def _all_gather_dtype(module: Any, *inputs: torch.Tensor) -> torch.dtype:
 
 
 def _quantized_layer(monkeypatch, fsdp: bool) -> tuple[Any, Any]:
+    """A layer quantized by the recipe, and its run's context (under FSDP where ``fsdp``)."""
     if fsdp:
         monkeypatch.setenv(FSDP_ENV, "true")
     else:
         monkeypatch.delenv(FSDP_ENV, raising=False)
     recipe = qlora_recipe(compute_dtype="bfloat16")
-    return quantize_linear(torch.nn.Linear(128, 64), recipe, torch.bfloat16), recipe
+    context = make_context(recipe)
+    return quantize_linear(torch.nn.Linear(128, 64), recipe, torch.bfloat16, context), context
 
 
 def test_under_fsdp_a_float_stored_layer_turns_the_byte_all_gather_on(collectives, monkeypatch) -> None:
     one = torch.zeros(6, dtype=torch.bfloat16)
     assert _all_gather_dtype(collectives, one, one) == torch.bfloat16  # FSDP2's own choice: one dtype, floats
-    layer, recipe = _quantized_layer(monkeypatch, fsdp=True)
+    layer, context = _quantized_layer(monkeypatch, fsdp=True)
     assert layer.weight.dtype == torch.bfloat16  # the recipe's storage under FSDP
     _back_to_stock(collectives)  # a float-stored layer the recipe did not quantize
-    guard_packed_weights(layer, recipe)
+    guard_packed_weights(layer, context)
     dtypes, numels, dtype = collectives._get_all_gather_input_metadatas([[one], [one[:4]]])
     assert dtype == torch.uint8
     assert dtypes == [[torch.bfloat16], [torch.bfloat16]] and numels == [[6], [4]]  # per input, as FSDP2 said
@@ -70,17 +72,17 @@ def test_choosing_float_storage_under_fsdp_turns_it_on(collectives, monkeypatch)
     LoRA layers, and the model's 4-bit weights still come from this choice."""
     recipe = qlora_recipe(compute_dtype="bfloat16")
     monkeypatch.delenv(FSDP_ENV, raising=False)
-    assert storage_dtype(recipe, torch.bfloat16) == torch.uint8
+    assert storage_dtype(recipe, torch.bfloat16, make_context(recipe)) == torch.uint8
     assert _all_gather_dtype(collectives, torch.zeros(2, dtype=torch.bfloat16)) == torch.bfloat16
     monkeypatch.setenv(FSDP_ENV, "true")
-    assert storage_dtype(recipe, torch.bfloat16) == torch.bfloat16
+    assert storage_dtype(recipe, torch.bfloat16, make_context(recipe)) == torch.bfloat16
     assert _all_gather_dtype(collectives, torch.zeros(2, dtype=torch.bfloat16)) == torch.uint8
 
 
 def test_without_fsdp_nothing_is_replaced(collectives, monkeypatch) -> None:
-    layer, recipe = _quantized_layer(monkeypatch, fsdp=False)
+    layer, context = _quantized_layer(monkeypatch, fsdp=False)
     assert layer.weight.dtype == torch.uint8
-    guard_packed_weights(layer, recipe)
+    guard_packed_weights(layer, context)
     assert not hasattr(collectives._get_all_gather_input_metadatas, "__wrapped__")
 
 
@@ -104,9 +106,9 @@ def test_outside_the_tested_torch_versions_it_stays_off_with_a_warning(collectiv
     monkeypatch.delenv(patches.FORCE_ENV, raising=False)
     patches.allowed.cache_clear()
     with caplog.at_level(logging.WARNING, logger="qlora_plugin"):  # choosing the storage warns already
-        layer, recipe = _quantized_layer(monkeypatch, fsdp=True)
-        guard_packed_weights(layer, recipe)
-        guard_packed_weights(layer, recipe)
+        layer, context = _quantized_layer(monkeypatch, fsdp=True)
+        guard_packed_weights(layer, context)
+        guard_packed_weights(layer, context)
     assert _all_gather_dtype(collectives, torch.zeros(2, dtype=torch.bfloat16)) == torch.bfloat16
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(PATCH in m and "torch 2.99.0" in m for m in messages), messages
@@ -115,12 +117,12 @@ def test_outside_the_tested_torch_versions_it_stays_off_with_a_warning(collectiv
 
 def test_a_model_whose_lora_layers_another_library_builds_turns_it_on(collectives, monkeypatch) -> None:
     """Axolotl builds its own LoRA config; its plugin hands the 4-bit model over before the adapters exist."""
-    from qlora_plugin.core.fsdp_bytes import guard_packed_model
+    from qlora_plugin.build.fsdp_bytes import guard_packed_model
 
-    layer, recipe = _quantized_layer(monkeypatch, fsdp=True)
+    layer, context = _quantized_layer(monkeypatch, fsdp=True)
     _back_to_stock(collectives)  # loaded by Axolotl with its own quantization config
     model = torch.nn.Sequential(torch.nn.LayerNorm(128), layer)
-    guard_packed_model(torch.nn.Sequential(torch.nn.LayerNorm(128)), recipe)  # no 4-bit layer: nothing to do
+    guard_packed_model(torch.nn.Sequential(torch.nn.LayerNorm(128)), context)  # no 4-bit layer: nothing to do
     assert _all_gather_dtype(collectives, torch.zeros(2, dtype=torch.bfloat16)) == torch.bfloat16
-    guard_packed_model(model, recipe)
+    guard_packed_model(model, context)
     assert _all_gather_dtype(collectives, torch.zeros(2, dtype=torch.bfloat16)) == torch.uint8

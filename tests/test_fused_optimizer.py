@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from qlora_plugin import qlora_recipe
+from qlora_plugin.core.environment import FAST_PATH_ON_CPU
 from qlora_plugin.fastpath import activation
 
 pytestmark = pytest.mark.slow
@@ -60,7 +61,7 @@ def _optimizer_type(trainer) -> str:
 
 def _bitsandbytes_paged_adamw(trainer) -> bool:
     """bitsandbytes' paged AdamW 32-bit, whichever class the trainer built it with."""
-    from qlora_plugin.core.notices import describe_optimizer
+    from qlora_plugin.build.notices import describe_optimizer
 
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     return type(inner).__module__.startswith("bitsandbytes") and describe_optimizer(inner) == "paged_adamw_32bit"
@@ -154,7 +155,7 @@ def test_adapters_a_trainer_rounded_to_bf16_are_float32_again_before_the_fused_o
 
 
 def test_off_the_fast_path_the_trainer_builds_what_optim_names(checkpoint, tmp_path, monkeypatch) -> None:
-    monkeypatch.delenv(activation.CPU_ENV, raising=False)
+    monkeypatch.delenv(FAST_PATH_ON_CPU, raising=False)
     trainer = _train(checkpoint, tmp_path, qlora_recipe(compute_dtype="float32"))
     assert _bitsandbytes_paged_adamw(trainer)
 
@@ -189,7 +190,8 @@ def test_under_fsdp_a_users_bitsandbytes_optimizer_becomes_torch_adamw_with_one_
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from qlora_plugin.core.distributed import FSDP_ENV
+    from qlora_plugin.build.context import attach, make_context
+    from qlora_plugin.build.distributed import FSDP_ENV
     from qlora_plugin.integrations.transformers import offer_fused_optimizer
 
     recipe = qlora_recipe(compute_dtype="float32")
@@ -199,6 +201,7 @@ def test_under_fsdp_a_users_bitsandbytes_optimizer_becomes_torch_adamw_with_one_
     without_fsdp, _ = Trainer.get_optimizer_cls_and_kwargs(args, model)
     assert without_fsdp.__module__.startswith("bitsandbytes")
     monkeypatch.setenv(FSDP_ENV, "true")
+    attach(model, make_context(recipe))  # the model in a run under an FSDP launch
     with caplog.at_level(logging.WARNING, logger="qlora_plugin"):
         for _ in range(2):
             optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
@@ -222,10 +225,12 @@ def test_axolotls_trainer_gets_float32_adapters_with_the_fused_optimizer(
     from transformers import TrainingArguments
 
     pytest.importorskip("axolotl")  # the newest-releases environment has no Axolotl
+    from qlora_plugin.build.context import make_context
     from qlora_plugin.integrations.axolotl.plugin import QLoRAPlugin
 
     plugin = QLoRAPlugin()
     plugin.recipe = qlora_recipe(compute_dtype="float32")
+    plugin.context = make_context(plugin.recipe)  # as register makes it from the config
     model = get_peft_model(plugin.recipe.load_model(checkpoint, device_map={"": "cpu"}), plugin.recipe)
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:

@@ -73,9 +73,22 @@ def test_the_layer_check_finds_an_upward_import_and_a_circle(tmp_path: Path) -> 
     errors.write_text(errors.read_text() + "\n\ndef _late() -> None:\n    from qlora_plugin.commands import main\n")
     fields = root / "qlora_plugin" / "core" / "fields.py"
     fields.write_text(fields.read_text() + "\nfrom qlora_plugin.core import recipe as _recipe\n")
+    targets = root / "qlora_plugin" / "core" / "targets.py"  # a circle closed only for the type checker
+    closing = "\nif TYPE_CHECKING:\n    from qlora_plugin.core.recipe import QLoRARecipe\n"
+    targets.write_text(targets.read_text() + closing)
     problems = check.problems_in(check.graph(root))
     assert any(p.startswith("upward import: qlora_plugin.core.errors (core)") for p in problems), problems
     assert any(p.startswith("import circle:") and "qlora_plugin.core.fields" in p for p in problems), problems
+    assert any(p.startswith("import circle:") and "qlora_plugin.core.targets" in p for p in problems), problems
+    assert check.deferred_problems(root) == [
+        "import inside a function: qlora_plugin.core.errors imports qlora_plugin.commands (move it to the top)"
+    ]
+
+
+def test_package_imports_are_at_the_top_except_where_they_defer_a_heavy_library() -> None:
+    """``qlora --help`` stays light only because a few deferrals are deliberate (scripts/check_layers.py)."""
+    check = load_script("check_layers")
+    assert check.deferred_problems() == []
 
 
 def test_every_recipe_field_has_help_and_its_choices() -> None:

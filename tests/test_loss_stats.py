@@ -144,7 +144,7 @@ def test_full_logit_loss_is_named_with_its_fix_at_the_first_step(
     tiny_model_dir, memorisable_dataset, tmp_path, fast_path_on_cpu, caplog
 ):
     """loss_type='nll' keeps the model's own forward (TRL reads the logits): one warning naming it and the fix."""
-    from qlora_plugin.fastpath.activation import FULL_LOGITS_WARNING
+    from qlora_plugin.fastpath.wording import FULL_LOGITS_WARNING
 
     trainer = _own_config_trainer(tiny_model_dir, memorisable_dataset, tmp_path, loss_type="nll")
     with caplog.at_level(logging.INFO, logger="qlora_plugin"):

@@ -63,11 +63,18 @@ def messages():
     logger.setLevel(level)
 
 
+def recipe_run(recipe):
+    """The recipe's run context outside a trainer: the one a test bound, else one from the launch."""
+    from qlora_plugin.build.lora_layers import context_for
+
+    return context_for(recipe)
+
+
 # -- DDP placement -----------------------------------------------------------------------------
 
 
 def test_the_launch_is_read_from_the_launchers_environment(no_launch) -> None:
-    from qlora_plugin.core.distributed import Launch, current_launch, rank_device_map
+    from qlora_plugin.build.distributed import Launch, current_launch, rank_device_map
 
     assert current_launch() == Launch(1, 0)
     assert rank_device_map("cuda") is None  # one process: the loader's own default
@@ -84,15 +91,14 @@ def test_sft_config_loads_each_rank_on_its_own_gpu(no_launch) -> None:
     Only "is CUDA here" is pretended (``training_device``), so no process group is needed; the
     real launch is covered by :func:`test_two_cpu_processes_train_like_one_with_the_same_global_batch`.
     """
-    import qlora_plugin.core.device as device
-    import qlora_plugin.integrations.transformers  # noqa: F401 - imported first, so it keeps the real training_device
-    from qlora_plugin.core.distributed import Launch
+    from qlora_plugin.build import context
+    from qlora_plugin.build.distributed import Launch
 
     recipe = qlora_recipe(compute_dtype="float32", fast_path=False)
-    no_launch.setattr(device, "training_device", lambda: "cuda")
+    no_launch.setattr(context, "training_device", lambda: "cuda")  # where the run context asks
     alone = recipe.sft_config(output_dir="out", report_to="none")
     assert "device_map" not in alone.model_init_kwargs
-    no_launch.setattr("qlora_plugin.core.distributed.current_launch", lambda: Launch(2, 1))
+    no_launch.setattr(context, "current_launch", lambda: Launch(2, 1))
     ranked = recipe.sft_config(output_dir="out", report_to="none")
     assert ranked.model_init_kwargs["device_map"] == {"": 1}
     assert ranked.model_init_kwargs["quantization_config"].load_in_4bit
@@ -105,7 +111,7 @@ def test_deepspeed_is_read_from_the_settings_and_the_launch(no_launch) -> None:
 
     Only the switch is tested here: transformers needs deepspeed installed to build such a config (not in this venv).
     """
-    from qlora_plugin.core.distributed import deepspeed_requested
+    from qlora_plugin.build.distributed import deepspeed_requested
 
     assert not deepspeed_requested() and not deepspeed_requested({"fsdp": True})
     assert deepspeed_requested({"deepspeed": "ds_zero3.json"})
@@ -117,7 +123,7 @@ ZERO3_LAUNCH = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_S
 
 
 def test_the_zero_stage_is_read_from_the_settings_the_launch_and_a_config_file(no_launch, tmp_path) -> None:
-    from qlora_plugin.core.distributed import deepspeed_zero_stage, zero3_requested
+    from qlora_plugin.build.distributed import deepspeed_zero_stage, zero3_requested
 
     assert deepspeed_zero_stage() is None and not zero3_requested()
     assert zero3_requested({"deepspeed": {"zero_optimization": {"stage": 3}}})
@@ -139,18 +145,22 @@ def test_under_zero3_the_recipe_shards_like_under_fsdp(no_launch, messages) -> N
     """4-bit weights in the compute dtype, the fast path off, torch's AdamW: each with one line naming ZeRO-3."""
     import torch
 
-    from qlora_plugin.fastpath.activation import CPU_ENV, wants_fast_path
+    from qlora_plugin.build.context import make_context
+    from qlora_plugin.build.lora_layers import bind_context
+    from qlora_plugin.core.environment import FAST_PATH_ON_CPU
 
-    no_launch.setenv(CPU_ENV, "1")  # the fast path's PyTorch references serve a CPU: it would be on
+    no_launch.setenv(FAST_PATH_ON_CPU, "1")  # the fast path's PyTorch references serve a CPU: it would be on
     no_launch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     no_launch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")  # ZeRO-2 leaves the weights whole: nothing changes
     recipe = qlora_recipe(compute_dtype="bfloat16")
     assert recipe.bnb_config(device="cpu").bnb_4bit_quant_storage == torch.uint8
-    assert wants_fast_path(recipe, "cpu") and recipe.training_args(device="cpu")["optim"] == "paged_adamw_32bit"
+    run = make_context(recipe)
+    assert run.fast_path_on("cpu") and recipe.training_args(device="cpu")["optim"] == "paged_adamw_32bit"
     no_launch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     recipe = qlora_recipe(compute_dtype="bfloat16")
+    bind_context(recipe, make_context(recipe))  # one run: each message once
     assert recipe.bnb_config(device="cpu").bnb_4bit_quant_storage == torch.bfloat16
-    assert not wants_fast_path(recipe, "cpu") and not wants_fast_path(recipe, "cuda")
+    assert not recipe_run(recipe).fast_path_on("cpu") and not recipe_run(recipe).fast_path_on("cuda")
     assert recipe.training_args(device="cpu")["optim"] == "adamw_torch"
     for words in ("stored as bfloat16", "fast path off", "optim adamw_torch instead of paged_adamw_32bit"):
         said = [m for m in messages if words in m]
@@ -160,12 +170,15 @@ def test_under_zero3_the_recipe_shards_like_under_fsdp(no_launch, messages) -> N
 def test_a_zero3_config_in_the_settings_counts_like_the_launch(no_launch) -> None:
     import torch
 
-    from qlora_plugin.core.distributed import remember_zero3, sharding_engine, zero3_requested
+    from qlora_plugin.build.context import make_context
+    from qlora_plugin.build.distributed import zero3_requested
+    from qlora_plugin.build.lora_layers import bind_context
 
     recipe = qlora_recipe(compute_dtype="bfloat16")
-    assert sharding_engine(recipe) is None
-    remember_zero3(recipe, zero3_requested({"deepspeed": {"zero_optimization": {"stage": 3}}}))  # as sft_config does
-    assert sharding_engine(recipe) == "DeepSpeed ZeRO-3"
+    assert recipe_run(recipe).sharding is None
+    zero3 = zero3_requested({"deepspeed": {"zero_optimization": {"stage": 3}}})
+    bind_context(recipe, make_context(recipe, zero3=zero3))  # as sft_config does
+    assert recipe_run(recipe).sharding == "DeepSpeed ZeRO-3"
     assert recipe.bnb_config(device="cpu").bnb_4bit_quant_storage == torch.bfloat16
 
 
@@ -209,13 +222,15 @@ def test_under_zero3_an_explicit_other_storage_is_one_line_naming_the_fix(no_lau
 
 
 def test_axolotl_keys_under_a_zero3_config(no_launch) -> None:
+    from qlora_plugin.build.context import make_context
     from qlora_plugin.integrations.axolotl.expand import native_keys
 
-    keys = native_keys(qlora_recipe(), "cuda", zero3=True)
+    recipe = qlora_recipe()
+    keys = native_keys(recipe, make_context(recipe, device="cuda", zero3=True))
     quantization = keys["bnb_config_kwargs"]
     assert quantization["bnb_4bit_quant_storage"] == quantization["bnb_4bit_compute_dtype"] != "uint8"
     assert keys["optimizer"] == "adamw_torch"
-    plain = native_keys(qlora_recipe(), "cuda")
+    plain = native_keys(recipe, make_context(recipe, device="cuda"))
     assert plain["bnb_config_kwargs"]["bnb_4bit_quant_storage"] == "uint8"
     assert plain["optimizer"] == "paged_adamw_32bit"
 
@@ -235,9 +250,9 @@ def test_a_cpu_launch_asks_transformers_for_gloo_ddp(no_launch) -> None:
     """Without ``use_cpu`` transformers sets up no DDP on a machine without CUDA: each rank trains alone."""
     from qlora_plugin.integrations.transformers import training_args
 
-    recipe = qlora_recipe()
-    assert "use_cpu" not in training_args(recipe, "cpu")
+    assert "use_cpu" not in training_args(qlora_recipe(), "cpu")
     no_launch.setenv("WORLD_SIZE", "2")
+    recipe = qlora_recipe()  # a recipe's run context is made once, at its first use: a new one for the new launch
     assert training_args(recipe, "cpu")["use_cpu"] is True
     assert "use_cpu" not in training_args(recipe, "cuda")
 
@@ -245,7 +260,7 @@ def test_a_cpu_launch_asks_transformers_for_gloo_ddp(no_launch) -> None:
 def test_a_16_bit_layer_quantized_in_place_stays_on_its_device() -> None:
     import torch
 
-    from qlora_plugin.core.quantization import quantize_linear
+    from qlora_plugin.build.quantization import quantize_linear
 
     recipe = qlora_recipe(compute_dtype="float32")
     layer = torch.nn.Linear(64, 32, device="cpu")
@@ -261,7 +276,7 @@ def test_a_layer_quantized_in_place_still_computes_once_fsdp_has_swapped_its_wei
     """
     import torch
 
-    from qlora_plugin.core.quantization import quantize_linear
+    from qlora_plugin.build.quantization import quantize_linear
 
     no_launch.setenv("ACCELERATE_USE_FSDP", "true")
     recipe = qlora_recipe(compute_dtype="float32")
@@ -315,13 +330,15 @@ def test_an_explicit_storage_fsdp_cannot_shard_is_one_line_naming_the_fix(no_lau
 
 
 def test_under_fsdp_the_fast_path_stays_off_with_one_line(no_launch, messages) -> None:
-    from qlora_plugin.fastpath.activation import CPU_ENV, wants_fast_path
+    from qlora_plugin.core.environment import FAST_PATH_ON_CPU
 
-    no_launch.setenv(CPU_ENV, "1")  # the fast path's PyTorch references serve a CPU: it would be on
+    no_launch.setenv(FAST_PATH_ON_CPU, "1")  # the fast path's PyTorch references serve a CPU: it would be on
+    from qlora_plugin.build.context import context_of_args
+
     recipe = qlora_recipe(compute_dtype="float32")
-    assert wants_fast_path(recipe, "cpu")
-    recipe.sft_config(output_dir="out", report_to="none", **FSDP2)
-    assert not wants_fast_path(recipe, "cpu") and not wants_fast_path(recipe, "cuda")
+    assert recipe_run(recipe).fast_path_on("cpu")
+    run = context_of_args(recipe.sft_config(output_dir="out", report_to="none", **FSDP2))  # the config's run
+    assert not run.fast_path_on("cpu") and not run.fast_path_on("cuda")
     said = [m for m in messages if "fast path off" in m]
     assert len(said) == 1 and "FSDP" in said[0] and "PEFT's forward" in said[0]
 

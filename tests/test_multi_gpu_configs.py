@@ -60,7 +60,7 @@ def test_the_deepspeed_zero3_config_turns_on_zero3_and_the_recipe_sees_it(monkey
     from accelerate.utils.launch import prepare_deepspeed_cmd_env
 
     from qlora_plugin import qlora_recipe
-    from qlora_plugin.core.distributed import sharding_engine
+    from qlora_plugin.build.lora_layers import context_for
 
     path = CONFIGS / "accelerate" / "deepspeed-zero3.yaml"
     config = load_config_from_file(str(path))
@@ -82,7 +82,7 @@ def test_the_deepspeed_zero3_config_turns_on_zero3_and_the_recipe_sees_it(monkey
     for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
         monkeypatch.setenv(name, env[name])  # as each launched process sees it
     recipe = qlora_recipe(compute_dtype="bfloat16")
-    assert sharding_engine(recipe) == "DeepSpeed ZeRO-3"
+    assert context_for(recipe).sharding == "DeepSpeed ZeRO-3"
     assert recipe.bnb_config(device="cpu").bnb_4bit_quant_storage == torch.bfloat16
     assert recipe.training_args(device="cpu")["optim"] == "adamw_torch"
 
@@ -95,10 +95,12 @@ def test_under_fsdp_a_bitsandbytes_optimizer_becomes_torch_adamw_with_one_line(
     import logging
 
     from qlora_plugin import qlora_recipe
+    from qlora_plugin.build.context import make_context
     from qlora_plugin.integrations.axolotl.expand import native_keys
 
-    assert qlora_recipe(optimizer=optimizer).training_args(device="cpu")["optim"] == optimizer  # no FSDP
-    assert native_keys(qlora_recipe(optimizer=optimizer), "cuda")["optimizer"] == optimizer
+    plain = qlora_recipe(optimizer=optimizer)
+    assert plain.training_args(device="cpu")["optim"] == optimizer  # no FSDP
+    assert native_keys(plain, make_context(plain, device="cuda"))["optimizer"] == optimizer
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     recipe = qlora_recipe(optimizer=optimizer)
     with caplog.at_level(logging.INFO, logger="qlora_plugin"):
@@ -106,7 +108,7 @@ def test_under_fsdp_a_bitsandbytes_optimizer_becomes_torch_adamw_with_one_line(
         assert recipe.training_args(device="cpu")["optim"] == "adamw_torch"
     said = [r.getMessage() for r in caplog.records if "under FSDP: optim adamw_torch" in r.getMessage()]
     assert len(said) == 1 and optimizer in said[0]
-    assert native_keys(recipe, "cuda", fsdp=True)["optimizer"] == "adamw_torch"
+    assert native_keys(recipe, make_context(recipe, device="cuda", fsdp=True))["optimizer"] == "adamw_torch"
     assert qlora_recipe(optimizer="adamw_torch").training_args(device="cpu")["optim"] == "adamw_torch"
 
 

@@ -194,7 +194,7 @@ def test_a_failure_after_the_row_keeps_the_measurements() -> None:
 
 
 def test_the_weight_watch_notices_a_changed_byte_at_a_layers_first_forward() -> None:
-    from qlora_plugin.core.quantization import quantize_linear
+    from qlora_plugin.build.quantization import quantize_linear
 
     recipe = qlora_recipe(compute_dtype="float32")
     model = torch.nn.Sequential(*(quantize_linear(torch.nn.Linear(64, 64), recipe, torch.float32) for _ in range(2)))
@@ -206,7 +206,7 @@ def test_the_weight_watch_notices_a_changed_byte_at_a_layers_first_forward() -> 
 
 
 def test_a_weight_check_that_cannot_run_is_recorded_not_raised(monkeypatch) -> None:
-    from qlora_plugin.core.quantization import quantize_linear
+    from qlora_plugin.build.quantization import quantize_linear
 
     model = quantize_linear(torch.nn.Linear(64, 64), qlora_recipe(compute_dtype="float32"), torch.float32)
     watch = multigpu_job.WeightWatch(model)

@@ -156,3 +156,91 @@ def test_an_untested_peft_gets_its_own_layers_and_no_fast_path(checkpoint, versi
     assert not any(r.getMessage().startswith("qlora fast path on:") for r in caplog.records)
     assert any("peft-lora-layer-factory" in m and "peft 0.99.0" in m for m in _warnings(caplog))
     assert torch.isfinite(torch.tensor(loss)) and any(g.abs().sum() > 0 for n, g in grads.items() if "lora_A" in n)
+
+
+# -- process-wide installs --------------------------------------------------------------------------
+
+INSTALLS = {
+    "peft-param-wrapper-forward",
+    "transformers-trainer-optimizer-choice",
+    "transformers-attention-interface",
+    "torch-fsdp2-all-gather-bytes",
+    "torch-first-forward-hook",
+    "torch-experts-check-hook",
+    "torch-optimizer-step-hook",
+    "python-excepthook",
+    "python-atexit-checkpoints",
+}
+
+
+def _process_state() -> dict[str, object]:
+    """What the installs change, as the process has it now (identities and registrations; exit handlers apart)."""
+    import sys
+
+    import torch.nn.modules.module as torch_module
+    import torch.optim.optimizer as torch_optimizer
+    from peft.tuners.lora.layer import ParamWrapper
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+    from transformers import AttentionInterface, Trainer
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from qlora_plugin.fastpath.kernels.attention import IMPLEMENTATION
+
+    return {
+        "trainer": Trainer.__dict__["get_optimizer_cls_and_kwargs"],
+        "wrapper forward": ParamWrapper.__dict__["forward"],
+        "wrapper merge": ParamWrapper.__dict__["merge"],
+        "fsdp": _fsdp_collectives._get_all_gather_input_metadatas,
+        "attention": AttentionInterface._global_mapping.get(IMPLEMENTATION),
+        "mask": AttentionMaskInterface._global_mapping.get(IMPLEMENTATION),
+        "forward hooks": list(torch_module._global_forward_pre_hooks.values()),
+        "optimizer hooks": list(torch_optimizer._global_optimizer_pre_hooks.values()),
+        "excepthook": sys.excepthook,
+    }
+
+
+def test_every_process_wide_install_goes_through_the_registry_and_is_undone_exactly() -> None:
+    """The list of installs, each made by the code that owns it, then every one reverted to what was there."""
+    import atexit
+
+    from qlora_plugin.build import fsdp_bytes, moe_experts, notices
+    from qlora_plugin.fastpath.kernels import attention
+    from qlora_plugin.integrations import checkpoints, exit_summary, moe_check, transformers
+
+    assert set(patches.installs()) == INSTALLS
+    activation.disarm()
+    patches.revert_all()
+    before = _process_state()
+    assert transformers.offer_fused_optimizer()
+    assert fsdp_bytes.all_gather_as_bytes()
+    assert patches.apply(attention.PATCH, attention._registrations)
+    activation.arm()
+    assert moe_experts.install_wrapper_forward()
+    waiting = qlora_recipe()
+    moe_check.arm(waiting)
+    assert patches.apply(notices.PATCH, lambda _: notices._report_optimizer)
+    exit_summary.install()
+    handlers = atexit._ncallbacks()  # CPython counts slots: an unregistered handler's stays
+    assert patches.apply(checkpoints.PATCH, lambda _: checkpoints._remove_unfinished)
+    assert atexit._ncallbacks() == handlers + 1
+    assert set(patches.applied()) == INSTALLS
+    during = _process_state()
+    assert all(during[key] != before[key] for key in before), {k: (before[k], during[k]) for k in before}
+    assert transformers.offer_fused_optimizer() and patches.applied().count(transformers.PATCH) == 1  # once
+    activation.disarm()
+    patches.revert_all()
+    assert patches.applied() == [] and _process_state() == before
+
+
+def test_an_install_outside_its_tested_range_is_not_made(versions) -> None:
+    from transformers import Trainer
+
+    from qlora_plugin.integrations.transformers import PATCH, offer_fused_optimizer
+
+    patches.revert(PATCH)
+    before = Trainer.__dict__["get_optimizer_cls_and_kwargs"]
+    versions["transformers"] = "5.99.0"
+    assert offer_fused_optimizer() is False and PATCH not in patches.applied()
+    assert Trainer.__dict__["get_optimizer_cls_and_kwargs"] is before
+    with pytest.raises(ValueError, match="changes no process-wide state"):
+        patches.apply("bnb-quant-state", lambda current: current)

@@ -27,7 +27,7 @@ def test_stock_path_is_peft_prepare_model_for_kbit_training(tiny_model_dir) -> N
 def test_fast_path_undoes_an_fp32_upcast(tiny_model_dir) -> None:
     from peft import prepare_model_for_kbit_training
 
-    from qlora_plugin.core.prepare import prepare_for_training
+    from qlora_plugin.build.prepare import prepare_for_training
 
     recipe = qlora_recipe()
     model = prepare_model_for_kbit_training(recipe.replace(fast_path=False).load_model(tiny_model_dir))

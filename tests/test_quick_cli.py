@@ -15,13 +15,14 @@ from cli_helpers import SRC, run_qlora
 
 FINLORA = Path(__file__).parent / "data" / "finlora_finetune_configs.json"
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "trl", "axolotl")
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "trl", "axolotl", "triton", "liger_kernel")
 
 
 def imports_of(*argv: str, cwd: Path = REPO) -> tuple[list[str], str, str]:
     """Run ``qlora ARGV`` in a fresh interpreter; the heavy libraries it imported, its stdout and stderr."""
     code = (
-        "import sys; from qlora_plugin.commands.main import main; status = main(sys.argv[1:]); "
+        "import sys\nfrom qlora_plugin.commands.main import main\n"
+        "try:\n    status = main(sys.argv[1:])\nexcept SystemExit as stop:  # --help\n    status = stop.code or 0\n"
         f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr); sys.exit(status)"
     )
     env = dict(os.environ, PYTHONPATH=str(SRC), HF_HUB_OFFLINE="1")
@@ -41,8 +42,10 @@ def imports_of(*argv: str, cwd: Path = REPO) -> tuple[list[str], str, str]:
         ["estimate", "examples/assets/tiny-llama", "--seq", "96", "--batch", "4"],
         ["inspect", "examples/assets/tiny-llama", "--preset", "paper", "--set", "target_modules=[q_proj,v_proj]"],
         ["check", "configs/qlora.yml"],
+        ["--help"],
+        ["estimate", "--help"],
     ],
-    ids=["presets", "convert-finlora", "estimate", "inspect", "check"],
+    ids=["presets", "convert-finlora", "estimate", "inspect", "check", "help", "estimate-help"],
 )
 def test_config_only_subcommands_import_no_heavy_library_and_print_no_warnings(argv, tmp_path) -> None:
     heavy, stdout, stderr = imports_of(*(arg.replace("{tmp}", str(tmp_path)) for arg in argv))

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from qlora_plugin import QLoRAConfigError, qlora_recipe
+from qlora_plugin.build.context import make_context
+from qlora_plugin.build.trainer_settings import FAST_TRAINER_SETTINGS, fast_trainer_settings
 from qlora_plugin.fastpath import activation as speed
+from qlora_plugin.fastpath.kernel_choice import kernel_config
+from qlora_plugin.fastpath.wording import loss_forward_owner
+
+
+def config_for(recipe, device, **choices):
+    """The kernels a run of ``recipe`` started now (under the environment as it is) asks for on ``device``."""
+    return kernel_config(make_context(recipe), device, **choices)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +52,7 @@ def _batch():
 @pytest.mark.parametrize(("value", "mode"), [(True, "full"), (False, "none"), ("offload", "offload")])
 def test_gradient_checkpointing_picks_the_recompute_mode(value, mode):
     recipe = qlora_recipe(gradient_checkpointing=value)
-    assert speed.recompute_mode(recipe) == mode
+    assert make_context(recipe).recompute == mode
     assert recipe.training_args(device="cpu")["gradient_checkpointing"] is (value is not False)
 
 
@@ -57,29 +66,29 @@ def test_other_checkpointing_values_are_clear_errors(value):
 
 def test_cuda_graphs_can_be_switched_off_from_the_environment(monkeypatch):
     recipe = qlora_recipe(gradient_checkpointing=False, lora_dropout=0)
-    assert speed.kernel_config(recipe, "cuda").cuda_graphs is True
+    assert config_for(recipe, "cuda").cuda_graphs is True
     monkeypatch.setenv("QLORA_CUDA_GRAPHS", "0")
-    assert speed.kernel_config(recipe, "cuda").cuda_graphs is False
+    assert config_for(recipe, "cuda").cuda_graphs is False
 
 
 def test_kernel_config_follows_the_recipe_and_the_host_kernels():
-    fast = speed.kernel_config(qlora_recipe(gradient_checkpointing=False, lora_dropout=0), "cpu", fuse_loss=True)
+    fast = config_for(qlora_recipe(gradient_checkpointing=False, lora_dropout=0), "cpu", fuse_loss=True)
     assert (fast.recompute, fast.cache_block_constants, fast.fused_loss, fast.cuda_graphs) == ("none", True, True, True)
-    with_dropout = speed.kernel_config(qlora_recipe(gradient_checkpointing=False), "cuda")
+    with_dropout = config_for(qlora_recipe(gradient_checkpointing=False), "cuda")
     assert with_dropout.cuda_graphs is True  # the default dropout 0.05 is captured too
-    low = speed.kernel_config(qlora_recipe(gradient_checkpointing="offload"), "cuda")
+    low = config_for(qlora_recipe(gradient_checkpointing="offload"), "cuda")
     assert (low.recompute, low.cache_block_constants, low.fused_loss, low.cuda_graphs) == (
         "offload",
         False,
         False,
         False,
     )
-    shared = speed.kernel_config(
+    shared = config_for(
         qlora_recipe(gradient_checkpointing=False, lora_dropout=0), "cuda", host_kernels=["lora_o_kernel"]
     )
     assert shared.cuda_graphs is False  # Axolotl's kernels keep some layers: those run eagerly
-    assert speed.kernel_config(qlora_recipe(gradient_checkpointing="offload"), "cpu").recompute == "full"
-    hosted = speed.kernel_config(qlora_recipe(), "cpu", host_kernels=["lora_qkv_kernel", "lora_mlp_kernel"])
+    assert config_for(qlora_recipe(gradient_checkpointing="offload"), "cpu").recompute == "full"
+    hosted = config_for(qlora_recipe(), "cpu", host_kernels=["lora_qkv_kernel", "lora_mlp_kernel"])
     assert set(hosted.skip_lora) == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}
     assert hosted.fused_mlp is False
 
@@ -103,7 +112,7 @@ def test_first_training_forward_applies_the_fast_path_once(checkpoint, caplog):
     model.train()
     with torch.no_grad():
         before = model(input_ids=x, labels=x)
-    speed.arm()  # what make_lora_layer does on a CUDA machine
+    speed.arm()  # what the LoRA layer factory does on a CUDA machine
     model.eval()
     model(input_ids=x)  # an eval forward leaves it armed
     assert speed.is_armed()
@@ -154,15 +163,15 @@ def test_fast_path_trainer_settings_are_training_arguments_on_cuda_only():
     from transformers import TrainingArguments
 
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    assert set(speed.FAST_TRAINER_SETTINGS) <= fields
+    assert set(FAST_TRAINER_SETTINGS) <= fields
     on_cuda = qlora_recipe().training_args(device="cuda")
     assert on_cuda["logging_nan_inf_filter"] is False
     assert on_cuda["accelerator_config"] == {"non_blocking": True}
-    args = TrainingArguments(output_dir="unused", report_to="none", **speed.trainer_settings(qlora_recipe(), "cuda"))
+    args = TrainingArguments(
+        output_dir="unused", report_to="none", **fast_trainer_settings(make_context(qlora_recipe()), "cuda")
+    )
     assert args.accelerator_config.non_blocking is True and args.dataloader_pin_memory is True
-    assert speed.FAST_TRAINER_SETTINGS["accelerator_config"] == {
-        "non_blocking": True
-    }  # the copy was used, not the original
+    assert FAST_TRAINER_SETTINGS["accelerator_config"] == {"non_blocking": True}  # the copy was used, not the original
     assert "logging_nan_inf_filter" not in qlora_recipe().training_args(device="cpu")
     assert "logging_nan_inf_filter" not in qlora_recipe(fast_path=False).training_args(device="cuda")
 
@@ -174,10 +183,10 @@ def test_a_forward_trl_made_logit_free_is_recognised_as_trls(checkpoint):
     from trl.trainer import sft_trainer, utils
 
     model = load_4bit(checkpoint)
-    assert speed.loss_forward_owner(model) is None
+    assert loss_forward_owner(model) is None
     if hasattr(utils, "add_fused_lm_head"):  # TRL releases with a fused LM head
         utils.add_fused_lm_head(model)
-        assert speed.loss_forward_owner(model) == "trl"
+        assert loss_forward_owner(model) == "trl"
     else:  # TRL 1.9's chunked_nll
         sft_trainer._patch_chunked_ce_lm_head(model, chunk_size=256)
-        assert speed.loss_forward_owner(model) == "trl-chunked"
+        assert loss_forward_owner(model) == "trl-chunked"

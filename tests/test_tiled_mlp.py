@@ -144,22 +144,23 @@ def test_tiling_turns_on_from_the_threshold_and_the_environment_sets_it(monkeypa
     assert tiling_rows(TiledMLPOptions(min_tokens=0), 10**6) == 0 and tiling_rows(None, 10**6) == 0
 
     from qlora_plugin import qlora_recipe
-    from qlora_plugin.fastpath.activation import kernel_config
+    from qlora_plugin.build.context import make_context
+    from qlora_plugin.fastpath.kernel_choice import kernel_config
+
+    def config(recipe, device):  # a run started now, under the environment as it is
+        return kernel_config(make_context(recipe), device)
 
     recipe = qlora_recipe()
-    assert kernel_config(recipe, "cpu").tiled_mlp_min_tokens == 32768
+    assert config(recipe, "cpu").tiled_mlp_min_tokens == 32768
     monkeypatch.setenv("QLORA_TILED_MLP", "0")
-    assert kernel_config(recipe, "cpu").tiled_mlp_min_tokens == 0
+    assert config(recipe, "cpu").tiled_mlp_min_tokens == 0
     monkeypatch.setenv("QLORA_TILED_MLP", "65536")
-    assert kernel_config(recipe, "cpu").tiled_mlp_min_tokens == 65536
+    assert config(recipe, "cpu").tiled_mlp_min_tokens == 65536
     # and the layer inputs offloaded recompute keeps on the GPU (offload is CUDA-only: "full" on a CPU)
     monkeypatch.setenv("QLORA_OFFLOAD_KEEP_LAYERS", "3")
     offload = qlora_recipe(gradient_checkpointing="offload")
-    assert kernel_config(offload, "cuda").offload_keep_layers == 3
-    assert (
-        kernel_config(offload, "cpu").offload_keep_layers == 0
-        and kernel_config(recipe, "cuda").offload_keep_layers == 0
-    )
+    assert config(offload, "cuda").offload_keep_layers == 3
+    assert config(offload, "cpu").offload_keep_layers == 0 and config(recipe, "cuda").offload_keep_layers == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="offloaded recompute and the Triton dropout need CUDA")

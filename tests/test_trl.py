@@ -62,7 +62,7 @@ RECIPE = dict(learning_rate=5e-3, lr_scheduler_type="constant", warmup_ratio=0.0
 
 
 def test_model_given_by_name_trains_as_qlora_with_paged_adamw(tiny_model_dir, memorisable_dataset, tmp_path, caplog):
-    from qlora_plugin.core.notices import describe_optimizer
+    from qlora_plugin.build.notices import describe_optimizer
 
     recipe = qlora_recipe(**RECIPE)
     with caplog.at_level(logging.INFO, logger="qlora_plugin"):

@@ -109,14 +109,13 @@ def test_rope_is_patched_on_the_models_attention_only(checkpoint) -> None:
     )
 
 
-def test_a_host_tools_logger_is_chosen_per_recipe(caplog) -> None:
-    from qlora_plugin.core.notices import log_once, route_messages
+def test_a_host_tools_logger_is_chosen_per_run(caplog) -> None:
+    from qlora_plugin.build.context import make_context
 
-    routed, plain = qlora_recipe(), qlora_recipe()
-    route_messages(routed, "host.tool")
+    routed, plain = make_context(qlora_recipe(), logger_name="host.tool"), make_context(qlora_recipe())
     logging.getLogger("host.tool").filters.clear()  # Axolotl's logger class, if an earlier test set it, adds one
     with caplog.at_level(logging.INFO):
-        log_once(logging.INFO, "to the host", routed)
-        log_once(logging.INFO, "to the package", plain)
+        routed.say_once(logging.INFO, "to the host")
+        plain.say_once(logging.INFO, "to the package")
     by_message = {record.getMessage(): record.name for record in caplog.records}
     assert by_message == {"to the host": "host.tool", "to the package": "qlora_plugin"}

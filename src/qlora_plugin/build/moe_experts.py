@@ -17,8 +17,8 @@
 - **LoRA.** PEFT's ``ParamWrapper`` (``target_parameters``) builds the adapters, so their
   shapes, names and saved files are PEFT's own. Its forward would add a dense delta to all
   experts' weights; over a :class:`QuantizedExperts` the plugin's forward
-  (:func:`install_wrapper_forward`) instead adds each expert's low-rank update to that
-  expert's tokens only.
+  (:func:`install_wrapper_forward`, through the patch registry) instead adds each expert's
+  low-rank update to that expert's tokens only.
 
 The module exposes each projection to PEFT as a placeholder parameter of the original
 shape (a ``uint8`` tensor with zero strides: one byte of memory), so PEFT finds, sizes
@@ -32,10 +32,18 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
+from peft.tuners.lora.layer import ParamWrapper
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from qlora_plugin.build.context import RunContext, make_context
+from qlora_plugin.build.quantization import storage_dtype
+from qlora_plugin.build.seeding import seeded_layer_init
+from qlora_plugin.core import patches
+from qlora_plugin.core.errors import QLoRAConfigError
 from qlora_plugin.core.experts import EXPERT_PARAMS
-from qlora_plugin.core.quantization import BLOCKSIZE
+from qlora_plugin.core.quantization_config import BLOCKSIZE
+from qlora_plugin.core.run_record import note_built_layer
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -340,23 +348,23 @@ def _split(lora_a: torch.Tensor, lora_b: torch.Tensor, experts: int) -> tuple[tu
 
 def may_quantize_experts() -> bool:
     """Whether this transformers and PEFT are ones the 4-bit experts were tested with (one warning if not)."""
-    from qlora_plugin.core.patches import allowed
-
-    return allowed(FUSED_EXPERTS_PATCH) and allowed(WRAPPER_PATCH)
+    return patches.allowed(FUSED_EXPERTS_PATCH) and patches.allowed(WRAPPER_PATCH)
 
 
 def quantize_module(
-    module: nn.Module, recipe: QLoRARecipe, device: torch.device | str | None = None
+    module: nn.Module,
+    recipe: QLoRARecipe,
+    device: torch.device | str | None = None,
+    context: RunContext | None = None,
 ) -> QuantizedExperts:
-    """A :class:`QuantizedExperts` holding ``module``'s experts in the recipe's 4-bit format."""
-    from qlora_plugin.core.quantization import storage_dtype
+    """A :class:`QuantizedExperts` holding ``module``'s experts in the recipe's 4-bit format.
 
+    ``context``: the run (default: one from the launch), whose sharding decides the storage.
+    """
     weight = next(p for p in module.parameters() if p.dim() == 3)
     target = torch.device(device) if device is not None else weight.device
     compute_dtype = recipe.resolved_compute_dtype(target.type)
-    if storage_dtype(recipe, compute_dtype) != torch.uint8:
-        from qlora_plugin.core.errors import QLoRAConfigError
-
+    if storage_dtype(recipe, compute_dtype, context or make_context(recipe)) != torch.uint8:
         raise QLoRAConfigError(
             "quant_storage",
             recipe.quant_storage,
@@ -374,10 +382,16 @@ def quantize_module(
     )
 
 
-def quantize_experts(model: nn.Module, recipe: QLoRARecipe, device: torch.device | str | None = None) -> int:
+def quantize_experts(
+    model: nn.Module,
+    recipe: QLoRARecipe,
+    device: torch.device | str | None = None,
+    context: RunContext | None = None,
+) -> int:
     """Store every fused experts module of ``model`` in 4 bits, one module (and expert) at a time.
 
     Returns how many modules were quantized (0 outside the tested versions, after one warning).
+    ``context``: the run the model trains in (default: one from the launch).
     """
     candidates = [(name, module) for name, module in model.named_modules() if is_fused_experts(module)]
     if not candidates or not may_quantize_experts():
@@ -385,7 +399,7 @@ def quantize_experts(model: nn.Module, recipe: QLoRARecipe, device: torch.device
     for name, module in candidates:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, quantize_module(module, recipe, device))
+        setattr(parent, child, quantize_module(module, recipe, device, context))
     _log.info("qlora: %d mixture-of-experts expert modules stored in 4 bits (%s)", len(candidates), recipe.quant_type)
     return len(candidates)
 
@@ -416,36 +430,31 @@ def roundtrip_experts(model: nn.Module, recipe: QLoRARecipe) -> int:
 # -- PEFT's LoRA layers over 4-bit experts ------------------------------------------------
 
 
-def make_expert_lora_layer(target: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> nn.Module | None:
+def make_expert_lora_layer(
+    target: nn.Module, adapter_name: str, config: Any, context: RunContext | None = None, **kwargs: Any
+) -> nn.Module | None:
     """The recipe's factory for PEFT's ``target_parameters``: a ``ParamWrapper`` over 4-bit experts.
 
     A 16-bit fused experts module (a model loaded by someone else) is quantized here first, and
     PEFT puts the wrapper where the 16-bit module was. Anything else: ``None`` (PEFT decides).
+    ``context``: the run the layer belongs to (its seed, its messages; default: one from the launch).
     """
-    from peft.tuners.lora.layer import ParamWrapper
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     parameter_name = kwargs.get("parameter_name")
     if parameter_name is None:
         return None
+    context = context or make_context(config)
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if not is_quantized_experts(base):
         if parameter_name not in EXPERT_PARAMS or not is_fused_experts(base) or not may_quantize_experts():
             return None
-        from qlora_plugin.core.notices import log_once
-
-        target = quantize_module(base, config)
-        log_once(
+        target = quantize_module(base, config, context=context)
+        context.say_once(
             logging.WARNING,
             "the mixture-of-experts experts were not stored in 4 bits: they are quantized now, layer by layer "
             f"({config.quant_type}, double quant {config.double_quant}). Loading with recipe.load_model(...) "
             "stores them in 4 bits before training.",
-            config,
         )
-    from qlora_plugin.core.run_record import note_built_layer
-    from qlora_plugin.core.seeding import seeded_layer_init
-
-    with seeded_layer_init(kwargs.get("target_name")):
+    with seeded_layer_init(context.seed, kwargs.get("target_name")):
         wrapper = ParamWrapper(target, adapter_name, config=config, **kwargs)
     note_built_layer(wrapper, config, kwargs.get("target_name"))  # qlora_recipe.json records its target_parameters
     return wrapper
@@ -453,8 +462,6 @@ def make_expert_lora_layer(target: nn.Module, adapter_name: str, config: Any, **
 
 def wrapped_experts(wrapper: Any) -> tuple[Any, dict[str, list[Adapter]]]:
     """The innermost module under nested ``ParamWrapper`` layers, and the active adapters of each projection."""
-    from peft.tuners.lora.layer import ParamWrapper
-
     adapters: dict[str, list[Adapter]] = {}
     layer = wrapper
     while isinstance(layer, ParamWrapper):
@@ -468,24 +475,24 @@ def wrapped_experts(wrapper: Any) -> tuple[Any, dict[str, list[Adapter]]]:
     return layer, adapters
 
 
-_installed: dict[str, Any] = {}
-
-
 def install_wrapper_forward() -> bool:
     """Route PEFT's ``ParamWrapper.forward`` over 4-bit experts to the experts' routed forward (once per process).
 
     Other wrappers keep PEFT's forward. ``merge`` into 4-bit experts is refused (``qlora merge``
-    merges into the dequantized model). False outside the tested PEFT versions.
+    merges into the dequantized model). Made and undone by the patch registry
+    (:mod:`qlora_plugin.core.patches`); False outside the tested PEFT versions.
     """
-    from qlora_plugin.core.patches import allowed
+    return patches.apply(WRAPPER_PATCH, _routing_wrapper)
 
-    if _installed:
-        return True
-    if not allowed(WRAPPER_PATCH):
-        return False
-    from peft.tuners.lora.layer import ParamWrapper
 
-    original_forward, original_merge = ParamWrapper.forward, ParamWrapper.merge
+def uninstall_wrapper_forward() -> None:
+    """Give PEFT's ``ParamWrapper`` its own ``forward`` and ``merge`` back."""
+    patches.revert(WRAPPER_PATCH)
+
+
+def _routing_wrapper(originals: dict[str, Any]) -> dict[str, Any]:
+    """``ParamWrapper``'s ``forward`` and ``merge`` for 4-bit experts, PEFT's own for every other wrapper."""
+    original_forward, original_merge = originals["forward"], originals["merge"]
 
     def forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         experts, adapters = wrapped_experts(self)
@@ -498,8 +505,6 @@ def install_wrapper_forward() -> bool:
     def merge(self: Any, *args: Any, **kwargs: Any) -> None:
         experts, _ = wrapped_experts(self)
         if is_quantized_experts(experts):
-            from qlora_plugin.core.errors import QLoRAConfigError
-
             raise QLoRAConfigError(
                 "merge",
                 "4-bit experts",
@@ -508,18 +513,4 @@ def install_wrapper_forward() -> bool:
             )
         original_merge(self, *args, **kwargs)
 
-    ParamWrapper.forward = forward  # type: ignore[method-assign]
-    ParamWrapper.merge = merge  # type: ignore[method-assign]
-    _installed.update(forward=original_forward, merge=original_merge)
-    return True
-
-
-def uninstall_wrapper_forward() -> None:
-    """Give PEFT's ``ParamWrapper`` its own ``forward`` and ``merge`` back."""
-    if not _installed:
-        return
-    from peft.tuners.lora.layer import ParamWrapper
-
-    ParamWrapper.forward = _installed["forward"]  # type: ignore[method-assign]
-    ParamWrapper.merge = _installed["merge"]  # type: ignore[method-assign]
-    _installed.clear()
+    return {"forward": forward, "merge": merge}

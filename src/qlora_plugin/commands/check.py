@@ -7,6 +7,8 @@ import sys
 from typing import Any
 
 from qlora_plugin.commands.options import subcommand
+from qlora_plugin.tools.console import print_json
+from qlora_plugin.tools.preflight import check_config
 
 
 def register(commands: Any) -> None:
@@ -23,9 +25,6 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``qlora check``."""
-    from qlora_plugin.tools.console import print_json
-    from qlora_plugin.tools.preflight import check_config
-
     result = check_config(args.config)
     if args.json:
         print_json(result.to_dict())

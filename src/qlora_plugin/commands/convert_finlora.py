@@ -7,6 +7,8 @@ import os
 from typing import Any
 
 from qlora_plugin.commands.options import subcommand
+from qlora_plugin.tools.console import console, print_json
+from qlora_plugin.tools.finlora import convert
 
 
 def register(commands: Any) -> None:
@@ -39,9 +41,6 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``qlora convert-finlora``."""
-    from qlora_plugin.tools.console import console, print_json
-    from qlora_plugin.tools.finlora import convert
-
     path, config, notes = convert(
         args.configs,
         args.name,

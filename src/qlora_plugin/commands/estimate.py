@@ -8,6 +8,21 @@ from typing import Any
 from qlora_plugin.commands.options import add_recipe_options, recipe_from_args, subcommand
 from qlora_plugin.core.errors import QLoRAConfigError
 from qlora_plugin.fastpath.tiling_defaults import TILED_MLP_MIN_TOKENS, TILED_MLP_ROWS
+from qlora_plugin.tools.console import console, count, gib, print_json, table
+from qlora_plugin.tools.estimate import (
+    COMPONENT_LABELS,
+    GIB,
+    LOGIT_BYTES,
+    RESERVE_BYTES,
+    Dimensions,
+    Parallel,
+    check_gpus,
+    estimate_memory,
+    fused_loss_chunk,
+    gpu_table,
+    training_path,
+)
+from qlora_plugin.tools.inspection import analyze
 
 
 def register(commands: Any) -> None:
@@ -97,20 +112,6 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``qlora estimate``."""
-    from qlora_plugin.tools.console import console, count, gib, print_json, table
-    from qlora_plugin.tools.estimate import (
-        COMPONENT_LABELS,
-        GIB,
-        LOGIT_BYTES,
-        RESERVE_BYTES,
-        Dimensions,
-        Parallel,
-        check_gpus,
-        estimate_memory,
-        fused_loss_chunk,
-        gpu_table,
-    )
-    from qlora_plugin.tools.inspection import analyze
 
     for name in ("seq", "batch"):
         if getattr(args, name) < 1:
@@ -196,8 +197,6 @@ def run(args: argparse.Namespace) -> int:
 
 def path_from_args(args: argparse.Namespace, recipe: Any) -> Any:
     """The :class:`~qlora_plugin.tools.estimate.TrainingPath` the options describe (recipe defaults for the rest)."""
-    from qlora_plugin.tools.estimate import training_path
-
     return training_path(
         recipe,
         args.path,

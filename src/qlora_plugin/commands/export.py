@@ -6,6 +6,8 @@ import argparse
 from typing import Any
 
 from qlora_plugin.commands.options import add_trained_format_options, subcommand
+from qlora_plugin.tools.console import console, gib, print_json
+from qlora_plugin.tools.gguf_export import export_gguf
 
 
 def register(commands: Any) -> None:
@@ -39,9 +41,6 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``qlora export``."""
-    from qlora_plugin.tools.console import console, gib, print_json
-    from qlora_plugin.tools.gguf_export import export_gguf
-
     summary = export_gguf(
         args.source,
         args.out,

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from qlora_plugin.commands.inspect_gguf import show
 from qlora_plugin.commands.options import add_recipe_options, recipe_from_args, subcommand
+from qlora_plugin.core.errors import QLoRAConfigError
+from qlora_plugin.tools.console import console, count, gib, print_json, table
+from qlora_plugin.tools.gguf_read import is_gguf
+from qlora_plugin.tools.inspection import analyze, base_sizes, describe_recipe, group_skipped
+from qlora_plugin.tools.run_inspection import inspect_run, is_run
 
 
 def register(commands: Any) -> None:
@@ -27,15 +33,8 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``qlora inspect``."""
-    from qlora_plugin.tools.gguf_read import is_gguf
-
     if is_gguf(args.model):
-        from qlora_plugin.commands.inspect_gguf import show
-
         return show(args.model, args.json)
-    from qlora_plugin.tools.console import console, count, gib, print_json, table
-    from qlora_plugin.tools.inspection import analyze, base_sizes, describe_recipe, group_skipped
-    from qlora_plugin.tools.run_inspection import is_run
 
     if is_run(args.model):
         return show_run(args)
@@ -106,10 +105,6 @@ def run(args: argparse.Namespace) -> int:
 
 def show_run(args: argparse.Namespace) -> int:
     """``qlora inspect RUN``: the record of what a run trained."""
-    from qlora_plugin.core.errors import QLoRAConfigError
-    from qlora_plugin.tools.console import print_json
-    from qlora_plugin.tools.run_inspection import inspect_run
-
     if args.overrides or args.preset != "default":
         raise QLoRAConfigError(
             "--set/--preset",

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from qlora_plugin.tools.console import console, count, gib, print_json
+from qlora_plugin.tools.gguf_read import read_gguf
+
 
 def show(path: str, as_json: bool) -> int:
     """Print the summary of the GGUF file at ``path`` (or its JSON)."""
-    from qlora_plugin.tools.console import console, count, gib, print_json
-    from qlora_plugin.tools.gguf_read import read_gguf
-
     report = read_gguf(path)
     if as_json:
         print_json(report)

@@ -16,7 +16,11 @@ import os
 import signal
 import sys
 
+from qlora_plugin import __version__
+from qlora_plugin.commands.options import OneLineParser
 from qlora_plugin.core.errors import QLoRAConfigError
+from qlora_plugin.core.safe_io import Interrupted, is_disk_full, stop_signals_raise
+from qlora_plugin.tools.console import quiet_third_party
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 SUBCOMMANDS = {
@@ -33,9 +37,6 @@ SUBCOMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``qlora``: each subcommand module adds its own."""
     import importlib
-
-    from qlora_plugin import __version__
-    from qlora_plugin.commands.options import OneLineParser
 
     parser = OneLineParser(prog="qlora", description="QLoRA recipes for TRL and Axolotl.")
     parser.add_argument("--version", action="version", version=f"qlora-plugin {__version__}")
@@ -59,9 +60,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``qlora``; returns the exit status (2 for bad input, with the fix on stderr; 1 if the work failed)."""
-    from qlora_plugin.core.safe_io import Interrupted, is_disk_full, stop_signals_raise
-    from qlora_plugin.tools.console import quiet_third_party
-
     args = build_parser().parse_args(argv)
     quiet_third_party(verbose=args.verbose)
     name = f"qlora {args.command}"

@@ -6,6 +6,8 @@ import argparse
 from typing import Any
 
 from qlora_plugin.commands.options import add_trained_format_options, subcommand
+from qlora_plugin.tools.console import console, print_json
+from qlora_plugin.tools.merge import merge_adapter
 
 
 def register(commands: Any) -> None:
@@ -27,9 +29,6 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``qlora merge``."""
-    from qlora_plugin.tools.console import console, print_json
-    from qlora_plugin.tools.merge import merge_adapter
-
     summary = merge_adapter(
         args.adapter,
         args.out,

@@ -6,6 +6,8 @@ import argparse
 from typing import Any
 
 from qlora_plugin.commands.options import subcommand
+from qlora_plugin.core.plugins import all_presets
+from qlora_plugin.tools.console import print_json
 
 
 def register(commands: Any) -> None:
@@ -16,9 +18,6 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print every preset with the fields it sets."""
-    from qlora_plugin.core.plugins import all_presets
-    from qlora_plugin.tools.console import print_json
-
     presets = all_presets()
     if args.json:
         print_json(dict(sorted(presets.items())))

@@ -16,6 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from qlora_plugin.core.errors import QLoRAConfigError
+from qlora_plugin.core.patches import allowed
+from qlora_plugin.core.targets import VISION_PARTS
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -58,8 +62,6 @@ def unwrapped_name(name: str) -> str:
 
 def find_experts(model: nn.Module) -> list[ExpertsModule]:
     """Every fused experts module of ``model``, in module order (vision parts left out)."""
-    from qlora_plugin.core.targets import VISION_PARTS
-
     found: dict[str, ExpertsModule] = {}
     adapters: dict[str, set[str]] = {}
     for name, module in model.named_modules():
@@ -116,9 +118,6 @@ def check_experts(model: nn.Module, recipe: Any) -> None:
     Experts left in 16 bits because this transformers or PEFT is outside the versions the 4-bit
     experts were tested with are allowed: that fallback was announced by one warning.
     """
-    from qlora_plugin.core.errors import QLoRAConfigError
-    from qlora_plugin.core.patches import allowed
-
     experts = find_experts(model)
     if not experts:
         return

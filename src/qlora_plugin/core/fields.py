@@ -23,6 +23,7 @@ from numbers import Real
 from typing import Any, SupportsInt, cast
 
 from qlora_plugin.core.errors import QLoRAConfigError, nearest
+from qlora_plugin.core.plugins import preset_fields
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -325,6 +326,4 @@ class RecipeSpec:
 
 def recipe_spec(preset: str = "default", **overrides: Any) -> RecipeSpec:
     """The light twin of :func:`qlora_plugin.core.recipe.qlora_recipe`: a preset plus overrides, checked."""
-    from qlora_plugin.core.plugins import preset_fields
-
     return RecipeSpec(**{**preset_fields(preset), **field_overrides(overrides), "preset": preset})

@@ -7,7 +7,7 @@ entry-point group ``qlora_plugin`` (see :mod:`qlora_plugin.core.plugins`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pluggy
 
@@ -15,9 +15,38 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from qlora_plugin.core.recipe import QLoRARecipe
-
 PROJECT_NAME = "qlora_plugin"
+
+
+class RecipeFields(Protocol):
+    """What a hook (and any reader of a recipe) may rely on: the fields a user sets.
+
+    :class:`qlora_plugin.QLoRARecipe` has them; see its fields for their meaning.
+    """
+
+    preset: str
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: list[str] | str | None
+    exclude_modules: list[str] | str | None
+    use_rslora: bool
+    use_dora: bool
+    quant_type: str
+    double_quant: bool
+    compute_dtype: str
+    quant_storage: str
+    optimizer: str
+    learning_rate: float
+    max_grad_norm: float
+    lr_scheduler_type: str
+    warmup_ratio: float
+    gradient_checkpointing: bool | str
+    num_train_epochs: float | None
+    per_device_train_batch_size: int | None
+    gradient_accumulation_steps: int | None
+    fast_path: bool
+
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -40,7 +69,7 @@ def qlora_presets() -> dict[str, dict[str, Any]]:
 
 
 @hookspec(firstresult=True)
-def qlora_target_modules(model: nn.Module, recipe: QLoRARecipe) -> list[str] | None:
+def qlora_target_modules(model: nn.Module, recipe: RecipeFields) -> list[str] | None:
     """Return the full names of the modules that get LoRA adapters, or ``None``.
 
     :param model: the model the recipe meets: a loaded model, or one built on the
@@ -57,12 +86,17 @@ def qlora_target_modules(model: nn.Module, recipe: QLoRARecipe) -> list[str] | N
 
 
 @hookspec(firstresult=True)
-def qlora_quantization_config(recipe: QLoRARecipe, compute_dtype: torch.dtype) -> Any | None:
+def qlora_quantization_config(
+    recipe: RecipeFields, compute_dtype: torch.dtype, storage_dtype: torch.dtype
+) -> Any | None:
     """Return the transformers quantization config that loads the base model.
 
     :param recipe: the recipe whose quantization fields (``quant_type``,
-        ``double_quant``, ``quant_storage``) describe the base.
+        ``double_quant``) describe the base.
     :param compute_dtype: the resolved compute dtype for the device in use.
+    :param storage_dtype: the dtype to store the packed 4-bit weights in: the recipe's
+        ``quant_storage``, resolved for the run (the compute dtype where FSDP or DeepSpeed
+        ZeRO-3 shards the model). An implementation may leave this argument out.
     :return: a ``transformers`` quantization config, or ``None`` to leave it to the
         next plugin.
 

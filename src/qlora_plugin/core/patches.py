@@ -2,10 +2,18 @@
 
 Each entry names the part of another library the plugin relies on beyond its public
 API (a private method, a per-instance ``forward``, a C entry point, a trainer
-attribute), the versions it was tested on, and what happens instead outside them.
-Code that touches such a part asks :func:`allowed` first; outside the tested range
-that part of the plugin stays off, with one warning naming the package, its version,
-the tested range and the fallback. Nothing here imports the libraries themselves.
+attribute, a process-wide hook), the versions it was tested on, and what happens
+instead outside them. Code that touches such a part asks :func:`allowed` first;
+outside the tested range that part of the plugin stays off, with one warning naming
+the package, its version, the tested range and the fallback.
+
+An entry that changes the whole process (a class's method, a module's function, a
+global hook, a registration, ``sys.excepthook``) also owns how the change is made and
+undone: its :class:`Install`. The layer that needs the change calls :func:`apply` with
+a function that builds the replacement; the gate is asked, the change is made once per
+process, and :func:`revert` (or :func:`revert_all`) puts back exactly what was there.
+Nothing here imports the libraries at module level: an install finds its target by name
+when it is applied.
 
 ``QLORA_UNTESTED_PATCHES=1`` turns the range check into a warning only (for trying a
 new release); C entry points are still checked for their signature and never called
@@ -15,24 +23,206 @@ when it differs.
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.metadata
 import logging
-import os
-from collections.abc import Sequence
+import platform
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from qlora_plugin.core.environment import UNTESTED_PATCHES, untested_patches_allowed
 
 _log = logging.getLogger("qlora_plugin")
-FORCE_ENV = "QLORA_UNTESTED_PATCHES"
+FORCE_ENV = UNTESTED_PATCHES
+# Given what is in place now (None for a registration), returns what to put there.
+Build = Callable[[Any], Any]
+_ABSENT = object()
+
+
+class Install(ABC):
+    """How one process-wide change is put in place and undone."""
+
+    @property
+    @abstractmethod
+    def applied(self) -> bool:
+        """True while the change is in place."""
+
+    @abstractmethod
+    def apply(self, build: Build) -> bool:
+        """Put ``build(...)`` in place; False (nothing changed) where the target does not exist."""
+
+    @abstractmethod
+    def revert(self) -> None:
+        """Put back what was there before :meth:`apply` (a no-op when nothing is applied)."""
+
+
+def resolve(path: str) -> Any:
+    """The object at ``"module:Attribute.attribute"`` (or the module itself, without a colon)."""
+    module_name, _, attributes = path.partition(":")
+    found: Any = importlib.import_module(module_name)
+    for name in filter(None, attributes.split(".")):
+        found = getattr(found, name)
+    return found
+
+
+class AttributeSwap(Install):
+    """``owner.attribute`` replaced by ``build(current value)``; reverting restores the exact original.
+
+    ``static``: the attribute is a static method of a class (the replacement is made one too).
+    """
+
+    def __init__(self, owner: str, attribute: str, static: bool = False) -> None:
+        self.owner, self.attribute, self.static = owner, attribute, static
+        self._undo: tuple[Any, Any] | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self._undo is not None
+
+    def apply(self, build: Build) -> bool:
+        try:
+            owner = resolve(self.owner)
+        except (ImportError, AttributeError):
+            return False
+        current = getattr(owner, self.attribute, None)
+        if current is None:
+            return False
+        saved = vars(owner).get(self.attribute, _ABSENT)
+        replacement = build(current)
+        setattr(owner, self.attribute, staticmethod(replacement) if self.static else replacement)
+        self._undo = (owner, saved)
+        return True
+
+    def revert(self) -> None:
+        if self._undo is None:
+            return
+        owner, saved = self._undo
+        if saved is _ABSENT:
+            delattr(owner, self.attribute)
+        else:
+            setattr(owner, self.attribute, saved)
+        self._undo = None
+
+
+class AttributesSwap(Install):
+    """Several attributes of one owner replaced together: ``build({name: current})`` returns ``{name: new}``."""
+
+    def __init__(self, owner: str, *attributes: str) -> None:
+        self.owner, self.attributes = owner, attributes
+        self._undo: tuple[Any, dict[str, Any]] | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self._undo is not None
+
+    def apply(self, build: Build) -> bool:
+        try:
+            owner = resolve(self.owner)
+            current = {name: getattr(owner, name) for name in self.attributes}
+        except (ImportError, AttributeError):
+            return False
+        saved = {name: vars(owner).get(name, _ABSENT) for name in self.attributes}
+        for name, replacement in build(current).items():
+            setattr(owner, name, replacement)
+        self._undo = (owner, saved)
+        return True
+
+    def revert(self) -> None:
+        if self._undo is None:
+            return
+        owner, saved = self._undo
+        for name, value in saved.items():
+            if value is _ABSENT:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+        self._undo = None
+
+
+class HookRegistration(Install):
+    """A process-wide hook ``build(None)`` handed to ``register``.
+
+    Undone through the handle ``register`` returns (torch's hooks), or by ``unregister``.
+    """
+
+    def __init__(self, register: str, unregister: str | None = None) -> None:
+        self.register, self.unregister = register, unregister
+        self._undo: tuple[Any, Any] | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self._undo is not None
+
+    def apply(self, build: Build) -> bool:
+        try:
+            register = resolve(self.register)
+        except (ImportError, AttributeError):
+            return False
+        hook = build(None)
+        self._undo = (hook, register(hook))
+        return True
+
+    def revert(self) -> None:
+        if self._undo is None:
+            return
+        hook, handle = self._undo
+        if self.unregister is None:
+            handle.remove()
+        else:
+            resolve(self.unregister)(hook)
+        self._undo = None
+
+
+class NamedRegistration(Install):
+    """Entries under one key in transformers' registries (``AttentionInterface`` and the like).
+
+    ``build(None)`` returns ``(key, functions)``, one function per registry in ``registries``;
+    reverting removes the key again (or restores what it named before).
+    """
+
+    def __init__(self, *registries: str) -> None:
+        self.registries = registries
+        self._undo: list[tuple[Any, str, Any]] | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self._undo is not None
+
+    def apply(self, build: Build) -> bool:
+        try:
+            registries = [resolve(path) for path in self.registries]
+        except (ImportError, AttributeError):
+            return False
+        key, functions = build(None)
+        self._undo = []
+        for registry, function in zip(registries, functions, strict=True):
+            self._undo.append((registry, key, registry._global_mapping.get(key, _ABSENT)))
+            registry.register(key, function)
+        return True
+
+    def revert(self) -> None:
+        for registry, key, saved in reversed(self._undo or []):
+            if saved is _ABSENT:
+                registry._global_mapping.pop(key, None)
+            else:
+                registry._global_mapping[key] = saved
+        self._undo = None
 
 
 @dataclass(frozen=True)
 class Patch:
     """One third-party internal the plugin depends on."""
 
-    package: str  # the distribution whose internals are touched
+    package: str  # the distribution whose internals are touched ("python": the interpreter)
     tested: str  # PEP 440 specifier: the versions this was tested on
     target: str  # what is replaced or called
     fallback: str  # what the plugin does instead outside ``tested``
+    install: Install | None = None  # for a change to the whole process: how it is made and undone
 
 
 PATCHES: dict[str, Patch] = {
@@ -56,6 +246,7 @@ PATCHES: dict[str, Patch] = {
         "each expert's low-rank update goes to its own tokens (no dense delta over all experts), and merging into "
         "4 bits is refused; other wrappers keep PEFT's; the wrappers nest by the class name 'ParamWrapper'",
         "MoE experts stay in 16 bits, with PEFT's own ParamWrapper LoRA on them",
+        AttributesSwap("peft.tuners.lora.layer:ParamWrapper", "forward", "merge"),
     ),
     "bnb-quant-state": Patch(
         "bitsandbytes",
@@ -138,6 +329,7 @@ PATCHES: dict[str, Patch] = {
         "optim='paged_adamw_32bit' on the fast path, gets the fused paged AdamW; any other model, what optim= says",
         "bitsandbytes' PagedAdamW32bit, as optim= says (optimizer_cls_and_kwargs=recipe.optimizer_cls_and_kwargs(args) "
         "still picks the fused one)",
+        AttributeSwap("transformers:Trainer", "get_optimizer_cls_and_kwargs", static=True),
     ),
     "transformers-attention-interface": Patch(
         "transformers",
@@ -145,6 +337,7 @@ PATCHES: dict[str, Patch] = {
         "an attention implementation registered with AttentionInterface/AttentionMaskInterface for packed "
         "(padding-free) batches",
         "transformers' sdpa attention with a block-diagonal mask over the packed row",
+        NamedRegistration("transformers:AttentionInterface", "transformers.masking_utils:AttentionMaskInterface"),
     ),
     "torch-varlen-attention": Patch(
         "torch",
@@ -158,6 +351,48 @@ PATCHES: dict[str, Patch] = {
         "torch.distributed.fsdp._fully_shard._fsdp_collectives._get_all_gather_input_metadatas, wrapped to "
         "answer uint8: FSDP2 all-gathers every unit as bytes, so bf16-stored 4-bit codes arrive unchanged",
         "FSDP2's own all-gather dtype, with one warning: on GPUs it can rewrite the packed codes that read as NaN",
+        AttributeSwap("torch.distributed.fsdp._fully_shard._fsdp_collectives", "_get_all_gather_input_metadatas"),
+    ),
+    # torch's public global hooks (since torch 2.0): the range is the package's own torch floor
+    "torch-first-forward-hook": Patch(
+        "torch",
+        ">=2.4,<3",
+        "torch.nn.modules.module.register_module_forward_pre_hook: one hook, installed while a model of the "
+        "recipe's waits for its first training forward (the fast path goes on there) and removed when none waits",
+        "the fast path stays off",
+        HookRegistration("torch.nn.modules.module:register_module_forward_pre_hook"),
+    ),
+    "torch-experts-check-hook": Patch(
+        "torch",
+        ">=2.4,<3",
+        "torch.nn.modules.module.register_module_forward_pre_hook: one hook, installed while a PEFT model built "
+        "with a recipe waits for its first training forward, where its MoE experts are stored in 4 bits and "
+        "checked against lora_on_experts; removed when none waits",
+        "the experts are checked at the trainer's on_train_begin only (recipe.callbacks())",
+        HookRegistration("torch.nn.modules.module:register_module_forward_pre_hook"),
+    ),
+    "torch-optimizer-step-hook": Patch(
+        "torch",
+        ">=2.4,<3",
+        "torch.optim.optimizer.register_optimizer_step_pre_hook: at the first step of each optimizer over the "
+        "recipe's LoRA layers, one line saying which optimizer runs",
+        "no line about the optimizer",
+        HookRegistration("torch.optim.optimizer:register_optimizer_step_pre_hook"),
+    ),
+    "python-excepthook": Patch(
+        "python",
+        ">=3.11,<4",
+        "sys.excepthook, wrapped by the Axolotl plugin: an uncaught recipe error ends the process with one line",
+        "the traceback alone",
+        AttributeSwap("sys", "excepthook"),
+    ),
+    "python-atexit-checkpoints": Patch(
+        "python",
+        ">=3.11,<4",
+        "atexit: at exit, a checkpoint the trainer began but never reported saved is removed, with one line "
+        "naming the checkpoint to resume from",
+        "an incomplete checkpoint stays until the next trainer sets it aside",
+        HookRegistration("atexit:register", unregister="atexit:unregister"),
     ),
     "liger-autograd-functions": Patch(
         "liger-kernel",
@@ -190,7 +425,9 @@ PATCHES: dict[str, Patch] = {
 
 
 def installed_version(package: str) -> str | None:
-    """The installed version of distribution ``package``, or None."""
+    """The installed version of distribution ``package`` (``"python"``: the interpreter's), or None."""
+    if package == "python":
+        return platform.python_version()
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -199,9 +436,6 @@ def installed_version(package: str) -> str | None:
 
 def in_tested_range(name: str) -> bool:
     """True when the installed package of patch ``name`` is within its tested versions."""
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import InvalidVersion, Version
-
     patch = PATCHES[name]
     version = installed_version(patch.package)
     if version is None:
@@ -220,7 +454,7 @@ def allowed(name: str) -> bool:
         return True
     version = installed_version(patch.package)
     what = f"{patch.package} {version}" if version else f"{patch.package} (not installed)"
-    if version and os.environ.get(FORCE_ENV) == "1":
+    if version and untested_patches_allowed():
         _log.warning(
             "qlora: %s is outside the versions %s was tested on (%s); used anyway because %s=1",
             what,
@@ -242,8 +476,48 @@ def allowed(name: str) -> bool:
     return False
 
 
+def apply(name: str, build: Build) -> bool:
+    """Make the process-wide change of patch ``name`` once: True while it is in place.
+
+    ``build`` gets what is in place now (None for a registration) and returns the
+    replacement. False where the patch is outside its tested range or its target is missing.
+    """
+    install = _install_of(name)
+    if install.applied:
+        return True
+    return allowed(name) and install.apply(build)
+
+
+def revert(name: str) -> None:
+    """Undo the process-wide change of patch ``name`` (a no-op when it is not in place)."""
+    _install_of(name).revert()
+
+
+def revert_all() -> None:
+    """Undo every process-wide change in place."""
+    for name in applied():
+        revert(name)
+
+
+def applied() -> list[str]:
+    """The patches whose process-wide change is in place now."""
+    return [name for name, patch in PATCHES.items() if patch.install is not None and patch.install.applied]
+
+
+def installs() -> list[str]:
+    """Every patch that changes the whole process (has an :class:`Install`)."""
+    return [name for name, patch in PATCHES.items() if patch.install is not None]
+
+
+def _install_of(name: str) -> Install:
+    install = PATCHES[name].install
+    if install is None:
+        raise ValueError(f"patch {name!r} changes no process-wide state; the installs are {installs()}")
+    return install
+
+
 def status() -> list[dict[str, str | bool | None]]:
-    """Every patch with its package, installed version, tested range and whether it is in range."""
+    """Every patch with its package, installed version, tested range, whether it is in range and applied."""
     return [
         {
             "name": name,
@@ -253,6 +527,7 @@ def status() -> list[dict[str, str | bool | None]]:
             "in_range": in_tested_range(name),
             "target": patch.target,
             "fallback": patch.fallback,
+            "applied": patch.install is not None and patch.install.applied,
         }
         for name, patch in PATCHES.items()
     ]

@@ -2,7 +2,7 @@
 
 Built-in hook implementations (:mod:`~qlora_plugin.core.presets`, the generic target
 rule in :mod:`~qlora_plugin.core.targets`, the bitsandbytes backend in
-:mod:`~qlora_plugin.core.quantization`) are registered first, then whatever the
+:mod:`~qlora_plugin.build.quantization`) are registered first, then whatever the
 entry-point group ``qlora_plugin`` names. The built-in modules never import this one:
 the recipe and the tools ask the plugins through the functions here.
 """
@@ -14,16 +14,17 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 
-from qlora_plugin.core import hookspecs, presets, quantization, targets
+from qlora_plugin.core import hookspecs, presets, targets
+from qlora_plugin.core import quantization_config as bitsandbytes_backend
 from qlora_plugin.core.errors import QLoRAConfigError, nearest
+from qlora_plugin.core.hookspecs import RecipeFields
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
-    from qlora_plugin.core.recipe import QLoRARecipe
-
 ENTRY_POINT_GROUP = "qlora_plugin"
-BUILTIN_PLUGINS = {module.__name__: module for module in (presets, targets, quantization)}
+BUILTIN_PLUGINS = {module.__name__: module for module in (presets, targets, bitsandbytes_backend)}
 
 
 @functools.cache
@@ -75,15 +76,17 @@ def preset_fields(name: str) -> dict[str, Any]:
     return dict(known[name])
 
 
-def discover_targets(model: nn.Module, recipe: QLoRARecipe) -> list[str]:
+def discover_targets(model: nn.Module, recipe: RecipeFields) -> list[str]:
     """Ask the plugins (then the generic rule) for the targets of ``model``, less the recipe's exclusions."""
     found = plugin_manager().hook.qlora_target_modules(model=model, recipe=recipe)
     return targets.without_user_exclusions(found, recipe, type(model).__name__)
 
 
-def quantization_config(recipe: QLoRARecipe, compute_dtype: Any) -> Any:
+def quantization_config(recipe: RecipeFields, compute_dtype: torch.dtype, storage_dtype: torch.dtype) -> Any:
     """The quantization config the plugins give for ``recipe`` (bitsandbytes 4-bit unless one overrides it)."""
-    return plugin_manager().hook.qlora_quantization_config(recipe=recipe, compute_dtype=compute_dtype)
+    return plugin_manager().hook.qlora_quantization_config(
+        recipe=recipe, compute_dtype=compute_dtype, storage_dtype=storage_dtype
+    )
 
 
 def only_builtin_targets() -> bool:

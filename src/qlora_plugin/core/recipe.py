@@ -12,13 +12,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from peft import LoraConfig
 
 from qlora_plugin.core import seams
+from qlora_plugin.core.device import resolve_compute_dtype
+from qlora_plugin.core.experts import expert_target_parameters
 from qlora_plugin.core.fields import (  # noqa: F401 - the names recipe users import from here
     ALIASES,
     AUTO_TARGETS,
@@ -35,13 +39,20 @@ from qlora_plugin.core.fields import (  # noqa: F401 - the names recipe users im
     field_overrides,
     metadata,
 )
-from qlora_plugin.core.targets import AUTO_EXCLUDE_PATTERN
+from qlora_plugin.core.plugins import discover_targets, preset_fields
+from qlora_plugin.core.plugins import quantization_config as plugins_quantization_config
+from qlora_plugin.core.quantization_config import bnb_config as bitsandbytes_config
+from qlora_plugin.core.run_record import record_fields
+from qlora_plugin.core.safe_io import write_text_atomically
+from qlora_plugin.core.targets import AUTO_EXCLUDE_PATTERN, check_targets_exist, user_excluded
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
     from transformers import PreTrainedModel
     from trl import SFTConfig
+
+_log = logging.getLogger("qlora_plugin")
 
 
 def _inherited(name: str) -> dict[str, Any]:
@@ -60,7 +71,9 @@ class QLoRARecipe(LoraConfig):
     ``target_modules``, ``exclude_modules``, ``use_rslora``, ``use_dora``);
     :func:`qlora_recipe` also accepts ``alpha`` and ``dropout``.
     ``target_modules="auto"`` means: discover them on the model (see
-    :mod:`qlora_plugin.core.targets`).
+    :mod:`qlora_plugin.core.targets`). The recipe is data: what a run decides
+    (launch, sharding, seed, device) lives in its run context
+    (:mod:`qlora_plugin.build.context`), never on the recipe.
     """
 
     r: int = field(default=DEFAULTS["r"], metadata=_inherited("r"))
@@ -116,7 +129,8 @@ class QLoRARecipe(LoraConfig):
             self.target_modules = "all-linear"
             self.exclude_modules = _combine_exclusions(self.exclude_modules)
         super().__post_init__()
-        self._register_lora_layer_factory()
+        # PEFT builds each LoRA layer through the factory the build layer registers (qlora_plugin.core.seams)
+        seams.call("lora_layer_factory", self)
 
     # -- views -----------------------------------------------------------------
 
@@ -151,8 +165,6 @@ class QLoRARecipe(LoraConfig):
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write adapter_config.json (plain LoRA) and qlora_recipe.json beside it (what the model trained on)."""
-        from qlora_plugin.core.run_record import record_fields
-
         record_fields(self)  # a recipe whose models disagree on their 4-bit format fails before anything is written
         super().save_pretrained(save_directory, **kwargs)
         write_recipe_file(self, save_directory)
@@ -161,21 +173,21 @@ class QLoRARecipe(LoraConfig):
 
     def resolved_compute_dtype(self, device: str | None = None) -> torch.dtype:
         """The compute dtype on ``device`` (default: the device training would use)."""
-        from qlora_plugin.core.device import resolve_compute_dtype
-
         return resolve_compute_dtype(self.compute_dtype, device)
 
     def bnb_config(self, device: str | None = None) -> Any:
-        """transformers' ``BitsAndBytesConfig`` for loading the base in 4 bits."""
-        from qlora_plugin.core.quantization import bnb_config
+        """transformers' ``BitsAndBytesConfig`` for loading the base in 4 bits.
 
-        return bnb_config(self, self.resolved_compute_dtype(device))
+        The packed weights' storage dtype is decided for the recipe's run
+        (:func:`qlora_plugin.build.quantization.storage_dtype`, through :mod:`qlora_plugin.core.seams`).
+        """
+        compute_dtype = self.resolved_compute_dtype(device)
+        return bitsandbytes_config(self, compute_dtype, seams.call("storage_dtype", self, compute_dtype))
 
     def quantization_config(self, device: str | None = None) -> Any:
         """The quantization config from the plugins (bitsandbytes unless one overrides it)."""
-        from qlora_plugin.core.plugins import quantization_config
-
-        return quantization_config(self, self.resolved_compute_dtype(device))
+        compute_dtype = self.resolved_compute_dtype(device)
+        return plugins_quantization_config(self, compute_dtype, seams.call("storage_dtype", self, compute_dtype))
 
     def lora_config(self) -> LoraConfig:
         """The LoRA part as a plain ``peft.LoraConfig``."""
@@ -193,7 +205,7 @@ class QLoRARecipe(LoraConfig):
         """The fused paged AdamW for a trainer's ``optimizer_cls_and_kwargs=`` (CUDA fast path), else None.
 
         ``args``: the trainer's arguments (learning rate, betas, eps are read from them). Made by
-        :mod:`qlora_plugin.fastpath.activation` (through :mod:`qlora_plugin.core.seams`).
+        :mod:`qlora_plugin.fastpath.optimizer` (through :mod:`qlora_plugin.core.seams`).
         """
         return seams.call("optimizer_cls_and_kwargs", self, args)
 
@@ -216,14 +228,12 @@ class QLoRARecipe(LoraConfig):
         """A copy whose ``target_modules`` are the exact names found on ``model``.
 
         ``model`` is a loaded model, or a path / hub id whose config is built on
-        the meta device (no weights are read). Explicit names are checked
-        against the model's linear layers; a pattern becomes the names it matches.
+        the meta device (no weights are read; :func:`qlora_plugin.build.models.meta_model`
+        through :mod:`qlora_plugin.core.seams`); a PEFT model counts as its base (its LoRA
+        layers as the linear layers they wrap). Explicit names are checked against the
+        model's linear layers; a pattern becomes the names it matches.
         """
-        from qlora_plugin.core.models import as_model
-        from qlora_plugin.core.plugins import discover_targets
-        from qlora_plugin.core.targets import check_targets_exist
-
-        module = as_model(model)
+        module = seams.call("meta_model", model) if isinstance(model, (str, os.PathLike)) else _base_of(model)
         if self.targets_are_auto:
             resolved = self.replace(target_modules=discover_targets(module, self))
         else:
@@ -238,9 +248,6 @@ class QLoRARecipe(LoraConfig):
         PEFT's LoRA over a parameter (``ParamWrapper``) has no dropout, and PEFT refuses to load
         such an adapter saved with one: where experts are targeted, ``lora_dropout`` is 0.
         """
-        from qlora_plugin.core.experts import expert_target_parameters
-        from qlora_plugin.core.targets import user_excluded
-
         names = expert_target_parameters(module) if self.lora_on_experts else []
         exclude = self._user_exclude_modules
         names = [n for n in names if not (user_excluded(n, exclude) or user_excluded(n.rpartition(".")[0], exclude))]
@@ -248,40 +255,22 @@ class QLoRARecipe(LoraConfig):
             return self
         resolved = self.replace(lora_dropout=0.0)
         if self.lora_dropout:
-            import logging
-
-            from qlora_plugin.core.notices import log_once
-
-            log_once(
-                logging.WARNING,
-                f"qlora: LoRA on {len(names)} fused MoE expert parameters trains without dropout (PEFT's "
-                f"target_parameters format has none), so lora_dropout={self.lora_dropout} becomes 0 for all adapters "
-                "(set lora_on_experts=False to keep dropout and LoRA on the linear layers only)",
-                resolved,
+            _log.warning(
+                "qlora: LoRA on %d fused MoE expert parameters trains without dropout (PEFT's target_parameters "
+                "format has none), so lora_dropout=%s becomes 0 for all adapters (set lora_on_experts=False to keep "
+                "dropout and LoRA on the linear layers only)",
+                len(names),
+                self.lora_dropout,
             )
         resolved.target_parameters = names
         return resolved
 
     def load_model(self, path: str | os.PathLike[str], **kwargs: Any) -> PreTrainedModel:
-        """Load a causal LM with its base in 4 bits, ready for the adapters."""
-        from qlora_plugin.core.models import load_quantized
+        """Load a causal LM with its base in 4 bits, ready for the adapters.
 
-        return load_quantized(path, self, **kwargs)
-
-    def _register_lora_layer_factory(self) -> None:
-        from qlora_plugin.core.patches import allowed
-
-        if not allowed("peft-lora-layer-factory"):
-            return
-        import torch
-        from transformers.pytorch_utils import Conv1D
-
-        from qlora_plugin.core.lora_layers import make_lora_layer
-
-        # PEFT types the mapping's values as layer classes; it calls them, so a factory function works too
-        factory = cast("type[nn.Module]", make_lora_layer)
-        # fused MoE experts (PEFT's target_parameters): qlora_plugin.build.moe_experts, through the seam
-        self._register_custom_module({torch.nn.Linear: factory, Conv1D: factory, **seams.call("expert_lora_layers")})
+        Made by :func:`qlora_plugin.build.models.load_quantized` (through :mod:`qlora_plugin.core.seams`).
+        """
+        return seams.call("load_model", path, self, **kwargs)
 
 
 LORA_FIELDS = frozenset(f.name for f in dataclasses.fields(LoraConfig))
@@ -301,8 +290,6 @@ def qlora_recipe(preset: str = "default", *, model: Any = None, **overrides: Any
     plugins (see ``qlora_plugin.core.presets``). With ``model`` (a loaded model or a
     path), the target modules are discovered on it now.
     """
-    from qlora_plugin.core.plugins import preset_fields
-
     fields = {**preset_fields(preset), **field_overrides(overrides), "preset": preset}
     recipe = QLoRARecipe(**fields)
     return recipe.resolve(model) if model is not None else recipe
@@ -314,11 +301,14 @@ def write_recipe_file(recipe: QLoRARecipe, directory: str | os.PathLike[str], mo
     The record is what ``model`` trained on (:func:`qlora_plugin.core.run_record.record_fields`):
     its 4-bit format, rank and adapted layers in place of the recipe's intention.
     """
-    from qlora_plugin.core.run_record import record_fields
-    from qlora_plugin.core.safe_io import write_text_atomically
-
     text = json.dumps(record_fields(recipe, model), indent=2, sort_keys=True)
     write_text_atomically(os.path.join(os.fspath(directory), RECIPE_FILE), text)
+
+
+def _base_of(model: nn.Module) -> nn.Module:
+    """A PEFT model's base model (its LoRA layers count as the linear layers they wrap), or ``model`` itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) and hasattr(model, "peft_config") else model
 
 
 def _plain(value: Any) -> Any:
@@ -332,7 +322,5 @@ def _combine_exclusions(user: str | list[str] | set[str] | None) -> str:
         return AUTO_EXCLUDE_PATTERN
     if isinstance(user, str):
         return f"{AUTO_EXCLUDE_PATTERN}|(?:{user})"
-    import re
-
     names = "|".join(re.escape(name) for name in sorted(user))
     return f"{AUTO_EXCLUDE_PATTERN}|(?:.*\\.)?(?:{names})"

@@ -15,15 +15,13 @@ two agree on every architecture they build.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from qlora_plugin.core.errors import QLoRAConfigError
-from qlora_plugin.core.hookspecs import hookimpl
+from qlora_plugin.core.hookspecs import RecipeFields, hookimpl
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from qlora_plugin.core.recipe import QLoRARecipe
 
 HEAD_NAMES = ("lm_head", "embed_out")
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
@@ -87,7 +85,7 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 @hookimpl(trylast=True)
-def qlora_target_modules(model: nn.Module, recipe: QLoRARecipe) -> list[str]:
+def qlora_target_modules(model: nn.Module, recipe: RecipeFields) -> list[str]:
     """The generic rule: every linear layer but heads, routers and vision parts."""
     return rule_targets(linear_layer_names(model), output_head_names(model))
 
@@ -97,7 +95,7 @@ def rule_targets(linear_names: list[str], heads: set[str]) -> list[str]:
     return [name for name in linear_names if name not in heads and not _AUTO_EXCLUDE.fullmatch(name)]
 
 
-def without_user_exclusions(found: list[str], recipe: Any, model_name: str) -> list[str]:
+def without_user_exclusions(found: list[str], recipe: RecipeFields, model_name: str) -> list[str]:
     """``found`` less the recipe's ``exclude_modules``; an error if nothing is left."""
     exclude = getattr(recipe, "_user_exclude_modules", recipe.exclude_modules)
     targets = [name for name in found if not user_excluded(name, recipe.exclude_modules)]

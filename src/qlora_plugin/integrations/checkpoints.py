@@ -21,7 +21,6 @@ with TRL pass ``callbacks=recipe.callbacks()``), closes both ends:
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
@@ -35,13 +34,23 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from qlora_plugin.build.context import PACKAGE_LOGGER, RunContext
+from qlora_plugin.core import patches
 from qlora_plugin.core.errors import QLoRAConfigError
-from qlora_plugin.core.notices import report
+from qlora_plugin.core.fields import RECIPE_FILE
+from qlora_plugin.core.files import read_json
+from qlora_plugin.core.model_limits import check_sequence_length
+from qlora_plugin.core.recipe import QLoRARecipe, write_recipe_file
+from qlora_plugin.core.run_record import compare_record, model_format
+from qlora_plugin.core.safe_io import write_text_atomically
+from qlora_plugin.integrations.exit_summary import close_progress_bars
+from qlora_plugin.integrations.moe_check import ExpertsCheck
 
 MANIFEST = "qlora_checkpoint.json"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 QUARANTINE_PREFIX = ".incomplete-"
+PATCH = "python-atexit-checkpoints"
 _writing: dict[Path, Path] = {}  # checkpoint being written -> output dir (read at exit)
 
 
@@ -99,8 +108,6 @@ def complete_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
 
 def write_manifest(directory: Path) -> None:
     """Record every file of a finished checkpoint with its size."""
-    from qlora_plugin.core.safe_io import write_text_atomically
-
     files = {
         os.fspath(path.relative_to(directory)): path.stat().st_size
         for path in sorted(directory.rglob("*"))
@@ -110,25 +117,27 @@ def write_manifest(directory: Path) -> None:
 
 
 class CheckpointGuard(TrainerCallback):
-    """Keeps a run's checkpoints complete or absent, and resumes clear of incomplete ones (module docstring)."""
+    """Keeps a run's checkpoints complete or absent, and resumes clear of incomplete ones (module docstring).
 
-    def __init__(self, recipe: Any = None) -> None:
+    ``recipe``: written beside each checkpoint; ``context``: the run, whose logger its warnings go to.
+    """
+
+    def __init__(self, recipe: QLoRARecipe | None = None, context: RunContext | None = None) -> None:
         self.recipe = recipe
+        self.logger = context.logger if context is not None else logging.getLogger(PACKAGE_LOGGER)
         self._previous_sigterm: Any = None
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        check_max_length(args, kwargs.get("model"), self.recipe)
+        check_max_length(args, kwargs.get("model"), self.logger)
         if not args.should_save:
             return
         for source, target, reason in set_aside_incomplete(args.output_dir):
-            report(
-                logging.WARNING,
+            self.logger.warning(
                 "qlora: %s is incomplete: %s. Moved aside to %s so that a resume skips it "
                 "(delete it to free its space).",
                 source,
                 reason,
                 target.name,
-                recipe=self.recipe,
             )
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -154,8 +163,6 @@ class CheckpointGuard(TrainerCallback):
         if not args.should_save or not directory.is_dir():
             return
         if self.recipe is not None:
-            from qlora_plugin.core.recipe import write_recipe_file
-
             write_recipe_file(self.recipe, directory, kwargs.get("model"))
         write_manifest(directory)
 
@@ -164,27 +171,15 @@ class CheckpointGuard(TrainerCallback):
         if control.should_save and args.should_save:
             directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             _writing[directory] = Path(args.output_dir)
-            _install_exit_check()
+            patches.apply(PATCH, lambda _: _remove_unfinished)
 
 
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-_exit_check_installed = False
-
-
-def _install_exit_check() -> None:
-    global _exit_check_installed
-    if not _exit_check_installed:
-        atexit.register(_remove_unfinished)
-        _exit_check_installed = True
-
-
 def _remove_unfinished() -> None:
     """At exit: remove checkpoints the trainer began but never reported saved, and say where to resume."""
-    from qlora_plugin.integrations.exit_summary import close_progress_bars
-
     for directory, output_dir in list(_writing.items()):
         _writing.pop(directory, None)
         if not directory.is_dir():
@@ -218,11 +213,10 @@ def _free_name(path: Path) -> Path:
     return candidate
 
 
-def check_max_length(args: Any, model: Any, recipe: Any = None) -> None:
+def check_max_length(args: Any, model: Any, logger: logging.Logger | None = None) -> None:
     """The trainer's ``max_length`` against the positions ``model`` has: refused where a learned position
-    table cannot take longer rows (an index error deep in the model otherwise), else a warning past them."""
-    from qlora_plugin.core.model_limits import check_sequence_length
-
+    table cannot take longer rows (an index error deep in the model otherwise), else a warning past them
+    (to ``logger``, default the package's)."""
     config = getattr(model, "config", None)
     to_dict = getattr(config, "to_dict", None)
     if not callable(to_dict):
@@ -230,7 +224,7 @@ def check_max_length(args: Any, model: Any, recipe: Any = None) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     warning = check_sequence_length(getattr(args, "max_length", None), "max_length", to_dict(), type(base).__name__)
     if warning:
-        report(logging.WARNING, "qlora: %s", warning, recipe=recipe)
+        (logger or logging.getLogger(PACKAGE_LOGGER)).warning("qlora: %s", warning)
 
 
 def check_resume(checkpoint: Path, model: Any, r: int | None = None) -> None:
@@ -240,10 +234,6 @@ def check_resume(checkpoint: Path, model: Any, r: int | None = None) -> None:
     the rank: resuming NF4 checkpoints over an FP4 base, or with another rank, trains another
     model than the one the checkpoints hold.
     """
-    from qlora_plugin.core.fields import RECIPE_FILE
-    from qlora_plugin.core.files import read_json
-    from qlora_plugin.core.run_record import compare_record, model_format
-
     file = checkpoint / RECIPE_FILE
     if model is None or not os.path.lexists(file):
         return
@@ -273,9 +263,7 @@ def resume_checkpoint(cfg: Any) -> Path | None:
     return None
 
 
-def recipe_callbacks(recipe: Any) -> list[Any]:
-    """The callbacks ``recipe.callbacks()`` returns: a :class:`CheckpointGuard` for the recipe, and the
-    mixture-of-experts check (:class:`qlora_plugin.integrations.moe_check.ExpertsCheck`)."""
-    from qlora_plugin.integrations.moe_check import ExpertsCheck
-
-    return [CheckpointGuard(recipe), ExpertsCheck(recipe)]
+def recipe_callbacks(recipe: QLoRARecipe, context: RunContext | None = None) -> list[Any]:
+    """The callbacks ``recipe.callbacks()`` returns: a :class:`CheckpointGuard` for the recipe (and its run),
+    and the mixture-of-experts check (:class:`qlora_plugin.integrations.moe_check.ExpertsCheck`)."""
+    return [CheckpointGuard(recipe, context), ExpertsCheck(recipe)]

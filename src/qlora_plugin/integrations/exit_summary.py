@@ -12,22 +12,22 @@ prints its own ``CalledProcessError`` after the training process has ended;
 
 from __future__ import annotations
 
-import os
 import sys
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from qlora_plugin.core import patches
+from qlora_plugin.core.environment import show_traceback
 from qlora_plugin.core.errors import QLoRAConfigError
 
-_previous_hook: Any = None
+PATCH = "python-excepthook"
+ExceptHook = Callable[[type[BaseException], BaseException, TracebackType | None], Any]
 
 
 def install() -> None:
-    """Put the one-line report in front of the process's exception hook (once)."""
-    global _previous_hook
-    if _previous_hook is None:
-        _previous_hook = sys.excepthook
-        sys.excepthook = _report_uncaught
+    """Put the one-line report in front of the process's exception hook (once; :mod:`qlora_plugin.core.patches`)."""
+    patches.apply(PATCH, _reporting_before)
 
 
 def plugin_error(error: BaseException | None) -> QLoRAConfigError | None:
@@ -43,20 +43,23 @@ def plugin_error(error: BaseException | None) -> QLoRAConfigError | None:
 
 def close_progress_bars() -> None:
     """Close open tqdm bars now, so their last redraw at shutdown does not land after the plugin's line."""
-    from qlora_plugin.core.patches import allowed
-
     tqdm = sys.modules.get("tqdm.std")
-    if tqdm is None or not allowed("tqdm-open-bars"):
+    if tqdm is None or not patches.allowed("tqdm-open-bars"):
         return
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
         bar.close()
 
 
-def _report_uncaught(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
-    ours = plugin_error(error)
-    if ours is None or os.environ.get("QLORA_TRACEBACK"):
-        _previous_hook(kind, error, traceback)
-    if ours is not None:
-        close_progress_bars()
-        sys.stderr.flush()
-        print(f"qlora: error: {ours}", file=sys.stderr, flush=True)
+def _reporting_before(previous: ExceptHook) -> ExceptHook:
+    """An exception hook that ends a recipe error with one line, and leaves the rest to ``previous``."""
+
+    def report_uncaught(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+        ours = plugin_error(error)
+        if ours is None or show_traceback():
+            previous(kind, error, traceback)
+        if ours is not None:
+            close_progress_bars()
+            sys.stderr.flush()
+            print(f"qlora: error: {ours}", file=sys.stderr, flush=True)
+
+    return report_uncaught

@@ -5,9 +5,9 @@ experts are stored in 4 bits before the first step (one warning where that happe
 and a model whose experts carry no adapter while the recipe's ``lora_on_experts`` asks for them
 (a recipe never resolved on the model) stops with one line and the fix
 (:func:`qlora_plugin.core.experts.check_experts`). This runs at the first training forward of a
-PEFT model built with the recipe (a process-wide forward pre-hook, installed only while such a
-model is pending, like the fast path's), and in ``on_train_begin`` of
-:class:`ExpertsCheck` (``recipe.callbacks()``).
+PEFT model built with the recipe (a process-wide forward pre-hook, ``torch-experts-check-hook``
+in :mod:`qlora_plugin.core.patches`, installed only while such a model is pending, like the fast
+path's), and in ``on_train_begin`` of :class:`ExpertsCheck` (``recipe.callbacks()``).
 """
 
 from __future__ import annotations
@@ -16,26 +16,28 @@ import logging
 import weakref
 from typing import Any
 
+from peft import PeftModel
 from transformers import TrainerCallback
 
-from qlora_plugin.core.notices import log_once
+from qlora_plugin.build.context import context_of
+from qlora_plugin.build.lora_layers import context_for
+from qlora_plugin.build.moe_experts import quantize_experts
+from qlora_plugin.core import patches
+from qlora_plugin.core.experts import check_experts
 
+PATCH = "torch-experts-check-hook"
 _pending: dict[int, weakref.ref[Any]] = {}  # recipes whose PEFT models were built and not yet checked
-_hook: list[Any] = []
 
 
 def prepare_experts(model: Any, recipe: Any) -> None:
     """Store ``model``'s 16-bit fused experts in 4 bits now, then refuse what would still train otherwise."""
-    from qlora_plugin.build.moe_experts import quantize_experts
-    from qlora_plugin.core.experts import check_experts
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if quantize_experts(base, recipe):
-        log_once(
+    context = context_of(model) or context_for(recipe)
+    if quantize_experts(base, recipe, context=context):
+        context.say_once(
             logging.WARNING,
             "qlora: the mixture-of-experts experts were in 16 bits: stored in 4 bits now, before the first step "
             "(recipe.load_model(...) stores them while loading)",
-            recipe,
         )
     check_experts(model, recipe)
 
@@ -46,24 +48,17 @@ def arm(recipe: Any) -> None:
     if key in _pending:
         return
     _pending[key] = weakref.ref(recipe, lambda _ref: _forget(key))
-    if not _hook:
-        from torch.nn.modules.module import register_module_forward_pre_hook
-
-        _hook.append(register_module_forward_pre_hook(_first_forward))
+    patches.apply(PATCH, lambda _: _first_forward)
 
 
 def _forget(key: int) -> None:
     _pending.pop(key, None)
-    if not _pending and _hook:
-        _hook.pop().remove()
+    if not _pending:
+        patches.revert(PATCH)
 
 
 def _first_forward(module: Any, args: Any) -> None:
-    if not module.training or not hasattr(module, "peft_config") or not hasattr(module, "active_adapter"):
-        return
-    from peft import PeftModel
-
-    if not isinstance(module, PeftModel):
+    if not module.training or not isinstance(module, PeftModel):
         return
     recipe = module.peft_config.get(module.active_adapter)
     if recipe is None or id(recipe) not in _pending or _pending[id(recipe)]() is not recipe:

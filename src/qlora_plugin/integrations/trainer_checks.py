@@ -19,6 +19,7 @@ from typing import Any
 
 from qlora_plugin.core.errors import QLoRAConfigError, nearest
 from qlora_plugin.core.fields import NUMBERS, NumberRule, number
+from qlora_plugin.core.files import require
 
 # Arguments older transformers / TRL versions had, and what replaces each one now.
 RENAMED = {
@@ -70,8 +71,6 @@ def check_sft_overrides(overrides: dict[str, Any], config_class: type | None = N
         if key in JSON_DICT_FIELDS and value is not None:
             _check_settings_mapping(key, value)
         if key == "deepspeed" and isinstance(value, str) and not value.lstrip().startswith("{"):
-            from qlora_plugin.core.files import require
-
             require(value, "file", "deepspeed", "pass the path of a DeepSpeed JSON config, or a dict")
 
 

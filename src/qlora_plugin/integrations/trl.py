@@ -13,24 +13,26 @@ norm, the schedule, and precision chosen for the device. On CUDA with the
 recipe's ``fast_path``, the loss is computed without logits by Liger through
 TRL's own ``use_liger_kernel``, Trainer's NaN/Inf loss filter is off and the
 batch's copy to the GPU is non-blocking (both kept the host waiting for the GPU; see
-:data:`qlora_plugin.fastpath.activation.FAST_TRAINER_SETTINGS`); the rest of the fast path goes on
+:data:`qlora_plugin.build.trainer_settings.FAST_TRAINER_SETTINGS`); the rest of the fast path goes on
 at the first training forward. For the fused paged AdamW,
 also pass ``optimizer_cls_and_kwargs=recipe.optimizer_cls_and_kwargs(args)``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
+import importlib.util
 import logging
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from trl import SFTConfig
+from trl.trainer import utils as trl_utils
 
+from qlora_plugin.build.context import RunContext, attach, make_context
+from qlora_plugin.build.distributed import deepspeed_requested, fsdp_requested, rank_device_map, zero3_requested
+from qlora_plugin.build.quantization import quantization_config
 from qlora_plugin.core.errors import QLoRAConfigError
-from qlora_plugin.core.notices import report
-from qlora_plugin.integrations.transformers import describe_settings
+from qlora_plugin.integrations.trainer_checks import check_sft_overrides
+from qlora_plugin.integrations.transformers import describe_settings, settings_of
 
 if TYPE_CHECKING:
     from qlora_plugin.core.recipe import QLoRARecipe
@@ -39,55 +41,43 @@ if TYPE_CHECKING:
 def sft_config(recipe: QLoRARecipe, /, **overrides: Any) -> SFTConfig:
     """An ``SFTConfig`` holding the recipe's settings; ``overrides`` win and are reported.
 
-    ``overrides`` are checked first (:mod:`qlora_plugin.integrations.trainer_checks`); the
-    config's ``seed`` seeds the adapters a trainer given it builds (:mod:`qlora_plugin.core.seeding`).
-    Under a multi-process launch on CUDA, a model given by name loads on this rank's GPU
-    (``device_map={"": local_rank}`` unless ``model_init_kwargs`` has a ``device_map``, or under
-    DeepSpeed, which places the parameters itself: ``device_map=None``); with
-    ``fsdp`` in ``overrides`` (or ``accelerate launch`` with an FSDP config), or a DeepSpeed
-    ZeRO-3 config in ``deepspeed`` (or ``accelerate launch`` with one), the 4-bit weights are
-    stored in the compute dtype, the fast path's kernels stay off and a bitsandbytes optimizer
-    becomes torch's AdamW (:mod:`qlora_plugin.core.distributed`).
+    ``overrides`` are checked first (:mod:`qlora_plugin.integrations.trainer_checks`). The run
+    context is made here, from ``overrides`` and the launch (:mod:`qlora_plugin.build.context`),
+    and travels with the config, never with the recipe: the LoRA layers a trainer given this
+    config builds are built in it, its ``seed`` (the config's) seeds the adapters, and one recipe
+    behind several configs gives each its own run. Under a multi-process launch on CUDA, a model
+    given by name loads on this rank's GPU (``device_map={"": local_rank}`` unless
+    ``model_init_kwargs`` has a ``device_map``, or under DeepSpeed, which places the parameters
+    itself: ``device_map=None``); with ``fsdp`` in ``overrides`` (or ``accelerate launch`` with an
+    FSDP config), or a DeepSpeed ZeRO-3 config in ``deepspeed`` (or ``accelerate launch`` with
+    one), the 4-bit weights are stored in the compute dtype, the fast path's kernels stay off and
+    a bitsandbytes optimizer becomes torch's AdamW (:mod:`qlora_plugin.build.distributed`). A call
+    that fails leaves nothing behind: the recipe is never written to.
     """
-    from qlora_plugin.integrations.trainer_checks import check_sft_overrides
-
     check_sft_overrides(overrides, SFTConfig)
-    with _unchanged_on_failure(recipe):
-        return _sft_config(recipe, overrides)
-
-
-def _sft_config(recipe: QLoRARecipe, overrides: dict[str, Any]) -> SFTConfig:
-    """:func:`sft_config` once its arguments are checked."""
-    from qlora_plugin.core.device import training_device
-    from qlora_plugin.core.distributed import (
-        deepspeed_requested,
-        fsdp_requested,
-        rank_device_map,
-        remember_deepspeed,
-        remember_fsdp,
-        remember_zero3,
-        zero3_requested,
+    context = make_context(
+        recipe,
+        fsdp=fsdp_requested(overrides),
+        zero3=zero3_requested(overrides),
+        deepspeed=deepspeed_requested(overrides),
+        seed=overrides.get("seed"),
     )
-
-    remember_fsdp(recipe, fsdp_requested(overrides))  # before anything asks for the fast path or the storage
-    remember_zero3(recipe, zero3_requested(overrides))
-    deepspeed = deepspeed_requested(overrides)
-    remember_deepspeed(recipe, deepspeed)  # training_args then names gloo, not use_cpu, on a CPU launch
-    settings = recipe.training_args()
-    settings.update(liger_loss_settings(recipe, overrides=overrides))
-    compute_dtype = recipe.resolved_compute_dtype()
-    loading = {"quantization_config": recipe.quantization_config(), "dtype": compute_dtype}
+    settings = settings_of(recipe, context)
+    settings.update(liger_loss_settings(context, overrides=overrides))
+    loading = {"quantization_config": quantization_config(recipe, context), "dtype": context.compute_dtype}
     user_loading = dict(overrides.pop("model_init_kwargs", None) or {})
     if "device_map" in user_loading:
         pass  # the user's
-    elif deepspeed:
+    elif context.deepspeed:
         loading["device_map"] = None  # DeepSpeed places the parameters; transformers refuses "auto" there
-    elif (device_map := rank_device_map(training_device())) is not None:
+    elif (device_map := rank_device_map(context.device, context.launch)) is not None:
         loading["device_map"] = device_map  # each rank loads the whole 4-bit model on its own GPU
 
     replaced = {key: value for key, value in overrides.items() if key in settings and settings[key] != value}
     replaced.update({f"model_init_kwargs[{key!r}]": value for key, value in user_loading.items() if key in loading})
     config = _build_config({**settings, **overrides, "model_init_kwargs": {**loading, **user_loading}}, overrides)
+    context.seed = config.seed
+    attach(config, context)  # the trainer given this config builds its LoRA layers in this run
 
     active = {key: value for key, value in settings.items() if key not in replaced}
     quantization = {**loading, **user_loading}.get("quantization_config")
@@ -97,21 +87,8 @@ def _sft_config(recipe: QLoRARecipe, overrides: dict[str, Any]) -> SFTConfig:
     )
     if replaced:
         message += f". Not in effect, replaced by your arguments: {describe_settings(replaced)}"
-    report(logging.WARNING if replaced else logging.INFO, message, recipe=recipe)  # each call says what it made
+    context.say_once(logging.WARNING if replaced else logging.INFO, message)  # each call's run says what it made
     return config
-
-
-@contextlib.contextmanager
-def _unchanged_on_failure(recipe: QLoRARecipe) -> Iterator[None]:
-    """A call that fails leaves the recipe as it found it: what it noted on the recipe is put back."""
-    noted = {key: copy.copy(value) for key, value in recipe.__dict__.items() if key.startswith("_qlora_")}
-    try:
-        yield
-    except BaseException:
-        for key in [key for key in recipe.__dict__ if key.startswith("_qlora_")]:
-            del recipe.__dict__[key]
-        recipe.__dict__.update(noted)
-        raise
 
 
 def _build_config(arguments: dict[str, Any], overrides: dict[str, Any]) -> SFTConfig:
@@ -142,15 +119,11 @@ def describe_quantization(quantization: Any) -> str:
 
 def trl_computes_loss_without_logits() -> bool:
     """True for TRL releases whose SFTTrainer always projects through its own fused LM head (1.1x and later)."""
-    try:
-        from trl.trainer import utils
-    except ImportError:  # pragma: no cover - TRL is a dependency
-        return False
-    return hasattr(utils, "add_fused_lm_head")
+    return hasattr(trl_utils, "add_fused_lm_head")
 
 
 def liger_loss_settings(
-    recipe: QLoRARecipe, device: str | None = None, overrides: dict[str, Any] | None = None
+    context: RunContext, device: str | None = None, overrides: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """On the CUDA fast path with Liger installed: Liger's fused linear cross-entropy through TRL's switch.
 
@@ -160,14 +133,9 @@ def liger_loss_settings(
     (which TRL refuses beside Liger), TRL's own chunked loss is logit-free too; TRL
     releases with a fused LM head compute every loss without logits and refuse Liger's.
     """
-    import importlib.util
-
-    from qlora_plugin.core.device import training_device
-    from qlora_plugin.fastpath.activation import wants_fast_path
-
-    device = device or training_device()
+    device = device or context.device
     overrides = overrides or {}
-    if not wants_fast_path(recipe, device) or device != "cuda" or importlib.util.find_spec("liger_kernel") is None:
+    if not context.fast_path_on(device) or device != "cuda" or importlib.util.find_spec("liger_kernel") is None:
         return {}
     if trl_computes_loss_without_logits():
         return {}

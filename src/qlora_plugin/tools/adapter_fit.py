@@ -32,7 +32,7 @@ def check_adapter_fits(adapter_dir: str | os.PathLike[str], base: str) -> int:
         return 0  # older .bin adapters: PEFT checks what it can
     from safetensors import safe_open
 
-    from qlora_plugin.core.models import meta_model
+    from qlora_plugin.build.models import meta_model
 
     with safe_open(os.fspath(weights), "pt") as handle:
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118

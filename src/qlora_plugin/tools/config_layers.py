@@ -19,6 +19,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+from qlora_plugin.core.model_limits import check_model_config
+from qlora_plugin.core.plugins import only_builtin_targets
+from qlora_plugin.core.targets import named_targets, rule_targets, without_user_exclusions
+from qlora_plugin.tools.model_report import Linear, build_report
+
 if TYPE_CHECKING:
     from qlora_plugin.core.fields import RecipeSpec
     from qlora_plugin.core.recipe import QLoRARecipe
@@ -63,7 +68,6 @@ def report_from_config(path: str | os.PathLike[str], recipe: QLoRARecipe | Recip
     config = _read_config(Path(path))
     if config is None or _plugins_choose_targets():
         return None
-    from qlora_plugin.core.model_limits import check_model_config
 
     check_model_config(config, os.fspath(Path(path) / "config.json"))
     family = FAMILIES.get(config.get("model_type", ""))
@@ -93,17 +97,12 @@ def _flag(config: dict[str, Any], rule: str | bool) -> Any:
 
 def _plugins_choose_targets() -> bool:
     """True if an installed plugin has its own target rule (it needs the model itself)."""
-    from qlora_plugin.core.plugins import only_builtin_targets
-
     return not only_builtin_targets()
 
 
 def _report(
     source: str, config: dict[str, Any], family: Family, flags: dict[str, bool], recipe: QLoRARecipe | RecipeSpec
 ) -> ModelReport:
-    from qlora_plugin.core.targets import named_targets, rule_targets, without_user_exclusions
-    from qlora_plugin.tools.model_report import Linear, build_report
-
     hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or hidden // heads

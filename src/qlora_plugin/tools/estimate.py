@@ -100,21 +100,24 @@ Several GPUs (:class:`Parallel`, ``--gpus N --strategy ddp|fsdp``), per GPU:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from qlora_plugin.core.distributed import optimizer_under_fsdp
+from qlora_plugin.build.distributed import optimizer_under_fsdp
+from qlora_plugin.core.environment import read_knobs
 from qlora_plugin.core.errors import QLoRAConfigError, nearest
-from qlora_plugin.fastpath.activation import offload_keep_layers, tiled_mlp_min_tokens
 from qlora_plugin.fastpath.tiling_defaults import TILED_MLP_MIN_TOKENS, TILED_MLP_ROWS
+from qlora_plugin.tools.inspection import analyze
 
 if TYPE_CHECKING:
     from qlora_plugin.core.fields import RecipeSpec
     from qlora_plugin.core.recipe import QLoRARecipe
     from qlora_plugin.tools.model_report import ModelReport
 
+_log = logging.getLogger("qlora_plugin")
 GIB = 1024**3
 MIB = 1024**2
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages optimizer states of tensors at least this large
@@ -294,9 +297,15 @@ def training_path(recipe: QLoRARecipe | RecipeSpec, name: str | None = None, **o
         values.update(fused_loss=False, kernels=False, adapter_dtype="float32", tiled_mlp=False)
     values.update({key: value for key, value in options.items() if value is not None})
     if name == "fast":
-        values.setdefault("tiled_mlp_min_tokens", tiled_mlp_min_tokens(recipe))
+        knobs = read_knobs()
+        for problem in knobs.problems:
+            _log.warning(problem)
+        values.setdefault(
+            "tiled_mlp_min_tokens",
+            TILED_MLP_MIN_TOKENS if knobs.tiled_mlp_min_tokens is None else knobs.tiled_mlp_min_tokens,
+        )
         if values["recompute"] == "offload":
-            values.setdefault("offload_keep_layers", offload_keep_layers(recipe))
+            values.setdefault("offload_keep_layers", knobs.offload_keep_layers)
     return TrainingPath(name=name, **values)
 
 
@@ -656,8 +665,6 @@ def estimate(
     parallel: Parallel | None = None,
 ) -> MemoryEstimate:
     """Analyze ``model`` (config only) under ``recipe`` and estimate a step at ``batch`` x ``seq`` per GPU."""
-    from qlora_plugin.tools.inspection import analyze
-
     return estimate_memory(analyze(model, recipe), seq, batch, path, parallel)
 
 

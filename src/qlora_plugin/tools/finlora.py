@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from qlora_plugin.core.errors import QLoRAConfigError, nearest
+from qlora_plugin.core.fields import recipe_spec
+from qlora_plugin.core.files import read_json, require
+from qlora_plugin.core.safe_io import check_writable_destination, write_text_atomically
 from qlora_plugin.integrations.axolotl.section import PLUGIN
 
 REQUIRED = (
@@ -54,8 +57,6 @@ FINLORA_DATASET_TYPE = {
 
 def read_entry(configs: str | os.PathLike[str], name: str) -> dict[str, Any]:
     """The entry ``name`` of a FinLoRA-style configs file, checked for the keys a run needs."""
-    from qlora_plugin.core.files import read_json, require
-
     path = require(configs, "file", "CONFIGS_JSON", "pass the path of FinLoRA's lora/finetune_configs.json")
     entries = read_json(path, "CONFIGS_JSON", "fix the file; it maps run names to their settings")
     if not isinstance(entries, dict):
@@ -119,8 +120,6 @@ def axolotl_config(
     as the numbers they mean), the model and dataset as non-empty text, the options as the
     command line gives them; ``name`` only goes into a path as a plain file name.
     """
-    from qlora_plugin.core.fields import recipe_spec
-
     notes = quant_bits(entry, name, force_4bit)
     for option, value in (("--preset", preset), ("--base-model", base_model), ("--dataset-type", dataset_type)):
         if value is not None and not value.strip():
@@ -175,8 +174,6 @@ def file_name(name: str) -> str:
 
 def write_atomically(path: Path, text: str, force: bool) -> None:
     """Write ``text`` to ``path`` through a temporary file beside it; refuse to overwrite without ``force``."""
-    from qlora_plugin.core.safe_io import check_writable_destination, write_text_atomically
-
     check_writable_destination(path, "--out")
     if path.is_dir():
         raise QLoRAConfigError("--out", os.fspath(path), "is a directory", "name the YAML file to write")

@@ -23,6 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_plugin.core.errors import QLoRAConfigError
+from qlora_plugin.core.safe_io import check_writable_destination, staged_files
+from qlora_plugin.tools import gguf_arch
+from qlora_plugin.tools.adapter_fit import check_adapter_fits
+from qlora_plugin.tools.gguf_vocab import read_vocab, write_vocab
+from qlora_plugin.tools.merge import adapter_recipe, merge_into_base, progress_bars, read_adapter, tokenizer_source
+from qlora_plugin.tools.ollama import chat_format, modelfile
 
 if TYPE_CHECKING:
     from qlora_plugin.tools.gguf_arch import Family, Tensor
@@ -49,10 +55,7 @@ def export_gguf(
 
     Returns a summary: the file, its tensor types, architecture, tokenizer and notes.
     """
-    from qlora_plugin.core.models import load_config
-    from qlora_plugin.core.safe_io import check_writable_destination
-    from qlora_plugin.tools import gguf_arch
-    from qlora_plugin.tools.merge import read_adapter, tokenizer_source
+    from qlora_plugin.build.models import load_config
 
     if out_type not in TYPES:
         raise QLoRAConfigError("--type", out_type, "is not a GGUF type written here", f"use one of {list(TYPES)}")
@@ -81,9 +84,6 @@ def export_gguf(
     gguf_arch.check_config(config, family)
     recipe = trained = None
     if is_adapter:
-        from qlora_plugin.tools.adapter_fit import check_adapter_fits
-        from qlora_plugin.tools.merge import adapter_recipe
-
         recipe, trained = adapter_recipe(
             source_path,
             adapter_config,
@@ -93,21 +93,15 @@ def export_gguf(
         )
         check_adapter_fits(source_path, model_dir)
     tokenizer_dir = tokenizer_source(source_path, model_dir) if is_adapter else model_dir
-    from qlora_plugin.tools.gguf_vocab import read_vocab
 
     vocab = read_vocab(tokenizer_dir, config.vocab_size)
     fmt = None
     if ollama:
         from transformers import AutoTokenizer
 
-        from qlora_plugin.tools.ollama import chat_format
-
         fmt = chat_format(AutoTokenizer.from_pretrained(tokenizer_dir))
 
     import torch
-
-    from qlora_plugin.core.safe_io import staged_files
-    from qlora_plugin.tools.merge import merge_into_base, progress_bars
 
     merge_dtype = torch.bfloat16 if out_type == "bf16" else torch.float32
     with progress_bars(show_progress) as progress, staged_files(outs) as staged:
@@ -120,8 +114,6 @@ def export_gguf(
         step = progress.add_task(f"write GGUF ({out_type})", total=len(planned))
         types = _write(staged[0], model_dir, config, family, vocab, planned, out_type, lambda: progress.advance(step))
         if fmt is not None:
-            from qlora_plugin.tools.ollama import modelfile
-
             staged[1].write_text(modelfile(out_path.name, fmt, os.fspath(source_path)), encoding="utf-8")
     notes = list(vocab.notes)
     if trained is not None and trained.note:
@@ -184,7 +176,7 @@ def _check_out(out: Path, outs: list[Path], inputs: list[Path], force: bool) -> 
 
 
 def _load_merged(model_dir: str, dtype: Any, progress: Any) -> Any:
-    from qlora_plugin.core.models import auto_class, load_config
+    from qlora_plugin.build.models import auto_class, load_config
 
     step = progress.add_task("load the merged model", total=1)
     model = auto_class(load_config(model_dir)).from_pretrained(model_dir, dtype=dtype)
@@ -205,9 +197,6 @@ def _write(
     """Stream the header, the metadata and one tensor at a time into ``path``; the tensor-type counts."""
     import gguf
     import numpy as np
-
-    from qlora_plugin.tools import gguf_arch
-    from qlora_plugin.tools.gguf_vocab import write_vocab
 
     writer = gguf.GGUFWriter(os.fspath(path), family.arch)
     writer.add_type(gguf.GGUFType.MODEL)

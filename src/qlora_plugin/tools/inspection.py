@@ -13,6 +13,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from qlora_plugin.core.experts import find_experts, unwrapped_name
+from qlora_plugin.core.fields import RecipeSpec
+from qlora_plugin.core.patches import allowed
+from qlora_plugin.core.targets import is_linear, output_head_names
+from qlora_plugin.tools.config_layers import report_from_config
 from qlora_plugin.tools.model_report import (
     LAYER_INDEX,
     Linear,
@@ -36,8 +41,6 @@ def analyze(model: str | os.PathLike[str] | nn.Module, recipe: QLoRARecipe | Rec
     (:mod:`qlora_plugin.tools.config_layers`); anything else is built on the meta device.
     """
     if isinstance(model, (str, os.PathLike)):
-        from qlora_plugin.tools.config_layers import report_from_config
-
         quick = report_from_config(model, recipe)
         if quick is not None:
             return quick
@@ -46,9 +49,7 @@ def analyze(model: str | os.PathLike[str] | nn.Module, recipe: QLoRARecipe | Rec
 
 def analyze_module(model: str | os.PathLike[str] | nn.Module, recipe: QLoRARecipe | RecipeSpec) -> ModelReport:
     """:func:`analyze` on the model itself (a path is built on the meta device, no weights)."""
-    from qlora_plugin.core.fields import RecipeSpec
-    from qlora_plugin.core.models import as_model, auto_class, load_config
-    from qlora_plugin.core.targets import is_linear, output_head_names
+    from qlora_plugin.build.models import as_model, auto_class, load_config
 
     if isinstance(recipe, RecipeSpec):
         from qlora_plugin.core.recipe import recipe_from_spec
@@ -73,8 +74,6 @@ def analyze_module(model: str | os.PathLike[str] | nn.Module, recipe: QLoRARecip
                     out_features, in_features = weight.shape
             linears.append(Linear(name, int(in_features), int(out_features), getattr(layer, "bias", None) is not None))
             linear_params.add(f"{name}.weight")
-    from qlora_plugin.core.experts import find_experts, unwrapped_name
-    from qlora_plugin.core.patches import allowed
 
     experts = find_experts(module)
     expert_names = {param.name for experts_module in experts for param in experts_module.params}

@@ -23,7 +23,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qlora_plugin.core.device import torch_dtype
 from qlora_plugin.core.errors import QLoRAConfigError
+from qlora_plugin.core.fields import RECIPE_FIELDS
+from qlora_plugin.core.files import looks_local, path_problem, read_json, require
+from qlora_plugin.core.run_record import compare_record, model_format
+from qlora_plugin.core.safe_io import check_writable_destination, staged_directory
+from qlora_plugin.tools.adapter_fit import check_adapter_fits
+from qlora_plugin.tools.console import console
+from qlora_plugin.tools.provenance import trained_format
 
 if TYPE_CHECKING:
     import torch
@@ -44,8 +52,6 @@ def read_adapter(adapter_dir: str | os.PathLike[str], base: str | None = None) -
     network error. A local base path is read as a path only; a relative one is read from the working
     directory, as PEFT and transformers read it, and an error says so.
     """
-    from qlora_plugin.core.files import read_json, require
-
     restore = "restore the adapter directory from the run that trained it"
     path = require(adapter_dir, "directory", "ADAPTER_DIR", "pass the directory the trainer saved the adapter to")
     config_file = path / ADAPTER_CONFIG
@@ -91,8 +97,6 @@ def read_adapter(adapter_dir: str | os.PathLike[str], base: str | None = None) -
 
 def check_base(base: str, field: str) -> None:
     """A base given as a path must be a model directory; a relative one is read from the working directory."""
-    from qlora_plugin.core.files import looks_local, path_problem
-
     if not looks_local(base):
         return  # a hub id: read from the hub, or from its cache while HF_HUB_OFFLINE is set
     found = Path(os.path.expanduser(base))
@@ -117,12 +121,9 @@ def adapter_recipe(
     assume_default: bool = False,
 ) -> tuple[QLoRARecipe, TrainedFormat]:
     """The recipe to load the base with: the run's recorded one, with the 4-bit format training used."""
-    from qlora_plugin.tools.provenance import trained_format
-
     trained = trained_format(
         adapter_dir, adapter_config, quant_type=quant_type, double_quant=double_quant, assume_default=assume_default
     )
-    from qlora_plugin.core.fields import RECIPE_FIELDS
     from qlora_plugin.core.recipe import QLoRARecipe, qlora_recipe
 
     fields: dict[str, Any] = {"quant_type": trained.quant_type, "double_quant": trained.double_quant}
@@ -155,8 +156,6 @@ def check_out(out: Path, force: bool, keep: list[Path]) -> None:
     if out.exists() and not out.is_dir():
         raise QLoRAConfigError("--out", os.fspath(out), "is a file", "choose a directory path")
     if out.is_dir():
-        from qlora_plugin.core.files import require
-
         require(out, "directory", "--out", "choose a directory you can read and write")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise QLoRAConfigError(
@@ -176,8 +175,7 @@ def load_dequantized_base(
     """
     import torch
 
-    from qlora_plugin.core.models import auto_class, load_config
-    from qlora_plugin.core.run_record import compare_record, model_format
+    from qlora_plugin.build.models import auto_class, load_config
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = auto_class(load_config(base, "--base")).from_pretrained(
@@ -222,8 +220,6 @@ def merge_adapter(
 
     Every check (the adapter, its 4-bit format, ``out``) runs before the base is loaded.
     """
-    from qlora_plugin.core.safe_io import check_writable_destination, staged_directory
-
     if dtype not in DTYPES:
         raise QLoRAConfigError("--dtype", dtype, "is not supported", f"use one of {list(DTYPES)}")
     config, base = read_adapter(adapter_dir, base)
@@ -234,10 +230,8 @@ def merge_adapter(
     recipe, trained = adapter_recipe(
         adapter_dir, config, quant_type=quant_type, double_quant=double_quant, assume_default=assume_default_recipe
     )
-    from qlora_plugin.tools.adapter_fit import check_adapter_fits
 
     check_adapter_fits(adapter_dir, base)
-    from qlora_plugin.core.device import torch_dtype
 
     target_dtype = torch_dtype(DTYPES[dtype])
 
@@ -266,8 +260,6 @@ def merge_adapter(
 
 def _local_path(base: str) -> str | None:
     """The absolute directory a base given as a path was read from (a relative one: from the working directory)."""
-    from qlora_plugin.core.files import looks_local
-
     return os.path.abspath(os.path.expanduser(base)) if looks_local(base) else None
 
 
@@ -324,8 +316,6 @@ def _save_tokenizer(adapter_dir: Path, base: str, staging: Path) -> str | None:
 def progress_bars(show: bool) -> Iterator[Any]:
     """Rich progress bars on stderr (none when ``show`` is false); each step adds a task."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from qlora_plugin.tools.console import console
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console(stderr=True), disable=not show, transient=False) as progress:

@@ -12,6 +12,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from qlora_plugin.core.model_limits import check_sequence_length, rank_warnings
+from qlora_plugin.core.targets import ROUTER_NAMES, VISION_PARTS, user_excluded
+
 if TYPE_CHECKING:
     from qlora_plugin.core.experts import ExpertParam, ExpertsModule
     from qlora_plugin.core.fields import RecipeSpec
@@ -164,8 +167,6 @@ class ModelReport:
         The rank against each adapted layer's width, and ``seq`` against the model's positions
         (:mod:`qlora_plugin.core.model_limits`; a length a learned position table cannot take is an error).
         """
-        from qlora_plugin.core.model_limits import check_sequence_length, rank_warnings
-
         found = rank_warnings(self.recipe.r, [(t.name, t.in_features, t.out_features) for t in self.target_linears])
         if seq is not None:
             seq_warning = check_sequence_length(seq, seq_field, self.config_values(), self.architecture)
@@ -230,8 +231,6 @@ def _allocated(nbytes: int) -> int:
 
 def skip_reason(name: str, heads: set[str], recipe: QLoRARecipe | RecipeSpec, user_excluded: bool) -> str:
     """Why the linear layer ``name`` gets no adapter, in words."""
-    from qlora_plugin.core.targets import ROUTER_NAMES, VISION_PARTS
-
     parts = name.split(".")
     if name in heads:
         return "output head (kept out of LoRA and of 4-bit quantization)"
@@ -306,8 +305,6 @@ def build_report(
 
 
 def _user_excluded(name: str, recipe: QLoRARecipe | RecipeSpec) -> bool:
-    from qlora_plugin.core.targets import user_excluded
-
     return user_excluded(name, getattr(recipe, "_user_exclude_modules", recipe.exclude_modules))
 
 

@@ -18,6 +18,21 @@ from typing import Any
 
 from qlora_plugin.core.errors import QLoRAConfigError
 from qlora_plugin.core.fields import RECIPE_FIELDS
+from qlora_plugin.core.files import looks_local, path_problem, read_json, read_text
+from qlora_plugin.core.model_limits import check_model_config, check_sequence_length
+from qlora_plugin.core.yaml_strict import duplicate_key
+from qlora_plugin.integrations.axolotl.data_checks import check_datasets
+from qlora_plugin.integrations.axolotl.section import (
+    PLUGIN,
+    SECTION,
+    check_axolotl_keys,
+    in_section,
+    misplaced_section,
+    names_the_plugin,
+    spec_from_section,
+)
+from qlora_plugin.tools.config_layers import report_from_config
+from qlora_plugin.tools.inspection import describe_recipe
 
 
 @dataclass
@@ -58,7 +73,6 @@ def check_config(path: str | os.PathLike[str]) -> Preflight:
         result.errors.append(error)
         return result
     _check_plugin_line(config, result)
-    from qlora_plugin.integrations.axolotl.section import check_axolotl_keys
 
     wrong_key = check_axolotl_keys(config)
     if wrong_key is not None:
@@ -66,7 +80,6 @@ def check_config(path: str | os.PathLike[str]) -> Preflight:
     spec = _check_section(config, result)
     if spec is not None:
         _check_targets(config, spec, result)
-    from qlora_plugin.integrations.axolotl.data_checks import check_datasets
 
     data = check_datasets(config)
     result.errors += data.errors
@@ -79,8 +92,6 @@ def check_config(path: str | os.PathLike[str]) -> Preflight:
 def read_config(path: Path) -> dict[str, Any]:
     """The YAML mapping at ``path``; one clear error when there is none."""
     import yaml
-
-    from qlora_plugin.core.files import read_text
 
     text = read_text(path, "CONFIG", "pass the path of an Axolotl YAML config")
     try:
@@ -98,8 +109,6 @@ def read_config(path: Path) -> dict[str, Any]:
         raise QLoRAConfigError(
             "CONFIG", os.fspath(path), "is not a mapping of Axolotl keys", "write the config as `key: value` lines"
         )
-    from qlora_plugin.integrations.axolotl.section import misplaced_section
-    from qlora_plugin.core.yaml_strict import duplicate_key
 
     structure = duplicate_key(text, os.fspath(path)) or misplaced_section(config)
     if structure is not None:
@@ -108,8 +117,6 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def _check_plugin_line(config: dict[str, Any], result: Preflight) -> None:
-    from qlora_plugin.integrations.axolotl.section import PLUGIN, SECTION, names_the_plugin
-
     if SECTION not in config:
         result.errors.append(
             QLoRAConfigError(
@@ -135,9 +142,6 @@ def _check_plugin_line(config: dict[str, Any], result: Preflight) -> None:
 
 
 def _check_section(config: dict[str, Any], result: Preflight) -> Any:
-    from qlora_plugin.integrations.axolotl.section import SECTION, spec_from_section
-    from qlora_plugin.tools.inspection import describe_recipe
-
     if SECTION not in config:
         return None
     try:
@@ -151,9 +155,6 @@ def _check_section(config: dict[str, Any], result: Preflight) -> Any:
 
 def _check_targets(config: dict[str, Any], spec: Any, result: Preflight) -> None:
     """Resolve the section's targets on a local base model read from its config (no weights, no torch)."""
-    from qlora_plugin.integrations.axolotl.section import in_section
-    from qlora_plugin.tools.config_layers import report_from_config
-
     base = config.get("base_model")
     if base is not None and not (isinstance(base, str) and base.strip()):
         return  # reported as a wrong key
@@ -162,7 +163,6 @@ def _check_targets(config: dict[str, Any], spec: Any, result: Preflight) -> None
             QLoRAConfigError("base_model", None, "is missing", "set base_model to a model directory or hub id")
         )
         return
-    from qlora_plugin.core.files import looks_local, path_problem
 
     local = Path(os.path.expanduser(base))
     if not looks_local(base):
@@ -197,9 +197,6 @@ def _check_targets(config: dict[str, Any], spec: Any, result: Preflight) -> None
 def _check_positions(model: Path, config: dict[str, Any]) -> str | None:
     """``sequence_len`` against the positions in the base's config.json: an error where they are a learned
     table, else a warning past them (returned), or None."""
-    from qlora_plugin.core.files import read_json
-    from qlora_plugin.core.model_limits import check_model_config, check_sequence_length
-
     file = model / "config.json"
     if not os.path.lexists(file):
         return None  # the targets' check names a directory without a config

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from qlora_plugin.core.errors import QLoRAConfigError
+from qlora_plugin.core.fields import RECIPE_FIELDS, RECIPE_FILE, RecipeSpec
+from qlora_plugin.core.files import read_json, read_text
 
 EXPANDED_CONFIG = "qlora_expanded.yml"
 MODEL_CONFIG = "config.json"
@@ -113,8 +115,6 @@ def trained_format(
 
 def find_records(adapter_dir: Path, adapter_config: dict[str, Any]) -> list[Record]:
     """Every record of the format in ``adapter_dir`` and its parent, the adapter's own directory first."""
-    from qlora_plugin.core.fields import RECIPE_FILE
-
     records: list[Record] = []
     directories = [adapter_dir]
     if CHECKPOINT_NAME.fullmatch(adapter_dir.resolve().name):
@@ -179,7 +179,6 @@ def _from_recipe(file: Path, adapter_config: dict[str, Any]) -> Record | None:
                 f"(its adapter_config.json has {adapter_key}={adapter_config[adapter_key]})",
                 "merge with the recipe file of the run that trained this adapter, or pass --quant-type",
             )
-    from qlora_plugin.core.fields import RECIPE_FIELDS, RecipeSpec
 
     try:
         RecipeSpec(**{key: value for key, value in data.items() if key in RECIPE_FIELDS})
@@ -195,8 +194,6 @@ def _from_recipe(file: Path, adapter_config: dict[str, Any]) -> Record | None:
 
 def _from_expanded(file: Path, adapter_config: dict[str, Any]) -> Record | None:
     import yaml
-
-    from qlora_plugin.core.files import read_text
 
     text = read_text(file, file.name, "restore the file from the run, or delete it and pass --quant-type")
     try:
@@ -220,6 +217,4 @@ def _from_model_config(file: Path, adapter_config: dict[str, Any]) -> Record | N
 
 
 def _read_json(file: Path) -> Any:
-    from qlora_plugin.core.files import read_json
-
     return read_json(file, file.name, "restore the file from the run, or delete it and pass --quant-type")

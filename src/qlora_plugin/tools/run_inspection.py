@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from qlora_plugin.core.errors import QLoRAConfigError
+from qlora_plugin.core.fields import RECIPE_FILE
+from qlora_plugin.core.files import read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 FORMAT_KEYS = ("quant_type", "blocksize", "double_quant", "compute_dtype", "quant_storage")
@@ -67,16 +69,12 @@ def is_run(path: str | os.PathLike[str]) -> bool:
     directory = Path(os.path.expanduser(os.fspath(path)))
     if not directory.is_dir() or os.path.lexists(directory / "config.json"):
         return False
-    from qlora_plugin.core.fields import RECIPE_FILE
 
     return os.path.lexists(directory / RECIPE_FILE) or os.path.lexists(directory / ADAPTER_CONFIG)
 
 
 def inspect_run(path: str | os.PathLike[str]) -> RunReport:
     """The :class:`RunReport` of the run directory at ``path`` (see :func:`is_run`)."""
-    from qlora_plugin.core.fields import RECIPE_FILE
-    from qlora_plugin.core.files import read_json
-
     directory = Path(os.path.expanduser(os.fspath(path)))
     restore = "restore it from the run, or inspect the base model directory instead"
     record = adapter = None

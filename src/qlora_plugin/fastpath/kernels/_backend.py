@@ -10,6 +10,8 @@ import importlib.util
 
 import torch
 
+from qlora_plugin.core.patches import allowed
+
 
 @functools.cache
 def triton_available() -> bool:
@@ -22,7 +24,6 @@ def liger_available() -> bool:
     """True when Liger Kernel is installed in a tested version and a CUDA device is visible."""
     if not (triton_available() and importlib.util.find_spec("liger_kernel") is not None):
         return False
-    from qlora_plugin.core.patches import allowed
 
     return allowed("liger-autograd-functions")
 

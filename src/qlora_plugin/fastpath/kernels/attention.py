@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qlora_plugin.core import patches
+
+PATCH = "transformers-attention-interface"
 IMPLEMENTATION = "qlora_packed_sdpa"
 SDPA_IMPLEMENTATIONS = ("sdpa", IMPLEMENTATION)
 _SEGMENTS = "_qlora_packed_segments"
@@ -161,13 +164,11 @@ def _attention_per_length(
 def _varlen_function() -> tuple[Any, bool]:
     """A causal call over ``torch.nn.attention.varlen.varlen_attn`` as this PyTorch spells it (or None), and
     whether it takes fewer key/value heads than query heads."""
-    from qlora_plugin.core.patches import allowed
-
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None, False
-    if not allowed("torch-varlen-attention"):
+    if not patches.allowed("torch-varlen-attention"):
         return None, False
     parameters = inspect.signature(varlen_attn).parameters
     if "window_size" in parameters:
@@ -232,16 +233,13 @@ def supports_packed_attention(model: nn.Module) -> bool:
 
 
 def use_packed_attention(model: Any) -> int:
-    """Give ``model`` (a causal LM) the packed-batch attention; returns the attention modules that got it."""
-    from qlora_plugin.core.patches import allowed
+    """Give ``model`` (a causal LM) the packed-batch attention; returns the attention modules that got it.
 
-    if not supports_packed_attention(model) or not allowed("transformers-attention-interface"):
+    The attention function and its mask function are registered with transformers once per
+    process, through the patch registry (:mod:`qlora_plugin.core.patches`, which can undo it).
+    """
+    if not supports_packed_attention(model) or not patches.apply(PATCH, _registrations):
         return 0
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(IMPLEMENTATION, packed_sdpa_attention)
-    AttentionMaskInterface.register(IMPLEMENTATION, _packed_mask)
     cache = SegmentCache()
     attention = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "config")]
     for module in attention:
@@ -249,6 +247,11 @@ def use_packed_attention(model: Any) -> int:
     model.__dict__[_SEGMENTS] = cache
     model.set_attn_implementation(IMPLEMENTATION)
     return len(attention)
+
+
+def _registrations(_: Any) -> tuple[str, tuple[Any, Any]]:
+    """What goes into transformers' AttentionInterface and AttentionMaskInterface, under one name."""
+    return IMPLEMENTATION, (packed_sdpa_attention, _packed_mask)
 
 
 def batch_is_packed(model: nn.Module, position_ids: torch.Tensor | None) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from qlora_plugin.core.patches import c_function
 from qlora_plugin.fastpath.kernels._backend import use_gpu_kernels
 
 _CACHE_ATTR = "_qlora_fp32_absmax"
@@ -71,7 +72,7 @@ def dequantize_4bit(
     ``triton`` and ``cache_block_constants``: see :func:`make_dequantizer`.
     """
     if triton and use_gpu_kernels(weight):
-        from qlora_plugin.fastpath.kernels.triton_nf4 import dequantize_4bit_triton
+        from qlora_plugin.fastpath.kernels.triton_nf4 import dequantize_4bit_triton  # Triton, on CUDA only
 
         return dequantize_4bit_triton(weight, quant_state, dtype)
     if weight.is_cuda and weight.is_contiguous() and weight.device.index == torch.cuda.current_device():
@@ -91,8 +92,6 @@ def _cuda_kernels(quant_type: str, dtype: torch.dtype) -> tuple[Any, Any] | None
     if dtype not in names or quant_type not in ("nf4", "fp4"):
         return None
     import ctypes
-
-    from qlora_plugin.core.patches import c_function
 
     # bitsandbytes declares (code, A, absmax, out, blocksize, numel, stream) for both
     signature = [ctypes.c_void_p] * 4 + [ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]

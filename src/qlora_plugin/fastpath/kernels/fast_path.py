@@ -11,6 +11,7 @@ from torch import nn
 from qlora_plugin.fastpath.kernels.attention import use_packed_attention
 from qlora_plugin.fastpath.kernels.casting import cast_adapters, cast_frozen_params
 from qlora_plugin.fastpath.kernels.dequant import make_dequantizer
+from qlora_plugin.fastpath.kernels.graphs import enable_decoder_graphs
 from qlora_plugin.fastpath.kernels.layers import patch_norms_and_mlps, patch_rope, patched_mlps
 from qlora_plugin.fastpath.kernels.lora_linear import LayerOptions, patch_lora_4bit_layers
 from qlora_plugin.fastpath.kernels.losses import patch_causal_lm_loss
@@ -147,8 +148,6 @@ def apply_fast_path(
         lm, cfg.recompute, every=cfg.recompute_every, keep_on_gpu=cfg.offload_keep_layers
     )
     if cfg.cuda_graphs and cfg.recompute == "none":
-        from qlora_plugin.fastpath.kernels.graphs import enable_decoder_graphs
-
         graphs = enable_decoder_graphs(lm, lm.__dict__.get("_qlora_adapter_copies"))
         report.graphed_layers = 0 if graphs is None else len(graphs.layers)
     if hasattr(lm, "config"):

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
+from qlora_plugin.core.patches import allowed
 from qlora_plugin.fastpath.kernels.attention import SDPA_IMPLEMENTATIONS, batch_is_packed
 from qlora_plugin.fastpath.kernels.tiled_mlp import tiled_options, tiling_rows
 
@@ -263,8 +264,6 @@ def enable_decoder_graphs(model: nn.Module, adapter_copies: Any = None) -> Decod
     Returns the controller, or None when the model is not a supported decoder (Llama
     family with SDPA attention) or is not on CUDA.
     """
-    from qlora_plugin.core.patches import allowed
-
     layers = _text_decoder_layers(model)
     config = getattr(model, "config", None)
     if layers is None or getattr(config, "_attn_implementation", None) not in SDPA_IMPLEMENTATIONS:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qlora_plugin.core.patches import allowed
 from qlora_plugin.fastpath.kernels._backend import use_liger
 from qlora_plugin.fastpath.kernels.tiled_mlp import mlp_forward
 
@@ -91,8 +92,6 @@ def patch_rope(model: nn.Module) -> int:
     name is :func:`rotary` (same math; non-CUDA tensors take the reference path). The
     modeling module itself and every other model are untouched. Returns modules patched.
     """
-    from qlora_plugin.core.patches import allowed
-
     if not allowed("transformers-rope-function"):
         return 0
     n = 0
@@ -157,8 +156,6 @@ def _is_swiglu_mlp(module: nn.Module) -> bool:
 
 def patch_norms_and_mlps(model: nn.Module, mlps: bool = True) -> tuple[int, int]:
     """Patch Llama-style RMSNorm and (with ``mlps``) SwiGLU MLP modules; returns (norms, mlps) patched."""
-    from qlora_plugin.core.patches import allowed
-
     if not allowed("transformers-norm-mlp-forward"):
         return 0, 0
     norms = swiglus = 0

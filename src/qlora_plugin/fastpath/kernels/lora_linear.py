@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlora_plugin.core.patches import allowed
 from qlora_plugin.fastpath.kernels.dequant import DequantFn, dequantize_4bit
 from qlora_plugin.fastpath.kernels.lora_dropout import use_triton_dropout
 
@@ -238,7 +239,7 @@ def _plain_lora_adapter(layer: Any) -> str | None:
     if state is None:
         return None
     if getattr(state, "packing_format_for_cpu", False):  # repacked by bitsandbytes before the fast path met it
-        from qlora_plugin.core.quantization import restore_nf4_layout
+        from qlora_plugin.build.quantization import restore_nf4_layout  # bitsandbytes, which loads Triton
 
         restore_nf4_layout(layer.base_layer)
     return name
@@ -299,8 +300,7 @@ def patch_lora_4bit_layers(
     the model's decoder (:class:`AdapterCopies`). ``options``: this model's
     :class:`LayerOptions`. The 4-bit base layers keep their NF4 layout on any CPU.
     """
-    from qlora_plugin.core.patches import allowed
-    from qlora_plugin.core.quantization import keep_nf4_layout
+    from qlora_plugin.build.quantization import keep_nf4_layout  # bitsandbytes, which loads Triton
 
     if not (allowed("peft-lora-4bit-forward") and allowed("bnb-quant-state")):
         return 0

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qlora_plugin.core.patches import allowed
 from qlora_plugin.fastpath.kernels._backend import use_liger
+from qlora_plugin.fastpath.kernels.loss_stats import linear_cross_entropy_stats
 
 IGNORE_INDEX = -100
 _ORIG_FORWARD = "_qlora_fast_orig_forward"
@@ -123,8 +125,6 @@ def _fused_loss_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         targets = shift_labels(labels.to(hidden.device))
     head = self.get_output_embeddings().weight
     if self.__dict__.get(_WITH_STATS):
-        from qlora_plugin.fastpath.kernels.loss_stats import linear_cross_entropy_stats
-
         stats = linear_cross_entropy_stats(hidden, head, targets, num_items)
         return causal_lm_output_with_stats()(
             loss=stats.loss,
@@ -156,7 +156,6 @@ def patch_causal_lm_loss(causal_lm: Any, *, with_stats: bool = False) -> bool:
     """
     if hasattr(causal_lm, _ORIG_FORWARD):
         return True
-    from qlora_plugin.core.patches import allowed
 
     if not allowed("transformers-causal-lm-forward"):
         return False

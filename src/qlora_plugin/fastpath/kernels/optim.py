@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from qlora_plugin.core.patches import c_function
+
 
 class _ManagedArray:
     """Exposes a unified-memory pointer through ``__cuda_array_interface__`` for torch.as_tensor."""
@@ -57,8 +59,6 @@ def managed_memory_functions() -> tuple[Any, Any]:
     outside the tested versions (see :mod:`qlora_plugin.core.patches`);
     :func:`paged_states_available` asks first.
     """
-    from qlora_plugin.core.patches import c_function
-
     get_managed_ptr = c_function("bnb-managed-memory-c-calls", "cget_managed_ptr", None, ctypes.c_void_p)
     prefetch = c_function("bnb-managed-memory-c-calls", "cprefetch", None)
     if get_managed_ptr is None or prefetch is None:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qlora_plugin.core.patches import allowed
 from qlora_plugin.fastpath.kernels.stash_plan import StashPlan, host_memory, plan_stash
 
 _log = logging.getLogger("qlora_plugin")
@@ -190,7 +191,6 @@ def set_recompute(model: nn.Module, mode: str = "none", *, every: int = 1, keep_
     """
     if mode not in MODES:
         raise ValueError(f"recompute mode must be one of {MODES}, got {mode!r}")
-    from qlora_plugin.core.patches import allowed
 
     layers = decoder_layers(model)
     if not allowed("transformers-checkpointing-layers"):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_plugin.core.errors import QLoRAConfigError
+from qlora_plugin.core.files import require
 
 MAX_ROWS = 100_000  # rows read per file; more are left to Axolotl
 MAX_TOKENIZED = 2_000  # rows whose length is measured
@@ -98,8 +99,6 @@ def _check_entry(index: int, entry: Any, sequence_len: int, tokenizer: Any, repo
         )
     path = Path(os.path.expanduser(entry["path"]))
     if os.path.lexists(path) and path.is_dir():
-        from qlora_plugin.core.files import require
-
         require(path, "directory", f"{name}.path", "make the directory readable, or point the dataset elsewhere")
     if not path.exists():
         if str(entry["path"]).startswith(LOCAL_PREFIXES) or path.suffix in JSON_SUFFIXES:
@@ -150,8 +149,6 @@ def read_rows(file: Path, field: str = "path") -> Iterator[tuple[int, dict[str, 
 
     ``field`` names the config key that points at the file, for the error of an empty one.
     """
-    from qlora_plugin.core.files import require
-
     require(file, "file", field, "make the file readable, or point the dataset at a readable one")
     try:
         text = file.read_text(encoding="utf-8", errors="replace")

@@ -13,13 +13,14 @@ before any model is loaded.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from qlora_plugin.core.distributed import fsdp_requested
-from qlora_plugin.integrations.axolotl.section import SECTION, in_section, spec_from_section  # noqa: F401 - in_section used by plugin.py
-
-if TYPE_CHECKING:
-    from qlora_plugin.core.recipe import QLoRARecipe
+from qlora_plugin.build.context import RunContext
+from qlora_plugin.build.distributed import fsdp_requested
+from qlora_plugin.build.quantization import storage_dtype
+from qlora_plugin.build.trainer_settings import run_of, settings_for
+from qlora_plugin.core.recipe import QLoRARecipe, recipe_from_spec
+from qlora_plugin.integrations.axolotl.section import spec_from_section
 
 LORA_KERNELS = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel", "lora_embedding_kernel")
 # Native keys that say something the recipe says too, but differently.
@@ -29,8 +30,6 @@ DTYPE_NAMES = {"bfloat16", "float16", "float32"}
 
 def recipe_from_section(section: Any) -> QLoRARecipe:
     """Build the recipe a ``qlora:`` section describes; errors name ``qlora.<key>``."""
-    from qlora_plugin.core.recipe import recipe_from_spec
-
     return recipe_from_spec(spec_from_section(section))
 
 
@@ -38,26 +37,22 @@ def fsdp_configured(cfg: Mapping[str, Any]) -> bool:
     """True when an Axolotl config (or the launch) says FSDP.
 
     A non-empty ``fsdp_config``, or the older ``fsdp`` list; ``fsdp_version`` alone is not FSDP
-    in Axolotl's config. The launch: as :func:`qlora_plugin.core.distributed.fsdp_requested`.
+    in Axolotl's config. The launch: as :func:`qlora_plugin.build.distributed.fsdp_requested`.
     """
     return fsdp_requested(cfg) or bool(cfg.get("fsdp_config"))
 
 
-def native_keys(recipe: QLoRARecipe, device: str, fsdp: bool = False, zero3: bool = False) -> dict[str, Any]:
-    """The Axolotl keys that make a run follow ``recipe`` on ``device``.
+def native_keys(recipe: QLoRARecipe, context: RunContext) -> dict[str, Any]:
+    """The Axolotl keys that make a run follow ``recipe`` in the run of ``context``.
 
-    ``fsdp``, ``zero3``: the config shards the model with FSDP, or with DeepSpeed ZeRO-3
-    (``deepspeed:``); the 4-bit weights are then stored in
-    the compute dtype (:func:`qlora_plugin.core.quantization.storage_dtype`) and a
-    bitsandbytes optimizer becomes torch's AdamW
-    (:func:`qlora_plugin.core.distributed.optimizer_under_fsdp`).
+    The trainer settings are the rows of :data:`qlora_plugin.build.trainer_settings.SETTINGS`
+    under Axolotl's key names. Where the run is sharded (FSDP, or DeepSpeed ZeRO-3 through
+    ``deepspeed:``) the 4-bit weights are stored in the compute dtype
+    (:func:`qlora_plugin.build.quantization.storage_dtype`) and a bitsandbytes optimizer becomes
+    torch's AdamW (:func:`qlora_plugin.build.distributed.optimizer_under_fsdp`).
     """
-    from qlora_plugin.core.device import precision_flags
-    from qlora_plugin.core.distributed import optimizer_under_fsdp
-    from qlora_plugin.core.quantization import storage_dtype
-
-    compute_dtype = recipe.resolved_compute_dtype(device)
-    storage = str(storage_dtype(recipe, compute_dtype, fsdp, zero3)).removeprefix("torch.")
+    run = run_of(recipe, context)
+    storage = str(storage_dtype(recipe, run.compute_dtype, context)).removeprefix("torch.")
     keys: dict[str, Any] = {
         "adapter": "qlora",
         "load_in_4bit": True,
@@ -66,7 +61,7 @@ def native_keys(recipe: QLoRARecipe, device: str, fsdp: bool = False, zero3: boo
             "bnb_4bit_quant_type": recipe.quant_type,
             "bnb_4bit_use_double_quant": recipe.double_quant,
             "bnb_4bit_quant_storage": storage,
-            "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."),
+            "bnb_4bit_compute_dtype": str(run.compute_dtype).removeprefix("torch."),
         },
         "lora_r": recipe.r,
         "lora_alpha": recipe.lora_alpha,
@@ -74,21 +69,8 @@ def native_keys(recipe: QLoRARecipe, device: str, fsdp: bool = False, zero3: boo
         "peft_use_rslora": recipe.use_rslora,
         "peft_use_dora": recipe.use_dora,
         "peft_autocast_adapter_dtype": not recipe.fast_path,
-        "optimizer": optimizer_under_fsdp(recipe.optimizer) if fsdp or zero3 else recipe.optimizer,
-        "learning_rate": recipe.learning_rate,
-        "max_grad_norm": recipe.max_grad_norm,
-        "lr_scheduler": recipe.lr_scheduler_type,
-        "warmup_ratio": recipe.warmup_ratio,
-        "gradient_checkpointing": bool(recipe.gradient_checkpointing),  # 'offload': the fast path's, on CUDA
-        "gradient_checkpointing_kwargs": {"use_reentrant": False} if recipe.gradient_checkpointing else None,
-        **precision_flags(compute_dtype, device),
+        **settings_for(run, "axolotl"),  # 'offload' checkpointing: the fast path's, on CUDA
     }
-    optional = {
-        "num_epochs": recipe.num_train_epochs,
-        "micro_batch_size": recipe.per_device_train_batch_size,
-        "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
-    }
-    keys.update({key: value for key, value in optional.items() if value is not None})
     if recipe.target_parameters:  # fused MoE experts, found on the model (qlora_plugin.core.experts)
         keys["lora_target_parameters"] = sorted(recipe.target_parameters)
     if not recipe.targets_are_auto:  # names (sorted), or a pattern the loaded model resolves

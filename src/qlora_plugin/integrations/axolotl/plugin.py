@@ -26,22 +26,45 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 from axolotl.integrations.base import BasePlugin
 
-from qlora_plugin.core.notices import route_messages
+from qlora_plugin.build.context import RunContext, make_context
+from qlora_plugin.build.distributed import zero3_requested
+from qlora_plugin.build.fsdp_bytes import guard_packed_model
+from qlora_plugin.build.models import meta_model
+from qlora_plugin.build.moe_experts import quantize_experts
+from qlora_plugin.build.prepare import prepare_for_training
+from qlora_plugin.build.quantization import keep_nf4_layout
+from qlora_plugin.build.seeding import seed_before_adapters
+from qlora_plugin.build.trainer_settings import fast_trainer_settings
+from qlora_plugin.core import patches
+from qlora_plugin.core.errors import QLoRAConfigError
+from qlora_plugin.core.experts import check_experts
+from qlora_plugin.core.files import looks_local
+from qlora_plugin.core.model_limits import check_sequence_length
+from qlora_plugin.core.recipe import QLoRARecipe, write_recipe_file
+from qlora_plugin.core.run_record import model_format
+from qlora_plugin.core.safe_io import write_text_atomically
+from qlora_plugin.core.yaml_strict import duplicate_key
+from qlora_plugin.fastpath.activation import arm
+from qlora_plugin.integrations import exit_summary
+from qlora_plugin.integrations.axolotl.data_checks import check_datasets
 from qlora_plugin.integrations.axolotl.expand import (
-    SECTION,
+    LORA_KERNELS,
     apply_keys,
     fsdp_configured,
-    in_section,
     keep_lora_kernels_on_cuda,
     native_keys,
     recipe_from_section,
 )
+from qlora_plugin.integrations.axolotl.section import SECTION, check_axolotl_keys, in_section, misplaced_section
+from qlora_plugin.integrations.checkpoints import CheckpointGuard, check_resume, resume_checkpoint
+from qlora_plugin.integrations.transformers import describe_settings, fused_optimizer_over
 
 AXOLOTL_LOGGER = "axolotl.integrations.qlora_plugin"  # Axolotl shows INFO only under its own namespace
 _log = logging.getLogger(AXOLOTL_LOGGER)
@@ -50,47 +73,46 @@ NOT_RERUN = (SECTION, "plugins", "axolotl_config_path")  # left out of the saved
 
 
 class QLoRAPlugin(BasePlugin):
-    """Axolotl plugin for ``plugins: [qlora_plugin.axolotl.QLoRAPlugin]``."""
+    """Axolotl plugin for ``plugins: [qlora_plugin.axolotl.QLoRAPlugin]``.
+
+    One run context (:mod:`qlora_plugin.build.context`) is made in :meth:`register` from the
+    config and kept for the run: the key expansion, the base's preparation, the fast path's
+    request on the model and the trainer's settings all read it.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.section_recipe: Any = None  # as the section says: targets may still be "auto"
-        self.recipe: Any = None  # with the targets found on the real model
+        self.section_recipe: QLoRARecipe | None = None  # as the section says: targets may still be "auto"
+        self.recipe: QLoRARecipe | None = None  # with the targets found on the real model
+        self.context: RunContext | None = None
         self.expanded: dict[str, Any] = {}
 
     def get_input_args(self) -> str:
         return "qlora_plugin.integrations.axolotl.args.QLoRAArgs"
 
     def register(self, cfg: dict[str, Any]) -> None:
-        """Check the section and write its native keys into ``cfg``."""
-        from qlora_plugin.core.device import training_device
-        from qlora_plugin.core.distributed import remember_fsdp, remember_zero3, zero3_requested
-        from qlora_plugin.core.errors import QLoRAConfigError
-        from qlora_plugin.integrations import exit_summary
-
+        """Check the section, make the run's context and write the section's native keys into ``cfg``."""
         exit_summary.install()
         check_structure(cfg)
-        device = training_device()
         self.section_recipe = recipe_from_section(cfg.get(SECTION))
-        route_messages(self.section_recipe, AXOLOTL_LOGGER)
-        fsdp = fsdp_configured(cfg)
-        remember_fsdp(self.section_recipe, fsdp)
-        zero3 = zero3_requested(cfg)  # `deepspeed:` a ZeRO-3 config (its JSON file or its keys)
-        remember_zero3(self.section_recipe, zero3)
+        self.context = make_context(
+            self.section_recipe,
+            fsdp=fsdp_configured(cfg),
+            zero3=zero3_requested(cfg),  # `deepspeed:` a ZeRO-3 config (its JSON file or its keys)
+            seed=cfg.get("seed"),
+            logger_name=AXOLOTL_LOGGER,
+        )
         recipe = self._discover_from_config(cfg.get("base_model"), cfg.get("sequence_len"))
-        route_messages(recipe, AXOLOTL_LOGGER)
         try:
-            keys = native_keys(recipe, device, fsdp, zero3)
+            keys = native_keys(recipe, self.context)
         except QLoRAConfigError as error:  # e.g. qlora.quant_storage: uint8 under FSDP or ZeRO-3
             raise in_section(error) from error
-        for warning in apply_keys(cfg, keys) + keep_lora_kernels_on_cuda(cfg, device):
+        for warning in apply_keys(cfg, keys) + keep_lora_kernels_on_cuda(cfg, self.context.device):
             _log.warning(warning)
         self.expanded = _plain(cfg)
 
     def load_datasets(self, cfg: Any, preprocess: bool = False) -> None:
         """Check the configured data before Axolotl reads it; Axolotl then loads it as usual (None)."""
-        from qlora_plugin.integrations.axolotl.data_checks import check_datasets
-
         found = check_datasets(cfg)
         for warning in found.warnings:
             _log.warning("qlora: %s", warning)
@@ -101,24 +123,15 @@ class QLoRAPlugin(BasePlugin):
 
     def pre_lora_load(self, cfg: Any, model: Any) -> None:
         """Discover the targets on the real model, seed the adapters and ready the base for training."""
-        from qlora_plugin.core.distributed import fsdp_in_effect, remember_fsdp, remember_zero3, zero3_in_effect
-        from qlora_plugin.core.fsdp_bytes import guard_packed_model
-        from qlora_plugin.core.prepare import prepare_for_training
-        from qlora_plugin.core.quantization import keep_nf4_layout
-        from qlora_plugin.core.run_record import model_format
-        from qlora_plugin.core.seeding import seed_before_adapters
-        from qlora_plugin.integrations.checkpoints import check_resume, resume_checkpoint
-
+        assert self.section_recipe is not None and self.context is not None  # register ran first
         keep_nf4_layout(model)
         recipe = self.recipe = self.section_recipe.resolve(model)
         resumed = resume_checkpoint(cfg)
         if resumed is not None:  # before Axolotl loads its weights: a clear line, not a torch size mismatch
             check_resume(resumed, model, recipe.r)
-        route_messages(recipe, AXOLOTL_LOGGER)
         self._experts_in_4bit(cfg, model, recipe)
-        remember_fsdp(recipe, fsdp_in_effect(self.section_recipe))  # the fast path stays off under FSDP
-        remember_zero3(recipe, zero3_in_effect(self.section_recipe))  # ... and under ZeRO-3
-        guard_packed_model(model, recipe)  # under FSDP: 4-bit codes all-gathered as bytes
+        guard_packed_model(model, self.context)  # under FSDP: 4-bit codes all-gathered as bytes
+        assert recipe.target_modules is not None and not isinstance(recipe.target_modules, str)  # exact names
         targets = sorted(recipe.target_modules)
         base = model_format(model)
         _log.info(
@@ -138,21 +151,17 @@ class QLoRAPlugin(BasePlugin):
         cfg.lora_target_linear = False
         if recipe.fast_path:
             prepare_for_training(model, recipe)
-        seed_before_adapters(cfg.get("seed"))
+        seed_before_adapters(self.context.seed)
         self.expanded["lora_target_modules"] = targets
         self._save_outputs(Path(cfg.output_dir), model)
 
     def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list[Any]:
         """The checkpoint guard: checkpoints complete or absent, each with the recipe; resume skips broken ones."""
-        from qlora_plugin.integrations.checkpoints import CheckpointGuard
-
-        return [CheckpointGuard(self.recipe)] if self.recipe is not None else []
+        return [CheckpointGuard(self.recipe, self.context)] if self.recipe is not None else []
 
     def post_train(self, cfg: Any, model: Any) -> None:
         """The recipe beside the final adapter too (Axolotl may have rewritten the output directory)."""
         if self.recipe is not None and Path(cfg.output_dir).is_dir():
-            from qlora_plugin.core.recipe import write_recipe_file
-
             write_recipe_file(self.recipe, cfg.output_dir, model)
 
     def post_lora_load(self, cfg: Any, model: Any) -> None:
@@ -163,49 +172,40 @@ class QLoRAPlugin(BasePlugin):
         path may compute it without logits; preference training (``rl``) and ORPO read
         logits and keep the model's own loss.
         """
-        from qlora_plugin.fastpath.activation import arm, wants_fast_path
-        from qlora_plugin.integrations.axolotl.expand import LORA_KERNELS
-
-        if self.recipe is None:
+        if self.recipe is None or self.context is None:
             return
-        from qlora_plugin.core.experts import check_experts
-
         check_experts(model, self.recipe)  # MoE experts in 4 bits and adapted as the recipe says
-        if not wants_fast_path(self.recipe):
+        if not self.context.fast_path_on():
             return
         own_loss = not cfg.get("rl") and not cfg.get("orpo_alpha")
-        arm(model, self.recipe, host_kernels=[key for key in LORA_KERNELS if cfg.get(key)], own_loss=own_loss)
+        host_kernels = [key for key in LORA_KERNELS if cfg.get(key)]
+        arm(model, self.recipe, self.context, host_kernels=host_kernels, own_loss=own_loss)
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
         """On the CUDA fast path: the fast path's trainer settings, and the fused paged AdamW.
 
-        The settings (:data:`qlora_plugin.fastpath.activation.FAST_TRAINER_SETTINGS`) have no Axolotl
-        key, so they go on the trainer here (its arguments, and its accelerator's
+        The settings (:data:`qlora_plugin.build.trainer_settings.FAST_TRAINER_SETTINGS`) have no
+        Axolotl key, so they go on the trainer here (its arguments, and its accelerator's
         dataloader configuration for the batch's copy). The optimizer is set as the
         trainer's ``optimizer_cls_and_kwargs`` where the recipe asks for paged AdamW
         32-bit (Axolotl 0.19 never calls the plugins' ``create_optimizer``); the
         trainer still groups the parameters.
         """
-        from qlora_plugin.fastpath.activation import apply_trainer_settings, trainer_settings
-        from qlora_plugin.integrations.transformers import describe_settings, fused_optimizer_over
-
-        if self.recipe is None:
+        if self.recipe is None or self.context is None:
             return
-        settings = trainer_settings(self.recipe)
+        settings = fast_trainer_settings(self.context)
         apply_trainer_settings(trainer, settings)
         if settings:
             _log.info("qlora: trainer settings of the fast path: %s", describe_settings(settings))
         if getattr(trainer, "optimizer", None) is not None:
             return
-        chosen = fused_optimizer_over(trainer.model, self.recipe, trainer.args)
+        chosen = fused_optimizer_over(trainer.model, self.context, trainer.args)
         if chosen is not None:
             trainer.optimizer_cls_and_kwargs = chosen
 
-    def _experts_in_4bit(self, cfg: Any, model: Any, recipe: Any) -> None:
+    def _experts_in_4bit(self, cfg: Any, model: Any, recipe: QLoRARecipe) -> None:
         """Store a mixture-of-experts model's fused experts in 4 bits and hand Axolotl their LoRA targets."""
-        from qlora_plugin.build.moe_experts import quantize_experts
-
-        if quantize_experts(model, recipe):
+        if quantize_experts(model, recipe, context=self.context):
             _log.info("qlora: mixture-of-experts experts stored in 4 bits (%s)", recipe.quant_type)
         parameters = sorted(recipe.target_parameters or [])
         if parameters:
@@ -215,20 +215,16 @@ class QLoRAPlugin(BasePlugin):
         self.expanded["lora_target_parameters"] = parameters or None
         self.expanded["lora_dropout"] = recipe.lora_dropout
 
-    def _discover_from_config(self, base_model: Any, sequence_len: Any = None) -> Any:
+    def _discover_from_config(self, base_model: Any, sequence_len: Any = None) -> QLoRARecipe:
         """The section's recipe with targets found from the model's config (meta device).
 
         The real model confirms them in ``pre_lora_load``; where the config
         cannot be read now (a hub id while offline), discovery waits for it. ``sequence_len``
         is checked against the model's positions here too.
         """
-        from qlora_plugin.core.errors import QLoRAConfigError
-        from qlora_plugin.core.models import meta_model
-
+        assert self.section_recipe is not None
         if not base_model:
             return self.section_recipe
-        from qlora_plugin.core.files import looks_local
-
         try:
             model = meta_model(str(base_model), "base_model")
         except (OSError, QLoRAConfigError) as error:
@@ -236,8 +232,6 @@ class QLoRAPlugin(BasePlugin):
                 raise  # a local path is read from disk only: what is wrong with it is said now
             _log.info("qlora: target discovery waits for the loaded model (%s)", error)
             return self.section_recipe
-        from qlora_plugin.core.model_limits import check_sequence_length
-
         config: Any = model.config  # a transformers PretrainedConfig
         warning = check_sequence_length(sequence_len, "sequence_len", config.to_dict(), type(model).__name__)
         if warning:
@@ -249,9 +243,7 @@ class QLoRAPlugin(BasePlugin):
 
     def _save_outputs(self, output_dir: Path, model: Any) -> None:
         """Write the config as plain Axolotl keys (no plugin needed to rerun it) and the recipe, atomically."""
-        from qlora_plugin.core.recipe import write_recipe_file
-        from qlora_plugin.core.safe_io import write_text_atomically
-
+        assert self.recipe is not None
         plain = {key: value for key, value in self.expanded.items() if key not in NOT_RERUN}
         plain = {key: value for key, value in plain.items() if value is not None}
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -267,11 +259,6 @@ def check_structure(cfg: Any) -> None:
     """Refuse a config whose structure Axolotl would read silently otherwise: a key given twice in its YAML file
     (the last one wins), a ``qlora:`` section nested where Axolotl never reads it, or a key the plugin reads
     holding the wrong kind of value (Axolotl validates its keys only after the plugin has used them)."""
-    import os
-
-    from qlora_plugin.integrations.axolotl.section import check_axolotl_keys, misplaced_section
-    from qlora_plugin.core.yaml_strict import duplicate_key
-
     path = cfg.get("axolotl_config_path")
     if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
         with open(path, encoding="utf-8", errors="replace") as handle:
@@ -282,6 +269,23 @@ def check_structure(cfg: Any) -> None:
     found = misplaced_section(plain) or check_axolotl_keys(plain)
     if found is not None:
         raise found
+
+
+def apply_trainer_settings(trainer: Any, settings: dict[str, Any]) -> None:
+    """Put trainer ``settings`` on a trainer that already exists (Axolotl's hook comes after ``__init__``).
+
+    ``accelerator_config`` fields also go on the trainer's accelerator, which read
+    them when it was made; the train dataloader is prepared with them later, in ``train()``.
+    """
+    for key, value in settings.items():
+        if key != "accelerator_config":
+            setattr(trainer.args, key, value)
+            continue
+        if not patches.allowed("trainer-dataloader-config"):
+            continue
+        for name, field_value in value.items():
+            setattr(trainer.args.accelerator_config, name, field_value)
+            setattr(trainer.accelerator.dataloader_config, name, field_value)
 
 
 def _plain(cfg: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from qlora_plugin.core.errors import QLoRAConfigError
-from qlora_plugin.core.fields import RecipeSpec
+from qlora_plugin.core.fields import RecipeSpec, recipe_spec
 
 SECTION = "qlora"
 PLUGIN = "qlora_plugin.axolotl.QLoRAPlugin"
@@ -19,8 +19,6 @@ PLUGIN_NAMES = (PLUGIN, "qlora_plugin.integrations.axolotl.plugin.QLoRAPlugin") 
 
 def spec_from_section(section: Any) -> RecipeSpec:
     """The recipe a ``qlora:`` section describes, checked; errors name ``qlora.<key>``."""
-    from qlora_plugin.core.fields import recipe_spec
-
     if section is None:
         section = {}
     if not isinstance(section, dict):

@@ -1,56 +1,38 @@
-"""4-bit quantization of the frozen base: the built-in bitsandbytes backend."""
+"""4-bit layers of the frozen base: their storage dtype for the run, 16-bit layers quantized, the NF4 layout kept."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import logging
+from typing import Any
 
-from qlora_plugin.core.hookspecs import hookimpl
+import bitsandbytes as bnb
+import torch
+from bitsandbytes import functional as bnb_functional
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-    from transformers import BitsAndBytesConfig
-
-    from qlora_plugin.core.recipe import QLoRARecipe
-
-BLOCKSIZE = 64  # bitsandbytes' 4-bit block size; transformers does not expose it
-
-
-def bnb_config(recipe: QLoRARecipe, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
-    """The recipe's quantization as a transformers ``BitsAndBytesConfig``."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=recipe.quant_type,
-        bnb_4bit_use_double_quant=recipe.double_quant,
-        bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=storage_dtype(recipe, compute_dtype),
-    )
+from qlora_plugin.build.context import RunContext, make_context
+from qlora_plugin.build.distributed import FSDP_NAME
+from qlora_plugin.build.fsdp_bytes import guard_float_storage
+from qlora_plugin.core.device import torch_dtype
+from qlora_plugin.core.errors import QLoRAConfigError
+from qlora_plugin.core.hookspecs import RecipeFields
+from qlora_plugin.core.patches import allowed
+from qlora_plugin.core.plugins import quantization_config as plugins_quantization_config
+from qlora_plugin.core.quantization_config import BLOCKSIZE
 
 
-def storage_dtype(
-    recipe: QLoRARecipe, compute_dtype: torch.dtype, fsdp: bool | None = None, zero3: bool | None = None
-) -> torch.dtype:
-    """The dtype the packed 4-bit weights are stored in (``quant_storage``).
+def storage_dtype(recipe: RecipeFields, compute_dtype: torch.dtype, context: RunContext) -> torch.dtype:
+    """The dtype the packed 4-bit weights are stored in (``quant_storage``) in the run of ``context``.
 
-    ``"auto"``: uint8, or where FSDP or DeepSpeed ZeRO-3 shards the model (``fsdp``, ``zero3``;
-    default: as the trainer's settings or the launch say,
-    :func:`qlora_plugin.core.distributed.sharding_engine`) the compute dtype. Under FSDP that is
-    the storage the FSDP QLoRA path of accelerate and Axolotl is built for (FSDP1 cannot flatten
-    integer tensors), and FSDP2 is made to all-gather it as bytes
-    (:func:`qlora_plugin.core.fsdp_bytes.guard_float_storage`); under ZeRO-3 the storage of
-    PEFT's "DeepSpeed ZeRO-3 + QLoRA" guide, one dtype for every parameter ZeRO-3 partitions.
-    There an explicit storage dtype other than the compute dtype is an error.
+    ``"auto"``: uint8, or where FSDP or DeepSpeed ZeRO-3 shards the model (``context.sharding``)
+    the compute dtype. Under FSDP that is the storage the FSDP QLoRA path of accelerate and
+    Axolotl is built for (FSDP1 cannot flatten integer tensors), and FSDP2 is made to all-gather
+    it as bytes (:func:`qlora_plugin.build.fsdp_bytes.guard_float_storage`); under ZeRO-3 the
+    storage of PEFT's "DeepSpeed ZeRO-3 + QLoRA" guide, one dtype for every parameter ZeRO-3
+    partitions. There an explicit storage dtype other than the compute dtype is an error.
     """
-    import logging
-
-    from qlora_plugin.core.device import torch_dtype
-    from qlora_plugin.core.distributed import FSDP_NAME, sharding_engine
-    from qlora_plugin.core.errors import QLoRAConfigError
-    from qlora_plugin.core.notices import log_once
-
-    engine = sharding_engine(recipe, fsdp, zero3)
+    engine = context.sharding
     compute = str(compute_dtype).removeprefix("torch.")
     if engine is None:
         return torch_dtype("uint8" if recipe.quant_storage == "auto" else recipe.quant_storage)
@@ -64,11 +46,10 @@ def storage_dtype(
         why = "the storage of PEFT's ZeRO-3 QLoRA guide: one dtype for every parameter ZeRO-3 partitions"
         failure = "the storage of PEFT's DeepSpeed ZeRO-3 + QLoRA guide, one dtype for every partitioned parameter"
     if recipe.quant_storage == "auto":
-        log_once(
+        context.say_once(
             logging.INFO,
             f"qlora: {engine} shards the model, so the 4-bit weights are stored as {compute} "
             f"(quant_storage='auto': {why})",
-            recipe,
         )
     elif recipe.quant_storage != compute:
         raise QLoRAConfigError(
@@ -78,30 +59,29 @@ def storage_dtype(
             f"set quant_storage='auto' or '{compute}' (the compute dtype)",
         )
     if engine == FSDP_NAME:
-        from qlora_plugin.core.fsdp_bytes import guard_float_storage
-
-        guard_float_storage(recipe)
+        guard_float_storage(context)
     return compute_dtype
 
 
-@hookimpl(trylast=True)
-def qlora_quantization_config(recipe: QLoRARecipe, compute_dtype: Any) -> BitsAndBytesConfig:
-    """The built-in backend: bitsandbytes 4-bit."""
-    return bnb_config(recipe, compute_dtype)
+def quantization_config(recipe: RecipeFields, context: RunContext) -> Any:
+    """The plugins' quantization config that loads the base for the run of ``context`` (bitsandbytes 4-bit)."""
+    return plugins_quantization_config(
+        recipe, context.compute_dtype, storage_dtype(recipe, context.compute_dtype, context)
+    )
 
 
-def quantize_linear(layer: Any, recipe: QLoRARecipe, compute_dtype: torch.dtype) -> nn.Module:
+def quantize_linear(
+    layer: Any, recipe: RecipeFields, compute_dtype: torch.dtype, context: RunContext | None = None
+) -> nn.Module:
     """Return a bitsandbytes ``Linear4bit`` holding ``layer``'s weight in 4 bits.
 
     ``layer`` is an ``nn.Linear`` or a GPT-2 ``Conv1D`` (whose weight is stored
-    transposed). The result lives on the device of ``layer``'s weight.
+    transposed). The result lives on the device of ``layer``'s weight. ``context``: the run
+    the layer belongs to (default: one from the launch), which decides the storage dtype.
     """
-    import bitsandbytes as bnb
-    from transformers.pytorch_utils import Conv1D
-
     weight = layer.weight.detach()
     device = layer.weight.device  # this rank's device: the 4-bit layer stays where the 16-bit one was
-    storage = storage_dtype(recipe, compute_dtype)
+    storage = storage_dtype(recipe, compute_dtype, context or make_context(recipe))
     if isinstance(layer, Conv1D):
         weight = weight.t()
     out_features, in_features = weight.shape
@@ -131,8 +111,6 @@ def quantize_linear(layer: Any, recipe: QLoRARecipe, compute_dtype: torch.dtype)
 
 def is_4bit(layer: nn.Module) -> bool:
     """True if ``layer`` is a bitsandbytes 4-bit linear layer."""
-    import bitsandbytes as bnb
-
     return isinstance(layer, bnb.nn.Linear4bit)
 
 
@@ -146,8 +124,6 @@ def keep_nf4_layout(model: nn.Module) -> int:
     off on each layer and converts back, through bitsandbytes' own inverse, a layer that
     was already repacked. Returns the number of 4-bit layers seen.
     """
-    from qlora_plugin.core.patches import allowed
-
     if not allowed("bnb-cpu-weight-repack"):
         return 0
     layers: list[Any] = [model] if is_4bit(model) else [m for m in model.modules() if is_4bit(m)]
@@ -164,9 +140,7 @@ def restore_nf4_layout(layer: Any) -> bool:
     state: Any = getattr(weight, "quant_state", None)  # bitsandbytes' QuantState, if any
     if not getattr(state, "packing_format_for_cpu", False):
         return False
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    weight.data, weight.quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
     if getattr(layer, "quant_state", None) is not None:
         layer.quant_state = weight.quant_state
     return True

@@ -8,11 +8,12 @@ the layer's name (the same weights whatever ran before, and the global
 generator untouched); the Axolotl plugin seeds the global generator just before
 Axolotl builds its layers.
 
-The run's seed is the ``seed`` of the trainer whose construction builds the layers
-(TRL's ``SFTTrainer`` wraps the model while its ``__init__`` runs, with the
-``SFTConfig`` it was given): it travels with that config, never with the recipe, so
-one recipe behind several configs or trainers gives each its own seed. Layers built
-outside a trainer (``get_peft_model`` by hand) use :data:`DEFAULT_SEED`.
+The run's seed is its run context's (:mod:`qlora_plugin.build.context`): for layers
+built while a trainer is constructed (TRL's ``SFTTrainer`` wraps the model while its
+``__init__`` runs), the context of that trainer's arguments, with their ``seed``
+(:func:`args_of_trainer_being_built`): it travels with the config, never with the
+recipe, so one recipe behind several configs or trainers gives each its own seed.
+Layers built outside a trainer (``get_peft_model`` by hand) use :data:`DEFAULT_SEED`.
 """
 
 from __future__ import annotations
@@ -24,22 +25,26 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
+import torch
+from transformers import set_seed
+
 DEFAULT_SEED = 42  # transformers' TrainingArguments.seed default
 
 
-def seed_of_trainer_being_built() -> int | None:
-    """The ``seed`` of the arguments of the transformers ``Trainer`` whose ``__init__`` is running, or None.
+def args_of_trainer_being_built() -> Any:
+    """The arguments (``TrainingArguments``, ``SFTConfig``) of the transformers ``Trainer`` whose ``__init__`` runs.
 
-    Read from the call stack: the trainer under construction is a caller of PEFT's layer
-    building, and its ``args`` are in that frame.
+    None outside a trainer's construction. Read from the call stack: the trainer under
+    construction is a caller of PEFT's layer building, and its ``args`` are in that frame.
     """
     frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "__init__":
             owner = frame.f_locals.get("self")
-            seed = getattr(frame.f_locals.get("args"), "seed", None)
+            args = frame.f_locals.get("args")
+            seed = getattr(args, "seed", None)
             if _is_trainer(owner) and isinstance(seed, int) and not isinstance(seed, bool):
-                return seed
+                return args
         frame = frame.f_back
     return None
 
@@ -54,18 +59,13 @@ def layer_seed(seed: int, name: str) -> int:
 
 
 @contextlib.contextmanager
-def seeded_layer_init(name: str | None) -> Iterator[None]:
-    """Build one LoRA layer from a generator of its own, seeded by the run and the layer name."""
-    import torch
-
-    seed = seed_of_trainer_being_built()
+def seeded_layer_init(seed: int, name: str | None) -> Iterator[None]:
+    """Build one LoRA layer from a generator of its own, seeded by the run's ``seed`` and the layer name."""
     with torch.random.fork_rng(devices=[]):  # PEFT creates the adapter weights on the CPU, then moves them
-        torch.manual_seed(layer_seed(DEFAULT_SEED if seed is None else seed, name or ""))
+        torch.manual_seed(layer_seed(seed, name or ""))
         yield
 
 
 def seed_before_adapters(seed: int | None) -> None:
     """Seed torch's generators for a host (Axolotl) that builds its LoRA layers itself, next."""
-    from transformers import set_seed
-
     set_seed(DEFAULT_SEED if seed is None else int(seed))

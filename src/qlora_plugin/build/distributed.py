@@ -1,4 +1,4 @@
-"""Multi-process launches as the recipe sees them: which rank, which device, whether FSDP or ZeRO-3 shards the model.
+"""Multi-process launches as a run sees them: which rank, which device, whether FSDP or ZeRO-3 shards the model.
 
 The launchers are the existing engines (``accelerate launch``, ``torchrun``, Axolotl's
 multi-GPU configs); this module only reads what they set. Under DDP each rank needs the
@@ -7,7 +7,8 @@ afterwards: "You can't train a model that has been loaded in 8-bit or 4-bit prec
 a different device"); under FSDP the packed 4-bit weights must be stored in the dtype of
 the other parameters, or FSDP refuses to shard them ("Cannot flatten integer dtype tensors").
 DeepSpeed ZeRO-3 partitions every parameter too, and is treated the same way
-(:func:`sharding_engine`).
+(:func:`sharding_engine`). What a run makes of all this is decided once, in its run
+context (:func:`qlora_plugin.build.context.make_context`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from qlora_plugin.core.patches import allowed
+
 FSDP_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch` with an FSDP config, and by Axolotl
 DEEPSPEED_ENV = "ACCELERATE_USE_DEEPSPEED"  # set by `accelerate launch` with a DeepSpeed config
 ZERO_STAGE_ENV = "ACCELERATE_DEEPSPEED_ZERO_STAGE"  # ... with its `zero_stage`
 DEEPSPEED_CONFIG_ENV = "ACCELERATE_DEEPSPEED_CONFIG_FILE"  # ... or with its `deepspeed_config_file`
-_FSDP = "_qlora_fsdp"  # on a recipe: what the trainer's settings said (see remember_fsdp)
-_ZERO3 = "_qlora_zero3"  # on a recipe: what the trainer's settings said (see remember_zero3)
-_DEEPSPEED = "_qlora_deepspeed"  # on a recipe: what the trainer's settings said (see remember_deepspeed)
 FSDP_NAME = "FSDP"
 ZERO3_NAME = "DeepSpeed ZeRO-3"
 
@@ -48,8 +48,6 @@ def current_launch() -> Launch:
     ``accelerate launch`` and ``torchrun`` set ``WORLD_SIZE`` and ``LOCAL_RANK``; reading them
     (rather than creating accelerate's ``PartialState``) starts no process group early.
     """
-    from qlora_plugin.core.patches import allowed
-
     if allowed("accelerate-partial-state"):
         from accelerate.state import PartialState
 
@@ -118,47 +116,16 @@ def fsdp_requested(settings: Mapping[str, Any] | None = None) -> bool:
     return settings.get("fsdp") not in (None, False, "", [], ())
 
 
-def remember_fsdp(recipe: Any, fsdp: bool) -> None:
-    """Record on ``recipe`` whether its trainer shards the model with FSDP (read by :func:`fsdp_in_effect`)."""
-    recipe.__dict__[_FSDP] = bool(fsdp)
+def sharding_engine(fsdp: bool, zero3: bool) -> str | None:
+    """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` where one partitions the model across ranks, else None.
 
-
-def fsdp_in_effect(recipe: Any) -> bool:
-    """True when ``recipe`` trains under FSDP: as its trainer's settings said, or as the launch says."""
-    return bool(recipe.__dict__.get(_FSDP, False)) or fsdp_requested()
-
-
-def remember_deepspeed(recipe: Any, deepspeed: bool) -> None:
-    """Record on ``recipe`` whether its trainer runs DeepSpeed at any stage (read by :func:`deepspeed_in_effect`)."""
-    recipe.__dict__[_DEEPSPEED] = bool(deepspeed)
-
-
-def deepspeed_in_effect(recipe: Any) -> bool:
-    """True when ``recipe`` trains under DeepSpeed: as its trainer's settings said, or as the launch says."""
-    return bool(recipe.__dict__.get(_DEEPSPEED, False)) or deepspeed_requested()
-
-
-def remember_zero3(recipe: Any, zero3: bool) -> None:
-    """Record on ``recipe`` whether its trainer runs DeepSpeed ZeRO-3 (read by :func:`zero3_in_effect`)."""
-    recipe.__dict__[_ZERO3] = bool(zero3)
-
-
-def zero3_in_effect(recipe: Any) -> bool:
-    """True when ``recipe`` trains under DeepSpeed ZeRO-3: as its trainer's settings said, or as the launch says."""
-    return bool(recipe.__dict__.get(_ZERO3, False)) or zero3_requested()
-
-
-def sharding_engine(recipe: Any, fsdp: bool | None = None, zero3: bool | None = None) -> str | None:
-    """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` where one partitions ``recipe``'s model across ranks, else None.
-
-    ``fsdp``/``zero3``: what a config says (Axolotl's); None reads the recipe and the launch.
     Both engines split each parameter between the ranks and gather it around a module's
-    forward, so the recipe adapts to them alike: 4-bit weights stored in the compute dtype,
+    forward, so a run adapts to them alike: 4-bit weights stored in the compute dtype,
     the fast path's fused kernels off, torch's AdamW.
     """
-    if fsdp_in_effect(recipe) if fsdp is None else fsdp:
+    if fsdp:
         return FSDP_NAME
-    if zero3_in_effect(recipe) if zero3 is None else zero3:
+    if zero3:
         return ZERO3_NAME
     return None
 

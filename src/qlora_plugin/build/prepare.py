@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+from peft import prepare_model_for_kbit_training
+
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel
 
     from qlora_plugin.core.recipe import QLoRARecipe
@@ -21,8 +23,6 @@ def prepare_for_training(model: PreTrainedModel, recipe: QLoRARecipe) -> PreTrai
     """Freeze the base and set up checkpointing, on the path the recipe chose."""
     checkpointing_kwargs = {"use_reentrant": False}
     if not recipe.fast_path:
-        from peft import prepare_model_for_kbit_training
-
         return prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=bool(recipe.gradient_checkpointing),

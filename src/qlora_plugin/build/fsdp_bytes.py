@@ -12,63 +12,61 @@ unit: the same bytes travel, nothing is converted.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
-from qlora_plugin.core.notices import log_once
+import torch
+
+from qlora_plugin.build.distributed import FSDP_NAME
+from qlora_plugin.core import patches
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from qlora_plugin.core.recipe import QLoRARecipe
+    from qlora_plugin.build.context import RunContext
 
 PATCH = "torch-fsdp2-all-gather-bytes"
 
 
-def guard_float_storage(recipe: QLoRARecipe) -> None:
+def guard_float_storage(context: RunContext) -> None:
     """4-bit weights are to be stored in a float dtype for FSDP: make FSDP2's all-gather byte-exact, and say so once.
 
-    Called where that storage is chosen (:func:`qlora_plugin.core.quantization.storage_dtype`)
+    Called where that storage is chosen (:func:`qlora_plugin.build.quantization.storage_dtype`)
     and where a 4-bit layer is met under FSDP, so a model whose LoRA layers PEFT or Axolotl
-    build is covered too. The patch applies to the whole process; FSDP1 never reaches the wrapped function.
+    build is covered too. The patch applies to the whole process (:mod:`qlora_plugin.core.patches`);
+    FSDP1 never reaches the wrapped function.
     """
     if all_gather_as_bytes():
-        log_once(
+        context.say_once(
             logging.INFO,
             "qlora: FSDP2 (fully_shard) will all-gather the 4-bit weights as bytes (its float all-gather "
             "rewrites packed codes that read as NaN on GPUs, bitsandbytes issue 1945)",
-            recipe,
         )
     else:
-        log_once(
+        context.say_once(
             logging.WARNING,
             "qlora: FSDP2 (fully_shard) would all-gather the float-stored 4-bit weights as floats here, which "
             "can rewrite some of their packed codes on GPUs (bitsandbytes issue 1945); the plugin's byte-exact "
             "all-gather needs a torch version it was tested on (see the warning above)",
-            recipe,
         )
 
 
-def guard_packed_weights(layer: nn.Module, recipe: QLoRARecipe) -> None:
+def guard_packed_weights(layer: nn.Module, context: RunContext) -> None:
     """Before FSDP shards ``layer``, make sure its float-stored 4-bit weight will be all-gathered as bytes."""
-    from qlora_plugin.core.distributed import fsdp_in_effect
-
     weight = getattr(layer, "weight", None)
     float_stored = weight is not None and weight.is_floating_point()
-    if float_stored and fsdp_in_effect(recipe):
-        guard_float_storage(recipe)
+    if float_stored and context.sharding == FSDP_NAME:
+        guard_float_storage(context)
 
 
-def guard_packed_model(model: nn.Module, recipe: QLoRARecipe) -> None:
+def guard_packed_model(model: nn.Module, context: RunContext) -> None:
     """:func:`guard_packed_weights` for a model whose LoRA layers another library builds (Axolotl's PEFT config)."""
     for module in model.modules():
         if type(getattr(module, "weight", None)).__name__ == "Params4bit":
-            guard_packed_weights(module, recipe)
+            guard_packed_weights(module, context)
             return  # the all-gather is chosen once per process
 
 
-@functools.cache
 def all_gather_as_bytes() -> bool:
     """Make FSDP2 all-gather every unit as uint8 in this process (once); False where the patch is not allowed.
 
@@ -76,18 +74,11 @@ def all_gather_as_bytes() -> bool:
     dtype, or uint8 when they differ, in which case it views every input and output as bytes.
     The wrapper keeps the per-input dtypes and sizes it returns and always answers uint8.
     """
-    from qlora_plugin.core.patches import allowed
+    return patches.apply(PATCH, _answering_bytes)
 
-    if not allowed(PATCH):
-        return False
-    import torch
-    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as collectives
 
-    original = getattr(collectives, "_get_all_gather_input_metadatas", None)
-    if original is None:  # only reachable with QLORA_UNTESTED_PATCHES on a torch that moved it
-        return False
-    if getattr(original, "_qlora_as_bytes", False):
-        return True
+def _answering_bytes(original: Any) -> Any:
+    """FSDP2's ``_get_all_gather_input_metadatas`` with uint8 as the all-gather dtype."""
 
     def metadatas_as_bytes(param_all_gather_inputs: list[list[torch.Tensor]]) -> Any:
         input_dtypes, input_numels, _dtype = original(param_all_gather_inputs)
@@ -95,5 +86,4 @@ def all_gather_as_bytes() -> bool:
 
     metadatas_as_bytes.__wrapped__ = original  # type: ignore[attr-defined]
     metadatas_as_bytes._qlora_as_bytes = True  # type: ignore[attr-defined]
-    collectives._get_all_gather_input_metadatas = metadatas_as_bytes
-    return True
+    return metadatas_as_bytes

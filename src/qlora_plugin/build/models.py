@@ -5,12 +5,25 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from qlora_plugin.core import seams
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
+
+from qlora_plugin.build.distributed import rank_device_map
+from qlora_plugin.build.lora_layers import context_for
+from qlora_plugin.build.moe_experts import quantize_experts
+from qlora_plugin.build.prepare import prepare_for_training
+from qlora_plugin.build.quantization import keep_nf4_layout, quantization_config
 from qlora_plugin.core.errors import QLoRAConfigError
+from qlora_plugin.core.files import hub_offline, looks_local, read_json, require
+from qlora_plugin.core.model_limits import check_model_config
 
 if TYPE_CHECKING:
-    from torch import nn
-    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers import PreTrainedModel
 
     from qlora_plugin.core.recipe import QLoRARecipe
 
@@ -34,11 +47,6 @@ def load_config(path: str | os.PathLike[str], field: str = "model") -> Pretraine
     (:func:`qlora_plugin.core.model_limits.check_model_config`).
     ``field`` names the input in errors (``model``, ``--base``, ``base_model``).
     """
-    from transformers import AutoConfig
-
-    from qlora_plugin.core.files import hub_offline, looks_local, read_json, require
-    from qlora_plugin.core.model_limits import check_model_config
-
     name = os.fspath(path)
     local = looks_local(name)
     if local:
@@ -83,12 +91,6 @@ def _first_line(error: BaseException) -> str:
 
 def auto_class(config: PretrainedConfig) -> Any:
     """The transformers auto class for a causal LM or a vision-language model."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-    )
-
     if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and hasattr(config, "vision_config"):
         return AutoModelForImageTextToText
     if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -103,8 +105,6 @@ def auto_class(config: PretrainedConfig) -> Any:
 
 def meta_model(path: str | os.PathLike[str], field: str = "model") -> nn.Module:
     """Build the model ``path`` describes on the meta device: modules, no weights (``field``: the input, in errors)."""
-    import torch
-
     config = load_config(path, field)
     with torch.device("meta"):
         try:
@@ -124,21 +124,19 @@ def meta_model(path: str | os.PathLike[str], field: str = "model") -> nn.Module:
 def load_quantized(path: str | os.PathLike[str], recipe: QLoRARecipe, **kwargs: Any) -> PreTrainedModel:
     """Load ``path`` with its linear layers in 4 bits, prepared for training on the recipe's path.
 
-    Under a multi-process launch on CUDA the model goes to this rank's GPU unless ``kwargs``
-    has a ``device_map`` or the launch is DeepSpeed's (:func:`qlora_plugin.core.distributed.rank_device_map`).
+    The recipe's run context (:func:`qlora_plugin.build.lora_layers.context_for`) decides the
+    storage of the 4-bit weights and the placement: under a multi-process launch on CUDA the
+    model goes to this rank's GPU unless ``kwargs`` has a ``device_map`` or the run is
+    DeepSpeed's (:func:`qlora_plugin.build.distributed.rank_device_map`).
     """
-    from qlora_plugin.core.device import training_device
-    from qlora_plugin.core.distributed import deepspeed_requested, rank_device_map
-    from qlora_plugin.core.prepare import prepare_for_training
-    from qlora_plugin.core.quantization import keep_nf4_layout
-
+    context = context_for(recipe)
     config = load_config(path)
-    device_map = None if deepspeed_requested() else rank_device_map(training_device())
+    device_map = None if context.deepspeed else rank_device_map(context.device, context.launch)
     if device_map is not None:
         kwargs.setdefault("device_map", device_map)
-    kwargs.setdefault("quantization_config", recipe.quantization_config())
-    kwargs.setdefault("dtype", recipe.resolved_compute_dtype())
+    kwargs.setdefault("quantization_config", quantization_config(recipe, context))
+    kwargs.setdefault("dtype", context.compute_dtype)
     model = auto_class(config).from_pretrained(os.fspath(path), **kwargs)
     keep_nf4_layout(model)
-    seams.call("quantize_experts", model, recipe)  # fused MoE experts in 4 bits (qlora_plugin.build.moe_experts)
+    quantize_experts(model, recipe, context=context)  # fused MoE experts in 4 bits
     return prepare_for_training(model, recipe)

@@ -1,0 +1,81 @@
+"""Every ``QLORA_*`` environment variable the package reads, read here and nowhere else.
+
+The run's tuning knobs (:class:`Knobs`) are read when a run context is made
+(:func:`qlora_plugin.build.context.make_context`) and by ``qlora estimate``; the other two
+switch a check and a report:
+
+- ``QLORA_FAST_PATH_ON_CPU=1``: the fast path's PyTorch references on a CPU (for tests);
+- ``QLORA_CUDA_GRAPHS=0``: no CUDA graphs at the speed point (recompute "none");
+- ``QLORA_PACKED_ATTENTION=0``: packed rows left to transformers' masked attention;
+- ``QLORA_TILED_MLP=N``: a step's MLPs run tiled from N tokens (0: never);
+- ``QLORA_OFFLOAD_KEEP_LAYERS=K``: under offloaded recompute the first K layer inputs stay on the GPU;
+- ``QLORA_UNTESTED_PATCHES=1``: patches outside their tested versions are used anyway, with a warning;
+- ``QLORA_TRACEBACK=1``: a failed ``qlora`` command or Axolotl run shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+FAST_PATH_ON_CPU = "QLORA_FAST_PATH_ON_CPU"
+CUDA_GRAPHS = "QLORA_CUDA_GRAPHS"
+PACKED_ATTENTION = "QLORA_PACKED_ATTENTION"
+TILED_MLP = "QLORA_TILED_MLP"
+OFFLOAD_KEEP_LAYERS = "QLORA_OFFLOAD_KEEP_LAYERS"
+UNTESTED_PATCHES = "QLORA_UNTESTED_PATCHES"
+TRACEBACK = "QLORA_TRACEBACK"
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The run's tuning knobs as the environment sets them (defaults where it does not).
+
+    ``problems``: one line per value that could not be read (its default is used instead).
+    """
+
+    fast_path_on_cpu: bool = False
+    cuda_graphs: bool = True
+    packed_attention: bool = True
+    tiled_mlp_min_tokens: int | None = None  # None: the kernels' own threshold
+    offload_keep_layers: int = 0
+    problems: tuple[str, ...] = ()
+
+
+def read_knobs(environ: Mapping[str, str] | None = None) -> Knobs:
+    """The knobs ``environ`` (default: this process's environment) sets."""
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    tiled = _count(environ, TILED_MLP, "the MLPs tile from that many tokens (0: never)", problems)
+    keep = _count(environ, OFFLOAD_KEEP_LAYERS, "the first that many layers keep their inputs on the GPU", problems)
+    return Knobs(
+        fast_path_on_cpu=environ.get(FAST_PATH_ON_CPU) == "1",
+        cuda_graphs=environ.get(CUDA_GRAPHS, "1") != "0",
+        packed_attention=environ.get(PACKED_ATTENTION, "1") != "0",
+        tiled_mlp_min_tokens=tiled,
+        offload_keep_layers=keep or 0,
+        problems=tuple(problems),
+    )
+
+
+def untested_patches_allowed() -> bool:
+    """True when ``QLORA_UNTESTED_PATCHES=1`` lets patches run outside their tested versions."""
+    return os.environ.get(UNTESTED_PATCHES) == "1"
+
+
+def show_traceback() -> bool:
+    """True when ``QLORA_TRACEBACK`` asks for the traceback of a failed command or run."""
+    return bool(os.environ.get(TRACEBACK))
+
+
+def _count(environ: Mapping[str, str], name: str, meaning: str, problems: list[str]) -> int | None:
+    """A whole number >= 0 from ``name``, or None where it is unset or unreadable (a line in ``problems``)."""
+    value = environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return max(int(value), 0)
+    except ValueError:
+        problems.append(f"{name}={value!r} is not a whole number ({meaning}); using the default")
+        return None
