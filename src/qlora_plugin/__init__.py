@@ -50,10 +50,12 @@ def _training_args(recipe: QLoRARecipe, device: str | None = None) -> dict[str, 
 
 
 def _optimizer_cls_and_kwargs(recipe: QLoRARecipe, args: Any = None) -> Any:
+    from qlora_plugin.build.context import context_of_args
     from qlora_plugin.build.lora_layers import context_for
     from qlora_plugin.fastpath.optimizer import optimizer_cls_and_kwargs
 
-    return optimizer_cls_and_kwargs(context_for(recipe), args, recipe.learning_rate)
+    context = context_of_args(args) or context_for(recipe)  # the run of sft_config's config, where it is one
+    return optimizer_cls_and_kwargs(context, args, recipe.learning_rate)
 
 
 def _callbacks(recipe: QLoRARecipe) -> list[Any]:
