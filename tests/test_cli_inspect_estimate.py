@@ -105,7 +105,7 @@ def test_inspect_applies_preset_and_overrides(tiny_model_dir, capsys) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--preset", "papr"], "preset='papr': no such preset Did you mean 'paper'?"),
+        (["--preset", "papr"], "preset='papr': no such preset. Did you mean 'paper'? Fix:"),
         (["--set", "rank=4"], "rank=4: not a recipe field"),
         (["--set", "r"], "is not FIELD=VALUE"),
     ],
