@@ -31,14 +31,14 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL
 install: $(STAMP)
 
 # torch 2.13.0 first: a CPU build lies on this disk; an unpinned torch would pull a CUDA build of several GB.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/qlora_plugin_axolotl.pth
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) $(BIN)/pip --quiet --upgrade pip
 	$(PIP_INSTALL) $(BIN)/pip --quiet torch==2.13.0
 	$(PIP_INSTALL) $(BIN)/pip --quiet -e ".[axolotl,dev]"
 	touch $(STAMP)
 
-$(NEWEST_STAMP): pyproject.toml
+$(NEWEST_STAMP): pyproject.toml setup.py src/qlora_plugin_axolotl.pth
 	$(PYTHON) -m venv $(NEWEST)
 	$(PIP_INSTALL) $(NEWEST)/bin/pip --quiet --upgrade pip
 	$(PIP_INSTALL) $(NEWEST)/bin/pip --quiet torch==2.13.0
@@ -46,7 +46,7 @@ $(NEWEST_STAMP): pyproject.toml
 	touch $(NEWEST_STAMP)
 
 # No torch file on disk for Python 3.12: pip takes the newest torch the machine allows from PyPI.
-$(LATEST_STAMP): pyproject.toml
+$(LATEST_STAMP): pyproject.toml setup.py src/qlora_plugin_axolotl.pth
 	$(PYTHON312) -m venv $(LATEST)
 	$(PIP_INSTALL) $(LATEST)/bin/pip --quiet --upgrade pip
 	$(PIP_INSTALL) $(LATEST)/bin/pip --quiet --upgrade -e ".[axolotl,dev]"
