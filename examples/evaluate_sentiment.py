@@ -80,7 +80,7 @@ def label_logprobs(
     """For each prompt, the log-probability of each label as the reply; batched forwards.
 
     When every label is one token, one forward of the prompt (its last position only)
-    scores them all; otherwise each (prompt, label) pair is one row.
+    scores them all (:func:`next_token_logprobs`); otherwise each (prompt, label) pair is one row.
     """
     import torch
 
@@ -88,18 +88,8 @@ def label_logprobs(
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    scores: list[list[float]] = []
     if all(len(t) == 1 for t in targets):
-        firsts = torch.tensor([t[0] for t in targets], device=device)
-        for start in range(0, len(encoded), batch_size):
-            batch = encoded[start : start + batch_size]
-            width = max(map(len, batch))  # left padding: every prompt ends at the last position
-            ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch], device=device)
-            mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=device)
-            with torch.no_grad():
-                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
-            scores += logits.float().log_softmax(-1)[:, firsts].tolist()
-        return scores
+        return next_token_logprobs(model, encoded, [t[0] for t in targets], pad, batch_size)
     rows = [(p, t) for p in encoded for t in targets]
     flat: list[float] = []
     for start in range(0, len(rows), batch_size):
@@ -115,6 +105,60 @@ def label_logprobs(
             positions = torch.arange(len(p) - 1, len(p) + len(t) - 1, device=device)  # logits at p predict p + 1
             flat.append(logprobs[i, positions, torch.tensor(t, device=device)].sum().item())
     return [flat[i : i + len(labels)] for i in range(0, len(flat), len(labels))]
+
+
+def next_token_logprobs(
+    model: Any, encoded: list[list[int]], tokens: list[int], pad: int, batch_size: int = 16
+) -> list[list[float]]:
+    """For each tokenized prompt, the log-probability of each of ``tokens`` as the next token.
+
+    The tokens every prompt starts with (the chat template and the instruction: about half
+    of each prompt here) run once, and their keys and values are reused for every batch;
+    prompts of similar length are batched together and padded on the right. Same scores as
+    running each whole prompt (up to float rounding), in about a third of the time on a CPU.
+    """
+    import copy
+
+    import torch
+
+    device = next(model.parameters()).device
+    shared = min(_common_prefix(encoded), min(map(len, encoded)) - 1)  # every row keeps a token of its own
+    cache = None
+    if shared > 0:
+        with torch.no_grad():
+            prefix = torch.tensor([encoded[0][:shared]], device=device)
+            cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+    wanted = torch.tensor(tokens, device=device)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    scores: dict[int, list[float]] = {}
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        rows = [encoded[i][shared:] for i in batch]
+        width = max(map(len, rows))
+        ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=device)
+        mask = torch.tensor([[1] * (shared + len(row)) + [0] * (width - len(row)) for row in rows], device=device)
+        last = torch.tensor([len(row) - 1 for row in rows], device=device)
+        keep = torch.unique(last)  # the positions whose logits are needed (few: the batch's lengths are close)
+        past = None
+        if cache is not None:
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(len(batch))
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, past_key_values=past, logits_to_keep=keep).logits
+        picked = logits[torch.arange(len(batch), device=device), torch.searchsorted(keep, last)]
+        for i, row_scores in zip(batch, picked.float().log_softmax(-1)[:, wanted].tolist(), strict=True):
+            scores[i] = row_scores
+    return [scores[i] for i in range(len(encoded))]
+
+
+def _common_prefix(encoded: list[list[int]]) -> int:
+    """How many leading tokens all of ``encoded`` share."""
+    first = encoded[0]
+    length = len(first)
+    for other in encoded[1:]:
+        length = min(length, len(other))
+        length = next((i for i in range(length) if other[i] != first[i]), length)
+    return length
 
 
 def greedy_replies(

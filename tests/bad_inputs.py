@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
+
+# "field Did you mean 'x'?. Fix: ...": a new sentence with no stop before it, or a stop after a question
+SENTENCES_RUN_TOGETHER = re.compile(r"[\w')\]] (Did you|Fix:)|[?!]\.")
 
 
 def assert_one_line_error(message: str, *names: str, value: str | None = None) -> None:
@@ -18,6 +22,7 @@ def assert_one_line_error(message: str, *names: str, value: str | None = None) -
     if value is not None:
         assert value in message, f"value {value!r} not shown in: {message}"
     assert "Fix: " in message, f"no fix in: {message}"
+    assert not SENTENCES_RUN_TOGETHER.search(message), f"sentences run together in: {message}"
     fix = message.rsplit("Fix: ", 1)[1].strip()
     assert len(fix) > 12, f"the fix says too little: {message}"
     if value is not None:

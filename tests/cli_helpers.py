@@ -41,11 +41,14 @@ def run_json(*args: Any) -> Any:
 
 
 def axolotl_env() -> dict[str, str]:
-    """The environment ``axolotl train`` runs in from a test: this Python's scripts first on ``PATH``
-    (Axolotl execs ``accelerate``), no hub, no tracking."""
+    """The environment README gives ``axolotl train`` (no hub, no tracking), with this Python's scripts
+    directory taken off ``PATH``: the environment is called by path, not activated, and Axolotl still
+    finds its ``accelerate`` (through the package's ``qlora_plugin_axolotl.pth``)."""
+    scripts = os.fspath(Path(sys.executable).parent)
+    path = os.pathsep.join(entry for entry in os.environ.get("PATH", "").split(os.pathsep) if entry != scripts)
     return {
         **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PATH": path,
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",

@@ -27,7 +27,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 SCALE = max(1, int(os.environ.get("QLORA_FUZZ_EXAMPLES", "1") or 1))
-ERROR_LINE = re.compile(r"^qlora(?: [a-z-]+)?: error: (?P<what>.+?)\. Fix: (?P<fix>.{12,})$")
+# the problem ends with a stop, or with the question of a suggestion ("Did you mean ...?")
+ERROR_LINE = re.compile(r"^qlora(?: [a-z-]+)?: error: (?P<what>.+?)[.?] Fix: (?P<fix>.{12,})$")
 
 
 def fuzz_settings(examples: int) -> settings:

@@ -179,6 +179,18 @@ def test_check_warns_when_some_rows_are_longer_than_sequence_len(project) -> Non
     assert "warning: datasets[0] train.jsonl: 3 of 9 rows checked are longer than sequence_len=64" in result.stdout
 
 
+def test_check_names_every_problem_of_the_section_at_once(project) -> None:
+    write_config(project, qlora={"r": "sixteen", "lora_alpa": 32, "quant_type": "nf4"})
+    result = run_qlora("check", "config.yml", cwd=project)
+    assert result.returncode == 2, result.stdout
+    errors = [line for line in stderr_lines(result.stderr) if ": error: " in line]
+    assert len(errors) == 2, result.stderr
+    assert_one_line_error(errors[0], "qlora.r", value="'sixteen'")
+    assert_one_line_error(errors[1], "qlora.lora_alpa", value="32")
+    assert "not a recipe field. Did you mean 'lora_alpha'? Fix: use one of [" in errors[1]
+    assert stderr_lines(result.stderr)[-1].endswith("config.yml: 2 problems; fix them, then run `qlora check` again")
+
+
 def test_check_refuses_what_is_not_a_config(tmp_path) -> None:
     rejected("check", "nowhere.yml", cwd=tmp_path, names=("CONFIG",), value="'nowhere.yml'")
     (tmp_path / "broken.yml").write_text("base_model: ./m\nqlora: {r: 8\nplugins: []\n")

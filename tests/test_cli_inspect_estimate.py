@@ -105,7 +105,7 @@ def test_inspect_applies_preset_and_overrides(tiny_model_dir, capsys) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--preset", "papr"], "preset='papr': no such preset Did you mean 'paper'?"),
+        (["--preset", "papr"], "preset='papr': no such preset. Did you mean 'paper'? Fix:"),
         (["--set", "rank=4"], "rank=4: not a recipe field"),
         (["--set", "r"], "is not FIELD=VALUE"),
     ],
@@ -151,6 +151,18 @@ def test_estimate_through_the_console_script(tiny_model_dir, capsys) -> None:
         "tiled_mlp_min_tokens": 32768,
         "offload_keep_layers": 0,
     }
+
+
+def test_a_largest_batch_at_the_search_limit_is_shown_as_at_least(tiny_model_dir, capsys) -> None:
+    """The search for the largest batch stops at 1024: a batch that reaches it may be larger, and says so."""
+    from qlora_plugin.tools.estimate import BATCH_SEARCH_LIMIT
+
+    assert main(["estimate", str(tiny_model_dir), "--seq", "128", "--gpu", "t4-16gb", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["gpus"]
+    assert (row["largest_batch"], row["largest_batch_capped"]) == (BATCH_SEARCH_LIMIT, True)
+    assert main(["estimate", str(tiny_model_dir), "--seq", "128", "--gpu", "t4-16gb"]) == 0
+    last_row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_row.split()[0] == "t4-16gb" and last_row.endswith(f"≥ {BATCH_SEARCH_LIMIT}"), last_row
 
 
 def test_estimate_follows_each_path_parameter(eight_layer_config, capsys) -> None:

@@ -188,8 +188,8 @@ def write_entries(tmp_path: Path, **changes) -> Path:
         (
             "sentiment_llama_3_1_8b_4bit_r4",
             {},
-            "is not an entry of the file Did you mean "
-            "'sentiment_llama_3_1_8b_4bits_r4'?. Fix: use one of "
+            "is not an entry of the file. Did you mean "
+            "'sentiment_llama_3_1_8b_4bits_r4'? Fix: use one of "
             "['headline_llama_3_1_8b_8bits_r8_dora', 'sentiment_llama_3_1_8b_4bits_r4']",
         ),
         (SENTIMENT, {"lora_r": None}, f"{SENTIMENT}.lora_r=None: is missing"),

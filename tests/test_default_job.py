@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from cli_helpers import run_repo_job
+from job_output import SUMMARY_LINES, TRAINER_LOG, assert_summary, read_lines, run_job_script
 
 pytest.importorskip("axolotl")
 REPO = Path(__file__).resolve().parent.parent
@@ -67,6 +68,37 @@ def default_run(tmp_path_factory) -> tuple[Path, str]:
     (out / "train.log").write_text(done.stdout, encoding="utf-8")
     assert done.returncode == 0, done.stdout[-4000:]
     return out / "adapter", done.stdout
+
+
+@pytest.fixture(scope="module")
+def make_train_tiny(tmp_path_factory) -> tuple[Path, list[str]]:
+    """``make train-tiny``'s command, output redirected: (output dir, the lines a person reads)."""
+    out = tmp_path_factory.mktemp("make-train-tiny")
+    done = run_job_script("tiny", out, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:]
+    return out / "adapter", read_lines(done.stdout)
+
+
+@pytest.mark.slow
+def test_make_train_tiny_ends_with_the_result_and_what_to_run_next(make_train_tiny) -> None:
+    adapter, lines = make_train_tiny
+    before, after = assert_summary(lines, adapter, ask="examples/generate.py")
+    assert before < 0.5 and after > 0.85, lines[-6:]
+
+
+@pytest.mark.slow
+def test_make_train_tiny_prints_at_most_20_lines_besides_progress_bars_and_the_summary(make_train_tiny) -> None:
+    """Axolotl's config and notes go to the debug log, the module list to qlora_expanded.yml, and the
+    third-party warnings every CPU run raises are dropped where they are raised."""
+    adapter, lines = make_train_tiny
+    others = [line for line in lines[:-SUMMARY_LINES] if not TRAINER_LOG.match(line)]
+    # the default job's 30 steps log 6 losses and the final figures: 7 lines, so 13 are left of its 20
+    assert len(others) <= 20 - 7, "\n".join(others)
+    assert all(len(line) < 400 for line in lines), max(lines, key=len)
+    assert not [line for line in lines if "WARNING" in line or "Warning" in line], lines
+    log = (adapter / "debug.log").read_text(encoding="utf-8")
+    assert '"lora_target_modules": [' in log  # the config, in the file the first line names
+    assert any("lora_target_modules in " in line for line in lines)
 
 
 @pytest.mark.slow

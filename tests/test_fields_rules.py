@@ -140,7 +140,7 @@ def test_a_module_value_of_the_wrong_type_says_what_the_field_takes(name, proble
 def test_a_bad_checkpointing_value_says_what_each_choice_does() -> None:
     with pytest.raises(QLoRAConfigError) as error:
         recipe_spec(gradient_checkpointing="offlaod")
-    assert error.value.problem == "must be true, false or 'offload' Did you mean 'offload'?"
+    assert error.value.problem == "must be true, false or 'offload'. Did you mean 'offload'?"
     assert error.value.fix == (
         "set gradient_checkpointing=True (recompute, less memory), False (fastest) or 'offload' (least memory)"
     )
@@ -157,5 +157,5 @@ def test_an_unknown_choice_shows_the_value_and_the_choices() -> None:
     with pytest.raises(QLoRAConfigError) as error:
         recipe_spec(quant_type="nf5")
     assert (error.value.field, error.value.value) == ("quant_type", "nf5")
-    assert error.value.problem == "is not supported Did you mean 'nf4'?"
+    assert error.value.problem == "is not supported. Did you mean 'nf4'?"
     assert error.value.fix == "use one of ['nf4', 'fp4']"

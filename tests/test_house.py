@@ -85,6 +85,19 @@ def test_the_layer_check_finds_an_upward_import_and_a_circle(tmp_path: Path) -> 
     ]
 
 
+def test_no_import_names_a_module_that_does_not_exist(tmp_path: Path) -> None:
+    """A stale path after a move (inside a function it fails only when that function runs) is found."""
+    check = load_script("check_layers")
+    assert check.missing_imports() == []
+    root = tmp_path / "src"
+    shutil.copytree(REPO / "src" / "qlora_plugin", root / "qlora_plugin")
+    errors = root / "qlora_plugin" / "core" / "errors.py"
+    errors.write_text(errors.read_text() + "\n\ndef _late() -> None:\n    from qlora_plugin.core.section import X\n")
+    assert check.missing_imports(root) == [
+        "missing module: qlora_plugin.core.errors imports qlora_plugin.core.section, which does not exist"
+    ]
+
+
 def test_package_imports_are_at_the_top_except_where_they_defer_a_heavy_library() -> None:
     """``qlora --help`` stays light only because a few deferrals are deliberate (scripts/check_layers.py)."""
     check = load_script("check_layers")

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,18 +19,20 @@ REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "trl", "axolotl", "triton", "liger_kernel")
 
 
-def imports_of(*argv: str, cwd: Path = REPO) -> tuple[list[str], str, str]:
+def imports_of(
+    *argv: str, cwd: Path = REPO, status: int | None = 0, env: dict[str, str] | None = None
+) -> tuple[list[str], str, str]:
     """Run ``qlora ARGV`` in a fresh interpreter; the heavy libraries it imported, its stdout and stderr."""
     code = (
         "import sys\nfrom qlora_plugin.commands.main import main\n"
         "try:\n    status = main(sys.argv[1:])\nexcept SystemExit as stop:  # --help\n    status = stop.code or 0\n"
         f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr); sys.exit(status)"
     )
-    env = dict(os.environ, PYTHONPATH=str(SRC), HF_HUB_OFFLINE="1")
+    env = dict(env or dict(os.environ, HF_HUB_OFFLINE="1"), PYTHONPATH=str(SRC))
     done = subprocess.run(
         [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, cwd=cwd, check=False, timeout=300
     )
-    assert done.returncode == 0, done.stderr
+    assert status is None or done.returncode == status, done.stderr
     *rest, heavy = done.stderr.strip().splitlines()
     return json.loads(heavy.removeprefix("HEAVY ").replace("'", '"')), done.stdout, "\n".join(rest)
 
@@ -50,6 +53,64 @@ def imports_of(*argv: str, cwd: Path = REPO) -> tuple[list[str], str, str]:
 def test_config_only_subcommands_import_no_heavy_library_and_print_no_warnings(argv, tmp_path) -> None:
     heavy, stdout, stderr = imports_of(*(arg.replace("{tmp}", str(tmp_path)) for arg in argv))
     assert heavy == [] and stderr == "" and stdout
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["estimate", "--seq", "96"]])
+def test_inspect_and_estimate_read_the_model_and_section_of_an_axolotl_config(command) -> None:
+    """``qlora inspect configs/qlora.yml``: its base_model, with its qlora: section as the recipe, in a moment."""
+    heavy, stdout, stderr = imports_of(command[0], "configs/qlora.yml", *command[1:])
+    assert heavy == [] and stderr == ""
+    assert stdout.startswith("./examples/assets/tiny-llama")
+    if command[0] == "inspect":
+        assert "compute float32" in stdout and "Adapted modules (28)" in stdout
+
+
+def test_the_recipe_line_states_the_precision_it_computes_in() -> None:
+    """``compute_dtype: float32`` (both shipped configs) is reported as such, never as bf16."""
+    for argv in (["check", "configs/qlora.yml"], ["check", "configs/qlora-smollm2.yml"]):
+        _, stdout, _ = imports_of(*argv, status=None)  # the second config's model may not be prepared here
+        recipe_line = next(line for line in stdout.splitlines() if line.startswith("ok: qlora:"))
+        assert "compute float32; fast path" in recipe_line and "bf16" not in recipe_line, recipe_line
+
+    def recipe_line(*settings: str) -> str:
+        _, stdout, _ = imports_of("inspect", "examples/assets/tiny-llama", *settings)
+        return " ".join(stdout.split("\n\n")[0].split()).split(" recipe ", 1)[1]  # rich wraps long lines
+
+    assert recipe_line("--set", "compute_dtype=float32").endswith("compute float32; fast path")
+    stock = recipe_line("--set", "fast_path=false", "--set", "compute_dtype=fp16")
+    assert stock.endswith("compute fp16; stock path (PEFT upcasts norms and embeddings to fp32)")
+    assert recipe_line().endswith("compute bf16 (fp16 on GPUs without bf16); fast path (no fp32 upcasts)")
+
+
+NOT_A_MODEL = {
+    "config without base_model": (["{tmp}/no-base.yml"], ("no-base.yml: base_model", "set base_model")),
+    "a file that is no config": (["README.md"], ("model='README.md'", "is a file, not a directory", "Axolotl YAML")),
+    "a directory without config.json": (["configs"], ("model='configs'", "holds no config.json")),
+    "a path that does not exist": (["./no-such-model"], ("model='./no-such-model'", "does not exist")),
+    "a config whose base_model is missing": (["{tmp}/lost.yml"], ("lost.yml: base_model='./lost'", "does not exist")),
+    "a hub id while offline": (["org/model"], ("model='org/model'", "HF_HUB_OFFLINE")),
+    "a hub id the hub cannot answer": (["org/model", "HF_ENDPOINT=http://127.0.0.1:9"], ("cannot be reached",)),
+}
+
+
+@pytest.mark.parametrize("command", ["inspect", "estimate"])
+@pytest.mark.parametrize("case", list(NOT_A_MODEL))
+def test_a_model_argument_that_cannot_work_fails_at_once(command, case, tmp_path) -> None:
+    """One line naming the argument, the value and what to give, before torch or transformers is imported
+    (they take seconds to import; the hub client would retry for seconds more)."""
+    from bad_inputs import assert_one_line_error
+
+    (tmp_path / "no-base.yml").write_text("qlora: {r: 8}\n")
+    (tmp_path / "lost.yml").write_text("base_model: ./lost\nqlora: {}\n")
+    (argument, *settings), names = NOT_A_MODEL[case]
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_OFFLINE"))}
+    env |= dict(setting.split("=", 1) for setting in settings) or {"HF_HUB_OFFLINE": "1"}
+    extra = ["--seq", "64"] if command == "estimate" else []
+    started = time.monotonic()
+    heavy, stdout, stderr = imports_of(command, argument.replace("{tmp}", str(tmp_path)), *extra, status=2, env=env)
+    assert heavy == [] and stdout == "" and time.monotonic() - started < 20
+    assert stderr.startswith(f"qlora {command}: error: ")
+    assert_one_line_error(stderr, *names)
 
 
 def test_a_model_built_on_the_meta_device_prints_no_third_party_warnings(tmp_path) -> None:

@@ -12,10 +12,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_repo_job
+from job_output import SUMMARY_LINES, assert_summary, read_lines, run_job_script
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache/qlora-real"
@@ -114,23 +115,43 @@ needs_time = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def real_run(prepared, tmp_path_factory) -> Path:
-    """``axolotl train configs/qlora-smollm2.yml`` from the repository root, output redirected."""
+def make_train(prepared, tmp_path_factory) -> tuple[Path, list[str], float]:
+    """``make train``'s command (``scripts/default_job.py``) from the repository root, output redirected:
+    (adapter directory, the lines a person reads, seconds)."""
     out = tmp_path_factory.mktemp("real-job")
-    done = run_repo_job("configs/qlora-smollm2.yml", out, timeout=3600)
+    started = time.monotonic()
+    done = run_job_script("default", out, timeout=3600)
     assert done.returncode == 0, done.stdout[-4000:]
-    return out / "adapter"
+    return out / "adapter", read_lines(done.stdout), time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def real_run(make_train) -> Path:
+    return make_train[0]
 
 
 @pytest.mark.real_job
 @needs_time
-def test_the_real_adapter_clearly_beats_the_zero_shot_base(real_run) -> None:
+def test_make_train_ends_with_the_held_out_gain_where_the_adapter_is_and_what_next(make_train) -> None:
+    adapter, lines, seconds = make_train
+    print("\n".join(lines), f"\n{seconds:.0f} s", sep="")  # shown with -s: the figures and the time README quotes
+    before, after = assert_summary(lines, adapter, ask="examples/generate_sentiment.py")
+    assert before < 0.5 and after > before + 0.15, lines[-SUMMARY_LINES:]
+    assert len(lines) - SUMMARY_LINES <= 20, "\n".join(lines)
+
+
+@pytest.mark.real_job
+@needs_time
+def test_the_in_memory_scores_are_those_of_the_saved_adapter(make_train) -> None:
+    """The job scores the model it trained, in memory; the adapter it saved, reloaded, scores the same."""
     import evaluate_sentiment as ev
 
+    adapter, lines, _ = make_train
     rows = ev.read_rows(ev.DEFAULT_TEST)
-    results = ev.compare(ev.DEFAULT_BASE, real_run, rows)
-    base, tuned = results["base"]["label_scoring"], results["base+adapter"]["label_scoring"]
-    assert base < 0.5 and tuned > base + 0.15, results
+    results = ev.compare(ev.DEFAULT_BASE, adapter, rows)
+    shown = [f"{results[name]['label_scoring']:.1%}" for name in ("base", "base+adapter")]
+    before, after = lines[-SUMMARY_LINES], lines[1 - SUMMARY_LINES]
+    assert before.startswith(f"before: {shown[0]} ") and after.startswith(f"after:  {shown[1]} "), shown
 
 
 @pytest.mark.real_job
@@ -163,3 +184,32 @@ def test_the_merged_model_answers_as_well_as_the_adapter(real_run, tmp_path) -> 
     tuned, folded = results["base+adapter"]["label_scoring"], results["merged"]["label_scoring"]
     print(ev.table(results, rows))  # shown with -s: the figures the README quotes
     assert abs(folded - tuned) <= 0.01, results
+
+
+def readme_python(section: str) -> str:
+    """The first Python block of README's ``## SECTION``."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return body.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.network
+def test_the_readme_trl_snippet_runs_as_written(prepared, tmp_path) -> None:
+    """README's TRL snippet, pasted into a file and run where ``.cache`` is the repository's (as from its root):
+    it trains the real model in 4 bits with float32 compute on a CPU, saves the adapter, and the package's
+    first line says what the recipe set."""
+    (tmp_path / ".cache").symlink_to(REPO / ".cache")
+    (tmp_path / "snippet.py").write_text(readme_python("With TRL"), encoding="utf-8")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "snippet.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    adapter = tmp_path / "outputs/trl-readme/adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "qlora_recipe.json").is_file()
+    ours = [line for line in done.stderr.splitlines() if line.startswith("qlora_plugin: ")]
+    assert ours and ours[0].startswith("qlora_plugin: qlora recipe 'default' in SFTConfig: "), done.stderr[-4000:]
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "compute float32" in ours[0] and "bf16=False" in ours[0], ours

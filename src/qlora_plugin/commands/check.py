@@ -40,8 +40,6 @@ def run(args: argparse.Namespace) -> int:
     if result.ok:
         print(f"{args.config}: ready to train")
         return 0
-    print(
-        f"qlora check: {args.config}: {len(result.errors)} problem(s); fix them, then run `qlora check` again",
-        file=sys.stderr,
-    )
+    problems = f"{len(result.errors)} problem{'s' if len(result.errors) > 1 else ''}"
+    print(f"qlora check: {args.config}: {problems}; fix them, then run `qlora check` again", file=sys.stderr)
     return 2

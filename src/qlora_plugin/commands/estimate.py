@@ -23,6 +23,7 @@ from qlora_plugin.tools.estimate import (
     training_path,
 )
 from qlora_plugin.tools.inspection import analyze
+from qlora_plugin.tools.model_source import model_source
 
 
 def register(commands: Any) -> None:
@@ -33,7 +34,11 @@ def register(commands: Any) -> None:
         "predict the peak GPU memory of a QLoRA training step and the GPUs it fits",
         "qlora estimate ./Llama-3.1-8B --seq 2048 --batch 4 --gpu h100-80gb --recompute offload",
     )
-    parser.add_argument("model", help="a local model directory (only config.json is read) or a hub id")
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a model directory (only config.json is read), an Axolotl YAML (its base_model) or a hub id",
+    )
     parser.add_argument("--seq", type=int, required=True, help="tokens per sequence")
     parser.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     parser.add_argument(
@@ -118,9 +123,10 @@ def run(args: argparse.Namespace) -> int:
             raise QLoRAConfigError(f"--{name}", getattr(args, name), "must be at least 1", f"pass --{name} 1 or more")
     gpus = check_gpus(args.gpu)
     parallel = Parallel(args.gpus, args.strategy)
-    recipe = recipe_from_args(args)
+    source = model_source(args.model)
+    recipe = recipe_from_args(args, source.section)
     path = path_from_args(args, recipe)
-    report = analyze(args.model, recipe)
+    report = analyze(source.model, recipe)
     warnings = report.warnings(args.seq)
     result = estimate_memory(report, args.seq, args.batch, path, parallel)
     fits = gpu_table(report, args.seq, args.batch, path, gpus, parallel)
@@ -180,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
             row["memory_gib"],
             "[green]yes[/green]" if row["fits"] else "[red]no[/red]",
             row["headroom_gib"],
-            row["largest_batch"] or "-",
+            f"≥ {row['largest_batch']}" if row["largest_batch_capped"] else row["largest_batch"] or "-",
         ]
         for row in fits
     ]

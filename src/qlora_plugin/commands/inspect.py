@@ -11,6 +11,7 @@ from qlora_plugin.core.errors import QLoRAConfigError
 from qlora_plugin.tools.console import console, count, gib, print_json, table
 from qlora_plugin.tools.gguf_read import is_gguf
 from qlora_plugin.tools.inspection import analyze, base_sizes, describe_recipe, group_skipped
+from qlora_plugin.tools.model_source import model_source
 from qlora_plugin.tools.run_inspection import inspect_run, is_run
 
 
@@ -24,8 +25,10 @@ def register(commands: Any) -> None:
     )
     parser.add_argument(
         "model",
-        help="a local model directory (only config.json is read) or a hub id; a run's output directory or "
-        "checkpoint, to show what it trained (its qlora_recipe.json); or a .gguf file, to read it back",
+        metavar="MODEL",
+        help="a model directory (only config.json is read), an Axolotl YAML (its base_model) or a hub id; a run's "
+        "output directory or checkpoint, to show what it trained (its qlora_recipe.json); or a .gguf file, to read "
+        "it back",
     )
     add_recipe_options(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -38,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     if is_run(args.model):
         return show_run(args)
-    report = analyze(args.model, recipe_from_args(args))
+    source = model_source(args.model)
+    report = analyze(source.model, recipe_from_args(args, source.section))
     sizes = base_sizes(report)
     skipped = group_skipped(report)
     if args.json:
@@ -105,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
 def show_run(args: argparse.Namespace) -> int:
     """``qlora inspect RUN``: the record of what a run trained."""
-    if args.overrides or args.preset != "default":
+    if args.overrides or args.preset is not None:
         raise QLoRAConfigError(
             "--set/--preset",
             args.overrides or args.preset,

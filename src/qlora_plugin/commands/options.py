@@ -12,11 +12,16 @@ from typing import Any, NoReturn
 
 from qlora_plugin.core.errors import QLoRAConfigError
 from qlora_plugin.core.fields import RecipeSpec, recipe_spec
+from qlora_plugin.integrations.axolotl.section import spec_from_section
 
 
 def add_recipe_options(parser: argparse.ArgumentParser) -> None:
     """Add ``--preset`` and ``--set`` to ``parser``."""
-    parser.add_argument("--preset", default="default", help="the preset the recipe starts from (see `qlora presets`)")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help="the preset the recipe starts from (see `qlora presets`); default: the config's, else 'default'",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -48,8 +53,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def recipe_from_args(args: argparse.Namespace) -> RecipeSpec:
-    """The recipe ``--preset`` and ``--set`` describe, checked (no PEFT import)."""
+def recipe_from_args(args: argparse.Namespace, section: dict[str, Any] | None = None) -> RecipeSpec:
+    """The recipe ``--preset`` and ``--set`` describe, checked (no PEFT import).
+
+    ``section`` is the ``qlora:`` section of an Axolotl config given as the model: the recipe
+    starts from it (checked as the plugin checks it), and ``--preset`` / ``--set`` change it.
+    """
     overrides = parse_overrides(args.overrides)
     if "preset" in overrides:
         raise QLoRAConfigError(
@@ -58,7 +67,13 @@ def recipe_from_args(args: argparse.Namespace) -> RecipeSpec:
             "the preset is chosen with --preset, not --set (--set overrides the preset's fields)",
             f"write --preset {overrides['preset']}",
         )
-    return recipe_spec(args.preset, **overrides)
+    fields: dict[str, Any] = {}
+    preset = "default"
+    if section is not None:
+        spec_from_section(section)  # errors name qlora.<field>
+        fields = dict(section)
+        preset = fields.pop("preset", preset)
+    return recipe_spec(args.preset or preset, **{**fields, **overrides})
 
 
 def subcommand(commands: Any, name: str, help: str, example: str) -> argparse.ArgumentParser:

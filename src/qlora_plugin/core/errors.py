@@ -16,7 +16,8 @@ class QLoRAConfigError(ValueError):
 
     def __init__(self, field: str, value: Any, problem: str, fix: str) -> None:
         self.field, self.value, self.problem, self.fix = field, value, problem, fix
-        super().__init__(one_line(f"{field}={value!r}: {problem}. Fix: {fix}"))
+        stop = "" if problem.endswith((".", "?", "!")) else "."
+        super().__init__(one_line(f"{field}={value!r}: {problem}{stop} Fix: {fix}"))
 
 
 def one_line(text: str) -> str:
@@ -26,6 +27,6 @@ def one_line(text: str) -> str:
 
 
 def nearest(word: str, choices: Iterable[str]) -> str:
-    """Return ' Did you mean ...?' for the closest choice, or ''."""
+    """Return '. Did you mean ...?' for the closest choice (a sentence after the problem's), or ''."""
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
-    return f" Did you mean {close[0]!r}?" if close else ""
+    return f". Did you mean {close[0]!r}?" if close else ""

@@ -668,15 +668,18 @@ def estimate(
     return estimate_memory(analyze(model, recipe), seq, batch, path, parallel)
 
 
+BATCH_SEARCH_LIMIT = 1024  # the largest micro-batch searched for; a batch that reaches it is shown as ">= 1024"
+
+
 def largest_batch(
     report: ModelReport,
     seq: int,
     gpu_mib: int,
     path: TrainingPath,
-    limit: int = 1024,
+    limit: int = BATCH_SEARCH_LIMIT,
     parallel: Parallel | None = None,
 ) -> int:
-    """The largest micro-batch per GPU at ``seq`` whose estimate fits in ``gpu_mib`` (0 if none)."""
+    """The largest micro-batch per GPU at ``seq`` whose estimate fits in ``gpu_mib`` (0 if none; ``limit`` at most)."""
     low, high = 0, limit
     while low < high:
         middle = (low + high + 1) // 2
@@ -707,7 +710,8 @@ def gpu_table(
                 "memory_gib": round(mib * MIB / GIB, 1),
                 "fits": result.fits(mib),
                 "headroom_gib": round((mib * MIB - RESERVE_BYTES - result.peak) / GIB, 2),
-                "largest_batch": largest_batch(report, seq, mib, path, parallel=parallel),
+                "largest_batch": (most := largest_batch(report, seq, mib, path, parallel=parallel)),
+                "largest_batch_capped": most >= BATCH_SEARCH_LIMIT,  # the search stopped there: it may be larger
             }
         )
     return rows

@@ -134,10 +134,25 @@ def base_sizes(report: ModelReport) -> dict[str, int]:
     }
 
 
+# How each compute_dtype runs, as the recipe resolves it (qlora_plugin.core.device.resolve_compute_dtype).
+COMPUTE_WORDS = {
+    "auto": "bf16 (fp16 on GPUs without bf16)",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "float32": "float32",
+}
+
+
 def describe_recipe(recipe: QLoRARecipe | RecipeSpec) -> str:
-    """One line: the recipe's LoRA and quantization settings."""
+    """One line: the recipe's LoRA and quantization settings, and the precision it computes in."""
     quant = f"{recipe.quant_type}{' + double quant' if recipe.double_quant else ''}"
-    path = "fast path (bf16 throughout)" if recipe.fast_path else "stock path (PEFT's fp32 upcasts)"
+    compute = COMPUTE_WORDS.get(str(recipe.compute_dtype), str(recipe.compute_dtype))
+    if not recipe.fast_path:
+        path = f"compute {compute}; stock path (PEFT upcasts norms and embeddings to fp32)"
+    elif recipe.compute_dtype == "float32":
+        path = f"compute {compute}; fast path"
+    else:
+        path = f"compute {compute}; fast path (no fp32 upcasts)"
     dora = ", DoRA" if recipe.use_dora else ""
     return (
         f"preset {recipe.preset}: r={recipe.r}, alpha={recipe.lora_alpha}, dropout={recipe.lora_dropout}{dora}; "

@@ -144,13 +144,35 @@ def _check_plugin_line(config: dict[str, Any], result: Preflight) -> None:
 def _check_section(config: dict[str, Any], result: Preflight) -> Any:
     if SECTION not in config:
         return None
+    section = config[SECTION]
     try:
-        spec = spec_from_section(config[SECTION])
+        spec = spec_from_section(section)
     except QLoRAConfigError as error:
-        result.errors.append(error)
+        result.errors += section_problems(section, error)
         return None
     result.checked.append(f"{SECTION}: {describe_recipe(spec)}")
     return spec
+
+
+def section_problems(section: Any, first: QLoRAConfigError) -> list[QLoRAConfigError]:
+    """Every bad field of a ``qlora:`` section, each checked alone on the section's preset.
+
+    The recipe stops at its first bad field; here each key is tried by itself so that one
+    run names them all. ``first`` (the whole section's error) stands where no single key
+    fails alone (two keys that clash, or a section that is not a mapping).
+    """
+    if not isinstance(section, dict):
+        return [first]
+    preset = {"preset": section["preset"]} if "preset" in section else {}
+    problems: list[QLoRAConfigError] = []
+    for key, value in section.items():
+        try:
+            spec_from_section({**preset, key: value})
+        except QLoRAConfigError as error:
+            if key != "preset" and preset and error.field == "qlora.preset":
+                continue  # a bad preset is named once, under its own key
+            problems.append(error)
+    return problems or [first]
 
 
 def _check_targets(config: dict[str, Any], spec: Any, result: Preflight) -> None:

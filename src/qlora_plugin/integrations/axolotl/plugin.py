@@ -134,11 +134,12 @@ class QLoRAPlugin(BasePlugin):
         assert recipe.target_modules is not None and not isinstance(recipe.target_modules, str)  # exact names
         targets = sorted(recipe.target_modules)
         base = model_format(model)
+        listed = Path(cfg.output_dir) / EXPANDED_CONFIG  # written below, with the targets by name
         _log.info(
-            "qlora: LoRA on %d modules over a %s base: %s",
+            "qlora: LoRA on %d modules over a %s base (lora_target_modules in %s)",
             len(targets),
             base.describe() if base is not None else "16-bit",
-            ", ".join(targets),
+            listed,
         )
         native = cfg.get("lora_target_modules")
         if native and sorted([native] if isinstance(native, str) else native) != targets:
