@@ -44,27 +44,46 @@ def make_lora_layer(target: nn.Module, adapter_name: str, config: QLoRARecipe, *
             "discover the targets on the model first: qlora_recipe(..., model=<path or model>) or "
             "recipe.resolve(model)",
         )
+    name = kwargs.get("target_name")
+    weight16 = None  # the 16-bit weight, kept for a LoftQ start
     if not is_4bit(target):
         if type(target) not in (torch.nn.Linear, Conv1D):
             return None  # another quantization backend's layer: PEFT knows it
+        # -- quality options (issue 28): targets kept in 16 bits, LoftQ starts (core.target_quantization)
+        from qlora_plugin.core.target_quantization import keeps_16bit, weight_out_in
+
+        if keeps_16bit(config, name):
+            return _lora_16bit(target, adapter_name, config, **kwargs)
+        if config.adapter_init == "loftq":
+            weight16 = weight_out_in(target)
+        # -- end of the quality options
         weight: Any = target.weight  # an nn.Linear's or Conv1D's
         device = weight.device.type
         target = quantize_linear(target, config, config.resolved_compute_dtype(device))
-        log_once(
-            logging.WARNING,
-            "the base model was not loaded in 4 bits: its target layers are quantized to "
-            f"{config.quant_type} now (double quant {config.double_quant}). Loading it through "
-            "args=recipe.sft_config(...) or recipe.load_model(...) avoids holding a 16-bit copy first.",
-            config,
-        )
+        if not config.quantizes_targets_itself:
+            log_once(
+                logging.WARNING,
+                "the base model was not loaded in 4 bits: its target layers are quantized to "
+                f"{config.quant_type} now (double quant {config.double_quant}). Loading it through "
+                "args=recipe.sft_config(...) or recipe.load_model(...) avoids holding a 16-bit copy first.",
+                config,
+            )
+    elif config.quantizes_targets_itself:
+        from qlora_plugin.core.target_quantization import check_prequantized
+
+        check_prequantized(target, config, name)
     keep_nf4_layout(target)
     guard_packed_weights(target, config)
     kwargs["fan_in_fan_out"] = False  # the 4-bit base stores (out, in) even for Conv1D
     from qlora_plugin.core.seeding import seeded_layer_init
 
-    with seeded_layer_init(kwargs.get("target_name")):
+    with seeded_layer_init(name):
         layer = LoraLinear4bit(target, adapter_name, config=config, **kwargs)
-    note_built_layer(layer, config, kwargs.get("target_name"))
+    if weight16 is not None:
+        from qlora_plugin.core.target_quantization import loftq_init
+
+        loftq_init(layer, weight16, adapter_name)
+    note_built_layer(layer, config, name)
     guard_adapter_shapes(layer)
     report_base_format(target, config)
     watch_optimizer(layer, config)
@@ -89,3 +108,21 @@ def report_base_format(target: nn.Module, recipe: QLoRARecipe) -> None:
         "args=recipe.sft_config(...); to silence this, set the recipe's quant_type and double_quant to match",
         recipe,
     )
+
+
+def _lora_16bit(target: nn.Module, adapter_name: str, config: QLoRARecipe, **kwargs: Any) -> nn.Module:
+    """PEFT's plain LoRA layer over a 16-bit target the recipe keeps out of 4 bits (``unquantized_modules``)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from transformers.pytorch_utils import Conv1D
+
+    from qlora_plugin.core.seeding import seeded_layer_init
+
+    conv1d = isinstance(target, Conv1D)  # stores its weight transposed: PEFT's fan_in_fan_out
+    kwargs.update(fan_in_fan_out=conv1d, is_target_conv_1d_layer=conv1d)
+    with seeded_layer_init(kwargs.get("target_name")):
+        layer = LoraLinear(target, adapter_name, config=config, **kwargs)
+    note_built_layer(layer, config, kwargs.get("target_name"))
+    guard_adapter_shapes(layer)
+    watch_optimizer(layer, config)
+    seams.call("lora_layer_built", layer, config)
+    return layer

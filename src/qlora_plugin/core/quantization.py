@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
     from qlora_plugin.core.recipe import QLoRARecipe
 
-BLOCKSIZE = 64  # bitsandbytes' 4-bit block size; transformers does not expose it
+BLOCKSIZE = 64  # bitsandbytes' 4-bit block size; transformers does not expose it (the recipe's `blocksize` default)
 
 
 def bnb_config(recipe: QLoRARecipe, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
@@ -121,7 +121,7 @@ def quantize_linear(layer: Any, recipe: QLoRARecipe, compute_dtype: torch.dtype)
         compress_statistics=recipe.double_quant,
         quant_type=recipe.quant_type,
         quant_storage=storage,
-        blocksize=BLOCKSIZE,
+        blocksize=recipe.blocksize,
         module=quantized,  # quantizing then sets quantized.quant_state, which bitsandbytes reads back under FSDP
     )
     if layer.bias is not None:

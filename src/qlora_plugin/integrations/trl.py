@@ -77,6 +77,8 @@ def _sft_config(recipe: QLoRARecipe, overrides: dict[str, Any]) -> SFTConfig:
     settings.update(liger_loss_settings(recipe, overrides=overrides))
     compute_dtype = recipe.resolved_compute_dtype()
     loading = {"quantization_config": recipe.quantization_config(), "dtype": compute_dtype}
+    if loading["quantization_config"] is None:  # the recipe quantizes the targets itself (blocksize, loftq, ...)
+        del loading["quantization_config"]
     user_loading = dict(overrides.pop("model_init_kwargs", None) or {})
     if "device_map" in user_loading:
         pass  # the user's
@@ -93,7 +95,13 @@ def _sft_config(recipe: QLoRARecipe, overrides: dict[str, Any]) -> SFTConfig:
     quantization = {**loading, **user_loading}.get("quantization_config")
     message = (
         f"qlora recipe '{recipe.preset}' in SFTConfig: models given by name load as "
-        f"{describe_quantization(quantization)}; {describe_settings(active)}"
+        + (
+            f"16-bit, their targets then quantized by the recipe to 4-bit {recipe.quant_type} (blocksize "
+            f"{recipe.blocksize}, double quant {recipe.double_quant})"
+            if quantization is None and recipe.quantizes_targets_itself
+            else describe_quantization(quantization)
+        )
+        + f"; {describe_settings(active)}"
     )
     if replaced:
         message += f". Not in effect, replaced by your arguments: {describe_settings(replaced)}"

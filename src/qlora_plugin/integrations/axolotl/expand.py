@@ -45,6 +45,16 @@ def native_keys(recipe: QLoRARecipe, device: str, fsdp: bool = False, zero3: boo
     from qlora_plugin.core.distributed import optimizer_under_fsdp
     from qlora_plugin.core.quantization import storage_dtype
 
+    if recipe.quantizes_targets_itself:  # issue 28's quality options: Axolotl quantizes the base while loading it
+        from qlora_plugin.core.errors import QLoRAConfigError
+
+        raise QLoRAConfigError(
+            "qlora",
+            {k: getattr(recipe, k) for k in ("blocksize", "adapter_init", "unquantized_modules")},
+            "blocksize other than 64, adapter_init 'loftq' and unquantized_modules need the recipe to quantize the "
+            "targets itself, which Axolotl's 4-bit loading does not let it do",
+            "leave them at their defaults under Axolotl, or train through TRL (recipe.sft_config)",
+        )
     compute_dtype = recipe.resolved_compute_dtype(device)
     storage = str(storage_dtype(recipe, compute_dtype, fsdp, zero3)).removeprefix("torch.")
     keys: dict[str, Any] = {
