@@ -10,7 +10,7 @@
 # On the device, one warm machine, calls back to back (ignored files stay between calls): carry each
 # .device-pack*/callN in turn (command: ls -l .device-pack*/callN), then run this with .whl/pinned carried.
 # Environment: QUALITY_PARALLEL (runs side by side, default 12), QUALITY_BUDGET (seconds of runs, default
-# 400), QUALITY_MODEL (smollm2-135m-instruct or gemma-3-270m). Other options go to quality.py run.
+# 390; QUALITY_TIMEOUT: hard stop, 450), QUALITY_MODEL (smollm2-135m-instruct or gemma-3-270m). Other options go to quality.py run.
 # Results: $OUT/quality if set, else benchmarks/results/run-<time>/quality.
 set -uo pipefail
 started=$SECONDS
@@ -31,7 +31,7 @@ extra=()
 if [ "$model" = gemma-3-270m ]; then extra+=(--eval-batch 16); : "${QUALITY_PARALLEL:=6}"; fi
 echo "setup took $((SECONDS - started)) s"
 export OMP_NUM_THREADS=1  # each run's process: one CPU thread beside the GPU
-timeout "${QUALITY_TIMEOUT:-480}" python3 "$here/quality.py" run --cache "$data" --out "$out/quality" \
-  --models "$model" --parallel "${QUALITY_PARALLEL:-12}" --budget "${QUALITY_BUDGET:-400}" "${extra[@]}" "$@" \
+timeout "${QUALITY_TIMEOUT:-450}" python3 "$here/quality.py" run --cache "$data" --out "$out/quality" \
+  --models "$model" --parallel "${QUALITY_PARALLEL:-12}" --budget "${QUALITY_BUDGET:-390}" "${extra[@]}" "$@" \
   2>&1 | tee "$out/quality.log" | grep -v '^{' | tail -40
 echo "whole call: $((SECONDS - started)) s"

@@ -114,6 +114,8 @@ def test_the_report_pairs_seeds_gives_intervals_and_checks_the_targets(tmp_path)
     assert quality.paired(rows, "m", "t", "qlora-plugin-bs32", "bf16-lora") is None  # no seed in common
     assert not quality.meets_target(diff)
     assert quality.meets_target(quality.paired(rows, "m", "t", "qlora-plugin-loftq", "bf16-lora"))
+    one_seed = [r for r in rows if r["seed"] == 0]  # no interval: the mean alone decides
+    assert not quality.meets_target(quality.paired(one_seed, "m", "t", "qlora-plugin", "bf16-lora"))
 
     (tmp_path / "quality.json").write_text(
         json.dumps({"settings": {"steps": 2}, "environment": {"device": "x"}, "rows": rows})
