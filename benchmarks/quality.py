@@ -16,7 +16,9 @@ label scoring (the most likely label as the assistant's reply). Variants:
 * issue 28's candidates, the plugin with one quality option each: ``qlora-plugin-bs32``
   (``blocksize=32``), ``qlora-plugin-loftq`` (``adapter_init="loftq"``) and ``qlora-plugin-keep``
   (``unquantized_modules``: the ``--keep`` layers with the largest NF4 output error on the task's
-  first training rows, ranked by ``sensitivity.py``'s measure before any run starts).
+  first training rows, ranked by ``sensitivity.py``'s measure before any run starts) and
+  ``qlora-plugin-keepv`` (``unquantized_modules=["v_proj"]``: every value projection, the kind
+  ``sensitivity.py`` finds most sensitive on both real models; a rule a preset can carry).
 
 A ``base`` row per model and task gives the bf16 base's own eval loss and zero-shot accuracy.
 For the first ``--merge-seeds`` seeds of each plugin variant the adapter is also merged with
@@ -78,8 +80,10 @@ VARIANTS = (
     "qlora-plugin-bs32",
     "qlora-plugin-loftq",
     "qlora-plugin-keep",
+    "qlora-plugin-keepv",
 )
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "trl-qlora")  # TRL's path: run 9 measured it
+# TRL's path: run 9 measured it; the 6 most sensitive layers: v_proj layers, which keepv keeps all of
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in ("trl-qlora", "qlora-plugin-keep"))
 # The recipe fields of each plugin variant (qlora-plugin-keep's layers are found per model).
 PLUGIN_FIELDS: dict[str, dict[str, Any]] = {
     "qlora-plugin": {},
@@ -87,6 +91,7 @@ PLUGIN_FIELDS: dict[str, dict[str, Any]] = {
     "qlora-plugin-bs32": {"blocksize": 32},
     "qlora-plugin-loftq": {"adapter_init": "loftq"},
     "qlora-plugin-keep": {},
+    "qlora-plugin-keepv": {"unquantized_modules": ["v_proj"]},  # every value projection (sensitivity.py)
 }
 TASKS = ("sentiment", "reuters-r8")
 MODELS = ("smollm2-135m-instruct",)
@@ -357,6 +362,10 @@ def run_one(
     row["eval_loss"] = trainer.evaluate()["eval_loss"]
     row["accuracy"] = accuracy(trainer.model, tokenizer, task, settings.eval_batch)
     row["n_test"] = len(task.test_rows)
+    from quant_error import loss_split  # the answer-token loss taken apart (issue 28, item 4)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    row.update(loss_split(trainer.model, tokenizer, task, pad_id, settings.eval_batch))
     if merge_check and variant in PLUGIN_FIELDS:
         row["merged_accuracy"] = merged_accuracy(trainer, tokenizer, task, settings.eval_batch, out)
     row["seconds"] = round(time.perf_counter() - started, 2)
@@ -710,6 +719,17 @@ def targets(
     fp4 = paired(rows, model, task, "qlora-plugin-fp4", "qlora-plugin")
     if fp4:
         lines.append(f"- FP4 against NF4 (paired): eval loss {describe(fp4['loss_pct'], '%')}")
+    split = {
+        v: [r for r in ok_rows(rows) if (r["model"], r["task"], r["variant"]) == (model, task, v) and "label_loss" in r]
+        for v in ("bf16-lora", "qlora-plugin", "qlora-plugin-fp4")
+    }
+    if all(split.values()):
+        parts = [
+            f"{v} {statistics.fmean(r['label_loss'] for r in rs):.4f} / "
+            f"{statistics.fmean(r.get('closing_loss', math.nan) for r in rs):.4f}"
+            for v, rs in split.items()
+        ]
+        lines.append("- answer-token loss taken apart, label tokens / closing tokens: " + "; ".join(parts))
     checked = [r for r in ok_rows(rows) if (r["model"], r["task"]) == (model, task) and "merged_accuracy" in r]
     if checked:
         gaps = [100 * (r["merged_accuracy"] - r["accuracy"]) for r in checked]

@@ -52,7 +52,7 @@ def test_every_variant_trains_and_is_reported(tmp_path, capsys) -> None:
     assert list(rows) == ["base", *quality.VARIANTS] and not any("error" in row for row in rows.values())
     assert (rows["bf16-lora"]["base_weights"], rows["trl-qlora"]["base_weights"]) == ("float32", "nf4")
     assert (rows["qlora-plugin"]["base_weights"], rows["qlora-plugin-fp4"]["base_weights"]) == ("nf4", "fp4")
-    candidates = ("qlora-plugin-bs32", "qlora-plugin-loftq", "qlora-plugin-keep")
+    candidates = ("qlora-plugin-bs32", "qlora-plugin-loftq", "qlora-plugin-keep", "qlora-plugin-keepv")
     assert {rows[v]["base_weights"] for v in candidates} == {"nf4"}
     kept = payload["keep_layers"]["tiny-chat/sentiment"]
     assert len(kept) == 2 and rows["qlora-plugin-keep"]["unquantized_modules"] == kept
@@ -60,6 +60,7 @@ def test_every_variant_trains_and_is_reported(tmp_path, capsys) -> None:
         assert (row["model"], row["task"], row["seed"], row["n_test"]) == ("tiny-chat", "sentiment", 3, 6)
         assert math.isfinite(row["eval_loss"]) and 0.0 <= row["accuracy"] <= 1.0
     assert all(rows[v]["train_loss"] is not None for v in quality.VARIANTS) and "train_loss" not in rows["base"]
+    assert all(math.isfinite(row["label_loss"]) for row in rows.values())  # the loss taken apart (item 4)
     for variant in quality.VARIANTS:  # the merge check: every plugin variant, on its first seed
         assert ("merged_accuracy" in rows[variant]) == (variant in quality.PLUGIN_FIELDS), variant
     # the merged model answers as the adapter on its 4-bit base does (float32 on a CPU: the same answers)
@@ -69,7 +70,8 @@ def test_every_variant_trains_and_is_reported(tmp_path, capsys) -> None:
     for variant in quality.VARIANTS:
         assert f"| {variant} | 1 |" in table
     assert "- qlora-plugin: eval loss within 1 % of bf16 LoRA or its interval contains 0:" in table
-    assert "- merged model against the adapter on its 4-bit base (5 runs)" in table
+    assert "- merged model against the adapter on its 4-bit base (6 runs)" in table
+    assert "- answer-token loss taken apart, label tokens / closing tokens: bf16-lora " in table
     assert "dequantized from 4-bit GGUF" in table
 
 
