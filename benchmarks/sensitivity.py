@@ -120,7 +120,13 @@ def log_probs(model: Any, batches: list[dict[str, Any]]) -> list[Any]:
 
 
 def end_to_end(
-    model_dir: Path, task: Any, pad_id: int, batches: list[dict[str, Any]], variants: dict[str, Any]
+    model_dir: Path,
+    task: Any,
+    pad_id: int,
+    batches: list[dict[str, Any]],
+    variants: dict[str, Any],
+    only: list[str] | None = None,
+    earlier: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The untrained model through the recipe's real layers (float32 compute), per variant.
 
@@ -138,7 +144,12 @@ def end_to_end(
 
     rows = []
     reference: list[Any] = []
+    kept = {r["variant"]: r for r in earlier or [] if r["variant"] not in (only or [])}
     for name, fields in variants.items():
+        if only and fields is not None and name not in only:
+            if name in kept:
+                rows.append(kept[name])  # measured before (--layers-from), on the same rows
+            continue
         started = time.perf_counter()
         if fields is None:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -225,6 +236,15 @@ def markdown(payload: dict[str, Any], top: int) -> str:
         f"instead of about 4.13 bits: {share * (16 - 4.127) / 4.127 * 100:.1f} % more memory for the linear layers' "
         "weights.",
     ]
+    kinds = {kind: [r for r in layers if r["kind"] == kind] for kind in dict.fromkeys(r["kind"] for r in layers)}
+    worst = max(kinds, key=lambda kind: weighted("output_nf4", kinds[kind]))
+    share = sum(r["params"] for r in kinds[worst]) / total
+    lines += [
+        "",
+        f"Keeping every {worst} in bf16 (`unquantized_modules=['{worst}']`, the projection with the largest "
+        f"error) holds {100 * share:.1f} % of the linear weights in 16 bits: "
+        f"{share * (16 - 4.127) / 4.127 * 100:.1f} % more memory for the linear layers' weights.",
+    ]
     if payload.get("end_to_end"):
         reference = next(r["eval_loss"] for r in payload["end_to_end"] if r["fields"] is None)
         nf4 = next(r["kl"] for r in payload["end_to_end"] if r["variant"] == "nf4")
@@ -259,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--end-to-end", action="store_true", help="also the untrained model through the recipe")
     parser.add_argument("--e2e-rows", type=int, default=64, help="held-out rows for the end-to-end KL")
     parser.add_argument("--layers-from", type=Path, help="a sensitivity.json whose per-layer errors to reuse")
+    parser.add_argument(
+        "--e2e-variants", nargs="+", help="measure only these end-to-end variants (others from --layers-from)"
+    )
     args = parser.parse_args(argv)
 
     import bitsandbytes
@@ -304,10 +327,14 @@ def main(argv: list[str] | None = None) -> None:
             {
                 "16-bit": None,
                 "nf4": {},
+                "fp4": {"quant_type": "fp4"},
                 "nf4-bs32": {"blocksize": 32},
                 "nf4-loftq": {"adapter_init": "loftq", "r": args.rank},
                 f"nf4-keep{args.top}": {"unquantized_modules": kept},
+                "nf4-keepv": {"unquantized_modules": ["v_proj"]},
             },
+            args.e2e_variants,
+            reused.get("end_to_end") if reused else None,
         )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sensitivity.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
