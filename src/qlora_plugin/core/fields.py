@@ -31,6 +31,11 @@ STORAGE_DTYPES = ("auto", "uint8", "bfloat16", "float16", "float32")
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
 AUTO_TARGETS = ("auto", "all-linear")
+# -- quality options (issue 28): a finer 4-bit grid, an adapter start from the quantization error,
+# layers kept out of 4 bits. Any of them makes the recipe quantize the targets itself.
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes 0.50's 4-bit block sizes
+ADAPTER_INITS = ("default", "loftq")
+# -- end of the quality options
 CHECKPOINTING_CHOICES = (True, False, "offload")
 # transformers' SchedulerType values (a test keeps the two in step); listed here so
 # validating a recipe does not import transformers.
@@ -62,10 +67,13 @@ DEFAULTS: dict[str, Any] = {
     "lora_on_experts": True,
     "use_rslora": False,
     "use_dora": False,
+    "adapter_init": "default",
     "quant_type": "nf4",
+    "blocksize": 64,
     "double_quant": True,
     "compute_dtype": "auto",
     "quant_storage": "auto",
+    "unquantized_modules": None,
     "optimizer": "paged_adamw_32bit",
     "learning_rate": 2e-4,
     "max_grad_norm": 0.3,
@@ -93,11 +101,21 @@ HELP: dict[str, str] = {
     "Experts are stored in 4 bits either way",
     "use_rslora": "rank-stabilised LoRA: scale by lora_alpha / sqrt(r)",
     "use_dora": "weight-decomposed LoRA (DoRA); PEFT's forward, not the fused kernels",
-    "quant_type": "4-bit data type of the frozen base (blocksize 64)",
+    "adapter_init": "how each adapter starts: 'default', PEFT's (A random, B zero: training starts from the 4-bit "
+    "base); 'loftq', the best rank-r approximation of the layer's quantization error (16-bit weight minus its 4-bit "
+    "copy, one SVD per layer, divided by the LoRA scaling), so base plus adapter starts nearer the 16-bit model "
+    "(LoftQ with one iteration). Loads the base in 16 bits and quantizes the targets itself",
+    "quant_type": "4-bit data type of the frozen base",
+    "blocksize": "weights per 4-bit block, each block with its own scale: 64 is bitsandbytes' and transformers' "
+    "choice; 32 gives each scale half as many weights for about 0.13 more bits per weight. Other than 64, the base "
+    "loads in 16 bits and the recipe quantizes the targets itself",
     "double_quant": "quantize the 4-bit blocks' constants too (about 0.37 bits per weight saved)",
     "compute_dtype": "dtype of every GEMM; 'auto' is bfloat16 where the device has it, else float16",
     "quant_storage": "storage dtype of the packed 4-bit weights; 'auto' is uint8, or the compute dtype where FSDP "
     "or DeepSpeed ZeRO-3 shards them",
+    "unquantized_modules": "target layers whose frozen base stays in the compute dtype instead of 4 bits (names or a "
+    "pattern, as exclude_modules); LoRA still trains on them. For the few layers most sensitive to quantization "
+    "(benchmarks/sensitivity.py ranks them). Loads the base in 16 bits and quantizes the other targets itself",
     "optimizer": "the trainer's optimizer (paged: states in memory the driver may move to the host)",
     "learning_rate": "peak learning rate of the schedule",
     "max_grad_norm": "gradient clipping norm (0 turns clipping off)",
@@ -113,6 +131,8 @@ HELP: dict[str, str] = {
 }
 CHOICES: dict[str, tuple[Any, ...]] = {
     "quant_type": QUANT_TYPES,
+    "blocksize": BLOCKSIZES,
+    "adapter_init": ADAPTER_INITS,
     "compute_dtype": COMPUTE_DTYPES,
     "quant_storage": STORAGE_DTYPES,
     "optimizer": OPTIMIZERS,
@@ -205,7 +225,41 @@ def check_fields(values: dict[str, Any]) -> dict[str, Any]:
     _choice("lr_scheduler_type", checked["lr_scheduler_type"], SCHEDULERS)
     checked["target_modules"] = modules("target_modules", checked["target_modules"])
     checked["exclude_modules"] = modules("exclude_modules", checked["exclude_modules"])
+    checked["blocksize"] = _blocksize(checked["blocksize"])
+    _choice("adapter_init", checked["adapter_init"], ADAPTER_INITS)
+    if checked["adapter_init"] == "loftq" and checked["use_dora"]:
+        raise QLoRAConfigError(
+            "adapter_init",
+            "loftq",
+            "cannot start DoRA adapters: DoRA's magnitudes are set from the layer before the adapter moves",
+            "use adapter_init='default' with use_dora=True, or use_dora=False",
+        )
+    checked["unquantized_modules"] = modules("unquantized_modules", checked["unquantized_modules"])
     return checked
+
+
+def _blocksize(value: Any) -> int:
+    """The 4-bit block size as an integer bitsandbytes takes (a numeric string or whole float counts)."""
+    rule = NumberRule(f"one of {list(BLOCKSIZES)} (64 is the default)", integer=True, low=0, open_low=True)
+    size = number("blocksize", value, rule)
+    if size not in BLOCKSIZES:
+        raise QLoRAConfigError(
+            "blocksize", value, "is not a 4-bit block size the recipe offers", f"set it to {rule.fix}"
+        )
+    return int(size)
+
+
+def quantizes_targets_itself(values: Any) -> bool:
+    """True when the recipe (or spec) ``values`` asks for what transformers' 4-bit loading cannot do.
+
+    A block size other than 64, LoftQ adapters or layers kept out of 4 bits: the base then loads in
+    16 bits and the recipe's LoRA layer factory quantizes each target as the recipe says.
+    """
+    return (
+        values.blocksize != DEFAULTS["blocksize"]
+        or values.adapter_init != DEFAULTS["adapter_init"]
+        or bool(values.unquantized_modules)
+    )
 
 
 def number(name: str, value: Any, rule: NumberRule) -> Any:
@@ -243,8 +297,10 @@ def _parse_number(name: str, text: str, rule: NumberRule, kind: str) -> float | 
 
 def modules(name: str, value: Any) -> list[str] | str | None:
     """A target/exclude value normalized: bare names as a list, patterns checked, 'auto' kept."""
-    example = "['q_proj', 'v_proj']" if name == "target_modules" else "['lm_head']"
-    if name == "exclude_modules" and not value:
+    example = {"target_modules": "['q_proj', 'v_proj']", "unquantized_modules": "['model.layers.0.mlp.down_proj']"}.get(
+        name, "['lm_head']"
+    )
+    if name in ("exclude_modules", "unquantized_modules") and not value:
         return None
     if isinstance(value, str):
         text = value.strip()

@@ -33,9 +33,12 @@ class RecipeFields(Protocol):
     use_rslora: bool
     use_dora: bool
     quant_type: str
+    blocksize: int
     double_quant: bool
     compute_dtype: str
     quant_storage: str
+    adapter_init: str
+    unquantized_modules: list[str] | str | None
     optimizer: str
     learning_rate: float
     max_grad_norm: float

@@ -38,6 +38,7 @@ from qlora_plugin.core.fields import (  # noqa: F401 - the names recipe users im
     check_fields,
     field_overrides,
     metadata,
+    quantizes_targets_itself,
 )
 from qlora_plugin.core.plugins import discover_targets, preset_fields
 from qlora_plugin.core.plugins import quantization_config as plugins_quantization_config
@@ -92,14 +93,19 @@ class QLoRARecipe(LoraConfig):
     lora_on_experts: bool = field(default=DEFAULTS["lora_on_experts"], metadata=metadata("lora_on_experts"))
     use_rslora: bool = field(default=DEFAULTS["use_rslora"], metadata=_inherited("use_rslora"))
     use_dora: bool = field(default=DEFAULTS["use_dora"], metadata=_inherited("use_dora"))
+    adapter_init: str = field(default=DEFAULTS["adapter_init"], metadata=metadata("adapter_init"))
     task_type: str | None = field(  # type: ignore[assignment]
         default="CAUSAL_LM", metadata={"help": "PEFT's task type; QLoRA here trains causal language models"}
     )
     preset: str = field(default=DEFAULTS["preset"], metadata=metadata("preset"))
     quant_type: str = field(default=DEFAULTS["quant_type"], metadata=metadata("quant_type"))
+    blocksize: int = field(default=DEFAULTS["blocksize"], metadata=metadata("blocksize"))
     double_quant: bool = field(default=DEFAULTS["double_quant"], metadata=metadata("double_quant"))
     compute_dtype: str = field(default=DEFAULTS["compute_dtype"], metadata=metadata("compute_dtype"))
     quant_storage: str = field(default=DEFAULTS["quant_storage"], metadata=metadata("quant_storage"))
+    unquantized_modules: list[str] | str | None = field(
+        default=DEFAULTS["unquantized_modules"], metadata=metadata("unquantized_modules")
+    )
     optimizer: str = field(default=DEFAULTS["optimizer"], metadata=metadata("optimizer"))
     learning_rate: float = field(default=DEFAULTS["learning_rate"], metadata=metadata("learning_rate"))
     max_grad_norm: float = field(default=DEFAULTS["max_grad_norm"], metadata=metadata("max_grad_norm"))
@@ -139,11 +145,21 @@ class QLoRARecipe(LoraConfig):
         """True while the targets are still to be discovered on a model."""
         return isinstance(self.target_modules, str) and self.target_modules in AUTO_TARGETS
 
+    @property
+    def quantizes_targets_itself(self) -> bool:
+        """True when the base loads in 16 bits and the LoRA layer factory quantizes each target.
+
+        Set by ``blocksize`` other than 64, ``adapter_init='loftq'`` or ``unquantized_modules``
+        (:func:`qlora_plugin.core.fields.quantizes_targets_itself`).
+        """
+        return quantizes_targets_itself(self)
+
     def recipe_fields(self) -> dict[str, Any]:
         """The recipe as plain data: the fields a user sets, as they set them."""
         values = {name: getattr(self, name) for name in RECIPE_FIELDS}
         values["target_modules"] = "auto" if self.targets_are_auto else _plain(self.target_modules)
         values["exclude_modules"] = _plain(self._user_exclude_modules)
+        values["unquantized_modules"] = _plain(self.unquantized_modules)
         return values
 
     def replace(self, **changes: Any) -> QLoRARecipe:
@@ -185,7 +201,13 @@ class QLoRARecipe(LoraConfig):
         return bitsandbytes_config(self, compute_dtype, seams.call("storage_dtype", self, compute_dtype))
 
     def quantization_config(self, device: str | None = None) -> Any:
-        """The quantization config from the plugins (bitsandbytes unless one overrides it)."""
+        """The quantization config from the plugins (bitsandbytes unless one overrides it).
+
+        ``None`` where the recipe quantizes the targets itself (:attr:`quantizes_targets_itself`):
+        the base then loads in 16 bits.
+        """
+        if self.quantizes_targets_itself:
+            return None
         compute_dtype = self.resolved_compute_dtype(device)
         return plugins_quantization_config(self, compute_dtype, seams.call("storage_dtype", self, compute_dtype))
 

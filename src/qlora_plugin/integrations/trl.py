@@ -65,6 +65,8 @@ def sft_config(recipe: QLoRARecipe, /, **overrides: Any) -> SFTConfig:
     settings = settings_of(recipe, context)
     settings.update(liger_loss_settings(context, overrides=overrides))
     loading = {"quantization_config": quantization_config(recipe, context), "dtype": context.compute_dtype}
+    if loading["quantization_config"] is None:  # the recipe quantizes the targets itself (blocksize, loftq, ...)
+        del loading["quantization_config"]
     user_loading = dict(overrides.pop("model_init_kwargs", None) or {})
     if "device_map" in user_loading:
         pass  # the user's
@@ -83,7 +85,13 @@ def sft_config(recipe: QLoRARecipe, /, **overrides: Any) -> SFTConfig:
     quantization = {**loading, **user_loading}.get("quantization_config")
     message = (
         f"qlora recipe '{recipe.preset}' in SFTConfig: models given by name load as "
-        f"{describe_quantization(quantization)}; {describe_settings(active)}"
+        + (
+            f"16-bit, their targets then quantized by the recipe to 4-bit {recipe.quant_type} (blocksize "
+            f"{recipe.blocksize}, double quant {recipe.double_quant})"
+            if quantization is None and recipe.quantizes_targets_itself
+            else describe_quantization(quantization)
+        )
+        + f"; {describe_settings(active)}"
     )
     if replaced:
         message += f". Not in effect, replaced by your arguments: {describe_settings(replaced)}"

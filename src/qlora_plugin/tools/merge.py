@@ -21,7 +21,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from qlora_plugin.core.device import torch_dtype
 from qlora_plugin.core.errors import QLoRAConfigError
@@ -178,6 +178,8 @@ def load_dequantized_base(
     from qlora_plugin.build.models import auto_class, load_config
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if recipe.quantizes_targets_itself:  # 16 bits here; merge_into_base rounds its targets through 4 bits
+        return auto_class(load_config(base, "--base")).from_pretrained(base, dtype=dtype, device_map={"": device})
     model = auto_class(load_config(base, "--base")).from_pretrained(
         base,
         quantization_config=recipe.bnb_config(device),
@@ -263,6 +265,32 @@ def _local_path(base: str) -> str | None:
     return os.path.abspath(os.path.expanduser(base)) if looks_local(base) else None
 
 
+def roundtrip_targets(peft_model: Any, recipe: QLoRARecipe) -> int:
+    """Round each LoRA layer's 16-bit base through the recipe's 4 bits, as training quantized it; the count.
+
+    For a recipe that quantized its targets itself (``blocksize``, ``adapter_init``,
+    ``unquantized_modules``): targets in ``unquantized_modules`` stay as they are.
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from transformers.pytorch_utils import Conv1D
+
+    from qlora_plugin.build.target_quantization import keeps_16bit, roundtrip
+
+    count = 0
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if isinstance(module, LoraLayer) and not keeps_16bit(recipe, name.removeprefix("base_model.model.")):
+                base = module.get_base_layer()
+                weight = cast("torch.Tensor", base.weight.data)  # an nn.Linear's or Conv1D's
+                if isinstance(base, Conv1D):  # stored (in, out); training quantized it as (out, in)
+                    base.weight.data = roundtrip(weight.t(), recipe).t().contiguous()
+                else:
+                    base.weight.data = roundtrip(weight, recipe)
+                count += 1
+    return count
+
+
 def merge_into_base(
     adapter_dir: str | os.PathLike[str],
     base: str,
@@ -284,6 +312,8 @@ def merge_into_base(
     peft_model = PeftModel.from_pretrained(model, os.fspath(adapter_dir))
     progress.advance(step)
     layers = [module for module in peft_model.modules() if isinstance(module, LoraLayer)]
+    if recipe.quantizes_targets_itself:
+        roundtrip_targets(peft_model, recipe)
     step = progress.add_task("merge the LoRA weights", total=len(layers))
     with torch.no_grad():
         for layer in layers:

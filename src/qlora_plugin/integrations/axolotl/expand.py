@@ -19,6 +19,7 @@ from qlora_plugin.build.context import RunContext
 from qlora_plugin.build.distributed import fsdp_requested
 from qlora_plugin.build.quantization import storage_dtype
 from qlora_plugin.build.trainer_settings import run_of, settings_for
+from qlora_plugin.core.errors import QLoRAConfigError
 from qlora_plugin.core.recipe import QLoRARecipe, recipe_from_spec
 from qlora_plugin.integrations.axolotl.section import spec_from_section
 
@@ -51,6 +52,14 @@ def native_keys(recipe: QLoRARecipe, context: RunContext) -> dict[str, Any]:
     (:func:`qlora_plugin.build.quantization.storage_dtype`) and a bitsandbytes optimizer becomes
     torch's AdamW (:func:`qlora_plugin.build.distributed.optimizer_under_fsdp`).
     """
+    if recipe.quantizes_targets_itself:  # issue 28's quality options: Axolotl quantizes the base while loading it
+        raise QLoRAConfigError(
+            "qlora",
+            {k: getattr(recipe, k) for k in ("blocksize", "adapter_init", "unquantized_modules")},
+            "blocksize other than 64, adapter_init 'loftq' and unquantized_modules need the recipe to quantize the "
+            "targets itself, which Axolotl's 4-bit loading does not let it do",
+            "leave them at their defaults under Axolotl, or train through TRL (recipe.sft_config)",
+        )
     run = run_of(recipe, context)
     storage = str(storage_dtype(recipe, run.compute_dtype, context)).removeprefix("torch.")
     keys: dict[str, Any] = {
