@@ -275,14 +275,14 @@ PATCHES: dict[str, Patch] = {
     ),
     "transformers-norm-mlp-forward": Patch(
         "transformers",
-        ">=5.16,<5.25",
+        ">=5.16,<5.26",
         "per-instance forward of Llama-style RMSNorm (weight, variance_epsilon) and SwiGLU MLP modules "
         "(gate_proj, up_proj, down_proj, act_fn); long rows run the MLP in slices of tokens (tiled MLP)",
         "the modules' own forwards",
     ),
     "transformers-fused-experts": Patch(
         "transformers",
-        ">=5.16,<5.25",
+        ">=5.16,<5.26",
         "fused MoE experts modules (use_experts_implementation: 3-D gate_up_proj/up_proj/down_proj, has_gate, "
         "has_bias, is_transposed, _apply_gate, act_fn; called as experts(hidden, top_k_index, top_k_weights)) "
         "replaced by the plugin's 4-bit experts",
@@ -290,13 +290,13 @@ PATCHES: dict[str, Patch] = {
     ),
     "transformers-rope-function": Patch(
         "transformers",
-        ">=5.16,<5.25",
+        ">=5.16,<5.26",
         "apply_rotary_pos_emb as the Llama/Mistral/Qwen2/Qwen3 attention forwards look it up (per instance)",
         "transformers' rotary embedding",
     ),
     "transformers-causal-lm-forward": Patch(
         "transformers",
-        ">=5.16,<5.25",
+        ">=5.16,<5.26",
         "per-instance forward of a causal LM (decoder at .model, output head from get_output_embeddings) for a "
         "training loss without logits",
         "the model's own loss from full logits",
@@ -309,22 +309,31 @@ PATCHES: dict[str, Patch] = {
         "entropy and token count",
         "TRL's chunked loss (float32 head GEMMs, recomputed in backward)",
     ),
+    "trl-fused-head-forward": Patch(
+        "trl",
+        ">=1.15,<1.17",
+        "the per-instance forward TRL's SFTTrainer puts on a model with add_fused_lm_head (its settings read from "
+        "the forward's closure: temperature 1, no fp32 head, no soft-capping or logit scale), whose "
+        "fused_lm_head=True calls are answered by the fast path's logit-free per-token log-probabilities, "
+        "entropy and top-1 hits; every other call goes to TRL's forward",
+        "TRL's fused LM head",
+    ),
     "transformers-checkpointing-layers": Patch(
         "transformers",
-        ">=5.16,<5.25",
+        ">=5.16,<5.26",
         "GradientCheckpointingLayer.gradient_checkpointing and _gradient_checkpointing_func (the recompute modes)",
         "the trainer's gradient checkpointing as configured",
     ),
     "transformers-decoder-layer-call": Patch(
         "transformers",
-        ">=5.16,<5.25",
+        ">=5.16,<5.26",
         "per-instance forward of the decoder layers (CUDA graph replay; hidden_states, attention_mask and "
         "position_embeddings arguments)",
         "the layers run eagerly",
     ),
     "transformers-trainer-optimizer-choice": Patch(
         "transformers",
-        ">=5.16,<5.25",
+        ">=5.16,<5.26",
         "Trainer.get_optimizer_cls_and_kwargs, wrapped: a model the recipe built, trained with "
         "optim='paged_adamw_32bit' on the fast path, gets the fused paged AdamW; any other model, what optim= says",
         "bitsandbytes' PagedAdamW32bit, as optim= says (optimizer_cls_and_kwargs=recipe.optimizer_cls_and_kwargs(args) "
@@ -333,7 +342,7 @@ PATCHES: dict[str, Patch] = {
     ),
     "transformers-attention-interface": Patch(
         "transformers",
-        ">=5.16,<5.25",
+        ">=5.16,<5.26",
         "an attention implementation registered with AttentionInterface/AttentionMaskInterface for packed "
         "(padding-free) batches",
         "transformers' sdpa attention with a block-diagonal mask over the packed row",
@@ -409,14 +418,14 @@ PATCHES: dict[str, Patch] = {
     ),
     "trainer-dataloader-config": Patch(
         "accelerate",
-        ">=1.13,<1.16",
+        ">=1.13,<1.17",
         "a built trainer's args.accelerator_config and accelerator.dataloader_config (non-blocking batch copy "
         "set after Axolotl created the trainer)",
         "the batch copy as the trainer configured it",
     ),
     "accelerate-partial-state": Patch(
         "accelerate",
-        ">=1.13,<1.16",
+        ">=1.13,<1.17",
         "PartialState._shared_state, read (never written) to learn whether accelerate's state already exists "
         "before asking it for the rank (asking creates it, and with it the process group)",
         "the rank and world size are read from the launcher's WORLD_SIZE and LOCAL_RANK only",
