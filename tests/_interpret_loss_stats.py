@@ -51,6 +51,19 @@ def main(cases: list[tuple[int, int, int]]) -> None:
         want_loss = torch.nn.functional.cross_entropy(z64, targets, ignore_index=-100, reduction="sum") / 7
         (want_loss * 2.0).backward()
         _, want_entropy, want_correct = loss_stats.row_stats_reference(z64, targets)
+
+        # the per-token function (TRL 1.15+'s fused LM head fields) under a per-token weighting
+        stats_grad_hidden, hidden.grad = hidden.grad, None
+        weights = torch.rand(rows, generator=gen)
+        token_log_probs, token_entropy, token_top1 = loss_stats._FusedLinearTokenLogProbs.apply(
+            hidden, weight.detach(), targets
+        )
+        (token_log_probs * weights).sum().backward()
+        t64 = hidden.detach().double().requires_grad_(True)
+        want_log_probs = -torch.nn.functional.cross_entropy(
+            t64 @ w64.detach().t(), targets, ignore_index=-100, reduction="none"
+        )
+        (want_log_probs * weights.double()).sum().backward()
         print(
             json.dumps(
                 dict(
@@ -63,8 +76,12 @@ def main(cases: list[tuple[int, int, int]]) -> None:
                     loss_err=_err(got_loss.detach().reshape(()), want_loss.detach()),
                     correct_equal=float(got_correct) == float(want_correct.sum()),
                     entropy_err=_err(got_entropy, want_entropy.sum()),
-                    grad_hidden_err=_err(hidden.grad, h64.grad),
+                    grad_hidden_err=_err(stats_grad_hidden, h64.grad),
                     grad_weight_err=_err(weight.grad, w64.grad),
+                    token_log_probs_err=_err(token_log_probs.detach(), want_log_probs.detach()),
+                    token_entropy_err=_err(token_entropy, want_entropy),
+                    token_top1_equal=bool(torch.equal(token_top1, want_correct.float())),
+                    token_grad_hidden_err=_err(hidden.grad, t64.grad),
                 )
             ),
             flush=True,

@@ -470,6 +470,32 @@ def test_loss_with_stats_matches_float64(rows, hidden_size, vocab, counted) -> N
     assert rel_err(hidden.grad.double(), h64.grad) < 2e-2
 
 
+@pytest.mark.parametrize("rows, hidden_size, vocab", [(2048, 4096, 128256), (333, 64, 5000), (5, 96, 4099)])
+def test_per_token_log_probs_match_float64_under_a_token_weighting(rows, hidden_size, vocab) -> None:
+    """The Triton per-token path (TRL 1.15+'s fused LM head fields, bf16 GEMMs, chunked) against float64
+    autograd, under a per-token weighting of the log-probabilities as TRL's dft loss applies."""
+    from qlora_plugin.fastpath.kernels.loss_stats import linear_token_log_probs, row_stats_reference
+
+    hidden = (torch.randn(rows, hidden_size, device=DEV) * 2).to(torch.bfloat16).requires_grad_(True)
+    weight = (torch.randn(vocab, hidden_size, device=DEV) / hidden_size**0.5).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (rows,), device=DEV)
+    targets[torch.rand(rows, device=DEV) < 0.4] = -100
+    weights = torch.rand(rows, device=DEV)
+    got = linear_token_log_probs(hidden, weight, targets)
+    (got.log_probs * weights).sum().backward()
+    h64 = hidden.detach().double().requires_grad_(True)
+    logits = h64 @ weight.double().t()
+    want = -torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
+    (want * weights.double()).sum().backward()
+    _, entropy, correct = row_stats_reference(logits.detach(), targets)
+    ignored = targets == -100
+    assert (got.log_probs[ignored] == 0).all() and not got.is_top1[ignored].any()
+    assert rel_err(got.log_probs.detach().double(), want.detach()) < 5e-3
+    assert rel_err(got.entropy.double(), entropy.double()) < 5e-3
+    assert (got.is_top1 != correct.bool()).sum() <= max(2, rows // 100)  # bf16 ties
+    assert rel_err(hidden.grad.double(), h64.grad) < 2e-2
+
+
 def test_offload_keeps_what_the_host_has_no_room_for_on_the_gpu_with_full_recomputes_gradients(
     checkpoint, monkeypatch, caplog
 ) -> None:

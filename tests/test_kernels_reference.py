@@ -20,7 +20,7 @@ from qlora_plugin.fastpath.kernels import FastPathConfig, PagedAdamW, apply_fast
 from qlora_plugin.fastpath.kernels.dequant import dequantize_4bit, dequantize_4bit_reference  # noqa: E402
 from qlora_plugin.fastpath.kernels.layers import rms_norm, rotary, silu_mul  # noqa: E402
 from qlora_plugin.fastpath.kernels.lora_linear import lora_4bit_linear  # noqa: E402
-from qlora_plugin.fastpath.kernels.losses import linear_cross_entropy, linear_cross_entropy_reference, shift_labels  # noqa: E402
+from qlora_plugin.fastpath.kernels.losses import linear_cross_entropy, linear_cross_entropy_reference, shift_labels_of  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_linear_cross_entropy_reference_matches_full_logits() -> None:
     w = torch.randn(301, 48, dtype=torch.bfloat16) / 7
     labels = torch.randint(0, 301, (2, 37))
     labels[0, :5] = -100
-    targets = shift_labels(labels)
+    targets = shift_labels_of(labels)
     for num_items in (None, 50):
         loss = linear_cross_entropy_reference(h.reshape(-1, 48), w, targets.reshape(-1), num_items, chunk_size=16)
         gh = torch.autograd.grad(loss, h)[0]

@@ -31,7 +31,13 @@ from qlora_plugin.core.recipe import QLoRARecipe
 from qlora_plugin.core.run_record import model_format
 from qlora_plugin.fastpath.kernel_choice import kernel_config
 from qlora_plugin.fastpath.kernels import FastPathReport, apply_fast_path
-from qlora_plugin.fastpath.wording import FULL_LOGITS_WARNING, describe, loss_description, loss_forward_owner
+from qlora_plugin.fastpath.wording import (
+    FULL_LOGITS_WARNING,
+    TRL_FORWARD_PATCHES,
+    describe,
+    loss_description,
+    loss_forward_owner,
+)
 
 PATCH = "torch-first-forward-hook"
 _REQUEST = "_qlora_fast_path_request"
@@ -164,12 +170,13 @@ def apply_recipe_fast_path(
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(base.parameters()).device.type
     forward_owner = loss_forward_owner(base)
-    replace_trl = forward_owner == "trl-chunked" and patches.allowed("trl-chunked-loss-forward")
+    trl_patch = TRL_FORWARD_PATCHES.get(forward_owner or "")
+    replace_trl = trl_patch is not None and patches.allowed(trl_patch)
     config = kernel_config(
         context,
         device,
         fuse_loss=(own_loss and forward_owner is None) or replace_trl,
-        loss_stats=replace_trl,
+        loss_outputs=forward_owner if replace_trl and forward_owner else "loss",
         host_kernels=host_kernels,
     )
     result = apply_fast_path(model, config=config)

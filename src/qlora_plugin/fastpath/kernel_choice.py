@@ -21,17 +21,17 @@ def kernel_config(
     device: str | None = None,
     *,
     fuse_loss: bool = False,
-    loss_stats: bool = False,
+    loss_outputs: str = "loss",
     host_kernels: Iterable[str] = (),
 ) -> FastPathConfig:
     """The :class:`qlora_plugin.fastpath.kernels.FastPathConfig` the run of ``context`` asks for on ``device``.
 
     ``device``: default the run's. ``fuse_loss``: compute the training loss without logits
     (only where the trainer reads nothing else and the model's forward is still its own);
-    ``loss_stats``: the loss's output carries TRL's chunked-loss statistics (it replaces TRL's
-    forward); ``host_kernels``: the trainer's own LoRA kernels that are on. The recompute mode is the
-    run's; CUDA graphs go on at the speed point (recompute "none") unless the knobs say
-    otherwise, as do packed attention, the tiled-MLP threshold and the layer inputs kept on
+    ``loss_outputs``: what that loss's forward returns, the loss alone or what the TRL forward it
+    replaces returns (see ``FastPathConfig``); ``host_kernels``: the trainer's own LoRA kernels
+    that are on. The recompute mode is the run's; CUDA graphs go on at the speed point (recompute
+    "none") unless the knobs say otherwise, as do packed attention, the tiled-MLP threshold and the layer inputs kept on
     the GPU under offloaded recompute (:class:`qlora_plugin.core.environment.Knobs`).
     """
     device = device or context.device
@@ -43,7 +43,7 @@ def kernel_config(
     return FastPathConfig(
         compute_dtype=context.dtype_on(device),
         fused_loss=fuse_loss,
-        loss_stats=loss_stats,
+        loss_outputs=loss_outputs,
         fused_mlp="lora_mlp_kernel" not in host_kernels,
         recompute=mode,
         cache_block_constants=mode == "none",  # +1/16 of the bf16 weight size: the speed point only

@@ -9,15 +9,20 @@ from qlora_plugin.fastpath.kernels import FastPathConfig, FastPathReport
 
 # The one setting that costs a user's own SFTConfig most beside the README's recipe.sft_config().
 FULL_LOGITS_WARNING = (
-    "qlora: the training loss is computed from full logits (TRL's loss_type='nll' or 'dft', or your own loop): "
-    "one float per vocabulary entry and token, slower and several GiB more than a loss without logits; with TRL, "
-    "leave loss_type unset (chunked_nll, which the fast path computes without logits) or set use_liger_kernel=True"
+    "qlora: the training loss is computed from full logits (TRL's loss_type='nll' or 'dft' before TRL 1.15, or "
+    "your own loop): one float per vocabulary entry and token, slower and several GiB more than a loss without "
+    "logits; with TRL, leave loss_type unset (chunked_nll, which the fast path computes without logits), set "
+    "use_liger_kernel=True, or use TRL 1.15 or later (its losses need no logits)"
 )
+# The TRL forwards the fast path replaces with its own logit-free loss, and the patch that says where.
+TRL_FORWARD_PATCHES = {"trl-chunked": "trl-chunked-loss-forward", "trl-fused": "trl-fused-head-forward"}
+_TRL_FORWARD_NAMES = {"_chunked_ce_forward": "trl-chunked", "_fused_forward": "trl-fused"}
 
 
 def loss_forward_owner(causal_lm: nn.Module) -> str | None:
-    """Whose logit-free loss replaced the model's forward: ``"liger"``, ``"trl-chunked"`` (TRL's
-    ``chunked_nll``), ``"trl"`` (TRL's fused LM head), or None (the model's own forward).
+    """Whose logit-free loss replaced the model's forward: ``"liger"``, ``"trl-chunked"`` (TRL
+    1.9-1.14's ``chunked_nll``), ``"trl-fused"`` (TRL 1.15+'s fused LM head), ``"trl"`` (another
+    TRL forward), or None (the model's own forward).
 
     Told by where the forward's code lives: TRL's replacement copies the model's name and
     module onto itself (``functools.wraps``), its code object keeps TRL's file and name.
@@ -28,7 +33,7 @@ def loss_forward_owner(causal_lm: nn.Module) -> str | None:
     if "/liger_kernel/" in path:
         return "liger"
     if "/trl/" in path:
-        return "trl-chunked" if code is not None and code.co_name == "_chunked_ce_forward" else "trl"
+        return _TRL_FORWARD_NAMES.get(code.co_name if code is not None else "", "trl")
     return None
 
 
@@ -41,7 +46,12 @@ def loss_description(result: FastPathReport, forward_owner: str | None, own_loss
             "loss without logits: the plugin's in place of TRL's chunked_nll (the same loss, token accuracy and "
             "entropy, from bf16 head GEMMs done once)"
         )
-    if forward_owner in ("trl", "trl-chunked"):
+    if forward_owner == "trl-fused" and result.loss_fused:
+        return (
+            "loss without logits: the plugin's in place of TRL's fused LM head (the same per-token log-probabilities, "
+            "entropy and top-1 hits, from bf16 head GEMMs done once)"
+        )
+    if forward_owner in ("trl", "trl-chunked", "trl-fused"):
         return "loss without logits: TRL's own (chunked_nll, or its fused LM head)"
     if result.loss_fused:
         return "loss without logits: the plugin's"

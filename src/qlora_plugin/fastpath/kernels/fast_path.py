@@ -28,9 +28,9 @@ class FastPathConfig:
     adapter_dtype: master dtype of the LoRA weights (what the optimizer updates).
     fused_lora: route LoRA-over-4-bit layers through one autograd function.
     fused_loss: compute the training loss without materialising logits.
-    loss_stats: with ``fused_loss``, the loss's output also carries TRL's chunked-loss
-        statistics (token accuracy, entropy, counted tokens), for a forward that replaces
-        TRL's ``chunked_nll`` one.
+    loss_outputs: with ``fused_loss``, what the loss's forward returns (``losses.LOSS_OUTPUTS``):
+        the loss alone, or what the TRL forward it replaces returns (``"trl-chunked"``: TRL
+        1.9-1.14's ``chunked_nll`` statistics; ``"trl-fused"``: TRL 1.15+'s per-token fields).
     fused_norm_mlp: Liger RMSNorm / SwiGLU (on CUDA) that save less for backward.
     fused_mlp: with ``fused_norm_mlp``, also the SwiGLU MLPs (False leaves them to another patch).
     skip_lora: names of projections (``q_proj``, ...) whose LoRA layers stay PEFT's
@@ -60,7 +60,7 @@ class FastPathConfig:
     adapter_dtype: torch.dtype = torch.float32
     fused_lora: bool = True
     fused_loss: bool = True
-    loss_stats: bool = False
+    loss_outputs: str = "loss"
     fused_norm_mlp: bool = True
     fused_mlp: bool = True
     skip_lora: tuple[str, ...] = ()
@@ -139,7 +139,7 @@ def apply_fast_path(
     if cfg.fused_rope:
         report.rope_patched = patch_rope(lm)
     if cfg.fused_loss:
-        report.loss_fused = patch_causal_lm_loss(lm, with_stats=cfg.loss_stats)
+        report.loss_fused = patch_causal_lm_loss(lm, outputs=cfg.loss_outputs)
         if not report.loss_fused:
             report.notes.append("loss not fused: model head or config not supported")
     if cfg.packed_attention:

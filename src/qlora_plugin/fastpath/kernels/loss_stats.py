@@ -10,6 +10,11 @@ number of counted tokens) from bf16 GEMMs in chunks of about 256 MiB of logits, 
 gradient of the hidden states computed during the forward (one head GEMM each way, none
 repeated). On CUDA a Triton kernel (:mod:`qlora_plugin.fastpath.kernels.triton_loss_stats`)
 makes one pass per row; elsewhere a PyTorch reference with the same results runs.
+
+TRL 1.15 and later instead call the model with ``fused_lm_head=True`` and read per-token
+log-probabilities, entropies and top-1 hits. :func:`linear_token_log_probs` returns those
+from the same kernel: each row's gradient is kept unscaled from the forward, so any
+per-token weighting of the log-probabilities (TRL's ``dft`` loss) scales it exactly.
 """
 
 from __future__ import annotations
@@ -171,3 +176,102 @@ def linear_cross_entropy_stats(
     else:
         loss, correct, entropy = _reference(hidden, weight, targets, scale[0])
     return LossStats(loss=loss.reshape(()), num_correct_tokens=correct, entropy_sum=entropy, num_valid_tokens=num_valid)
+
+
+@dataclass
+class TokenLogProbs:
+    """Per-token statistics of the next-token distribution, zero where the target is ignored."""
+
+    log_probs: torch.Tensor  # float32, log p(target) (differentiable)
+    entropy: torch.Tensor  # float32, nats (no gradient)
+    is_top1: torch.Tensor  # bool, the target is the most likely token
+
+
+class _FusedLinearTokenLogProbs(torch.autograd.Function):
+    """bf16 head GEMMs in chunks; each row's gradient of ``-log p(target)`` is formed in forward
+    and, in backward, multiplied by that row's upstream gradient (rows are independent)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from qlora_plugin.fastpath.kernels.triton_loss_stats import row_stats_and_grad_
+
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        chunk = max(1, min(rows, CHUNK_BYTES // (vocab * hidden.element_size())))
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        one = torch.ones(1, dtype=torch.float32, device=hidden.device)
+        loss = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty_like(loss)
+        correct = torch.empty_like(loss)
+        for start in range(0, rows, chunk):
+            stop = min(rows, start + chunk)
+            logits = hidden[start:stop] @ weight.t()
+            loss[start:stop], entropy[start:stop], correct[start:stop] = row_stats_and_grad_(
+                logits, targets[start:stop], one, IGNORE_INDEX
+            )
+            if grad_hidden is not None:
+                torch.mm(logits, weight, out=grad_hidden[start:stop])
+        ctx.mark_non_differentiable(entropy, correct)
+        ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0))
+        ctx.has_grad = grad_hidden is not None
+        return -loss, entropy, correct
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_log_probs: torch.Tensor, _entropy: Any, _correct: Any
+    ) -> tuple[torch.Tensor | None, None, None]:
+        (grad_hidden,) = ctx.saved_tensors
+        if not ctx.has_grad:
+            return None, None, None
+        # d log p / d h = -(softmax - onehot) @ W, the row the forward kept
+        return grad_hidden * (-grad_log_probs).to(grad_hidden.dtype)[:, None], None, None
+
+
+def _chunk_log_probs(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = (h @ w.t()).float()
+    return -F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def _token_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The PyTorch path: chunked, each chunk's logits recomputed in backward; statistics without gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    log_probs, entropy, correct = [], [], []
+    for start in range(0, hidden.shape[0], chunk):
+        h, y = hidden[start : start + chunk], targets[start : start + chunk]
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            log_probs.append(checkpoint(_chunk_log_probs, h, weight, y, use_reentrant=False))
+        else:
+            log_probs.append(_chunk_log_probs(h, weight, y))
+        with torch.no_grad():
+            _, row_entropy, row_correct = row_stats_reference(h @ weight.t(), y)
+        entropy.append(row_entropy)
+        correct.append(row_correct)
+    if not log_probs:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty, empty
+    return torch.cat(log_probs), torch.cat(entropy), torch.cat(correct)
+
+
+def linear_token_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> TokenLogProbs:
+    """``log_softmax(hidden @ weight.T)`` at ``targets``, per token, with entropy and top-1 hits, logits never kept.
+
+    ``hidden`` [..., H], ``weight`` [V, H], ``targets`` [...] (already shifted; -100 ignored);
+    every output has the shape of ``targets``. A trainable ``weight`` (PEFT's
+    ``modules_to_save`` head) takes the PyTorch path, whose gradient reaches it.
+    """
+    shape = targets.shape
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1).to(hidden.device)
+    if weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+    if use_gpu_kernels(hidden) and not weight.requires_grad:
+        log_probs, entropy, correct = _FusedLinearTokenLogProbs.apply(hidden.contiguous(), weight, targets)
+    else:
+        log_probs, entropy, correct = _token_reference(hidden, weight, targets)
+    return TokenLogProbs(
+        log_probs=log_probs.reshape(shape), entropy=entropy.reshape(shape), is_top1=correct.reshape(shape).bool()
+    )

@@ -20,11 +20,17 @@ from torch.utils.checkpoint import checkpoint
 
 from qlora_plugin.core.patches import allowed
 from qlora_plugin.fastpath.kernels._backend import use_liger
-from qlora_plugin.fastpath.kernels.loss_stats import linear_cross_entropy_stats
+from qlora_plugin.fastpath.kernels.loss_stats import linear_cross_entropy_stats, linear_token_log_probs
 
 IGNORE_INDEX = -100
 _ORIG_FORWARD = "_qlora_fast_orig_forward"
 _WITH_STATS = "_qlora_loss_with_stats"
+_TRL_FIELDS = "_qlora_trl_fused_head_fields"
+# What a forward that replaces a trainer's returns: the loss alone; TRL 1.9-1.14's chunked_nll
+# output (loss and summed statistics); TRL 1.15+'s fused LM head output (per-token fields).
+LOSS_OUTPUTS = ("loss", "trl-chunked", "trl-fused")
+# The per-token fields of TRL's fused LM head that the plugin computes.
+TRL_FUSED_FIELDS = frozenset({"log_probs", "entropy", "is_top1"})
 
 
 def _chunk_ce_sum(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -77,7 +83,7 @@ def linear_cross_entropy(
     return linear_cross_entropy_reference(hidden, weight, targets, num_items_in_batch)
 
 
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+def shift_labels_of(labels: torch.Tensor) -> torch.Tensor:
     """Next-token targets as transformers builds them: labels shifted left, -100 appended."""
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
 
@@ -122,7 +128,7 @@ def _fused_loss_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     outputs = self.model(**kwargs)
     hidden = outputs.last_hidden_state
     if targets is None:
-        targets = shift_labels(labels.to(hidden.device))
+        targets = shift_labels_of(labels.to(hidden.device))
     head = self.get_output_embeddings().weight
     if self.__dict__.get(_WITH_STATS):
         stats = linear_cross_entropy_stats(hidden, head, targets, num_items)
@@ -144,16 +150,98 @@ def _fused_loss_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     )
 
 
-def patch_causal_lm_loss(causal_lm: Any, *, with_stats: bool = False) -> bool:
+def trl_fused_head_fields(forward: Any) -> frozenset[str] | None:
+    """The per-token fields TRL's fused-LM-head forward was asked for, where the plugin can compute them.
+
+    TRL 1.15+ (``add_fused_lm_head``) keeps its settings in the forward's closure. The plugin
+    replaces that forward only where they are SFT's: temperature 1, the head in the compute
+    dtype, no logit soft-capping or scaling, the backbone at ``base_model``, and fields among
+    log-probabilities, entropy and top-1 hits. Anything else (or a closure of another shape):
+    None, and TRL's forward stays.
+    """
+    func = getattr(forward, "__func__", forward)
+    code, closure = getattr(func, "__code__", None), getattr(func, "__closure__", None)
+    if code is None or closure is None or code.co_name != "_fused_forward":
+        return None
+    try:
+        cells = {name: cell.cell_contents for name, cell in zip(code.co_freevars, closure, strict=True)}
+    except (ValueError, TypeError):  # an empty cell, or a closure of another shape
+        return None
+    fields = cells.get("outputs")
+    supported = (
+        cells.get("temperature") == 1.0
+        and cells.get("cast_lm_head_to_fp32") is False
+        and cells.get("final_logit_softcapping") is None
+        and cells.get("logit_scale") == 1.0
+        and cells.get("backbone_attr") == "base_model"
+        and isinstance(fields, tuple)
+        and set(fields) <= TRL_FUSED_FIELDS
+    )
+    return frozenset(fields) if supported and isinstance(fields, tuple) else None
+
+
+def _trl_fused_head_forward(
+    self: Any,
+    *args: Any,
+    fused_lm_head: bool = False,
+    labels: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    num_items_in_batch: Any = None,
+    **kwargs: Any,
+) -> Any:
+    trl_forward = getattr(self, _ORIG_FORWARD)
+    router_logits = kwargs.get("output_router_logits") or getattr(
+        self.config.get_text_config(), "output_router_logits", False
+    )
+    if not fused_lm_head or args or not self.training or (labels is None and shift_labels is None) or router_logits:
+        return trl_forward(
+            *args,
+            fused_lm_head=fused_lm_head,
+            labels=labels,
+            shift_labels=shift_labels,
+            num_items_in_batch=num_items_in_batch,
+            **kwargs,
+        )
+    from trl.trainer import utils as trl_utils
+
+    output_type = vars(trl_utils)["FusedCausalLMOutput"]  # TRL 1.15+ only, as this forward
+
+    kwargs["use_cache"] = False
+    hidden = self.model(**kwargs).last_hidden_state
+    if shift_labels is None:
+        # score every position against the next label (-100 after the last) and drop the last
+        targets = shift_labels_of(cast(torch.Tensor, labels).to(hidden.device))
+    else:
+        targets = shift_labels.to(hidden.device)
+    per_token = linear_token_log_probs(hidden, self.get_output_embeddings().weight, targets)
+    scored = slice(None, -1) if shift_labels is None else slice(None)
+    log_probs, entropy, is_top1 = (t[:, scored] for t in (per_token.log_probs, per_token.entropy, per_token.is_top1))
+    mask = (targets != IGNORE_INDEX)[:, scored]
+    denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    fields = self.__dict__[_TRL_FIELDS]
+    return output_type(
+        loss=-log_probs.sum() / denominator,
+        log_probs=log_probs,
+        entropy=entropy if "entropy" in fields else None,
+        is_top1=is_top1 if "is_top1" in fields else None,
+        label_mask=mask,
+    )
+
+
+def patch_causal_lm_loss(causal_lm: Any, *, outputs: str = "loss") -> bool:
     """Make ``causal_lm`` compute its training loss without logits; returns whether it was patched.
 
     Only plain decoder LMs qualify: a ``.model`` decoder, an untied-or-tied linear
     output head without bias, and no logit soft-capping or scaling. In training with
     ``labels``, the patched forward returns ``logits=None``; otherwise it is unchanged
-    (the forward it replaced runs). ``with_stats``: the output also carries TRL's
-    chunked-loss statistics (see :func:`causal_lm_output_with_stats`), for a forward that
-    replaces TRL's own.
+    (the forward it replaced runs). ``outputs`` (one of :data:`LOSS_OUTPUTS`): ``"trl-chunked"``,
+    the output also carries TRL 1.9-1.14's chunked-loss statistics (see
+    :func:`causal_lm_output_with_stats`); ``"trl-fused"``, the forward answers TRL 1.15+'s
+    ``fused_lm_head=True`` calls with per-token fields (see :func:`trl_fused_head_fields`), and
+    every other call goes to TRL's forward.
     """
+    if outputs not in LOSS_OUTPUTS:
+        raise ValueError(f"outputs={outputs!r}: one of {', '.join(LOSS_OUTPUTS)}")
     if hasattr(causal_lm, _ORIG_FORWARD):
         return True
 
@@ -171,7 +259,13 @@ def patch_causal_lm_loss(causal_lm: Any, *, with_stats: bool = False) -> bool:
     )
     if not ok:
         return False
+    if outputs == "trl-fused":
+        fields = trl_fused_head_fields(causal_lm.forward)
+        if fields is None:
+            return False
+        causal_lm.__dict__[_TRL_FIELDS] = fields
     setattr(causal_lm, _ORIG_FORWARD, causal_lm.forward)
-    causal_lm.__dict__[_WITH_STATS] = with_stats
-    causal_lm.forward = types.MethodType(_fused_loss_forward, causal_lm)
+    causal_lm.__dict__[_WITH_STATS] = outputs == "trl-chunked"
+    forward = _trl_fused_head_forward if outputs == "trl-fused" else _fused_loss_forward
+    causal_lm.forward = types.MethodType(forward, causal_lm)
     return True
