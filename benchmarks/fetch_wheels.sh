@@ -2,9 +2,11 @@
 # Download (here, with network) the wheels the GPU image lacks, for one package set, into .whl/SET/:
 #   bash benchmarks/fetch_wheels.sh pinned   # what Axolotl 0.19 pins: transformers 5.16.1, TRL 1.9.0, PEFT 0.20.0
 #                                            # (+ gguf 0.19.0: scripts/prepare_real_job.py converts the real model there)
-#   bash benchmarks/fetch_wheels.sh newest   # the newest releases: transformers 5.24.0, TRL 1.16.0, PEFT 0.21.2
+#   bash benchmarks/fetch_wheels.sh newest   # the newest releases: transformers 5.25.0, TRL 1.16.0, PEFT 0.21.2
 #   bash benchmarks/fetch_wheels.sh speed    # the pinned set less transformers and gguf: the image's transformers
 #                                            # 5.17 serves (Unsloth 2026.10.9 allows up to 5.17.0)
+#   bash benchmarks/fetch_wheels.sh speed-newest  # TRL 1.16.0 and PEFT 0.21.2 over the image's transformers:
+#                                            # the fast path in place of TRL 1.15+'s fused LM head
 #   bash benchmarks/fetch_wheels.sh unsloth  # Unsloth 2026.10.9 and what the image lacks for it (~13 MB:
 #                                            # its wheel without the 'studio' web app), beside speed
 #   bash benchmarks/fetch_wheels.sh deepspeed  # DeepSpeed 0.19.8 and what it needs beside the image, installed on
@@ -20,9 +22,10 @@ case "$set_name" in
   pinned) packages="transformers==5.16.1 trl==1.9.0 peft==0.20.0 liger-kernel==0.8.1 datasets==4.8.4 dill==0.4.0 multiprocess==0.70.18 gguf==0.19.0" ;;
   speed) packages="trl==1.9.0 peft==0.20.0 liger-kernel==0.8.1 datasets==4.8.4 dill==0.4.0 multiprocess==0.70.18" ;;
   unsloth) ;;
-  newest) packages="transformers==5.24.0 trl==1.16.0 peft==0.21.2 liger-kernel==0.8.5 datasets==4.8.4 dill==0.4.0 multiprocess==0.70.18" ;;
+  speed-newest) packages="trl==1.16.0 peft==0.21.2 liger-kernel==0.8.5 datasets==4.8.4 dill==0.4.0 multiprocess==0.70.18" ;;
+  newest) packages="transformers==5.25.0 trl==1.16.0 peft==0.21.2 liger-kernel==0.8.5 datasets==4.8.4 dill==0.4.0 multiprocess==0.70.18" ;;
   deepspeed) ;;
-  *) echo "unknown set $set_name (pinned | newest | deepspeed)" >&2; exit 2 ;;
+  *) echo "unknown set $set_name (pinned | speed | speed-newest | unsloth | newest | deepspeed)" >&2; exit 2 ;;
 esac
 dest=.whl/$set_name
 mkdir -p "$dest"

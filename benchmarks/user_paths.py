@@ -33,7 +33,7 @@ ROWS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "qlora-plugin": ("qlora-plugin", {}, {}),
     # what the own-config gap is made of: Liger's loss in place of TRL's chunked_nll, the host syncs,
     # and the full-logit loss some users pick
-    "own-config-trl-loss": ("qlora-plugin-own-config", {}, {"fused_loss": False, "loss_stats": False}),
+    "own-config-trl-loss": ("qlora-plugin-own-config", {}, {"fused_loss": False, "loss_outputs": "loss"}),
     "own-config-liger": ("qlora-plugin-own-config", {"use_liger_kernel": True}, {}),
     "own-config-no-sync": (
         "qlora-plugin-own-config",
@@ -114,7 +114,7 @@ SYSTEM = {
     "unsloth-qlora": "Unsloth",
     "qlora-plugin-default": "plugin: README snippet",
     "qlora-plugin-own-config": "plugin: own SFTConfig",
-    "own-config-trl-loss": "plugin: own SFTConfig, TRL's chunked loss",
+    "own-config-trl-loss": "plugin: own SFTConfig, TRL's own loss",
     "qlora-plugin-memory": "plugin: memory point",
     "qlora-plugin": "plugin: speed point",
 }
