@@ -299,6 +299,11 @@ def convert_gguf(gguf: Path, out: Path, source: str) -> None:
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
     fresh.save_pretrained(out)
+    # transformers 5.25 records the GGUF load as a quantization_config, which the bf16 copy is not:
+    # a later from_pretrained would then refuse any BitsAndBytesConfig
+    saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    if saved.pop("quantization_config", None) is not None:
+        (out / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tokenizer.save_pretrained(out)
     provenance = {
         "source": source,

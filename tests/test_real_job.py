@@ -45,6 +45,7 @@ def test_the_converted_model_is_smollm2_135m_instruct(prepared) -> None:
     config = json.loads((model_dir / "config.json").read_text())
     assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("llama", 30, 576)
     assert (config["vocab_size"], config["tie_word_embeddings"], config["dtype"]) == (49152, True, "bfloat16")
+    assert "quantization_config" not in config  # a plain bf16 model: the recipe's 4-bit load must be free to apply
     assert json.loads((model_dir / "provenance.json").read_text())["parameters"] == 134_515_008
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|im_end|>")
