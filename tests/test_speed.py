@@ -178,15 +178,23 @@ def test_fast_path_trainer_settings_are_training_arguments_on_cuda_only():
 
 def test_a_forward_trl_made_logit_free_is_recognised_as_trls(checkpoint):
     """Whichever way this TRL release makes the loss logit-free, the fast path tells it: TRL's fused LM head
-    ("trl", left to TRL) or TRL's chunked_nll forward ("trl-chunked", which the fast path replaces)."""
+    ("trl-fused") or TRL's chunked_nll forward ("trl-chunked"), both of which the fast path replaces; the fused
+    head only with SFT's settings (any other temperature, an fp32 head or other fields stay TRL's)."""
     from _tiny_qlora import load_4bit
     from trl.trainer import sft_trainer, utils
 
+    from qlora_plugin.fastpath.kernels.losses import trl_fused_head_fields
+
     model = load_4bit(checkpoint)
     assert loss_forward_owner(model) is None
-    if hasattr(utils, "add_fused_lm_head"):  # TRL releases with a fused LM head
-        utils.add_fused_lm_head(model)
-        assert loss_forward_owner(model) == "trl"
+    if hasattr(utils, "add_fused_lm_head"):  # TRL 1.15 and later
+        utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+        assert loss_forward_owner(model) == "trl-fused"
+        assert trl_fused_head_fields(model.forward) == {"log_probs", "entropy", "is_top1"}
+        for unsupported in ({"temperature": 0.7}, {"cast_lm_head_to_fp32": True}, {"outputs": ("mean_logits",)}):
+            other = load_4bit(checkpoint)
+            utils.add_fused_lm_head(other, **unsupported)
+            assert loss_forward_owner(other) == "trl-fused" and trl_fused_head_fields(other.forward) is None
     else:  # TRL 1.9's chunked_nll
         sft_trainer._patch_chunked_ce_lm_head(model, chunk_size=256)
         assert loss_forward_owner(model) == "trl-chunked"
