@@ -160,3 +160,35 @@ def test_axolotl_refuses_the_options_it_cannot_honour() -> None:
         recipe = qlora_recipe(**fields)
         with pytest.raises(QLoRAConfigError, match="Axolotl's 4-bit loading"):
             native_keys(recipe, make_context(recipe, device="cpu"))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"blocksize": 32}, {"unquantized_modules": [KEPT]}, {"blocksize": 128, "unquantized_modules": ["v_proj"]}],
+    ids=["default", "blocksize-32", "one-kept", "blocksize-128-v-kept"],
+)
+def test_inspect_and_estimate_count_the_layers_the_recipe_really_quantizes(tiny_model_dir, fields) -> None:
+    """``qlora inspect``/``estimate`` count in 4 bits, at the recipe's block size, exactly the layers the recipe
+    stores in 4 bits, and the layers it keeps in 16 bits among the unquantized parameters."""
+    import bitsandbytes as bnb
+
+    from qlora_plugin.tools.inspection import analyze
+    from qlora_plugin.tools.model_report import nf4_bytes
+
+    model, recipe = adapted(tiny_model_dir, **fields)
+    in_4bit, in_16bit = {}, {}
+    for name, module in model.named_modules():
+        name = name.removeprefix("base_model.model.").removesuffix(".base_layer")
+        if isinstance(module, bnb.nn.Linear4bit):
+            in_4bit[name] = module.weight.quant_state.blocksize
+        elif type(module) is torch.nn.Linear and "lora_" not in name and name != "lm_head":
+            in_16bit[name] = module.in_features * module.out_features
+    report = analyze(tiny_model_dir, recipe)
+    assert {t.name for t in report.quantized_linears} == set(in_4bit)
+    assert set(in_4bit.values()) == {fields.get("blocksize", 64)}
+    assert {t.name: t.in_features * t.out_features for t in report.linears_16bit} == in_16bit
+    assert report.quantized_bytes() == sum(
+        nf4_bytes(t.in_features * t.out_features, True, fields.get("blocksize", 64)) for t in report.quantized_linears
+    )
+    real_params = sum(p.numel() * (2 if isinstance(p, bnb.nn.Params4bit) else 1) for p in model.base_model.parameters())
+    assert report.base_params + report.trainable_params == real_params

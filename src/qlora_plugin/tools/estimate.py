@@ -23,14 +23,16 @@ The path (:class:`TrainingPath`) says how the step runs:
     environment unless the options set them.
 
 Resident for the whole step
-  * 4-bit weights: every linear layer but the output head, packed two per byte,
-    plus the blockwise constants (see :func:`qlora_plugin.tools.model_report.nf4_bytes`);
+  * 4-bit weights: every linear layer but the output head (with a quality option, the
+    targets less ``unquantized_modules``), packed two per byte, plus the constants of each
+    block of ``blocksize`` (see :func:`qlora_plugin.tools.model_report.nf4_bytes`);
     and the fused experts of mixture-of-experts models, stored the same way one expert at
     a time (:func:`qlora_plugin.tools.model_report.experts_nf4_bytes`). LoRA on experts adds
     one A and B per expert; each routed copy of a token keeps its input and rank-``r``
     product per adapted expert parameter (:func:`expert_lora_bytes`), and the MLP terms
     below use ``num_experts_per_tok`` x the expert width.
-  * Unquantized parameters (embeddings, untied head, norms, biases): 4 bytes
+  * Unquantized parameters (embeddings, untied head, norms, biases, linear layers a quality
+    option keeps out of 4 bits): 4 bytes
     each on the stock path, ``c`` on the fast path.
   * Adapters, and once the step runs their gradients and optimizer states.
     ``paged_adamw_32bit`` keeps two float32 states per parameter; bitsandbytes
@@ -437,7 +439,7 @@ def estimate_memory(
     quantized_params = sum(t.in_features * t.out_features for t in report.quantized_linears)
     whole = {
         "weights_4bit": report.quantized_bytes()
-        + (4 * math.ceil(quantized_params / 64) if path.cached_constants else 0),
+        + (4 * math.ceil(quantized_params / recipe.blocksize) if path.cached_constants else 0),
         "unquantized_params": report.unquantized_params() * frozen_bytes,
         "adapters": trainable * adapter_bytes,
         "gradients": trainable * adapter_bytes,

@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from qlora_plugin.core.fields import quantizes_targets_itself
 from qlora_plugin.core.model_limits import check_sequence_length, rank_warnings
 from qlora_plugin.core.targets import ROUTER_NAMES, VISION_PARTS, user_excluded
 
@@ -72,7 +73,9 @@ class ModelReport:
         if not self.experts_4bit:
             return 0
         return sum(
-            experts_nf4_bytes(p.num_experts, p.in_features * p.out_features, self.recipe.double_quant)
+            experts_nf4_bytes(
+                p.num_experts, p.in_features * p.out_features, self.recipe.double_quant, self.recipe.blocksize
+            )
             for p in self.expert_params
         )
 
@@ -104,8 +107,21 @@ class ModelReport:
 
     @property
     def quantized_linears(self) -> list[Linear]:
-        """The layers stored in 4 bits: every linear layer but the output head."""
+        """The layers stored in 4 bits: every linear layer but the output head.
+
+        A recipe with a quality option (``blocksize`` other than 64, LoftQ, ``unquantized_modules``)
+        loads the base in 16 bits and quantizes its targets only, less its ``unquantized_modules``.
+        """
+        if quantizes_targets_itself(self.recipe):
+            kept = self.recipe.unquantized_modules
+            return [layer for layer in self.target_linears if not user_excluded(layer.name, kept)]
         return [layer for layer in self.linears if layer.name not in self.heads]
+
+    @property
+    def linears_16bit(self) -> list[Linear]:
+        """Linear layers besides the output head that stay in 16 bits (only with a quality option)."""
+        quantized = {layer.name for layer in self.quantized_linears}
+        return [layer for layer in self.linears if layer.name not in self.heads and layer.name not in quantized]
 
     def lora_param_counts(self) -> list[int]:
         """Trainable parameters of each adapted layer (A, B, and DoRA's magnitude), then of each adapted
@@ -141,18 +157,22 @@ class ModelReport:
 
     def quantized_bytes(self) -> int:
         """Bytes of the 4-bit weights (linear layers, and MoE experts) with their quantization constants."""
+        blocksize = self.recipe.blocksize
         linear = sum(
-            nf4_bytes(t.in_features * t.out_features, self.recipe.double_quant) for t in self.quantized_linears
+            nf4_bytes(t.in_features * t.out_features, self.recipe.double_quant, blocksize)
+            for t in self.quantized_linears
         )
         return linear + self.expert_bytes()
 
     def unquantized_params(self) -> int:
-        """Parameters kept in 16/32 bits: embeddings, output head, norms, biases."""
+        """Parameters kept in 16/32 bits: embeddings, output head, norms, biases, and with a quality option
+        the linear layers it keeps out of 4 bits (:attr:`linears_16bit`)."""
         head = (
             0 if self.tied_head else sum(t.in_features * t.out_features for t in self.linears if t.name in self.heads)
         )
         experts = 0 if self.experts_4bit else sum(p.numel for p in self.expert_params)
-        return sum(self.other_params.values()) + head + experts
+        linear = sum(t.in_features * t.out_features for t in self.linears_16bit)
+        return sum(self.other_params.values()) + head + experts + linear
 
     def config_values(self) -> dict[str, Any]:
         """The model's config as plain keys (a transformers config, or the namespace read from config.json)."""
