@@ -135,37 +135,45 @@ def tiny_gpt2(tmp_path_factory, tiny_model_dir) -> Path:
     return directory
 
 
-def sft_trainer(model_dir: Path, tmp_path: Path, max_length: int):
+# How a TRL user builds the trainer: the recipe's config with or without its callbacks, or their own SFTConfig.
+TRAINER_PATHS = ("recipe-config", "recipe-config-no-callbacks", "own-config")
+
+
+def sft_trainer(model_dir: Path, tmp_path: Path, max_length: int, path: str = "recipe-config"):
     from datasets import Dataset
-    from trl import SFTTrainer
+    from trl import SFTConfig, SFTTrainer
 
     recipe = qlora_recipe()
-    args = recipe.sft_config(output_dir=str(tmp_path / "out"), max_length=max_length, report_to="none", max_steps=1)
+    common = {"output_dir": str(tmp_path / "out"), "max_length": max_length, "report_to": "none", "max_steps": 1}
+    args = SFTConfig(**common, bf16=False) if path == "own-config" else recipe.sft_config(**common)
     return SFTTrainer(
         model=str(model_dir),
         args=args,
         train_dataset=Dataset.from_dict({"text": ["the cat sat on the mat"] * 4}),
         peft_config=recipe,
-        callbacks=recipe.callbacks(),
+        callbacks=recipe.callbacks() if path == "recipe-config" else None,
     )
 
 
 @pytest.mark.slow
-def test_max_length_past_a_learned_position_table_is_refused_before_the_index_error(tiny_gpt2, tmp_path) -> None:
+@pytest.mark.parametrize("path", TRAINER_PATHS)
+def test_max_length_past_a_learned_position_table_is_refused_before_the_index_error(tiny_gpt2, tmp_path, path) -> None:
     with pytest.raises(QLoRAConfigError) as error:
-        sft_trainer(tiny_gpt2, tmp_path, max_length=64)
+        sft_trainer(tiny_gpt2, tmp_path, max_length=64, path=path)
     assert error.value.field == "max_length"
     assert_one_line_error(str(error.value), "max_length", "16 positions", value="64")
-    sft_trainer(tiny_gpt2, tmp_path, max_length=16)  # at the limit: fine
+    sft_trainer(tiny_gpt2, tmp_path, max_length=16, path=path)  # at the limit: fine
 
 
 @pytest.mark.slow
-def test_max_length_past_rotary_positions_is_a_warning(tiny_model_dir, tmp_path, caplog) -> None:
+@pytest.mark.parametrize("path", TRAINER_PATHS)
+def test_max_length_past_rotary_positions_is_a_warning(tiny_model_dir, tmp_path, caplog, path) -> None:
     import logging
 
     with caplog.at_level(logging.WARNING, logger="qlora_plugin"):
-        sft_trainer(tiny_model_dir, tmp_path, max_length=128)
-    assert any("max_length=128 is more than the 64 positions" in r.getMessage() for r in caplog.records)
+        sft_trainer(tiny_model_dir, tmp_path, max_length=128, path=path)
+    said = [r for r in caplog.records if "max_length=128 is more than the 64 positions" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
 
 
 def axolotl_project(directory: Path, model: Path, **changes) -> Path:

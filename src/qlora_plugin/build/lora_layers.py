@@ -31,11 +31,13 @@ from transformers.pytorch_utils import Conv1D
 
 from qlora_plugin.build.context import RunContext, attach, context_of_args, make_context
 from qlora_plugin.build.fsdp_bytes import guard_packed_weights
+from qlora_plugin.build.length_check import check_max_length
 from qlora_plugin.build.moe_experts import make_expert_lora_layer
 from qlora_plugin.build.notices import watch_optimizer
 from qlora_plugin.build.quantization import is_4bit, keep_nf4_layout, quantize_linear
-from qlora_plugin.build.seeding import args_of_trainer_being_built, seeded_layer_init
+from qlora_plugin.build.seeding import seeded_layer_init
 from qlora_plugin.build.target_quantization import check_prequantized, keeps_16bit, loftq_init, weight_out_in
+from qlora_plugin.build.trainer_frame import trainer_being_built
 from qlora_plugin.core import seams
 from qlora_plugin.core.adapter_shapes import guard_adapter_shapes
 from qlora_plugin.core.errors import QLoRAConfigError
@@ -66,13 +68,15 @@ class LoraLayerFactory:
 
     def context_for_layer(self, recipe: QLoRARecipe) -> RunContext:
         """The run a layer built now belongs to: the trainer's being constructed, else the factory's own."""
-        args = args_of_trainer_being_built()
-        if args is None:
+        trainer = trainer_being_built()
+        if trainer is None:
             return self.context_for(recipe)
+        args = trainer.args
         context = context_of_args(args)
         if context is None:  # a user's own config: one run per config, with its seed
             context = make_context(recipe, seed=args.seed)
             attach(args, context)
+        check_max_length(args, trainer.model, context.logger)
         return context
 
     def __call__(self, target: nn.Module, adapter_name: str, config: QLoRARecipe, **kwargs: Any) -> nn.Module | None:

@@ -11,7 +11,7 @@ Axolotl builds its layers.
 The run's seed is its run context's (:mod:`qlora_plugin.build.context`): for layers
 built while a trainer is constructed (TRL's ``SFTTrainer`` wraps the model while its
 ``__init__`` runs), the context of that trainer's arguments, with their ``seed``
-(:func:`args_of_trainer_being_built`): it travels with the config, never with the
+(:func:`qlora_plugin.build.trainer_frame.trainer_being_built`): it travels with the config, never with the
 recipe, so one recipe behind several configs or trainers gives each its own seed.
 Layers built outside a trainer (``get_peft_model`` by hand) use :data:`DEFAULT_SEED`.
 """
@@ -19,38 +19,13 @@ Layers built outside a trainer (``get_peft_model`` by hand) use :data:`DEFAULT_S
 from __future__ import annotations
 
 import contextlib
-import sys
 import zlib
 from collections.abc import Iterator
-from types import FrameType
-from typing import Any
 
 import torch
 from transformers import set_seed
 
 DEFAULT_SEED = 42  # transformers' TrainingArguments.seed default
-
-
-def args_of_trainer_being_built() -> Any:
-    """The arguments (``TrainingArguments``, ``SFTConfig``) of the transformers ``Trainer`` whose ``__init__`` runs.
-
-    None outside a trainer's construction. Read from the call stack: the trainer under
-    construction is a caller of PEFT's layer building, and its ``args`` are in that frame.
-    """
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "__init__":
-            owner = frame.f_locals.get("self")
-            args = frame.f_locals.get("args")
-            seed = getattr(args, "seed", None)
-            if _is_trainer(owner) and isinstance(seed, int) and not isinstance(seed, bool):
-                return args
-        frame = frame.f_back
-    return None
-
-
-def _is_trainer(owner: Any) -> bool:
-    return any(cls.__name__ == "Trainer" and cls.__module__.startswith("transformers.") for cls in type(owner).__mro__)
 
 
 def layer_seed(seed: int, name: str) -> int:

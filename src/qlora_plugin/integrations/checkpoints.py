@@ -35,11 +35,11 @@ from typing import Any
 from transformers import TrainerCallback
 
 from qlora_plugin.build.context import PACKAGE_LOGGER, RunContext
+from qlora_plugin.build.length_check import check_max_length
 from qlora_plugin.core import patches
 from qlora_plugin.core.errors import QLoRAConfigError
 from qlora_plugin.core.fields import RECIPE_FILE
 from qlora_plugin.core.files import read_json
-from qlora_plugin.core.model_limits import check_sequence_length
 from qlora_plugin.core.recipe import QLoRARecipe, write_recipe_file
 from qlora_plugin.core.run_record import compare_record, model_format
 from qlora_plugin.core.safe_io import write_text_atomically
@@ -128,7 +128,7 @@ class CheckpointGuard(TrainerCallback):
         self._previous_sigterm: Any = None
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        check_max_length(args, kwargs.get("model"), self.logger)
+        check_max_length(args, kwargs.get("model"), self.logger)  # where the layer factory did not already
         if not args.should_save:
             return
         for source, target, reason in set_aside_incomplete(args.output_dir):
@@ -211,20 +211,6 @@ def _free_name(path: Path) -> Path:
         candidate = path.with_name(f"{path.name}.{number}")
         number += 1
     return candidate
-
-
-def check_max_length(args: Any, model: Any, logger: logging.Logger | None = None) -> None:
-    """The trainer's ``max_length`` against the positions ``model`` has: refused where a learned position
-    table cannot take longer rows (an index error deep in the model otherwise), else a warning past them
-    (to ``logger``, default the package's)."""
-    config = getattr(model, "config", None)
-    to_dict = getattr(config, "to_dict", None)
-    if not callable(to_dict):
-        return
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    warning = check_sequence_length(getattr(args, "max_length", None), "max_length", to_dict(), type(base).__name__)
-    if warning:
-        (logger or logging.getLogger(PACKAGE_LOGGER)).warning("qlora: %s", warning)
 
 
 def check_resume(checkpoint: Path, model: Any, r: int | None = None) -> None:
