@@ -212,6 +212,9 @@ def _base_args(cell: Cell, setting: Setting, out: Path) -> dict[str, Any]:
         report_to="none",
         save_strategy="no",
         seed=0,
+        # the shuffle's own seed: without it accelerate's sampler takes torch's last manual seed when the
+        # dataloader is built, so both runs of a cell could see another order after the first epoch
+        data_seed=0,
         learning_rate=setting.learning_rate,
         lr_scheduler_type="constant",
         bf16=on_gpu and setting.compute_dtype == "bfloat16",
