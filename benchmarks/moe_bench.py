@@ -217,7 +217,10 @@ def measure(variant: str, shape: str, device: str, steps: int, warmup: int) -> d
     row["tok_s"] = round(SEQ[shape] / row["step_s"], 1)
     if cuda:
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
-        paged = sum(
+        # bitsandbytes' paged optimizers mark each state tensor; the plugin's fused PagedAdamW keeps
+        # its moments in one managed buffer and reports its size.
+        paged = optimizer.paged_bytes() if hasattr(optimizer, "paged_bytes") else 0
+        paged += sum(
             t.numel() * t.element_size()
             for state in optimizer.state.values()
             for t in state.values()
