@@ -97,6 +97,21 @@ class Events:
         return 1e3 * sum(e - s for s, e in pairs) / len(pairs)
 
 
+def paged_state_bytes(optimizer: Any) -> int:
+    """Optimizer-state bytes in CUDA managed memory, outside the allocator's peak.
+
+    The plugin's fused PagedAdamW keeps its moments in one managed buffer and reports its size;
+    bitsandbytes' paged optimizers mark each state tensor ``is_paged``.
+    """
+    paged = optimizer.paged_bytes() if hasattr(optimizer, "paged_bytes") else 0
+    return int(paged) + sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if getattr(t, "is_paged", False)
+    )
+
+
 def gib(n: float) -> float:
     """Bytes as GiB, rounded for the result rows."""
     return round(n / 2**30, 2)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from bench_config import DEVICE, VOCAB
-from bench_measure import empty_cache, gpu_name, peak_allocated, reset_peak, sync
+from bench_measure import empty_cache, gpu_name, paged_state_bytes, peak_allocated, reset_peak, sync
 from bench_models import build, build_recipe, model_dirs
 
 SWEEP_POINTS = ((1024, 1), (1024, 4), (2048, 1), (2048, 4))
@@ -49,15 +49,7 @@ def cmd_sweep(a: argparse.Namespace) -> None:
         if fused_loss is None:  # what the hook actually did
             base = model.get_base_model()
             fused_loss = hasattr(base, "_qlora_fast_orig_forward")
-        if hasattr(opt, "paged_bytes"):
-            paged = opt.paged_bytes()
-        else:
-            paged = sum(
-                t.numel() * t.element_size()
-                for st in opt.state.values()
-                for k, t in st.items()
-                if torch.is_tensor(t) and getattr(t, "is_paged", False)
-            )
+        paged = paged_state_bytes(opt)
         rows.append(
             dict(
                 model=SWEEP_NAMES[a.shape],

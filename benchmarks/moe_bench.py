@@ -217,15 +217,9 @@ def measure(variant: str, shape: str, device: str, steps: int, warmup: int) -> d
     row["tok_s"] = round(SEQ[shape] / row["step_s"], 1)
     if cuda:
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
-        # bitsandbytes' paged optimizers mark each state tensor; the plugin's fused PagedAdamW keeps
-        # its moments in one managed buffer and reports its size.
-        paged = optimizer.paged_bytes() if hasattr(optimizer, "paged_bytes") else 0
-        paged += sum(
-            t.numel() * t.element_size()
-            for state in optimizer.state.values()
-            for t in state.values()
-            if torch.is_tensor(t) and getattr(t, "is_paged", False)
-        )
+        from bench_measure import paged_state_bytes
+
+        paged = paged_state_bytes(optimizer)
         row["paged_gib"] = round(paged / GIB, 2)
         row["peak_with_paged_gib"] = round(row["peak_gib"] + row["paged_gib"], 2)
     from qlora_plugin.core.experts import find_experts
