@@ -117,25 +117,98 @@ def test_moving_or_casting_the_model_keeps_the_experts_packed_and_exact() -> Non
         assert all(moved._parameters[name].stride() == (0, 0, 0) for name in moved.expert_shapes)
 
 
-def test_the_forward_dequantizes_only_the_experts_tokens_are_routed_to(monkeypatch) -> None:
+@pytest.mark.parametrize("strategy", ["grouped", "per_expert"])
+def test_the_forward_dequantizes_only_the_experts_tokens_are_routed_to(strategy, monkeypatch) -> None:
     quantized = quantize_module(first_experts(moe_model("mixtral")), qlora_recipe(compute_dtype="float32"))
+    quantized.routing_strategy = strategy
     seen: list[tuple[str, int]] = []
-    original = QuantizedExperts.quant_state
+    one, several = QuantizedExperts.quant_state, QuantizedExperts.dequantized_experts
     monkeypatch.setattr(
         QuantizedExperts,
         "quant_state",
-        lambda self, name, expert: seen.append((name, expert)) or original(self, name, expert),
+        lambda self, name, expert: seen.append((name, expert)) or one(self, name, expert),
     )
+
+    def batch(self, name: str, first: int, stop: int) -> torch.Tensor:
+        seen.extend((name, expert) for expert in range(first, stop))
+        return several(self, name, first, stop)
+
+    monkeypatch.setattr(QuantizedExperts, "dequantized_experts", batch)
     index, weights = routing(only=(1, 3))
     quantized(torch.randn(TOKENS, 64), index, weights)
     assert {expert for _, expert in seen} == {1, 3}
-    assert len(seen) == 4  # one dequantization per projection and routed expert
+    assert sorted(set(seen)) == [(name, e) for name in ("down_proj", "gate_up_proj") for e in (1, 3)]
 
 
-def wrapped(family: str, compute_dtype: str = "float32", r: int = 4):
+def test_auto_routing_groups_a_training_batch_and_loops_over_experts_for_a_few_tokens(monkeypatch) -> None:
+    quantized = quantize_module(first_experts(moe_model("qwen3_moe")), qlora_recipe(compute_dtype="float32"))
+    batched: list[int] = []
+    several = QuantizedExperts.dequantized_experts
+    monkeypatch.setattr(
+        QuantizedExperts,
+        "dequantized_experts",
+        lambda self, name, first, stop: batched.append(stop - first) or several(self, name, first, stop),
+    )
+    index, weights = routing(tokens=1)  # 2 routed tokens, 4 experts: generation
+    quantized(torch.randn(1, 64), index, weights)
+    assert batched == []
+    index, weights = routing()
+    quantized(torch.randn(TOKENS, 64), index, weights)
+    assert batched and max(batched) > 1  # several experts in one launch
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_a_run_of_experts_dequantizes_to_the_values_of_one_expert_at_a_time(family, quant_type, double_quant) -> None:
+    recipe = qlora_recipe(compute_dtype="bfloat16", quant_type=quant_type, double_quant=double_quant)
+    quantized = quantize_module(first_experts(moe_model(family)), recipe)
+    for name in quantized.expert_shapes:
+        for first, stop in ((0, 4), (1, 3), (2, 3)):
+            expected = torch.stack([quantized.dequantized(name, e) for e in range(first, stop)])
+            assert torch.equal(quantized.dequantized_experts(name, first, stop), expected), (name, first, stop)
+
+
+def grouped_and_per_expert(family: str, compute_dtype: str, double_quant: bool = True):
+    """Outputs, input gradients and LoRA gradients of the same experts through both forwards."""
+    experts, _, outer = wrapped(family, compute_dtype, double_quant=double_quant)
+    x = torch.randn(TOKENS, 64, requires_grad=True)
+    index, weights = routing(only=(0, 2, 3))  # expert 1 gets no token
+    direction = torch.randn(TOKENS, 64)
+    results = {}
+    for strategy in ("grouped", "per_expert"):
+        experts.routing_strategy = strategy
+        for param in [*outer.parameters(), x]:
+            param.grad = None
+        y = outer(x, index, weights)
+        (y.float() * direction).sum().backward()
+        lora = {name: p.grad.clone() for name, p in outer.named_parameters() if "lora_" in name}
+        results[strategy] = {"output": y.detach(), "input": x.grad.clone()} | lora
+    return results["grouped"], results["per_expert"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_the_grouped_forward_equals_the_per_expert_forward_in_value_and_gradient(family, double_quant) -> None:
+    grouped, per_expert = grouped_and_per_expert(family, "float32", double_quant)
+    assert set(grouped) == set(per_expert) and len(grouped) == 6
+    for name, value in grouped.items():
+        assert value.abs().max() > 0, name
+        torch.testing.assert_close(value, per_expert[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_the_grouped_forward_in_bf16_agrees_with_the_per_expert_forward(family) -> None:
+    grouped, per_expert = grouped_and_per_expert(family, "bfloat16")
+    for name, value in grouped.items():
+        assert cosine(value, per_expert[name]) >= 0.9999, (name, cosine(value, per_expert[name]))
+    assert grouped["output"].dtype == torch.float32  # the caller's dtype comes back
+
+
+def wrapped(family: str, compute_dtype: str = "float32", r: int = 4, double_quant: bool = True):
     """A 4-bit experts module inside PEFT's nested ParamWrappers, as PEFT builds them, LoRA weights drawn non-zero."""
     model = moe_model(family)
-    recipe = qlora_recipe(model=model, compute_dtype=compute_dtype, r=r, lora_alpha=2 * r)
+    recipe = qlora_recipe(model=model, compute_dtype=compute_dtype, r=r, lora_alpha=2 * r, double_quant=double_quant)
     experts = quantize_module(first_experts(model), recipe)
     inner = make_expert_lora_layer(experts, "default", recipe, r=r, lora_alpha=2 * r, parameter_name="gate_up_proj")
     outer = make_expert_lora_layer(inner, "default", recipe, r=r, lora_alpha=2 * r, parameter_name="down_proj")
@@ -174,8 +247,10 @@ def reference_forward(experts: QuantizedExperts, wrappers, x, index, weights) ->
 @pytest.mark.parametrize(
     ("family", "compute_dtype"), [("qwen3_moe", "float32"), ("gpt_oss", "float32"), ("mixtral", "bfloat16")]
 )
-def test_lora_gradients_on_experts_match_a_plain_torch_reference(family, compute_dtype) -> None:
+@pytest.mark.parametrize("strategy", ["grouped", "per_expert"])
+def test_lora_gradients_on_experts_match_a_plain_torch_reference(family, compute_dtype, strategy) -> None:
     experts, inner, outer = wrapped(family, compute_dtype)
+    experts.routing_strategy = strategy
     x = torch.randn(TOKENS, 64, requires_grad=True)
     index, weights = routing()
     direction = torch.randn(TOKENS, 64, dtype=torch.float64)
@@ -195,10 +270,13 @@ def test_lora_gradients_on_experts_match_a_plain_torch_reference(family, compute
         assert cosine(ours[name], expected[name]) >= 0.999, (name, cosine(ours[name], expected[name]))
 
 
-def test_backward_keeps_no_dequantized_expert_weight() -> None:
+@pytest.mark.parametrize("strategy", ["grouped", "per_expert"])
+def test_backward_keeps_no_dequantized_expert_weight(strategy) -> None:
     experts, _, outer = wrapped("qwen3_moe")
+    experts.routing_strategy = strategy
     matrices = {tuple(experts.matrix_shape(name)) for name in experts.expert_shapes}
     matrices |= {shape[::-1] for shape in matrices}
+    matrices |= {(n, *shape) for shape in set(matrices) for n in range(1, 5)}  # a run of experts
     saved: list[tuple[int, ...]] = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -457,3 +535,49 @@ def test_estimate_counts_the_experts_in_4bits(tmp_path, versions) -> None:
     weights = 2 * 4 * (64 * 64 + 32 * 64)
     assert four_bit.components["weights_4bit"] - sixteen_bit.components["weights_4bit"] == expert_bytes
     assert sixteen_bit.components["unquantized_params"] - four_bit.components["unquantized_params"] == 2 * weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_cuda_grouped_forward_and_batched_dequant_agree_with_the_per_expert_path(family) -> None:
+    from tiny_moe import moe_config
+    from transformers import AutoModelForCausalLM
+
+    config = moe_config(family)
+    config.hidden_size, config.num_attention_heads = 256, 4
+    for key in ("moe_intermediate_size", "intermediate_size"):
+        setattr(config, key, 128)
+    for key in ("num_experts", "num_local_experts"):
+        if hasattr(config, key):
+            setattr(config, key, 16)
+    torch.manual_seed(0)
+    source = first_experts(AutoModelForCausalLM.from_config(config))
+    with torch.no_grad():
+        for param in source.parameters():
+            param.normal_(0.0, 0.1)
+    recipe = qlora_recipe(compute_dtype="bfloat16", r=8, lora_alpha=16, lora_dropout=0.0)
+    experts = quantize_module(source.to("cuda"), recipe)
+    for name in experts.expert_shapes:
+        expected = torch.stack([experts.dequantized(name, e) for e in range(3, 11)])
+        assert torch.equal(experts.dequantized_experts(name, 3, 11), expected), name
+    outer = make_expert_lora_layer(experts, "default", recipe, r=8, lora_alpha=16, parameter_name="down_proj")
+    with torch.no_grad():
+        for name, param in outer.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, 0.1)
+    tokens = 300
+    index = torch.stack([torch.randperm(15)[:4] for _ in range(tokens)]).cuda()  # expert 15 gets no token
+    weights = torch.rand(tokens, 4, device="cuda").softmax(-1)
+    x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    results = {}
+    for strategy in ("grouped", "per_expert"):
+        experts.routing_strategy = strategy
+        for param in [*outer.parameters(), x]:
+            param.grad = None
+        y = outer(x, index, weights)
+        (y.float() ** 2).sum().backward()
+        lora = {name: p.grad.clone() for name, p in outer.named_parameters() if "lora_" in name}
+        results[strategy] = {"output": y.detach(), "input": x.grad.clone()} | lora
+    for name, value in results["grouped"].items():
+        assert value.abs().max() > 0, name
+        assert cosine(value, results["per_expert"][name]) >= 0.9999, (name, cosine(value, results["per_expert"][name]))

@@ -54,7 +54,8 @@ def moe_config(family: str, vocab_size: int = 128) -> Any:
 
 
 def moe_model(family: str, vocab_size: int = 128, seed: int = 0, dtype: Any = None) -> Any:
-    """A randomly initialised tiny ``family`` model (float32 unless ``dtype``); experts drawn with std 0.1."""
+    """A randomly initialised tiny ``family`` model (float32 unless ``dtype``); experts (and their biases,
+    where the family has them) drawn with std 0.1."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -62,7 +63,7 @@ def moe_model(family: str, vocab_size: int = 128, seed: int = 0, dtype: Any = No
     model = AutoModelForCausalLM.from_config(moe_config(family, vocab_size))
     with torch.no_grad():  # transformers' 0.02 makes the experts' share of the output too small to test
         for name, param in model.named_parameters():
-            if ".experts." in name and param.dim() == 3:
+            if ".experts." in name and param.dim() in (2, 3):
                 param.normal_(0.0, 0.1)
     return model.to(dtype) if dtype is not None else model
 

@@ -9,16 +9,20 @@
   and the packed codes of all experts of a projection are stacked in one ``uint8``
   tensor, their constants beside them. Matrices are kept as ``(out, in)``, also where
   transformers stores them transposed (gpt-oss).
-- **Forward.** Tokens are grouped by the expert they are routed to; each expert that
-  received tokens runs through bitsandbytes' 4-bit matmul, which dequantizes that expert's
-  weight for the product (and again in backward) and keeps nothing of it. At most one
-  expert's weight exists in 16 bits at a time; experts no token chose are never touched.
-  Routers are not part of this module and stay as they are.
+- **Forward.** Tokens are sorted by the expert they are routed to. For a batch of training
+  size (at least as many routed tokens as experts) each projection dequantizes runs of
+  consecutive routed experts in one launch each (at most 256 MiB of them at once) and
+  multiplies all their tokens in one grouped GEMM (:mod:`qlora_plugin.build.expert_matmul`);
+  backward dequantizes again, so no 16-bit expert weight is kept. For a few tokens
+  (generation) each routed expert runs through bitsandbytes' 4-bit matmul on its own.
+  Experts no token chose are never dequantized. Routers are not part of this module and
+  stay as they are.
 - **LoRA.** PEFT's ``ParamWrapper`` (``target_parameters``) builds the adapters, so their
   shapes, names and saved files are PEFT's own. Its forward would add a dense delta to all
   experts' weights; over a :class:`QuantizedExperts` the plugin's forward
   (:func:`install_wrapper_forward`, through the patch registry) instead adds each expert's
-  low-rank update to that expert's tokens only.
+  low-rank update to that expert's tokens only (two grouped GEMMs in the compute dtype on
+  the grouped path; the adapters' master weights keep their dtype and get their gradients in it).
 
 The module exposes each projection to PEFT as a placeholder parameter of the original
 shape (a ``uint8`` tensor with zero strides: one byte of memory), so PEFT finds, sizes
@@ -37,6 +41,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from qlora_plugin.build.context import RunContext, make_context
+from qlora_plugin.build.expert_matmul import FrozenExpertsProduct, GroupedProduct, RoutedRows, plan_runs
 from qlora_plugin.build.quantization import storage_dtype
 from qlora_plugin.build.seeding import seeded_layer_init
 from qlora_plugin.core import patches
@@ -91,6 +96,9 @@ class QuantizedExperts(nn.Module):
     """The experts of one MoE layer in 4 bits (see the module docstring)."""
 
     qlora_quantized_experts = True  # read by qlora_plugin.core.experts (QUANTIZED_MARK)
+    # "auto": grouped GEMMs when at least as many tokens are routed as there are experts, else one
+    # bitsandbytes matmul per routed expert; "grouped" or "per_expert" force one way (tests, benchmarks).
+    routing_strategy = "auto"
 
     def __init__(
         self,
@@ -249,6 +257,38 @@ class QuantizedExperts(nn.Module):
 
         return dequantize_4bit(self.codes(name, expert), self.quant_state(name, expert))
 
+    def dequantized_experts(self, name: str, first: int, stop: int) -> torch.Tensor:
+        """Experts ``first`` .. ``stop - 1`` of projection ``name`` as (experts, out, in) in the compute dtype.
+
+        One bitsandbytes launch for all of them where each row fills whole blocks (the stacked codes
+        then read as one buffer); else expert by expert. The same values as :meth:`dequantized`.
+        (bitsandbytes 0.50's CPU kernel lays out blocks by row when a row is shorter than a block.)
+        """
+        from bitsandbytes.functional import QuantState, dequantize_4bit
+
+        out_features, in_features = self.matrix_shape(name)
+        if in_features % BLOCKSIZE:
+            return torch.stack([self.dequantized(name, expert) for expert in range(first, stop)])
+        absmax = self.stored(f"{name}_absmax")[first:stop]
+        if self.double_quant:  # bitsandbytes' own arithmetic: nested code * nested absmax, then + offset
+            nested = self.stored(f"{name}_nested_absmax")[first:stop].view(torch.float32)
+            offset = self.stored(f"{name}_offset")[first:stop].view(torch.float32)
+            block = torch.arange(absmax.shape[1], device=absmax.device) // NESTED_BLOCKSIZE
+            scales = self.stored("nested_code").view(torch.float32)[absmax.long()] * nested[:, block]
+            scales = scales + offset[:, None]
+        else:
+            scales = absmax.view(torch.float32)
+        state = QuantState(
+            absmax=scales.reshape(-1),
+            shape=torch.Size(((stop - first) * out_features, in_features)),
+            code=self.stored("code").view(torch.float32),
+            blocksize=BLOCKSIZE,
+            quant_type=self.quant_type,
+            dtype=self.compute_dtype,
+        )
+        codes = self.stored(f"{name}_codes")[first:stop].reshape(-1, 1)
+        return dequantize_4bit(codes, state).view(stop - first, out_features, in_features)
+
     def dequantized_param(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Projection ``name`` as transformers stores it, dequantized (every expert: for merging, not training)."""
         result = torch.empty(
@@ -272,9 +312,72 @@ class QuantizedExperts(nn.Module):
 
         ``adapters``: per projection, the LoRA adapters to add (PEFT's layout, see :data:`Adapter`).
         """
+        adapters = adapters or {}
+        strategy = self.routing_strategy
+        if strategy == "grouped" or (strategy == "auto" and top_k_index.numel() >= self.num_experts):
+            return self._grouped_forward(hidden_states, top_k_index, top_k_weights, adapters)
+        return self._per_expert_forward(hidden_states, top_k_index, top_k_weights, adapters)
+
+    def _first_projection(self) -> str:
+        return "gate_up_proj" if "gate_up_proj" in self.expert_shapes else "up_proj"
+
+    def _grouped_forward(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        adapters: dict[str, list[Adapter]],
+    ) -> torch.Tensor:
+        """All routed tokens sorted by expert; each projection a few grouped GEMMs (see the module docstring)."""
+        top_k = top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        rows = RoutedRows.from_counts(torch.bincount(flat, minlength=self.num_experts))
+        experts_of_rows = flat[order]
+        x = hidden_states.to(self.compute_dtype)[torch.div(order, top_k, rounding_mode="floor")]
+        h = self._grouped_project(self._first_projection(), x, rows, experts_of_rows, adapters)
+        y = self._grouped_project("down_proj", self._gate(h), rows, experts_of_rows, adapters)
+        y = y * top_k_weights.reshape(-1)[order].to(y.dtype)[:, None]
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel(), device=order.device)
+        per_slot = y[back].view(*top_k_index.shape, y.shape[-1])  # (tokens, top_k, hidden), unsorted
+        return per_slot.sum(dim=1, dtype=torch.float32).to(hidden_states.dtype)
+
+    def _grouped_project(
+        self,
+        name: str,
+        x: torch.Tensor,
+        rows: RoutedRows,
+        experts_of_rows: torch.Tensor,
+        adapters: dict[str, list[Adapter]],
+    ) -> torch.Tensor:
+        out_features, in_features = self.matrix_shape(name)
+        expert_bytes = out_features * in_features * torch.finfo(self.compute_dtype).bits // 8
+        runs = plan_runs(rows, expert_bytes)
+
+        def dequantize(first: int, stop: int) -> torch.Tensor:
+            return self.dequantized_experts(name, first, stop)
+
+        y = FrozenExpertsProduct.apply(x, rows, runs, dequantize, (out_features, in_features))
+        bias = self._parameters.get(f"{name}_bias")
+        if bias is not None:
+            y = y + bias[experts_of_rows]
+        for lora_a, lora_b, scale in adapters.get(name, ()):
+            a = lora_a.to(x.dtype).view(self.num_experts, -1, in_features).transpose(1, 2)  # (experts, in, r)
+            b = lora_b.to(x.dtype).view(out_features, -1, self.num_experts).permute(2, 1, 0).contiguous()
+            y = y + GroupedProduct.apply(GroupedProduct.apply(x, a, rows), b, rows) * scale
+        return y
+
+    def _per_expert_forward(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        adapters: dict[str, list[Adapter]],
+    ) -> torch.Tensor:
+        """Each routed expert on its own tokens through bitsandbytes' 4-bit matmul (few tokens: generation)."""
         import bitsandbytes as bnb
 
-        adapters = adapters or {}
         top_k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -285,7 +388,7 @@ class QuantizedExperts(nn.Module):
         }
         result = torch.zeros_like(hidden_states, dtype=self.compute_dtype)
         inputs = hidden_states.to(self.compute_dtype)
-        first = "gate_up_proj" if "gate_up_proj" in self.expert_shapes else "up_proj"
+        first = self._first_projection()
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
