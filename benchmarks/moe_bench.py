@@ -14,6 +14,9 @@ Variants, each in a child process of its own (an out-of-memory error ends only t
   (:mod:`qlora_plugin.build.moe_experts`), LoRA on attention and on every expert.
 - ``plugin-r8``: the same with r 8 / alpha 16.
 - ``plugin-linear``: the recipe with ``lora_on_experts=False`` (experts in 4 bits, LoRA on attention only).
+- ``plugin-per-expert``: ``plugin`` with the experts' forward forced to one bitsandbytes 4-bit matmul
+  per routed expert (``QuantizedExperts.routing_strategy = "per_expert"``: run 12's forward), against
+  the grouped GEMMs ``plugin`` uses at this batch.
 - ``trl-4bit``: what TRL's 4-bit path gives a user today: the linear layers in NF4 as a
   ``BitsAndBytesConfig`` load makes them (``bnb.nn.Linear4bit``), the fused experts left in bf16
   (bitsandbytes does not quantize 3-D parameters), ``LoraConfig(target_modules="all-linear", r=16,
@@ -84,13 +87,15 @@ SHAPES: dict[str, dict[str, Any]] = {
     ),
 }
 SEQ = {"30b-a3b": 2048, "tiny": 64}
-VARIANTS = ("plugin", "plugin-r8", "plugin-linear", "trl-4bit")
+VARIANTS = ("plugin", "plugin-r8", "plugin-linear", "plugin-per-expert", "trl-4bit")
 DEFAULT_VARIANTS = ("plugin", "trl-4bit")
 RECIPES: dict[str, dict[str, Any]] = {
     "plugin": {},
     "plugin-r8": {"r": 8, "lora_alpha": 16},
     "plugin-linear": {"lora_on_experts": False},
+    "plugin-per-expert": {},
 }
+ROUTING = {"plugin-per-expert": "per_expert"}  # QuantizedExperts.routing_strategy where not "auto"
 STARTUP_S = {"30b-a3b": 120.0, "tiny": 20.0}  # imports, building, wrapping: below this a variant is skipped
 
 
@@ -163,6 +168,13 @@ def measure(variant: str, shape: str, device: str, steps: int, warmup: int) -> d
     plugin = variant.startswith("plugin")
     recipe = qlora_recipe(compute_dtype="bfloat16", **RECIPES.get(variant, {}))
     model = build(shape, device, recipe, experts_4bit=plugin)
+    if variant in ROUTING:
+        from qlora_plugin.build.moe_experts import is_quantized_experts
+
+        for module in model.modules():
+            if is_quantized_experts(module):
+                module.routing_strategy = ROUTING[variant]
+    row["routing"] = ROUTING.get(variant, "auto") if plugin else "transformers"
     if plugin:
         recipe = recipe.resolve(model)
         model = prepare_for_training(model, recipe)
