@@ -502,6 +502,206 @@ def test_outside_the_tested_transformers_experts_stay_16bit_with_one_warning(ver
     peft_model(input_ids=ids, labels=ids).loss.backward()  # PEFT's own ParamWrapper over 16-bit experts
 
 
+# -- loading: the experts never all on the GPU in 16 bits -------------------------------------------------------
+
+
+def _loader_tested() -> bool:
+    """Whether the installed transformers and accelerate are the ones the experts-on-the-CPU load was tested with."""
+    from qlora_plugin.build.moe_loading import ACCELERATE_PATCH, TRANSFORMERS_PATCH
+
+    return patches.in_tested_range(TRANSFORMERS_PATCH) and patches.in_tested_range(ACCELERATE_PATCH)
+
+
+# outside those versions the load is the plain one (its own test pretends the versions)
+tested_loader = pytest.mark.skipif(
+    not _loader_tested(), reason="transformers/accelerate outside the load's tested range"
+)
+
+
+@pytest.fixture(scope="module")
+def moe_dirs(tmp_path_factory):
+    """A saved tiny checkpoint of each family (bf16), made when first asked for."""
+    made: dict[str, object] = {}
+
+    def directory(family: str):
+        if family not in made:
+            made[family] = moe_model_dir(family, tmp_path_factory.mktemp(family))
+        return made[family]
+
+    return directory
+
+
+def _load_experts_off(monkeypatch, base, device: torch.device):
+    """``recipe.load_model(base)`` through the experts-on-the-CPU load onto ``device``, and what accelerate's
+    dispatch saw: the map transformers handed it and how many modules carried its hooks right after it."""
+    import transformers.integrations.accelerate as hf_accelerate
+
+    from qlora_plugin.build import models
+
+    dispatched: list[tuple[dict, int]] = []
+    original = hf_accelerate.dispatch_model
+
+    def dispatch_model(model, **kwargs):
+        result = original(model, **kwargs)
+        dispatched.append((dict(kwargs["device_map"]), sum(hasattr(m, "_hf_hook") for m in model.modules())))
+        return result
+
+    monkeypatch.setattr(hf_accelerate, "dispatch_model", dispatch_model)  # a spy: accelerate's own code runs
+    monkeypatch.setattr(models, "experts_load_device", lambda *_: device)
+    return qlora_recipe().load_model(base), dispatched
+
+
+def _plain_model_problems(model: nn.Module, device: torch.device) -> list[str]:
+    """What would tell ``model`` from a model loaded onto ``device`` alone."""
+    problems = [
+        f"{name}: {attr}"
+        for name, module in model.named_modules()
+        for attr in ("_hf_hook", "_old_forward")
+        if attr in vars(module)
+    ]
+    problems += [f"{name}: own forward" for name, module in model.named_modules() if "forward" in vars(module)]
+    problems += [f"model.{attr}" for attr in ("hf_device_map", "to", "cuda") if attr in vars(model)]
+    problems += [
+        f"{name} on {t.device}" for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device != device
+    ]
+    return problems
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_load_map_puts_each_experts_module_on_the_cpu_and_every_other_tensor_on_the_gpu(family, tmp_path):
+    from tiny_moe import moe_config
+    from transformers.integrations.accelerate import expand_device_map
+
+    from qlora_plugin.build.models import meta_model
+    from qlora_plugin.build.moe_loading import experts_device_map
+
+    moe_config(family).save_pretrained(tmp_path)
+    meta = meta_model(tmp_path)
+    gpu = torch.device("cuda", 0)  # a name in a map: no GPU needed
+    device_map = experts_device_map(meta, gpu)
+    experts = [name for name, module in meta.named_modules() if is_fused_experts(module)]
+    assert len(experts) == 2 and all(device_map[name] == "cpu" for name in experts)
+    # no entry above an experts module: accelerate moves such an entry's whole subtree to its device
+    assert not [key for key in device_map for name in experts if name.startswith(key + ".") or key == ""]
+    assert all(key in dict(meta.named_modules()) for key in device_map)  # module names only (accelerate checks)
+    tensors = [name for name, _ in [*meta.named_parameters(), *meta.named_buffers()]]
+    placed = expand_device_map(device_map, tensors)  # how transformers' loader reads the map
+    assert {name for name, where in placed.items() if where == "cpu"} == {
+        name for name in tensors if any(name.startswith(e + ".") for e in experts)
+    }
+    assert {where for where in placed.values()} == {gpu, "cpu"}
+
+
+@tested_loader
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_load_with_the_experts_on_the_cpu_ends_as_a_plain_model_with_the_plain_load_s_logits(
+    family, moe_dirs, monkeypatch, caplog
+) -> None:
+    """On a CPU, ``torch.device("cpu")`` stands for the GPU: the map then holds two devices (it and "cpu"), so
+    transformers and accelerate take the same path as on a GPU (the offload flag, dispatch, its hooks)."""
+    base = moe_dirs(family)
+    plain = qlora_recipe().load_model(base)
+    device = torch.device("cpu")
+    with caplog.at_level(logging.INFO, logger="qlora_plugin"):
+        model, dispatched = _load_experts_off(monkeypatch, base, device)
+    ((device_map, hooked),) = dispatched
+    experts = [name for name, where in device_map.items() if where == "cpu"]
+    assert len(experts) == 2 and all(name.endswith(".experts") for name in experts)
+    assert hooked > 10  # accelerate hooked the blocks: all gone now
+    assert _plain_model_problems(model, device) == []
+    assert _plain_model_problems(plain, device) == []  # what a plain load leaves
+    assert [type(model.get_submodule(name)) for name in experts] == [QuantizedExperts] * 2
+    assert any("(2 as they were loaded, 0 after the load)" in r.getMessage() for r in caplog.records)
+    assert model.config.quantization_config.llm_int8_enable_fp32_cpu_offload is False
+    assert model.hf_quantizer.quantization_config.llm_int8_enable_fp32_cpu_offload is False
+    ids = torch.randint(4, 40, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+@tested_loader
+def test_without_the_load_hook_the_experts_are_stored_after_the_load_with_the_same_logits(
+    moe_dirs, monkeypatch, versions, caplog
+) -> None:
+    from qlora_plugin.build.moe_loading import LOAD_HOOK_PATCH
+
+    base = moe_dirs("mixtral")
+    plain = qlora_recipe().load_model(base)
+    versions["torch"] = "3.0.0"  # outside the load hook's tested range
+    with caplog.at_level(logging.INFO, logger="qlora_plugin"):
+        model, dispatched = _load_experts_off(monkeypatch, base, torch.device("cpu"))
+    assert len(dispatched) == 1 and _plain_model_problems(model, torch.device("cpu")) == []
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("(0 as they were loaded, 2 after the load)" in m for m in messages)
+    assert sum(LOAD_HOOK_PATCH in m and "torch 3.0.0" in m for m in messages) == 1
+    assert LOAD_HOOK_PATCH not in patches.applied()
+    ids = torch.randint(4, 40, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+@tested_loader  # the one package pretended outside, the other really inside
+@pytest.mark.parametrize(("package", "version"), [("transformers", "5.18.0"), ("accelerate", "1.17.0")])
+def test_outside_the_tested_versions_the_experts_load_in_16_bits_first_after_one_warning(
+    package, version, moe_dirs, monkeypatch, versions, caplog
+) -> None:
+    from qlora_plugin.build.moe_loading import ACCELERATE_PATCH, TRANSFORMERS_PATCH
+
+    versions[package] = version
+    with caplog.at_level(logging.WARNING, logger="qlora_plugin"):
+        model, dispatched = _load_experts_off(monkeypatch, moe_dirs("qwen3_moe"), torch.device("cpu"))
+        qlora_recipe().load_model(moe_dirs("qwen3_moe"))
+    assert dispatched == []  # the plain load: no map, no dispatch
+    assert [m.quantized for m in find_experts(model)] == [True, True]
+    name = TRANSFORMERS_PATCH if package == "transformers" else ACCELERATE_PATCH
+    warnings = [r.getMessage() for r in caplog.records if name in r.getMessage()]
+    assert len(warnings) == 1 and f"{package} {version}" in warnings[0]
+
+
+def test_a_dense_model_loads_as_before(tiny_model_dir, monkeypatch) -> None:
+    model, dispatched = _load_experts_off(monkeypatch, tiny_model_dir, torch.device("cpu"))
+    assert dispatched == [] and not find_experts(model)
+
+
+@tested_loader
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_load_never_holds_the_experts_in_16_bits_on_the_gpu(tmp_path) -> None:
+    """16 experts of hidden 256 in 4 layers (48 MiB of bf16 experts): the load's GPU peak stays below them."""
+    from tiny_moe import SHARED
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(
+        **(SHARED | dict(hidden_size=256, num_hidden_layers=4)),
+        vocab_size=128,
+        intermediate_size=512,
+        moe_intermediate_size=512,
+        num_experts=16,
+        head_dim=64,
+    )
+    torch.manual_seed(0)
+    source = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in source.named_parameters():
+            if ".experts." in name:
+                param.normal_(0.0, 0.1)
+    source.to(torch.bfloat16).save_pretrained(tmp_path)
+    experts_bytes = sum(p.numel() * 2 for name, p in source.named_parameters() if ".experts." in name)
+    assert experts_bytes == 4 * 16 * 3 * 256 * 512 * 2
+    del source
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    model = qlora_recipe().load_model(tmp_path)
+    peak = torch.cuda.max_memory_allocated() - before
+    assert peak < experts_bytes, (peak, experts_bytes)
+    experts = [module for module in model.modules() if isinstance(module, QuantizedExperts)]
+    assert len(experts) == 4 and all(m.stored("gate_up_proj_codes").is_cuda for m in experts)
+    assert _plain_model_problems(model, torch.device("cuda", torch.cuda.current_device())) == []
+    with torch.no_grad():
+        logits = model(input_ids=torch.randint(4, 120, (2, 32), device="cuda")).logits
+    assert torch.isfinite(logits).all()
+
+
 # -- inspect and estimate -----------------------------------------------------------
 
 

@@ -168,6 +168,7 @@ INSTALLS = {
     "torch-first-forward-hook",
     "torch-experts-check-hook",
     "torch-optimizer-step-hook",
+    "torch-experts-load-hook",
     "python-excepthook",
     "python-atexit-checkpoints",
 }
@@ -195,6 +196,7 @@ def _process_state() -> dict[str, object]:
         "mask": AttentionMaskInterface._global_mapping.get(IMPLEMENTATION),
         "forward hooks": list(torch_module._global_forward_pre_hooks.values()),
         "optimizer hooks": list(torch_optimizer._global_optimizer_pre_hooks.values()),
+        "parameter hooks": list(torch_module._global_parameter_registration_hooks.values()),
         "excepthook": sys.excepthook,
     }
 
@@ -203,7 +205,7 @@ def test_every_process_wide_install_goes_through_the_registry_and_is_undone_exac
     """The list of installs, each made by the code that owns it, then every one reverted to what was there."""
     import atexit
 
-    from qlora_plugin.build import fsdp_bytes, moe_experts, notices
+    from qlora_plugin.build import fsdp_bytes, moe_experts, moe_loading, notices
     from qlora_plugin.fastpath.kernels import attention
     from qlora_plugin.integrations import checkpoints, exit_summary, moe_check, transformers
 
@@ -219,6 +221,8 @@ def test_every_process_wide_install_goes_through_the_registry_and_is_undone_exac
     waiting = qlora_recipe()
     moe_check.arm(waiting)
     assert patches.apply(notices.PATCH, lambda _: notices._report_optimizer)
+    as_loaded = moe_loading.ExpertsAsLoaded(frozenset(), qlora_recipe(), torch.device("cpu"), None)
+    assert patches.apply(moe_loading.LOAD_HOOK_PATCH, lambda _: as_loaded)
     exit_summary.install()
     handlers = atexit._ncallbacks()  # CPython counts slots: an unregistered handler's stays
     assert patches.apply(checkpoints.PATCH, lambda _: checkpoints._remove_unfinished)

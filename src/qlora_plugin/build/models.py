@@ -16,6 +16,7 @@ from transformers.models.auto.modeling_auto import (
 from qlora_plugin.build.distributed import rank_device_map
 from qlora_plugin.build.lora_layers import context_for
 from qlora_plugin.build.moe_experts import quantize_experts
+from qlora_plugin.build.moe_loading import experts_load_device, load_with_experts_on_cpu, plan_placement
 from qlora_plugin.build.prepare import prepare_for_training
 from qlora_plugin.build.quantization import keep_nf4_layout, quantization_config
 from qlora_plugin.core.errors import QLoRAConfigError
@@ -105,7 +106,11 @@ def auto_class(config: PretrainedConfig) -> Any:
 
 def meta_model(path: str | os.PathLike[str], field: str = "model") -> nn.Module:
     """Build the model ``path`` describes on the meta device: modules, no weights (``field``: the input, in errors)."""
-    config = load_config(path, field)
+    return meta_model_of(load_config(path, field), path, field)
+
+
+def meta_model_of(config: PretrainedConfig, path: str | os.PathLike[str], field: str = "model") -> nn.Module:
+    """The model ``config`` (read from ``path``) describes, on the meta device (``field``: the input, in errors)."""
     with torch.device("meta"):
         try:
             return auto_class(config).from_config(config)
@@ -127,7 +132,10 @@ def load_quantized(path: str | os.PathLike[str], recipe: QLoRARecipe, **kwargs: 
     The recipe's run context (:func:`qlora_plugin.build.lora_layers.context_for`) decides the
     storage of the 4-bit weights and the placement: under a multi-process launch on CUDA the
     model goes to this rank's GPU unless ``kwargs`` has a ``device_map`` or the run is
-    DeepSpeed's (:func:`qlora_plugin.build.distributed.rank_device_map`).
+    DeepSpeed's (:func:`qlora_plugin.build.distributed.rank_device_map`). A mixture-of-experts
+    model loaded by one process onto a GPU, without a ``device_map``, gets its fused experts
+    loaded on the CPU and stored in 4 bits on the GPU module by module, so they are never all
+    there in 16 bits (:mod:`qlora_plugin.build.moe_loading`).
     """
     context = context_for(recipe)
     config = load_config(path)
@@ -136,7 +144,13 @@ def load_quantized(path: str | os.PathLike[str], recipe: QLoRARecipe, **kwargs: 
         kwargs.setdefault("device_map", device_map)
     kwargs.setdefault("quantization_config", quantization_config(recipe, context))
     kwargs.setdefault("dtype", context.compute_dtype)
-    model = auto_class(config).from_pretrained(os.fspath(path), **kwargs)
+    model_class = auto_class(config)
+    device = experts_load_device(config, context, kwargs)
+    placement = None if device is None else plan_placement(meta_model_of(config, path), device)
+    if placement is not None:
+        model = load_with_experts_on_cpu(model_class, os.fspath(path), recipe, context, placement, kwargs)
+    else:
+        model = model_class.from_pretrained(os.fspath(path), **kwargs)
     keep_nf4_layout(model)
-    quantize_experts(model, recipe, context=context)  # fused MoE experts in 4 bits
+    quantize_experts(model, recipe, context=context)  # fused MoE experts in 4 bits (where still in 16)
     return prepare_for_training(model, recipe)

@@ -288,6 +288,34 @@ PATCHES: dict[str, Patch] = {
         "replaced by the plugin's 4-bit experts",
         "MoE experts stay in 16 bits, with PEFT's own ParamWrapper LoRA on them",
     ),
+    "transformers-bnb-experts-on-cpu": Patch(
+        "transformers",
+        ">=5.16,<5.18",
+        "from_pretrained with a bitsandbytes 4-bit config and a device_map that puts each fused MoE experts "
+        "module on 'cpu' and every other module on the GPU: the quantizer accepts it with "
+        "llm_int8_enable_fp32_cpu_offload=True (put back after the load), the loader assigns each parameter "
+        "through setattr, one at a time, and a map of two devices goes to accelerate's dispatch_model",
+        "the experts load onto the GPU in 16 bits and are stored in 4 bits after the load (its GPU peak holds "
+        "every expert in 16 bits)",
+    ),
+    "accelerate-dispatch-undone": Patch(
+        "accelerate",
+        ">=1.13,<1.17",
+        "what dispatch_model leaves on a model whose experts it offloaded to the CPU (AlignDevicesHook on each "
+        "block, the experts' weights held by their hooks, the wrapped to/cuda, hf_device_map), removed after "
+        "the load with remove_hook_from_module: the model is then a plain single-GPU model",
+        "the experts load onto the GPU in 16 bits and are stored in 4 bits after the load (its GPU peak holds "
+        "every expert in 16 bits)",
+    ),
+    "torch-experts-load-hook": Patch(
+        "torch",
+        ">=2.4,<3",
+        "torch.nn.modules.module.register_module_parameter_registration_hook: one hook, installed while a MoE "
+        "model loads with its experts on the CPU, that stores each experts module in 4 bits on the GPU as soon "
+        "as its last parameter is loaded (and frees its 16-bit weights); removed when the load ends",
+        "the load keeps every expert in 16 bits in host memory, and stores them in 4 bits on the GPU after it",
+        HookRegistration("torch.nn.modules.module:register_module_parameter_registration_hook"),
+    ),
     "transformers-rope-function": Patch(
         "transformers",
         ">=5.16,<5.26",
