@@ -2,7 +2,7 @@
 """Issue 27's device row: a Qwen3-30B-A3B-shaped mixture-of-experts model (random init) trained at batch 1 x 2048.
 
     python benchmarks/moe_bench.py --out DIR [--variants plugin trl-4bit] [--shape 30b-a3b|tiny]
-        [--device cuda|cpu] [--steps 3] [--warmup 1] [--deadline S]
+        [--device cuda|cpu] [--steps 3] [--warmup 1] [--deadline S] [--profile]
 
 ``BENCH_DEVICE=cpu`` (or ``--device cpu``, with ``--shape tiny``) is the CPU dry run.
 
@@ -36,6 +36,8 @@ Row: variant, ok, error, build_s, model_gib (allocated after building and wrappi
 states in CUDA managed memory, outside the allocator), peak_with_paged_gib, step_s (mean of the
 timed steps), tok_s, losses, trainable, gpu, versions; plus ``qlora estimate``'s prediction for the
 plugin variants. Results: ``moe.json`` and ``moe.md`` in ``--out``, rewritten after each variant.
+``--profile``: one more step per variant under ``torch.profiler``; its operators by device time in
+``profile-<variant>.txt`` (where the step's time goes).
 """
 
 from __future__ import annotations
@@ -154,8 +156,10 @@ def build(shape: str, device: str, recipe: Any, experts_4bit: bool) -> Any:
     return model
 
 
-def measure(variant: str, shape: str, device: str, steps: int, warmup: int) -> dict[str, Any]:
-    """Build, wrap and train one variant; the row's numbers."""
+def measure(
+    variant: str, shape: str, device: str, steps: int, warmup: int, profile_to: Path | None = None
+) -> dict[str, Any]:
+    """Build, wrap and train one variant; the row's numbers (``profile_to``: a file for one profiled step)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -210,9 +214,9 @@ def measure(variant: str, shape: str, device: str, steps: int, warmup: int) -> d
     generator = torch.Generator().manual_seed(0)
     vocab = SHAPES[shape]["vocab_size"]
     losses, times = [], []
-    for step in range(warmup + steps):
+
+    def train_step() -> float:
         ids = torch.randint(0, vocab, (1, SEQ[shape]), generator=generator).to(device)
-        begin = time.perf_counter()
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cuda):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -221,9 +225,21 @@ def measure(variant: str, shape: str, device: str, steps: int, warmup: int) -> d
         optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
-        losses.append(round(float(loss), 4))
+        return round(float(loss), 4)
+
+    for step in range(warmup + steps):
+        begin = time.perf_counter()
+        losses.append(train_step())
         if step >= warmup:
             times.append(time.perf_counter() - begin)
+    if profile_to is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as profiler:
+            train_step()
+        sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        profile_to.write_text(profiler.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=70))
     row["losses"] = losses
     row["step_s"] = round(sum(times) / len(times), 3)
     row["tok_s"] = round(SEQ[shape] / row["step_s"], 1)
@@ -280,7 +296,8 @@ def environment() -> dict[str, Any]:
 def child(args: argparse.Namespace) -> int:
     """One variant in this process: print its row as the last line of stdout."""
     try:
-        row = measure(args.one, args.shape, args.device, args.steps, args.warmup)
+        profile_to = args.out / f"profile-{args.one}.txt" if args.profile else None
+        row = measure(args.one, args.shape, args.device, args.steps, args.warmup, profile_to)
     except Exception as error:  # an OOM, or PEFT refusing: the row says which
         row = {"variant": args.one, "ok": False, "error": f"{type(error).__name__}: {str(error)[:400]}"}
         try:
@@ -318,6 +335,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--deadline", type=float, default=float(os.environ.get("DEADLINE", 530)))
+    parser.add_argument("--profile", action="store_true", help="one more step per variant under torch.profiler")
     parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.device = args.device or "cuda"
@@ -334,7 +352,8 @@ def main() -> int:
             write(args.out, rows)
             continue
         command = [sys.executable, __file__, "--one", variant, "--shape", args.shape, "--device", args.device]
-        command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+        command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(args.out)]
+        command += ["--profile"] if args.profile else []
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
         log = args.out / f"{variant}.log"
         try:

@@ -334,13 +334,14 @@ class QuantizedExperts(nn.Module):
         order = torch.argsort(flat, stable=True)
         rows = RoutedRows.from_counts(torch.bincount(flat, minlength=self.num_experts))
         experts_of_rows = flat[order]
-        x = hidden_states.to(self.compute_dtype)[torch.div(order, top_k, rounding_mode="floor")]
+        # index_select, not indexing: its backward is one index_add, where indexing's sorts the indices first
+        x = hidden_states.to(self.compute_dtype).index_select(0, torch.div(order, top_k, rounding_mode="floor"))
         h = self._grouped_project(self._first_projection(), x, rows, experts_of_rows, adapters)
         y = self._grouped_project("down_proj", self._gate(h), rows, experts_of_rows, adapters)
         y = y * top_k_weights.reshape(-1)[order].to(y.dtype)[:, None]
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel(), device=order.device)
-        per_slot = y[back].view(*top_k_index.shape, y.shape[-1])  # (tokens, top_k, hidden), unsorted
+        per_slot = y.index_select(0, back).view(*top_k_index.shape, y.shape[-1])  # (tokens, top_k, hidden), unsorted
         return per_slot.sum(dim=1, dtype=torch.float32).to(hidden_states.dtype)
 
     def _grouped_project(
