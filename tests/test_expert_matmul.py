@@ -105,3 +105,13 @@ def test_torch_s_cuda_grouped_kernel_equals_per_expert_products_in_bf16(counts) 
     for got, want in zip(ours, (expected.detach(), x.grad, weight.grad), strict=True):
         assert torch.nn.functional.cosine_similarity(got.float().flatten(), want.float().flatten(), dim=0) > 0.9999
     assert not ours[2][[1, 4]].any() if 0 in counts else True
+
+
+@settings(max_examples=100, deadline=None)
+@given(experts=st.lists(st.integers(0, 6), max_size=60), num_experts=st.integers(7, 9))
+def test_rows_counted_on_the_device_equal_bincount(experts, num_experts) -> None:
+    flat = torch.tensor(experts, dtype=torch.int64)
+    rows = RoutedRows.of_experts(flat, num_experts)
+    expected = torch.bincount(flat, minlength=num_experts)
+    assert rows.counts == tuple(expected.tolist())
+    assert rows.ends.dtype == torch.int32 and rows.ends.tolist() == expected.cumsum(0).tolist()

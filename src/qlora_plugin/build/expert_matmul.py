@@ -41,9 +41,12 @@ class RoutedRows:
         """From per-expert token counts on the device (one host copy: the only synchronisation of a layer)."""
         return cls(tuple(int(c) for c in counts.tolist()), counts.cumsum(0).to(torch.int32))
 
-    def start(self, expert: int) -> int:
-        """The first row of ``expert``."""
-        return sum(self.counts[:expert])
+    @classmethod
+    def of_experts(cls, experts_of_rows: torch.Tensor, num_experts: int) -> RoutedRows:
+        """From each routed row's expert: counted on the device (``bincount`` would read its maximum back first)."""
+        counts = torch.zeros(num_experts, dtype=torch.int64, device=experts_of_rows.device)
+        counts.index_add_(0, experts_of_rows, torch.ones_like(experts_of_rows, dtype=torch.int64))
+        return cls.from_counts(counts)
 
 
 @dataclass(frozen=True)
@@ -111,8 +114,10 @@ def grouped_outer(x: torch.Tensor, grad: torch.Tensor, counts: tuple[int, ...], 
     x_t = x.t()
     if grouped_kernel_usable(x_t, grad):
         out = torch.nn.functional.grouped_mm(x_t, grad, offs=ends)
-        has_rows = torch.tensor([c > 0 for c in counts], device=out.device)  # a kernel may leave empty groups unset
-        return out * has_rows[:, None, None]
+        # a kernel may leave empty groups unset; the mask comes from the device-side ends (a host list would
+        # be copied over with a synchronisation)
+        has_rows = torch.diff(ends, prepend=ends.new_zeros(1)) > 0
+        return out * has_rows[:, None, None].to(out.dtype)
     out = x.new_zeros(len(counts), x.shape[1], grad.shape[1])
     row = 0
     for expert, count in enumerate(counts):

@@ -332,7 +332,7 @@ class QuantizedExperts(nn.Module):
         top_k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        rows = RoutedRows.from_counts(torch.bincount(flat, minlength=self.num_experts))
+        rows = RoutedRows.of_experts(flat, self.num_experts)
         experts_of_rows = flat[order]
         # index_select, not indexing: its backward is one index_add, where indexing's sorts the indices first
         x = hidden_states.to(self.compute_dtype).index_select(0, torch.div(order, top_k, rounding_mode="floor"))
