@@ -176,3 +176,32 @@ def family_model(family: str, directory: Path, seed: int = 0) -> Path:
     _sharpen(model)
     model.save_pretrained(directory)
     return directory
+
+
+# what llama.cpp's graphs hard-code about routing (tools/gguf_arch.py): Qwen3-MoE renormalises the top-k weights
+MOE_EXPORTABLE = {"qwen3_moe": {"norm_topk_prob": True}, "qwen2_moe": {}, "mixtral": {}}
+
+
+def moe_family_model(family: str, directory: Path, seed: int = 0, **overrides: object) -> Path:
+    """Save a tiny mixture-of-experts model of ``family`` (:mod:`tiny_moe`'s shapes: 4 experts, top-2) with a
+    tokenizer llama.cpp reads: Qwen's byte-level BPE for the Qwen families, SentencePiece-style for Mixtral."""
+    import torch
+    from tiny_moe import moe_model
+
+    if family == "mixtral":
+        size = sentencepiece_tokenizer(
+            directory, ["<unk>", "<s>", "</s>"], MISTRAL, True, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+        )
+    else:
+        chatml = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        size = byte_level_tokenizer(
+            directory, QWEN_SPLIT, chatml, CHATML, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+        )
+    model = moe_model(family, vocab_size=size, seed=seed, **{**MOE_EXPORTABLE[family], **overrides})
+    _sharpen(model)
+    with torch.no_grad():  # routers as large as the experts' weights: clear, varied choices of the top two
+        for name, param in model.named_parameters():
+            if name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(directory)
+    return directory

@@ -20,16 +20,17 @@ SHARED = dict(
 )
 
 
-def moe_config(family: str, vocab_size: int = 128) -> Any:
-    """The config of a tiny ``family`` model: 4 experts of width 32, top-2 routing."""
+def moe_config(family: str, vocab_size: int = 128, **overrides: Any) -> Any:
+    """The config of a tiny ``family`` model: 4 experts of width 32, top-2 routing; ``overrides`` on top."""
     from transformers import GptOssConfig, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
+    shared = {**SHARED, **overrides}
     if family == "qwen3_moe":
         return Qwen3MoeConfig(
-            vocab_size=vocab_size, intermediate_size=128, moe_intermediate_size=32, num_experts=4, head_dim=16, **SHARED
+            vocab_size=vocab_size, intermediate_size=128, moe_intermediate_size=32, num_experts=4, head_dim=16, **shared
         )
     if family == "mixtral":
-        return MixtralConfig(vocab_size=vocab_size, intermediate_size=32, num_local_experts=4, **SHARED)
+        return MixtralConfig(vocab_size=vocab_size, intermediate_size=32, num_local_experts=4, **shared)
     if family == "qwen2_moe":
         return Qwen2MoeConfig(
             vocab_size=vocab_size,
@@ -37,7 +38,7 @@ def moe_config(family: str, vocab_size: int = 128) -> Any:
             moe_intermediate_size=32,
             shared_expert_intermediate_size=64,
             num_experts=4,
-            **SHARED,
+            **shared,
         )
     if family == "gpt_oss":
         return GptOssConfig(
@@ -48,19 +49,19 @@ def moe_config(family: str, vocab_size: int = 128) -> Any:
             sliding_window=16,
             layer_types=["sliding_attention", "full_attention"],
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            **SHARED,
+            **shared,
         )
     raise ValueError(family)
 
 
-def moe_model(family: str, vocab_size: int = 128, seed: int = 0, dtype: Any = None) -> Any:
-    """A randomly initialised tiny ``family`` model (float32 unless ``dtype``); experts (and their biases,
-    where the family has them) drawn with std 0.1."""
+def moe_model(family: str, vocab_size: int = 128, seed: int = 0, dtype: Any = None, **overrides: Any) -> Any:
+    """A randomly initialised tiny ``family`` model (float32 unless ``dtype``; config ``overrides``); experts (and
+    their biases, where the family has them) drawn with std 0.1."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(moe_config(family, vocab_size))
+    model = AutoModelForCausalLM.from_config(moe_config(family, vocab_size, **overrides))
     with torch.no_grad():  # transformers' 0.02 makes the experts' share of the output too small to test
         for name, param in model.named_parameters():
             if ".experts." in name and param.dim() in (2, 3):
