@@ -125,6 +125,7 @@ def refusal(tmp_path: Path, family: str, **overrides: object) -> str:
         ("qwen2_moe", {"head_dim": 32}, "config.json head_dim", "32", "num_attention_heads x head_dim"),
         ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window", "True", "whole context"),
         ("mixtral", {"hidden_act": "gelu"}, "config.json hidden_act", "gelu", "silu"),
+        ("mixtral", {"num_experts_per_tok": 5}, "config.json num_experts_per_tok", "5", "1 to 4 experts"),
     ],
 )
 def test_a_config_llama_cpp_would_run_differently_is_refused(tmp_path, family, overrides, field, value, says) -> None:

@@ -179,7 +179,8 @@ def check_config(config: Any, family: Family) -> None:
 
 def _check_experts(config: Any, family: Family) -> None:
     """What llama.cpp's MoE graphs hard-code: softmax routing over every expert, the top-k weights renormalised
-    or not per architecture, experts in every layer (each layer's ffn_gate_inp and *_exps tensors are required)."""
+    or not per architecture, experts in every layer (each layer's ffn_gate_inp and *_exps tensors are required).
+    Mixtral's ``router_jitter_noise`` acts only in training, so it needs no check."""
     if family.norm_topk is not None and bool(getattr(config, "norm_topk_prob", False)) != family.norm_topk:
         _refuse(
             "norm_topk_prob",
@@ -306,8 +307,10 @@ def _split_gate_up(hf_name: str, tensor: torch.Tensor, names: Any) -> list[Tenso
     halves = []
     for part, rows in (("gate_proj", slice(0, width)), ("up_proj", slice(width, None))):
         name = names.get_name(prefix + part)
-        if name is None:  # the gguf package knows every architecture of FAMILIES with experts
-            raise QLoRAConfigError("tensor", hf_name, "has no expert tensor name in gguf", "update gguf")
+        if name is None:  # the gguf package names the experts of every family here; an old one may not
+            raise QLoRAConfigError(
+                "tensor", hf_name, "has no expert tensor name in the installed gguf package", "upgrade gguf"
+            )
         shape = (tensor.shape[0], width, tensor.shape[2])
         halves.append(Tensor(f"{name}.weight", shape, _maker(tensor, _rows(rows))))
     return halves
