@@ -302,8 +302,13 @@ def accuracy(model: Any, tokenizer: Any, task: Task, batch_size: int) -> float:
     return sum(g == row["label"] for g, row in zip(guesses, task.test_rows, strict=True)) / len(task.test_rows)
 
 
-def merged_accuracy(trainer: Any, tokenizer: Any, task: Task, batch_size: int, scratch: Path) -> float:
-    """Held-out accuracy of the trained adapter merged into its base by ``qlora merge``'s code (item 5)."""
+def merged_accuracies(trainer: Any, tokenizer: Any, task: Task, batch_size: int, scratch: Path) -> dict[str, float]:
+    """Held-out accuracy of the trained adapter merged into its base by ``qlora merge``'s code (item 5).
+
+    On CUDA the merge is checked twice: saved in bf16 as users run it (``merged_accuracy``), and in
+    float32 (``merged_fp32_accuracy``), which tells a gap made by rounding the merged weights to
+    bf16 from one the merge itself makes.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -311,13 +316,21 @@ def merged_accuracy(trainer: Any, tokenizer: Any, task: Task, batch_size: int, s
 
     cuda = torch.cuda.is_available()
     trainer.save_model(str(scratch / "adapter"))
-    merge_adapter(scratch / "adapter", scratch / "merged", dtype="bf16" if cuda else "fp32", show_progress=False)
-    merged = AutoModelForCausalLM.from_pretrained(scratch / "merged", dtype=torch.bfloat16 if cuda else torch.float32)
-    merged.to("cuda" if cuda else "cpu")
-    try:
-        return accuracy(merged, tokenizer, task, batch_size)
-    finally:
-        del merged
+    checks = {"merged_accuracy": "bf16" if cuda else "fp32"}
+    if cuda:
+        checks["merged_fp32_accuracy"] = "fp32"
+    found = {}
+    for key, dtype in checks.items():
+        folder = scratch / f"merged-{dtype}"
+        merge_adapter(scratch / "adapter", folder, dtype=dtype, show_progress=False)
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        merged.to("cuda" if cuda else "cpu")
+        try:
+            found[key] = accuracy(merged, tokenizer, task, batch_size)
+        finally:
+            del merged
+    return found
 
 
 def run_one(
@@ -367,7 +380,7 @@ def run_one(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     row.update(loss_split(trainer.model, tokenizer, task, pad_id, settings.eval_batch))
     if merge_check and variant in PLUGIN_FIELDS:
-        row["merged_accuracy"] = merged_accuracy(trainer, tokenizer, task, settings.eval_batch, out)
+        row.update(merged_accuracies(trainer, tokenizer, task, settings.eval_batch, out))
     row["seconds"] = round(time.perf_counter() - started, 2)
     if cuda:
         row["peak_gib"] = max(row["load_peak_gib"], row.get("train_peak_gib", 0.0))
@@ -737,6 +750,15 @@ def targets(
         lines.append(
             f"- merged model against the adapter on its 4-bit base ({len(checked)} run{'s' * (len(checked) > 1)}): "
             "accuracy "
+            f"{statistics.fmean(gaps):+.2f} pt on average, at most {worst:.2f} pt apart: "
+            f"{'within' if worst <= 1.0 else 'not within'} 1 point"
+        )
+    in_fp32 = [r for r in checked if "merged_fp32_accuracy" in r]
+    if in_fp32:
+        gaps = [100 * (r["merged_fp32_accuracy"] - r["accuracy"]) for r in in_fp32]
+        worst = max(abs(g) for g in gaps)
+        lines.append(
+            f"- the same merge saved in float32 ({len(in_fp32)} run{'s' * (len(in_fp32) > 1)}): accuracy "
             f"{statistics.fmean(gaps):+.2f} pt on average, at most {worst:.2f} pt apart: "
             f"{'within' if worst <= 1.0 else 'not within'} 1 point"
         )
