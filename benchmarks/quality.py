@@ -18,7 +18,9 @@ label scoring (the most likely label as the assistant's reply). Variants:
   (``unquantized_modules``: the ``--keep`` layers with the largest NF4 output error on the task's
   first training rows, ranked by ``sensitivity.py``'s measure before any run starts) and
   ``qlora-plugin-keepv`` (``unquantized_modules=["v_proj"]``: every value projection, the kind
-  ``sensitivity.py`` finds most sensitive on both real models; a rule a preset can carry).
+  ``sensitivity.py`` finds most sensitive on both real models; a rule a preset can carry);
+  ``qlora-plugin-loftq-bs32`` combines the two that each narrowed the gap in run 14 (not in the
+  default grid).
 
 A ``base`` row per model and task gives the bf16 base's own eval loss and zero-shot accuracy.
 For the first ``--merge-seeds`` seeds of each plugin variant the adapter is also merged with
@@ -81,9 +83,11 @@ VARIANTS = (
     "qlora-plugin-loftq",
     "qlora-plugin-keep",
     "qlora-plugin-keepv",
+    "qlora-plugin-loftq-bs32",
 )
-# TRL's path: run 9 measured it; the 6 most sensitive layers: v_proj layers, which keepv keeps all of
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in ("trl-qlora", "qlora-plugin-keep"))
+# TRL's path: run 9 measured it; the 6 most sensitive layers: v_proj layers, which keepv keeps all of;
+# LoftQ at block size 32: run 14's follow-up, named where wanted
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in ("trl-qlora", "qlora-plugin-keep", "qlora-plugin-loftq-bs32"))
 # The recipe fields of each plugin variant (qlora-plugin-keep's layers are found per model).
 PLUGIN_FIELDS: dict[str, dict[str, Any]] = {
     "qlora-plugin": {},
@@ -92,6 +96,7 @@ PLUGIN_FIELDS: dict[str, dict[str, Any]] = {
     "qlora-plugin-loftq": {"adapter_init": "loftq"},
     "qlora-plugin-keep": {},
     "qlora-plugin-keepv": {"unquantized_modules": ["v_proj"]},  # every value projection (sensitivity.py)
+    "qlora-plugin-loftq-bs32": {"adapter_init": "loftq", "blocksize": 32},  # the two that each narrowed the gap
 }
 TASKS = ("sentiment", "reuters-r8")
 MODELS = ("smollm2-135m-instruct",)

@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
                 "nf4-loftq": {"adapter_init": "loftq", "r": args.rank},
                 f"nf4-keep{args.top}": {"unquantized_modules": kept},
                 "nf4-keepv": {"unquantized_modules": ["v_proj"]},
+                "nf4-loftq-bs32": {"adapter_init": "loftq", "r": args.rank, "blocksize": 32},
             },
             args.e2e_variants,
             reused.get("end_to_end") if reused else None,

@@ -70,7 +70,8 @@ def test_every_variant_trains_and_is_reported(tmp_path, capsys) -> None:
     for variant in quality.VARIANTS:
         assert f"| {variant} | 1 |" in table
     assert "- qlora-plugin: eval loss within 1 % of bf16 LoRA or its interval contains 0:" in table
-    assert "- merged model against the adapter on its 4-bit base (6 runs)" in table
+    assert f"- merged model against the adapter on its 4-bit base ({len(quality.PLUGIN_FIELDS)} runs)" in table
+    assert "saved in float32" not in table  # a CPU merge is float32 already: no second check
     assert "- answer-token loss taken apart, label tokens / closing tokens: bf16-lora " in table
     assert "dequantized from 4-bit GGUF" in table
 
@@ -102,7 +103,8 @@ def test_the_report_pairs_seeds_gives_intervals_and_checks_the_targets(tmp_path)
     bf16 = [1.00, 1.02, 0.98, 1.01]
     rows = [row("bf16-lora", s, loss, 0.80) for s, loss in enumerate(bf16)]
     for s, loss in enumerate(bf16):
-        rows.append(row("qlora-plugin", s, loss * (1.04, 1.05, 1.03, 1.04)[s], 0.79, merged_accuracy=0.785))
+        merged = {"merged_accuracy": 0.785, "merged_fp32_accuracy": (0.79, 0.77, 0.79, 0.79)[s]}
+        rows.append(row("qlora-plugin", s, loss * (1.04, 1.05, 1.03, 1.04)[s], 0.79, **merged))
         rows.append(row("qlora-plugin-loftq", s, loss * (1.02, 0.99, 1.00, 0.995)[s], 0.80))
     rows += [
         row("qlora-plugin-bs32", 9, 1.0, 0.8),
@@ -129,6 +131,7 @@ def test_the_report_pairs_seeds_gives_intervals_and_checks_the_targets(tmp_path)
     assert "- qlora-plugin: eval loss within 1 % of bf16 LoRA or its interval contains 0: no (+4.00 %" in table
     assert "- qlora-plugin-loftq: eval loss within 1 % of bf16 LoRA or its interval contains 0: yes" in table
     assert "accuracy -0.50 pt on average, at most 0.50 pt apart: within 1 point" in table
+    assert "saved in float32 (4 runs): accuracy -0.50 pt on average, at most 2.00 pt apart: not within" in table
     assert "Failed runs: 1 (t/x/0: E)" in table
 
 
