@@ -318,6 +318,16 @@ class QuantizedExperts(nn.Module):
             return self._grouped_forward(hidden_states, top_k_index, top_k_weights, adapters)
         return self._per_expert_forward(hidden_states, top_k_index, top_k_weights, adapters)
 
+    def _sorted_routing(self, top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RoutedRows]:
+        """The routed (token, slot) pairs sorted by expert: their flat slot indices, their tokens, and the counts.
+
+        Both forwards walk the pairs in this order; a stable sort keeps each expert's tokens in order.
+        """
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        tokens = torch.div(order, top_k_index.shape[-1], rounding_mode="floor")
+        return order, tokens, RoutedRows.of_experts(flat, self.num_experts)
+
     def _first_projection(self) -> str:
         return "gate_up_proj" if "gate_up_proj" in self.expert_shapes else "up_proj"
 
@@ -329,13 +339,10 @@ class QuantizedExperts(nn.Module):
         adapters: dict[str, list[Adapter]],
     ) -> torch.Tensor:
         """All routed tokens sorted by expert; each projection a few grouped GEMMs (see the module docstring)."""
-        top_k = top_k_index.shape[-1]
-        flat = top_k_index.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        rows = RoutedRows.of_experts(flat, self.num_experts)
-        experts_of_rows = flat[order]
+        order, tokens, rows = self._sorted_routing(top_k_index)
+        experts_of_rows = top_k_index.reshape(-1)[order]
         # index_select, not indexing: its backward is one index_add, where indexing's sorts the indices first
-        x = hidden_states.to(self.compute_dtype).index_select(0, torch.div(order, top_k, rounding_mode="floor"))
+        x = hidden_states.to(self.compute_dtype).index_select(0, tokens)
         h = self._grouped_project(self._first_projection(), x, rows, experts_of_rows, adapters)
         y = self._grouped_project("down_proj", self._gate(h), rows, experts_of_rows, adapters)
         y = y * top_k_weights.reshape(-1)[order].to(y.dtype)[:, None]
@@ -379,10 +386,7 @@ class QuantizedExperts(nn.Module):
         """Each routed expert on its own tokens through bitsandbytes' 4-bit matmul (few tokens: generation)."""
         import bitsandbytes as bnb
 
-        top_k = top_k_index.shape[-1]
-        flat = top_k_index.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        order, tokens_of_rows, rows = self._sorted_routing(top_k_index)
         per_expert = {
             name: [_split(a, b, self.num_experts) + (scale,) for a, b, scale in found]
             for name, found in adapters.items()
@@ -391,12 +395,12 @@ class QuantizedExperts(nn.Module):
         inputs = hidden_states.to(self.compute_dtype)
         first = self._first_projection()
         start = 0
-        for expert, count in enumerate(counts):
+        for expert, count in enumerate(rows.counts):
             if count == 0:
                 continue
             chosen = order[start : start + count]
+            tokens = tokens_of_rows[start : start + count]
             start += count
-            tokens = torch.div(chosen, top_k, rounding_mode="floor")
             x = inputs[tokens]
             h = self._project(bnb, first, expert, x, per_expert)
             h = self._gate(h)
