@@ -41,6 +41,11 @@ ROWS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         {},
     ),
     "own-config-nll": ("qlora-plugin-own-config", {"loss_type": "nll"}, {}),
+    # selective recompute (issue 22 item 1): the README snippet with the first N layers' MLP gate and
+    # up outputs kept for the recompute (QLORA_KEEP_MLP_LAYERS=N; benchmarks/NOTES.md, section 16)
+    "default-keep-mlp-8": ("qlora-plugin-default", {}, {"keep_mlp_layers": 8}),
+    "default-keep-mlp-14": ("qlora-plugin-default", {}, {"keep_mlp_layers": 14}),
+    "default-keep-mlp-32": ("qlora-plugin-default", {}, {"keep_mlp_layers": 32}),
 }
 
 # (shape, steps, warmup): 8B steps take about a second
@@ -117,6 +122,9 @@ SYSTEM = {
     "own-config-trl-loss": "plugin: own SFTConfig, TRL's own loss",
     "qlora-plugin-memory": "plugin: memory point",
     "qlora-plugin": "plugin: speed point",
+    "default-keep-mlp-8": "plugin: README snippet, 8 layers keep gate/up",
+    "default-keep-mlp-14": "plugin: README snippet, 14 layers keep gate/up",
+    "default-keep-mlp-32": "plugin: README snippet, every layer keeps gate/up",
 }
 
 

@@ -90,3 +90,28 @@ def test_the_estimate_reads_the_environment_training_reads(llama_8b, capsys, mon
     assert run("--seq", "400000", "--offload-keep-layers", "0")["host_pinned"] == 32 * 4096 * 2 * 400000
     # full recompute keeps every layer input anyway: the variable does not apply, as in training
     assert run("--seq", "16384", "--recompute", "full")["path"]["offload_keep_layers"] == 0
+
+
+def test_kept_mlp_outputs_add_their_bytes_and_tiled_rows_keep_none(llama_8b, capsys, monkeypatch) -> None:
+    """``--keep-mlp-layers`` / ``QLORA_KEEP_MLP_LAYERS``: each kept layer holds its gate and up outputs (bf16)."""
+
+    def run(*args: str) -> dict:
+        assert main(["estimate", str(llama_8b), "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    readme_shape = ("--seq", "2048", "--batch", "4")
+    plain = run(*readme_shape)
+    kept = run(*readme_shape, "--keep-mlp-layers", "16")
+    held = 16 * 2 * 2 * 14336 * 4 * 2048
+    assert plain["activations"]["kept_mlp_outputs"] == 0 and kept["activations"]["kept_mlp_outputs"] == held
+    assert kept["allocator_peak"] - plain["allocator_peak"] == held
+    assert run(*readme_shape, "--keep-mlp-layers", "99")["activations"]["kept_mlp_outputs"] == 2 * held  # 32 layers
+    monkeypatch.setenv("QLORA_KEEP_MLP_LAYERS", "16")
+    assert run(*readme_shape)["allocator_peak"] == kept["allocator_peak"]
+    # a tiled MLP keeps nothing, and without recompute there is nothing to keep
+    long = ("--seq", "400000", "--batch", "1", "--recompute", "offload")
+    assert run(*long)["activations"]["kept_mlp_outputs"] == 0
+    assert run(*readme_shape, "--recompute", "none")["path"]["keep_mlp_layers"] == 0
+    monkeypatch.delenv("QLORA_KEEP_MLP_LAYERS")
+    assert main(["estimate", str(llama_8b), *readme_shape, "--recompute", "none", "--keep-mlp-layers", "4"]) != 0
+    assert "--keep-mlp-layers=4: only applies" in capsys.readouterr().err

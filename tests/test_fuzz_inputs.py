@@ -120,6 +120,7 @@ def quick_command(draw: Any, places: dict[str, Path]) -> list[str]:
         argv += maybe(draw, "--adapter-dtype", draw(st.sampled_from(["float32", "bfloat16", "int8"])))
         argv += maybe(draw, "--cached-constants")
         argv += maybe(draw, "--offload-keep-layers", draw(number_text()))
+        argv += maybe(draw, "--keep-mlp-layers", draw(number_text()))
     return argv + maybe(draw, "--json") + maybe(draw, "--verbose")
 
 

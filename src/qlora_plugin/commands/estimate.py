@@ -112,6 +112,14 @@ def register(commands: Any) -> None:
         help="with --recompute offload: the first N layer inputs stay on the GPU (default QLORA_OFFLOAD_KEEP_LAYERS, "
         "else 0)",
     )
+    path.add_argument(
+        "--keep-mlp-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --recompute full or offload: the first N layers keep their MLP's gate and up outputs for the "
+        "recompute (default QLORA_KEEP_MLP_LAYERS, else 0)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
@@ -213,4 +221,5 @@ def path_from_args(args: argparse.Namespace, recipe: Any) -> Any:
         cached_constants=args.cached_constants,
         tiled_mlp=args.tiled_mlp,
         offload_keep_layers=args.offload_keep_layers,
+        keep_mlp_layers=args.keep_mlp_layers,
     )

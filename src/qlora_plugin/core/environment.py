@@ -9,6 +9,7 @@ switch a check and a report:
 - ``QLORA_PACKED_ATTENTION=0``: packed rows left to transformers' masked attention;
 - ``QLORA_TILED_MLP=N``: a step's MLPs run tiled from N tokens (0: never);
 - ``QLORA_OFFLOAD_KEEP_LAYERS=K``: under offloaded recompute the first K layer inputs stay on the GPU;
+- ``QLORA_KEEP_MLP_LAYERS=K``: under recompute the first K layers keep their MLP's gate and up outputs;
 - ``QLORA_UNTESTED_PATCHES=1``: patches outside their tested versions are used anyway, with a warning;
 - ``QLORA_TRACEBACK=1``: a failed ``qlora`` command or Axolotl run shows the traceback too.
 """
@@ -24,6 +25,7 @@ CUDA_GRAPHS = "QLORA_CUDA_GRAPHS"
 PACKED_ATTENTION = "QLORA_PACKED_ATTENTION"
 TILED_MLP = "QLORA_TILED_MLP"
 OFFLOAD_KEEP_LAYERS = "QLORA_OFFLOAD_KEEP_LAYERS"
+KEEP_MLP_LAYERS = "QLORA_KEEP_MLP_LAYERS"
 UNTESTED_PATCHES = "QLORA_UNTESTED_PATCHES"
 TRACEBACK = "QLORA_TRACEBACK"
 
@@ -40,6 +42,7 @@ class Knobs:
     packed_attention: bool = True
     tiled_mlp_min_tokens: int | None = None  # None: the kernels' own threshold
     offload_keep_layers: int = 0
+    keep_mlp_layers: int = 0
     problems: tuple[str, ...] = ()
 
 
@@ -49,12 +52,16 @@ def read_knobs(environ: Mapping[str, str] | None = None) -> Knobs:
     problems: list[str] = []
     tiled = _count(environ, TILED_MLP, "the MLPs tile from that many tokens (0: never)", problems)
     keep = _count(environ, OFFLOAD_KEEP_LAYERS, "the first that many layers keep their inputs on the GPU", problems)
+    keep_mlp = _count(
+        environ, KEEP_MLP_LAYERS, "the first that many layers keep their MLP's gate and up outputs", problems
+    )
     return Knobs(
         fast_path_on_cpu=environ.get(FAST_PATH_ON_CPU) == "1",
         cuda_graphs=environ.get(CUDA_GRAPHS, "1") != "0",
         packed_attention=environ.get(PACKED_ATTENTION, "1") != "0",
         tiled_mlp_min_tokens=tiled,
         offload_keep_layers=keep or 0,
+        keep_mlp_layers=keep_mlp or 0,
         problems=tuple(problems),
     )
 

@@ -31,8 +31,9 @@ def kernel_config(
     ``loss_outputs``: what that loss's forward returns, the loss alone or what the TRL forward it
     replaces returns (see ``FastPathConfig``); ``host_kernels``: the trainer's own LoRA kernels
     that are on. The recompute mode is the run's; CUDA graphs go on at the speed point (recompute
-    "none") unless the knobs say otherwise, as do packed attention, the tiled-MLP threshold and the layer inputs kept on
-    the GPU under offloaded recompute (:class:`qlora_plugin.core.environment.Knobs`).
+    "none") unless the knobs say otherwise, as do packed attention, the tiled-MLP threshold, the layer
+    inputs kept on the GPU under offloaded recompute and the MLP outputs kept for the recompute
+    (:class:`qlora_plugin.core.environment.Knobs`).
     """
     device = device or context.device
     host_kernels = tuple(host_kernels)
@@ -51,5 +52,6 @@ def kernel_config(
         packed_attention=knobs.packed_attention,
         tiled_mlp_min_tokens=TILED_MLP_MIN_TOKENS if knobs.tiled_mlp_min_tokens is None else knobs.tiled_mlp_min_tokens,
         offload_keep_layers=knobs.offload_keep_layers if mode == "offload" else 0,
+        keep_mlp_layers=knobs.keep_mlp_layers if mode in ("full", "offload") else 0,
         skip_lora=tuple(name for key in host_kernels for name in HOST_KERNEL_LAYERS.get(key, ())),
     )

@@ -79,6 +79,11 @@ def describe(
             f", the first {config.offload_keep_layers} layer inputs kept on the GPU"
             if getattr(config, "offload_keep_layers", 0)
             else ""
+        )
+        + (
+            f", the first {result.mlp_outputs_kept} layers' MLP gate and up outputs kept for the recompute"
+            if result.mlp_outputs_kept
+            else ""
         ),
         *(
             [f"CUDA graphs over {result.graphed_layers} decoder layers once batches repeat a shape"]

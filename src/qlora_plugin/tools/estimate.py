@@ -60,7 +60,9 @@ Activations, per token and decoder layer, counted as the tensors autograd saves
   stock, ``c`` fast) stays; with ``offload`` only the two layers in flight and the
   ``offload_keep_layers`` kept on the GPU (the others wait in pinned host memory:
   ``c`` x hidden per token each, reported as ``host_pinned``); one layer's
-  activations come back during its backward.
+  activations come back during its backward. The first ``keep_mlp_layers``
+  recomputed layers also keep their MLP's gate and up outputs (``2 c`` x
+  intermediate per token each), unless the MLP runs tiled.
   With the tiled MLP, a layer keeps only the MLP's input per token (nothing of
   gate, up, their product or down_proj's input); one slice of :data:`TILED_MLP_ROWS`
   tokens holds those, and their gradient, during the MLP's backward
@@ -172,6 +174,7 @@ class TrainingPath:
     tiled_mlp: bool = True
     tiled_mlp_min_tokens: int = TILED_MLP_MIN_TOKENS
     offload_keep_layers: int = 0
+    keep_mlp_layers: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.tiled_mlp_min_tokens, bool) or self.tiled_mlp_min_tokens < 0:
@@ -188,6 +191,17 @@ class TrainingPath:
         if isinstance(self.offload_keep_layers, bool) or self.offload_keep_layers < 0:
             raise QLoRAConfigError(
                 "--offload-keep-layers", self.offload_keep_layers, "must be a whole number >= 0", "pass 0 or more"
+            )
+        if isinstance(self.keep_mlp_layers, bool) or self.keep_mlp_layers < 0:
+            raise QLoRAConfigError(
+                "--keep-mlp-layers", self.keep_mlp_layers, "must be a whole number >= 0", "pass 0 or more"
+            )
+        if self.keep_mlp_layers and (self.recompute == "none" or not self.kernels):
+            raise QLoRAConfigError(
+                "--keep-mlp-layers",
+                self.keep_mlp_layers,
+                "only applies to the fast path's kernels under recompute",
+                "add --recompute full or offload, or drop it",
             )
         if self.name not in PATHS:
             raise QLoRAConfigError(
@@ -308,6 +322,8 @@ def training_path(recipe: QLoRARecipe | RecipeSpec, name: str | None = None, **o
         )
         if values["recompute"] == "offload":
             values.setdefault("offload_keep_layers", knobs.offload_keep_layers)
+        if values["recompute"] != "none" and values.get("kernels", True):
+            values.setdefault("keep_mlp_layers", knobs.keep_mlp_layers)
     return TrainingPath(name=name, **values)
 
 
@@ -468,6 +484,9 @@ def estimate_memory(
     on_gpu = min(IN_FLIGHT_OFFLOADED + path.offload_keep_layers, dims.layers)
     kept_inputs = {"none": 0, "full": dims.layers, "offload": on_gpu}
     recomputed = (kept_inputs[path.recompute] * a * dims.hidden + final_norm + rope + inputs) * tokens
+    keeping = 0 if tiled or path.recompute == "none" else min(path.keep_mlp_layers, dims.layers)
+    kept_mlp = keeping * 2 * c * dims.intermediate * tokens  # gate and up outputs held for the recompute
+    recomputed += kept_mlp
     full = (dims.layers * per_layer + final_norm + rope + inputs) * tokens + adapter_copies
     logits = loss_bytes(dims, path, tokens, c)
     activations = {
@@ -475,6 +494,7 @@ def estimate_memory(
         "with_full_recompute": (dims.layers * a * dims.hidden + final_norm + rope + inputs) * tokens,
         "with_offloaded_recompute": (kept_inputs["offload"] * a * dims.hidden + final_norm + rope + inputs) * tokens,
         "without_recompute": full,
+        "kept_mlp_outputs": kept_mlp,
         "loss": logits,
     }
     components["activations"] = full if path.recompute == "none" else recomputed

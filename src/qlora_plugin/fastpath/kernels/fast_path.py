@@ -12,6 +12,7 @@ from qlora_plugin.fastpath.kernels.attention import use_packed_attention
 from qlora_plugin.fastpath.kernels.casting import cast_adapters, cast_frozen_params
 from qlora_plugin.fastpath.kernels.dequant import make_dequantizer
 from qlora_plugin.fastpath.kernels.graphs import enable_decoder_graphs
+from qlora_plugin.fastpath.kernels.kept_outputs import layers_keeping_mlp_outputs
 from qlora_plugin.fastpath.kernels.layers import patch_norms_and_mlps, patch_rope, patched_mlps
 from qlora_plugin.fastpath.kernels.lora_linear import LayerOptions, patch_lora_4bit_layers
 from qlora_plugin.fastpath.kernels.losses import patch_causal_lm_loss
@@ -39,6 +40,9 @@ class FastPathConfig:
     recompute_every: checkpoint every k-th decoder layer only (with "full"/"offload").
     offload_keep_layers: with "offload", the first this many checkpointed layers keep their
         inputs on the GPU (spares host memory; see ``recompute.set_recompute``).
+    keep_mlp_layers: with "full" or "offload", the first this many checkpointed layers keep their
+        MLP's gate and up outputs for the recompute instead of computing them again (memory for
+        time; see ``kept_outputs``).
     fused_rope: Liger's rotary embedding on CUDA (swaps the modeling module's
         ``apply_rotary_pos_emb`` for a dispatching function with the same math).
     cuda_graphs: replay the decoder layers as CUDA graphs when batches keep one shape
@@ -67,6 +71,7 @@ class FastPathConfig:
     recompute: str = "none"
     recompute_every: int = 1
     offload_keep_layers: int = 0
+    keep_mlp_layers: int = 0
     fused_rope: bool = True
     cuda_graphs: bool = False
     triton_dequant: bool = False
@@ -92,6 +97,7 @@ class FastPathReport:
     graphed_layers: int = 0
     packed_attention: int = 0
     tiled_mlps: int = 0
+    mlp_outputs_kept: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -145,8 +151,13 @@ def apply_fast_path(
     if cfg.packed_attention:
         report.packed_attention = use_packed_attention(lm)
     report.layers_recomputed = set_recompute(
-        lm, cfg.recompute, every=cfg.recompute_every, keep_on_gpu=cfg.offload_keep_layers
+        lm,
+        cfg.recompute,
+        every=cfg.recompute_every,
+        keep_on_gpu=cfg.offload_keep_layers,
+        keep_mlp_layers=cfg.keep_mlp_layers,
     )
+    report.mlp_outputs_kept = layers_keeping_mlp_outputs(lm)
     if cfg.cuda_graphs and cfg.recompute == "none":
         graphs = enable_decoder_graphs(lm, lm.__dict__.get("_qlora_adapter_copies"))
         report.graphed_layers = 0 if graphs is None else len(graphs.layers)

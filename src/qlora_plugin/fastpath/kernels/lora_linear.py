@@ -29,6 +29,7 @@ from torch import nn
 
 from qlora_plugin.core.patches import allowed
 from qlora_plugin.fastpath.kernels.dequant import DequantFn, dequantize_4bit
+from qlora_plugin.fastpath.kernels.kept_outputs import offer_output, reusable_output
 from qlora_plugin.fastpath.kernels.lora_dropout import use_triton_dropout
 
 _ORIG_FORWARD = "_qlora_fast_orig_forward"
@@ -65,8 +66,11 @@ class LoRA4bitFunction(torch.autograd.Function):
     Inputs: ``x`` (compute dtype), the dropout probability ``p`` (``x_d`` is ``x``
     when 0), ``lora_a`` [r, in] and ``lora_b`` [out, r] (any float dtype) with
     optional compute-dtype copies of them, ``scaling``, the packed ``weight`` with
-    its ``quant_state``, an optional frozen ``bias``, the dequantize function and
-    whether dropout may be drawn inside the Triton kernels.
+    its ``quant_state``, an optional frozen ``bias``, the dequantize function,
+    whether dropout may be drawn inside the Triton kernels, and ``reuse``: this
+    layer's output as its checkpointed layer's first forward computed it (the
+    recompute then draws the dropout mask and the down-product again, which backward
+    needs, and skips the dequantization and the GEMM; see :mod:`kept_outputs`).
     """
 
     @staticmethod
@@ -84,6 +88,7 @@ class LoRA4bitFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         dequant: DequantFn,
         triton_dropout: bool,
+        reuse: torch.Tensor | None = None,
     ) -> torch.Tensor:
         dtype = x.dtype
         lead, in_features = x.shape[:-1], x.shape[-1]
@@ -100,10 +105,13 @@ class LoRA4bitFunction(torch.autograd.Function):
         else:
             xl2, mask = torch.native_dropout(x2, p, True) if p > 0.0 else (x2, None)
             u = torch.mm(xl2, a.t())
-        w = dequant(weight, quant_state, dtype)
-        out = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
-        del w
-        out.addmm_(u, b.t(), alpha=scaling)
+        if reuse is not None:
+            out = reuse
+        else:
+            w = dequant(weight, quant_state, dtype)
+            out = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+            del w
+            out.addmm_(u, b.t(), alpha=scaling)
         # The compute-dtype copies of A and B (r x (in + out) elements) are kept for
         # backward rather than cast again there.
         ctx.save_for_backward(xl2 if lora_a.requires_grad else None, u, a, b, mask)
@@ -140,7 +148,7 @@ class LoRA4bitFunction(torch.autograd.Function):
             else:  # through the dropout: the kept elements, scaled by 1 / (1 - p)
                 grad_x.addcmul_(torch.mm(gu, a), mask, value=1.0 / (1.0 - ctx.p))
             grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, None, grad_a, grad_b, None, None, None, None, None, None, None, None
+        return grad_x, None, grad_a, grad_b, None, None, None, None, None, None, None, None, None
 
 
 def lora_4bit_linear(
@@ -157,11 +165,13 @@ def lora_4bit_linear(
     b_copy: torch.Tensor | None = None,
     dequant: DequantFn = dequantize_4bit,
     triton_dropout: bool = True,
+    reuse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Functional form of :class:`LoRA4bitFunction` (autocast off inside).
 
     ``dropout``: probability of LoRA dropout on the adapter's input (training only:
     pass 0 in eval). ``a_copy``/``b_copy``: ready compute-dtype copies of the adapters.
+    ``reuse``: the output the same call computed before (rows x out, compute dtype).
     """
     args = (
         x,
@@ -176,6 +186,7 @@ def lora_4bit_linear(
         bias,
         dequant,
         triton_dropout,
+        reuse,
     )
     if torch.is_autocast_enabled(x.device.type):
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -258,6 +269,8 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     copies: AdapterCopies | None = self.__dict__.get(_COPIES)
     options: LayerOptions = self.__dict__.get(_OPTIONS) or LayerOptions()
     bias = base.bias
+    rows = xc.numel() // max(xc.shape[-1], 1)
+    reuse = reusable_output(self, rows, lora_b.shape[0], compute_dtype)
     out = lora_4bit_linear(
         xc,
         lora_a,
@@ -271,7 +284,10 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         b_copy=None if copies is None else copies.get(lora_b),
         dequant=options.dequant,
         triton_dropout=options.triton_dropout,
+        reuse=reuse,
     )
+    if reuse is None:
+        offer_output(self, out.view(rows, out.shape[-1]))
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 

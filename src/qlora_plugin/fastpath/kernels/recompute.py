@@ -16,6 +16,7 @@ inputs parked in pinned CPU memory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qlora_plugin.core.patches import allowed
+from qlora_plugin.fastpath.kernels.kept_outputs import KeptOutputs, keep_mlp_outputs
 from qlora_plugin.fastpath.kernels.stash_plan import StashPlan, host_memory, plan_stash
 
 _log = logging.getLogger("qlora_plugin")
@@ -136,41 +138,58 @@ class _HostStash:
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, run: Callable[[torch.Tensor], torch.Tensor], stash: _HostStash, hidden: torch.Tensor
+        ctx: Any,
+        run: Callable[[torch.Tensor], torch.Tensor],
+        stash: _HostStash,
+        kept: KeptOutputs | None,
+        hidden: torch.Tensor,
     ) -> torch.Tensor:
-        ctx.run, ctx.stash, ctx.device = run, stash, hidden.device
+        ctx.run, ctx.stash, ctx.kept, ctx.device = run, stash, kept, hidden.device
         ctx.key = stash.put(hidden.detach())
         ctx.rng = torch.cuda.get_rng_state(hidden.device)
         ctx.cpu_rng = torch.get_rng_state()
-        with torch.no_grad():
+        with torch.no_grad(), kept.keeping() if kept is not None else contextlib.nullcontext():
             out = run(hidden)
         if not isinstance(out, torch.Tensor):
             raise TypeError("offloaded recompute needs decoder layers that return a tensor")
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None, torch.Tensor]:
         hidden = ctx.stash.take(ctx.key, ctx.device).detach().requires_grad_(True)
+        reusing = ctx.kept.reusing() if ctx.kept is not None else contextlib.nullcontext()
         with torch.random.fork_rng(devices=[ctx.device]):
             torch.cuda.set_rng_state(ctx.rng, ctx.device)
             torch.set_rng_state(ctx.cpu_rng)
-            with torch.enable_grad():
+            with torch.enable_grad(), reusing:
                 out = ctx.run(hidden)
         torch.autograd.backward(out, grad)
-        return None, None, hidden.grad
+        return None, None, None, hidden.grad
+
+
+def _checkpoint(kept: KeptOutputs | None, run: Callable[..., Any], hidden: torch.Tensor, *rest: Any) -> Any:
+    """torch's non-reentrant checkpoint; with ``kept``, the layer's MLP keeps its gate and up outputs."""
+    if kept is None:
+        return checkpoint(run, hidden, *rest, use_reentrant=False)
+    return checkpoint(run, hidden, *rest, use_reentrant=False, context_fn=kept.contexts)
 
 
 def _offloaded_checkpoint(
-    stash: _HostStash, index: int, run: Callable[..., Any], hidden: torch.Tensor, *rest: Any
+    stash: _HostStash,
+    index: int,
+    kept: KeptOutputs | None,
+    run: Callable[..., Any],
+    hidden: torch.Tensor,
+    *rest: Any,
 ) -> Any:
     if not torch.is_grad_enabled():
         return run(hidden, *rest)
     if stash.keeps_on_gpu(index, hidden):
-        return checkpoint(run, hidden, *rest, use_reentrant=False)
+        return _checkpoint(kept, run, hidden, *rest)
     fn = run if not rest else (lambda h: run(h, *rest))
     if not hidden.requires_grad:  # e.g. the first layer under a frozen embedding: stay on the graph
         hidden = hidden.detach().requires_grad_(True)
-    return _OffloadedCheckpoint.apply(fn, stash, hidden)
+    return _OffloadedCheckpoint.apply(fn, stash, kept, hidden)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -180,7 +199,9 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def set_recompute(model: nn.Module, mode: str = "none", *, every: int = 1, keep_on_gpu: int = 0) -> int:
+def set_recompute(
+    model: nn.Module, mode: str = "none", *, every: int = 1, keep_on_gpu: int = 0, keep_mlp_layers: int = 0
+) -> int:
     """Set what each decoder layer recomputes in backward; returns the layers checkpointed.
 
     ``mode`` is one of :data:`MODES`; with ``every=k`` only every k-th layer (0, k, 2k,
@@ -188,6 +209,9 @@ def set_recompute(model: nn.Module, mode: str = "none", *, every: int = 1, keep_
     ``keep_on_gpu`` checkpointed layers keep their inputs on the GPU (as ``full`` does):
     GPU memory spent to spare host memory, which long rows can exhaust; of the others, as
     many as the host has no room for at a step stay on the GPU too (see the module's doc).
+    With ``full`` or ``offload``, the first ``keep_mlp_layers`` checkpointed layers keep their
+    MLP's gate and up outputs on the GPU for the recompute instead of computing them again
+    (:mod:`qlora_plugin.fastpath.kernels.kept_outputs`).
     """
     if mode not in MODES:
         raise ValueError(f"recompute mode must be one of {MODES}, got {mode!r}")
@@ -195,7 +219,8 @@ def set_recompute(model: nn.Module, mode: str = "none", *, every: int = 1, keep_
     layers = decoder_layers(model)
     if not allowed("transformers-checkpointing-layers"):
         return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
-    on_gpu: Callable[..., Any] = functools.partial(checkpoint, use_reentrant=False)
+    checkpointed_layers = [layer for i, layer in enumerate(layers) if mode != "none" and i % every == 0]
+    kept = keep_mlp_outputs(checkpointed_layers, keep_mlp_layers)
     stash: _HostStash | None = None
     if mode == "offload":
         device = next(p.device for p in model.parameters() if p.is_cuda) if torch.cuda.is_available() else None
@@ -207,10 +232,13 @@ def set_recompute(model: nn.Module, mode: str = "none", *, every: int = 1, keep_
     layer: Any  # transformers' GradientCheckpointingLayer: its checkpointing attributes are plain ones
     for i, layer in enumerate(layers):
         on = mode != "none" and i % every == 0
+        layer_kept = kept.get(n) if on else None
         layer.gradient_checkpointing = on
-        layer._gradient_checkpointing_func = on_gpu
+        layer._gradient_checkpointing_func = functools.partial(_checkpoint, layer_kept)
         if on and stash is not None and n >= keep_on_gpu:
-            layer._gradient_checkpointing_func = functools.partial(_offloaded_checkpoint, stash, n - keep_on_gpu)
+            layer._gradient_checkpointing_func = functools.partial(
+                _offloaded_checkpoint, stash, n - keep_on_gpu, layer_kept
+            )
         n += int(on)
     # The top-level flags transformers also reads (e.g. to drop the KV cache in training).
     m: Any

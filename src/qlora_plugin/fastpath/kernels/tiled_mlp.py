@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlora_plugin.fastpath.kernels.kept_outputs import suspended
 from qlora_plugin.fastpath.tiling_defaults import TILED_MLP_MIN_TOKENS, TILED_MLP_ROWS
 
 OPTIONS = "_qlora_tiled_mlp"
@@ -181,7 +182,8 @@ def mlp_forward(module: nn.Module, x: torch.Tensor, run: Callable[[torch.Tensor]
             options.min_tokens,
         )
     params = [p for p in module.parameters() if p.requires_grad]
-    return tiled_mlp(run, x, params, rows)
+    with suspended():  # a tiled call's slices would keep the whole row's intermediates
+        return tiled_mlp(run, x, params, rows)
 
 
 def enable_tiled_mlp(mlps: Sequence[nn.Module], options: TiledMLPOptions) -> int:

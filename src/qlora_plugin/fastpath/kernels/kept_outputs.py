@@ -1,0 +1,121 @@
+"""Selective recompute: a checkpointed decoder layer keeps its MLP's gate and up outputs for backward.
+
+Under gradient checkpointing a layer's backward first runs the layer's forward again. At the
+Llama shapes most of that recompute is the MLP's two input projections (gate and up: 54 % of a
+layer's multiply-adds at Llama-3.1-8B), each a dequantization of a 4-bit weight and a large GEMM,
+whose outputs are the same bits the first forward already had. ``keep_mlp_outputs`` marks the
+gate and up projections of the first ``layers`` checkpointed decoder layers: during the layer's
+first forward each of them hands its output to the layer's :class:`KeptOutputs`, and during the
+recompute it takes that output back instead of computing it again. Everything else recomputes as
+before (the LoRA down-products and dropout masks too, so the autograd graph and its saved tensors
+are the ones a full recompute builds, and the gradients are unchanged).
+
+The cost is memory: ``2 x intermediate_size`` values a token per kept layer (at the 8B shape,
+batch 4 x 2,048, 0.44 GiB a layer), held from the layer's forward to its backward. Which layers
+keep is the ``QLORA_KEEP_MLP_LAYERS`` knob (benchmarks/NOTES.md, section 13, predicts the time
+saved). An MLP call that runs tiled (long rows, :mod:`tiled_mlp`) keeps nothing: its slices would
+hold the whole row's intermediates, which tiling exists to avoid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+import torch
+from torch import nn
+
+_KEEPS = "_qlora_keeps_output"
+KEPT_PROJECTIONS = ("gate_proj", "up_proj")
+
+
+class KeptOutputs:
+    """The outputs one decoder layer's marked projections produced in its first forward, until its recompute."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def _phase(self, reusing: bool) -> Iterator[None]:
+        if not reusing:
+            self.outputs.clear()  # outputs of a forward whose backward never ran
+        token = _ACTIVE.set((self, reusing))
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(token)
+            if reusing:
+                self.outputs.clear()  # a recompute that stopped early leaves nothing behind
+
+    def contexts(self) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
+        """(first forward, recompute) context managers, as ``torch.utils.checkpoint``'s ``context_fn`` returns."""
+        return self._phase(False), self._phase(True)
+
+    def keeping(self) -> contextlib.AbstractContextManager[None]:
+        """The first forward of the layer: marked projections hand over their outputs."""
+        return self._phase(False)
+
+    def reusing(self) -> contextlib.AbstractContextManager[None]:
+        """The layer's recompute: marked projections take their outputs back."""
+        return self._phase(True)
+
+
+# The layer whose forward is running now, and whether it is the recompute.
+_ACTIVE: ContextVar[tuple[KeptOutputs, bool] | None] = ContextVar("qlora_kept_outputs", default=None)
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Keep and reuse nothing inside (a tiled MLP call)."""
+    token = _ACTIVE.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def reusable_output(module: nn.Module, rows: int, features: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The output ``module`` kept in its layer's first forward, when the layer is being recomputed now.
+
+    Only a tensor of the expected shape [rows, features] and dtype is returned (and forgotten);
+    anything else is None, and the projection computes its output as usual.
+    """
+    active = _ACTIVE.get()
+    if active is None or not active[1] or not module.__dict__.get(_KEEPS):
+        return None
+    kept = active[0].outputs.pop(id(module), None)
+    if kept is None or kept.shape != (rows, features) or kept.dtype != dtype:
+        return None
+    return kept
+
+
+def offer_output(module: nn.Module, output: torch.Tensor) -> None:
+    """Hand ``module``'s output to its layer's store, when the layer's first forward is running now."""
+    active = _ACTIVE.get()
+    if active is not None and not active[1] and module.__dict__.get(_KEEPS):
+        active[0].outputs[id(module)] = output.detach()
+
+
+def keep_mlp_outputs(layers: list[nn.Module], count: int) -> dict[int, KeptOutputs]:
+    """Mark the gate and up projections of the first ``count`` of ``layers``; returns each marked layer's store.
+
+    Only projections the fast path computes (fused LoRA over 4 bits) look at the marks. Marks from
+    an earlier call are removed first, so ``count=0`` undoes them.
+    """
+    stores: dict[int, KeptOutputs] = {}
+    for index, layer in enumerate(layers):
+        marked = 0
+        for name, module in layer.named_modules():
+            module.__dict__.pop(_KEEPS, None)
+            if index < count and name.rsplit(".", 1)[-1] in KEPT_PROJECTIONS:
+                module.__dict__[_KEEPS] = True
+                marked += 1
+        if marked:
+            stores[index] = KeptOutputs()
+    return stores
+
+
+def layers_keeping_mlp_outputs(model: nn.Module) -> int:
+    """How many decoder layers of ``model`` keep their MLP's gate and up outputs (see :func:`keep_mlp_outputs`)."""
+    return sum(1 for m in model.modules() if m.__dict__.get(_KEEPS)) // len(KEPT_PROJECTIONS)

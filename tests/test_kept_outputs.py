@@ -1,0 +1,201 @@
+"""Selective recompute (qlora_plugin.fastpath.kernels.kept_outputs): the MLP's gate and up outputs kept.
+
+Real bitsandbytes NF4 layers and PEFT LoRA layers on a tiny Llama through the fast path's PyTorch
+references (CPU; offloaded recompute on CUDA). A model whose checkpointed layers keep their gate and
+up outputs must give the loss and every LoRA gradient of the model that recomputes them, with LoRA
+dropout too (the recompute draws the same masks), and must dequantize those weights once less a
+step: that is the time it saves.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tiny_qlora import VOCAB, load_4bit, lora, lora_grads, rel_err, tiny_llama_checkpoint
+
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("peft")
+
+from qlora_plugin.core.environment import read_knobs  # noqa: E402
+from qlora_plugin.fastpath.kernels import FastPathConfig, apply_fast_path  # noqa: E402
+from qlora_plugin.fastpath.kernels.dequant import dequantize_4bit  # noqa: E402
+from qlora_plugin.fastpath.kernels.kept_outputs import (  # noqa: E402
+    KeptOutputs,
+    keep_mlp_outputs,
+    offer_output,
+    reusable_output,
+)
+from qlora_plugin.fastpath.kernels.lora_linear import LayerOptions  # noqa: E402
+from qlora_plugin.fastpath.kernels.recompute import decoder_layers  # noqa: E402
+
+SEQ = 48
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    return tiny_llama_checkpoint(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+class _Counted:
+    """Counts dequantizations per projection name (gate_proj, up_proj, ...)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def install(self, model: torch.nn.Module) -> None:
+        for name, module in model.named_modules():
+            if "_qlora_layer_options" in module.__dict__:
+                kind = name.rsplit(".", 1)[-1]
+
+                def dequant(weight, state, dtype, _kind=kind):
+                    self.calls[_kind] = self.calls.get(_kind, 0) + 1
+                    return dequantize_4bit(weight, state, dtype)
+
+                module.__dict__["_qlora_layer_options"] = LayerOptions(dequant=dequant)
+
+
+def _model(checkpoint, *, keep: int, recompute: str = "full", dropout: float = 0.0, tiled: bool = False):
+    model = lora(load_4bit(checkpoint), stock=False, dropout=dropout)
+    config = FastPathConfig(
+        compute_dtype=torch.float32,
+        recompute=recompute,
+        keep_mlp_layers=keep,
+        tiled_mlp_min_tokens=64 if tiled else 0,
+        tiled_mlp_rows=40,
+    )
+    report = apply_fast_path(model, config=config)
+    assert report.mlp_outputs_kept == (0 if recompute == "none" else min(keep, 2))
+    counted = _Counted()
+    counted.install(model)
+    return model.train(), counted
+
+
+def _step(model, seed: int = 3) -> tuple[float, dict[str, torch.Tensor]]:
+    batch = torch.randint(0, VOCAB // 4, (2, SEQ), generator=torch.Generator().manual_seed(11))
+    torch.manual_seed(seed)
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    return float(loss.detach()), lora_grads(model)
+
+
+def _assert_same(got, want, tol: float) -> None:
+    assert abs(got[0] - want[0]) <= tol * abs(want[0])
+    assert got[1].keys() == want[1].keys() and len(want[1]) == 28  # 2 layers x 7 projections x (A, B)
+    for key in want[1]:
+        assert want[1][key].abs().sum() > 0, key
+        assert rel_err(got[1][key], want[1][key]) <= tol, key
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("keep", [1, 2])
+def test_kept_gate_and_up_give_the_recomputed_loss_and_gradients(checkpoint, keep, dropout) -> None:
+    recomputing, plain = _model(checkpoint, keep=0, dropout=dropout)
+    keeping, counted = _model(checkpoint, keep=keep, dropout=dropout)
+    want = _step(recomputing)
+    got = _step(keeping)
+    _assert_same(got, want, tol=1e-6)
+    # per layer and projection: forward, recompute, backward; a keeping layer skips the recompute's
+    assert plain.calls["gate_proj"] == plain.calls["up_proj"] == 2 * 3
+    assert counted.calls["gate_proj"] == counted.calls["up_proj"] == 2 * 3 - keep
+    assert counted.calls["down_proj"] == counted.calls["o_proj"] == 2 * 3
+    # and the masks matter: another draw changes the gradients, so the equality above is not vacuous
+    if dropout:
+        keeping.zero_grad(set_to_none=True)
+        other = _step(keeping, seed=4)
+        assert max(rel_err(other[1][k], want[1][k]) for k in want[1]) > 1e-2
+
+
+def test_nothing_is_held_after_the_step_and_a_second_step_keeps_again(checkpoint) -> None:
+    keeping, counted = _model(checkpoint, keep=2, dropout=0.1)
+    stores = [layer._gradient_checkpointing_func.args[0] for layer in decoder_layers(keeping)]
+    assert all(isinstance(s, KeptOutputs) for s in stores)
+    _step(keeping)
+    assert all(not s.outputs for s in stores)
+    keeping.zero_grad(set_to_none=True)
+    _step(keeping)
+    assert counted.calls["gate_proj"] == 2 * (2 * 3 - 2)
+    # an evaluation forward (no gradients) keeps nothing
+    with torch.no_grad():
+        keeping.eval()(input_ids=torch.ones(1, 8, dtype=torch.long))
+    assert all(not s.outputs for s in stores)
+
+
+def test_a_tiled_mlp_call_keeps_nothing(checkpoint) -> None:
+    """Rows long enough to tile the MLP: the slices recompute as before, the result is unchanged."""
+    recomputing, plain = _model(checkpoint, keep=0, tiled=True, dropout=0.1)
+    keeping, counted = _model(checkpoint, keep=2, tiled=True, dropout=0.1)
+    _assert_same(_step(keeping), _step(recomputing), tol=1e-6)
+    assert counted.calls == plain.calls
+    # between forward and backward nothing is held (untiled, each layer holds its two outputs)
+    batch = torch.ones(2, SEQ, dtype=torch.long)
+    for model, held in ((keeping, 0), (_model(checkpoint, keep=2)[0], 2)):
+        loss = model(input_ids=batch, labels=batch).loss
+        stores = [layer._gradient_checkpointing_func.args[0] for layer in decoder_layers(model)]
+        assert [len(s.outputs) for s in stores] == [held, held]
+        loss.backward()
+
+
+def test_without_recompute_nothing_is_marked(checkpoint) -> None:
+    model, counted = _model(checkpoint, keep=2, recompute="none")
+    assert not any("_qlora_keeps_output" in m.__dict__ for m in model.modules())
+    _step(model)
+    assert counted.calls["gate_proj"] == 2 * 2  # forward and backward
+
+
+def test_a_kept_output_is_used_only_in_the_recompute_and_only_at_its_shape() -> None:
+    projection = torch.nn.Linear(4, 6)
+    (store,) = keep_mlp_outputs([torch.nn.ModuleDict({"gate_proj": projection})], 1).values()
+    out = torch.randn(5, 6)
+    offer_output(projection, out)  # outside any phase: ignored
+    assert not store.outputs
+    with store.keeping():
+        offer_output(projection, out)
+        assert reusable_output(projection, 5, 6, out.dtype) is None  # not in the first forward
+    for rows, features, dtype in [(4, 6, out.dtype), (5, 7, out.dtype), (5, 6, torch.float16)]:
+        with store.keeping():
+            offer_output(projection, out)
+        with store.reusing():
+            assert reusable_output(projection, rows, features, dtype) is None
+    with store.keeping():
+        offer_output(projection, out)
+    with store.reusing():
+        kept = reusable_output(projection, 5, 6, out.dtype)
+        assert kept is not None and torch.equal(kept, out)
+        assert reusable_output(projection, 5, 6, out.dtype) is None  # taken once
+    assert not store.outputs
+    # unmarking: count 0 removes the marks
+    assert keep_mlp_outputs([torch.nn.ModuleDict({"gate_proj": projection})], 0) == {}
+    assert "_qlora_keeps_output" not in projection.__dict__
+
+
+def test_the_knob_reaches_the_fast_path_config(monkeypatch) -> None:
+    from qlora_plugin import qlora_recipe
+    from qlora_plugin.build.context import make_context
+    from qlora_plugin.fastpath.kernel_choice import kernel_config
+
+    assert read_knobs({"QLORA_KEEP_MLP_LAYERS": "12"}).keep_mlp_layers == 12
+    knobs = read_knobs({"QLORA_KEEP_MLP_LAYERS": "many"})
+    assert knobs.keep_mlp_layers == 0 and "QLORA_KEEP_MLP_LAYERS='many'" in knobs.problems[0]
+    monkeypatch.setenv("QLORA_KEEP_MLP_LAYERS", "5")
+    full = make_context(qlora_recipe())
+    assert kernel_config(full, "cuda").keep_mlp_layers == 5
+    speed = make_context(qlora_recipe(gradient_checkpointing=False))
+    assert kernel_config(speed, "cuda").keep_mlp_layers == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offloaded recompute needs CUDA")
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_kept_outputs_under_offloaded_recompute_on_cuda(tmp_path, dropout) -> None:
+    path = tiny_llama_checkpoint(tmp_path / "llama")
+
+    def step(keep: int):
+        m = lora(load_4bit(path, device="cuda"), stock=False, dropout=dropout)
+        apply_fast_path(m, config=FastPathConfig(recompute="offload", keep_mlp_layers=keep))
+        m.train()
+        batch = torch.randint(0, VOCAB // 4, (2, SEQ), generator=torch.Generator().manual_seed(11)).cuda()
+        torch.manual_seed(3)
+        loss = m(input_ids=batch, labels=batch).loss
+        loss.backward()
+        return float(loss), lora_grads(m)
+
+    _assert_same(step(2), step(0), tol=1e-6)
