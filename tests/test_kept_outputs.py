@@ -17,7 +17,11 @@ pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
 from qlora_plugin.core.environment import read_knobs  # noqa: E402
-from qlora_plugin.fastpath.kernels import FastPathConfig, apply_fast_path  # noqa: E402
+from qlora_plugin.fastpath.kernels import (  # noqa: E402
+    FastPathConfig,
+    apply_fast_path,
+    kept_outputs,  # noqa: E402
+)
 from qlora_plugin.fastpath.kernels.dequant import dequantize_4bit  # noqa: E402
 from qlora_plugin.fastpath.kernels.kept_outputs import (  # noqa: E402
     KeptOutputs,
@@ -26,7 +30,6 @@ from qlora_plugin.fastpath.kernels.kept_outputs import (  # noqa: E402
     reusable_output,
 )
 from qlora_plugin.fastpath.kernels.lora_linear import LayerOptions  # noqa: E402
-from qlora_plugin.fastpath.kernels.recompute import decoder_layers  # noqa: E402
 
 SEQ = 48
 
@@ -105,32 +108,75 @@ def test_kept_gate_and_up_give_the_recomputed_loss_and_gradients(checkpoint, kee
         assert max(rel_err(other[1][k], want[1][k]) for k in want[1]) > 1e-2
 
 
-def test_nothing_is_held_after_the_step_and_a_second_step_keeps_again(checkpoint) -> None:
+@pytest.fixture
+def stores(monkeypatch) -> list[KeptOutputs]:
+    """Every store the checkpointed calls make from now on."""
+    made: list[KeptOutputs] = []
+
+    class Recorded(KeptOutputs):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(kept_outputs, "KeptOutputs", Recorded)
+    return made
+
+
+def test_each_call_keeps_until_its_own_recompute_and_nothing_after(checkpoint, stores) -> None:
     keeping, counted = _model(checkpoint, keep=2, dropout=0.1)
-    stores = [layer._gradient_checkpointing_func.args[0] for layer in decoder_layers(keeping)]
-    assert all(isinstance(s, KeptOutputs) for s in stores)
-    _step(keeping)
+    batch = torch.ones(2, SEQ, dtype=torch.long)
+    loss = keeping(input_ids=batch, labels=batch).loss
+    assert [len(s.outputs) for s in stores] == [2, 2]  # one store per layer call, gate and up in each
+    loss.backward()
     assert all(not s.outputs for s in stores)
-    keeping.zero_grad(set_to_none=True)
-    _step(keeping)
-    assert counted.calls["gate_proj"] == 2 * (2 * 3 - 2)
     # an evaluation forward (no gradients) keeps nothing
     with torch.no_grad():
         keeping.eval()(input_ids=torch.ones(1, 8, dtype=torch.long))
     assert all(not s.outputs for s in stores)
 
 
-def test_a_tiled_mlp_call_keeps_nothing(checkpoint) -> None:
+@pytest.mark.parametrize("between", ["grad", "no-grad"])
+def test_a_second_forward_before_the_backward_does_not_lend_its_outputs(checkpoint, between) -> None:
+    """Two forwards of the same shape, then the first one's backward (or a no-grad pass in between).
+
+    The first backward's recompute must take the first forward's outputs, not the second's.
+    """
+
+    def losses(model) -> tuple[float, dict[str, torch.Tensor]]:
+        first = torch.randint(0, VOCAB // 4, (2, SEQ), generator=torch.Generator().manual_seed(11))
+        second = torch.randint(0, VOCAB // 4, (2, SEQ), generator=torch.Generator().manual_seed(12))
+        torch.manual_seed(3)
+        loss = model(input_ids=first, labels=first).loss
+        if between == "grad":
+            later = model(input_ids=second, labels=second).loss
+            loss.backward()
+            later.backward()
+            loss = loss + later
+        else:
+            with torch.no_grad():
+                model(input_ids=second, labels=second)
+            loss.backward()
+        return float(loss.detach()), lora_grads(model)
+
+    want = losses(_model(checkpoint, keep=0, dropout=0.1)[0])
+    keeping, counted = _model(checkpoint, keep=2, dropout=0.1)
+    _assert_same(losses(keeping), want, tol=1e-6)
+    # per layer: each grad forward dequantizes in forward and backward (its recompute reuses), the
+    # no-grad pass once
+    assert counted.calls["gate_proj"] == {"grad": 2 * 2 * 2, "no-grad": 2 * 2 + 2}[between]
+
+
+def test_a_tiled_mlp_call_keeps_nothing(checkpoint, stores) -> None:
     """Rows long enough to tile the MLP: the slices recompute as before, the result is unchanged."""
     recomputing, plain = _model(checkpoint, keep=0, tiled=True, dropout=0.1)
     keeping, counted = _model(checkpoint, keep=2, tiled=True, dropout=0.1)
     _assert_same(_step(keeping), _step(recomputing), tol=1e-6)
     assert counted.calls == plain.calls
-    # between forward and backward nothing is held (untiled, each layer holds its two outputs)
+    # between forward and backward nothing is held (untiled, each layer call holds its two outputs)
     batch = torch.ones(2, SEQ, dtype=torch.long)
     for model, held in ((keeping, 0), (_model(checkpoint, keep=2)[0], 2)):
+        stores.clear()
         loss = model(input_ids=batch, labels=batch).loss
-        stores = [layer._gradient_checkpointing_func.args[0] for layer in decoder_layers(model)]
         assert [len(s.outputs) for s in stores] == [held, held]
         loss.backward()
 
@@ -144,7 +190,8 @@ def test_without_recompute_nothing_is_marked(checkpoint) -> None:
 
 def test_a_kept_output_is_used_only_in_the_recompute_and_only_at_its_shape() -> None:
     projection = torch.nn.Linear(4, 6)
-    (store,) = keep_mlp_outputs([torch.nn.ModuleDict({"gate_proj": projection})], 1).values()
+    assert keep_mlp_outputs([torch.nn.ModuleDict({"gate_proj": projection}), torch.nn.Linear(2, 2)], 2) == [True, False]
+    store = KeptOutputs()
     out = torch.randn(5, 6)
     offer_output(projection, out)  # outside any phase: ignored
     assert not store.outputs
@@ -163,8 +210,13 @@ def test_a_kept_output_is_used_only_in_the_recompute_and_only_at_its_shape() -> 
         assert kept is not None and torch.equal(kept, out)
         assert reusable_output(projection, 5, 6, out.dtype) is None  # taken once
     assert not store.outputs
-    # unmarking: count 0 removes the marks
-    assert keep_mlp_outputs([torch.nn.ModuleDict({"gate_proj": projection})], 0) == {}
+    # an unmarked projection neither hands over nor takes back
+    other = torch.nn.Linear(4, 6)
+    with store.keeping():
+        offer_output(other, out)
+    assert not store.outputs
+    # count 0 removes the marks
+    assert keep_mlp_outputs([torch.nn.ModuleDict({"gate_proj": projection})], 0) == [False]
     assert "_qlora_keeps_output" not in projection.__dict__
 
 

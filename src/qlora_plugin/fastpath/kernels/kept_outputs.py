@@ -4,8 +4,8 @@ Under gradient checkpointing a layer's backward first runs the layer's forward a
 Llama shapes most of that recompute is the MLP's two input projections (gate and up: 54 % of a
 layer's multiply-adds at Llama-3.1-8B), each a dequantization of a 4-bit weight and a large GEMM,
 whose outputs are the same bits the first forward already had. ``keep_mlp_outputs`` marks the
-gate and up projections of the first ``layers`` checkpointed decoder layers: during the layer's
-first forward each of them hands its output to the layer's :class:`KeptOutputs`, and during the
+gate and up projections of the first ``layers`` checkpointed decoder layers: during a call's first
+forward each of them hands its output to that call's :class:`KeptOutputs`, and during the call's
 recompute it takes that output back instead of computing it again. Everything else recomputes as
 before (the LoRA down-products and dropout masks too, so the autograd graph and its saved tensors
 are the ones a full recompute builds, and the gradients are unchanged).
@@ -31,15 +31,18 @@ KEPT_PROJECTIONS = ("gate_proj", "up_proj")
 
 
 class KeptOutputs:
-    """The outputs one decoder layer's marked projections produced in its first forward, until its recompute."""
+    """The outputs one call of a checkpointed layer's marked projections produced, until that call's recompute.
+
+    One store per call (not per layer), so a second forward of the same layer before the first
+    one's backward (two losses summed, a no-grad pass in between) never hands its outputs to the
+    first one's recompute. The store lives as long as the call's autograd graph holds it.
+    """
 
     def __init__(self) -> None:
         self.outputs: dict[int, torch.Tensor] = {}
 
     @contextlib.contextmanager
     def _phase(self, reusing: bool) -> Iterator[None]:
-        if not reusing:
-            self.outputs.clear()  # outputs of a forward whose backward never ran
         token = _ACTIVE.set((self, reusing))
         try:
             yield
@@ -59,6 +62,11 @@ class KeptOutputs:
     def reusing(self) -> contextlib.AbstractContextManager[None]:
         """The layer's recompute: marked projections take their outputs back."""
         return self._phase(True)
+
+
+def fresh_contexts() -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
+    """A new store's (first forward, recompute) contexts: ``context_fn`` for one checkpoint call."""
+    return KeptOutputs().contexts()
 
 
 # The layer whose forward is running now, and whether it is the recompute.
@@ -97,13 +105,13 @@ def offer_output(module: nn.Module, output: torch.Tensor) -> None:
         active[0].outputs[id(module)] = output.detach()
 
 
-def keep_mlp_outputs(layers: list[nn.Module], count: int) -> dict[int, KeptOutputs]:
-    """Mark the gate and up projections of the first ``count`` of ``layers``; returns each marked layer's store.
+def keep_mlp_outputs(layers: list[nn.Module], count: int) -> list[bool]:
+    """Mark the gate and up projections of the first ``count`` of ``layers``; returns, per layer, whether it keeps.
 
     Only projections the fast path computes (fused LoRA over 4 bits) look at the marks. Marks from
     an earlier call are removed first, so ``count=0`` undoes them.
     """
-    stores: dict[int, KeptOutputs] = {}
+    keeps = []
     for index, layer in enumerate(layers):
         marked = 0
         for name, module in layer.named_modules():
@@ -111,9 +119,8 @@ def keep_mlp_outputs(layers: list[nn.Module], count: int) -> dict[int, KeptOutpu
             if index < count and name.rsplit(".", 1)[-1] in KEPT_PROJECTIONS:
                 module.__dict__[_KEEPS] = True
                 marked += 1
-        if marked:
-            stores[index] = KeptOutputs()
-    return stores
+        keeps.append(marked > 0)
+    return keeps
 
 
 def layers_keeping_mlp_outputs(model: nn.Module) -> int:

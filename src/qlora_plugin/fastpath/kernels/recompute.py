@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qlora_plugin.core.patches import allowed
-from qlora_plugin.fastpath.kernels.kept_outputs import KeptOutputs, keep_mlp_outputs
+from qlora_plugin.fastpath.kernels.kept_outputs import KeptOutputs, fresh_contexts, keep_mlp_outputs
 from qlora_plugin.fastpath.kernels.stash_plan import StashPlan, host_memory, plan_stash
 
 _log = logging.getLogger("qlora_plugin")
@@ -141,9 +141,10 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx: Any,
         run: Callable[[torch.Tensor], torch.Tensor],
         stash: _HostStash,
-        kept: KeptOutputs | None,
+        keeps: bool,
         hidden: torch.Tensor,
     ) -> torch.Tensor:
+        kept = KeptOutputs() if keeps else None
         ctx.run, ctx.stash, ctx.kept, ctx.device = run, stash, kept, hidden.device
         ctx.key = stash.put(hidden.detach())
         ctx.rng = torch.cuda.get_rng_state(hidden.device)
@@ -167,17 +168,17 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         return None, None, None, hidden.grad
 
 
-def _checkpoint(kept: KeptOutputs | None, run: Callable[..., Any], hidden: torch.Tensor, *rest: Any) -> Any:
-    """torch's non-reentrant checkpoint; with ``kept``, the layer's MLP keeps its gate and up outputs."""
-    if kept is None:
+def _checkpoint(keeps: bool, run: Callable[..., Any], hidden: torch.Tensor, *rest: Any) -> Any:
+    """torch's non-reentrant checkpoint; with ``keeps``, the layer's MLP keeps its gate and up outputs."""
+    if not (keeps and torch.is_grad_enabled()):
         return checkpoint(run, hidden, *rest, use_reentrant=False)
-    return checkpoint(run, hidden, *rest, use_reentrant=False, context_fn=kept.contexts)
+    return checkpoint(run, hidden, *rest, use_reentrant=False, context_fn=fresh_contexts)
 
 
 def _offloaded_checkpoint(
     stash: _HostStash,
     index: int,
-    kept: KeptOutputs | None,
+    keeps: bool,
     run: Callable[..., Any],
     hidden: torch.Tensor,
     *rest: Any,
@@ -185,11 +186,11 @@ def _offloaded_checkpoint(
     if not torch.is_grad_enabled():
         return run(hidden, *rest)
     if stash.keeps_on_gpu(index, hidden):
-        return _checkpoint(kept, run, hidden, *rest)
+        return _checkpoint(keeps, run, hidden, *rest)
     fn = run if not rest else (lambda h: run(h, *rest))
     if not hidden.requires_grad:  # e.g. the first layer under a frozen embedding: stay on the graph
         hidden = hidden.detach().requires_grad_(True)
-    return _OffloadedCheckpoint.apply(fn, stash, kept, hidden)
+    return _OffloadedCheckpoint.apply(fn, stash, keeps, hidden)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -220,7 +221,7 @@ def set_recompute(
     if not allowed("transformers-checkpointing-layers"):
         return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
     checkpointed_layers = [layer for i, layer in enumerate(layers) if mode != "none" and i % every == 0]
-    kept = keep_mlp_outputs(checkpointed_layers, keep_mlp_layers)
+    keeps = keep_mlp_outputs(checkpointed_layers, keep_mlp_layers)
     stash: _HostStash | None = None
     if mode == "offload":
         device = next(p.device for p in model.parameters() if p.is_cuda) if torch.cuda.is_available() else None
@@ -232,12 +233,12 @@ def set_recompute(
     layer: Any  # transformers' GradientCheckpointingLayer: its checkpointing attributes are plain ones
     for i, layer in enumerate(layers):
         on = mode != "none" and i % every == 0
-        layer_kept = kept.get(n) if on else None
+        layer_keeps = on and keeps[n]
         layer.gradient_checkpointing = on
-        layer._gradient_checkpointing_func = functools.partial(_checkpoint, layer_kept)
+        layer._gradient_checkpointing_func = functools.partial(_checkpoint, layer_keeps)
         if on and stash is not None and n >= keep_on_gpu:
             layer._gradient_checkpointing_func = functools.partial(
-                _offloaded_checkpoint, stash, n - keep_on_gpu, layer_kept
+                _offloaded_checkpoint, stash, n - keep_on_gpu, layer_keeps
             )
         n += int(on)
     # The top-level flags transformers also reads (e.g. to drop the KV cache in training).
