@@ -4,7 +4,7 @@ Under gradient checkpointing a layer's backward first runs the layer's forward a
 Llama shapes most of that recompute is the MLP's two input projections (gate and up: 54 % of a
 layer's multiply-adds at Llama-3.1-8B), each a dequantization of a 4-bit weight and a large GEMM,
 whose outputs are the same bits the first forward already had. ``keep_mlp_outputs`` marks the
-gate and up projections of the first ``layers`` checkpointed decoder layers: during a call's first
+gate and up projections of the first ``count`` checkpointed decoder layers: during a call's first
 forward each of them hands its output to that call's :class:`KeptOutputs`, and during the call's
 recompute it takes that output back instead of computing it again. Everything else recomputes as
 before (the LoRA down-products and dropout masks too, so the autograd graph and its saved tensors
@@ -12,7 +12,7 @@ are the ones a full recompute builds, and the gradients are unchanged).
 
 The cost is memory: ``2 x intermediate_size`` values a token per kept layer (at the 8B shape,
 batch 4 x 2,048, 0.44 GiB a layer), held from the layer's forward to its backward. Which layers
-keep is the ``QLORA_KEEP_MLP_LAYERS`` knob (benchmarks/NOTES.md, section 13, predicts the time
+keep is the ``QLORA_KEEP_MLP_LAYERS`` knob (benchmarks/NOTES.md, sections 13 and 16, predict the time
 saved). An MLP call that runs tiled (long rows, :mod:`tiled_mlp`) keeps nothing: its slices would
 hold the whole row's intermediates, which tiling exists to avoid.
 """
@@ -99,7 +99,7 @@ def reusable_output(module: nn.Module, rows: int, features: int, dtype: torch.dt
 
 
 def offer_output(module: nn.Module, output: torch.Tensor) -> None:
-    """Hand ``module``'s output to its layer's store, when the layer's first forward is running now."""
+    """Hand ``module``'s output to the running call's store, when that call is a layer's first forward."""
     active = _ACTIVE.get()
     if active is not None and not active[1] and module.__dict__.get(_KEEPS):
         active[0].outputs[id(module)] = output.detach()
