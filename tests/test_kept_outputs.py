@@ -26,10 +26,12 @@ from qlora_plugin.fastpath.kernels.dequant import dequantize_4bit  # noqa: E402
 from qlora_plugin.fastpath.kernels.kept_outputs import (  # noqa: E402
     KeptOutputs,
     keep_mlp_outputs,
+    layers_keeping_mlp_outputs,
     offer_output,
     reusable_output,
 )
 from qlora_plugin.fastpath.kernels.lora_linear import LayerOptions  # noqa: E402
+from qlora_plugin.fastpath.kernels.recompute import set_recompute  # noqa: E402
 
 SEQ = 48
 
@@ -184,6 +186,11 @@ def test_a_tiled_mlp_call_keeps_nothing(checkpoint, stores) -> None:
 def test_without_recompute_nothing_is_marked(checkpoint) -> None:
     model, counted = _model(checkpoint, keep=2, recompute="none")
     assert not any("_qlora_keeps_output" in m.__dict__ for m in model.modules())
+    # and setting recompute again undoes an earlier setting's marks
+    set_recompute(model, "full", keep_mlp_layers=2)
+    assert layers_keeping_mlp_outputs(model) == 2
+    set_recompute(model, "none", keep_mlp_layers=2)
+    assert layers_keeping_mlp_outputs(model) == 0
     _step(model)
     assert counted.calls["gate_proj"] == 2 * 2  # forward and backward
 

@@ -99,10 +99,10 @@ def reusable_output(module: nn.Module, rows: int, features: int, dtype: torch.dt
 
 
 def offer_output(module: nn.Module, output: torch.Tensor) -> None:
-    """Hand ``module``'s output to the running call's store, when that call is a layer's first forward."""
+    """Hand ``module``'s output [..., features] to the running call's store, in a layer's first forward."""
     active = _ACTIVE.get()
     if active is not None and not active[1] and module.__dict__.get(_KEEPS):
-        active[0].outputs[id(module)] = output.detach()
+        active[0].outputs[id(module)] = output.detach().view(-1, output.shape[-1])
 
 
 def keep_mlp_outputs(layers: list[nn.Module], count: int) -> list[bool]:

@@ -287,7 +287,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         reuse=reuse,
     )
     if reuse is None:
-        offer_output(self, out.view(rows, out.shape[-1]))
+        offer_output(self, out)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 

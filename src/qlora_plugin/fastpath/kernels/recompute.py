@@ -221,6 +221,7 @@ def set_recompute(
     if not allowed("transformers-checkpointing-layers"):
         return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
     checkpointed_layers = [layer for i, layer in enumerate(layers) if mode != "none" and i % every == 0]
+    keep_mlp_outputs(layers, 0)  # marks of an earlier setting go
     keeps = keep_mlp_outputs(checkpointed_layers, keep_mlp_layers)
     stash: _HostStash | None = None
     if mode == "offload":
