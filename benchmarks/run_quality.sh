@@ -10,7 +10,8 @@
 # On the device, one warm machine, calls back to back (ignored files stay between calls): carry each
 # .device-pack*/callN in turn (command: ls -l .device-pack*/callN), then run this with .whl/pinned carried,
 # e.g. bash benchmarks/run_quality.sh --seeds 0 1 2 3, then --seeds 4 5 6 7 (joined: quality.py report --join).
-# Environment: QUALITY_PARALLEL (runs side by side; 12, Gemma 6), QUALITY_BUDGET (seconds of runs, 390),
+# Environment: QUALITY_PARALLEL (runs side by side; 12, Gemma 6; run 15: 16 SmolLM2 runs ran out of GPU memory on
+# an 80 GB card, 16 Gemma runs fit), QUALITY_BUDGET (seconds of runs, 390),
 # QUALITY_TIMEOUT (hard stop, 450), QUALITY_MODEL (smollm2-135m-instruct or gemma-3-270m).
 # Other options go to quality.py run. Results: $OUT/quality if set, else benchmarks/results/run-<time>/quality.
 set -uo pipefail
