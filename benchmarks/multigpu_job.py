@@ -71,19 +71,23 @@ def shape_config(shape: str) -> Any:
     return llama_config(shape, max_position_embeddings=8192)
 
 
-def job_recipe(compute_dtype: str = "auto", learning_rate: float | None = None) -> Any:
+# --recompute -> the recipe's gradient_checkpointing
+RECOMPUTE = {"none": False, "full": True, "offload": "offload"}
+
+
+def job_recipe(compute_dtype: str = "auto", learning_rate: float | None = None, recompute: str = "full") -> Any:
     """The recipe every variant trains, and the one ``qlora estimate`` is asked about.
 
     The recipe's defaults, except LoRA dropout 0 (one GPU with accumulation and N ranks then
     compute the same update), a constant learning rate (no warmup to blur the losses) and, if
-    given, ``learning_rate``.
+    given, ``learning_rate``; ``recompute`` picks ``gradient_checkpointing`` (:data:`RECOMPUTE`).
     """
     from qlora_plugin import qlora_recipe
 
     changes: dict[str, Any] = {"lora_dropout": 0.0, "lr_scheduler_type": "constant", "warmup_ratio": 0.0}
     if learning_rate is not None:
         changes["learning_rate"] = learning_rate
-    return qlora_recipe(compute_dtype=compute_dtype, **changes)
+    return qlora_recipe(compute_dtype=compute_dtype, gradient_checkpointing=RECOMPUTE[recompute], **changes)
 
 
 def synthetic_rows(rows: int, seq: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -264,6 +268,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="build the model straight into 4 bits on this rank's device, layer by layer "
         "(benchmarks/build_quantized.py), instead of loading weights from --model-dir",
     )
+    parser.add_argument(
+        "--recompute",
+        choices=sorted(RECOMPUTE),
+        default="full",
+        help="the recipe's gradient_checkpointing: none (False), full (True, the default) or offload",
+    )
     parser.add_argument("--save-adapter", action="store_true", help="after the row: save the adapter and check it")
     parser.add_argument(
         "--zero3-persistence-threshold",
@@ -297,7 +307,7 @@ def train(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     progress = Progress(args.out)
     cuda = torch.cuda.is_available()
-    recipe = job_recipe(args.compute_dtype, args.learning_rate)
+    recipe = job_recipe(args.compute_dtype, args.learning_rate, args.recompute)
     settings = recipe.sft_config(
         output_dir=str(args.out.parent / f"{args.out.stem}-trainer"),
         max_steps=args.steps,
@@ -439,6 +449,7 @@ def train(args: argparse.Namespace) -> None:
         "optimizer": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
         "quant_storage": storage,
         "built_in_place": args.build_in_place,
+        "recompute": args.recompute,
     }
     if engine and ranks[0][11] > 0:  # each rank's share of the packed 4-bit elements, once partitioned
         row |= {

@@ -274,3 +274,36 @@ def test_a_job_failing_after_or_before_its_row(tiny_config_dir, tmp_path, monkey
         assert "tok_s" not in row and row["error"] == "exit 1: RuntimeError: boom while saving"
         assert row["progress"] == [{"rank": 0, "phase": "step 2", "seconds": 9.5}]
         assert "reached rank 0: step 2 at 9.5 s" in multigpu.table([row])
+
+
+def test_the_one_gpu_70b_rows_are_read_and_a_bad_one_is_named() -> None:
+    import argparse
+
+    import one_gpu_70b
+
+    assert one_gpu_70b.parse_row("offload:98304") == ("offload", 98304)
+    for bad in ("fast:4096", "offload", "offload:", "full:4k", "none:8"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"row '{bad}': write MODE:SEQ"):
+            one_gpu_70b.parse_row(bad)
+    assert multigpu_job.job_recipe(recompute="offload").gradient_checkpointing == "offload"
+    assert multigpu_job.job_recipe(recompute="none").gradient_checkpointing is False
+
+
+def test_the_one_gpu_70b_driver_skips_a_long_row_the_time_left_cannot_hold(tmp_path, monkeypatch) -> None:
+    """A long row that took 100 s predicts 400 s for twice its length: with less left, it is skipped, not started."""
+    import one_gpu_70b
+
+    started: list[int] = []
+
+    def fake_run(shape: str, mode: str, seq: int, out: Path, limit: float) -> dict:
+        started.append(seq)
+        return {"shape": shape, "recompute": mode, "seq": seq, "ok": True, "wall_s": 100, "tok_s": 1.0, "peak_gib": 1.0}
+
+    monkeypatch.setattr(one_gpu_70b, "run_row", fake_run)
+    monkeypatch.setattr(one_gpu_70b, "estimate_gib", lambda *a: 1.0)
+    assert one_gpu_70b.main(["--out", str(tmp_path), "--shape", "tiny", "--rows", "offload:32768", "offload:65536",
+                             "--deadline", "300"]) == 0  # fmt: skip
+    assert started == [32768]
+    rows = json.loads((tmp_path / "one_gpu_70b.json").read_text())
+    assert rows[1]["error"].startswith("skipped:") and "about 400 s needed" in rows[1]["error"]
+    assert "| offload | 65,536 | no |" in (tmp_path / "one_gpu_70b.md").read_text()
