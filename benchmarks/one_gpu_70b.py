@@ -151,28 +151,18 @@ def main(argv: list[str] | None = None) -> int:
         # short row's is mostly the process's start, which predicts nothing
         needed = last_s * max(seq / last_seq, 1.0) ** 2 if last_seq >= LONG else 60.0
         if left < needed:
-            rows.append(
-                {
-                    "shape": args.shape,
-                    "recompute": mode,
-                    "seq": seq,
-                    "ok": False,
-                    "wall_s": 0,
-                    "error": f"skipped: {left:.0f} s left, about {needed:.0f} s needed",
-                }  # fmt: skip
-            )
-            continue
-        print(f"{mode}:{seq} ({left:.0f} s left)", flush=True)
-        row = run_row(args.shape, mode, seq, args.out, left - 5)
-        row["estimate_gib"] = estimate_gib(config_dir, mode, seq)
-        if row["ok"]:
-            took[mode] = (seq, float(row["wall_s"]))
+            row = {"shape": args.shape, "recompute": mode, "seq": seq, "ok": False, "wall_s": 0}
+            row["error"] = f"skipped: {left:.0f} s left, about {needed:.0f} s needed"
+        else:
+            print(f"{mode}:{seq} ({left:.0f} s left)", flush=True)
+            row = run_row(args.shape, mode, seq, args.out, left - 5)
+            row["estimate_gib"] = estimate_gib(config_dir, mode, seq)
+            if row["ok"]:
+                took[mode] = (seq, float(row["wall_s"]))
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("versions", "log_tail")}), flush=True)
         (args.out / "one_gpu_70b.json").write_text(json.dumps(rows, indent=1) + "\n")
         (args.out / "one_gpu_70b.md").write_text(table(rows))
-    (args.out / "one_gpu_70b.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (args.out / "one_gpu_70b.md").write_text(table(rows))
     print(table(rows), flush=True)
     return 0 if any(r["ok"] for r in rows) else 1
 
