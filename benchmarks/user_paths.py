@@ -46,6 +46,12 @@ ROWS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "default-keep-mlp-8": ("qlora-plugin-default", {}, {"keep_mlp_layers": 8}),
     "default-keep-mlp-14": ("qlora-plugin-default", {}, {"keep_mlp_layers": 14}),
     "default-keep-mlp-32": ("qlora-plugin-default", {}, {"keep_mlp_layers": 32}),
+    # ... and the first P layers' parked in pinned host memory (QLORA_PARK_MLP_LAYERS=P; section 17)
+    "default-keep-14-park-16": ("qlora-plugin-default", {}, {"keep_mlp_layers": 14, "park_mlp_layers": 16}),
+    "default-keep-10-park-22": ("qlora-plugin-default", {}, {"keep_mlp_layers": 10, "park_mlp_layers": 22}),
+    "default-park-32": ("qlora-plugin-default", {}, {"park_mlp_layers": 32}),
+    "memory-park-16": ("qlora-plugin-memory", {}, {"park_mlp_layers": 16}),
+    "memory-park-32": ("qlora-plugin-memory", {}, {"park_mlp_layers": 32}),
 }
 
 # (shape, steps, warmup): 8B steps take about a second

@@ -151,6 +151,7 @@ def test_estimate_through_the_console_script(tiny_model_dir, capsys) -> None:
         "tiled_mlp_min_tokens": 32768,
         "offload_keep_layers": 0,
         "keep_mlp_layers": 0,
+        "park_mlp_layers": 0,
     }
 
 

@@ -115,3 +115,31 @@ def test_kept_mlp_outputs_add_their_bytes_and_tiled_rows_keep_none(llama_8b, cap
     monkeypatch.delenv("QLORA_KEEP_MLP_LAYERS")
     assert main(["estimate", str(llama_8b), *readme_shape, "--recompute", "none", "--keep-mlp-layers", "4"]) != 0
     assert "--keep-mlp-layers=4: only applies" in capsys.readouterr().err
+
+
+def test_parked_mlp_outputs_go_to_the_host_with_one_layer_on_its_way_back(llama_8b, capsys, monkeypatch) -> None:
+    """``--park-mlp-layers`` / ``QLORA_PARK_MLP_LAYERS``: parked layers' outputs are host bytes; the GPU holds
+    one layer's on its way back, and the layers kept on the GPU come after the parked ones."""
+
+    def run(*args: str) -> dict:
+        assert main(["estimate", str(llama_8b), "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    readme_shape = ("--seq", "2048", "--batch", "4")
+    layer = 2 * 2 * 14336 * 4 * 2048
+    plain = run(*readme_shape)
+    parked = run(*readme_shape, "--park-mlp-layers", "16")
+    assert parked["activations"]["parked_mlp_outputs"] == 16 * layer
+    assert parked["host_pinned"] == 16 * layer
+    assert parked["allocator_peak"] - plain["allocator_peak"] == layer
+    both = run(*readme_shape, "--park-mlp-layers", "20", "--keep-mlp-layers", "20")  # 12 layers left to keep
+    assert both["activations"]["kept_mlp_outputs"] == 12 * layer
+    offload = run(*readme_shape, "--recompute", "offload", "--park-mlp-layers", "32")
+    assert offload["host_pinned"] == 32 * layer + 32 * 4096 * 2 * 8192  # gate/up beside the layer inputs
+    monkeypatch.setenv("QLORA_PARK_MLP_LAYERS", "16")
+    assert run(*readme_shape)["allocator_peak"] == parked["allocator_peak"]
+    monkeypatch.delenv("QLORA_PARK_MLP_LAYERS")
+    for bad in ("-1", "4"):
+        recompute = ("--recompute", "none") if bad == "4" else ()
+        assert main(["estimate", str(llama_8b), *readme_shape, *recompute, "--park-mlp-layers", bad]) != 0
+        assert f"--park-mlp-layers={bad}:" in capsys.readouterr().err

@@ -59,17 +59,19 @@ class _Counted:
                 module.__dict__["_qlora_layer_options"] = LayerOptions(dequant=dequant)
 
 
-def _model(checkpoint, *, keep: int, recompute: str = "full", dropout: float = 0.0, tiled: bool = False):
+def _model(checkpoint, *, keep: int, park: int = 0, recompute: str = "full", dropout: float = 0.0, tiled: bool = False):
     model = lora(load_4bit(checkpoint), stock=False, dropout=dropout)
     config = FastPathConfig(
         compute_dtype=torch.float32,
         recompute=recompute,
         keep_mlp_layers=keep,
+        park_mlp_layers=park,
         tiled_mlp_min_tokens=64 if tiled else 0,
         tiled_mlp_rows=40,
     )
     report = apply_fast_path(model, config=config)
-    assert report.mlp_outputs_kept == (0 if recompute == "none" else min(keep, 2))
+    assert report.mlp_outputs_kept == (0 if recompute == "none" else min(keep + park, 2))
+    assert report.mlp_outputs_parked == (0 if recompute == "none" else min(park, 2))
     counted = _Counted()
     counted.install(model)
     return model.train(), counted
@@ -116,8 +118,8 @@ def stores(monkeypatch) -> list[KeptOutputs]:
     made: list[KeptOutputs] = []
 
     class Recorded(KeptOutputs):
-        def __init__(self) -> None:
-            super().__init__()
+        def __init__(self, lot=None) -> None:
+            super().__init__(lot)
             made.append(self)
 
     monkeypatch.setattr(kept_outputs, "KeptOutputs", Recorded)
@@ -135,6 +137,38 @@ def test_each_call_keeps_until_its_own_recompute_and_nothing_after(checkpoint, s
     with torch.no_grad():
         keeping.eval()(input_ids=torch.ones(1, 8, dtype=torch.long))
     assert all(not s.outputs for s in stores)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize(("keep", "park"), [(0, 1), (1, 1), (0, 2)])
+def test_parked_gate_and_up_give_the_recomputed_loss_and_gradients(checkpoint, keep, park, dropout) -> None:
+    """Outputs parked on the host (a copy on the CPU here, pinned memory on CUDA) come back unchanged."""
+    want = _step(_model(checkpoint, keep=0, dropout=dropout)[0])
+    parking, counted = _model(checkpoint, keep=keep, park=park, dropout=dropout)
+    _assert_same(_step(parking), want, tol=1e-6)
+    assert counted.calls["gate_proj"] == counted.calls["up_proj"] == 2 * 3 - min(keep + park, 2)
+
+
+def test_parked_outputs_wait_on_the_host_and_the_previous_call_comes_back_early(checkpoint, stores) -> None:
+    parking, _ = _model(checkpoint, keep=0, park=2)
+    seen: list[tuple[int, int, int]] = []  # at each recompute's start: (store, its outputs, earlier store's arriving)
+    assert not stores
+    batch = torch.ones(2, SEQ, dtype=torch.long)
+    loss = parking(input_ids=batch, labels=batch).loss
+    assert [(len(s.outputs), len(s.parked)) for s in stores] == [(0, 2), (0, 2)]  # nothing of them on the device
+    assert stores[1].previous is not None and stores[1].previous() is stores[0]
+    for index, store in enumerate(stores):
+        original = store._bring_back
+
+        def watched(index=index, original=original) -> None:
+            original()
+            seen.append((index, len(stores[index].outputs), len(stores[0].arriving)))
+
+        store._bring_back = watched
+    loss.backward()
+    # backward runs the last layer first: its recompute gets its own outputs back and starts the first layer's
+    assert seen == [(1, 2, 2), (0, 2, 0)]
+    assert all(not (s.outputs or s.parked or s.arriving) for s in stores)
 
 
 @pytest.mark.parametrize("between", ["grad", "no-grad"])
@@ -161,11 +195,12 @@ def test_a_second_forward_before_the_backward_does_not_lend_its_outputs(checkpoi
         return float(loss.detach()), lora_grads(model)
 
     want = losses(_model(checkpoint, keep=0, dropout=0.1)[0])
-    keeping, counted = _model(checkpoint, keep=2, dropout=0.1)
-    _assert_same(losses(keeping), want, tol=1e-6)
-    # per layer: each grad forward dequantizes in forward and backward (its recompute reuses), the
-    # no-grad pass once
-    assert counted.calls["gate_proj"] == {"grad": 2 * 2 * 2, "no-grad": 2 * 2 + 2}[between]
+    for keep, park in ((2, 0), (1, 1)):
+        keeping, counted = _model(checkpoint, keep=keep, park=park, dropout=0.1)
+        _assert_same(losses(keeping), want, tol=1e-6)
+        # per layer: each grad forward dequantizes in forward and backward (its recompute reuses), the
+        # no-grad pass once
+        assert counted.calls["gate_proj"] == {"grad": 2 * 2 * 2, "no-grad": 2 * 2 + 2}[between]
 
 
 def test_a_tiled_mlp_call_keeps_nothing(checkpoint, stores) -> None:
@@ -240,6 +275,13 @@ def test_the_knob_reaches_the_fast_path_config(monkeypatch) -> None:
     assert kernel_config(full, "cuda").keep_mlp_layers == 5
     speed = make_context(qlora_recipe(gradient_checkpointing=False))
     assert kernel_config(speed, "cuda").keep_mlp_layers == 0
+    # parking: CUDA only (pinned host memory and a side stream), and only under recompute
+    assert read_knobs({"QLORA_PARK_MLP_LAYERS": "7"}).park_mlp_layers == 7
+    assert "QLORA_PARK_MLP_LAYERS='-1'" in read_knobs({"QLORA_PARK_MLP_LAYERS": "-1"}).problems[0]
+    monkeypatch.setenv("QLORA_PARK_MLP_LAYERS", "4")
+    assert kernel_config(make_context(qlora_recipe()), "cuda").park_mlp_layers == 4
+    assert kernel_config(make_context(qlora_recipe()), "cpu").park_mlp_layers == 0
+    assert kernel_config(make_context(qlora_recipe(gradient_checkpointing=False)), "cuda").park_mlp_layers == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="offloaded recompute needs CUDA")
@@ -247,9 +289,10 @@ def test_the_knob_reaches_the_fast_path_config(monkeypatch) -> None:
 def test_kept_outputs_under_offloaded_recompute_on_cuda(tmp_path, dropout) -> None:
     path = tiny_llama_checkpoint(tmp_path / "llama")
 
-    def step(keep: int):
+    def step(keep: int, park: int = 0, recompute: str = "offload"):
         m = lora(load_4bit(path, device="cuda"), stock=False, dropout=dropout)
-        apply_fast_path(m, config=FastPathConfig(recompute="offload", keep_mlp_layers=keep))
+        config = FastPathConfig(recompute=recompute, keep_mlp_layers=keep, park_mlp_layers=park)
+        assert apply_fast_path(m, config=config).mlp_outputs_parked == park
         m.train()
         batch = torch.randint(0, VOCAB // 4, (2, SEQ), generator=torch.Generator().manual_seed(11)).cuda()
         torch.manual_seed(3)
@@ -257,4 +300,9 @@ def test_kept_outputs_under_offloaded_recompute_on_cuda(tmp_path, dropout) -> No
         loss.backward()
         return float(loss), lora_grads(m)
 
-    _assert_same(step(2), step(0), tol=1e-6)
+    want = step(0)
+    _assert_same(step(2), want, tol=1e-6)
+    # parked in pinned host memory on a side stream, brought back one layer ahead
+    _assert_same(step(1, park=1), want, tol=1e-6)
+    _assert_same(step(0, park=2), want, tol=1e-6)
+    _assert_same(step(0, park=2, recompute="full"), step(0, recompute="full"), tol=1e-6)

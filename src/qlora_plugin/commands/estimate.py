@@ -120,6 +120,14 @@ def register(commands: Any) -> None:
         help="with --recompute full or offload: the first N layers keep their MLP's gate and up outputs for the "
         "recompute (default QLORA_KEEP_MLP_LAYERS, else 0)",
     )
+    path.add_argument(
+        "--park-mlp-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --recompute full or offload: N more layers (the first ones) keep those outputs in pinned host "
+        "memory (default QLORA_PARK_MLP_LAYERS, else 0)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
@@ -222,4 +230,5 @@ def path_from_args(args: argparse.Namespace, recipe: Any) -> Any:
         tiled_mlp=args.tiled_mlp,
         offload_keep_layers=args.offload_keep_layers,
         keep_mlp_layers=args.keep_mlp_layers,
+        park_mlp_layers=args.park_mlp_layers,
     )

@@ -10,6 +10,7 @@ switch a check and a report:
 - ``QLORA_TILED_MLP=N``: a step's MLPs run tiled from N tokens (0: never);
 - ``QLORA_OFFLOAD_KEEP_LAYERS=K``: under offloaded recompute the first K layer inputs stay on the GPU;
 - ``QLORA_KEEP_MLP_LAYERS=K``: under recompute the first K layers keep their MLP's gate and up outputs;
+- ``QLORA_PARK_MLP_LAYERS=P``: under recompute P more layers (the first ones) keep them in pinned host memory;
 - ``QLORA_UNTESTED_PATCHES=1``: patches outside their tested versions are used anyway, with a warning;
 - ``QLORA_TRACEBACK=1``: a failed ``qlora`` command or Axolotl run shows the traceback too.
 """
@@ -26,6 +27,7 @@ PACKED_ATTENTION = "QLORA_PACKED_ATTENTION"
 TILED_MLP = "QLORA_TILED_MLP"
 OFFLOAD_KEEP_LAYERS = "QLORA_OFFLOAD_KEEP_LAYERS"
 KEEP_MLP_LAYERS = "QLORA_KEEP_MLP_LAYERS"
+PARK_MLP_LAYERS = "QLORA_PARK_MLP_LAYERS"
 UNTESTED_PATCHES = "QLORA_UNTESTED_PATCHES"
 TRACEBACK = "QLORA_TRACEBACK"
 
@@ -43,6 +45,7 @@ class Knobs:
     tiled_mlp_min_tokens: int | None = None  # None: the kernels' own threshold
     offload_keep_layers: int = 0
     keep_mlp_layers: int = 0
+    park_mlp_layers: int = 0
     problems: tuple[str, ...] = ()
 
 
@@ -55,6 +58,9 @@ def read_knobs(environ: Mapping[str, str] | None = None) -> Knobs:
     keep_mlp = _count(
         environ, KEEP_MLP_LAYERS, "the first that many layers keep their MLP's gate and up outputs", problems
     )
+    park_mlp = _count(
+        environ, PARK_MLP_LAYERS, "that many more layers keep their MLP's gate and up outputs in host memory", problems
+    )
     return Knobs(
         fast_path_on_cpu=environ.get(FAST_PATH_ON_CPU) == "1",
         cuda_graphs=environ.get(CUDA_GRAPHS, "1") != "0",
@@ -62,6 +68,7 @@ def read_knobs(environ: Mapping[str, str] | None = None) -> Knobs:
         tiled_mlp_min_tokens=tiled,
         offload_keep_layers=keep or 0,
         keep_mlp_layers=keep_mlp or 0,
+        park_mlp_layers=park_mlp or 0,
         problems=tuple(problems),
     )
 
@@ -82,7 +89,10 @@ def _count(environ: Mapping[str, str], name: str, meaning: str, problems: list[s
     if not value:
         return None
     try:
-        return max(int(value), 0)
+        count = int(value)
     except ValueError:
-        problems.append(f"{name}={value!r} is not a whole number ({meaning}); using the default")
+        count = -1
+    if count < 0:
+        problems.append(f"{name}={value!r} is not a whole number >= 0 ({meaning}); using the default")
         return None
+    return count

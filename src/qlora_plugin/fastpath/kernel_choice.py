@@ -53,5 +53,6 @@ def kernel_config(
         tiled_mlp_min_tokens=TILED_MLP_MIN_TOKENS if knobs.tiled_mlp_min_tokens is None else knobs.tiled_mlp_min_tokens,
         offload_keep_layers=knobs.offload_keep_layers if mode == "offload" else 0,
         keep_mlp_layers=knobs.keep_mlp_layers if mode in ("full", "offload") else 0,
+        park_mlp_layers=knobs.park_mlp_layers if mode in ("full", "offload") and device == "cuda" else 0,
         skip_lora=tuple(name for key in host_kernels for name in HOST_KERNEL_LAYERS.get(key, ())),
     )

@@ -82,6 +82,11 @@ def describe(
         )
         + (
             f", the first {result.mlp_outputs_kept} layers' MLP gate and up outputs kept for the recompute"
+            + (
+                f" (the first {result.mlp_outputs_parked} in pinned host memory)"
+                if getattr(result, "mlp_outputs_parked", 0)
+                else ""
+            )
             if result.mlp_outputs_kept
             else ""
         ),

@@ -62,7 +62,9 @@ Activations, per token and decoder layer, counted as the tensors autograd saves
   ``c`` x hidden per token each, reported as ``host_pinned``); one layer's
   activations come back during its backward. The first ``keep_mlp_layers``
   recomputed layers also keep their MLP's gate and up outputs (``2 c`` x
-  intermediate per token each), unless the MLP runs tiled.
+  intermediate per token each), unless the MLP runs tiled; the ``park_mlp_layers``
+  before them keep theirs in pinned host memory (reported as ``host_parked``), one
+  layer's on its way back to the GPU at a time.
   With the tiled MLP, a layer keeps only the MLP's input per token (nothing of
   gate, up, their product or down_proj's input); one slice of :data:`TILED_MLP_ROWS`
   tokens holds those, and their gradient, during the MLP's backward
@@ -175,6 +177,7 @@ class TrainingPath:
     tiled_mlp_min_tokens: int = TILED_MLP_MIN_TOKENS
     offload_keep_layers: int = 0
     keep_mlp_layers: int = 0
+    park_mlp_layers: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.tiled_mlp_min_tokens, bool) or self.tiled_mlp_min_tokens < 0:
@@ -192,17 +195,16 @@ class TrainingPath:
             raise QLoRAConfigError(
                 "--offload-keep-layers", self.offload_keep_layers, "must be a whole number >= 0", "pass 0 or more"
             )
-        if isinstance(self.keep_mlp_layers, bool) or self.keep_mlp_layers < 0:
-            raise QLoRAConfigError(
-                "--keep-mlp-layers", self.keep_mlp_layers, "must be a whole number >= 0", "pass 0 or more"
-            )
-        if self.keep_mlp_layers and (self.recompute == "none" or not self.kernels):
-            raise QLoRAConfigError(
-                "--keep-mlp-layers",
-                self.keep_mlp_layers,
-                "only applies to the fast path's kernels under recompute",
-                "add --recompute full or offload, or drop it",
-            )
+        for flag, layers in (("--keep-mlp-layers", self.keep_mlp_layers), ("--park-mlp-layers", self.park_mlp_layers)):
+            if isinstance(layers, bool) or layers < 0:
+                raise QLoRAConfigError(flag, layers, "must be a whole number >= 0", "pass 0 or more")
+            if layers and (self.recompute == "none" or not self.kernels):
+                raise QLoRAConfigError(
+                    flag,
+                    layers,
+                    "only applies to the fast path's kernels under recompute",
+                    "add --recompute full or offload, or drop it",
+                )
         if self.name not in PATHS:
             raise QLoRAConfigError(
                 "--path", self.name, "is not a path" + nearest(self.name, PATHS), f"use one of {list(PATHS)}"
@@ -324,6 +326,7 @@ def training_path(recipe: QLoRARecipe | RecipeSpec, name: str | None = None, **o
             values.setdefault("offload_keep_layers", knobs.offload_keep_layers)
         if values["recompute"] != "none" and values.get("kernels", True):
             values.setdefault("keep_mlp_layers", knobs.keep_mlp_layers)
+            values.setdefault("park_mlp_layers", knobs.park_mlp_layers)
     return TrainingPath(name=name, **values)
 
 
@@ -484,9 +487,12 @@ def estimate_memory(
     on_gpu = min(IN_FLIGHT_OFFLOADED + path.offload_keep_layers, dims.layers)
     kept_inputs = {"none": 0, "full": dims.layers, "offload": on_gpu}
     recomputed = (kept_inputs[path.recompute] * a * dims.hidden + final_norm + rope + inputs) * tokens
-    keeping = 0 if tiled or path.recompute == "none" else min(path.keep_mlp_layers, dims.layers)
-    kept_mlp = keeping * 2 * c * dims.intermediate * tokens  # gate and up outputs held for the recompute
-    recomputed += kept_mlp
+    mlp_outputs = 2 * c * dims.intermediate * tokens  # one layer's gate and up outputs
+    parking = 0 if tiled or path.recompute == "none" else min(path.park_mlp_layers, dims.layers)
+    keeping = 0 if tiled or path.recompute == "none" else min(path.keep_mlp_layers, dims.layers - parking)
+    kept_mlp = keeping * mlp_outputs  # held on the GPU for the recompute
+    parked_mlp = parking * mlp_outputs  # in pinned host memory
+    recomputed += kept_mlp + (mlp_outputs if parking else 0)  # one parked layer's on its way back
     full = (dims.layers * per_layer + final_norm + rope + inputs) * tokens + adapter_copies
     logits = loss_bytes(dims, path, tokens, c)
     activations = {
@@ -495,6 +501,7 @@ def estimate_memory(
         "with_offloaded_recompute": (kept_inputs["offload"] * a * dims.hidden + final_norm + rope + inputs) * tokens,
         "without_recompute": full,
         "kept_mlp_outputs": kept_mlp,
+        "parked_mlp_outputs": parked_mlp,
         "loss": logits,
     }
     components["activations"] = full if path.recompute == "none" else recomputed
@@ -546,6 +553,10 @@ def estimate_memory(
         offloaded = max(dims.layers - path.offload_keep_layers, 0)
         host_pinned = offloaded * c * dims.hidden * tokens  # every offloaded layer input is copied out
         notes.append(f"offloaded recompute keeps {host_pinned / GIB:.1f} GiB of layer inputs in pinned host memory")
+    if activations["parked_mlp_outputs"]:
+        parked = activations["parked_mlp_outputs"]
+        host_pinned += parked
+        notes.append(f"{parked / GIB:.1f} GiB of MLP gate and up outputs parked in pinned host memory")
     if tiled:
         slices = math.ceil(tokens / TILED_MLP_ROWS)
         threshold = path.tiled_mlp_min_tokens

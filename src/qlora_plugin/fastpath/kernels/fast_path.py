@@ -43,6 +43,8 @@ class FastPathConfig:
     keep_mlp_layers: with "full" or "offload", the first this many checkpointed layers keep their
         MLP's gate and up outputs for the recompute instead of computing them again (memory for
         time; see ``kept_outputs``).
+    park_mlp_layers: with "full" or "offload", this many more checkpointed layers (the first
+        ones, before those of ``keep_mlp_layers``) keep those outputs in pinned host memory.
     fused_rope: Liger's rotary embedding on CUDA (swaps the modeling module's
         ``apply_rotary_pos_emb`` for a dispatching function with the same math).
     cuda_graphs: replay the decoder layers as CUDA graphs when batches keep one shape
@@ -72,6 +74,7 @@ class FastPathConfig:
     recompute_every: int = 1
     offload_keep_layers: int = 0
     keep_mlp_layers: int = 0
+    park_mlp_layers: int = 0
     fused_rope: bool = True
     cuda_graphs: bool = False
     triton_dequant: bool = False
@@ -98,6 +101,7 @@ class FastPathReport:
     packed_attention: int = 0
     tiled_mlps: int = 0
     mlp_outputs_kept: int = 0
+    mlp_outputs_parked: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -156,8 +160,10 @@ def apply_fast_path(
         every=cfg.recompute_every,
         keep_on_gpu=cfg.offload_keep_layers,
         keep_mlp_layers=cfg.keep_mlp_layers,
+        park_mlp_layers=cfg.park_mlp_layers,
     )
     report.mlp_outputs_kept = layers_keeping_mlp_outputs(lm)
+    report.mlp_outputs_parked = layers_keeping_mlp_outputs(lm, parked=True)
     if cfg.cuda_graphs and cfg.recompute == "none":
         graphs = enable_decoder_graphs(lm, lm.__dict__.get("_qlora_adapter_copies"))
         report.graphed_layers = 0 if graphs is None else len(graphs.layers)

@@ -15,19 +15,39 @@ batch 4 x 2,048, 0.44 GiB a layer), held from the layer's forward to its backwar
 keep is the ``QLORA_KEEP_MLP_LAYERS`` knob (benchmarks/NOTES.md, sections 13 and 16, predict the time
 saved). An MLP call that runs tiled (long rows, :mod:`tiled_mlp`) keeps nothing: its slices would
 hold the whole row's intermediates, which tiling exists to avoid.
+
+Parking (``QLORA_PARK_MLP_LAYERS``): the first layers' outputs can instead wait in pinned host
+memory (:mod:`host_copies`, on a side stream of the call's :class:`ParkingLot`), so more layers
+skip their gate and up recompute than the GPU could hold. A parked call's outputs are brought
+back when its recompute starts; the call before it (forward order, the next one backward runs)
+starts bringing its own back at the same moment, so the copy overlaps a layer's backward.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from contextvars import ContextVar
 
 import torch
 from torch import nn
 
+from qlora_plugin.fastpath.kernels.host_copies import HostCopy, to_device, to_host, wait_for
+
 _KEEPS = "_qlora_keeps_output"
+_PARKS = "_qlora_parks_output"
 KEPT_PROJECTIONS = ("gate_proj", "up_proj")
+
+
+class ParkingLot:
+    """What the keeping calls of one model share: the side stream parked outputs travel on, and the
+    latest store made (each new store remembers the one before it, to bring that one back early)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.latest: weakref.ref[KeptOutputs] | None = None
 
 
 class KeptOutputs:
@@ -38,18 +58,52 @@ class KeptOutputs:
     first one's recompute. The store lives as long as the call's autograd graph holds it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, lot: ParkingLot | None = None) -> None:
         self.outputs: dict[int, torch.Tensor] = {}
+        self.lot = lot
+        self.parked: dict[int, HostCopy] = {}  # on the host
+        self.arriving: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}  # on their way back
+        self.previous: weakref.ref[KeptOutputs] | None = None
+        if lot is not None:
+            self.previous, lot.latest = lot.latest, weakref.ref(self)
+
+    def keep(self, module: nn.Module, output: torch.Tensor) -> None:
+        """Hold ``output`` [rows, features] for ``module``: on the host where the module parks, else here."""
+        if self.lot is not None and module.__dict__.get(_PARKS):
+            self.parked[id(module)] = to_host(output, self.lot.stream)
+        else:
+            self.outputs[id(module)] = output
+
+    def bring_back_early(self) -> None:
+        """Start bringing the parked outputs back to the GPU (they are waited for when the recompute needs them)."""
+        if self.lot is not None:
+            for key, copy in self.parked.items():
+                self.arriving[key] = to_device(copy, self.lot.device, self.lot.stream)
+            self.parked.clear()
+
+    def _bring_back(self) -> None:
+        """The parked outputs, back on the GPU for this recompute; the store before this one starts its own."""
+        self.bring_back_early()
+        for key, (tensor, ready) in self.arriving.items():
+            self.outputs[key] = wait_for(tensor, ready)
+        self.arriving.clear()
+        previous = self.previous() if self.previous is not None else None
+        if previous is not None:
+            previous.bring_back_early()
 
     @contextlib.contextmanager
     def _phase(self, reusing: bool) -> Iterator[None]:
+        if reusing:
+            self._bring_back()
         token = _ACTIVE.set((self, reusing))
         try:
             yield
         finally:
             _ACTIVE.reset(token)
-            if reusing:
-                self.outputs.clear()  # a recompute that stopped early leaves nothing behind
+            if reusing:  # a recompute that stopped early leaves nothing behind
+                self.outputs.clear()
+                self.parked.clear()
+                self.arriving.clear()
 
     def contexts(self) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
         """(first forward, recompute) context managers, as ``torch.utils.checkpoint``'s ``context_fn`` returns."""
@@ -64,9 +118,11 @@ class KeptOutputs:
         return self._phase(True)
 
 
-def fresh_contexts() -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
+def fresh_contexts(
+    lot: ParkingLot | None = None,
+) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
     """A new store's (first forward, recompute) contexts: ``context_fn`` for one checkpoint call."""
-    return KeptOutputs().contexts()
+    return KeptOutputs(lot).contexts()
 
 
 # The layer whose forward is running now, and whether it is the recompute.
@@ -102,27 +158,34 @@ def offer_output(module: nn.Module, output: torch.Tensor) -> None:
     """Hand ``module``'s output [..., features] to the running call's store, in a layer's first forward."""
     active = _ACTIVE.get()
     if active is not None and not active[1] and module.__dict__.get(_KEEPS):
-        active[0].outputs[id(module)] = output.detach().view(-1, output.shape[-1])
+        active[0].keep(module, output.detach().view(-1, output.shape[-1]))
 
 
-def keep_mlp_outputs(layers: list[nn.Module], count: int) -> list[bool]:
-    """Mark the gate and up projections of the first ``count`` of ``layers``; returns, per layer, whether it keeps.
+def keep_mlp_outputs(layers: list[nn.Module], count: int, parked: int = 0) -> list[bool]:
+    """Mark the gate and up projections of the first ``count`` of ``layers``, the first ``parked`` of
+    them to park on the host; returns, per layer, whether it keeps.
 
-    Only projections the fast path computes (fused LoRA over 4 bits) look at the marks. Marks from
-    an earlier call are removed first, so ``count=0`` undoes them.
+    Only projections the fast path computes (fused LoRA over 4 bits) look at the marks, and parking
+    needs the call's store to have a :class:`ParkingLot`. Marks from an earlier call are removed
+    first, so ``count=0`` undoes them.
     """
     keeps = []
     for index, layer in enumerate(layers):
         marked = 0
         for name, module in layer.named_modules():
             module.__dict__.pop(_KEEPS, None)
+            module.__dict__.pop(_PARKS, None)
             if index < count and name.rsplit(".", 1)[-1] in KEPT_PROJECTIONS:
                 module.__dict__[_KEEPS] = True
+                if index < parked:
+                    module.__dict__[_PARKS] = True
                 marked += 1
         keeps.append(marked > 0)
     return keeps
 
 
-def layers_keeping_mlp_outputs(model: nn.Module) -> int:
-    """How many decoder layers of ``model`` keep their MLP's gate and up outputs (see :func:`keep_mlp_outputs`)."""
-    return sum(1 for m in model.modules() if m.__dict__.get(_KEEPS)) // len(KEPT_PROJECTIONS)
+def layers_keeping_mlp_outputs(model: nn.Module, parked: bool = False) -> int:
+    """How many decoder layers of ``model`` keep their MLP's gate and up outputs (with ``parked``:
+    keep them on the host; see :func:`keep_mlp_outputs`)."""
+    mark = _PARKS if parked else _KEEPS
+    return sum(1 for m in model.modules() if m.__dict__.get(mark)) // len(KEPT_PROJECTIONS)

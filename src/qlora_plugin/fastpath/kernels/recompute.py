@@ -27,7 +27,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qlora_plugin.core.patches import allowed
-from qlora_plugin.fastpath.kernels.kept_outputs import KeptOutputs, fresh_contexts, keep_mlp_outputs
+from qlora_plugin.fastpath.kernels.host_copies import HOST_PIECE_BYTES, HostCopy, to_device, to_host, wait_for
+from qlora_plugin.fastpath.kernels.kept_outputs import KeptOutputs, ParkingLot, fresh_contexts, keep_mlp_outputs
 from qlora_plugin.fastpath.kernels.stash_plan import StashPlan, host_memory, plan_stash
 
 _log = logging.getLogger("qlora_plugin")
@@ -35,20 +36,13 @@ _log = logging.getLogger("qlora_plugin")
 MODES = ("none", "full", "offload")
 
 
-# Host copies are made of pieces of at most this many bytes. torch's caching host allocator
-# rounds every pinned allocation up to a power of two: a 400,000-token layer input of the 8B
-# shape (3.3 GB) would take 4 GiB, 128 GiB for 32 layers. In 64 MiB pieces the rounding wastes
-# at most 64 MiB a layer, and the pieces are reused from one step to the next.
-HOST_PIECE_BYTES = 64 * 1024**2
-
-
 class _HostStash:
     """Pinned-host copies of layer inputs, with one-ahead prefetch in backward."""
 
     def __init__(self, device: torch.device, layers: int) -> None:
         self.stream = torch.cuda.Stream(device)
-        self.entries: dict[int, tuple[list[torch.Tensor], torch.Tensor, torch.cuda.Event]] = {}
-        self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self.entries: dict[int, HostCopy] = {}
+        self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
         self.next_id = 0
         self.layers = layers  # offloaded layers per step
         self.plan: StashPlan | None = None
@@ -94,45 +88,19 @@ class _HostStash:
 
     def put(self, t: torch.Tensor) -> int:
         key, self.next_id = self.next_id, self.next_id + 1
-        flat = t.reshape(-1)
-        step = max(HOST_PIECE_BYTES // max(t.element_size(), 1), 1)
-        pieces = []
-        self.stream.wait_stream(torch.cuda.current_stream(t.device))
-        with torch.cuda.stream(self.stream):
-            for start in range(0, flat.numel(), step):
-                source = flat[start : start + step]
-                host = torch.empty(source.numel(), dtype=t.dtype, device="cpu", pin_memory=True)
-                host.copy_(source, non_blocking=True)
-                pieces.append(host)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        flat.record_stream(self.stream)  # t's storage (or its contiguous copy) stays until the copies are done
-        self.entries[key] = (pieces, torch.empty(t.shape, dtype=t.dtype, device="meta"), done)  # shape and dtype
+        self.entries[key] = to_host(t, self.stream, HOST_PIECE_BYTES)
         return key
 
-    def _to_device(self, key: int, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event]:
-        pieces, like, copied = self.entries.pop(key)
-        self.stream.wait_event(copied)
-        with torch.cuda.stream(self.stream):
-            dev = torch.empty_like(like, device=device)
-            flat, start = dev.view(-1), 0
-            for host in pieces:
-                flat[start : start + host.numel()].copy_(host, non_blocking=True)
-                start += host.numel()
-            ready = torch.cuda.Event()
-            ready.record(self.stream)
-        return dev, ready
-
     def take(self, key: int, device: torch.device) -> torch.Tensor:
-        dev, ready = self.prefetched.pop(key) if key in self.prefetched else self._to_device(key, device)
-        current = torch.cuda.current_stream(device)
-        current.wait_event(ready)
-        dev.record_stream(current)
+        if key in self.prefetched:
+            dev, ready = self.prefetched.pop(key)
+        else:
+            dev, ready = to_device(self.entries.pop(key), device, self.stream)
         if key - 1 in self.entries:  # layers run backward in reverse order
-            self.prefetched[key - 1] = self._to_device(key - 1, device)
+            self.prefetched[key - 1] = to_device(self.entries.pop(key - 1), device, self.stream)
         if key == 0:
             self.reset()
-        return dev
+        return wait_for(dev, ready)
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -142,9 +110,10 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         run: Callable[[torch.Tensor], torch.Tensor],
         stash: _HostStash,
         keeps: bool,
+        lot: ParkingLot | None,
         hidden: torch.Tensor,
     ) -> torch.Tensor:
-        kept = KeptOutputs() if keeps else None
+        kept = KeptOutputs(lot) if keeps else None
         ctx.run, ctx.stash, ctx.kept, ctx.device = run, stash, kept, hidden.device
         ctx.key = stash.put(hidden.detach())
         ctx.rng = torch.cuda.get_rng_state(hidden.device)
@@ -156,7 +125,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None, torch.Tensor]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None, None, torch.Tensor]:
         hidden = ctx.stash.take(ctx.key, ctx.device).detach().requires_grad_(True)
         reusing = ctx.kept.reusing() if ctx.kept is not None else contextlib.nullcontext()
         with torch.random.fork_rng(devices=[ctx.device]):
@@ -165,20 +134,23 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             with torch.enable_grad(), reusing:
                 out = ctx.run(hidden)
         torch.autograd.backward(out, grad)
-        return None, None, None, hidden.grad
+        return None, None, None, None, hidden.grad
 
 
-def _checkpoint(keeps: bool, run: Callable[..., Any], hidden: torch.Tensor, *rest: Any) -> Any:
-    """torch's non-reentrant checkpoint; with ``keeps``, the layer's MLP keeps its gate and up outputs."""
+def _checkpoint(keeps: bool, lot: ParkingLot | None, run: Callable[..., Any], hidden: torch.Tensor, *rest: Any) -> Any:
+    """torch's non-reentrant checkpoint; with ``keeps``, the layer's MLP keeps its gate and up outputs
+    (parked through ``lot`` where marked so)."""
     if not (keeps and torch.is_grad_enabled()):
         return checkpoint(run, hidden, *rest, use_reentrant=False)
-    return checkpoint(run, hidden, *rest, use_reentrant=False, context_fn=fresh_contexts)
+    contexts = functools.partial(fresh_contexts, lot)
+    return checkpoint(run, hidden, *rest, use_reentrant=False, context_fn=contexts)
 
 
 def _offloaded_checkpoint(
     stash: _HostStash,
     index: int,
     keeps: bool,
+    lot: ParkingLot | None,
     run: Callable[..., Any],
     hidden: torch.Tensor,
     *rest: Any,
@@ -186,11 +158,11 @@ def _offloaded_checkpoint(
     if not torch.is_grad_enabled():
         return run(hidden, *rest)
     if stash.keeps_on_gpu(index, hidden):
-        return _checkpoint(keeps, run, hidden, *rest)
+        return _checkpoint(keeps, lot, run, hidden, *rest)
     fn = run if not rest else (lambda h: run(h, *rest))
     if not hidden.requires_grad:  # e.g. the first layer under a frozen embedding: stay on the graph
         hidden = hidden.detach().requires_grad_(True)
-    return _OffloadedCheckpoint.apply(fn, stash, keeps, hidden)
+    return _OffloadedCheckpoint.apply(fn, stash, keeps, lot, hidden)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -201,7 +173,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def set_recompute(
-    model: nn.Module, mode: str = "none", *, every: int = 1, keep_on_gpu: int = 0, keep_mlp_layers: int = 0
+    model: nn.Module,
+    mode: str = "none",
+    *,
+    every: int = 1,
+    keep_on_gpu: int = 0,
+    keep_mlp_layers: int = 0,
+    park_mlp_layers: int = 0,
 ) -> int:
     """Set what each decoder layer recomputes in backward; returns the layers checkpointed.
 
@@ -212,7 +190,8 @@ def set_recompute(
     many as the host has no room for at a step stay on the GPU too (see the module's doc).
     With ``full`` or ``offload``, the first ``keep_mlp_layers`` checkpointed layers keep their
     MLP's gate and up outputs on the GPU for the recompute instead of computing them again
-    (:mod:`qlora_plugin.fastpath.kernels.kept_outputs`).
+    (:mod:`qlora_plugin.fastpath.kernels.kept_outputs`); ``park_mlp_layers`` more keep them in
+    pinned host memory: those come first, the ``keep_mlp_layers`` on the GPU after them.
     """
     if mode not in MODES:
         raise ValueError(f"recompute mode must be one of {MODES}, got {mode!r}")
@@ -222,7 +201,10 @@ def set_recompute(
         return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
     checkpointed_layers = [layer for i, layer in enumerate(layers) if mode != "none" and i % every == 0]
     keep_mlp_outputs(layers, 0)  # marks of an earlier setting go
-    keeps = keep_mlp_outputs(checkpointed_layers, keep_mlp_layers)
+    keeps = keep_mlp_outputs(checkpointed_layers, keep_mlp_layers + park_mlp_layers, parked=park_mlp_layers)
+    lot = None
+    if park_mlp_layers and checkpointed_layers:
+        lot = ParkingLot(next(p.device for p in model.parameters()))
     stash: _HostStash | None = None
     if mode == "offload":
         device = next(p.device for p in model.parameters() if p.is_cuda) if torch.cuda.is_available() else None
@@ -236,10 +218,10 @@ def set_recompute(
         on = mode != "none" and i % every == 0
         layer_keeps = on and keeps[n]
         layer.gradient_checkpointing = on
-        layer._gradient_checkpointing_func = functools.partial(_checkpoint, layer_keeps)
+        layer._gradient_checkpointing_func = functools.partial(_checkpoint, layer_keeps, lot)
         if on and stash is not None and n >= keep_on_gpu:
             layer._gradient_checkpointing_func = functools.partial(
-                _offloaded_checkpoint, stash, n - keep_on_gpu, layer_keeps
+                _offloaded_checkpoint, stash, n - keep_on_gpu, layer_keeps, lot
             )
         n += int(on)
     # The top-level flags transformers also reads (e.g. to drop the KV cache in training).
