@@ -24,10 +24,11 @@ HOST_PIECE_BYTES = 64 * 1024**2
 @dataclass
 class HostCopy:
     """A tensor's bytes on the host (``pieces``), its shape and dtype (``like``, on the meta device),
-    and the event after which the pieces are complete (None: complete already)."""
+    the device it came from, and the event after which the pieces are complete (None: complete already)."""
 
     pieces: list[torch.Tensor]
     like: torch.Tensor
+    device: torch.device
     copied: torch.cuda.Event | None
 
     @property
@@ -44,7 +45,7 @@ def to_host(tensor: torch.Tensor, stream: torch.cuda.Stream | None, piece_bytes:
     step = max(piece_bytes // max(tensor.element_size(), 1), 1)
     like = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
     if stream is None or not tensor.is_cuda:
-        return HostCopy([flat[s : s + step].clone() for s in range(0, flat.numel(), step)], like, None)
+        return HostCopy([flat[s : s + step].clone() for s in range(0, flat.numel(), step)], like, tensor.device, None)
     pieces = []
     stream.wait_stream(torch.cuda.current_stream(tensor.device))
     with torch.cuda.stream(stream):
@@ -56,7 +57,7 @@ def to_host(tensor: torch.Tensor, stream: torch.cuda.Stream | None, piece_bytes:
         copied = torch.cuda.Event()
         copied.record(stream)
     flat.record_stream(stream)  # the storage (or its contiguous copy) stays until the copies are done
-    return HostCopy(pieces, like, copied)
+    return HostCopy(pieces, like, tensor.device, copied)
 
 
 def to_device(

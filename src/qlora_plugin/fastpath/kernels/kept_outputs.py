@@ -41,13 +41,21 @@ KEPT_PROJECTIONS = ("gate_proj", "up_proj")
 
 
 class ParkingLot:
-    """What the keeping calls of one model share: the side stream parked outputs travel on, and the
-    latest store made (each new store remembers the one before it, to bring that one back early)."""
+    """What the keeping calls of one model share: a side stream per CUDA device for the parked outputs
+    to travel on, and the latest store made (each new store remembers the one before it, to bring that
+    one back early)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    def __init__(self) -> None:
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self.latest: weakref.ref[KeptOutputs] | None = None
+
+    def stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        """The side stream of ``device`` (None off CUDA: the copies are then made at once)."""
+        if device.type != "cuda":
+            return None
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device)
+        return self.streams[device]
 
 
 class KeptOutputs:
@@ -70,7 +78,7 @@ class KeptOutputs:
     def keep(self, module: nn.Module, output: torch.Tensor) -> None:
         """Hold ``output`` [rows, features] for ``module``: on the host where the module parks, else here."""
         if self.lot is not None and module.__dict__.get(_PARKS):
-            self.parked[id(module)] = to_host(output, self.lot.stream)
+            self.parked[id(module)] = to_host(output, self.lot.stream(output.device))
         else:
             self.outputs[id(module)] = output
 
@@ -78,7 +86,7 @@ class KeptOutputs:
         """Start bringing the parked outputs back to the GPU (they are waited for when the recompute needs them)."""
         if self.lot is not None:
             for key, copy in self.parked.items():
-                self.arriving[key] = to_device(copy, self.lot.device, self.lot.stream)
+                self.arriving[key] = to_device(copy, copy.device, self.lot.stream(copy.device))
             self.parked.clear()
 
     def _bring_back(self) -> None:

@@ -202,9 +202,7 @@ def set_recompute(
     checkpointed_layers = [layer for i, layer in enumerate(layers) if mode != "none" and i % every == 0]
     keep_mlp_outputs(layers, 0)  # marks of an earlier setting go
     keeps = keep_mlp_outputs(checkpointed_layers, keep_mlp_layers + park_mlp_layers, parked=park_mlp_layers)
-    lot = None
-    if park_mlp_layers and checkpointed_layers:
-        lot = ParkingLot(next(p.device for p in model.parameters()))
+    lot = ParkingLot() if park_mlp_layers and checkpointed_layers else None
     stash: _HostStash | None = None
     if mode == "offload":
         device = next(p.device for p in model.parameters() if p.is_cuda) if torch.cuda.is_available() else None
