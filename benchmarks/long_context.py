@@ -127,6 +127,8 @@ def estimate_gib(shape: str, variant: str, seq: int, model_root: Path) -> float 
         from qlora_plugin.tools.estimate import GIB, estimate, training_path
 
         spec = VARIANTS[variant]
+        if spec.get("unsloth"):  # its own kernels and offload: nothing of the estimate's models applies
+            return None
         _, nf4_dir = model_dirs(model_root, shape)
         if "recipe" in spec:
             recipe = make_recipe(spec)

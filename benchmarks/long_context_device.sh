@@ -8,6 +8,7 @@
 #   --runs 8b/qlora-plugin-memory:400000
 #   --runs 8b/trl-qlora:32768,65536,131072 8b/qlora-plugin-memory:131072,262144
 #   --runs 1b/trl-qlora:65536,131072,262144,400000 1b/qlora-plugin-memory:131072,262144,400000,524288
+#   --runs 8b/unsloth-qlora:65536,131072,262144 (WHEELS="speed unsloth": Unsloth's longest, no estimate)
 # On a machine kept warm the 8B checkpoint (/tmp/qlora-long-context) is made once.
 # DEADLINE (s, default 585) is the whole call's budget. Results in $OUT: long_context.json, .md, the
 # plot (.png with matplotlib, else .svg), attempts/ (each attempt's row and log) and long_context.log.
