@@ -124,6 +124,7 @@ def estimate_gib(shape: str, variant: str, seq: int, model_root: Path) -> float 
         from bench_models import make_recipe, model_dirs
 
         from qlora_plugin import qlora_recipe
+        from qlora_plugin.fastpath.stash_plan import host_memory
         from qlora_plugin.tools.estimate import GIB, estimate, training_path
 
         spec = VARIANTS[variant]
@@ -133,7 +134,12 @@ def estimate_gib(shape: str, variant: str, seq: int, model_root: Path) -> float 
         if "recipe" in spec:
             recipe = make_recipe(spec)
             keep = int(os.environ.get("QLORA_OFFLOAD_KEEP_LAYERS") or 0)  # what the attempt's fast path reads
-            path = training_path(recipe, offload_keep_layers=keep if recipe.gradient_checkpointing == "offload" else 0)
+            offload = recipe.gradient_checkpointing == "offload"
+            path = training_path(
+                recipe,
+                offload_keep_layers=keep if offload else 0,
+                host_available=host_memory()[0] if offload else None,  # this host's room, as the attempt's split saw it
+            )
         else:  # TRL's path: PEFT's LoRA in bf16 over the bf16 base, TRL's chunked loss, full recompute
             recipe = qlora_recipe(lora_dropout=spec["dropout"])
             path = training_path(recipe, "fast", kernels=False, adapter_dtype="bfloat16", tiled_mlp=False)

@@ -49,9 +49,13 @@ def estimate_gib(config_dir: Path, mode: str, seq: int) -> float | None:
     try:
         from multigpu_job import job_recipe
 
-        from qlora_plugin.tools.estimate import GIB, estimate
+        from qlora_plugin.fastpath.stash_plan import host_memory
+        from qlora_plugin.tools.estimate import GIB, estimate, training_path
 
-        return round(estimate(config_dir, job_recipe("auto", None, mode), seq, 1).allocator_peak / GIB, 2)
+        recipe = job_recipe("auto", None, mode)
+        # this host's room, as the row's split saw it (inputs the host cannot pin stay on the GPU)
+        path = training_path(recipe, host_available=host_memory()[0] if mode == "offload" else None)
+        return round(estimate(config_dir, recipe, seq, 1, path).allocator_peak / GIB, 2)
     except Exception as error:  # the row keeps its measurements
         print(f"estimate failed for {mode}:{seq}: {type(error).__name__}: {error}", flush=True)
         return None

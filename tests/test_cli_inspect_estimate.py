@@ -152,6 +152,7 @@ def test_estimate_through_the_console_script(tiny_model_dir, capsys) -> None:
         "offload_keep_layers": 0,
         "keep_mlp_layers": 0,
         "park_mlp_layers": 0,
+        "host_available": None,
     }
 
 

@@ -117,6 +117,36 @@ def test_kept_mlp_outputs_add_their_bytes_and_tiled_rows_keep_none(llama_8b, cap
     assert "--keep-mlp-layers=4: only applies" in capsys.readouterr().err
 
 
+def test_host_room_keeps_on_the_gpu_what_training_would(llama_8b, capsys) -> None:
+    """``--host-gib``: layer inputs the host cannot pin stay on the GPU, split as training splits them."""
+    from qlora_plugin.fastpath.stash_plan import HOST_PIECE_BYTES, plan_stash
+
+    def run(*args: str) -> dict:
+        assert main(["estimate", str(llama_8b), "--json", "--seq", "400000", "--recompute", "offload", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    per_layer = 4096 * 2 * 400000
+    unlimited = run()
+    for host_gib in (200, 60, 20, 0):
+        room = run("--host-gib", str(host_gib))
+        stay = plan_stash(
+            32,
+            per_layer,
+            host_available=host_gib * GIB,
+            host_total=host_gib * GIB,
+            gpu_free=1 << 62,
+            piece_bytes=HOST_PIECE_BYTES,
+        ).on_gpu
+        assert room["host_pinned"] == (32 - stay) * per_layer
+        assert room["allocator_peak"] - unlimited["allocator_peak"] == min(stay, 30) * per_layer  # 2 were in flight
+        assert (stay > 0) == (host_gib < 110)  # 97.7 GiB of inputs, a tenth of the host kept back
+    for bad, problem in (("-1", "must be a number >= 0"), ("nan", "must be a number >= 0")):
+        assert main(["estimate", str(llama_8b), "--seq", "2048", "--recompute", "offload", "--host-gib", bad]) != 0
+        assert f"--host-gib={float(bad)}: {problem}" in capsys.readouterr().err
+    assert main(["estimate", str(llama_8b), "--seq", "2048", "--recompute", "full", "--host-gib", "64"]) != 0
+    assert "--host-gib=64.0: only applies to offloaded recompute" in capsys.readouterr().err
+
+
 def test_parked_mlp_outputs_go_to_the_host_with_one_layer_on_its_way_back(llama_8b, capsys, monkeypatch) -> None:
     """``--park-mlp-layers`` / ``QLORA_PARK_MLP_LAYERS``: parked layers' outputs are host bytes; the GPU holds
     one layer's on its way back, and the layers kept on the GPU come after the parked ones."""

@@ -122,6 +122,7 @@ def quick_command(draw: Any, places: dict[str, Path]) -> list[str]:
         argv += maybe(draw, "--offload-keep-layers", draw(number_text()))
         argv += maybe(draw, "--keep-mlp-layers", draw(number_text()))
         argv += maybe(draw, "--park-mlp-layers", draw(number_text()))
+        argv += maybe(draw, "--host-gib", draw(number_text()))
     return argv + maybe(draw, "--json") + maybe(draw, "--verbose")
 
 

@@ -503,7 +503,8 @@ def test_offload_keeps_what_the_host_has_no_room_for_on_the_gpu_with_full_recomp
     host, and loss and gradients equal full recompute's."""
     import logging
 
-    from qlora_plugin.fastpath.kernels import recompute, stash_plan
+    from qlora_plugin.fastpath import stash_plan
+    from qlora_plugin.fastpath.kernels import recompute
 
     x = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(6)).to(DEV)
     per_layer = 2 * 64 * lora(load_4bit(checkpoint, DEV), stock=False).config.hidden_size * 2
@@ -527,7 +528,8 @@ def test_offload_keeps_what_the_host_has_no_room_for_on_the_gpu_with_full_recomp
 
 
 def test_offload_refuses_a_step_that_fits_neither_side_before_a_layer_runs(checkpoint, monkeypatch) -> None:
-    from qlora_plugin.fastpath.kernels import recompute, stash_plan
+    from qlora_plugin.fastpath import stash_plan
+    from qlora_plugin.fastpath.kernels import recompute
 
     monkeypatch.setattr(recompute, "host_memory", lambda: (0, 8 * stash_plan.GIB))
     monkeypatch.setattr(stash_plan, "GPU_RESERVE", 10**15)  # no GPU room either

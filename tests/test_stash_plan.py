@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 
-from qlora_plugin.fastpath.kernels.stash_plan import (
+from qlora_plugin.fastpath.stash_plan import (
     GIB,
     GPU_RESERVE,
     GPU_WORKING_INPUTS,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from qlora_plugin.commands.options import add_recipe_options, recipe_from_args, subcommand
@@ -128,6 +129,14 @@ def register(commands: Any) -> None:
         help="with --recompute full or offload: N more layers (the first ones) keep those outputs in pinned host "
         "memory (default QLORA_PARK_MLP_LAYERS, else 0)",
     )
+    path.add_argument(
+        "--host-gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="with --recompute offload: the training host's available memory; inputs it has no room for stay "
+        "on the GPU, as in training (default: no limit)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
@@ -137,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("seq", "batch"):
         if getattr(args, name) < 1:
             raise QLoRAConfigError(f"--{name}", getattr(args, name), "must be at least 1", f"pass --{name} 1 or more")
+    if args.host_gib is not None and not (math.isfinite(args.host_gib) and args.host_gib >= 0):
+        raise QLoRAConfigError(
+            "--host-gib", args.host_gib, "must be a number >= 0", "pass the training host's available memory in GiB"
+        )
     gpus = check_gpus(args.gpu)
     parallel = Parallel(args.gpus, args.strategy)
     source = model_source(args.model)
@@ -231,4 +244,5 @@ def path_from_args(args: argparse.Namespace, recipe: Any) -> Any:
         offload_keep_layers=args.offload_keep_layers,
         keep_mlp_layers=args.keep_mlp_layers,
         park_mlp_layers=args.park_mlp_layers,
+        host_available=None if args.host_gib is None else int(args.host_gib * 1024**3),
     )

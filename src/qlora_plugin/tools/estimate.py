@@ -115,6 +115,7 @@ from typing import TYPE_CHECKING, Any
 from qlora_plugin.build.distributed import optimizer_under_fsdp
 from qlora_plugin.core.environment import read_knobs
 from qlora_plugin.core.errors import QLoRAConfigError, nearest
+from qlora_plugin.fastpath.stash_plan import HOST_PIECE_BYTES, plan_stash
 from qlora_plugin.fastpath.tiling_defaults import TILED_MLP_MIN_TOKENS, TILED_MLP_ROWS
 from qlora_plugin.tools.inspection import analyze
 
@@ -178,8 +179,20 @@ class TrainingPath:
     offload_keep_layers: int = 0
     keep_mlp_layers: int = 0
     park_mlp_layers: int = 0
+    host_available: int | None = None  # bytes the host can pin for offloaded inputs; None: no limit
 
     def __post_init__(self) -> None:
+        if self.host_available is not None and (isinstance(self.host_available, bool) or self.host_available < 0):
+            raise QLoRAConfigError(
+                "--host-gib", self.host_available, "must be a number >= 0", "pass the host's available memory in GiB"
+            )
+        if self.host_available is not None and self.recompute != "offload":
+            raise QLoRAConfigError(
+                "--host-gib",
+                self.host_available / GIB,
+                "only applies to offloaded recompute",
+                "add --recompute offload, or drop it",
+            )
         if isinstance(self.tiled_mlp_min_tokens, bool) or self.tiled_mlp_min_tokens < 0:
             raise QLoRAConfigError(
                 "QLORA_TILED_MLP", self.tiled_mlp_min_tokens, "must be a whole number >= 0", "pass 0 (never) or more"
@@ -428,6 +441,23 @@ class MemoryEstimate:
         }
 
 
+def host_shortfall(path: TrainingPath, dims: Dimensions, bytes_per_hidden: int) -> int:
+    """Offloaded layer inputs the host has no room for, which stay on the GPU: training's own split
+    (:func:`qlora_plugin.fastpath.stash_plan.plan_stash`) of ``path.host_available``; 0 without a limit."""
+    if path.recompute != "offload" or path.host_available is None:
+        return 0
+    offloaded = max(dims.layers - path.offload_keep_layers, 0)
+    plan = plan_stash(
+        offloaded,
+        bytes_per_hidden * dims.hidden,
+        host_available=path.host_available,
+        host_total=path.host_available,
+        gpu_free=1 << 62,  # the estimate reports the GPU's peak rather than refusing the step
+        piece_bytes=HOST_PIECE_BYTES,
+    )
+    return plan.on_gpu
+
+
 def estimate_memory(
     report: ModelReport, seq: int, batch: int, path: TrainingPath | None = None, parallel: Parallel | None = None
 ) -> MemoryEstimate:
@@ -484,7 +514,7 @@ def estimate_memory(
     final_norm = c * dims.hidden + 4 if path.kernels else 4 * dims.hidden
     rope = 2 * a * dims.head_dim
     inputs = 3 * 8  # input ids, labels, shifted labels (int64)
-    on_gpu = min(IN_FLIGHT_OFFLOADED + path.offload_keep_layers, dims.layers)
+    on_gpu = min(IN_FLIGHT_OFFLOADED + path.offload_keep_layers + host_shortfall(path, dims, c * tokens), dims.layers)
     kept_inputs = {"none": 0, "full": dims.layers, "offload": on_gpu}
     recomputed = (kept_inputs[path.recompute] * a * dims.hidden + final_norm + rope + inputs) * tokens
     mlp_outputs = 2 * c * dims.intermediate * tokens  # one layer's gate and up outputs
@@ -550,9 +580,14 @@ def estimate_memory(
         notes.append("no decoder layers found; activations may be far off")
     host_pinned = 0
     if path.recompute == "offload":
-        offloaded = max(dims.layers - path.offload_keep_layers, 0)
+        stay = host_shortfall(path, dims, c * tokens)
+        offloaded = max(dims.layers - path.offload_keep_layers - stay, 0)
         host_pinned = offloaded * c * dims.hidden * tokens  # every offloaded layer input is copied out
         notes.append(f"offloaded recompute keeps {host_pinned / GIB:.1f} GiB of layer inputs in pinned host memory")
+        if stay:
+            notes.append(f"the host has no room for {stay} layer inputs: they stay on the GPU (--host-gib)")
+        elif path.host_available is None:
+            notes.append("assumes the host can pin them all; --host-gib gives the training machine's available memory")
     if activations["parked_mlp_outputs"]:
         parked = activations["parked_mlp_outputs"]
         host_pinned += parked

@@ -14,11 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Host copies are made of pieces of at most this many bytes. torch's caching host allocator
-# rounds every pinned allocation up to a power of two: a 400,000-token layer input of the 8B
-# shape (3.3 GB) would take 4 GiB, 128 GiB for 32 layers. In 64 MiB pieces the rounding wastes
-# at most 64 MiB a tensor, and the pieces are reused from one step to the next.
-HOST_PIECE_BYTES = 64 * 1024**2
+from qlora_plugin.fastpath.stash_plan import HOST_PIECE_BYTES
 
 
 @dataclass

@@ -10,7 +10,7 @@ inputs parked in pinned CPU memory.
   side stream during forward (in pieces of at most :data:`HOST_PIECE_BYTES`) and brought
   back, one layer ahead, during backward. Where the host has no room for a step's inputs,
   the first layers keep theirs on the GPU, split at each step's first layer from the memory
-  free on both sides (:mod:`qlora_plugin.fastpath.kernels.stash_plan`); a step that fits
+  free on both sides (:mod:`qlora_plugin.fastpath.stash_plan`); a step that fits
   neither side stops before its first layer runs, with one line saying so.
 """
 
@@ -27,9 +27,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qlora_plugin.core.patches import allowed
-from qlora_plugin.fastpath.kernels.host_copies import HOST_PIECE_BYTES, HostCopy, to_device, to_host, wait_for
+from qlora_plugin.fastpath.kernels.host_copies import HostCopy, to_device, to_host, wait_for
 from qlora_plugin.fastpath.kernels.kept_outputs import KeptOutputs, ParkingLot, fresh_contexts, keep_mlp_outputs
-from qlora_plugin.fastpath.kernels.stash_plan import StashPlan, host_memory, plan_stash
+from qlora_plugin.fastpath.stash_plan import HOST_PIECE_BYTES, StashPlan, host_memory, plan_stash
 
 _log = logging.getLogger("qlora_plugin")
 

@@ -6,7 +6,8 @@ KiB a token, 97.7 GiB at 400,000 tokens). :func:`plan_stash` splits the inputs a
 layer of each step, from the memory free on both sides at that moment: as many as fit go to
 the host, the first layers' stay on the GPU, and a step that fits neither side stops with one
 line saying how much each side has and what to change, before any layer has run. Pure
-arithmetic here; :mod:`qlora_plugin.fastpath.kernels.recompute` measures and applies it.
+arithmetic here (no torch import: ``qlora estimate`` makes the same split);
+:mod:`qlora_plugin.fastpath.kernels.recompute` measures and applies it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GIB = 1024**3
+# Host copies are made of pieces of at most this many bytes. torch's caching host allocator
+# rounds every pinned allocation up to a power of two: a 400,000-token layer input of the 8B
+# shape (3.3 GB) would take 4 GiB, 128 GiB for 32 layers. In 64 MiB pieces the rounding wastes
+# at most 64 MiB a tensor, and the pieces are reused from one step to the next.
+HOST_PIECE_BYTES = 64 * 1024**2
 # What the host keeps for everything else (the OS, the data loader, the trainer): pinned
 # allocations fail well before the last byte is taken.
 HOST_RESERVE_FRACTION = 0.10
