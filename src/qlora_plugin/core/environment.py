@@ -9,7 +9,7 @@ switch a check and a report:
 - ``QLORA_PACKED_ATTENTION=0``: packed rows left to transformers' masked attention;
 - ``QLORA_TILED_MLP=N``: a step's MLPs run tiled from N tokens (0: never);
 - ``QLORA_OFFLOAD_KEEP_LAYERS=K``: under offloaded recompute the first K layer inputs stay on the GPU;
-- ``QLORA_KEEP_MLP_LAYERS=K``: under recompute the first K layers keep their MLP's gate and up outputs;
+- ``QLORA_KEEP_MLP_LAYERS=K``: under recompute K layers (after the parked ones) keep their MLP's gate and up outputs;
 - ``QLORA_PARK_MLP_LAYERS=P``: under recompute P more layers (the first ones) keep them in pinned host memory;
 - ``QLORA_UNTESTED_PATCHES=1``: patches outside their tested versions are used anyway, with a warning;
 - ``QLORA_TRACEBACK=1``: a failed ``qlora`` command or Axolotl run shows the traceback too.
@@ -56,7 +56,7 @@ def read_knobs(environ: Mapping[str, str] | None = None) -> Knobs:
     tiled = _count(environ, TILED_MLP, "the MLPs tile from that many tokens (0: never)", problems)
     keep = _count(environ, OFFLOAD_KEEP_LAYERS, "the first that many layers keep their inputs on the GPU", problems)
     keep_mlp = _count(
-        environ, KEEP_MLP_LAYERS, "the first that many layers keep their MLP's gate and up outputs", problems
+        environ, KEEP_MLP_LAYERS, "that many layers keep their MLP's gate and up outputs on the GPU", problems
     )
     park_mlp = _count(
         environ, PARK_MLP_LAYERS, "that many more layers keep their MLP's gate and up outputs in host memory", problems

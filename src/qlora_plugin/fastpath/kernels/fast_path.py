@@ -40,9 +40,9 @@ class FastPathConfig:
     recompute_every: checkpoint every k-th decoder layer only (with "full"/"offload").
     offload_keep_layers: with "offload", the first this many checkpointed layers keep their
         inputs on the GPU (spares host memory; see ``recompute.set_recompute``).
-    keep_mlp_layers: with "full" or "offload", the first this many checkpointed layers keep their
-        MLP's gate and up outputs for the recompute instead of computing them again (memory for
-        time; see ``kept_outputs``).
+    keep_mlp_layers: with "full" or "offload", this many checkpointed layers (the first ones after
+        those of ``park_mlp_layers``) keep their MLP's gate and up outputs on the GPU for the
+        recompute instead of computing them again (memory for time; see ``kept_outputs``).
     park_mlp_layers: with "full" or "offload", this many more checkpointed layers (the first
         ones, before those of ``keep_mlp_layers``) keep those outputs in pinned host memory.
     fused_rope: Liger's rotary embedding on CUDA (swaps the modeling module's
