@@ -27,10 +27,6 @@ class HostCopy:
     device: torch.device
     copied: torch.cuda.Event | None
 
-    @property
-    def nbytes(self) -> int:
-        return self.like.numel() * self.like.element_size()
-
 
 def to_host(tensor: torch.Tensor, stream: torch.cuda.Stream | None, piece_bytes: int = HOST_PIECE_BYTES) -> HostCopy:
     """Start copying ``tensor`` to pinned host memory on ``stream`` after the work queued so far.
