@@ -63,8 +63,9 @@ Activations, per token and decoder layer, counted as the tensors autograd saves
   activations come back during its backward. The first ``keep_mlp_layers``
   recomputed layers also keep their MLP's gate and up outputs (``2 c`` x
   intermediate per token each), unless the MLP runs tiled; the ``park_mlp_layers``
-  before them keep theirs in pinned host memory (reported as ``host_parked``), one
-  layer's on its way back to the GPU at a time.
+  before them keep theirs in pinned host memory (counted in ``host_pinned``), one
+  layer's on its way back to the GPU at a time. With ``host_available`` (``--host-gib``),
+  the inputs the host cannot pin stay on the GPU, split as training splits them.
   With the tiled MLP, a layer keeps only the MLP's input per token (nothing of
   gate, up, their product or down_proj's input); one slice of :data:`TILED_MLP_ROWS`
   tokens holds those, and their gradient, during the MLP's backward
@@ -184,7 +185,10 @@ class TrainingPath:
     def __post_init__(self) -> None:
         if self.host_available is not None and (isinstance(self.host_available, bool) or self.host_available < 0):
             raise QLoRAConfigError(
-                "--host-gib", self.host_available, "must be a number >= 0", "pass the host's available memory in GiB"
+                "--host-gib",
+                self.host_available / GIB,
+                "must be a number >= 0",
+                "pass the host's available memory in GiB",
             )
         if self.host_available is not None and self.recompute != "offload":
             raise QLoRAConfigError(
