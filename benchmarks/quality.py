@@ -19,8 +19,9 @@ label scoring (the most likely label as the assistant's reply). Variants:
   first training rows, ranked by ``sensitivity.py``'s measure before any run starts) and
   ``qlora-plugin-keepv`` (``unquantized_modules=["v_proj"]``: every value projection, the kind
   ``sensitivity.py`` finds most sensitive on both real models; a rule a preset can carry);
-  ``qlora-plugin-loftq-bs32`` combines the two that each narrowed the gap in run 14 (not in the
-  default grid).
+  ``qlora-plugin-loftq-bs32`` combines the two that each narrowed the gap in run 14, and
+  ``qlora-plugin-loftq-keepv`` the LoftQ start (best after training) with every value projection in
+  16 bits (best before training) (neither in the default grid).
 
 A ``base`` row per model and task gives the bf16 base's own eval loss and zero-shot accuracy.
 For the first ``--merge-seeds`` seeds of each plugin variant the adapter is also merged with
@@ -84,10 +85,12 @@ VARIANTS = (
     "qlora-plugin-keep",
     "qlora-plugin-keepv",
     "qlora-plugin-loftq-bs32",
+    "qlora-plugin-loftq-keepv",
 )
 # TRL's path: run 9 measured it; the 6 most sensitive layers: v_proj layers, which keepv keeps all of;
-# LoftQ at block size 32: run 14's follow-up, named where wanted
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in ("trl-qlora", "qlora-plugin-keep", "qlora-plugin-loftq-bs32"))
+# LoftQ at block size 32 (run 15) and LoftQ with the value projections in 16 bits: follow-ups, named where wanted
+FOLLOW_UPS = ("trl-qlora", "qlora-plugin-keep", "qlora-plugin-loftq-bs32", "qlora-plugin-loftq-keepv")
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in FOLLOW_UPS)
 # The recipe fields of each plugin variant (qlora-plugin-keep's layers are found per model).
 PLUGIN_FIELDS: dict[str, dict[str, Any]] = {
     "qlora-plugin": {},
@@ -97,6 +100,8 @@ PLUGIN_FIELDS: dict[str, dict[str, Any]] = {
     "qlora-plugin-keep": {},
     "qlora-plugin-keepv": {"unquantized_modules": ["v_proj"]},  # every value projection (sensitivity.py)
     "qlora-plugin-loftq-bs32": {"adapter_init": "loftq", "blocksize": 32},  # the two that each narrowed the gap
+    # the LoftQ start (best after training) with the layers 4 bits hurt most left in 16 bits (best before)
+    "qlora-plugin-loftq-keepv": {"adapter_init": "loftq", "unquantized_modules": ["v_proj"]},
 }
 TASKS = ("sentiment", "reuters-r8")
 MODELS = ("smollm2-135m-instruct",)

@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"nf4-keep{args.top}": {"unquantized_modules": kept},
                 "nf4-keepv": {"unquantized_modules": ["v_proj"]},
                 "nf4-loftq-bs32": {"adapter_init": "loftq", "r": args.rank, "blocksize": 32},
+                "nf4-loftq-keepv": {"adapter_init": "loftq", "r": args.rank, "unquantized_modules": ["v_proj"]},
             },
             args.e2e_variants,
             reused.get("end_to_end") if reused else None,
