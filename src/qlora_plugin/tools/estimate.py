@@ -518,7 +518,8 @@ def estimate_memory(
     final_norm = c * dims.hidden + 4 if path.kernels else 4 * dims.hidden
     rope = 2 * a * dims.head_dim
     inputs = 3 * 8  # input ids, labels, shifted labels (int64)
-    on_gpu = min(IN_FLIGHT_OFFLOADED + path.offload_keep_layers + host_shortfall(path, dims, c * tokens), dims.layers)
+    stay = host_shortfall(path, dims, c * tokens)  # offloaded inputs the host cannot pin
+    on_gpu = min(IN_FLIGHT_OFFLOADED + path.offload_keep_layers + stay, dims.layers)
     kept_inputs = {"none": 0, "full": dims.layers, "offload": on_gpu}
     recomputed = (kept_inputs[path.recompute] * a * dims.hidden + final_norm + rope + inputs) * tokens
     mlp_outputs = 2 * c * dims.intermediate * tokens  # one layer's gate and up outputs
@@ -584,7 +585,6 @@ def estimate_memory(
         notes.append("no decoder layers found; activations may be far off")
     host_pinned = 0
     if path.recompute == "offload":
-        stay = host_shortfall(path, dims, c * tokens)
         offloaded = max(dims.layers - path.offload_keep_layers - stay, 0)
         host_pinned = offloaded * c * dims.hidden * tokens  # every offloaded layer input is copied out
         notes.append(f"offloaded recompute keeps {host_pinned / GIB:.1f} GiB of layer inputs in pinned host memory")
