@@ -118,8 +118,8 @@ def register(commands: Any) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="with --recompute full or offload: the first N layers keep their MLP's gate and up outputs for the "
-        "recompute (default QLORA_KEEP_MLP_LAYERS, else 0)",
+        help="with --recompute full or offload: N layers (after the parked ones) keep their MLP's gate and up "
+        "outputs on the GPU for the recompute (default QLORA_KEEP_MLP_LAYERS, else 0)",
     )
     path.add_argument(
         "--park-mlp-layers",
