@@ -21,6 +21,7 @@ from qlora_plugin.fastpath.kernels import (  # noqa: E402
     FastPathConfig,
     apply_fast_path,
     kept_outputs,  # noqa: E402
+    recompute,  # noqa: E402
 )
 from qlora_plugin.fastpath.kernels.dequant import dequantize_4bit  # noqa: E402
 from qlora_plugin.fastpath.kernels.kept_outputs import (  # noqa: E402
@@ -59,11 +60,21 @@ class _Counted:
                 module.__dict__["_qlora_layer_options"] = LayerOptions(dequant=dequant)
 
 
-def _model(checkpoint, *, keep: int, park: int = 0, recompute: str = "full", dropout: float = 0.0, tiled: bool = False):
+def _model(
+    checkpoint,
+    *,
+    keep: int,
+    park: int = 0,
+    recompute: str = "full",
+    dropout: float = 0.0,
+    tiled: bool = False,
+    own: bool = True,
+):
     model = lora(load_4bit(checkpoint), stock=False, dropout=dropout)
     config = FastPathConfig(
         compute_dtype=torch.float32,
         recompute=recompute,
+        own_recompute=own,
         keep_mlp_layers=keep,
         park_mlp_layers=park,
         tiled_mlp_min_tokens=64 if tiled else 0,
@@ -93,11 +104,12 @@ def _assert_same(got, want, tol: float) -> None:
         assert rel_err(got[1][key], want[1][key]) <= tol, key
 
 
+@pytest.mark.parametrize("own", [True, False], ids=["own-recompute", "torch-checkpoint"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("keep", [1, 2])
-def test_kept_gate_and_up_give_the_recomputed_loss_and_gradients(checkpoint, keep, dropout) -> None:
-    recomputing, plain = _model(checkpoint, keep=0, dropout=dropout)
-    keeping, counted = _model(checkpoint, keep=keep, dropout=dropout)
+def test_kept_gate_and_up_give_the_recomputed_loss_and_gradients(checkpoint, keep, dropout, own) -> None:
+    recomputing, plain = _model(checkpoint, keep=0, dropout=dropout, own=own)
+    keeping, counted = _model(checkpoint, keep=keep, dropout=dropout, own=own)
     want = _step(recomputing)
     got = _step(keeping)
     _assert_same(got, want, tol=1e-6)
@@ -122,7 +134,8 @@ def stores(monkeypatch) -> list[KeptOutputs]:
             super().__init__(lot)
             made.append(self)
 
-    monkeypatch.setattr(kept_outputs, "KeptOutputs", Recorded)
+    monkeypatch.setattr(kept_outputs, "KeptOutputs", Recorded)  # torch's checkpoint's contexts make them here
+    monkeypatch.setattr(recompute, "KeptOutputs", Recorded)  # the plugin's own recompute, here
     return made
 
 
@@ -171,8 +184,9 @@ def test_parked_outputs_wait_on_the_host_and_the_previous_call_comes_back_early(
     assert all(not (s.outputs or s.parked or s.arriving) for s in stores)
 
 
+@pytest.mark.parametrize("own", [True, False], ids=["own-recompute", "torch-checkpoint"])
 @pytest.mark.parametrize("between", ["grad", "no-grad"])
-def test_a_second_forward_before_the_backward_does_not_lend_its_outputs(checkpoint, between) -> None:
+def test_a_second_forward_before_the_backward_does_not_lend_its_outputs(checkpoint, between, own) -> None:
     """Two forwards of the same shape, then the first one's backward (or a no-grad pass in between).
 
     The first backward's recompute must take the first forward's outputs, not the second's.
@@ -194,9 +208,9 @@ def test_a_second_forward_before_the_backward_does_not_lend_its_outputs(checkpoi
             loss.backward()
         return float(loss.detach()), lora_grads(model)
 
-    want = losses(_model(checkpoint, keep=0, dropout=0.1)[0])
+    want = losses(_model(checkpoint, keep=0, dropout=0.1, own=own)[0])
     for keep, park in ((2, 0), (1, 1)):
-        keeping, counted = _model(checkpoint, keep=keep, park=park, dropout=0.1)
+        keeping, counted = _model(checkpoint, keep=keep, park=park, dropout=0.1, own=own)
         _assert_same(losses(keeping), want, tol=1e-6)
         # per layer: each grad forward dequantizes in forward and backward (its recompute reuses), the
         # no-grad pass once
@@ -289,9 +303,9 @@ def test_the_knob_reaches_the_fast_path_config(monkeypatch) -> None:
 def test_kept_outputs_under_offloaded_recompute_on_cuda(tmp_path, dropout) -> None:
     path = tiny_llama_checkpoint(tmp_path / "llama")
 
-    def step(keep: int, park: int = 0, recompute: str = "offload"):
+    def step(keep: int, park: int = 0, recompute: str = "offload", own: bool = True):
         m = lora(load_4bit(path, device="cuda"), stock=False, dropout=dropout)
-        config = FastPathConfig(recompute=recompute, keep_mlp_layers=keep, park_mlp_layers=park)
+        config = FastPathConfig(recompute=recompute, keep_mlp_layers=keep, park_mlp_layers=park, own_recompute=own)
         assert apply_fast_path(m, config=config).mlp_outputs_parked == park
         m.train()
         batch = torch.randint(0, VOCAB // 4, (2, SEQ), generator=torch.Generator().manual_seed(11)).cuda()
@@ -306,3 +320,7 @@ def test_kept_outputs_under_offloaded_recompute_on_cuda(tmp_path, dropout) -> No
     _assert_same(step(1, park=1), want, tol=1e-6)
     _assert_same(step(0, park=2), want, tol=1e-6)
     _assert_same(step(0, park=2, recompute="full"), step(0, recompute="full"), tol=1e-6)
+    # the plugin's own recompute against torch's checkpoint, inputs on the GPU and offloaded
+    for mode in ("full", "offload"):
+        _assert_same(step(0, recompute=mode), step(0, recompute=mode, own=False), tol=1e-6)
+        _assert_same(step(2, recompute=mode), step(0, recompute=mode, own=False), tol=1e-6)

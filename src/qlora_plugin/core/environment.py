@@ -11,6 +11,7 @@ switch a check and a report:
 - ``QLORA_OFFLOAD_KEEP_LAYERS=K``: under offloaded recompute the first K layer inputs stay on the GPU;
 - ``QLORA_KEEP_MLP_LAYERS=K``: under recompute K layers (after the parked ones) keep their MLP's gate and up outputs;
 - ``QLORA_PARK_MLP_LAYERS=P``: under recompute P more layers (the first ones) keep them in pinned host memory;
+- ``QLORA_TORCH_CHECKPOINT=1``: recompute through torch's non-reentrant checkpoint, not the plugin's own function;
 - ``QLORA_UNTESTED_PATCHES=1``: patches outside their tested versions are used anyway, with a warning;
 - ``QLORA_TRACEBACK=1``: a failed ``qlora`` command or Axolotl run shows the traceback too.
 """
@@ -28,6 +29,7 @@ TILED_MLP = "QLORA_TILED_MLP"
 OFFLOAD_KEEP_LAYERS = "QLORA_OFFLOAD_KEEP_LAYERS"
 KEEP_MLP_LAYERS = "QLORA_KEEP_MLP_LAYERS"
 PARK_MLP_LAYERS = "QLORA_PARK_MLP_LAYERS"
+TORCH_CHECKPOINT = "QLORA_TORCH_CHECKPOINT"
 UNTESTED_PATCHES = "QLORA_UNTESTED_PATCHES"
 TRACEBACK = "QLORA_TRACEBACK"
 
@@ -46,6 +48,7 @@ class Knobs:
     offload_keep_layers: int = 0
     keep_mlp_layers: int = 0
     park_mlp_layers: int = 0
+    torch_checkpoint: bool = False
     problems: tuple[str, ...] = ()
 
 
@@ -69,6 +72,7 @@ def read_knobs(environ: Mapping[str, str] | None = None) -> Knobs:
         offload_keep_layers=keep or 0,
         keep_mlp_layers=keep_mlp or 0,
         park_mlp_layers=park_mlp or 0,
+        torch_checkpoint=environ.get(TORCH_CHECKPOINT) == "1",
         problems=tuple(problems),
     )
 

@@ -32,8 +32,8 @@ def kernel_config(
     replaces returns (see ``FastPathConfig``); ``host_kernels``: the trainer's own LoRA kernels
     that are on. The recompute mode is the run's; CUDA graphs go on at the speed point (recompute
     "none") unless the knobs say otherwise, as do packed attention, the tiled-MLP threshold, the layer
-    inputs kept on the GPU under offloaded recompute and the MLP outputs kept for the recompute
-    (:class:`qlora_plugin.core.environment.Knobs`).
+    inputs kept on the GPU under offloaded recompute, the MLP outputs kept for the recompute and
+    which function recomputes (:class:`qlora_plugin.core.environment.Knobs`).
     """
     device = device or context.device
     host_kernels = tuple(host_kernels)
@@ -54,5 +54,6 @@ def kernel_config(
         offload_keep_layers=knobs.offload_keep_layers if mode == "offload" else 0,
         keep_mlp_layers=knobs.keep_mlp_layers if mode in ("full", "offload") else 0,
         park_mlp_layers=knobs.park_mlp_layers if mode in ("full", "offload") and device == "cuda" else 0,
+        own_recompute=not knobs.torch_checkpoint,
         skip_lora=tuple(name for key in host_kernels for name in HOST_KERNEL_LAYERS.get(key, ())),
     )

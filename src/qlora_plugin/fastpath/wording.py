@@ -75,6 +75,7 @@ def describe(
         loss,
         f"RMSNorm on {result.norms_patched}, SwiGLU on {result.mlps_patched}, RoPE on {result.rope_patched} modules",
         f"recompute '{config.recompute}' (gradient_checkpointing={recipe.gradient_checkpointing!r})"
+        + (", by the plugin's own function (no graph in forward)" if getattr(result, "own_recompute", False) else "")
         + (
             f", the first {config.offload_keep_layers} layer inputs kept on the GPU"
             if getattr(config, "offload_keep_layers", 0)

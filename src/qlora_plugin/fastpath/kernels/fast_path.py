@@ -16,7 +16,7 @@ from qlora_plugin.fastpath.kernels.kept_outputs import layers_keeping_mlp_output
 from qlora_plugin.fastpath.kernels.layers import patch_norms_and_mlps, patch_rope, patched_mlps
 from qlora_plugin.fastpath.kernels.lora_linear import LayerOptions, patch_lora_4bit_layers
 from qlora_plugin.fastpath.kernels.losses import patch_causal_lm_loss
-from qlora_plugin.fastpath.kernels.recompute import set_recompute
+from qlora_plugin.fastpath.kernels.recompute import own_recompute_serves, set_recompute
 from qlora_plugin.fastpath.kernels.tiled_mlp import TiledMLPOptions, enable_tiled_mlp
 from qlora_plugin.fastpath.tiling_defaults import TILED_MLP_MIN_TOKENS, TILED_MLP_ROWS
 
@@ -45,6 +45,9 @@ class FastPathConfig:
         recompute instead of computing them again (memory for time; see ``kept_outputs``).
     park_mlp_layers: with "full" or "offload", this many more checkpointed layers (the first
         ones, before those of ``keep_mlp_layers``) keep those outputs in pinned host memory.
+    own_recompute: with "full" or "offload", recompute through the plugin's own autograd function
+        where it serves (one process, no router logits; ``recompute.own_recompute_serves``) instead
+        of torch's non-reentrant checkpoint: the same gradients, less work on the host thread.
     fused_rope: Liger's rotary embedding on CUDA (swaps the modeling module's
         ``apply_rotary_pos_emb`` for a dispatching function with the same math).
     cuda_graphs: replay the decoder layers as CUDA graphs when batches keep one shape
@@ -75,6 +78,7 @@ class FastPathConfig:
     offload_keep_layers: int = 0
     keep_mlp_layers: int = 0
     park_mlp_layers: int = 0
+    own_recompute: bool = True
     fused_rope: bool = True
     cuda_graphs: bool = False
     triton_dequant: bool = False
@@ -102,6 +106,7 @@ class FastPathReport:
     tiled_mlps: int = 0
     mlp_outputs_kept: int = 0
     mlp_outputs_parked: int = 0
+    own_recompute: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -161,7 +166,9 @@ def apply_fast_path(
         keep_on_gpu=cfg.offload_keep_layers,
         keep_mlp_layers=cfg.keep_mlp_layers,
         park_mlp_layers=cfg.park_mlp_layers,
+        own=cfg.own_recompute,
     )
+    report.own_recompute = bool(report.layers_recomputed) and cfg.own_recompute and own_recompute_serves(lm)
     report.mlp_outputs_kept = layers_keeping_mlp_outputs(lm)
     report.mlp_outputs_parked = layers_keeping_mlp_outputs(lm, parked=True)
     if cfg.cuda_graphs and cfg.recompute == "none":

@@ -4,8 +4,9 @@ inputs parked in pinned CPU memory.
 ``set_recompute(model, "none" | "full" | "offload", every=1)`` drives transformers'
 ``GradientCheckpointingLayer`` switches directly:
 * ``none``: no recompute (fastest; activations of every layer stay on the GPU);
-* ``full``: non-reentrant checkpoint of every ``every``-th layer (its input is kept,
-  the rest recomputed in backward);
+* ``full``: every ``every``-th layer keeps only its input and is recomputed in backward; in one
+  process through the plugin's own function, whose forward builds no autograd graph (lighter on
+  the host thread than torch's non-reentrant checkpoint, which serves otherwise);
 * ``offload``: like ``full``, but each kept input is copied to pinned host memory on a
   side stream during forward (in pieces of at most :data:`HOST_PIECE_BYTES`) and brought
   back, one layer ahead, during backward. Where the host has no room for a step's inputs,
@@ -19,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -103,36 +105,83 @@ class _HostStash:
         return wait_for(dev, ready)
 
 
-class _OffloadedCheckpoint(torch.autograd.Function):
+class _NotATensor(TypeError):
+    """A layer returned something other than one tensor, which :class:`_RecomputedLayer` cannot pass on."""
+
+
+@dataclass(frozen=True)
+class _ForwardState:
+    """What a layer's forward ran under that its recompute must run under too: the random streams
+    (LoRA dropout draws the same masks) and autocast (the same ops run in the same dtypes)."""
+
+    device: torch.device
+    cpu_rng: torch.Tensor
+    device_rng: torch.Tensor | None
+    autocast: tuple[tuple[str, bool, torch.dtype], ...]
+    autocast_cache: bool
+
+    @classmethod
+    def capture(cls, device: torch.device) -> _ForwardState:
+        kinds = sorted({device.type, "cpu"})
+        return cls(
+            device=device,
+            cpu_rng=torch.get_rng_state(),
+            device_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            autocast=tuple((kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) for kind in kinds),
+            autocast_cache=torch.is_autocast_cache_enabled(),
+        )
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        devices = [self.device] if self.device_rng is not None else []
+        with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as autocasts:
+            torch.set_rng_state(self.cpu_rng)
+            if self.device_rng is not None:
+                torch.cuda.set_rng_state(self.device_rng, self.device)
+            for kind, enabled, dtype in self.autocast:
+                autocasts.enter_context(
+                    torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=self.autocast_cache)
+                )
+            yield
+
+
+class _RecomputedLayer(torch.autograd.Function):
+    """A checkpointed decoder layer: its forward runs without an autograd graph, and again with one
+    in backward, from its input kept on the device (``stash`` None) or parked in pinned host memory.
+
+    torch's non-reentrant checkpoint builds the forward's graph and drops what it saves through
+    hooks, one call per saved tensor; skipping both is what makes this cheaper on the host thread.
+    """
+
     @staticmethod
     def forward(
         ctx: Any,
         run: Callable[[torch.Tensor], torch.Tensor],
-        stash: _HostStash,
+        stash: _HostStash | None,
         keeps: bool,
         lot: ParkingLot | None,
         hidden: torch.Tensor,
     ) -> torch.Tensor:
         kept = KeptOutputs(lot) if keeps else None
         ctx.run, ctx.stash, ctx.kept, ctx.device = run, stash, kept, hidden.device
-        ctx.key = stash.put(hidden.detach())
-        ctx.rng = torch.cuda.get_rng_state(hidden.device)
-        ctx.cpu_rng = torch.get_rng_state()
+        if stash is None:
+            ctx.save_for_backward(hidden)
+        else:
+            ctx.key = stash.put(hidden.detach())
+        ctx.state = _ForwardState.capture(hidden.device)
         with torch.no_grad(), kept.keeping() if kept is not None else contextlib.nullcontext():
             out = run(hidden)
         if not isinstance(out, torch.Tensor):
-            raise TypeError("offloaded recompute needs decoder layers that return a tensor")
+            raise _NotATensor(f"recompute without a graph needs layers that return a tensor, not {type(out).__name__}")
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None, None, torch.Tensor]:
-        hidden = ctx.stash.take(ctx.key, ctx.device).detach().requires_grad_(True)
+        saved = ctx.saved_tensors[0] if ctx.stash is None else ctx.stash.take(ctx.key, ctx.device)
+        hidden = saved.detach().requires_grad_(True)
         reusing = ctx.kept.reusing() if ctx.kept is not None else contextlib.nullcontext()
-        with torch.random.fork_rng(devices=[ctx.device]):
-            torch.cuda.set_rng_state(ctx.rng, ctx.device)
-            torch.set_rng_state(ctx.cpu_rng)
-            with torch.enable_grad(), reusing:
-                out = ctx.run(hidden)
+        with ctx.state.restored(), torch.enable_grad(), reusing:
+            out = ctx.run(hidden)
         torch.autograd.backward(out, grad)
         return None, None, None, None, hidden.grad
 
@@ -146,23 +195,64 @@ def _checkpoint(keeps: bool, lot: ParkingLot | None, run: Callable[..., Any], hi
     return checkpoint(run, hidden, *rest, use_reentrant=False, context_fn=contexts)
 
 
-def _offloaded_checkpoint(
-    stash: _HostStash,
-    index: int,
-    keeps: bool,
-    lot: ParkingLot | None,
-    run: Callable[..., Any],
-    hidden: torch.Tensor,
-    *rest: Any,
-) -> Any:
-    if not torch.is_grad_enabled():
-        return run(hidden, *rest)
-    if stash.keeps_on_gpu(index, hidden):
-        return _checkpoint(keeps, lot, run, hidden, *rest)
-    fn = run if not rest else (lambda h: run(h, *rest))
-    if not hidden.requires_grad:  # e.g. the first layer under a frozen embedding: stay on the graph
-        hidden = hidden.detach().requires_grad_(True)
-    return _OffloadedCheckpoint.apply(fn, stash, keeps, lot, hidden)
+def _needs_graph(run: Callable[..., Any], rest: tuple[Any, ...]) -> bool:
+    """Whether an argument besides the hidden states wants a gradient (positional or bound to ``run``,
+    in a tuple or list too): those only torch's checkpoint passes one back to."""
+    keywords = run.keywords.values() if isinstance(run, functools.partial) else ()
+    for value in (*rest, *keywords):
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(item, torch.Tensor) and item.requires_grad for item in items):
+            return True
+    return False
+
+
+class _LayerCheckpoint:
+    """What one checkpointed decoder layer runs in training in place of its forward (transformers
+    calls it with the layer's bound forward and positional arguments).
+
+    ``own``: recompute through :class:`_RecomputedLayer` where it can (else torch's checkpoint);
+    ``stash``/``index``: offloaded recompute, this layer being the ``index``-th offloaded one of a step.
+    """
+
+    def __init__(
+        self,
+        keeps: bool,
+        lot: ParkingLot | None,
+        *,
+        own: bool,
+        stash: _HostStash | None = None,
+        index: int = 0,
+    ) -> None:
+        self.keeps, self.lot, self.own, self.stash, self.index = keeps, lot, own, stash, index
+
+    def __call__(self, run: Callable[..., Any], hidden: torch.Tensor, *rest: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return run(hidden, *rest)
+        offloaded = self.stash is not None and not self.stash.keeps_on_gpu(self.index, hidden)
+        if not (offloaded or self.own) or _needs_graph(run, rest):
+            return _checkpoint(self.keeps, self.lot, run, hidden, *rest)
+        fn = run if not rest else (lambda h: run(h, *rest))
+        if not hidden.requires_grad:  # e.g. the first layer under a frozen embedding: stay on the graph
+            hidden = hidden.detach().requires_grad_(True)
+        stash = self.stash if offloaded else None
+        try:
+            return _RecomputedLayer.apply(fn, stash, self.keeps, self.lot, hidden)
+        except _NotATensor:
+            if offloaded:
+                raise
+            self.own = False  # this layer's outputs are not one tensor: torch's checkpoint from now on
+            return _checkpoint(self.keeps, self.lot, run, hidden, *rest)
+
+
+def own_recompute_serves(model: nn.Module) -> bool:
+    """Whether :class:`_RecomputedLayer` may recompute ``model``'s layers: in one process only (DDP and
+    FSDP hook the graph a layer's forward builds), and not where the loss reads what a forward hook
+    inside a layer records (router logits for the experts' balancing loss), which a forward without a
+    graph would leave without a gradient."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        return False
+    return not getattr(getattr(model, "config", None), "output_router_logits", False)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -180,6 +270,7 @@ def set_recompute(
     keep_on_gpu: int = 0,
     keep_mlp_layers: int = 0,
     park_mlp_layers: int = 0,
+    own: bool = True,
 ) -> int:
     """Set what each decoder layer recomputes in backward; returns the layers checkpointed.
 
@@ -192,6 +283,8 @@ def set_recompute(
     MLP's gate and up outputs on the GPU for the recompute instead of computing them again
     (:mod:`qlora_plugin.fastpath.kernels.kept_outputs`); ``park_mlp_layers`` more keep them in
     pinned host memory: those come first, the ``keep_mlp_layers`` on the GPU after them.
+    With ``own`` (and see :func:`own_recompute_serves`), layers whose inputs stay on the GPU recompute
+    through the plugin's own function instead of torch's checkpoint: same gradients, less host work.
     """
     if mode not in MODES:
         raise ValueError(f"recompute mode must be one of {MODES}, got {mode!r}")
@@ -210,17 +303,20 @@ def set_recompute(
             raise ValueError("offloaded recompute needs the model on a CUDA device")
         checkpointed = sum(1 for i in range(len(layers)) if i % every == 0)
         stash = _HostStash(device, max(checkpointed - keep_on_gpu, 0))
+    own = own and own_recompute_serves(model)
     n = 0
     layer: Any  # transformers' GradientCheckpointingLayer: its checkpointing attributes are plain ones
     for i, layer in enumerate(layers):
         on = mode != "none" and i % every == 0
-        layer_keeps = on and keeps[n]
+        offloaded = on and stash is not None and n >= keep_on_gpu
         layer.gradient_checkpointing = on
-        layer._gradient_checkpointing_func = functools.partial(_checkpoint, layer_keeps, lot)
-        if on and stash is not None and n >= keep_on_gpu:
-            layer._gradient_checkpointing_func = functools.partial(
-                _offloaded_checkpoint, stash, n - keep_on_gpu, layer_keeps, lot
-            )
+        layer._gradient_checkpointing_func = _LayerCheckpoint(
+            on and keeps[n],
+            lot,
+            own=own,
+            stash=stash if offloaded else None,
+            index=n - keep_on_gpu,
+        )
         n += int(on)
     # The top-level flags transformers also reads (e.g. to drop the KV cache in training).
     m: Any
