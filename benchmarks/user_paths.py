@@ -52,6 +52,10 @@ ROWS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "default-park-32": ("qlora-plugin-default", {}, {"park_mlp_layers": 32}),
     "memory-park-16": ("qlora-plugin-memory", {}, {"park_mlp_layers": 16}),
     "memory-park-32": ("qlora-plugin-memory", {}, {"park_mlp_layers": 32}),
+    # torch's non-reentrant checkpoint in place of the plugin's own recompute (QLORA_TORCH_CHECKPOINT=1;
+    # section 19): what the own function buys the snippet and the user's own config
+    "default-torch-checkpoint": ("qlora-plugin-default", {}, {"own_recompute": False}),
+    "own-config-torch-checkpoint": ("qlora-plugin-own-config", {}, {"own_recompute": False}),
 }
 
 # (shape, steps, warmup): 8B steps take about a second
@@ -131,6 +135,7 @@ SYSTEM = {
     "default-keep-mlp-8": "plugin: README snippet, 8 layers keep gate/up",
     "default-keep-mlp-14": "plugin: README snippet, 14 layers keep gate/up",
     "default-keep-mlp-32": "plugin: README snippet, every layer keeps gate/up",
+    "default-torch-checkpoint": "plugin: README snippet, torch's checkpoint",
 }
 
 
