@@ -213,3 +213,43 @@ def test_the_fast_path_line_says_which_function_recomputes(checkpoint):
         report = apply_fast_path(lora(load_4bit(checkpoint), stock=False), config=config)
         line = describe(report, config, recipe, "loss", ())
         assert ("by the plugin's own function" in line) is own, line
+
+
+def _architecture_grads(name: str, *, own: bool | None, dropout: float) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient of a two-layer ``name`` model after one step (``own`` None: no recompute)."""
+    from architectures import configs
+
+    from qlora_plugin.build.models import auto_class
+
+    config = configs()[name]
+    text = getattr(config, "text_config", config)
+    for field in ("num_hidden_layers", "n_layer"):
+        if hasattr(text, field):
+            setattr(text, field, 2)
+    if getattr(text, "layer_types", None):  # one attention kind per layer, made for the config's one layer
+        text.layer_types = [text.layer_types[0]] * 2
+    for field in ("hidden_dropout", "attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(text, field):
+            setattr(text, field, dropout)
+    torch.manual_seed(0)
+    model = auto_class(config).from_config(config).train()
+    set_recompute(model, "none" if own is None else "full", own=bool(own))
+    batch = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(1)
+    model(input_ids=batch, labels=batch).loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "name", ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox", "mixtral", "qwen2_moe"]
+)
+def test_every_architecture_gets_torch_checkpoints_gradients(name):
+    """Each architecture the tests pin down, dropout on where it has one: the same gradients."""
+    want = _architecture_grads(name, own=False, dropout=0.2)
+    got = _architecture_grads(name, own=True, dropout=0.2)
+    assert got.keys() == want.keys() and any(".0." in k for k in want) and any(".1." in k for k in want)
+    for key in want:
+        assert rel_err(got[key], want[key]) <= 1e-5, key
+    plain = _architecture_grads(name, own=None, dropout=0.0)  # and without dropout, recompute's own gradients
+    for key, value in _architecture_grads(name, own=True, dropout=0.0).items():
+        assert rel_err(value, plain[key]) <= 1e-5, key
