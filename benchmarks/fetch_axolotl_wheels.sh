@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Download (here, with network) the wheels that `axolotl train` needs on the GPU image beyond
-# what it holds, into .whl/axolotl/ of the repo root; .whl/ (benchmarks/fetch_wheels.sh) already
+# what it holds, into .whl/axolotl/ of the repo root; .whl/pinned (benchmarks/fetch_wheels.sh pinned)
 # has bitsandbytes, trl, liger-kernel, datasets, dill, multiprocess, and nothing here repeats them.
 # The set is what a LoRA/QLoRA SFT run with the plugin imports (traced, then checked in a venv
 # holding only the image's packages): Axolotl, its top-level imports (pydantic, addict, fire,
 # python-dotenv, evaluate, posthog, fastcore, wandb) and what those import that the image lacks.
-# Install all of .whl/*.whl and .whl/axolotl/*.whl in ONE `pip install --target` call: axolotl and
+# Install all of .whl/pinned/*.whl and .whl/axolotl/*.whl in ONE `pip install --target` call: axolotl and
 # axolotl-contribs-lgpl share the axolotl/ folder, and a second --upgrade call would replace it.
 # axolotl-contribs-lgpl is published as an sdist only: it is built here into a pure-Python wheel.
 # wandb is imported at top level by axolotl.utils.callbacks but never started without use_wandb:
@@ -30,4 +30,4 @@ if [ "${KEEP_WANDB_BIN:-0}" != 1 ]; then
   zip -q -d "$dest"/wandb-0.31.0-*.whl 'wandb/bin/*' || true
 fi
 ls -la "$dest"
-du -ch .whl/*.whl "$dest"/*.whl | tail -1
+du -ch "$dest"/*.whl | tail -1
