@@ -1,8 +1,10 @@
 """Every ``QLORA_*`` environment variable the package reads, read here and nowhere else.
 
 The run's tuning knobs (:class:`Knobs`) are read when a run context is made
-(:func:`qlora_plugin.build.context.make_context`) and by ``qlora estimate``; the other two
-switch a check and a report:
+(:func:`qlora_plugin.build.context.make_context`) and by ``qlora estimate``; the last two below
+switch a check and a report. Switches take 1 or 0 (also true/false, yes/no, on/off, any case),
+counts a whole number >= 0; a knob's value that is neither is reported (``Knobs.problems``, one
+line naming the variable and its value) and its default used.
 
 - ``QLORA_FAST_PATH_ON_CPU=1``: the fast path's PyTorch references on a CPU (for tests);
 - ``QLORA_CUDA_GRAPHS=0``: no CUDA graphs at the speed point (recompute "none");
@@ -65,26 +67,47 @@ def read_knobs(environ: Mapping[str, str] | None = None) -> Knobs:
         environ, PARK_MLP_LAYERS, "that many more layers keep their MLP's gate and up outputs in host memory", problems
     )
     return Knobs(
-        fast_path_on_cpu=environ.get(FAST_PATH_ON_CPU) == "1",
-        cuda_graphs=environ.get(CUDA_GRAPHS, "1") != "0",
-        packed_attention=environ.get(PACKED_ATTENTION, "1") != "0",
+        fast_path_on_cpu=_switch(environ, FAST_PATH_ON_CPU, False, "the fast path's references on a CPU", problems),
+        cuda_graphs=_switch(environ, CUDA_GRAPHS, True, "CUDA graphs at the speed point", problems),
+        packed_attention=_switch(environ, PACKED_ATTENTION, True, "packed rows attended per sequence", problems),
         tiled_mlp_min_tokens=tiled,
         offload_keep_layers=keep or 0,
         keep_mlp_layers=keep_mlp or 0,
         park_mlp_layers=park_mlp or 0,
-        torch_checkpoint=environ.get(TORCH_CHECKPOINT) == "1",
+        torch_checkpoint=_switch(environ, TORCH_CHECKPOINT, False, "torch's checkpoint for the recompute", problems),
         problems=tuple(problems),
     )
 
 
+ON = ("1", "true", "yes", "on")
+OFF = ("0", "false", "no", "off")
+
+
 def untested_patches_allowed() -> bool:
-    """True when ``QLORA_UNTESTED_PATCHES=1`` lets patches run outside their tested versions."""
-    return os.environ.get(UNTESTED_PATCHES) == "1"
+    """True when ``QLORA_UNTESTED_PATCHES=1`` (or true, yes, on) lets patches run outside their tested versions."""
+    return os.environ.get(UNTESTED_PATCHES, "").strip().lower() in ON
 
 
 def show_traceback() -> bool:
-    """True when ``QLORA_TRACEBACK`` asks for the traceback of a failed command or run."""
-    return bool(os.environ.get(TRACEBACK))
+    """True when ``QLORA_TRACEBACK`` asks for the traceback of a failed command or run (any value but 0,
+    false, no or off)."""
+    value = os.environ.get(TRACEBACK, "").strip().lower()
+    return bool(value) and value not in OFF
+
+
+def _switch(environ: Mapping[str, str], name: str, default: bool, meaning: str, problems: list[str]) -> bool:
+    """On or off from ``name`` (1/0, true/false, yes/no, on/off, any case); ``default`` where unset, or
+    where unreadable (a line in ``problems``)."""
+    value = environ.get(name, "").strip()
+    if not value:
+        return default
+    if value.lower() in ON:
+        return True
+    if value.lower() in OFF:
+        return False
+    state = "on" if default else "off"
+    problems.append(f"{name}={value!r} is not 1 or 0 ({meaning}); using the default ({state})")
+    return default
 
 
 def _count(environ: Mapping[str, str], name: str, meaning: str, problems: list[str]) -> int | None:
