@@ -10,6 +10,8 @@ than a tensor, router logits read by the loss, several processes).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from _tiny_qlora import VOCAB, load_4bit, lora, lora_grads, rel_err, tiny_llama_checkpoint
@@ -253,3 +255,24 @@ def test_every_architecture_gets_torch_checkpoints_gradients(name):
     plain = _architecture_grads(name, own=None, dropout=0.0)  # and without dropout, recompute's own gradients
     for key, value in _architecture_grads(name, own=True, dropout=0.0).items():
         assert rel_err(value, plain[key]) <= 1e-5, key
+
+
+def _serves_in_group(rank: int, init: str, answers: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        Path(answers, f"{rank}.txt").write_text(str(own_recompute_serves(_plain_llama())))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_several_processes_keep_torchs_checkpoint(tmp_path):
+    """DDP and FSDP hook the graph a layer's forward builds: with two ranks the own function stands aside."""
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_serves_in_group, args=(init, str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"{rank}.txt").read_text() for rank in (0, 1)] == ["False", "False"]
+    assert own_recompute_serves(_plain_llama())  # this process, in no group
