@@ -122,3 +122,12 @@ def test_unset_or_unknown_process_switches_stay_safe():
     with mock.patch.dict(os.environ, {environment.UNTESTED_PATCHES: "maybe", environment.TRACEBACK: "full"}):
         assert not untested_patches_allowed()  # patches outside their versions only when asked plainly
         assert show_traceback()  # any other word asks for more output, which harms nothing
+
+
+def test_the_docs_table_names_every_variable():
+    """docs/fast-path.md's knob table: one row per variable the package reads."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "fast-path.md").read_text()
+    rows = {line.split("`")[1] for line in text.splitlines() if line.startswith("| `QLORA_")}
+    assert rows == set(SWITCHES) | set(COUNTS) | {environment.UNTESTED_PATCHES, environment.TRACEBACK}
