@@ -276,3 +276,13 @@ def test_several_processes_keep_torchs_checkpoint(tmp_path):
     mp.spawn(_serves_in_group, args=(init, str(tmp_path)), nprocs=2, join=True)
     assert [(tmp_path / f"{rank}.txt").read_text() for rank in (0, 1)] == ["False", "False"]
     assert own_recompute_serves(_plain_llama())  # this process, in no group
+
+
+def test_the_report_says_own_recompute_only_where_it_was_set(checkpoint, monkeypatch):
+    """Outside transformers' tested versions the layers keep their own switches: nothing to report."""
+    monkeypatch.setattr(recompute, "allowed", lambda name: name != "transformers-checkpointing-layers")
+    model = lora(load_4bit(checkpoint), stock=False)
+    model.get_base_model().gradient_checkpointing_enable()  # transformers' own switches: torch's checkpoint
+    config = FastPathConfig(compute_dtype=torch.float32, recompute="full", own_recompute=True)
+    report = apply_fast_path(model, config=config)
+    assert report.layers_recomputed == 2 and report.own_recompute is False

@@ -16,7 +16,7 @@ from qlora_plugin.fastpath.kernels.kept_outputs import layers_keeping_mlp_output
 from qlora_plugin.fastpath.kernels.layers import patch_norms_and_mlps, patch_rope, patched_mlps
 from qlora_plugin.fastpath.kernels.lora_linear import LayerOptions, patch_lora_4bit_layers
 from qlora_plugin.fastpath.kernels.losses import patch_causal_lm_loss
-from qlora_plugin.fastpath.kernels.recompute import own_recompute_serves, set_recompute
+from qlora_plugin.fastpath.kernels.recompute import layers_recomputed_without_graph, set_recompute
 from qlora_plugin.fastpath.kernels.tiled_mlp import TiledMLPOptions, enable_tiled_mlp
 from qlora_plugin.fastpath.tiling_defaults import TILED_MLP_MIN_TOKENS, TILED_MLP_ROWS
 
@@ -168,7 +168,7 @@ def apply_fast_path(
         park_mlp_layers=cfg.park_mlp_layers,
         own=cfg.own_recompute,
     )
-    report.own_recompute = bool(report.layers_recomputed) and cfg.own_recompute and own_recompute_serves(lm)
+    report.own_recompute = layers_recomputed_without_graph(lm) > 0
     report.mlp_outputs_kept = layers_keeping_mlp_outputs(lm)
     report.mlp_outputs_parked = layers_keeping_mlp_outputs(lm, parked=True)
     if cfg.cuda_graphs and cfg.recompute == "none":

@@ -255,6 +255,17 @@ def own_recompute_serves(model: nn.Module) -> bool:
     return not getattr(getattr(model, "config", None), "output_router_logits", False)
 
 
+def layers_recomputed_without_graph(model: nn.Module) -> int:
+    """How many of ``model``'s checkpointed layers :class:`_RecomputedLayer` serves (not torch's checkpoint)."""
+    count = 0
+    for layer in decoder_layers(model):
+        recompute = getattr(layer, "_gradient_checkpointing_func", None)
+        on = getattr(layer, "gradient_checkpointing", False)
+        if on and isinstance(recompute, _LayerCheckpoint) and recompute.own:
+            count += 1
+    return count
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks that transformers can checkpoint, in order."""
     from transformers.modeling_layers import GradientCheckpointingLayer
