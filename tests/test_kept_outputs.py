@@ -21,7 +21,6 @@ from qlora_plugin.fastpath.kernels import (  # noqa: E402
     FastPathConfig,
     apply_fast_path,
     kept_outputs,  # noqa: E402
-    recompute,  # noqa: E402
 )
 from qlora_plugin.fastpath.kernels.dequant import dequantize_4bit  # noqa: E402
 from qlora_plugin.fastpath.kernels.kept_outputs import (  # noqa: E402
@@ -134,8 +133,7 @@ def stores(monkeypatch) -> list[KeptOutputs]:
             super().__init__(lot)
             made.append(self)
 
-    monkeypatch.setattr(kept_outputs, "KeptOutputs", Recorded)  # torch's checkpoint's contexts make them here
-    monkeypatch.setattr(recompute, "KeptOutputs", Recorded)  # the plugin's own recompute, here
+    monkeypatch.setattr(kept_outputs, "KeptOutputs", Recorded)  # new_store makes them for either recompute
     return made
 
 

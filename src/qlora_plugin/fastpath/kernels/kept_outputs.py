@@ -126,11 +126,16 @@ class KeptOutputs:
         return self._phase(True)
 
 
+def new_store(lot: ParkingLot | None = None) -> KeptOutputs:
+    """The store of one checkpointed call (made here only, for torch's checkpoint and the own recompute)."""
+    return KeptOutputs(lot)
+
+
 def fresh_contexts(
     lot: ParkingLot | None = None,
 ) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
     """A new store's (first forward, recompute) contexts: ``context_fn`` for one checkpoint call."""
-    return KeptOutputs(lot).contexts()
+    return new_store(lot).contexts()
 
 
 # The layer whose forward is running now, and whether it is the recompute.
