@@ -15,7 +15,7 @@ masks or extra tensor arguments, hooks on the layers, and a second forward befor
 first one's backward (a replay would overwrite what that backward still needs).
 Dropout (LoRA or attention) is captured too: each replay draws new masks. The
 capture differentiates with respect to stand-ins of the trainable parameters (see
-:class:`_LayerCall`), so a loss of an earlier step kept alive does not invalidate it.
+:class:`LayerCall`), so a loss of an earlier step kept alive does not invalidate it.
 A capture that fails anyway leaves the layers eager, or, where it left the CUDA
 random number generator unusable and the layers need it, stops with an error that
 names the switch (``QLORA_CUDA_GRAPHS=0``). The first batch of a different
@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import types
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,8 +48,10 @@ _LAYER_NEUTRAL_KWARGS = ("position_ids", "cache_position", "num_items_in_batch")
 _log = logging.getLogger("qlora_plugin")
 
 
-class _LayerCall(nn.Module):
+class LayerCall(nn.Module):
     """A decoder layer as a function of tensors only, its trainable parameters passed in.
+
+    ``forward`` is the layer's own forward (not its ``__call__``, which a wrapper may route).
 
     ``make_graphed_callables`` is given :meth:`function`, not the module: the capture then
     differentiates with respect to stand-ins for the trainable parameters (new leaves on
@@ -60,14 +63,15 @@ class _LayerCall(nn.Module):
     outside the graph.
     """
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, forward: Callable[..., Any]) -> None:
         super().__init__()
         self.layer = layer
+        self.layer_forward = forward
         self.names = [f"layer.{name}" for name, p in layer.named_parameters() if p.requires_grad]
-        self.params = [p for p in layer.parameters() if p.requires_grad]
+        self.params: list[torch.Tensor] = [p for p in layer.parameters() if p.requires_grad]
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return getattr(self.layer, _EAGER_FORWARD)(hidden, attention_mask=None, position_embeddings=(cos, sin))
+        return self.layer_forward(hidden, attention_mask=None, position_embeddings=(cos, sin))
 
     def function(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *params: torch.Tensor
@@ -80,7 +84,8 @@ class _LayerCall(nn.Module):
         return [p.detach().requires_grad_(True) for p in self.params]
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` or a submodule has a forward or backward hook (a graph would skip it)."""
     return any(
         m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in module.modules()
     )
@@ -105,13 +110,34 @@ def _generator_works(device: torch.device) -> bool:
         return False
 
 
-def _global_hooks() -> bool:
+def global_hooks() -> bool:
+    """Whether a module hook is registered for every module (a graph would skip it)."""
     return bool(
         torch_module._global_forward_hooks
         or torch_module._global_forward_pre_hooks
         or torch_module._global_backward_hooks
         or torch_module._global_backward_pre_hooks
     )
+
+
+def why_eager(
+    layer0: nn.Module, model: nn.Module | None, hidden: torch.Tensor, mask: Any, kwargs: dict[str, Any], emb: Any
+) -> str:
+    """Why a decoder's layer-0 call cannot be a graph replay ("" when it can): what a graph cannot
+    hold (an attention mask, a cache, packed rows whose boundaries move, a tiled MLP, tensor
+    arguments beyond the neutral ones) or a call that is not a training forward with gradients."""
+    if not (torch.is_grad_enabled() and layer0.training):
+        return "not a training forward with grad"
+    if mask is not None:
+        return "an attention mask"
+    if tiling_rows(tiled_options(layer0), hidden.numel() // hidden.shape[-1]):
+        return "long rows (the MLP runs tiled, recomputing inside its own backward)"
+    if emb is None or kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+        return "a cache or no position embeddings"
+    if model is not None and batch_is_packed(model, kwargs.get("position_ids")):
+        return "packed sequences (their boundaries change from batch to batch)"
+    extra = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in _LAYER_NEUTRAL_KWARGS]
+    return f"tensor arguments {extra}" if extra else ""
 
 
 class DecoderGraphs:
@@ -122,7 +148,7 @@ class DecoderGraphs:
         self.model = weakref.ref(model) if model is not None else None
         self.adapter_copies = adapter_copies
         self.graphed: list[Any] | None = None
-        self.calls: list[_LayerCall] = []
+        self.calls: list[LayerCall] = []
         self.key: tuple[Any, ...] | None = None
         self.last_key: tuple[Any, ...] | None = None
         self.disabled_because = ""
@@ -134,31 +160,20 @@ class DecoderGraphs:
 
     def _key(self, hidden: torch.Tensor, mask: Any, kwargs: dict[str, Any], emb: Any) -> tuple[Any, ...] | None:
         """The graph key of a layer-0 call, or None (and ``eager_because``) when it must run eagerly."""
-        if not (hidden.is_cuda and torch.is_grad_enabled() and self.layers[0].training):
-            self.eager_because = "not a CUDA training forward with grad"
-        elif mask is not None:
-            self.eager_because = "an attention mask"
-        elif tiling_rows(tiled_options(self.layers[0]), hidden.numel() // hidden.shape[-1]):
-            self.eager_because = "long rows (the MLP runs tiled, recomputing inside its own backward)"
-        elif emb is None or kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
-            self.eager_because = "a cache or no position embeddings"
-        elif (model := self.model() if self.model is not None else None) is not None and batch_is_packed(
-            model, kwargs.get("position_ids")
-        ):
-            self.eager_because = "packed sequences (their boundaries change from batch to batch)"
-        else:
-            extra = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in _LAYER_NEUTRAL_KWARGS]
-            self.eager_because = f"tensor arguments {extra}" if extra else ""
+        model = self.model() if self.model is not None else None
+        self.eager_because = why_eager(self.layers[0], model, hidden, mask, kwargs, emb)
+        if not self.eager_because and not hidden.is_cuda:
+            self.eager_because = "not on CUDA"
         if self.eager_because:
             return None
         cos, sin = emb
         return (tuple(hidden.shape), hidden.dtype, hidden.requires_grad, tuple(cos.shape), cos.dtype)
 
     def _capture(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        if _has_hooks(nn.ModuleList(self.layers)) or _global_hooks():
+        if has_hooks(nn.ModuleList(self.layers)) or global_hooks():
             self.disabled_because = "hooks on the decoder layers"
             return
-        self.calls = [_LayerCall(layer) for layer in self.layers]
+        self.calls = [LayerCall(layer, getattr(layer, _EAGER_FORWARD)) for layer in self.layers]
         samples = []
         for i, call in enumerate(self.calls):
             h = hidden.detach().clone().requires_grad_(hidden.requires_grad if i == 0 else True)
@@ -219,7 +234,7 @@ class DecoderGraphs:
                 self.key = key
             self._replaying = True
             self.replays += 1
-        if not self._replaying or _global_hooks():
+        if not self._replaying or global_hooks():
             return eager(hidden, *args, **kwargs)
         cos, sin = kwargs["position_embeddings"]
         assert self.graphed is not None  # replaying: layer 0's call captured or kept the graphs
@@ -247,7 +262,7 @@ def _graphed_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args: 
     return graphs.layer_forward(self.__dict__["_qlora_layer_index"], self, hidden_states, *args, **kwargs)
 
 
-def _text_decoder_layers(model: nn.Module) -> list[nn.Module] | None:
+def text_decoder_layers(model: nn.Module) -> list[nn.Module] | None:
     """The layers of ``model.model.layers`` (Llama family), or None.
 
     Not ``recompute.decoder_layers``: that one returns every checkpointable block,
@@ -264,7 +279,7 @@ def enable_decoder_graphs(model: nn.Module, adapter_copies: Any = None) -> Decod
     Returns the controller, or None when the model is not a supported decoder (Llama
     family with SDPA attention) or is not on CUDA.
     """
-    layers = _text_decoder_layers(model)
+    layers = text_decoder_layers(model)
     config = getattr(model, "config", None)
     if layers is None or getattr(config, "_attn_implementation", None) not in SDPA_IMPLEMENTATIONS:
         return None
