@@ -96,6 +96,14 @@ def describe(
             if result.graphed_layers
             else []
         ),
+        *(
+            [
+                f"CUDA graphs over {result.recompute_graphs} recomputed layers (forward, recompute and "
+                "backward) once batches repeat a shape"
+            ]
+            if getattr(result, "recompute_graphs", 0)
+            else []
+        ),
         *(["packed rows attended per sequence (no block-diagonal mask)"] if result.packed_attention else []),
         *(
             [

@@ -16,7 +16,11 @@ from qlora_plugin.fastpath.kernels.kept_outputs import layers_keeping_mlp_output
 from qlora_plugin.fastpath.kernels.layers import patch_norms_and_mlps, patch_rope, patched_mlps
 from qlora_plugin.fastpath.kernels.lora_linear import LayerOptions, patch_lora_4bit_layers
 from qlora_plugin.fastpath.kernels.losses import patch_causal_lm_loss
-from qlora_plugin.fastpath.kernels.recompute import layers_recomputed_without_graph, set_recompute
+from qlora_plugin.fastpath.kernels.recompute import (
+    layers_recomputed_without_graph,
+    layers_replayed_as_graphs,
+    set_recompute,
+)
 from qlora_plugin.fastpath.kernels.tiled_mlp import TiledMLPOptions, enable_tiled_mlp
 from qlora_plugin.fastpath.tiling_defaults import TILED_MLP_MIN_TOKENS, TILED_MLP_ROWS
 
@@ -52,6 +56,9 @@ class FastPathConfig:
         ``apply_rotary_pos_emb`` for a dispatching function with the same math).
     cuda_graphs: replay the decoder layers as CUDA graphs when batches keep one shape
         (CUDA, recompute "none" only; see ``graphs.DecoderGraphs``).
+    recompute_graphs: with "full" recompute of every layer through the plugin's own function, replay
+        each layer's forward and its recompute-and-backward as CUDA graphs when batches keep one
+        shape (see ``recompute_graphs``).
     triton_dequant: one-launch Triton NF4 dequantization instead of bitsandbytes' (CUDA).
     triton_dropout: LoRA dropout drawn inside Triton kernels that keep the mask as bits
         (CUDA; False: torch's dropout, which saves the dropped input and a byte mask).
@@ -81,6 +88,7 @@ class FastPathConfig:
     own_recompute: bool = True
     fused_rope: bool = True
     cuda_graphs: bool = False
+    recompute_graphs: bool = False
     triton_dequant: bool = False
     triton_dropout: bool = True
     cache_block_constants: bool = False
@@ -107,6 +115,7 @@ class FastPathReport:
     mlp_outputs_kept: int = 0
     mlp_outputs_parked: int = 0
     own_recompute: bool = False
+    recompute_graphs: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -167,8 +176,10 @@ def apply_fast_path(
         keep_mlp_layers=cfg.keep_mlp_layers,
         park_mlp_layers=cfg.park_mlp_layers,
         own=cfg.own_recompute,
+        graphs=cfg.recompute_graphs,
     )
     report.own_recompute = layers_recomputed_without_graph(lm) > 0
+    report.recompute_graphs = layers_replayed_as_graphs(lm)
     report.mlp_outputs_kept = layers_keeping_mlp_outputs(lm)
     report.mlp_outputs_parked = layers_keeping_mlp_outputs(lm, parked=True)
     if cfg.cuda_graphs and cfg.recompute == "none":

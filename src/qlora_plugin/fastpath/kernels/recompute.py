@@ -29,8 +29,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qlora_plugin.core.patches import allowed
+from qlora_plugin.fastpath.kernels.graphs import text_decoder_layers
 from qlora_plugin.fastpath.kernels.host_copies import HostCopy, to_device, to_host, wait_for
-from qlora_plugin.fastpath.kernels.kept_outputs import KeptOutputs, ParkingLot, fresh_contexts, keep_mlp_outputs
+from qlora_plugin.fastpath.kernels.kept_outputs import ParkingLot, fresh_contexts, keep_mlp_outputs, new_store
+from qlora_plugin.fastpath.kernels.recompute_graphs import RecomputeGraphs
 from qlora_plugin.fastpath.stash_plan import HOST_PIECE_BYTES, StashPlan, host_memory, plan_stash
 
 _log = logging.getLogger("qlora_plugin")
@@ -162,7 +164,7 @@ class _RecomputedLayer(torch.autograd.Function):
         lot: ParkingLot | None,
         hidden: torch.Tensor,
     ) -> torch.Tensor:
-        kept = KeptOutputs(lot) if keeps else None
+        kept = new_store(lot) if keeps else None
         ctx.run, ctx.stash, ctx.kept, ctx.device = run, stash, kept, hidden.device
         if stash is None:
             ctx.save_for_backward(hidden)
@@ -211,7 +213,9 @@ class _LayerCheckpoint:
     calls it with the layer's bound forward and positional arguments).
 
     ``own``: recompute through :class:`_RecomputedLayer` where it can (else torch's checkpoint);
-    ``stash``/``index``: offloaded recompute, this layer being the ``index``-th offloaded one of a step.
+    ``stash``/``index``: offloaded recompute, this layer being the ``index``-th offloaded one of a step;
+    ``graphs``/``position``: replay the layer, the ``position``-th of the decoder, as CUDA graphs where
+    a forward allows it (:mod:`qlora_plugin.fastpath.kernels.recompute_graphs`).
     """
 
     def __init__(
@@ -222,8 +226,11 @@ class _LayerCheckpoint:
         own: bool,
         stash: _HostStash | None = None,
         index: int = 0,
+        graphs: RecomputeGraphs | None = None,
+        position: int = 0,
     ) -> None:
         self.keeps, self.lot, self.own, self.stash, self.index = keeps, lot, own, stash, index
+        self.graphs, self.position = graphs, position
 
     def __call__(self, run: Callable[..., Any], hidden: torch.Tensor, *rest: Any) -> Any:
         if not torch.is_grad_enabled():
@@ -235,6 +242,10 @@ class _LayerCheckpoint:
         if not hidden.requires_grad:  # e.g. the first layer under a frozen embedding: stay on the graph
             hidden = hidden.detach().requires_grad_(True)
         stash = self.stash if offloaded else None
+        if self.graphs is not None and stash is None and not self.keeps:
+            replayed = self.graphs.layer(self.position, run, hidden, rest)
+            if replayed is not None:
+                return replayed
         try:
             return _RecomputedLayer.apply(fn, stash, self.keeps, self.lot, hidden)
         except _NotATensor:
@@ -266,6 +277,28 @@ def layers_recomputed_without_graph(model: nn.Module) -> int:
     return count
 
 
+def recompute_graphs_for(model: nn.Module, layers: list[nn.Module]) -> RecomputeGraphs | None:
+    """The CUDA graphs controller for ``model``'s checkpointed ``layers``, or None where they are not
+    exactly its text decoder's loop (a vision tower's blocks too, another layout) or the decoder-layer
+    call is outside its tested transformers versions."""
+    text = text_decoder_layers(model)
+    if text is None or text != layers or not allowed("transformers-decoder-layer-call"):
+        return None
+    return RecomputeGraphs(layers, model, model.__dict__.get("_qlora_adapter_copies"))
+
+
+def layers_replayed_as_graphs(model: nn.Module) -> int:
+    """How many of ``model``'s checkpointed layers are set to replay as CUDA graphs."""
+    return sum(
+        1
+        for layer in decoder_layers(model)
+        if getattr(layer, "gradient_checkpointing", False)
+        and isinstance(recompute := getattr(layer, "_gradient_checkpointing_func", None), _LayerCheckpoint)
+        and recompute.own
+        and recompute.graphs is not None
+    )
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks that transformers can checkpoint, in order."""
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -282,6 +315,7 @@ def set_recompute(
     keep_mlp_layers: int = 0,
     park_mlp_layers: int = 0,
     own: bool = True,
+    graphs: bool = False,
 ) -> int:
     """Set what each decoder layer recomputes in backward; returns the layers checkpointed.
 
@@ -296,6 +330,8 @@ def set_recompute(
     pinned host memory: those come first, the ``keep_mlp_layers`` on the GPU after them.
     With ``own`` (and see :func:`own_recompute_serves`), layers whose inputs stay on the GPU recompute
     through the plugin's own function instead of torch's checkpoint: same gradients, less host work.
+    With ``graphs`` too, ``full`` recompute of every layer (``every=1``, nothing kept) of a text decoder
+    replays each layer as CUDA graphs once batches keep one shape (see :func:`recompute_graphs_for`).
     """
     if mode not in MODES:
         raise ValueError(f"recompute mode must be one of {MODES}, got {mode!r}")
@@ -315,6 +351,9 @@ def set_recompute(
         checkpointed = sum(1 for i in range(len(layers)) if i % every == 0)
         stash = _HostStash(device, max(checkpointed - keep_on_gpu, 0))
     own = own and own_recompute_serves(model)
+    replays = None
+    if graphs and own and mode == "full" and every == 1 and not (keep_mlp_layers or park_mlp_layers):
+        replays = recompute_graphs_for(model, layers)
     n = 0
     layer: Any  # transformers' GradientCheckpointingLayer: its checkpointing attributes are plain ones
     for i, layer in enumerate(layers):
@@ -327,6 +366,8 @@ def set_recompute(
             own=own,
             stash=stash if offloaded else None,
             index=n - keep_on_gpu,
+            graphs=replays,
+            position=i,
         )
         n += int(on)
     # The top-level flags transformers also reads (e.g. to drop the KV cache in training).
