@@ -134,7 +134,7 @@ def case_tiny(layers, per_layer, p=0.2, variant=""):
 
         from qlora_plugin.fastpath.kernels import FastPathConfig, apply_fast_path, graphs
 
-        graphs._draws_random_numbers = lambda layers: False
+        graphs.draws_random_numbers = lambda layers: False
         if per_layer:
             torch.cuda.make_graphed_callables = per_layer_capture
         if variant == "syncdebug":

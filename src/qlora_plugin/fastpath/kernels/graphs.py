@@ -91,7 +91,7 @@ def has_hooks(module: nn.Module) -> bool:
     )
 
 
-def _draws_random_numbers(layers: list[nn.Module]) -> bool:
+def draws_random_numbers(layers: list[nn.Module]) -> bool:
     """Whether a training forward of ``layers`` uses dropout (LoRA dropout or attention dropout)."""
     for module in nn.ModuleList(layers).modules():
         if isinstance(module, nn.Dropout) and module.p > 0:
@@ -101,7 +101,7 @@ def _draws_random_numbers(layers: list[nn.Module]) -> bool:
     return False
 
 
-def _generator_works(device: torch.device) -> bool:
+def generator_works(device: torch.device) -> bool:
     """Whether the CUDA generator still draws outside a capture (a failed capture can leave it broken)."""
     try:
         torch.empty(1, device=device).bernoulli_(0.5)
@@ -189,7 +189,7 @@ class DecoderGraphs:
             self.graphed, self.calls = None, []
             self.disabled_because = f"capture failed: {type(error).__name__}: {error}"
             _log.warning("qlora fast path: CUDA graphs off (%s); the layers run eagerly", self.disabled_because)
-            if _draws_random_numbers(self.layers) and not _generator_works(hidden.device):
+            if draws_random_numbers(self.layers) and not generator_works(hidden.device):
                 raise RuntimeError(
                     "qlora fast path: capturing the decoder layers as CUDA graphs failed and left the CUDA "
                     f"random number generator unusable, so dropout cannot run ({self.disabled_because}). "

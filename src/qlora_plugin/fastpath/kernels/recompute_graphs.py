@@ -44,7 +44,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlora_plugin.fastpath.kernels.graphs import LayerCall, global_hooks, has_hooks, why_eager
+from qlora_plugin.fastpath.kernels.graphs import (
+    LayerCall,
+    draws_random_numbers,
+    generator_works,
+    global_hooks,
+    has_hooks,
+    why_eager,
+)
 
 _log = logging.getLogger("qlora_plugin")
 _Replay = Callable[[], None]
@@ -241,14 +248,20 @@ class RecomputeGraphs:
         except Exception as error:  # noqa: BLE001 - any capture failure leaves the plugin's own recompute
             self.disabled_because = f"capture failed: {type(error).__name__}: {error}"
             _log.warning("qlora fast path: CUDA graphs off for the recompute (%s)", self.disabled_because)
+            if draws_random_numbers(self.layers) and not generator_works(hidden.device):
+                raise RuntimeError(
+                    "qlora fast path: capturing the recomputed layers as CUDA graphs failed and left the CUDA "
+                    f"random number generator unusable, so dropout cannot run ({self.disabled_because}). "
+                    "Set QLORA_CUDA_GRAPHS=0 to train without CUDA graphs."
+                ) from error
             return None
         finally:
             if saved_copies is not None:
                 self.adapter_copies.copies = saved_copies
-            with torch.no_grad():
-                for sums in captured.sums:
-                    torch._foreach_zero_(sums)  # the warm-up and capture runs added to them
-            _set_random_state(hidden.device, before)
+        with torch.no_grad():
+            for sums in captured.sums:
+                torch._foreach_zero_(sums)  # the warm-up runs added to them
+        _set_random_state(hidden.device, before)  # the warm-up runs drew numbers the training would not have
         return captured
 
     def drop(self, reason: str) -> None:
