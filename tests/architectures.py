@@ -67,3 +67,24 @@ def build(name: str) -> Any:
     config = configs()[name]
     torch.manual_seed(0)
     return auto_class(config).from_config(config)
+
+
+def two_layer_model(name: str = "llama", *, dropout: float = 0.0) -> Any:
+    """A random-init two-layer model of architecture ``name``, in training mode, with ``dropout``
+    wherever its config has one."""
+    import torch
+
+    from qlora_plugin.build.models import auto_class
+
+    config = configs()[name]
+    text = getattr(config, "text_config", config)
+    for field in ("num_hidden_layers", "n_layer"):
+        if hasattr(text, field):
+            setattr(text, field, 2)
+    if getattr(text, "layer_types", None):  # one attention kind per layer, made for the config's one layer
+        text.layer_types = [text.layer_types[0]] * 2
+    for field in ("hidden_dropout", "attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(text, field):
+            setattr(text, field, dropout)
+    torch.manual_seed(0)
+    return auto_class(config).from_config(config).train()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from _tiny_qlora import VOCAB, load_4bit, lora, lora_grads, rel_err, tiny_llama_checkpoint
+from architectures import two_layer_model
 from torch import nn
 
 pytest.importorskip("bitsandbytes")
@@ -92,29 +93,8 @@ def test_own_recompute_gives_torch_checkpoints_loss_and_gradients(checkpoint, to
         _assert_same(_step(plain, forwards=forwards), want, 1e-5)
 
 
-def _two_layer_model(name: str = "llama", *, dropout: float = 0.0) -> nn.Module:
-    """A random-init two-layer model of architecture ``name`` (tests/architectures.py), in training mode,
-    with ``dropout`` wherever its config has one."""
-    from architectures import configs
-
-    from qlora_plugin.build.models import auto_class
-
-    config = configs()[name]
-    text = getattr(config, "text_config", config)
-    for field in ("num_hidden_layers", "n_layer"):
-        if hasattr(text, field):
-            setattr(text, field, 2)
-    if getattr(text, "layer_types", None):  # one attention kind per layer, made for the config's one layer
-        text.layer_types = [text.layer_types[0]] * 2
-    for field in ("hidden_dropout", "attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if hasattr(text, field):
-            setattr(text, field, dropout)
-    torch.manual_seed(0)
-    return auto_class(config).from_config(config).train()
-
-
 def _grads_under_autocast(own: bool) -> dict[str, torch.Tensor]:
-    model = _two_layer_model()
+    model = two_layer_model()
     set_recompute(model, "full", own=own)
     batch = torch.randint(3, 90, (2, SEQ), generator=torch.Generator().manual_seed(5))  # architectures.py: 96 tokens
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -198,7 +178,7 @@ def test_a_layer_returning_a_tuple_goes_to_torchs_checkpoint_from_its_first_call
 
 
 def test_router_logits_read_by_the_loss_keep_torchs_checkpoint():
-    model = _two_layer_model()
+    model = two_layer_model()
     assert own_recompute_serves(model)
     model.config.output_router_logits = True
     assert not own_recompute_serves(model)
@@ -225,7 +205,7 @@ def test_the_fast_path_line_says_which_function_recomputes(checkpoint):
 
 def _architecture_grads(name: str, *, own: bool | None, dropout: float) -> dict[str, torch.Tensor]:
     """Every parameter's gradient of a two-layer ``name`` model after one step (``own`` None: no recompute)."""
-    model = _two_layer_model(name, dropout=dropout)
+    model = two_layer_model(name, dropout=dropout)
     set_recompute(model, "none" if own is None else "full", own=bool(own))
     batch = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(7))
     torch.manual_seed(1)
@@ -253,7 +233,7 @@ def _serves_in_group(rank: int, init: str, answers: str) -> None:
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
-        Path(answers, f"{rank}.txt").write_text(str(own_recompute_serves(_two_layer_model())))
+        Path(answers, f"{rank}.txt").write_text(str(own_recompute_serves(two_layer_model())))
     finally:
         dist.destroy_process_group()
 
@@ -266,7 +246,7 @@ def test_several_processes_keep_torchs_checkpoint(tmp_path):
     init = f"file://{tmp_path / 'rendezvous'}"
     mp.spawn(_serves_in_group, args=(init, str(tmp_path)), nprocs=2, join=True)
     assert [(tmp_path / f"{rank}.txt").read_text() for rank in (0, 1)] == ["False", "False"]
-    assert own_recompute_serves(_two_layer_model())  # this process, in no group
+    assert own_recompute_serves(two_layer_model())  # this process, in no group
 
 
 def test_the_report_says_own_recompute_only_where_it_was_set(checkpoint, monkeypatch):

@@ -222,3 +222,32 @@ def test_cuda_graph_replays_draw_the_forwards_masks_in_the_recompute(checkpoint,
         model.zero_grad(set_to_none=True)
     assert controller.replays == 3
     _assert_same([results[0]], [results[1]], tol=1e-3)
+
+
+CAPTURED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "mixtral", "qwen2_moe")
+
+
+@pytest.mark.parametrize("name", [*CAPTURED, "gpt2", "gpt_neox"])
+def test_every_architecture_replays_or_stays_eager_with_the_same_gradients(name):
+    """Each architecture the tests pin down (stock layers, dropout where its config has one), three
+    steps of one shape: replayed where its decoder is ``model.layers``, eager elsewhere, and the
+    gradients of the own recompute either way."""
+    from architectures import two_layer_model
+
+    from qlora_plugin.fastpath.kernels.recompute import set_recompute
+
+    batch = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(7))
+    results = []
+    for graphs in (False, True):
+        model = two_layer_model(name, dropout=0.2)
+        set_recompute(model, "full", graphs=graphs)
+        results.append(_train(model, [[batch]] * 3, _to_none))
+    controller = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(controller, "model", None), "layers", None)
+    recompute = getattr(layers[0], "_gradient_checkpointing_func", None) if layers is not None else None
+    graphs_of = getattr(recompute, "graphs", None)
+    if name in CAPTURED:
+        assert graphs_of is not None and graphs_of.replays == 2, getattr(graphs_of, "eager_because", name)
+    else:
+        assert graphs_of is None
+    _assert_same(results[1], results[0], tol=1e-6)
