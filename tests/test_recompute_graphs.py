@@ -251,3 +251,13 @@ def test_every_architecture_replays_or_stays_eager_with_the_same_gradients(name)
     else:
         assert graphs_of is None
     _assert_same(results[1], results[0], tol=1e-6)
+
+
+def test_the_fast_path_line_says_the_recomputed_layers_replay(checkpoint):
+    from qlora_plugin.fastpath.wording import describe
+
+    for graphs in (True, False):
+        model, report = _model(checkpoint, graphs=graphs, dropout=0.0)
+        config = FastPathConfig(compute_dtype=torch.float32, recompute="full", recompute_graphs=graphs)
+        line = describe(report, config, qlora_recipe(), "loss", ())
+        assert ("CUDA graphs over 3 recomputed layers" in line) is graphs, line
