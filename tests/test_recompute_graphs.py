@@ -261,3 +261,34 @@ def test_the_fast_path_line_says_the_recomputed_layers_replay(checkpoint):
         config = FastPathConfig(compute_dtype=torch.float32, recompute="full", recompute_graphs=graphs)
         line = describe(report, config, qlora_recipe(), "loss", ())
         assert ("CUDA graphs over 3 recomputed layers" in line) is graphs, line
+
+
+def test_a_capture_that_fails_warns_once_and_trains_on_through_the_own_recompute(checkpoint, monkeypatch, caplog):
+    """A layer that cannot run as the graphs call it (here: layer 1's recompute function raises) leaves
+    every layer on the own recompute, with one warning naming the failure."""
+    from qlora_plugin.fastpath.kernels import recompute_graphs
+
+    made = recompute_graphs._backward_function
+
+    def failing(captured, call, index, autocast):
+        function = made(captured, call, index, autocast)
+        if index != 1:
+            return function
+
+        def broken() -> None:
+            raise RuntimeError("this layer cannot be captured")
+
+        return broken
+
+    steps = [[b] for b in _batches(4)]
+    want = _train(_model(checkpoint, graphs=False, dropout=0.2)[0], steps, _to_none)
+    monkeypatch.setattr(recompute_graphs, "_backward_function", failing)
+    model, _ = _model(checkpoint, graphs=True, dropout=0.2)
+    with caplog.at_level("WARNING", logger="qlora_plugin"):
+        got = _train(model, steps, _to_none)
+    controller = _controller(model)
+    assert controller.captured is None and controller.replays == 0
+    assert "capture failed: RuntimeError: this layer cannot be captured" in controller.disabled_because
+    warnings = [r.getMessage() for r in caplog.records if "CUDA graphs off" in r.getMessage()]
+    assert len(warnings) == 1 and "the recomputed layers" in warnings[0], warnings
+    _assert_same(got, want, tol=1e-6)

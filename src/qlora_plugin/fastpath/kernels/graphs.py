@@ -140,6 +140,44 @@ def why_eager(
     return f"tensor arguments {extra}" if extra else ""
 
 
+def capture_failure(error: Exception, what: str, layers: list[nn.Module], device: torch.device) -> str:
+    """Why capturing ``what`` failed, said once in a warning (the layers then run without graphs).
+
+    A failed capture can leave the CUDA generator unusable; where ``layers`` draw random numbers
+    (dropout) that stops the run here, with the switch that avoids the capture named.
+    """
+    reason = f"capture failed: {type(error).__name__}: {error}"
+    _log.warning("qlora fast path: CUDA graphs off for %s (%s); they run without graphs", what, reason)
+    if draws_random_numbers(layers) and not generator_works(device):
+        raise RuntimeError(
+            f"qlora fast path: capturing {what} as CUDA graphs failed and left the CUDA random number "
+            f"generator unusable, so dropout cannot run ({reason}). "
+            "Set QLORA_CUDA_GRAPHS=0 to train without CUDA graphs."
+        ) from error
+    return reason
+
+
+class PendingBackward:
+    """The backward of the last replayed forward, from its layer 0's output, until it has run (or its
+    graph is freed): a replay before then would overwrite what that backward still reads."""
+
+    def __init__(self) -> None:
+        self._node: weakref.ref[Any] | None = None
+        self._done = True
+
+    def watch(self, out: Any) -> None:
+        node = (out[0] if isinstance(out, tuple) else out).grad_fn
+        self._node, self._done = (None, True) if node is None else (weakref.ref(node), False)
+        if node is not None:
+            node.register_hook(self._mark_done)
+
+    def _mark_done(self, *_: Any) -> None:
+        self._done = True
+
+    def waiting(self) -> bool:
+        return self._node is not None and not self._done and self._node() is not None
+
+
 class DecoderGraphs:
     """Captures and replays the decoder layers of one model (see the module docstring)."""
 
@@ -155,8 +193,7 @@ class DecoderGraphs:
         self.eager_because = ""
         self.replays = 0
         self._replaying = False
-        self._pending: weakref.ref[Any] | None = None  # layer 0's backward node of the last replay
-        self._backward_done = True
+        self.pending = PendingBackward()  # layer 0's backward of the last replay
 
     def _key(self, hidden: torch.Tensor, mask: Any, kwargs: dict[str, Any], emb: Any) -> tuple[Any, ...] | None:
         """The graph key of a layer-0 call, or None (and ``eager_because``) when it must run eagerly."""
@@ -187,14 +224,7 @@ class DecoderGraphs:
                 self.graphed = list(torch.cuda.make_graphed_callables(functions, tuple(samples)))
         except Exception as error:  # noqa: BLE001 - any capture failure leaves the eager path in place
             self.graphed, self.calls = None, []
-            self.disabled_because = f"capture failed: {type(error).__name__}: {error}"
-            _log.warning("qlora fast path: CUDA graphs off (%s); the layers run eagerly", self.disabled_because)
-            if draws_random_numbers(self.layers) and not generator_works(hidden.device):
-                raise RuntimeError(
-                    "qlora fast path: capturing the decoder layers as CUDA graphs failed and left the CUDA "
-                    f"random number generator unusable, so dropout cannot run ({self.disabled_because}). "
-                    "Set QLORA_CUDA_GRAPHS=0 to train without CUDA graphs."
-                ) from error
+            self.disabled_because = capture_failure(error, "the decoder layers", self.layers, hidden.device)
         finally:
             if saved_copies is not None:
                 self.adapter_copies.copies = saved_copies
@@ -219,7 +249,7 @@ class DecoderGraphs:
             if self.graphed is not None and key != self.key:
                 self.drop("batches of different shapes")
                 return eager(hidden, *args, **kwargs)
-            if self.graphed is not None and self._backward_pending():
+            if self.graphed is not None and self.pending.waiting():
                 # a replay would overwrite the activations the pending backward still needs
                 self.eager_because = "a forward before the previous forward's backward"
                 return eager(hidden, *args, **kwargs)
@@ -240,21 +270,8 @@ class DecoderGraphs:
         assert self.graphed is not None  # replaying: layer 0's call captured or kept the graphs
         out = self.graphed[index](hidden, cos, sin, *self.calls[index].params)
         if index == 0:
-            self._watch_backward(out)
+            self.pending.watch(out)
         return out
-
-    def _watch_backward(self, out: Any) -> None:
-        """Remember the replayed forward until layer 0's backward has run (or its graph is freed)."""
-        node = (out[0] if isinstance(out, tuple) else out).grad_fn
-        self._pending, self._backward_done = (None, True) if node is None else (weakref.ref(node), False)
-        if node is not None:
-            node.register_hook(self._mark_backward_done)
-
-    def _mark_backward_done(self, *_: Any) -> None:
-        self._backward_done = True
-
-    def _backward_pending(self) -> bool:
-        return self._pending is not None and not self._backward_done and self._pending() is not None
 
 
 def _graphed_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

@@ -35,7 +35,6 @@ On a CPU the same buffers and order serve with each "replay" running the capture
 from __future__ import annotations
 
 import gc
-import logging
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,14 +45,13 @@ from torch import nn
 
 from qlora_plugin.fastpath.kernels.graphs import (
     LayerCall,
-    draws_random_numbers,
-    generator_works,
+    PendingBackward,
+    capture_failure,
     global_hooks,
     has_hooks,
     why_eager,
 )
 
-_log = logging.getLogger("qlora_plugin")
 _Replay = Callable[[], None]
 
 
@@ -146,8 +144,7 @@ class RecomputeGraphs:
         self.eager_because = ""
         self.replays = 0  # forwards replayed
         self._replaying = False
-        self._pending: weakref.ref[Any] | None = None  # layer 0's backward node of the last replay
-        self._backward_done = True
+        self.pending = PendingBackward()  # layer 0's backward of the last replay
         self._emb: Any = None  # layer 0's position embeddings in the forward being replayed
 
     # -- the forward of one layer ---------------------------------------------------------------
@@ -171,7 +168,7 @@ class RecomputeGraphs:
             return None
         out = _GraphedLayer.apply(captured, index, hidden)
         if index == 0:
-            self._watch_backward(out)
+            self.pending.watch(out)
         return out
 
     def _start(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> bool:
@@ -189,7 +186,7 @@ class RecomputeGraphs:
         if captured is not None and key != captured.key:
             self.drop("batches of different shapes")
             return False
-        if captured is not None and self._backward_pending():
+        if captured is not None and self.pending.waiting():
             self.eager_because = "a forward before the previous forward's backward"
             return False
         if captured is None:
@@ -246,14 +243,8 @@ class RecomputeGraphs:
                 captured.backward.append(record(_backward_function(captured, calls[i], i, autocast)))
             captured.backward.reverse()
         except Exception as error:  # noqa: BLE001 - any capture failure leaves the plugin's own recompute
-            self.disabled_because = f"capture failed: {type(error).__name__}: {error}"
-            _log.warning("qlora fast path: CUDA graphs off for the recompute (%s)", self.disabled_because)
-            if draws_random_numbers(self.layers) and not generator_works(hidden.device):
-                raise RuntimeError(
-                    "qlora fast path: capturing the recomputed layers as CUDA graphs failed and left the CUDA "
-                    f"random number generator unusable, so dropout cannot run ({self.disabled_because}). "
-                    "Set QLORA_CUDA_GRAPHS=0 to train without CUDA graphs."
-                ) from error
+            self.disabled_because = capture_failure(error, "the recomputed layers", self.layers, hidden.device)
+            _set_random_state(hidden.device, before)  # the training draws what it would have without the try
             return None
         finally:
             if saved_copies is not None:
@@ -269,20 +260,6 @@ class RecomputeGraphs:
         self.captured, self.disabled_because, self._replaying = None, reason, False
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-    # -- the pending backward -------------------------------------------------------------------
-
-    def _watch_backward(self, out: torch.Tensor) -> None:
-        node = out.grad_fn
-        self._pending, self._backward_done = (None, True) if node is None else (weakref.ref(node), False)
-        if node is not None:
-            node.register_hook(self._mark_backward_done)
-
-    def _mark_backward_done(self, *_: Any) -> None:
-        self._backward_done = True
-
-    def _backward_pending(self) -> bool:
-        return self._pending is not None and not self._backward_done and self._pending() is not None
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -339,8 +316,9 @@ def _backward_function(captured: _Captured, call: LayerCall, index: int, autocas
 
 
 class _Recorder:
-    """Turns a function into a replay: a CUDA graph (one shared pool, after one warm-up run on the
-    capture stream), or on a CPU the function itself."""
+    """Turns a function into a replay after one warm-up run: a CUDA graph (one shared pool, captured
+    on a side stream), or on a CPU the function itself (so a function that cannot run fails here on
+    both)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -353,6 +331,7 @@ class _Recorder:
 
     def __call__(self, function: _Replay) -> _Replay:
         if self.device.type != "cuda":
+            function()
             return function
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
