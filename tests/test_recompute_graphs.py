@@ -117,8 +117,19 @@ def test_a_gradient_the_trainer_left_in_place_is_added_to(checkpoint):
     _assert_same(got, want, tol=1e-6)
 
 
-def test_a_batch_of_another_shape_drops_the_graphs_and_trains_on(checkpoint):
-    steps = [[b] for b in _batches(3)] + [[_batches(1, seq=SEQ + 8)[0]], [_batches(1, seed=3)[0]]]
+def test_a_batch_of_another_shape_runs_eagerly_and_enough_of_them_drop_the_graphs(checkpoint):
+    from qlora_plugin.fastpath.kernels.recompute_graphs import OTHER_SHAPES_BEFORE_DROP
+
+    same = _batches(4)
+    odd = _batches(OTHER_SHAPES_BEFORE_DROP, seq=SEQ + 8, seed=3)
+    # capture at the 2nd batch; one odd batch (an epoch's last) keeps the graphs; then enough odd ones drop them
+    steps = [[same[0]], [same[1]], [odd[0]], [same[2]], *([b] for b in odd), [same[3]]]
+    want = _train(_model(checkpoint, graphs=False, dropout=0.2)[0], steps[:4], _to_none)
+    model, _ = _model(checkpoint, graphs=True, dropout=0.2)
+    got = _train(model, steps[:4], _to_none)
+    controller = _controller(model)
+    assert controller.captured is not None and controller.replays == 2
+    _assert_same(got, want, tol=1e-6)
     want = _train(_model(checkpoint, graphs=False, dropout=0.2)[0], steps, _to_none)
     model, _ = _model(checkpoint, graphs=True, dropout=0.2)
     got = _train(model, steps, _to_none)

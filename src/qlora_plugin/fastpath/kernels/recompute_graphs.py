@@ -26,8 +26,9 @@ has the shape, dtype and autocast of the capture, and nothing a graph cannot hol
 conditions of :func:`graphs.why_eager`: no attention mask, no cache, no packed rows, no tiled
 MLP, no tensor arguments besides the neutral ones), no hooks on the layers or their parameters,
 and each layer's input the previous layer's output. The capture happens at the second
-consecutive forward of one shape; a forward of another shape drops the graphs for good (as the
-speed point's graphs do), and anything else runs the layer through the plugin's own recompute.
+consecutive forward of one shape. A forward of another shape runs eagerly and keeps the graphs (an
+epoch's last, shorter batch); :data:`OTHER_SHAPES_BEFORE_DROP` such forwards in a row drop them for
+good. Anything else runs the layer through the plugin's own recompute.
 On a CPU the same buffers and order serve with each "replay" running the captured function again
 (what the tests check the bookkeeping with).
 """
@@ -53,6 +54,9 @@ from qlora_plugin.fastpath.kernels.graphs import (
 )
 
 _Replay = Callable[[], None]
+# A batch of another shape runs eagerly and keeps the graphs (the last, shorter batch of an epoch);
+# this many in a row drop them (lengths that vary: the graphs' buffers would only cost memory).
+OTHER_SHAPES_BEFORE_DROP = 8
 
 
 def _parameter_hooks(layers: list[nn.Module]) -> bool:
@@ -143,6 +147,7 @@ class RecomputeGraphs:
         self.disabled_because = ""
         self.eager_because = ""
         self.replays = 0  # forwards replayed
+        self.other_shapes = 0  # forwards in a row, since the last replay, of another shape than the capture's
         self._replaying = False
         self.pending = PendingBackward()  # layer 0's backward of the last replay
         self._emb: Any = None  # layer 0's position embeddings in the forward being replayed
@@ -184,7 +189,11 @@ class RecomputeGraphs:
         key = (tuple(hidden.shape), hidden.dtype, tuple(cos.shape), cos.dtype, _autocast_state(hidden.device))
         captured = self.captured
         if captured is not None and key != captured.key:
-            self.drop("batches of different shapes")
+            self.other_shapes += 1
+            if self.other_shapes >= OTHER_SHAPES_BEFORE_DROP:
+                self.drop(f"{OTHER_SHAPES_BEFORE_DROP} batches in a row of other shapes than the captured one")
+            else:
+                self.eager_because = "a batch of another shape than the captured one"
             return False
         if captured is not None and self.pending.waiting():
             self.eager_because = "a forward before the previous forward's backward"
@@ -208,6 +217,7 @@ class RecomputeGraphs:
             captured.sin.copy_(sin)
         self._emb = emb
         self.replays += 1
+        self.other_shapes = 0
         return True
 
     # -- capture --------------------------------------------------------------------------------
