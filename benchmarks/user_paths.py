@@ -56,9 +56,9 @@ ROWS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     # section 19): what the own function buys the snippet and the user's own config
     "default-torch-checkpoint": ("qlora-plugin-default", {}, {"own_recompute": False}),
     "own-config-torch-checkpoint": ("qlora-plugin-own-config", {}, {"own_recompute": False}),
-    # the own recompute without CUDA graphs over the recomputed layers (QLORA_CUDA_GRAPHS=0; section 20)
-    "default-eager-recompute": ("qlora-plugin-default", {}, {"recompute_graphs": False}),
-    "own-config-eager-recompute": ("qlora-plugin-own-config", {}, {"recompute_graphs": False}),
+    # CUDA graphs over the recomputed layers (QLORA_RECOMPUTE_GRAPHS=1; section 20)
+    "default-recompute-graphs": ("qlora-plugin-default", {}, {"recompute_graphs": True}),
+    "own-config-recompute-graphs": ("qlora-plugin-own-config", {}, {"recompute_graphs": True}),
 }
 
 # (shape, steps, warmup): 8B steps take about a second
@@ -139,8 +139,8 @@ SYSTEM = {
     "default-keep-mlp-14": "plugin: README snippet, 14 layers keep gate/up",
     "default-keep-mlp-32": "plugin: README snippet, every layer keeps gate/up",
     "default-torch-checkpoint": "plugin: README snippet, torch's checkpoint",
-    "default-eager-recompute": "plugin: README snippet, recompute without CUDA graphs",
-    "own-config-eager-recompute": "plugin: own SFTConfig, recompute without CUDA graphs",
+    "default-recompute-graphs": "plugin: README snippet, CUDA graphs over the recompute",
+    "own-config-recompute-graphs": "plugin: own SFTConfig, CUDA graphs over the recompute",
 }
 
 

@@ -19,6 +19,7 @@ from qlora_plugin.core.environment import OFF, ON, Knobs, read_knobs, show_trace
 SWITCHES = {
     environment.FAST_PATH_ON_CPU: "fast_path_on_cpu",
     environment.CUDA_GRAPHS: "cuda_graphs",
+    environment.RECOMPUTE_GRAPHS: "recompute_graphs",
     environment.PACKED_ATTENTION: "packed_attention",
     environment.TORCH_CHECKPOINT: "torch_checkpoint",
 }

@@ -192,17 +192,20 @@ def test_graphs_serve_only_the_own_recompute_of_every_layer(checkpoint, config):
     assert report.recompute_graphs == 0
 
 
+@pytest.mark.parametrize("graphs", ["", "0", "1"])
 @pytest.mark.parametrize("knob", ["", "0", "1", "off"])
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 @pytest.mark.parametrize("checkpointing", [True, "offload", False])
-def test_a_run_asks_for_recompute_graphs_on_cuda_at_full_recompute_unless_switched_off(
-    monkeypatch, device, checkpointing, knob
+def test_a_run_asks_for_recompute_graphs_on_cuda_at_full_recompute_where_switched_on(
+    monkeypatch, device, checkpointing, knob, graphs
 ):
-    monkeypatch.delenv("QLORA_CUDA_GRAPHS", raising=False)
-    if knob:
-        monkeypatch.setenv("QLORA_CUDA_GRAPHS", knob)
+    """Off until measured on a GPU: ``QLORA_RECOMPUTE_GRAPHS=1`` asks for them, ``QLORA_CUDA_GRAPHS=0`` wins."""
+    for name, value in (("QLORA_CUDA_GRAPHS", knob), ("QLORA_RECOMPUTE_GRAPHS", graphs)):
+        monkeypatch.delenv(name, raising=False)
+        if value:
+            monkeypatch.setenv(name, value)
     config = kernel_config(make_context(qlora_recipe(gradient_checkpointing=checkpointing)), device)
-    switched_on = knob in ("", "1")
+    switched_on = knob in ("", "1") and graphs == "1"
     assert config.recompute_graphs == (device == "cuda" and config.recompute == "full" and switched_on)
     assert not (config.recompute_graphs and config.cuda_graphs)
 

@@ -7,7 +7,8 @@ counts a whole number >= 0; a knob's value that is neither is reported (``Knobs.
 line naming the variable and its value) and its default used.
 
 - ``QLORA_FAST_PATH_ON_CPU=1``: the fast path's PyTorch references on a CPU (for tests);
-- ``QLORA_CUDA_GRAPHS=0``: no CUDA graphs at the speed point (recompute "none");
+- ``QLORA_CUDA_GRAPHS=0``: no CUDA graphs at all (the speed point's, and the recomputed layers');
+- ``QLORA_RECOMPUTE_GRAPHS=1``: CUDA graphs over the recomputed layers (recompute "full"; off until measured on a GPU);
 - ``QLORA_PACKED_ATTENTION=0``: packed rows left to transformers' masked attention;
 - ``QLORA_TILED_MLP=N``: a step's MLPs run tiled from N tokens (0: never);
 - ``QLORA_OFFLOAD_KEEP_LAYERS=K``: under offloaded recompute the first K layer inputs stay on the GPU;
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 FAST_PATH_ON_CPU = "QLORA_FAST_PATH_ON_CPU"
 CUDA_GRAPHS = "QLORA_CUDA_GRAPHS"
+RECOMPUTE_GRAPHS = "QLORA_RECOMPUTE_GRAPHS"
 PACKED_ATTENTION = "QLORA_PACKED_ATTENTION"
 TILED_MLP = "QLORA_TILED_MLP"
 OFFLOAD_KEEP_LAYERS = "QLORA_OFFLOAD_KEEP_LAYERS"
@@ -45,6 +47,7 @@ class Knobs:
 
     fast_path_on_cpu: bool = False
     cuda_graphs: bool = True
+    recompute_graphs: bool = False
     packed_attention: bool = True
     tiled_mlp_min_tokens: int | None = None  # None: the kernels' own threshold
     offload_keep_layers: int = 0
@@ -68,7 +71,8 @@ def read_knobs(environ: Mapping[str, str] | None = None) -> Knobs:
     )
     return Knobs(
         fast_path_on_cpu=_switch(environ, FAST_PATH_ON_CPU, False, "the fast path's references on a CPU", problems),
-        cuda_graphs=_switch(environ, CUDA_GRAPHS, True, "CUDA graphs at the speed point", problems),
+        cuda_graphs=_switch(environ, CUDA_GRAPHS, True, "CUDA graphs", problems),
+        recompute_graphs=_switch(environ, RECOMPUTE_GRAPHS, False, "CUDA graphs over the recomputed layers", problems),
         packed_attention=_switch(environ, PACKED_ATTENTION, True, "packed rows attended per sequence", problems),
         tiled_mlp_min_tokens=tiled,
         offload_keep_layers=keep or 0,

@@ -31,8 +31,8 @@ def kernel_config(
     ``loss_outputs``: what that loss's forward returns, the loss alone or what the TRL forward it
     replaces returns (see ``FastPathConfig``); ``host_kernels``: the trainer's own LoRA kernels
     that are on. The recompute mode is the run's; CUDA graphs go on at the speed point (recompute
-    "none") and over the recomputed layers (recompute "full", CUDA) unless the knobs say otherwise,
-    as do packed attention, the tiled-MLP threshold, the layer
+    "none") unless the knobs say otherwise, and over the recomputed layers (recompute "full", CUDA)
+    where they ask for it, as do packed attention, the tiled-MLP threshold, the layer
     inputs kept on the GPU under offloaded recompute, the MLP outputs kept for the recompute and
     which function recomputes (:class:`qlora_plugin.core.environment.Knobs`).
     """
@@ -50,7 +50,11 @@ def kernel_config(
         recompute=mode,
         cache_block_constants=mode == "none",  # +1/16 of the bf16 weight size: the speed point only
         cuda_graphs=mode == "none" and not host_kernels and knobs.cuda_graphs,
-        recompute_graphs=mode == "full" and device == "cuda" and not host_kernels and knobs.cuda_graphs,
+        recompute_graphs=mode == "full"
+        and device == "cuda"
+        and not host_kernels
+        and knobs.cuda_graphs
+        and knobs.recompute_graphs,
         packed_attention=knobs.packed_attention,
         tiled_mlp_min_tokens=TILED_MLP_MIN_TOKENS if knobs.tiled_mlp_min_tokens is None else knobs.tiled_mlp_min_tokens,
         offload_keep_layers=knobs.offload_keep_layers if mode == "offload" else 0,
