@@ -217,16 +217,28 @@ def profile_step(step_fn: Any, trace_path: Path | None) -> dict[str, Any]:
 
 
 def graphs_state(model: Any) -> dict[str, Any] | None:
-    """Whether the decoder layers ran as CUDA graphs: replays, and why not when they did not."""
+    """Whether the decoder layers ran as CUDA graphs (the speed point's, or those over the recomputed
+    layers): replays, and why not when they did not."""
     for module in model.modules():
         graphs = module.__dict__.get("_qlora_decoder_graphs")
         if graphs is not None:
             return dict(
+                kind="speed point",
                 captured=graphs.graphed is not None,
                 replays=graphs.replays,
                 off=graphs.disabled_because,
                 eager=graphs.eager_because,
                 last_key=str(graphs.last_key),
+            )
+        recompute = getattr(getattr(module, "_gradient_checkpointing_func", None), "graphs", None)
+        if recompute is not None:
+            return dict(
+                kind="recompute",
+                captured=recompute.captured is not None,
+                replays=recompute.replays,
+                off=recompute.disabled_because,
+                eager=recompute.eager_because,
+                last_key=str(recompute.last_key),
             )
     return None
 
