@@ -35,6 +35,7 @@ On a CPU the same buffers and order serve with each "replay" running the capture
 
 from __future__ import annotations
 
+import functools
 import gc
 import weakref
 from collections.abc import Callable
@@ -151,11 +152,14 @@ class RecomputeGraphs:
         self._replaying = False
         self.pending = PendingBackward()  # layer 0's backward of the last replay
         self._emb: Any = None  # layer 0's position embeddings in the forward being replayed
+        # each layer's forward as its last call ran it, without the checkpointing around it
+        self.plain_calls: list[Callable[..., Any] | None] = [None] * len(layers)
 
     # -- the forward of one layer ---------------------------------------------------------------
 
     def layer(self, index: int, run: Callable[..., Any], hidden: torch.Tensor, rest: tuple[Any, ...]) -> Any:
         """Layer ``index``'s training forward replayed, or None when it must run eagerly."""
+        self.plain_calls[index] = _plain_call(run)
         if self.disabled_because or rest:
             return None
         kwargs = dict(getattr(run, "keywords", {}))
@@ -205,6 +209,8 @@ class RecomputeGraphs:
             if has_hooks(nn.ModuleList(self.layers)) or global_hooks() or _parameter_hooks(self.layers):
                 self.disabled_because = "hooks on the decoder layers or their parameters"
                 return False
+            if any(call is None for call in self.plain_calls):
+                return False  # a layer not yet seen in a forward: the next forward captures
             self.captured = captured = self._capture(key, hidden, cos, sin)
             if captured is None:
                 return False
@@ -226,7 +232,7 @@ class RecomputeGraphs:
         self, key: tuple[Any, ...], hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> _Captured | None:
         n = len(self.layers)
-        calls = [LayerCall(layer, layer.forward) for layer in self.layers]
+        calls = [LayerCall(layer, call) for layer, call in zip(self.layers, self.plain_calls, strict=True) if call]
         with torch.no_grad():
             captured = _Captured(
                 key=key,
@@ -270,6 +276,16 @@ class RecomputeGraphs:
         self.captured, self.disabled_because, self._replaying = None, reason, False
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _plain_call(run: Callable[..., Any]) -> Callable[..., Any]:
+    """The layer's own forward from what transformers hands the checkpoint function: ``run`` without its
+    keyword arguments. transformers 5.17 hands ``Module.__call__`` (its layers checkpoint in
+    ``__call__``), later versions the unwrapped ``forward`` with the layer (they checkpoint in a
+    wrapped ``forward``, which calling ``layer.forward`` would enter again)."""
+    if isinstance(run, functools.partial):
+        return functools.partial(run.func, *run.args)
+    return run
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
