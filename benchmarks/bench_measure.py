@@ -222,25 +222,22 @@ def graphs_state(model: Any) -> dict[str, Any] | None:
     for module in model.modules():
         graphs = module.__dict__.get("_qlora_decoder_graphs")
         if graphs is not None:
-            return dict(
-                kind="speed point",
-                captured=graphs.graphed is not None,
-                replays=graphs.replays,
-                off=graphs.disabled_because,
-                eager=graphs.eager_because,
-                last_key=str(graphs.last_key),
-            )
+            return _graphs_row("speed point", graphs, graphs.graphed is not None)
         recompute = getattr(getattr(module, "_gradient_checkpointing_func", None), "graphs", None)
         if recompute is not None:
-            return dict(
-                kind="recompute",
-                captured=recompute.captured is not None,
-                replays=recompute.replays,
-                off=recompute.disabled_because,
-                eager=recompute.eager_because,
-                last_key=str(recompute.last_key),
-            )
+            return _graphs_row("recompute", recompute, recompute.captured is not None)
     return None
+
+
+def _graphs_row(kind: str, graphs: Any, captured: bool) -> dict[str, Any]:
+    return dict(
+        kind=kind,
+        captured=captured,
+        replays=graphs.replays,
+        off=graphs.disabled_because,
+        eager=graphs.eager_because,
+        last_key=str(graphs.last_key),
+    )
 
 
 class TokenCounter:
