@@ -159,9 +159,10 @@ class RecomputeGraphs:
 
     def layer(self, index: int, run: Callable[..., Any], hidden: torch.Tensor, rest: tuple[Any, ...]) -> Any:
         """Layer ``index``'s training forward replayed, or None when it must run eagerly."""
-        self.plain_calls[index] = _plain_call(run)
         if self.disabled_because or rest:
             return None
+        if self.captured is None:  # only a capture reads them
+            self.plain_calls[index] = _plain_call(run)
         kwargs = dict(getattr(run, "keywords", {}))
         if index == 0:
             self._replaying = self._start(hidden, kwargs)
@@ -169,9 +170,11 @@ class RecomputeGraphs:
             return None
         captured = self.captured
         assert captured is not None  # replaying: layer 0's call captured or kept the graphs
-        emb = kwargs.get("position_embeddings")
-        chained = _same(hidden, captured.input_of(index)) and _same_embeddings(emb, self._emb)
-        if index > 0 and not (chained and kwargs.get("attention_mask") is None):
+        if index > 0 and not (
+            _same(hidden, captured.input_of(index))
+            and _same_embeddings(kwargs.get("position_embeddings"), self._emb)
+            and kwargs.get("attention_mask") is None
+        ):
             self._replaying = False  # something between the layers: the rest of this forward runs eagerly
             self.eager_because = f"layer {index}'s input is not layer {index - 1}'s output"
             return None
@@ -232,7 +235,8 @@ class RecomputeGraphs:
         self, key: tuple[Any, ...], hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> _Captured | None:
         n = len(self.layers)
-        calls = [LayerCall(layer, call) for layer, call in zip(self.layers, self.plain_calls, strict=True) if call]
+        pairs = zip(self.layers, self.plain_calls, strict=True)
+        calls = [LayerCall(layer, call) for layer, call in pairs if call is not None]
         with torch.no_grad():
             captured = _Captured(
                 key=key,
